@@ -1,0 +1,57 @@
+"""The worker's stats document: what ``GET /stats`` returns.
+
+The operator and ``datahoard status`` both read it, so this model is the contract between them
+and the cache worker. Counters are cumulative since the worker started; byte counters count
+bytes handed to readers (``served_*``) or fetched from the source (``fetched_bytes``).
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, Field
+
+
+class WarmingStats(BaseModel):
+    state: str = Field(description="idle | running | done | failed")
+    files_total: int = 0
+    files_done: int = 0
+    bytes_total: int = 0
+    bytes_done: int = 0
+    bytes_per_second: float = 0.0
+
+    @property
+    def fraction(self) -> float:
+        return self.bytes_done / self.bytes_total if self.bytes_total else 1.0
+
+
+class WorkerStats(BaseModel):
+    source: str
+    mountpoint: str
+    ready: bool
+    files: int
+    total_bytes: int
+    cached_bytes: int = Field(description="bytes of the dataset present in the local cache")
+    capacity_bytes: int
+    served_from_cache_bytes: int
+    served_from_source_bytes: int
+    fetched_bytes: int = Field(description="bytes read from the source, warming included")
+    hits: int = Field(description="reads answered from the cache (count)")
+    misses: int = Field(description="reads that needed the source (count)")
+    skipped_keys: int = Field(description="object keys that cannot be paths and were left out")
+    errors: int
+    last_error: str | None = None
+    degraded: str | None = Field(default=None, description="why the cache is degraded, if it is")
+    warming: WarmingStats
+
+    @property
+    def served_bytes(self) -> int:
+        return self.served_from_cache_bytes + self.served_from_source_bytes
+
+    @property
+    def hit_ratio(self) -> float:
+        """Bytes served from cache / bytes served; 0 before anything was read."""
+        served = self.served_bytes
+        return self.served_from_cache_bytes / served if served else 0.0
+
+    @property
+    def cached_fraction(self) -> float:
+        return self.cached_bytes / self.total_bytes if self.total_bytes else 1.0
