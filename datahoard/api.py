@@ -1,0 +1,236 @@
+"""The Dataset API (``datahoard.io/v1alpha1``) as a pydantic model.
+
+``crds/datasets.datahoard.io.yaml`` is the single source of truth; this model accepts exactly
+what that schema accepts (``tests/test_api.py`` and ``tests/cluster/test_crd.py`` run one table
+of specs through both). It is strict on purpose: the API server refuses a string where an
+integer belongs, unknown fields (``kubectl apply`` validates strictly) and anything its CEL rules
+reject, so the model does too. Defaults are the schema's defaults, so parsing a spec that was
+not round-tripped through the API server gives the same result as parsing the stored object.
+
+The regular expressions below are the ones in the CRD's CEL rules (a unit test compares them).
+They are kept unanchored and evaluated with :func:`re.fullmatch`, because RE2's ``$`` (used by
+CEL) never matches before a trailing newline while Python's does. Null fields are dropped before
+validation, as the API server prunes them from structural schemas.
+"""
+
+from __future__ import annotations
+
+import re
+from decimal import Decimal, InvalidOperation
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
+
+from . import names
+
+# The same regexes as the CRD's x-kubernetes-validations (without the ^...$ anchors).
+URI_RE = r"(s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/[^ ]*)?|hdfs://[A-Za-z0-9.-]+(:[0-9]{1,5})?(/[^ ]*)?)"
+ENDPOINT_RE = r"https?://[A-Za-z0-9.-]+(:[0-9]{1,5})?(/[^ ]*)?"
+REGION_RE = r"[a-z0-9-]+"
+SECRET_NAME_RE = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*"
+QUANTITY_RE = r"[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E)?"
+
+#: Smallest cache the schema allows: below this a worker cannot hold even a small index.
+MIN_CAPACITY_BYTES = 1024 * 1024
+
+_SUFFIX = {
+    "": 1,
+    "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15, "E": 10**18,
+    "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60,
+}
+
+
+def quantity_bytes(text: str) -> int:
+    """Bytes in a Kubernetes quantity of the restricted form the CRD accepts (``200Gi``)."""
+    match = re.fullmatch(r"([0-9]+(?:\.[0-9]+)?)([A-Za-z]*)", text)
+    if not match or match.group(2) not in _SUFFIX:
+        raise ValueError(f"{text!r} is not a size such as 500Mi, 200Gi or 2Ti")
+    try:
+        number = Decimal(match.group(1))
+    except InvalidOperation as exc:  # pragma: no cover - the regex already rules this out
+        raise ValueError(f"{text!r} is not a number") from exc
+    # Kubernetes rounds fractional quantities up to a whole byte.
+    value = number * _SUFFIX[match.group(2)]
+    return int(value) + (0 if value == int(value) else 1)
+
+
+def format_bytes(count: int) -> str:
+    """Short binary size for printer columns, e.g. ``136.8Gi``."""
+    value = float(count)
+    for unit in ("", "Ki", "Mi", "Gi", "Ti", "Pi"):
+        if value < 1024 or unit == "Pi":
+            return f"{int(value)}" if unit == "" else f"{value:.1f}{unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
+def _check(pattern: str, message: str):
+    """A validator that mirrors one CEL ``matches`` rule and its message."""
+
+    def validate(value: str) -> str:
+        if not re.fullmatch(pattern, value):
+            raise ValueError(message)
+        return value
+
+    return validate
+
+
+Str = Annotated[str, Field(strict=True)]
+Pattern = Annotated[str, StringConstraints(min_length=1, max_length=1024)]
+Int64 = Annotated[int, Field(strict=True, ge=-(2**63), le=2**63 - 1)]
+
+
+class _Model(BaseModel):
+    # strict: no "1" for 1 and no 1 for "1"; forbid: unknown fields, as `kubectl apply` does.
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+
+class SecretRef(_Model):
+    name: Annotated[str, StringConstraints(max_length=253)]
+
+    _name = field_validator("name")(
+        _check(SECRET_NAME_RE, "must be the name of a Secret (lowercase letters, digits, '-' and '.')")
+    )
+
+
+class Source(_Model):
+    uri: Annotated[str, StringConstraints(max_length=2048)]
+    endpoint: Annotated[str, StringConstraints(max_length=2048)] | None = None
+    region: Annotated[str, StringConstraints(max_length=64)] | None = None
+    secret_ref: SecretRef | None = Field(default=None, alias="secretRef")
+    include: Annotated[list[Pattern], Field(max_length=64)] | None = None
+    exclude: Annotated[list[Pattern], Field(max_length=64)] | None = None
+
+    _uri = field_validator("uri")(
+        _check(
+            URI_RE,
+            "must be s3://<bucket>[/prefix] or hdfs://<namenode>[:port][/path] (no spaces; bucket "
+            "names are 3-63 lowercase letters, digits, dots or dashes)",
+        )
+    )
+    _endpoint = field_validator("endpoint")(
+        _check(ENDPOINT_RE, "must be an http:// or https:// URL such as http://minio.minio:9000")
+    )
+    _region = field_validator("region")(_check(REGION_RE, "must be a region name such as us-east-1"))
+
+    @model_validator(mode="after")
+    def _s3_only_options(self) -> "Source":
+        if self.endpoint is not None and not self.uri.startswith("s3://"):
+            raise ValueError("endpoint only applies to s3:// sources")
+        if self.region is not None and not self.uri.startswith("s3://"):
+            raise ValueError("region only applies to s3:// sources")
+        return self
+
+    @property
+    def scheme(self) -> str:
+        return self.uri.split("://", 1)[0]
+
+
+class Cache(_Model):
+    medium: Literal["Disk", "Memory"] = "Disk"
+    capacity: Annotated[str, StringConstraints(max_length=32)] = "10Gi"
+
+    @field_validator("capacity")
+    @classmethod
+    def _capacity(cls, value: str) -> str:
+        _check(QUANTITY_RE, "must be a size such as 500Mi, 200Gi or 2Ti")(value)
+        if quantity_bytes(value) < MIN_CAPACITY_BYTES:
+            raise ValueError("must be at least 1Mi")
+        return value
+
+    @property
+    def capacity_bytes(self) -> int:
+        return quantity_bytes(self.capacity)
+
+
+class Toleration(_Model):
+    key: Annotated[str, StringConstraints(max_length=316)] | None = None
+    operator: Literal["Exists", "Equal"] | None = None
+    value: Annotated[str, StringConstraints(max_length=63)] | None = None
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+    toleration_seconds: Int64 | None = Field(default=None, alias="tolerationSeconds")
+
+    @model_validator(mode="after")
+    def _exists_has_no_value(self) -> "Toleration":
+        if self.operator == "Exists" and self.value:
+            raise ValueError("a toleration with operator Exists must not have a value")
+        return self
+
+
+class Placement(_Model):
+    node_selector: Annotated[
+        dict[str, Annotated[str, StringConstraints(max_length=63)]], Field(max_length=32)
+    ] | None = Field(default=None, alias="nodeSelector")
+    tolerations: Annotated[list[Toleration], Field(max_length=32)] | None = None
+    max_nodes: Annotated[int, Field(strict=True, ge=0, le=10000)] = Field(default=0, alias="maxNodes")
+
+
+class Warm(_Model):
+    policy: Literal["Eager", "OnDemand"] = "Eager"
+    parallelism: Annotated[int, Field(strict=True, ge=1, le=256)] = 16
+
+
+class DatasetSpec(_Model):
+    source: Source
+    cache: Cache = Field(default_factory=Cache)
+    placement: Placement = Field(default_factory=Placement)
+    warm: Warm = Field(default_factory=Warm)
+
+
+class Dataset(BaseModel):
+    """A Dataset object as the operator sees it: identity plus a parsed spec."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    namespace: str
+    name: str
+    uid: str = ""
+    generation: int = 0
+    spec: DatasetSpec
+
+    @classmethod
+    def from_body(cls, body: Any) -> "Dataset":
+        """Parse a Dataset object (a dict or kopf Body); raises pydantic.ValidationError."""
+        meta = body["metadata"]
+        return cls(
+            namespace=meta["namespace"],
+            name=meta["name"],
+            uid=meta.get("uid", ""),
+            generation=meta.get("generation", 0),
+            spec=parse_spec(body.get("spec") or {}),
+        )
+
+    @property
+    def mount_dir(self) -> str:
+        return str(names.mount_dir(self.namespace, self.name))
+
+
+def parse_spec(spec: Any) -> DatasetSpec:
+    """Validate a spec mapping as the API server would; raises pydantic.ValidationError."""
+    return DatasetSpec.model_validate(_plain(spec))
+
+
+def _plain(value: Any) -> Any:
+    """Plain dicts without null fields.
+
+    kopf hands out read-only mapping views, and pydantic's strict mode wants dicts; the API
+    server drops null-valued fields before defaulting and validation, so the model does too.
+    """
+    if isinstance(value, dict) or hasattr(value, "items") and not isinstance(value, (str, bytes)):
+        return {k: _plain(v) for k, v in value.items() if v is not None}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def error_summary(exc: Exception) -> str:
+    """One readable line per problem, with the field path, for conditions and Events."""
+    errors = getattr(exc, "errors", None)
+    if not callable(errors):
+        return str(exc)
+    parts = []
+    for err in errors():
+        loc = ".".join(str(p) for p in err.get("loc", ()))
+        msg = err.get("msg", "").removeprefix("Value error, ")
+        parts.append(f"spec.{loc}: {msg}" if loc else msg)
+    return "; ".join(parts)
