@@ -1,0 +1,221 @@
+"""The read-only FUSE view of a dataset: a thin adapter over the index and the dataset cache.
+
+Choices that make warm reads cheap, each because the data is immutable for the life of a mount:
+
+* entry and attribute timeouts of an hour: after the first ``stat`` of a path the kernel answers
+  lookups itself, so metadata costs one trip to this process per file per mount;
+* ``keep_cache`` on every open of a fully cached file: the kernel keeps its page cache across
+  opens, so a second epoch reads from memory without reaching this process at all.
+
+That second choice hides reads from the worker, and the hit ratio must stay true, so each file
+handle counts the bytes it served; when a *fully cached* file of at most ``whole_file_max``
+bytes (one chunk; small files are read whole by training loaders) is released, the bytes the
+handle did not see are counted as served from cache: the kernel had them, and it could only
+have them from this cache. Large files are opened without ``keep_cache`` so every byte read
+reaches the worker and is counted exactly. The remaining inexactness: a program that opens a
+small cached file and reads only part of it is counted as having read all of it.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import logging
+import os
+import stat
+import threading
+import time
+from collections.abc import Callable
+
+from .counters import Counters
+from .dataset import DatasetCache, ReadState
+from .fusebind import FuseOSError, Operations
+from .index import DirEntry, Index
+
+log = logging.getLogger(__name__)
+
+#: Seconds the kernel may trust names and attributes: the view is immutable while mounted.
+METADATA_TIMEOUT = 3600
+MAX_READ = 1 << 20
+_WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC
+
+
+def mount_options(fsname: str, allow_other: bool = True) -> dict:
+    """Options for ``FUSE(...)``: read-only, shared with other users, long metadata caching."""
+    options = {
+        "ro": True,
+        "fsname": fsname,
+        "subtype": "datahoard",
+        "entry_timeout": METADATA_TIMEOUT,
+        "attr_timeout": METADATA_TIMEOUT,
+        "negative_timeout": METADATA_TIMEOUT,
+        # Data reads in 1 MiB requests: fewer round trips to Python per large file.
+        "max_read": MAX_READ,
+        "default_permissions": True,
+    }
+    if allow_other:
+        options["allow_other"] = True
+    return options
+
+
+class DatasetView(Operations):
+    use_ns = True
+
+    def __init__(
+        self,
+        index: Index,
+        cache: DatasetCache,
+        counters: Counters,
+        mountpoint: str,
+        on_ready: Callable[[], None] | None = None,
+    ) -> None:
+        self.mountpoint = mountpoint
+        self.index = index
+        self.cache = cache
+        self.counters = counters
+        self._on_ready = on_ready
+        self._handles: dict[int, _Handle] = {}
+        self._next_fh = itertools.count(1)
+        self._lock = threading.Lock()
+        self._uid, self._gid = os.getuid(), os.getgid()
+        self._mtime_ns = int(index.summary.built_at * 1e9)
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def init_with_config(self, conn, config) -> None:
+        """Called by libfuse while the kernel handshake completes.
+
+        libfuse3 insists that the connection's ``max_read`` equals the ``max_read`` mount
+        option, so it is set here too. Readiness is reported from a thread that waits for the
+        mount to appear: the handshake can still fail after this callback returns.
+        """
+        if conn is not None and hasattr(conn, "max_read"):
+            conn.max_read = MAX_READ
+        if self._on_ready:
+            threading.Thread(target=self._report_ready, name="ready", daemon=True).start()
+
+    def _report_ready(self) -> None:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if os.path.ismount(self.mountpoint):
+                self._on_ready()
+                return
+            time.sleep(0.01)
+        log.error("the FUSE view did not appear at %s", self.mountpoint)
+
+    # -- metadata --------------------------------------------------------------------------
+    def _lookup(self, path: str):
+        entry = self.index.lookup(path[1:])
+        if entry is None:
+            raise FuseOSError(errno.ENOENT)
+        return entry
+
+    def getattr(self, path: str, fh: int | None = None) -> dict:
+        entry = self._lookup(path)
+        if isinstance(entry, DirEntry):
+            return {
+                "st_mode": stat.S_IFDIR | 0o555,
+                "st_nlink": 2,
+                "st_uid": self._uid,
+                "st_gid": self._gid,
+                "st_mtime": self._mtime_ns,
+                "st_ctime": self._mtime_ns,
+                "st_atime": self._mtime_ns,
+            }
+        mtime = int(entry.mtime * 1e9)
+        return {
+            "st_mode": stat.S_IFREG | 0o444,
+            "st_nlink": 1,
+            "st_size": entry.size,
+            "st_blocks": -(-entry.size // 512),
+            "st_blksize": 1 << 20,
+            "st_uid": self._uid,
+            "st_gid": self._gid,
+            "st_mtime": mtime,
+            "st_ctime": mtime,
+            "st_atime": mtime,
+        }
+
+    def readdir(self, path: str, fh: int):
+        entry = self._lookup(path)
+        if not isinstance(entry, DirEntry):
+            raise FuseOSError(errno.ENOTDIR)
+        yield "."
+        yield ".."
+        for name, is_dir in self.index.listdir(entry.path):
+            yield name, {"st_mode": stat.S_IFDIR if is_dir else stat.S_IFREG}, 0
+
+    def statfs(self, path: str) -> dict:
+        block = 4096
+        return {
+            "f_bsize": block,
+            "f_frsize": block,
+            "f_blocks": -(-self.index.total_bytes // block),
+            "f_bfree": 0,
+            "f_bavail": 0,
+            "f_files": self.index.files,
+            "f_ffree": 0,
+            "f_favail": 0,
+            "f_namemax": 255,
+        }
+
+    def access(self, path: str, amode: int) -> int:
+        self._lookup(path)
+        if amode & os.W_OK:
+            raise FuseOSError(errno.EROFS)
+        return 0
+
+    # -- data ------------------------------------------------------------------------------
+    def open(self, path: str, fi) -> int:
+        if fi.flags & _WRITE_FLAGS:
+            raise FuseOSError(errno.EROFS)
+        entry = self._lookup(path)
+        if isinstance(entry, DirEntry):
+            raise FuseOSError(errno.EISDIR)
+        small = entry.size <= self.cache.tuning.whole_file_max
+        keep = small and self.cache.is_cached(entry)
+        fi.keep_cache = 1 if keep else 0
+        with self._lock:
+            fh = next(self._next_fh)
+            self._handles[fh] = _Handle(ReadState(entry), counts_unobserved=keep)
+        fi.fh = fh
+        return 0
+
+    def read(self, path: str, size: int, offset: int, fi) -> bytes:
+        handle = self._handles.get(fi.fh)
+        if handle is None:
+            raise FuseOSError(errno.EBADF)
+        try:
+            return self.cache.read(handle.state, offset, size)
+        except Exception as exc:  # noqa: BLE001 - any failure is EIO, never wrong bytes
+            self._fail(handle, exc)
+
+    def _fail(self, handle: "_Handle", exc: Exception) -> None:
+        message = f"read of {handle.state.obj.key} failed: {exc}"
+        log.error(message)
+        log.debug("traceback", exc_info=True)
+        self.counters.add_error(message)
+        raise FuseOSError(errno.EIO) from exc
+
+    def release(self, path: str, fi) -> int:
+        with self._lock:
+            handle = self._handles.pop(fi.fh, None)
+        if handle and handle.counts_unobserved:
+            unseen = handle.state.obj.size - handle.state.observed_bytes
+            if unseen > 0:
+                self.counters.add_unobserved_hit(unseen)
+        return 0
+
+    # -- everything that would write -------------------------------------------------------
+    def _read_only(self, *args, **kwargs):
+        raise FuseOSError(errno.EROFS)
+
+    create = mkdir = mknod = unlink = rmdir = symlink = rename = link = _read_only
+    chmod = chown = truncate = write = utimens = setxattr = removexattr = _read_only
+
+
+class _Handle:
+    __slots__ = ("state", "counts_unobserved")
+
+    def __init__(self, state: ReadState, counts_unobserved: bool) -> None:
+        self.state = state
+        self.counts_unobserved = counts_unobserved

@@ -1,0 +1,243 @@
+"""The listing snapshot: every file of the view with its size, ETag and mtime.
+
+Stored as SQLite in the cache directory so that a restart mounts at once, without listing the
+source again (``--refresh`` forces a new listing), and so that memory does not grow with the
+number of objects: only directories are held in memory (a dataset has far fewer directories
+than files); files are looked up on demand, which with the FUSE view's long entry/attr timeouts
+happens about once per file per mount. ``getattr`` and ``readdir`` never touch the network.
+
+The snapshot is built into a temporary file and renamed into place, so a crash while listing
+leaves the previous snapshot (or none), never half of one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from .keys import KeyFilter, key_to_path
+from .source import RemoteObject, Source
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+_BATCH = 5000
+#: Warn about this many bad keys one by one, then only count them.
+_WARN_LIMIT = 20
+
+_SCHEMA = """
+CREATE TABLE meta (k TEXT PRIMARY KEY, v TEXT NOT NULL);
+CREATE TABLE dirs (id INTEGER PRIMARY KEY, parent INTEGER NOT NULL, name TEXT NOT NULL);
+CREATE TABLE files (
+    parent INTEGER NOT NULL, name TEXT NOT NULL,
+    size INTEGER NOT NULL, mtime REAL NOT NULL, etag TEXT NOT NULL,
+    PRIMARY KEY (parent, name)
+) WITHOUT ROWID;
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class IndexSummary:
+    source: str
+    filter: dict
+    files: int
+    total_bytes: int
+    skipped_keys: int
+    shadowed_files: int
+    built_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class DirEntry:
+    path: str
+
+
+def build_index(
+    source: Source,
+    dest: Path,
+    key_filter: KeyFilter = KeyFilter(),
+    progress: Callable[[int], None] | None = None,
+) -> IndexSummary:
+    """List ``source`` into a fresh snapshot at ``dest``; returns what it holds."""
+    tmp = dest.with_name(dest.name + ".building")
+    tmp.unlink(missing_ok=True)
+    conn = sqlite3.connect(tmp)
+    try:
+        conn.executescript("PRAGMA journal_mode=OFF; PRAGMA synchronous=OFF;" + _SCHEMA)
+        dirs: dict[tuple[str, ...], int] = {(): 1}
+        conn.execute("INSERT INTO dirs VALUES (1, 0, '')")
+        batch: list[tuple] = []
+        listed = skipped = 0
+        for obj in source.list():
+            listed += 1
+            path = key_to_path(obj.key)
+            if path is None:
+                skipped += 1
+                if skipped <= _WARN_LIMIT:
+                    log.warning("skipping object key that cannot be a path: %r", obj.key)
+                continue
+            if path.leaf is None:
+                if not key_filter.include:  # a marker makes an empty directory visible
+                    _ensure_dir(conn, dirs, path.parents)
+                continue
+            if not key_filter(obj.key):
+                continue
+            parent = _ensure_dir(conn, dirs, path.parents)
+            batch.append((parent, path.leaf, obj.size, obj.mtime, obj.etag))
+            if len(batch) >= _BATCH:
+                conn.executemany("INSERT INTO files VALUES (?,?,?,?,?)", batch)
+                batch.clear()
+                if progress:
+                    progress(listed)
+        conn.executemany("INSERT INTO files VALUES (?,?,?,?,?)", batch)
+        if progress:
+            progress(listed)
+        shadowed = _drop_shadowed_files(conn)
+        if skipped > _WARN_LIMIT:
+            log.warning("skipped %d object keys that cannot be paths in all", skipped)
+        files, total = conn.execute("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM files").fetchone()
+        summary = IndexSummary(
+            source=source.uri,
+            filter={"include": list(key_filter.include), "exclude": list(key_filter.exclude)},
+            files=files,
+            total_bytes=total,
+            skipped_keys=skipped,
+            shadowed_files=shadowed,
+            built_at=time.time(),
+        )
+        conn.executemany(
+            "INSERT INTO meta VALUES (?, ?)",
+            [("version", str(FORMAT_VERSION)), ("summary", json.dumps(_asdict(summary)))],
+        )
+        conn.commit()
+    finally:
+        conn.close()
+    os.replace(tmp, dest)
+    return summary
+
+
+def _asdict(summary: IndexSummary) -> dict:
+    return {f: getattr(summary, f) for f in summary.__slots__}
+
+
+def _ensure_dir(conn: sqlite3.Connection, dirs: dict[tuple[str, ...], int], parts: tuple[str, ...]) -> int:
+    found = dirs.get(parts)
+    if found is not None:
+        return found
+    parent = _ensure_dir(conn, dirs, parts[:-1])
+    cursor = conn.execute("INSERT INTO dirs (parent, name) VALUES (?, ?)", (parent, parts[-1]))
+    dirs[parts] = cursor.lastrowid
+    return cursor.lastrowid
+
+
+def _drop_shadowed_files(conn: sqlite3.Connection) -> int:
+    """When both ``a`` and ``a/b`` exist, the directory wins and the file ``a`` is hidden.
+
+    A path cannot be both, and hiding the directory would hide everything under it; this is
+    also what s3fs and Mountpoint for S3 do. Hidden files are logged and counted.
+    """
+    rows = conn.execute(
+        "SELECT f.parent, f.name FROM files f JOIN dirs d ON d.parent = f.parent AND d.name = f.name"
+    ).fetchall()
+    for parent, name in rows[:_WARN_LIMIT]:
+        log.warning("object %r is hidden by a directory of the same name", name)
+    conn.executemany("DELETE FROM files WHERE parent = ? AND name = ?", rows)
+    return len(rows)
+
+
+def read_summary(path: Path) -> IndexSummary | None:
+    """The summary of the snapshot at ``path``, or None if there is no usable one."""
+    if not path.exists():
+        return None
+    try:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            meta = dict(conn.execute("SELECT k, v FROM meta").fetchall())
+        finally:
+            conn.close()
+        if meta.get("version") != str(FORMAT_VERSION):
+            return None
+        return IndexSummary(**json.loads(meta["summary"]))
+    except (sqlite3.Error, KeyError, TypeError, ValueError) as exc:
+        log.warning("ignoring unreadable index %s: %s", path, exc)
+        return None
+
+
+class Index:
+    """Read-only lookups over a built snapshot; safe to use from many threads."""
+
+    def __init__(self, path: Path) -> None:
+        summary = read_summary(path)
+        if summary is None:
+            raise ValueError(f"no usable index at {path}")
+        self.summary = summary
+        self._uri = f"file:{path}?mode=ro&immutable=1"
+        self._local = threading.local()
+        conn = self._conn()
+        rows = conn.execute("SELECT id, parent, name FROM dirs ORDER BY id").fetchall()
+        self._dir_ids: dict[str, int] = {}
+        names: dict[int, str] = {}
+        for dir_id, parent, name in rows:  # parents always have smaller ids
+            path_ = name if parent <= 1 else f"{names[parent]}/{name}"
+            names[dir_id] = "" if dir_id == 1 else path_
+            self._dir_ids[names[dir_id]] = dir_id
+        self._dir_paths = names
+
+    def _conn(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(self._uri, uri=True, check_same_thread=False)
+            self._local.conn = conn
+        return conn
+
+    @property
+    def files(self) -> int:
+        return self.summary.files
+
+    @property
+    def total_bytes(self) -> int:
+        return self.summary.total_bytes
+
+    def lookup(self, path: str) -> RemoteObject | DirEntry | None:
+        """``path`` is relative to the root, without a leading slash ("" is the root)."""
+        if path in self._dir_ids:
+            return DirEntry(path)
+        parent, _, name = path.rpartition("/")
+        parent_id = self._dir_ids.get(parent)
+        if parent_id is None:
+            return None
+        row = self._conn().execute(
+            "SELECT size, mtime, etag FROM files WHERE parent = ? AND name = ?", (parent_id, name)
+        ).fetchone()
+        if row is None:
+            return None
+        return RemoteObject(key=path, size=row[0], etag=row[2], mtime=row[1])
+
+    def listdir(self, path: str) -> Iterator[tuple[str, bool]]:
+        """(name, is_dir) for every entry of directory ``path``."""
+        dir_id = self._dir_ids[path]
+        conn = self._conn()
+        for (name,) in conn.execute("SELECT name FROM dirs WHERE parent = ? AND id != 1", (dir_id,)):
+            yield name, True
+        for (name,) in conn.execute("SELECT name FROM files WHERE parent = ?", (dir_id,)):
+            yield name, False
+
+    def walk_files(self) -> Iterator[RemoteObject]:
+        """Every file, directory by directory (the order warming uses)."""
+        conn = sqlite3.connect(self._uri, uri=True)
+        try:
+            for parent, name, size, mtime, etag in conn.execute(
+                "SELECT parent, name, size, mtime, etag FROM files ORDER BY parent, name"
+            ):
+                dir_path = self._dir_paths[parent]
+                key = f"{dir_path}/{name}" if dir_path else name
+                yield RemoteObject(key=key, size=size, etag=etag, mtime=mtime)
+        finally:
+            conn.close()

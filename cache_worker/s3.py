@@ -1,0 +1,234 @@
+"""S3 and S3-compatible stores through boto3.
+
+botocore already retries throttling, 5xx and connection errors on the *request*; it does not
+retry a body that breaks off mid-stream, so :meth:`S3Source.read` wraps the whole
+request-and-read in its own bounded retry loop. Every botocore failure is classified once, in
+:func:`_classify`, into the source error kinds the worker acts on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import random
+import re
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import boto3
+import botocore.config
+import botocore.exceptions
+from botocore import UNSIGNED
+
+from .source import (
+    RemoteObject,
+    Source,
+    SourceAuthError,
+    SourceChanged,
+    SourceError,
+    SourceNotFound,
+    SourcePermissionDenied,
+    SourceTransientError,
+    SourceUnreachable,
+)
+
+log = logging.getLogger(__name__)
+
+_MD5_ETAG = re.compile(r"^[0-9a-f]{32}$")
+_AUTH_CODES = {
+    "InvalidAccessKeyId",
+    "SignatureDoesNotMatch",
+    "ExpiredToken",
+    "InvalidToken",
+    "TokenRefreshRequired",
+    "AuthorizationHeaderMalformed",
+    "InvalidClientTokenId",
+}
+_DENIED_CODES = {"AccessDenied", "AllAccessDisabled", "403"}
+_MISSING_CODES = {"NoSuchBucket", "NoSuchKey", "404", "NotFound"}
+_CHANGED_CODES = {"PreconditionFailed", "412"}
+_BODY_ERRORS = (
+    botocore.exceptions.IncompleteReadError,
+    botocore.exceptions.ResponseStreamingError,
+    botocore.exceptions.ReadTimeoutError,
+    botocore.exceptions.ConnectionClosedError,
+    ConnectionError,
+    TimeoutError,
+)
+
+
+@dataclass(frozen=True)
+class S3Options:
+    endpoint_url: str | None = None
+    region: str | None = None
+    access_key: str | None = None
+    secret_key: str | None = None
+    session_token: str | None = None
+    #: Attempts per request, botocore's and our body-level retries alike.
+    max_attempts: int = 5
+    connect_timeout: float = 5.0
+    read_timeout: float = 30.0
+    max_connections: int = 64
+
+
+def parse_s3_uri(uri: str) -> tuple[str, str]:
+    """``s3://bucket/some/prefix`` -> ``("bucket", "some/prefix/")``.
+
+    A prefix always names a directory: ``s3://b/train`` means the keys under ``train/``, not
+    every key that starts with ``train`` (``train2/...``), which is what users of s3fs, rclone
+    and Fluid expect.
+    """
+    if not uri.startswith("s3://"):
+        raise SourceError(f"not an S3 URI: {uri!r} (expected s3://bucket/prefix/)")
+    bucket, _, prefix = uri[len("s3://") :].partition("/")
+    if not re.fullmatch(r"[a-z0-9][a-z0-9.\-_]{1,254}", bucket):
+        raise SourceError(f"invalid bucket name {bucket!r} in {uri!r}")
+    prefix = prefix.strip("/")
+    return bucket, f"{prefix}/" if prefix else ""
+
+
+def _classify(exc: Exception, what: str, endpoint: str) -> SourceError:
+    """Turn a botocore failure into one SourceError with a message a person can act on."""
+    if isinstance(exc, SourceError):
+        return exc
+    if isinstance(exc, botocore.exceptions.NoCredentialsError):
+        return SourceAuthError(f"no S3 credentials found for {what}")
+    if isinstance(exc, botocore.exceptions.ClientError):
+        err = exc.response.get("Error", {})
+        code = str(err.get("Code", ""))
+        message = err.get("Message") or code
+        if code in _AUTH_CODES:
+            return SourceAuthError(f"S3 rejected the credentials for {what}: {code}: {message}")
+        if code in _DENIED_CODES:
+            return SourcePermissionDenied(f"access denied to {what}: {message}")
+        if code == "NoSuchBucket":
+            return SourceNotFound(f"bucket does not exist: {what} (endpoint {endpoint})")
+        if code in _MISSING_CODES:
+            return SourceNotFound(f"not found: {what}")
+        if code in _CHANGED_CODES:
+            return SourceChanged(f"{what} changed since it was listed; remount with --refresh")
+        return SourceTransientError(f"S3 error on {what}: {code}: {message}")
+    if isinstance(
+        exc,
+        botocore.exceptions.EndpointConnectionError | botocore.exceptions.ConnectTimeoutError,
+    ):
+        return SourceUnreachable(f"cannot reach S3 endpoint {endpoint} for {what}: {exc}")
+    return SourceTransientError(f"S3 transfer of {what} failed: {exc}")
+
+
+class S3Source(Source):
+    def __init__(self, uri: str, options: S3Options | None = None) -> None:
+        self.uri = uri
+        self.options = options = options or S3Options()
+        self.bucket, self.prefix = parse_s3_uri(uri)
+        session = boto3.session.Session(
+            aws_access_key_id=options.access_key,
+            aws_secret_access_key=options.secret_key,
+            aws_session_token=options.session_token,
+            region_name=options.region,
+        )
+        config = botocore.config.Config(
+            retries={"mode": "standard", "max_attempts": options.max_attempts},
+            connect_timeout=options.connect_timeout,
+            read_timeout=options.read_timeout,
+            max_pool_connections=options.max_connections,
+            # Path-style works with every S3-compatible store (MinIO, Ceph, moto); AWS
+            # accepts it too. Virtual-host style is kept for AWS itself.
+            s3={"addressing_style": "path" if options.endpoint_url else "auto"},
+            # With no credentials anywhere in the chain, read public buckets anonymously.
+            signature_version=UNSIGNED if session.get_credentials() is None else None,
+        )
+        self._client = session.client("s3", endpoint_url=options.endpoint_url, config=config)
+        self.endpoint = options.endpoint_url or self._client.meta.endpoint_url
+
+    def _where(self, key: str = "") -> str:
+        return f"s3://{self.bucket}/{self.prefix}{key}"
+
+    def list(self) -> Iterator[RemoteObject]:
+        paginator = self._client.get_paginator("list_objects_v2")
+        try:
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=self.prefix):
+                for item in page.get("Contents", ()):
+                    yield RemoteObject(
+                        key=item["Key"][len(self.prefix) :],
+                        size=int(item["Size"]),
+                        etag=item.get("ETag", "").strip('"'),
+                        mtime=item["LastModified"].timestamp(),
+                    )
+        except Exception as exc:  # noqa: BLE001 - classified below
+            raise _classify(exc, self._where(), self.endpoint) from exc
+
+    def stat(self, key: str) -> RemoteObject:
+        try:
+            head = self._client.head_object(Bucket=self.bucket, Key=self.prefix + key)
+        except Exception as exc:  # noqa: BLE001
+            raise _classify(exc, self._where(key), self.endpoint) from exc
+        return RemoteObject(
+            key=key,
+            size=int(head["ContentLength"]),
+            etag=head.get("ETag", "").strip('"'),
+            mtime=head["LastModified"].timestamp(),
+        )
+
+    def read(self, obj: RemoteObject, start: int, length: int) -> bytes:
+        """Ranged GET pinned to the listed ETag, retried as a whole on a broken body."""
+        if length <= 0:
+            return b""
+        where = self._where(obj.key)
+        attempts = max(1, self.options.max_attempts)
+        for attempt in range(1, attempts + 1):
+            try:
+                return self._read_once(obj, start, length, where)
+            except _BODY_ERRORS as exc:
+                error = SourceTransientError(f"S3 transfer of {where} failed: {exc}")
+            except SourceTransientError as exc:  # short body or checksum mismatch
+                error = exc
+            except SourceError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - botocore already retried the request
+                raise _classify(exc, where, self.endpoint) from exc
+            if attempt == attempts:
+                raise error
+            delay = min(2.0, 0.05 * 2**attempt) * (0.5 + random.random())
+            log.info("retrying %s after %s (attempt %d/%d)", where, error, attempt, attempts)
+            time.sleep(delay)
+        raise AssertionError("unreachable")
+
+    def _read_once(self, obj: RemoteObject, start: int, length: int, where: str) -> bytes:
+        kwargs = {"Bucket": self.bucket, "Key": self.prefix + obj.key}
+        whole = start == 0 and length == obj.size
+        if not whole:
+            kwargs["Range"] = f"bytes={start}-{start + length - 1}"
+        if obj.etag:
+            kwargs["IfMatch"] = f'"{obj.etag}"'
+        response = self._client.get_object(**kwargs)
+        body = response["Body"]
+        try:
+            data = body.read()
+        finally:
+            body.close()
+        got_etag = response.get("ETag", "").strip('"')
+        if obj.etag and got_etag and got_etag != obj.etag:
+            raise SourceChanged(f"{where} changed since it was listed; remount with --refresh")
+        if len(data) != length:
+            raise SourceTransientError(
+                f"short read of {where}: got {len(data)} of {length} bytes at offset {start}"
+            )
+        if whole and _is_md5_etag(obj.etag, response):
+            digest = hashlib.md5(data, usedforsecurity=False).hexdigest()
+            if digest != obj.etag:
+                raise SourceTransientError(f"checksum mismatch reading {where}: MD5 {digest}")
+        return data
+
+    def close(self) -> None:
+        self._client.close()
+
+
+def _is_md5_etag(etag: str, response: dict) -> bool:
+    """S3 ETags are the content MD5 only for single-part, non-KMS, non-SSE-C objects."""
+    if not _MD5_ETAG.match(etag):
+        return False
+    if response.get("ServerSideEncryption") == "aws:kms" or response.get("SSECustomerAlgorithm"):
+        return False
+    return True

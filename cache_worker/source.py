@@ -1,0 +1,79 @@
+"""The interface every remote store implements, and the errors it may raise.
+
+Kept deliberately small (list, stat, read a range) so HDFS and other stores plug in without the
+cache knowing which one it talks to. Errors are classified once, here, into the few kinds the
+rest of the worker acts on differently: a permanent problem the user must fix (bad bucket,
+credentials, permissions), a transient one worth retrying, and an object that changed under us.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class RemoteObject:
+    """One object as listed: ``key`` is relative to the source prefix."""
+
+    key: str
+    size: int
+    etag: str
+    mtime: float
+
+
+class SourceError(Exception):
+    """A failure talking to the source; the message is meant for a person."""
+
+
+class SourceNotFound(SourceError):
+    """The bucket, prefix or object does not exist."""
+
+
+class SourcePermissionDenied(SourceError):
+    """Credentials were accepted but do not allow this access."""
+
+
+class SourceAuthError(SourceError):
+    """Credentials are missing, malformed or rejected."""
+
+
+class SourceUnreachable(SourceError):
+    """The endpoint could not be reached (DNS, refused connection, timeouts) after retries."""
+
+
+class SourceChanged(SourceError):
+    """The object no longer matches the listing (different ETag or size): refresh the index."""
+
+
+class SourceTransientError(SourceError):
+    """A transient failure (throttling, 5xx, reset connection) that outlived the retries."""
+
+
+class Source(ABC):
+    """A remote store holding one dataset, addressed by keys relative to its root."""
+
+    #: Printable identity of the dataset, e.g. ``s3://bucket/prefix/``.
+    uri: str
+
+    @abstractmethod
+    def list(self) -> Iterator[RemoteObject]:
+        """Every object under the root, in any order. Raises SourceError."""
+
+    @abstractmethod
+    def stat(self, key: str) -> RemoteObject:
+        """One object's current metadata. Raises SourceNotFound if it is gone."""
+
+    @abstractmethod
+    def read(self, obj: RemoteObject, start: int, length: int) -> bytes:
+        """Exactly ``length`` bytes of ``obj`` from ``start``.
+
+        Implementations must return the bytes of the *listed* version of the object (e.g. with
+        a conditional request on its ETag) and raise SourceChanged otherwise, so the cache never
+        mixes two versions of one object; they verify whatever checksum the store offers (S3:
+        the MD5 ETag of a whole-object read) and retry transient failures themselves.
+        """
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release connections."""

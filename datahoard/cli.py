@@ -1,0 +1,336 @@
+"""The ``datahoard`` command: mount a dataset on one machine, show its numbers, unmount it.
+
+Errors are one line on stderr and a non-zero exit code; ``-v`` adds the details.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from . import runtime
+from .stats import WorkerStats
+from .units import format_size, parse_size
+
+log = logging.getLogger("datahoard")
+
+
+def _default_cache_dir(source: str) -> Path:
+    base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    return base / "datahoard" / hashlib.sha256(source.encode()).hexdigest()[:16]
+
+
+def _stats_addr(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit():
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {text!r}")
+    return host or "127.0.0.1", int(port)
+
+
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="datahoard", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    m = sub.add_parser("mount", help="mount a remote dataset read-only, with a local cache")
+    m.add_argument("source", help="s3://bucket/prefix/")
+    m.add_argument("mountpoint", type=Path)
+    m.add_argument("--cache-dir", type=Path, help="local cache directory (default: ~/.cache/datahoard/<hash>)")
+    m.add_argument("--capacity", type=_size, help="cache size limit, e.g. 200Gi (default: 90%% of free disk)")
+    m.add_argument("--warm", action="store_true", help="prefetch the whole dataset in the background")
+    m.add_argument("--wait", action="store_true", help="with --warm: return only when warming is done")
+    m.add_argument("--include", action="append", default=[], metavar="GLOB", help="only paths matching (repeatable)")
+    m.add_argument("--exclude", action="append", default=[], metavar="GLOB", help="leave out paths matching (repeatable)")
+    m.add_argument("--endpoint-url", help="S3-compatible endpoint, e.g. http://minio:9000")
+    m.add_argument("--region")
+    m.add_argument("--refresh", action="store_true", help="list the source again instead of reusing the index")
+    m.add_argument("--parallelism", type=int, default=16, help="parallel fetches while warming (default 16)")
+    m.add_argument("--bandwidth-limit", type=_size, metavar="BYTES_PER_S", help="cap warming traffic, e.g. 100M")
+    m.add_argument("--foreground", action="store_true", help="serve in this process until unmounted")
+    m.add_argument("--stats-addr", type=_stats_addr, default=("127.0.0.1", 0), metavar="HOST:PORT",
+                   help="stats/metrics HTTP address (default: 127.0.0.1, any free port)")
+    m.add_argument("--no-allow-other", dest="allow_other", action="store_false",
+                   help="only the mounting user may read the view")
+    m.add_argument("--log-file", help=argparse.SUPPRESS)
+    m.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
+
+    s = sub.add_parser("status", help="show a mount's cache numbers")
+    s.add_argument("mountpoint", type=Path)
+    s.add_argument("--json", action="store_true", help="print the raw stats document")
+
+    u = sub.add_parser("umount", help="unmount a dataset")
+    u.add_argument("mountpoint", type=Path)
+
+    sub.add_parser("csi-node", help="run the CSI node plugin", add_help=False)
+    return parser
+
+
+class CliError(Exception):
+    """Printed as one line; exit code 1."""
+
+
+# -- mount ---------------------------------------------------------------------------------
+def _worker_config(args: argparse.Namespace):
+    from datahoard.cache_worker.dataset import Tuning
+    from datahoard.cache_worker.worker import WorkerConfig
+
+    return WorkerConfig(
+        source=args.source,
+        mountpoint=args.mountpoint.absolute(),
+        cache_dir=(args.cache_dir or _default_cache_dir(args.source)).absolute(),
+        capacity=args.capacity,
+        warm=args.warm,
+        include=tuple(args.include),
+        exclude=tuple(args.exclude),
+        endpoint_url=args.endpoint_url,
+        region=args.region,
+        refresh=args.refresh,
+        tuning=Tuning(warm_parallelism=args.parallelism, warm_bandwidth=args.bandwidth_limit),
+        stats_host=args.stats_addr[0],
+        stats_port=args.stats_addr[1],
+        allow_other=args.allow_other,
+        log_file=args.log_file,
+    )
+
+
+def _mount_foreground(args: argparse.Namespace) -> int:
+    """Serve in this process. With --ready-fd, report progress and readiness to the parent."""
+    from datahoard.cache_worker import worker
+
+    report = os.fdopen(args.ready_fd, "w", buffering=1) if args.ready_fd is not None else None
+
+    def say(line: str) -> None:
+        if report:
+            try:
+                report.write(line + "\n")
+            except OSError:
+                pass
+
+    config = _worker_config(args)
+    progress_bar = None if report else _ListingProgress()
+
+    def progress(what: str, n: int) -> None:
+        say(f"{what} {n}")
+        if progress_bar:
+            progress_bar.update(n)
+
+    def ready() -> None:
+        record = runtime.lookup(config.mountpoint)
+        say(f"ready {record.stats_url if record else ''}")
+        if report:
+            report.close()
+
+    try:
+        worker.run(config, progress=progress, on_ready=ready)
+    except (worker.WorkerError, worker.SourceError) as exc:
+        say(f"error {exc}")
+        raise CliError(str(exc)) from exc
+    finally:
+        if progress_bar:
+            progress_bar.close()
+    return 0
+
+
+class _ListingProgress:
+    """A spinner with the number of objects listed so far, on a terminal only."""
+
+    def __init__(self) -> None:
+        self._status = None
+        if sys.stderr.isatty():
+            from rich.console import Console
+
+            self._status = Console(stderr=True).status("listing the source...")
+            self._status.start()
+
+    def update(self, n: int) -> None:
+        if self._status:
+            self._status.update(f"listing the source: {n:,} objects")
+
+    def close(self) -> None:
+        if self._status:
+            self._status.stop()
+            self._status = None
+
+
+def _mount_background(args: argparse.Namespace) -> int:
+    """Start a foreground worker as a detached child and return once its view is live."""
+    config = _worker_config(args)
+    config.cache_dir.mkdir(parents=True, exist_ok=True)
+    log_file = config.cache_dir / "worker.log"
+    read_fd, write_fd = os.pipe()
+    argv = [sys.executable, "-m", "datahoard.cli", *_child_args(args, write_fd, log_file)]
+    with open(log_file, "ab") as log_out:
+        child = subprocess.Popen(
+            argv,
+            pass_fds=(write_fd,),
+            stdin=subprocess.DEVNULL,
+            stdout=log_out,
+            stderr=log_out,
+            start_new_session=True,
+        )
+    os.close(write_fd)
+    listing = _ListingProgress()
+    stats_url = None
+    try:
+        with os.fdopen(read_fd) as pipe:
+            for line in pipe:
+                what, _, rest = line.rstrip("\n").partition(" ")
+                if what == "listed":
+                    listing.update(int(rest))
+                elif what == "ready":
+                    stats_url = rest
+                    break
+                elif what == "error":
+                    child.wait(timeout=30)
+                    raise CliError(rest)
+    finally:
+        listing.close()
+    if stats_url is None:
+        code = child.wait(timeout=30)
+        raise CliError(f"the mount process exited ({code}) before the view was ready: {_last_line(log_file)}")
+    print(f"mounted {args.source} at {config.mountpoint} (pid {child.pid}, log {log_file})")
+    if args.warm and args.wait:
+        _wait_for_warming(stats_url)
+    return 0
+
+
+def _child_args(args: argparse.Namespace, ready_fd: int, log_file: Path) -> list[str]:
+    """The same mount command line, made foreground and told where to report."""
+    argv = [a for a in args.raw_argv if a != "--wait"]
+    return [*argv, "--foreground", "--ready-fd", str(ready_fd), "--log-file", str(log_file)]
+
+
+def _last_line(path: Path) -> str:
+    try:
+        lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
+    except OSError:
+        return "(no log)"
+    return lines[-1] if lines else "(empty log)"
+
+
+def _wait_for_warming(stats_url: str) -> None:
+    from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
+
+    with Progress(
+        "[progress.description]{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+        transient=False, disable=not sys.stderr.isatty(),
+    ) as bar:
+        task = bar.add_task("warming", total=None)
+        while True:
+            stats = runtime.fetch_stats(stats_url)
+            w = stats.warming
+            bar.update(task, total=w.bytes_total, completed=w.bytes_done)
+            if w.state not in ("running", "idle"):
+                break
+            time.sleep(0.5)
+    if w.state == "failed":
+        raise CliError(f"warming failed: {stats.last_error or w.state}")
+    print(f"warmed {w.files_done} of {w.files_total} files ({format_size(stats.cached_bytes)} cached)")
+
+
+# -- status / umount -----------------------------------------------------------------------
+def _stats_for(mountpoint: Path) -> WorkerStats:
+    record = runtime.lookup(mountpoint)
+    if record is None:
+        raise CliError(f"no datahoard mount is running at {mountpoint}")
+    try:
+        return runtime.fetch_stats(record.stats_url)
+    except OSError as exc:
+        raise CliError(f"cannot read stats of {mountpoint} from {record.stats_url}: {exc}") from exc
+
+
+def _status(args: argparse.Namespace) -> int:
+    stats = _stats_for(args.mountpoint)
+    if args.json:
+        print(json.dumps(stats.model_dump() | {"hit_ratio": stats.hit_ratio}, indent=2))
+        return 0
+    w = stats.warming
+    rows = [
+        ("source", stats.source),
+        ("mountpoint", stats.mountpoint),
+        ("ready", "yes" if stats.ready else "no"),
+        ("files", f"{stats.files:,}"),
+        ("total", format_size(stats.total_bytes)),
+        ("cached", f"{format_size(stats.cached_bytes)} ({stats.cached_fraction:.1%}) of {format_size(stats.capacity_bytes)} capacity"),
+        ("served", f"{format_size(stats.served_from_cache_bytes)} from cache, {format_size(stats.served_from_source_bytes)} from source"),
+        ("hit ratio", f"{stats.hit_ratio:.3f}"),
+        ("warming", f"{w.state}: {w.files_done:,}/{w.files_total:,} files, {format_size(w.bytes_per_second)}/s"),
+        ("errors", f"{stats.errors}" + (f" (last: {stats.last_error})" if stats.last_error else "")),
+    ]
+    if stats.skipped_keys:
+        rows.append(("skipped keys", f"{stats.skipped_keys} (not valid paths)"))
+    if stats.degraded:
+        rows.append(("degraded", stats.degraded))
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        print(f"{key:<{width}}  {value}")
+    return 0
+
+
+def _umount(args: argparse.Namespace) -> int:
+    mountpoint = args.mountpoint.absolute()
+    record = runtime.lookup(mountpoint)
+    if not os.path.ismount(mountpoint) and record is None:
+        raise CliError(f"{mountpoint} is not mounted")
+    result = subprocess.run(["fusermount3", "-u", str(mountpoint)], capture_output=True, text=True)
+    if result.returncode != 0:
+        raise CliError(result.stderr.strip() or f"fusermount3 -u {mountpoint} failed")
+    if record is not None:
+        _wait_for_exit(record.pid, timeout=30)
+    return 0
+
+
+def _wait_for_exit(pid: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.05)
+
+
+# -- entry point ---------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["csi-node"]:
+        from datahoard.csi_node.server import main as csi_main
+
+        return csi_main(argv[1:])
+    args = build_parser().parse_args(argv)
+    args.raw_argv = list(argv)
+    level = logging.WARNING - 10 * args.verbose
+    if args.command == "mount" and args.foreground:
+        level = min(level, logging.INFO)
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        if args.command == "mount":
+            return _mount_foreground(args) if args.foreground else _mount_background(args)
+        if args.command == "status":
+            return _status(args)
+        if args.command == "umount":
+            return _umount(args)
+    except CliError as exc:
+        print(f"datahoard: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    raise AssertionError(args.command)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

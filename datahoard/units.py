@@ -1,0 +1,31 @@
+"""Byte quantities as people and Kubernetes write them (``200Gi``, ``1.5T``, ``512M``)."""
+
+from __future__ import annotations
+
+import re
+
+_SUFFIXES = {
+    "": 1,
+    "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15,
+    "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50,
+}
+_QUANTITY = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kMGTP]i?)?B?\s*$")
+
+
+def parse_size(text: str | int) -> int:
+    """``"10Gi"`` -> 10737418240. Accepts Kubernetes binary and decimal suffixes and a stray B."""
+    if isinstance(text, int):
+        return text
+    match = _QUANTITY.match(text)
+    if not match:
+        raise ValueError(f"not a size: {text!r} (examples: 500Mi, 200Gi, 1T, 1048576)")
+    number, suffix = match.groups()
+    return int(float(number) * _SUFFIXES[suffix or ""])
+
+
+def format_size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
