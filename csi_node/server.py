@@ -1,0 +1,194 @@
+"""Entry point of the node plugin: ``datahoard csi-node`` calls :func:`main`.
+
+:class:`NodePlugin` wires the parts together (state, mounter, locks, repairer, the two services,
+the logging interceptor) and owns the gRPC server; tests start it in-process on a temporary
+socket, and :func:`main` adds the command line and SIGTERM handling.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import stat
+import threading
+from concurrent import futures
+from pathlib import Path
+
+import grpc
+
+from datahoard import names
+
+from . import csi_pb2_grpc
+from .identity import IdentityService
+from .logging_interceptor import LoggingInterceptor
+from .mounter import LinuxMounter, Mounter
+from .node import NodeConfig, NodeService
+from .recovery import Repairer, RepairLoop
+from .state import StateStore
+from .volume_lock import TargetLocks
+
+log = logging.getLogger(__name__)
+
+#: Threads serving RPCs. A publish can block for ``publish_timeout`` waiting for a view, so
+#: leave room for several of those plus kubelet's stats calls and the sidecars' probes.
+MAX_WORKERS = 16
+#: Seconds in-flight RPCs get to finish after SIGTERM (kubelet's grace period is 30 s).
+STOP_GRACE = 10.0
+#: CAP_SYS_ADMIN, needed for mount(2); bit 21 of CapEff in /proc/self/status.
+_CAP_SYS_ADMIN = 21
+
+
+def default_state_file(host_root: Path) -> Path:
+    """Under the host root (a hostPath), not next to the socket: the spec forbids other files there."""
+    return host_root / "csi-node" / "state.json"
+
+
+def socket_path(endpoint: str) -> str:
+    """``unix:///csi/csi.sock``, ``unix:/csi/csi.sock`` or a bare path -> the socket's path."""
+    if endpoint.startswith("unix://"):
+        path = endpoint[len("unix://") :]
+    elif endpoint.startswith("unix:"):
+        path = endpoint[len("unix:") :]
+    elif "://" in endpoint:
+        raise ValueError(f"CSI endpoint {endpoint!r}: only unix sockets are supported")
+    else:
+        path = endpoint
+    if not path.startswith("/"):
+        raise ValueError(f"CSI endpoint {endpoint!r}: the socket path must be absolute")
+    return path
+
+
+def _has_cap_sys_admin() -> bool:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("CapEff:"):
+                    return bool(int(line.split()[1], 16) >> _CAP_SYS_ADMIN & 1)
+    except OSError:
+        pass
+    return os.geteuid() == 0
+
+
+class NodePlugin:
+    def __init__(self, config: NodeConfig, mounter: Mounter | None = None) -> None:
+        self.config = config
+        self.mounter = mounter or LinuxMounter()
+        self.state = StateStore(config.state_file)
+        self.locks = TargetLocks()
+        self.repairer = Repairer(self.state, self.mounter, self.locks, config.probe_timeout)
+        self.repair_loop = RepairLoop(self.repairer, config.repair_interval)
+        self.node = NodeService(config, self.state, self.mounter, self.locks, self.repairer)
+        self.identity = IdentityService(self.health)
+        self.server: grpc.Server | None = None
+        self.socket: str | None = None
+
+    def health(self) -> list[str]:
+        """Reasons the plugin cannot do its job; the Probe RPC turns any into FAILED_PRECONDITION."""
+        problems = []
+        root = self.config.host_root
+        if not root.is_dir():
+            problems.append(f"host root {root} is not a directory (is the hostPath mounted?)")
+        if not _has_cap_sys_admin():
+            problems.append("missing CAP_SYS_ADMIN: cannot mount (run the container privileged)")
+        state_dir = self.config.state_file.parent
+        if state_dir.exists() and not os.access(state_dir, os.W_OK):
+            problems.append(f"state directory {state_dir} is not writable")
+        if self.server is not None and not self.repair_loop.alive():
+            problems.append("the repair loop has stopped")
+        return problems
+
+    def start(self, endpoint: str) -> str:
+        """Bind the socket and serve; returns the socket path."""
+        path = socket_path(endpoint)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        try:
+            if stat.S_ISSOCK(os.lstat(path).st_mode):
+                os.unlink(path)  # stale socket from a previous run
+        except FileNotFoundError:
+            pass
+        server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=MAX_WORKERS, thread_name_prefix="csi-rpc"),
+            interceptors=[LoggingInterceptor()],
+        )
+        csi_pb2_grpc.add_IdentityServicer_to_server(self.identity, server)
+        csi_pb2_grpc.add_NodeServicer_to_server(self.node, server)
+        if server.add_insecure_port(f"unix://{path}") != 1:
+            raise OSError(f"cannot listen on {path}")
+        server.start()
+        self.server, self.socket = server, path
+        self.repair_loop.start()
+        log.info(
+            "%s node plugin serving on %s (node %s, host root %s, %d published target(s))",
+            names.CSI_DRIVER_NAME, path, self.config.node_id, self.config.host_root, len(self.state.all()),
+        )
+        return path
+
+    def stop(self, grace: float = STOP_GRACE) -> None:
+        """Stop accepting calls, let in-flight ones finish, stop repairs. Mounts stay as they are."""
+        if self.server is not None:
+            self.server.stop(grace).wait()
+        self.repair_loop.stop()
+        if self.socket:
+            try:
+                os.unlink(self.socket)
+            except FileNotFoundError:
+                pass
+        log.info("node plugin stopped")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="datahoard csi-node",
+        description=f"CSI node plugin ({names.CSI_DRIVER_NAME}): bind Dataset FUSE views into pods, read-only.",
+    )
+    parser.add_argument("--endpoint", default=os.environ.get("CSI_ENDPOINT", "unix:///csi/csi.sock"),
+                        help="unix socket to serve on (default: $CSI_ENDPOINT or unix:///csi/csi.sock)")
+    parser.add_argument("--node-id", default=os.environ.get("NODE_NAME", ""),
+                        help="node id reported to kubelet (default: $NODE_NAME)")
+    parser.add_argument("--host-root", type=Path, default=names.host_root(),
+                        help="where FUSE views live, <root>/mnt/<ns>/<name> (default: $DATAHOARD_HOST_ROOT "
+                             f"or {names.DEFAULT_HOST_ROOT})")
+    parser.add_argument("--state-file", type=Path, default=None,
+                        help="published-target state (default: <host-root>/csi-node/state.json)")
+    parser.add_argument("--publish-timeout", type=float, default=NodeConfig.publish_timeout,
+                        help="seconds NodePublishVolume waits for a view to be live")
+    parser.add_argument("--repair-interval", type=float, default=NodeConfig.repair_interval,
+                        help="seconds between repair passes when no mount change wakes the loop")
+    parser.add_argument("--log-level", default=os.environ.get("LOG_LEVEL", "INFO"),
+                        choices=["DEBUG", "INFO", "WARNING", "ERROR"], type=str.upper)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not args.node_id:
+        log.error("no node id: set NODE_NAME (downward API spec.nodeName) or pass --node-id")
+        return 2
+    config = NodeConfig(
+        node_id=args.node_id,
+        host_root=args.host_root,
+        state_file=args.state_file or default_state_file(args.host_root),
+        publish_timeout=args.publish_timeout,
+        repair_interval=args.repair_interval,
+    )
+    plugin = NodePlugin(config)
+    try:
+        plugin.start(args.endpoint)
+    except (OSError, ValueError) as exc:
+        log.error("cannot start: %s", exc)
+        return 1
+    stopping = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, _frame: stopping.set())
+    while not stopping.wait(3600):
+        pass
+    log.info("signal received, stopping (published volumes stay mounted)")
+    plugin.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
