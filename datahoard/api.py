@@ -28,15 +28,15 @@ URI_RE = r"(s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/[^ ]*)?|hdfs://[A-Za-z0-9.-]+
 ENDPOINT_RE = r"https?://[A-Za-z0-9.-]+(:[0-9]{1,5})?(/[^ ]*)?"
 REGION_RE = r"[a-z0-9-]+"
 SECRET_NAME_RE = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*"
-QUANTITY_RE = r"[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E)?"
+QUANTITY_RE = r"[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|Pi|k|M|G|T|P)?"
 
 #: Smallest cache the schema allows: below this a worker cannot hold even a small index.
 MIN_CAPACITY_BYTES = 1024 * 1024
 
 _SUFFIX = {
     "": 1,
-    "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15, "E": 10**18,
-    "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60,
+    "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15,
+    "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50,
 }
 
 

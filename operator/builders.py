@@ -1,0 +1,296 @@
+"""Pure builders: a Dataset (plus operator settings) in, Kubernetes manifests out.
+
+Nothing here talks to the API server, so every manifest is checked against golden YAML in
+``tests/operator/``. The manifests are complete desired states: the API layer server-side-applies
+the ones that may change (DaemonSet, Secret copy) and creates the ones that are immutable once
+bound (PV, PVC).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+from datahoard import names
+from datahoard.api import Dataset, quantity_bytes
+
+from .config import OperatorSettings
+
+Manifest = dict[str, Any]
+
+DATASET_LABEL = f"{names.GROUP}/dataset"
+#: Full "<namespace>/<name>" of the owning Dataset; labels cannot hold a slash or 253 chars.
+DATASET_ANNOTATION = f"{names.GROUP}/dataset"
+COMPONENT_LABEL = "app.kubernetes.io/component"
+MANAGED_BY = {"app.kubernetes.io/name": "datahoard", "app.kubernetes.io/managed-by": "datahoard-operator"}
+WORKER_CONTAINER = "worker"
+#: Keys the cache worker reads from its environment; the first two are required in the Secret.
+REQUIRED_SECRET_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+OPTIONAL_SECRET_KEYS = ("AWS_SESSION_TOKEN",)
+
+
+def dataset_key(ds: Dataset) -> str:
+    """Label value naming a Dataset: the worker name is a unique, valid DNS label."""
+    return names.worker_name(ds.namespace, ds.name)
+
+
+def labels(ds: Dataset, component: str) -> dict[str, str]:
+    return {**MANAGED_BY, COMPONENT_LABEL: component, DATASET_LABEL: dataset_key(ds)}
+
+
+def _metadata(ds: Dataset, name: str, component: str, namespace: str | None) -> Manifest:
+    meta: Manifest = {
+        "name": name,
+        "labels": labels(ds, component),
+        "annotations": {DATASET_ANNOTATION: f"{ds.namespace}/{ds.name}"},
+    }
+    if namespace is not None:
+        meta["namespace"] = namespace
+    return meta
+
+
+def secret_copy(ds: Dataset, data: dict[str, str], settings: OperatorSettings) -> Manifest:
+    """The Dataset's credentials, copied next to its workers (pods cannot read across namespaces)."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": _metadata(ds, names.worker_name(ds.namespace, ds.name), "credentials",
+                              settings.namespace),
+        "type": "Opaque",
+        "data": dict(sorted(data.items())),
+    }
+
+
+def worker_command(ds: Dataset, settings: OperatorSettings) -> list[str]:
+    """The cache worker's command line (the `datahoard mount` CLI contract)."""
+    source = ds.spec.source
+    cmd = [
+        "datahoard", "mount", source.uri,
+        str(names.mount_dir(ds.namespace, ds.name, settings.host_root)),
+        "--cache-dir", str(names.cache_dir(ds.namespace, ds.name, settings.host_root)),
+        "--capacity", ds.spec.cache.capacity,
+    ]
+    if ds.spec.warm.policy == "Eager":
+        cmd.append("--warm")
+    for pattern in source.include or []:
+        cmd += ["--include", pattern]
+    for pattern in source.exclude or []:
+        cmd += ["--exclude", pattern]
+    if source.endpoint:
+        cmd += ["--endpoint-url", source.endpoint]
+    if source.region:
+        cmd += ["--region", source.region]
+    cmd += ["--parallelism", str(ds.spec.warm.parallelism), "--foreground",
+            "--stats-addr", f"0.0.0.0:{settings.stats_port}"]
+    return cmd
+
+
+def worker_tolerations(ds: Dataset, settings: OperatorSettings) -> list[Manifest]:
+    """GPU nodes are commonly tainted with the GPU resource name; tolerate that by default."""
+    default = [{"key": settings.gpu_resource, "operator": "Exists"}]
+    extra = [t.model_dump(by_alias=True, exclude_none=True)
+             for t in ds.spec.placement.tolerations or []]
+    return default + [t for t in extra if t not in default]
+
+
+def _add_quantity(a: str, b_bytes: int) -> str:
+    return str(quantity_bytes(a) + b_bytes)
+
+
+def _worker_container(ds: Dataset, settings: OperatorSettings, with_secret: bool) -> Manifest:
+    secret = names.worker_name(ds.namespace, ds.name)
+    env = []
+    if with_secret:
+        for key in REQUIRED_SECRET_KEYS + OPTIONAL_SECRET_KEYS:
+            ref = {"name": secret, "key": key}
+            if key in OPTIONAL_SECRET_KEYS:
+                ref["optional"] = True
+            env.append({"name": key, "valueFrom": {"secretKeyRef": ref}})
+    requests = {"cpu": settings.worker_cpu_request, "memory": settings.worker_memory_request}
+    limits = {"memory": settings.worker_memory_limit}
+    if ds.spec.cache.medium == "Memory":
+        # tmpfs pages are charged to the pod's memory cgroup: reserve the cache on top.
+        extra = ds.spec.cache.capacity_bytes
+        requests["memory"] = _add_quantity(settings.worker_memory_request, extra)
+        limits["memory"] = _add_quantity(settings.worker_memory_limit, extra)
+    mnt_root = str(settings.host_root / "mnt")
+    cache = str(names.cache_dir(ds.namespace, ds.name, settings.host_root))
+    container: Manifest = {
+        "name": WORKER_CONTAINER,
+        "image": settings.worker_image,
+        "imagePullPolicy": settings.image_pull_policy,
+        "command": worker_command(ds, settings),
+        "ports": [{"name": "stats", "containerPort": settings.stats_port, "protocol": "TCP"}],
+        # Ready = the FUSE view is live; that is when the node may be labelled for training pods.
+        # No liveness probe: restarting a busy FUSE server would break every reader on the node.
+        "readinessProbe": {
+            "httpGet": {"path": "/healthz", "port": "stats"},
+            "periodSeconds": 5, "timeoutSeconds": 3, "failureThreshold": 3,
+        },
+        "resources": {"requests": requests, "limits": limits},
+        # FUSE mounts, and propagating them to the host, need a privileged container.
+        "securityContext": {"privileged": True},
+        "volumeMounts": [
+            {"name": "mnt", "mountPath": mnt_root, "mountPropagation": "Bidirectional"},
+            {"name": "cache", "mountPath": cache},
+        ],
+    }
+    if env:
+        container["env"] = env
+    return container
+
+
+def worker_daemonset(ds: Dataset, nodes: list[str], settings: OperatorSettings,
+                     with_secret: bool) -> Manifest:
+    """One cache worker on each selected node, pinned by node name.
+
+    A DaemonSet (not bare pods) so that kubelet restarts and rolling updates come for free; the
+    node list lives in a required nodeAffinity on ``metadata.name`` so that the operator, which
+    owns placement, changes it with one patch. Caches live on hostPath keyed by Dataset, so a
+    rollout or a node that leaves and returns keeps its cached data.
+    """
+    key = dataset_key(ds)
+    cache_volume: Manifest
+    if ds.spec.cache.medium == "Memory":
+        cache_volume = {"name": "cache", "emptyDir": {"medium": "Memory",
+                                                       "sizeLimit": ds.spec.cache.capacity}}
+    else:
+        cache_volume = {"name": "cache", "hostPath": {
+            "path": str(names.cache_dir(ds.namespace, ds.name, settings.host_root)),
+            "type": "DirectoryOrCreate"}}
+    pod_spec: Manifest = {
+        "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
+            "nodeSelectorTerms": [{"matchFields": [
+                {"key": "metadata.name", "operator": "In", "values": sorted(nodes)}]}]}}},
+        "tolerations": worker_tolerations(ds, settings),
+        "automountServiceAccountToken": False,
+        "terminationGracePeriodSeconds": 30,
+        "containers": [_worker_container(ds, settings, with_secret)],
+        "volumes": [
+            {"name": "mnt", "hostPath": {"path": str(settings.host_root / "mnt"),
+                                         "type": "DirectoryOrCreate"}},
+            cache_volume,
+        ],
+    }
+    if settings.worker_service_account:
+        pod_spec["serviceAccountName"] = settings.worker_service_account
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "DaemonSet",
+        "metadata": _metadata(ds, key, "cache-worker", settings.namespace),
+        "spec": {
+            "selector": {"matchLabels": {DATASET_LABEL: key, COMPONENT_LABEL: "cache-worker"}},
+            "updateStrategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 1}},
+            "template": {
+                "metadata": {"labels": labels(ds, "cache-worker"),
+                             "annotations": {DATASET_ANNOTATION: f"{ds.namespace}/{ds.name}"}},
+                "spec": pod_spec,
+            },
+        },
+    }
+
+
+def persistent_volume(ds: Dataset, settings: OperatorSettings) -> Manifest:
+    """The one PV of a Dataset: read-only, served by the node plugin, only on labelled nodes."""
+    return {
+        "apiVersion": "v1",
+        "kind": "PersistentVolume",
+        "metadata": _metadata(ds, names.pv_name(ds.namespace, ds.name), "volume", None),
+        "spec": {
+            "capacity": {"storage": ds.spec.cache.capacity},
+            "accessModes": ["ReadOnlyMany"],
+            "volumeMode": "Filesystem",
+            # Retain: the data is the source's, and no provisioner exists to "delete" it.
+            "persistentVolumeReclaimPolicy": "Retain",
+            "storageClassName": "",
+            # Pre-bound to the claim, so no other PVC can take it.
+            "claimRef": {"apiVersion": "v1", "kind": "PersistentVolumeClaim",
+                         "namespace": ds.namespace, "name": ds.name},
+            "csi": {
+                "driver": names.CSI_DRIVER_NAME,
+                "volumeHandle": names.volume_handle(ds.namespace, ds.name),
+                "readOnly": True,
+                "volumeAttributes": {
+                    names.CTX_NAMESPACE: ds.namespace,
+                    names.CTX_NAME: ds.name,
+                    names.CTX_MOUNT_DIR: str(names.mount_dir(ds.namespace, ds.name,
+                                                             settings.host_root)),
+                },
+            },
+            "nodeAffinity": {"required": {"nodeSelectorTerms": [{"matchExpressions": [
+                {"key": names.node_label(ds.namespace, ds.name), "operator": "In",
+                 "values": ["true"]}]}]}},
+        },
+    }
+
+
+def persistent_volume_claim(ds: Dataset) -> Manifest:
+    """The claim users mount: named after the Dataset, in its namespace, bound to its PV."""
+    meta = _metadata(ds, ds.name, "volume", ds.namespace)
+    if ds.uid:
+        meta["ownerReferences"] = [{"apiVersion": names.API_VERSION, "kind": names.KIND,
+                                    "name": ds.name, "uid": ds.uid}]
+    return {
+        "apiVersion": "v1",
+        "kind": "PersistentVolumeClaim",
+        "metadata": meta,
+        "spec": {
+            "accessModes": ["ReadOnlyMany"],
+            "volumeMode": "Filesystem",
+            "storageClassName": "",
+            "volumeName": names.pv_name(ds.namespace, ds.name),
+            "resources": {"requests": {"storage": ds.spec.cache.capacity}},
+        },
+    }
+
+
+def node_label_patch(ds: Dataset, ready: bool) -> Manifest:
+    """Merge patch that sets (or, with None, removes) the Dataset's label on a node."""
+    return {"metadata": {"labels": {names.node_label(ds.namespace, ds.name): "true" if ready else None}}}
+
+
+def cleanup_job_name(ds: Dataset, node: str) -> str:
+    digest = hashlib.sha256(f"{ds.namespace}/{ds.name}/{node}".encode()).hexdigest()[:10]
+    return f"{dataset_key(ds)[:45].rstrip('-')}-clean-{digest}"
+
+
+def cleanup_job(ds: Dataset, node: str, settings: OperatorSettings) -> Manifest:
+    """A one-shot pod on ``node`` that removes the Dataset's cache and mount directories.
+
+    Runs after the workers are gone. A worker that crashed can leave a dead FUSE mount behind, so
+    the script lazily unmounts first; Bidirectional propagation makes that unmount reach the host.
+    """
+    mnt = names.mount_dir(ds.namespace, ds.name, settings.host_root)
+    cache = names.cache_dir(ds.namespace, ds.name, settings.host_root)
+    script = (f'umount -l "{mnt}" 2>/dev/null; rm -rf -- "{cache}"; rmdir -- "{mnt}" 2>/dev/null; '
+              "exit 0")
+    root = str(settings.host_root)
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": _metadata(ds, cleanup_job_name(ds, node), "cleanup", settings.namespace),
+        "spec": {
+            "backoffLimit": 3,
+            # Jobs delete themselves a while after finishing; nothing else owns them.
+            "ttlSecondsAfterFinished": 600,
+            "template": {
+                "metadata": {"labels": labels(ds, "cleanup")},
+                "spec": {
+                    "nodeName": node,
+                    "restartPolicy": "OnFailure",
+                    "automountServiceAccountToken": False,
+                    "tolerations": [{"operator": "Exists"}],
+                    "containers": [{
+                        "name": "cleanup",
+                        "image": settings.worker_image,
+                        "imagePullPolicy": settings.image_pull_policy,
+                        "command": ["sh", "-c", script],
+                        "securityContext": {"privileged": True},
+                        "volumeMounts": [{"name": "root", "mountPath": root,
+                                          "mountPropagation": "Bidirectional"}],
+                    }],
+                    "volumes": [{"name": "root", "hostPath": {"path": root, "type": "Directory"}}],
+                },
+            },
+        },
+    }

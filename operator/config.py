@@ -1,0 +1,48 @@
+"""Operator configuration: environment variables, read once at startup.
+
+The Helm chart sets these on the operator Deployment; tests set them on the operator process
+(e.g. a short interval and the port of a locally running worker). Every variable is prefixed
+``DATAHOARD_``; e.g. ``DATAHOARD_WORKER_IMAGE``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from datahoard import names
+
+
+class OperatorSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="DATAHOARD_", frozen=True)
+
+    namespace: str = Field(default=names.SYSTEM_NAMESPACE,
+                           description="Where workers and Secret copies live")
+    worker_image: str = Field(default="ghcr.io/datahoard/datahoard:0.1.0",
+                              description="Image with the `datahoard` CLI (cache worker)")
+    image_pull_policy: str = "IfNotPresent"
+    worker_service_account: str = Field(default="",
+                                        description="ServiceAccount of worker pods ('' = default)")
+    stats_port: int = Field(default=names.WORKER_STATS_PORT, ge=1, le=65535,
+                            description="Port of the workers' /stats, /metrics and /healthz")
+    host_root: Path = Field(default=names.DEFAULT_HOST_ROOT,
+                            description="Node directory holding mnt/ and cache/")
+    gpu_resource: str = Field(default="nvidia.com/gpu",
+                              description="Allocatable resource that marks a default cache node")
+    source_schemes: list[str] = Field(default=["s3"],
+                                      description="URI schemes the worker image can read")
+    interval: float = Field(default=10.0, gt=0,
+                            description="Seconds between reconciles / stats collections")
+    stats_timeout: float = Field(default=3.0, gt=0,
+                                 description="Per-worker timeout of one GET /stats")
+    stats_concurrency: int = Field(default=16, ge=1,
+                                   description="Workers polled at once, per Dataset")
+    delete_poll: float = Field(default=5.0, gt=0,
+                               description="Seconds between checks while deletion waits")
+    # Requests keep the scheduler honest; no CPU limit, because throttling a FUSE server stalls
+    # every reader. The memory limit leaves headroom over the page-cache-free working set.
+    worker_cpu_request: str = "250m"
+    worker_memory_request: str = "512Mi"
+    worker_memory_limit: str = "4Gi"

@@ -1,0 +1,101 @@
+"""kopf handlers: parse, call :mod:`.reconcile`, write ``status``, post Events. Nothing else.
+
+Run with ``kopf run --all-namespaces --standalone -m datahoard.operator.handlers`` (the chart
+does). Datasets are reconciled by one timer per object: kopf starts it as soon as it sees the
+Dataset (no initial delay), including every existing Dataset after an operator restart, so
+creation, spec changes, node changes and restarts all go through the same level-triggered pass
+(at most ``DATAHOARD_INTERVAL`` seconds apart). Deletion is a real delete handler, because it
+must block behind a finalizer until the volume is unused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import kopf
+import kubernetes
+
+from datahoard import names
+
+from .config import OperatorSettings
+from .kube import Kube
+from .reconcile import DELETION_BLOCKED, Blocked, Conditions, finalize, reconcile
+
+#: Read once at import: the timer interval is fixed when the handler is registered.
+CONFIG = OperatorSettings()
+RESOURCE = (names.GROUP, names.VERSION, names.PLURAL)
+
+
+def _load_client() -> kubernetes.client.ApiClient:
+    try:
+        kubernetes.config.load_incluster_config()
+    except kubernetes.config.ConfigException:
+        kubernetes.config.load_kube_config()
+    return kubernetes.client.ApiClient()
+
+
+@kopf.on.startup()
+def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+    # Our own names for kopf's bookkeeping, so it is clear who put them on the object.
+    settings.persistence.finalizer = f"{names.GROUP}/cleanup"
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=names.GROUP)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=names.GROUP, key="last-handled-configuration")
+    # Events are for people: ours, not one per log line.
+    settings.posting.level = logging.WARNING
+    # Notice a dead or restarted API server within a minute instead of hanging on a stream.
+    settings.watching.server_timeout = 60
+    settings.watching.client_timeout = 90
+    settings.watching.connect_timeout = 10
+    settings.networking.request_timeout = 30
+    settings.networking.connect_timeout = 10
+    memo.kube = Kube(_load_client())
+    memo.config = CONFIG
+
+
+@kopf.on.probe(id="ok")
+def alive(**_: Any) -> bool:
+    return True
+
+
+def _post_transitions(body: kopf.Body, old: list[Mapping[str, Any]], new: list[Mapping[str, Any]],
+                      old_phase: str | None, new_phase: str | None) -> None:
+    """An Event whenever a condition turns False (or its reason changes), and on becoming Ready."""
+    before = {c.get("type"): c for c in old}
+    for cond in new:
+        prev = before.get(cond.get("type")) or {}
+        if cond.get("status") == "False" and (prev.get("status") != "False"
+                                              or prev.get("reason") != cond.get("reason")):
+            kopf.warn(body, reason=cond.get("reason", "Problem"), message=cond.get("message", ""))
+    if new_phase != old_phase and new_phase in ("Ready", "Degraded", "Failed"):
+        kopf.event(body, type="Normal" if new_phase == "Ready" else "Warning",
+                   reason=new_phase, message=f"Dataset is {new_phase}")
+
+
+@kopf.timer(*RESOURCE, id="reconcile", interval=CONFIG.interval)
+async def reconcile_timer(body: kopf.Body, status: kopf.Status, patch: kopf.Patch,
+                          memo: kopf.Memo, **_: Any) -> None:
+    """Converge workers, labels and volumes, then write sizes, ratios, phase and conditions."""
+    new = await reconcile(body, memo.kube, memo.config)
+    old_conditions = list(status.get("conditions") or [])
+    for key, value in new.items():
+        patch.status[key] = value
+    _post_transitions(body, old_conditions, new.get("conditions") or [], status.get("phase"),
+                      new.get("phase"))
+
+
+@kopf.on.delete(*RESOURCE, id="cleanup")
+async def cleanup(body: kopf.Body, status: kopf.Status, meta: kopf.Meta, patch: kopf.Patch,
+                  memo: kopf.Memo, **_: Any) -> None:
+    """Wait until nothing uses the volume, then remove what the Dataset made."""
+    try:
+        await asyncio.to_thread(finalize, body, memo.kube, memo.config)
+    except Blocked as exc:
+        conds = Conditions(list(status.get("conditions") or []), meta.get("generation", 0))
+        conds.set(DELETION_BLOCKED, True, exc.reason, exc.message)
+        patch.status["phase"] = "Terminating"
+        patch.status["conditions"] = conds.items
+        raise kopf.TemporaryError(exc.message, delay=memo.config.delete_poll) from exc

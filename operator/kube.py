@@ -1,0 +1,198 @@
+"""The only module that calls the Kubernetes API.
+
+It owns idempotency and the retry policy: creating something that exists (409) and deleting
+something that is gone (404) are successes, and every other API failure -- including an
+unreachable API server -- becomes one :class:`kopf.TemporaryError`, so handlers retry later
+instead of crashing. Objects go in and come out as plain camelCase dicts (what builders make and
+what tests compare), never as the client's generated model classes.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import kopf
+import kubernetes
+import urllib3
+from kubernetes.client import ApiException
+
+FIELD_MANAGER = "datahoard-operator"
+#: Retry delay after an API failure: short enough to recover quickly from an API server
+#: restart, long enough not to hammer one that is overloaded.
+RETRY_DELAY = 10.0
+#: Client-side timeout for one request (connect, read); the default is to wait forever.
+REQUEST_TIMEOUT = (5, 30)
+
+T = TypeVar("T")
+Obj = dict[str, Any]
+
+
+def _api_call(fn: Callable[..., T]) -> Callable[..., T]:
+    """Turn API failures into TemporaryError, with the operation named in the message."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> T:
+        try:
+            return fn(*args, **kwargs)
+        except ApiException as exc:
+            raise kopf.TemporaryError(
+                f"Kubernetes API {fn.__name__} failed: {exc.status} {exc.reason}: "
+                f"{_message(exc)}", delay=RETRY_DELAY) from exc
+        except (urllib3.exceptions.HTTPError, OSError) as exc:
+            raise kopf.TemporaryError(f"Kubernetes API unreachable during {fn.__name__}: {exc}",
+                                      delay=RETRY_DELAY) from exc
+
+    return wrapper
+
+
+def _message(exc: ApiException) -> str:
+    try:
+        return json.loads(exc.body).get("message", "")
+    except (TypeError, ValueError, AttributeError):
+        return str(exc.body or "")
+
+
+class Kube:
+    """Typed-API calls used by the operator, on one shared ApiClient."""
+
+    def __init__(self, client: kubernetes.client.ApiClient) -> None:
+        self.client = client
+        self.core = kubernetes.client.CoreV1Api(client)
+        self.apps = kubernetes.client.AppsV1Api(client)
+        self.batch = kubernetes.client.BatchV1Api(client)
+
+    def _dict(self, obj: Any) -> Obj:
+        return self.client.sanitize_for_serialization(obj)
+
+    # -- reads ---------------------------------------------------------------------------------
+
+    @_api_call
+    def list_nodes(self) -> list[Obj]:
+        return [self._dict(n) for n in
+                self.core.list_node(_request_timeout=REQUEST_TIMEOUT).items]
+
+    @_api_call
+    def nodes_with_label(self, key: str) -> list[str]:
+        nodes = self.core.list_node(label_selector=key, _request_timeout=REQUEST_TIMEOUT).items
+        return sorted(n.metadata.name for n in nodes)
+
+    @_api_call
+    def read_secret_data(self, namespace: str, name: str) -> dict[str, str] | None:
+        """The Secret's base64 data, or None when it does not exist."""
+        try:
+            secret = self.core.read_namespaced_secret(name, namespace,
+                                                      _request_timeout=REQUEST_TIMEOUT)
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+        return dict(secret.data or {})
+
+    @_api_call
+    def list_pods(self, namespace: str, selector: str) -> list[Obj]:
+        pods = self.core.list_namespaced_pod(namespace, label_selector=selector,
+                                             _request_timeout=REQUEST_TIMEOUT).items
+        return [self._dict(p) for p in pods]
+
+    @_api_call
+    def pods_using_claim(self, namespace: str, claim: str) -> list[str]:
+        """Pods in ``namespace`` that mount ``claim`` and have not finished."""
+        users = []
+        for pod in self.core.list_namespaced_pod(namespace, _request_timeout=REQUEST_TIMEOUT).items:
+            if pod.status and pod.status.phase in ("Succeeded", "Failed"):
+                continue
+            for vol in pod.spec.volumes or []:
+                if vol.persistent_volume_claim and vol.persistent_volume_claim.claim_name == claim:
+                    users.append(pod.metadata.name)
+                    break
+        return sorted(users)
+
+    @_api_call
+    def exists(self, kind: str, name: str, namespace: str | None = None) -> bool:
+        read = {
+            "PersistentVolume": lambda: self.core.read_persistent_volume(
+                name, _request_timeout=REQUEST_TIMEOUT),
+            "PersistentVolumeClaim": lambda: self.core.read_namespaced_persistent_volume_claim(
+                name, namespace, _request_timeout=REQUEST_TIMEOUT),
+            "DaemonSet": lambda: self.apps.read_namespaced_daemon_set(
+                name, namespace, _request_timeout=REQUEST_TIMEOUT),
+        }[kind]
+        try:
+            read()
+        except ApiException as exc:
+            if exc.status == 404:
+                return False
+            raise
+        return True
+
+    # -- writes --------------------------------------------------------------------------------
+
+    @_api_call
+    def apply(self, manifest: Obj) -> None:
+        """Server-side apply: create or converge, owning exactly the fields we set."""
+        kind, meta = manifest["kind"], manifest["metadata"]
+        kwargs = dict(field_manager=FIELD_MANAGER, force=True,
+                      _content_type="application/apply-patch+yaml",
+                      _request_timeout=REQUEST_TIMEOUT)
+        if kind == "DaemonSet":
+            self.apps.patch_namespaced_daemon_set(meta["name"], meta["namespace"], manifest, **kwargs)
+        elif kind == "Secret":
+            self.core.patch_namespaced_secret(meta["name"], meta["namespace"], manifest, **kwargs)
+        else:
+            raise ValueError(f"apply() does not handle {kind}")
+
+    @_api_call
+    def create(self, manifest: Obj) -> bool:
+        """Create; an existing object (409) is success. Returns whether it was created now."""
+        kind, meta = manifest["kind"], manifest["metadata"]
+        try:
+            if kind == "PersistentVolume":
+                self.core.create_persistent_volume(manifest, _request_timeout=REQUEST_TIMEOUT)
+            elif kind == "PersistentVolumeClaim":
+                self.core.create_namespaced_persistent_volume_claim(
+                    meta["namespace"], manifest, _request_timeout=REQUEST_TIMEOUT)
+            elif kind == "Job":
+                self.batch.create_namespaced_job(meta["namespace"], manifest,
+                                                 _request_timeout=REQUEST_TIMEOUT)
+            else:
+                raise ValueError(f"create() does not handle {kind}")
+        except ApiException as exc:
+            if exc.status == 409:
+                return False
+            raise
+        return True
+
+    @_api_call
+    def delete(self, kind: str, name: str, namespace: str | None = None) -> None:
+        """Delete in the background; an object that is already gone (404) is success."""
+        opts = kubernetes.client.V1DeleteOptions(propagation_policy="Background")
+        try:
+            if kind == "PersistentVolume":
+                self.core.delete_persistent_volume(name, body=opts, _request_timeout=REQUEST_TIMEOUT)
+            elif kind == "PersistentVolumeClaim":
+                self.core.delete_namespaced_persistent_volume_claim(
+                    name, namespace, body=opts, _request_timeout=REQUEST_TIMEOUT)
+            elif kind == "DaemonSet":
+                self.apps.delete_namespaced_daemon_set(name, namespace, body=opts,
+                                                       _request_timeout=REQUEST_TIMEOUT)
+            elif kind == "Secret":
+                self.core.delete_namespaced_secret(name, namespace, body=opts,
+                                                   _request_timeout=REQUEST_TIMEOUT)
+            else:
+                raise ValueError(f"delete() does not handle {kind}")
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+
+    @_api_call
+    def patch_node(self, name: str, patch: Obj) -> None:
+        """Merge-patch a node (labels); a node that is gone needs no label changes."""
+        try:
+            self.core.patch_node(name, patch, _content_type="application/merge-patch+json",
+                                 _request_timeout=REQUEST_TIMEOUT)
+        except ApiException as exc:
+            if exc.status != 404:
+                raise

@@ -1,0 +1,88 @@
+"""Builders against golden YAML: the manifests are reviewed once, by a person, in golden/.
+
+Regenerate after an intended change with ``DATAHOARD_UPDATE_GOLDEN=1 pytest tests/operator``
+and review the diff like code.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+from datahoard import names
+from datahoard.api import Dataset
+from datahoard.operator import builders
+from datahoard.operator.config import OperatorSettings
+
+GOLDEN = Path(__file__).with_name("golden")
+SETTINGS = OperatorSettings(namespace="datahoard-system", worker_image="example.com/datahoard:1.0",
+                            host_root=Path("/var/lib/datahoard"), stats_port=9470)
+
+
+def dataset(**spec_overrides) -> Dataset:
+    spec = {
+        "source": {"uri": "s3://datasets/imagenet/train/", "endpoint": "http://minio.minio:9000",
+                   "region": "us-east-1", "secretRef": {"name": "s3-creds"},
+                   "include": ["**/*.JPEG"], "exclude": ["**/README*"]},
+        "cache": {"medium": "Disk", "capacity": "200Gi"},
+        "placement": {"tolerations": [{"key": "dedicated", "operator": "Equal", "value": "ml",
+                                       "effect": "NoSchedule"}]},
+        "warm": {"policy": "Eager", "parallelism": 32},
+    }
+    spec.update(spec_overrides)
+    return Dataset.from_body({"metadata": {"namespace": "ml", "name": "imagenet",
+                                           "uid": "0000-1111", "generation": 3}, "spec": spec})
+
+
+CASES = {
+    "daemonset-disk": lambda: builders.worker_daemonset(dataset(), ["gpu-b", "gpu-a"], SETTINGS, True),
+    "daemonset-memory-anonymous": lambda: builders.worker_daemonset(
+        dataset(source={"uri": "s3://open-data/x"}, cache={"medium": "Memory", "capacity": "8Gi"},
+                warm={"policy": "OnDemand"}, placement={}),
+        ["gpu-a"], SETTINGS, False),
+    "secret-copy": lambda: builders.secret_copy(
+        dataset(), {"AWS_SECRET_ACCESS_KEY": "c2VjcmV0", "AWS_ACCESS_KEY_ID": "aWQ="}, SETTINGS),
+    "pv": lambda: builders.persistent_volume(dataset(), SETTINGS),
+    "pvc": lambda: builders.persistent_volume_claim(dataset()),
+    "cleanup-job": lambda: builders.cleanup_job(dataset(), "gpu-a", SETTINGS),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_manifest_matches_golden(name: str) -> None:
+    manifest = CASES[name]()
+    path = GOLDEN / f"{name}.yaml"
+    if os.environ.get("DATAHOARD_UPDATE_GOLDEN"):
+        path.write_text(yaml.safe_dump(manifest, sort_keys=False))
+    assert manifest == yaml.safe_load(path.read_text())
+
+
+def test_worker_command_is_the_cli_contract() -> None:
+    cmd = builders.worker_command(dataset(), SETTINGS)
+    assert cmd[:4] == ["datahoard", "mount", "s3://datasets/imagenet/train/",
+                       "/var/lib/datahoard/mnt/ml/imagenet"]
+    assert cmd[cmd.index("--cache-dir") + 1] == "/var/lib/datahoard/cache/ml/imagenet"
+    assert cmd[-2:] == ["--stats-addr", "0.0.0.0:9470"]
+    assert "--warm" in cmd and "--foreground" in cmd
+
+
+def test_pv_and_node_label_agree() -> None:
+    """The PV's nodeAffinity must select exactly what the operator puts on ready nodes."""
+    ds = dataset()
+    expr = builders.persistent_volume(ds, SETTINGS)["spec"]["nodeAffinity"]["required"][
+        "nodeSelectorTerms"][0]["matchExpressions"][0]
+    (key, value), = builders.node_label_patch(ds, True)["metadata"]["labels"].items()
+    assert expr["key"] == key == names.node_label("ml", "imagenet")
+    assert value in expr["values"]
+    assert builders.node_label_patch(ds, False)["metadata"]["labels"] == {key: None}
+
+
+def test_long_names_stay_valid() -> None:
+    ds = Dataset.from_body({"metadata": {"namespace": "n" * 63, "name": "d" * 200},
+                            "spec": {"source": {"uri": "s3://bucket/x"}}})
+    assert len(builders.worker_daemonset(ds, ["a"], SETTINGS, False)["metadata"]["name"]) <= 63
+    assert len(builders.cleanup_job(ds, "node-" + "x" * 200, SETTINGS)["metadata"]["name"]) <= 63
+    assert len(builders.labels(ds, "cache-worker")[builders.DATASET_LABEL]) <= 63
