@@ -167,19 +167,19 @@ class RepairLoop:
         return self._thread.is_alive()
 
     def stop(self, timeout: float = 5.0) -> None:
+        if self._stop.is_set():
+            return
         self._stop.set()
         self._events.wake()
-        self._thread.join(timeout)
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+        self._events.close()
 
     def _run(self) -> None:
-        events = self._events
-        try:
-            while not self._stop.is_set():
-                try:
-                    self.repairer.repair_all()
-                except Exception:  # the loop must outlive any single bad pass
-                    log.exception("repair pass failed")
-                self.passes += 1
-                events.wait(self.interval)
-        finally:
-            events.close()
+        while not self._stop.is_set():
+            try:
+                self.repairer.repair_all()
+            except Exception:  # the loop must outlive any single bad pass
+                log.exception("repair pass failed")
+            self.passes += 1
+            self._events.wait(self.interval)

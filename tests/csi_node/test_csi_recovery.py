@@ -1,0 +1,120 @@
+"""Recovery: a cache worker restart (its FUSE view replaced) and a plugin restart.
+
+These tests also pin down what an application in the pod sees, which README documents:
+during the outage every access fails with ENOTCONN; after the repair, paths opened anew work
+again in a container whose volumeMount has HostToContainer propagation, while descriptors opened
+before the crash stay dead; with the default (None) propagation the container keeps the dead
+mount until the pod restarts.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+
+import pytest
+from csi_helpers import Client, Container, RunningPlugin, TinyView, wait_until
+
+from datahoard.csi_node.mounter import Health, LinuxMounter
+
+pytestmark = pytest.mark.integration
+
+
+def target_serves(target: str, rel: str = "labels.txt") -> bool:
+    try:
+        with open(os.path.join(target, rel)) as f:
+            return f.read() == "cat\ndog\n"
+    except OSError:
+        return False
+
+
+def test_worker_restart_is_repaired_and_a_host_to_container_pod_keeps_working(client: Client, node, tiny_view: TinyView):
+    target = node.target()
+    client.publish(target)
+    with Container(node, target, propagation="rslave") as app:  # mountPropagation: HostToContainer
+        assert app.read("labels.txt") == "cat\ndog\n"
+        assert app.open("train/a.jpg")["ok"]
+
+        tiny_view.kill()
+        # During the outage: every access fails with ENOTCONN, in the pod and on the host.
+        assert app.try_read("labels.txt")["errno"] == errno.ENOTCONN
+        stats = client.stats(target)
+        assert stats.volume_condition.abnormal and "disconnected" in stats.volume_condition.message
+
+        tiny_view.restart()
+        wait_until(lambda: target_serves(target), what="the repair loop to re-bind the target")
+
+        # After the repair: new opens work in the running container, no pod restart...
+        assert app.read("labels.txt") == "cat\ndog\n"
+        assert app.read("train/a.jpg") == "A" * 1000
+        # ...but a descriptor opened before the crash still points at the dead connection.
+        assert not app.pread("train/a.jpg")["ok"]
+        assert not client.stats(target).volume_condition.abnormal
+
+
+def test_default_none_propagation_keeps_the_dead_mount_until_the_pod_restarts(client: Client, node, tiny_view):
+    target = node.target()
+    client.publish(target)
+    with Container(node, target, propagation="rprivate") as app:  # mountPropagation: None
+        tiny_view.kill()
+        tiny_view.restart()
+        wait_until(lambda: target_serves(target), what="the repair loop to re-bind the target")
+        assert app.try_read("labels.txt")["errno"] == errno.ENOTCONN
+    with Container(node, target, propagation="rprivate", name="restarted") as app:  # a new pod
+        assert app.read("labels.txt") == "cat\ndog\n"
+
+
+def test_repair_on_demand_from_volume_stats(plugin: RunningPlugin, client: Client, node, tiny_view):
+    target = node.target()
+    client.publish(target)
+    assert plugin.plugin is not None
+    plugin.plugin.repair_loop.stop()  # only the on-demand path is left
+    tiny_view.kill()
+    tiny_view.restart()
+    assert not target_serves(target)
+    stats = client.stats(target)
+    assert not stats.volume_condition.abnormal, stats.volume_condition.message
+    assert target_serves(target)
+
+
+def test_plugin_restart_keeps_published_volumes_and_repairs_what_broke_meanwhile(plugin: RunningPlugin, node, tiny_view):
+    target = node.target()
+    plugin.client.publish(target)
+    with Container(node, target, propagation="rslave") as app:
+        plugin.stop()
+        assert app.read("labels.txt") == "cat\ndog\n"  # mounts do not depend on the plugin process
+        tiny_view.kill()
+        tiny_view.restart()  # the worker restarts while the plugin is down
+        assert not target_serves(target)
+
+        plugin.start()  # same state file: the startup pass repairs the target
+        wait_until(lambda: target_serves(target), what="the restarted plugin to repair the target")
+        assert app.read("labels.txt") == "cat\ndog\n"
+        plugin.client.publish(target)  # kubelet's retry of an identical publish: OK
+        assert not plugin.client.stats(target).volume_condition.abnormal
+    plugin.client.unpublish(target)
+    assert not os.path.exists(target)
+
+
+def test_unpublish_detaches_every_repair_layer(client: Client, node, tiny_view):
+    target = node.target()
+    client.publish(target)
+    for _ in range(2):
+        tiny_view.kill()
+        tiny_view.restart()
+        wait_until(lambda: target_serves(target), what="repair")
+    assert len(LinuxMounter().mounts_at(target)) == 3  # the original bind and one per restart
+    client.unpublish(target)
+    assert not LinuxMounter().mounts_at(target) and not os.path.exists(target)
+
+
+def test_target_stays_broken_and_abnormal_while_the_worker_is_down(client: Client, node, tiny_view):
+    target = node.target()
+    client.publish(target)
+    tiny_view.kill()
+    assert LinuxMounter().probe(target, 5).health is Health.DISCONNECTED
+    stats = client.stats(target)
+    assert stats.volume_condition.abnormal
+    assert target in stats.volume_condition.message
+    client.unpublish(target)  # a pod deleted during the outage is still cleaned up
+    assert not LinuxMounter().mounts_at(target) and not os.path.exists(target)
