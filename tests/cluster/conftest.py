@@ -15,6 +15,12 @@ from envtest import REPO, ControlPlane, assets_dir, eventually
 CRD_PATH = REPO / "crds" / "datasets.datahoard.io.yaml"
 
 
+
+def pytest_configure(config: pytest.Config) -> None:
+    # The test API server's certificate is self-signed; the kubeconfig says to skip verification.
+    config.addinivalue_line("filterwarnings", "ignore::urllib3.exceptions.InsecureRequestWarning")
+
+
 @pytest.fixture(scope="session")
 def control_plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlPlane]:
     plane = ControlPlane(assets=assets_dir(), workdir=tmp_path_factory.mktemp("envtest"))

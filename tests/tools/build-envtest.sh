@@ -90,8 +90,16 @@ import (
 )
 GO
     go mod tidy >&2
-    $NICE go build -trimpath -ldflags='-s -w' -o "$STAGE/kube-apiserver" k8s.io/kubernetes/cmd/kube-apiserver >&2
-    $NICE go build -trimpath -ldflags='-s -w' -o "$STAGE/kubectl" k8s.io/kubernetes/cmd/kubectl >&2
+    # Stamp the version (Kubernetes' own build does this through hack/lib/version.sh), so
+    # `kubectl version` and /version report it instead of v0.0.0-master.
+    MINOR="${K8S_VERSION#v1.}"; MINOR="${MINOR%%.*}"
+    LDFLAGS="-s -w"
+    for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
+        LDFLAGS+=" -X $pkg.gitVersion=$K8S_VERSION -X $pkg.gitMajor=1 -X $pkg.gitMinor=$MINOR"
+        LDFLAGS+=" -X $pkg.gitTreeState=clean"
+    done
+    $NICE go build -trimpath -ldflags="$LDFLAGS" -o "$STAGE/kube-apiserver" k8s.io/kubernetes/cmd/kube-apiserver >&2
+    $NICE go build -trimpath -ldflags="$LDFLAGS" -o "$STAGE/kubectl" k8s.io/kubernetes/cmd/kubectl >&2
 )
 
 rm -rf "$OUT"
