@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from .mounter import Health, Mounter, Probe
 from .state import PublishedTarget, StateStore
 from .views import check_view
-from .volume_lock import TargetLocks
+from .volume_lock import REPAIR, TargetLocks
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +91,7 @@ class Repairer:
         publish or unpublish is running) the repair is skipped, the next pass retries.
         """
         if not holding_lock:
-            if not self.locks.try_acquire(rec.target_path, "repair"):
+            if not self.locks.try_acquire(rec.target_path, REPAIR):
                 return self.check(rec)
             try:
                 return self.repair(rec, holding_lock=True)

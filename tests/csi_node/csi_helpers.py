@@ -193,11 +193,11 @@ print(json.dumps({"ok": True, "value": "ready"}), flush=True)
 for line in sys.stdin:
     cmd, _, arg = line.rstrip("\n").partition(" ")
     if cmd == "read":
-        answer(lambda: open(arg, "rb").read().decode())
+        answer(lambda: open(arg, "rb").read().decode("latin-1"))
     elif cmd == "open":
         answer(lambda: fds.setdefault(arg, os.open(arg, os.O_RDONLY)) and arg)
     elif cmd == "pread":
-        answer(lambda: os.pread(fds[arg], 1 << 20, 0).decode())
+        answer(lambda: os.pread(fds[arg], 1 << 20, 0).decode("latin-1"))
     elif cmd == "listdir":
         answer(lambda: sorted(os.listdir(arg)))
 """
@@ -261,3 +261,57 @@ class Container:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(10)
+
+
+class Worker:
+    """The real cache worker (``datahoard mount``) serving a Dataset's view on the test node."""
+
+    def __init__(self, source: str, view: Path, cache_dir: Path, endpoint: str) -> None:
+        self.source, self.view, self.cache_dir, self.endpoint = source, view, cache_dir, endpoint
+        self.pids: list[int] = []
+
+    def start(self) -> Worker:
+        """``datahoard mount`` returns once the view is live (it also clears a dead mount first)."""
+        from datahoard import runtime
+
+        self.view.mkdir(parents=True, exist_ok=True)
+        result = subprocess.run(
+            [sys.executable, "-m", "datahoard.cli", "mount", self.source, str(self.view),
+             "--cache-dir", str(self.cache_dir), "--endpoint-url", self.endpoint],
+            capture_output=True, text=True, timeout=120,
+        )
+        assert result.returncode == 0, result.stderr
+        record = runtime.lookup(self.view)
+        assert record is not None, f"no mount record for {self.view}"
+        self.pids.append(record.pid)
+        return self
+
+    @property
+    def pid(self) -> int:
+        return self.pids[-1]
+
+    def kill(self) -> None:
+        """A crash: SIGKILL, so the kernel aborts the FUSE connection."""
+        os.kill(self.pid, signal.SIGKILL)
+        wait_until(lambda: not _alive(self.pid), what=f"worker {self.pid} to die")
+
+    def restart(self) -> None:
+        self.kill()
+        self.start()
+
+    def cleanup(self) -> None:
+        for pid in self.pids:
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a killed daemon that nobody reaped yet is a zombie: dead for our purposes
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False

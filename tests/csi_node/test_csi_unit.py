@@ -136,3 +136,24 @@ def test_volume_lock_refuses_a_second_holder():
             pass
     with locks.hold("/t", "NodeUnpublishVolume", "ml/imagenet"):
         pass
+
+
+def test_an_rpc_waits_for_a_running_repair_instead_of_aborting():
+    import threading
+
+    from datahoard.csi_node.volume_lock import REPAIR
+
+    locks = TargetLocks()
+    assert locks.try_acquire("/t", REPAIR)
+    acquired = threading.Event()
+
+    def publish():
+        with locks.hold("/t", "NodePublishVolume", "ml/imagenet"):
+            acquired.set()
+
+    thread = threading.Thread(target=publish)
+    thread.start()
+    assert not acquired.is_set()
+    locks.release("/t")
+    thread.join(10)
+    assert acquired.is_set()
