@@ -108,13 +108,32 @@ class Repairer:
         log.info("repaired volume %s at %s: %s", rec.volume_id, rec.target_path, after.status.value)
         return after
 
+    def _forget(self, rec: PublishedTarget) -> None:
+        """Drop the record of a target whose directory is gone and holds no mount.
+
+        kubelet removes the target directory only after NodeUnpublishVolume succeeded, so this
+        is a leftover (e.g. a node reboot wiped the mount and kubelet cleaned up the pod):
+        nothing is left to repair or unpublish.
+        """
+        if not self.locks.try_acquire(rec.target_path, REPAIR):
+            return
+        try:
+            if self.state.get(rec.target_path) == rec and not os.path.lexists(rec.target_path) \
+                    and not self.mounter.mounts_at(rec.target_path):
+                self.state.remove(rec.target_path)
+                log.info("forgot volume %s at %s: the target path is gone", rec.volume_id, rec.target_path)
+        finally:
+            self.locks.release(rec.target_path)
+
     def repair_all(self) -> int:
         """One pass over every published target; returns how many were re-bound."""
         repaired = 0
         for rec in self.state.all():
             try:
                 before = self.check(rec)
-                if before.repairable and self.repair(rec).status is Status.HEALTHY:
+                if before.status is Status.GONE:
+                    self._forget(rec)
+                elif before.repairable and self.repair(rec).status is Status.HEALTHY:
                     repaired += 1
             except OSError as exc:
                 log.error("repair of volume %s at %s failed: %s", rec.volume_id, rec.target_path, exc)

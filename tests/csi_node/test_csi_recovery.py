@@ -121,3 +121,15 @@ def test_target_stays_broken_and_abnormal_while_the_worker_is_down(client: Clien
     assert target in stats.volume_condition.message
     client.unpublish(target)  # a pod deleted during the outage is still cleaned up
     assert not LinuxMounter().mounts_at(target) and not os.path.exists(target)
+
+
+def test_record_of_a_target_that_disappeared_is_forgotten(plugin: RunningPlugin, client: Client, node, tiny_view):
+    """After a node reboot the mount is gone and kubelet may have removed the directory."""
+    target = node.target()
+    client.publish(target)
+    LinuxMounter().unmount_all(target)
+    os.rmdir(target)
+    assert plugin.plugin is not None
+    plugin.plugin.repairer.repair_all()
+    assert plugin.plugin.state.get(target) is None
+    assert not os.path.exists(target)  # not recreated

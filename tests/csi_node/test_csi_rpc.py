@@ -243,3 +243,13 @@ def test_secrets_are_never_logged(client: Client, node, tiny_view, caplog):
     text = "\n".join(r.getMessage() for r in caplog.records)
     assert "NodePublishVolume" in text and "aws_secret_access_key" in text  # the call was logged...
     assert "SEKRIT" not in text  # ...without the values
+
+
+def test_inline_ephemeral_volume_finds_its_view_from_volume_context(client: Client, node, tiny_view):
+    """kubelet generates volume_id 'csi-<sha256>' for inline volumes; the attributes name the Dataset."""
+    target = node.target()
+    context = {names.CTX_NAMESPACE: "ml", names.CTX_NAME: "imagenet", "csi.storage.k8s.io/ephemeral": "true"}
+    client.publish(target, volume_id="csi-0123abcd", context=context)
+    assert open(os.path.join(target, "labels.txt")).read() == "cat\ndog\n"
+    client.unpublish(target, volume_id="csi-0123abcd")
+    assert not os.path.exists(target)
