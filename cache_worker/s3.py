@@ -82,7 +82,7 @@ def parse_s3_uri(uri: str) -> tuple[str, str]:
     if not uri.startswith("s3://"):
         raise SourceError(f"not an S3 URI: {uri!r} (expected s3://bucket/prefix/)")
     bucket, _, prefix = uri[len("s3://") :].partition("/")
-    if not re.fullmatch(r"[a-z0-9][a-z0-9.\-_]{1,254}", bucket):
+    if not re.fullmatch(r"[a-z0-9][a-z0-9.\-_]{0,254}", bucket):
         raise SourceError(f"invalid bucket name {bucket!r} in {uri!r}")
     prefix = prefix.strip("/")
     return bucket, f"{prefix}/" if prefix else ""

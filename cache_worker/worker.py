@@ -13,6 +13,7 @@ order matters:
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import logging
 import os
@@ -72,7 +73,7 @@ def _prepare_mountpoint(mountpoint: Path) -> None:
         mountpoint.mkdir(parents=True, exist_ok=True)
         os.listdir(mountpoint)
     except OSError as exc:
-        if exc.errno == 107:  # ENOTCONN: the previous worker died with the view mounted
+        if exc.errno in (errno.ENOTCONN, errno.ECONNABORTED):  # the last worker died mounted
             log.warning("clearing the dead mount at %s", mountpoint)
             subprocess.run(["fusermount3", "-uz", str(mountpoint)], check=False)
         else:

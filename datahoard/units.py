@@ -9,7 +9,7 @@ _SUFFIXES = {
     "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15,
     "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50,
 }
-_QUANTITY = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kMGTP]i?)?B?\s*$")
+_QUANTITY = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(Ki|Mi|Gi|Ti|Pi|k|M|G|T|P)?B?\s*$")
 
 
 def parse_size(text: str | int) -> int:
