@@ -179,6 +179,7 @@ class Worker:
             self.shutdown()
 
     def shutdown(self) -> None:
+        log.info("shutting down")
         self.ready.clear()
         if self.warmer:
             self.warmer.stop()
@@ -194,6 +195,7 @@ class Worker:
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
+        log.info("stopped")
 
     # -- reporting -------------------------------------------------------------------------
     def healthy(self) -> bool:

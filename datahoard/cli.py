@@ -296,11 +296,7 @@ def _umount(args: argparse.Namespace) -> int:
 
 def _wait_for_exit(pid: int, timeout: float) -> None:
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return
+    while time.monotonic() < deadline and runtime.alive(pid):
         time.sleep(0.05)
 
 

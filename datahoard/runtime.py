@@ -57,14 +57,19 @@ def unregister(mountpoint: str | os.PathLike, pid: int | None = None) -> None:
         path.unlink(missing_ok=True)
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
+    """True while ``pid`` runs; a zombie (exited, not yet reaped by its parent) is not alive."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] != "Z"
+    except OSError:
+        return True
 
 
 def lookup(mountpoint: str | os.PathLike, check_alive: bool = True) -> MountRecord | None:
@@ -72,7 +77,7 @@ def lookup(mountpoint: str | os.PathLike, check_alive: bool = True) -> MountReco
         record = MountRecord(**json.loads(_record_path(mountpoint).read_text()))
     except (FileNotFoundError, ValueError, TypeError):
         return None
-    if check_alive and not _alive(record.pid):
+    if check_alive and not alive(record.pid):
         return None
     return record
 
