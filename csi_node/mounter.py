@@ -18,8 +18,9 @@ import enum
 import errno
 import os
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 # <sys/mount.h>
 MS_RDONLY = 0x1
@@ -227,30 +228,50 @@ class LinuxMounter:
         return removed
 
     def probe(self, path: str, timeout: float) -> Probe:
-        """statvfs + stat in a helper thread, so a stuck FUSE daemon cannot hang an RPC.
+        """statvfs + stat, bounded by *timeout*, so a stuck FUSE daemon cannot hang an RPC.
 
         statvfs always reaches the FUSE daemon (the kernel caches attributes, never statfs),
         which is what tells a live view from a dead one; stat then gives the device number.
-        A thread stuck on a hung filesystem is abandoned (daemon thread): nothing can cancel a
-        blocked syscall, and that filesystem is reported HUNG.
         """
-        result: list[Probe] = []
 
-        def run() -> None:
+        def run() -> Probe:
             try:
                 vfs = os.statvfs(path)
-                result.append(Probe(Health.OK, device=os.stat(path).st_dev, statvfs=vfs))
+                return Probe(Health.OK, device=os.stat(path).st_dev, statvfs=vfs)
             except OSError as exc:
                 if exc.errno in (errno.ENOTCONN, errno.ECONNABORTED):
-                    result.append(Probe(Health.DISCONNECTED, detail=os.strerror(exc.errno)))
-                elif exc.errno == errno.ENOENT:
-                    result.append(Probe(Health.MISSING, detail="no such file or directory"))
-                else:
-                    result.append(Probe(Health.ERROR, detail=exc.strerror or str(exc)))
+                    return Probe(Health.DISCONNECTED, detail=os.strerror(exc.errno))
+                if exc.errno == errno.ENOENT:
+                    return Probe(Health.MISSING, detail="no such file or directory")
+                return Probe(Health.ERROR, detail=exc.strerror or str(exc))
 
-        thread = threading.Thread(target=run, name=f"probe {path}", daemon=True)
-        thread.start()
-        thread.join(timeout)
-        if not result:
-            return Probe(Health.HUNG, detail=f"no answer within {timeout:g}s")
-        return result[0]
+        result = bounded(run, timeout, f"probe {path}")
+        return result if result is not None else Probe(Health.HUNG, detail=f"no answer within {timeout:g}s")
+
+
+T = TypeVar("T")
+
+
+def bounded(fn: Callable[[], T], timeout: float, name: str) -> T | None:
+    """Run *fn* in a daemon thread; its result, or None if it did not finish within *timeout*.
+
+    For anything that touches a FUSE mount: nothing can cancel a syscall blocked on a stuck
+    daemon, so the thread is abandoned and finishes (or not) on its own. Exceptions propagate.
+    """
+    box: list[tuple[bool, object]] = []
+
+    def run() -> None:
+        try:
+            box.append((True, fn()))
+        except BaseException as exc:  # handed to the caller
+            box.append((False, exc))
+
+    thread = threading.Thread(target=run, name=name, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if not box:
+        return None
+    ok, value = box[0]
+    if not ok:
+        raise value  # type: ignore[misc]
+    return value  # type: ignore[return-value]

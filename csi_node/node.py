@@ -178,14 +178,14 @@ class NodeService(csi_pb2_grpc.NodeServicer):
             if not self.state.for_volume(vol):
                 raise NotFound(f"volume {vol} is not published on this node")
             raise NotFound(f"volume {vol} is not published at {path}")
-        if not os.path.lexists(path):
+        if not self.mounter.mounts_at(path) and not os.path.lexists(path):  # no stat of a possibly hung mount
             raise NotFound(f"volume {vol}: {path} does not exist")
         check = self.repairer.repair(rec)  # on demand: a broken target is re-bound before we answer
         target_vfs = check.target.statvfs if check.target is not None else None
         return csi_pb2.NodeGetVolumeStatsResponse(
             usage=usage.volume_usage(rec.view_path, target_vfs, self.stats_lookup),
             volume_condition=csi_pb2.VolumeCondition(
-                abnormal=check.status is not Status.HEALTHY or check.target is None or check.target.health is not Health.OK,
+                abnormal=check.status is not Status.HEALTHY,
                 message=check.message,
             ),
         )

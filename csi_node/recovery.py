@@ -39,6 +39,7 @@ class Status(enum.Enum):
     HEALTHY = "healthy"
     STALE = "stale"  # readable, but bound to an older view than the one mounted now
     BROKEN = "broken"  # the FUSE view behind the target is gone (ENOTCONN) or fails
+    HUNG = "hung"  # the target does not answer in time: a slow or stuck worker, not a dead one
     UNMOUNTED = "unmounted"  # nothing mounted at the target any more
     GONE = "gone"  # the target directory itself is gone
 
@@ -66,9 +67,10 @@ class Repairer:
     def check(self, rec: PublishedTarget) -> TargetCheck:
         view = check_view(self.mounter, rec.view_path, self.probe_timeout)
         where = f"volume {rec.volume_id} at {rec.target_path}"
-        if not os.path.lexists(rec.target_path):
-            return TargetCheck(Status.GONE, view, None, f"{where}: the target path no longer exists")
+        # mountinfo before any stat: a stat of a mount point goes to its filesystem, which may hang.
         if not self.mounter.mounts_at(rec.target_path):
+            if not os.path.lexists(rec.target_path):
+                return TargetCheck(Status.GONE, view, None, f"{where}: the target path no longer exists")
             return TargetCheck(Status.UNMOUNTED, view, None, f"{where}: nothing is mounted at the target")
         target = self.mounter.probe(rec.target_path, self.probe_timeout)
         if target.health is Health.OK:
@@ -78,8 +80,7 @@ class Repairer:
         if target.health is Health.HUNG:
             # A slow worker is not a dead one: stacking a new mount would hide requests that may
             # still complete. Report it; repair only once the connection is really gone.
-            return TargetCheck(Status.HEALTHY if view.health is Health.OK else Status.BROKEN, view, target,
-                               f"{where}: the FUSE view does not answer ({target.detail})")
+            return TargetCheck(Status.HUNG, view, target, f"{where}: the FUSE view does not answer ({target.detail})")
         state = "the cache worker's FUSE view is down" if view.health is not Health.OK else "repair pending"
         return TargetCheck(Status.BROKEN, view, target,
                            f"{where}: {target.health.value} ({target.detail}); {state} ({view.health.value} at {rec.view_path})")

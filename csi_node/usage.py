@@ -22,6 +22,7 @@ from collections.abc import Callable
 from datahoard.stats import WorkerStats
 
 from . import csi_pb2
+from .mounter import bounded
 
 log = logging.getLogger(__name__)
 
@@ -81,9 +82,14 @@ def from_statvfs(vfs: os.statvfs_result) -> list[csi_pb2.VolumeUsage]:
 def volume_usage(
     view_path: str, target_vfs: os.statvfs_result | None, lookup: StatsLookup = worker_stats
 ) -> list[csi_pb2.VolumeUsage]:
-    stats = lookup(view_path)
+    """Usage for a target whose probe answered (*target_vfs*); nothing for one that did not.
+
+    The lookup runs bounded: finding the worker's record resolves the view's path, which a
+    FUSE view that stops answering would block.
+    """
+    if target_vfs is None:
+        return []
+    stats = bounded(lambda: lookup(view_path), STATS_TIMEOUT * 2, f"stats {view_path}")
     if stats is not None:
         return from_worker(stats)
-    if target_vfs is not None:
-        return from_statvfs(target_vfs)
-    return []
+    return from_statvfs(target_vfs)

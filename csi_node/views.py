@@ -78,9 +78,10 @@ def resolve_view(volume_id: str, volume_context: Mapping[str, str], host_root: P
 
 def check_view(mounter: Mounter, path: str, probe_timeout: float) -> Probe:
     """Probe the view: OK (with its device) only when a filesystem is mounted there and answers."""
-    if not os.path.lexists(path):
-        return Probe(Health.MISSING, detail="no such directory")
+    # mountinfo first: a stat of a mount point goes to its filesystem, which may hang.
     if not mounter.mounts_at(path):
+        if not os.path.lexists(path):
+            return Probe(Health.MISSING, detail="no such directory")
         return Probe(Health.ERROR, detail="nothing is mounted there (cache worker not running?)")
     return mounter.probe(path, probe_timeout)
 

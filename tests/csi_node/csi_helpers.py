@@ -105,6 +105,15 @@ class TinyView:
         self.proc.send_signal(signal.SIGKILL)
         self.proc.wait(10)
 
+    def pause(self) -> None:
+        """A stuck worker: SIGSTOP, requests wait in the kernel without an answer."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGCONT)
+
     def restart(self) -> None:
         """What a restarted worker does: detach its dead mount, mount a fresh view."""
         _libc.umount2(str(self.path).encode(), MNT_DETACH)

@@ -130,6 +130,26 @@ def test_record_of_a_target_that_disappeared_is_forgotten(plugin: RunningPlugin,
     LinuxMounter().unmount_all(target)
     os.rmdir(target)
     assert plugin.plugin is not None
-    plugin.plugin.repairer.repair_all()
-    assert plugin.plugin.state.get(target) is None
+    state = plugin.plugin.state
+    wait_until(lambda: state.get(target) is None, what="the repair loop to drop the record")
     assert not os.path.exists(target)  # not recreated
+
+
+def test_a_stuck_worker_is_reported_not_repaired(node, tiny_view: TinyView):
+    """A worker that does not answer may still answer later: report it, do not bind over it."""
+    running = RunningPlugin(node, probe_timeout=1.0).start()
+    try:
+        target = node.target()
+        running.client.publish(target)
+        layers = len(LinuxMounter().mounts_at(target))
+        tiny_view.pause()
+        try:
+            stats = running.client.stats(target)
+            assert stats.volume_condition.abnormal and "does not answer" in stats.volume_condition.message
+            assert len(LinuxMounter().mounts_at(target)) == layers
+        finally:
+            tiny_view.resume()
+        wait_until(lambda: not running.client.stats(target).volume_condition.abnormal, what="the worker to answer again")
+        assert target_serves(target)
+    finally:
+        running.stop()
