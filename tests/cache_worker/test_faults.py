@@ -1,0 +1,69 @@
+"""Faults between the worker and the store never produce wrong bytes: reads either return the
+right bytes after retries or fail with EIO, and the error names the object."""
+
+from __future__ import annotations
+
+import errno
+import os
+
+import pytest
+
+from tests.faults import Fault, FaultProxy
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def proxy(s3_server):
+    p = FaultProxy(s3_server.endpoint)
+    yield p
+    p.close()
+
+
+def _put(s3, bucket, files):
+    for key, body in files.items():
+        s3.put_object(Bucket=bucket, Key="ds/" + key, Body=body)
+
+
+@pytest.mark.parametrize(
+    "fault",
+    [
+        Fault(status=503, s3_code="SlowDown", times=2),
+        Fault(status=500, s3_code="InternalError", times=2),
+        Fault(cut_after=1000, times=2),  # connection reset mid-body, twice
+    ],
+    ids=["slowdown", "5xx", "reset-mid-body"],
+)
+def test_transient_faults_are_retried_to_the_right_bytes(s3, bucket, mount_dataset, proxy, fault):
+    files = {"small.bin": os.urandom(300_000), "large.bin": os.urandom(18 << 20)}
+    _put(s3, bucket, files)
+    m = mount_dataset(bucket, "ds", endpoint=proxy.endpoint)
+    for key, body in files.items():
+        proxy.add(Fault(**{**fault.__dict__, "path_contains": key}))
+        assert (m.mountpoint / key).read_bytes() == body
+    assert proxy.injected == 2 * fault.times
+    assert m.stats().errors == 0
+
+
+def test_persistent_failure_is_eio_naming_the_object(s3, bucket, mount_dataset, proxy):
+    _put(s3, bucket, {"broken.bin": os.urandom(10_000)})
+    m = mount_dataset(bucket, "ds", endpoint=proxy.endpoint)
+    proxy.add(Fault(status=500, path_contains="broken.bin", times=100))
+    with pytest.raises(OSError) as info:
+        (m.mountpoint / "broken.bin").read_bytes()
+    assert info.value.errno == errno.EIO
+    stats = m.stats()
+    assert stats.errors >= 1 and "broken.bin" in stats.last_error
+
+
+def test_object_replaced_during_a_read_is_never_mixed(s3, bucket, mount_dataset):
+    old = os.urandom(80 << 20)
+    _put(s3, bucket, {"shard.bin": old})
+    m = mount_dataset(bucket, "ds")
+    with open(m.mountpoint / "shard.bin", "rb") as f:
+        assert os.pread(f.fileno(), 4096, 0) == old[:4096]
+        _put(s3, bucket, {"shard.bin": os.urandom(80 << 20)})
+        with pytest.raises(OSError) as info:
+            os.pread(f.fileno(), 4096, 72 << 20)  # beyond read-ahead: only the new version is left
+        assert info.value.errno == errno.EIO
+    assert "changed since it was listed" in m.stats().last_error

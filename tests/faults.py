@@ -1,0 +1,97 @@
+"""A fault-injecting HTTP proxy in front of the S3 server, for tests.
+
+Real HTTP on both sides: the worker talks to the proxy exactly as it would to S3. Rules are
+consumed in order by matching requests: answer with an error status, or send the headers of
+the real response and then cut the body short (a connection reset mid-transfer).
+"""
+
+from __future__ import annotations
+
+import http.client
+import threading
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import urlsplit
+
+
+@dataclass
+class Fault:
+    method: str = "GET"
+    status: int | None = None  # answer with this status instead of forwarding
+    s3_code: str = "InternalError"
+    cut_after: int | None = None  # forward, but close the connection after this many body bytes
+    path_contains: str = ""
+    times: int = 1
+
+
+class FaultProxy:
+    def __init__(self, upstream: str) -> None:
+        self.upstream = urlsplit(upstream)
+        self.faults: list[Fault] = []
+        self.injected = 0
+        self._lock = threading.Lock()
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def _handle(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else None
+                fault = proxy._take(self.command, self.path)
+                if fault and fault.status:
+                    xml = (f"<?xml version='1.0'?><Error><Code>{fault.s3_code}</Code>"
+                           f"<Message>injected</Message></Error>").encode()
+                    self.send_response(fault.status)
+                    self.send_header("Content-Type", "application/xml")
+                    self.send_header("Content-Length", str(len(xml)))
+                    self.end_headers()
+                    self.wfile.write(xml)
+                    return
+                conn = http.client.HTTPConnection(proxy.upstream.hostname, proxy.upstream.port, timeout=30)
+                headers = {k: v for k, v in self.headers.items()}
+                conn.request(self.command, self.path, body=body, headers=headers)
+                response = conn.getresponse()
+                data = response.read()
+                self.send_response(response.status)
+                for key, value in response.getheaders():
+                    if key.lower() not in ("transfer-encoding", "connection", "content-length"):
+                        self.send_header(key, value)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                if fault and fault.cut_after is not None and self.command != "HEAD":
+                    self.wfile.write(data[: fault.cut_after])
+                    self.wfile.flush()
+                    self.close_connection = True
+                    self.connection.shutdown(2)
+                    return
+                if self.command != "HEAD":
+                    self.wfile.write(data)
+                conn.close()
+
+            do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _handle
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self.endpoint = f"http://127.0.0.1:{self._server.server_address[1]}"
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+
+    def add(self, fault: Fault) -> None:
+        with self._lock:
+            self.faults.append(fault)
+
+    def _take(self, method: str, path: str) -> Fault | None:
+        with self._lock:
+            for fault in self.faults:
+                if fault.method == method and fault.path_contains in path and fault.times > 0:
+                    fault.times -= 1
+                    self.injected += 1
+                    return fault
+        return None
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
