@@ -172,7 +172,11 @@ class NodeService(csi_pb2_grpc.NodeServicer):
     @rpc
     def NodeGetVolumeStats(self, request, context):
         vol = validation.volume_id(request.volume_id)
-        path = validation.path(request.volume_path, "volume_path", vol)
+        if not request.volume_path:
+            raise InvalidArgument(f"volume {vol}: volume_path is required")
+        # Any other path is a question, not a malformed request: where nothing of ours is
+        # published (including relative paths) the answer is NOT_FOUND, as csi-sanity expects.
+        path = validation.canonical(request.volume_path) if os.path.isabs(request.volume_path) else request.volume_path
         rec = self.state.get(path)
         if rec is None or rec.volume_id != vol:
             if not self.state.for_volume(vol):
