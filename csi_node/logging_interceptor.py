@@ -88,7 +88,8 @@ class LoggingInterceptor(grpc.ServerInterceptor):
                 elapsed_ms = (time.monotonic() - start) * 1000
                 code = grpc.StatusCode.OK if ok else (context.code() or grpc.StatusCode.UNKNOWN)
                 level = logging.DEBUG if ok and method in _QUIET else logging.INFO if ok else logging.WARNING
-                details = "" if ok else f": {context.details() or ''}"
+                raw = b"" if ok else context.details() or b""
+                details = "" if ok else f": {raw.decode(errors='replace') if isinstance(raw, bytes) else raw}"
                 log.log(level, "%s %s -> %s in %.0f ms%s", method, _summary(request), code.name, elapsed_ms, details)
 
         return grpc.unary_unary_rpc_method_handler(

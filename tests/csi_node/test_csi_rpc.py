@@ -253,3 +253,10 @@ def test_inline_ephemeral_volume_finds_its_view_from_volume_context(client: Clie
     assert open(os.path.join(target, "labels.txt")).read() == "cat\ndog\n"
     client.unpublish(target, volume_id="csi-0123abcd")
     assert not os.path.exists(target)
+
+
+def test_failed_calls_are_logged_with_code_and_message(client: Client, node, caplog):
+    caplog.set_level(logging.INFO, logger="datahoard")
+    code_of(client.publish, node.target(), volume_id="")
+    line = next(r.getMessage() for r in caplog.records if "NodePublishVolume" in r.getMessage())
+    assert "INVALID_ARGUMENT" in line and "volume_id is required" in line and "b'" not in line
