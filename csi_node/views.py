@@ -70,7 +70,8 @@ def resolve_view(volume_id: str, volume_context: Mapping[str, str], host_root: P
         candidate = canonical(explicit)
         if not candidate.startswith(allowed):
             raise InvalidArgument(
-                f"volume {volume_id}: {names.CTX_MOUNT_DIR}={explicit!r} is outside {allowed}"
+                f"volume {volume_id}: {names.CTX_MOUNT_DIR}={explicit!r} is outside {allowed}; the plugin's "
+                "--host-root (DATAHOARD_HOST_ROOT) must be the operator's host root, mounted at the same path"
             )
         path = candidate
     return ViewRef(ns, name, canonical(path))
