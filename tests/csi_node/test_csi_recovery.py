@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import os
 
+import grpc
 import pytest
 from csi_helpers import Client, Container, RunningPlugin, TinyView, wait_until
 
@@ -137,7 +138,7 @@ def test_record_of_a_target_that_disappeared_is_forgotten(plugin: RunningPlugin,
 
 def test_a_stuck_worker_is_reported_not_repaired(node, tiny_view: TinyView):
     """A worker that does not answer may still answer later: report it, do not bind over it."""
-    running = RunningPlugin(node, probe_timeout=1.0).start()
+    running = RunningPlugin(node, probe_timeout=1.0, publish_timeout=2.0).start()
     try:
         target = node.target()
         running.client.publish(target)
@@ -147,9 +148,36 @@ def test_a_stuck_worker_is_reported_not_repaired(node, tiny_view: TinyView):
             stats = running.client.stats(target)
             assert stats.volume_condition.abnormal and "does not answer" in stats.volume_condition.message
             assert len(LinuxMounter().mounts_at(target)) == layers
+            # A new publish waits for the view, bounded, and then lets kubelet retry.
+            with pytest.raises(grpc.RpcError) as info:
+                running.client.publish(node.target("pod-b"))
+            assert info.value.code() == grpc.StatusCode.UNAVAILABLE
         finally:
             tiny_view.resume()
         wait_until(lambda: not running.client.stats(target).volume_condition.abnormal, what="the worker to answer again")
         assert target_serves(target)
     finally:
         running.stop()
+
+
+def test_publish_after_a_node_reboot_binds_again(client: Client, node, tiny_view):
+    """A reboot wipes the mounts but not the target directory or the state file; kubelet then
+    publishes again for the pods it restarts."""
+    target = node.target()
+    client.publish(target)
+    LinuxMounter().unmount_all(target)
+    assert os.path.isdir(target) and not LinuxMounter().mounts_at(target)
+    client.publish(target)
+    assert target_serves(target) and len(LinuxMounter().mounts_at(target)) == 1
+
+
+def test_unpublish_while_the_worker_is_stuck(client: Client, node, tiny_view: TinyView):
+    """Deleting a pod must not hang on a stuck worker: unpublish only reads mountinfo and detaches."""
+    target = node.target()
+    client.publish(target)
+    tiny_view.pause()
+    try:
+        client.unpublish(target)
+        assert not LinuxMounter().mounts_at(target) and not os.path.exists(target)
+    finally:
+        tiny_view.resume()
