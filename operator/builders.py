@@ -159,9 +159,12 @@ def worker_daemonset(ds: Dataset, nodes: list[str], settings: OperatorSettings,
             "path": str(names.cache_dir(ds.namespace, ds.name, settings.host_root)),
             "type": "DirectoryOrCreate"}}
     pod_spec: Manifest = {
+        # One term per node: terms are ORed, and a metadata.name field selector takes exactly
+        # one value (the same shape the DaemonSet controller itself writes into its pods).
         "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
-            "nodeSelectorTerms": [{"matchFields": [
-                {"key": "metadata.name", "operator": "In", "values": sorted(nodes)}]}]}}},
+            "nodeSelectorTerms": [
+                {"matchFields": [{"key": "metadata.name", "operator": "In", "values": [node]}]}
+                for node in sorted(nodes)]}}},
         "tolerations": worker_tolerations(ds, settings),
         "automountServiceAccountToken": False,
         "terminationGracePeriodSeconds": 30,

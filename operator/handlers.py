@@ -52,6 +52,8 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     settings.watching.connect_timeout = 10
     settings.networking.request_timeout = 30
     settings.networking.connect_timeout = 10
+    # The client logs whole response bodies at DEBUG, Secrets included: never let it.
+    logging.getLogger("kubernetes.client.rest").setLevel(logging.INFO)
     memo.kube = Kube(_load_client())
     memo.config = CONFIG
 

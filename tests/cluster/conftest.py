@@ -10,7 +10,8 @@ from pathlib import Path
 import kubernetes
 import pytest
 
-from envtest import REPO, ControlPlane, assets_dir, eventually
+from envtest import REPO, ControlPlane, assets_dir, eventually, free_port
+from fakes import Kubelet, OperatorProcess, make_node
 
 CRD_PATH = REPO / "crds" / "datasets.datahoard.io.yaml"
 
@@ -60,3 +61,65 @@ def namespace(control_plane: ControlPlane, api_client: kubernetes.client.ApiClie
     name = f"t-{uuid.uuid4().hex[:8]}"
     kubernetes.client.CoreV1Api(api_client).create_namespace({"metadata": {"name": name}})
     return name
+
+
+@pytest.fixture(scope="session")
+def system_namespace(api_client: kubernetes.client.ApiClient) -> str:
+    """The operator's namespace; the chart creates it in a real installation."""
+    from datahoard import names
+
+    try:
+        kubernetes.client.CoreV1Api(api_client).create_namespace(
+            {"metadata": {"name": names.SYSTEM_NAMESPACE}})
+    except kubernetes.client.ApiException as exc:
+        if exc.status != 409:
+            raise
+    return names.SYSTEM_NAMESPACE
+
+
+@pytest.fixture
+def node_names(api_client: kubernetes.client.ApiClient) -> Iterator[dict[str, str]]:
+    """Fake nodes: two with GPUs, one without; removed afterwards so tests do not share them."""
+    suffix = uuid.uuid4().hex[:6]
+    nodes = {"gpu-a": f"gpu-a-{suffix}", "gpu-b": f"gpu-b-{suffix}", "cpu": f"cpu-{suffix}"}
+    make_node(api_client, nodes["gpu-a"], gpus=8)
+    make_node(api_client, nodes["gpu-b"], gpus=4)
+    make_node(api_client, nodes["cpu"], labels={"cache": "yes"})
+    yield nodes
+    core = kubernetes.client.CoreV1Api(api_client)
+    for name in nodes.values():
+        core.delete_node(name)
+
+
+@pytest.fixture
+def kubelet(api_client: kubernetes.client.ApiClient) -> Iterator[Kubelet]:
+    k = Kubelet(api_client)
+    yield k
+    k.stop_all()
+
+
+@pytest.fixture
+def operator_env(tmp_path: Path) -> dict[str, str]:
+    return {
+        "DATAHOARD_NAMESPACE": "datahoard-system",
+        "DATAHOARD_WORKER_IMAGE": "example.com/datahoard:test",
+        # Fast loops so tests take seconds; the code paths are the production ones.
+        "DATAHOARD_INTERVAL": "1",
+        "DATAHOARD_DELETE_POLL": "1",
+        "DATAHOARD_STATS_TIMEOUT": "5",
+        "DATAHOARD_STATS_PORT": str(free_port()),
+        "DATAHOARD_HOST_ROOT": str(tmp_path / "host"),
+        # The test API server's certificate is self-signed (the kubeconfig skips verification).
+        "PYTHONWARNINGS": "ignore:Unverified HTTPS request",
+    }
+
+
+@pytest.fixture
+def operator(control_plane: ControlPlane, crd: Path, system_namespace: str,
+             operator_env: dict[str, str], tmp_path: Path) -> Iterator[OperatorProcess]:
+    """The operator, running for real as `kopf run`; its log is printed when a test fails."""
+    op = OperatorProcess(control_plane.kubeconfig, tmp_path / "operator.log", operator_env)
+    op.start()
+    yield op
+    op.stop()
+    print("---- operator log (tail) ----\n" + "\n".join(op.output().splitlines()[-80:]))

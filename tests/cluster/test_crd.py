@@ -39,12 +39,17 @@ def test_examples_apply_and_print_the_columns(control_plane: ControlPlane, crd: 
     assert "s3://" in out.splitlines()[1]
     # The short name works too.
     assert control_plane.kubectl("get", "dset", "-n", namespace).stdout.splitlines()[0] == header
+    control_plane.kubectl("delete", "-n", namespace, "-f", str(REPO / "examples" / "dataset.yaml"))
 
 
 @pytest.mark.parametrize("spec", CASES["valid"].values(), ids=list(CASES["valid"]))
 def test_server_accepts_and_defaults_like_the_model(api_client: kubernetes.client.ApiClient,
                                                     crd: Path, namespace: str, spec: dict) -> None:
     stored = _create(api_client, namespace, "ok", spec)["spec"]
+    # No operator runs in this module, so nothing holds a finalizer: deletion is immediate and
+    # keeps these Datasets away from the operator tests that run later in the session.
+    kubernetes.client.CustomObjectsApi(api_client).delete_namespaced_custom_object(
+        names.GROUP, names.VERSION, namespace, names.PLURAL, "ok")
     model = api.parse_spec(spec).model_dump(by_alias=True, exclude_none=True)
     assert stored == model
 

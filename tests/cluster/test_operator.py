@@ -1,0 +1,329 @@
+"""The operator running for real (`kopf run`) against a real API server, with the test playing
+the scheduler, the DaemonSet controller, kubelet and garbage collection."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import kubernetes
+import pytest
+import yaml
+
+from datahoard import names
+from datahoard.stats import WorkerStats
+from envtest import ControlPlane, eventually
+from fakes import Kubelet, OperatorProcess
+
+pytestmark = pytest.mark.cluster
+SYSTEM = names.SYSTEM_NAMESPACE
+
+
+class Cluster:
+    """Small read helpers over the API, returning plain dicts."""
+
+    def __init__(self, api: kubernetes.client.ApiClient, plane: ControlPlane) -> None:
+        self.api = api
+        self.plane = plane
+        self.core = kubernetes.client.CoreV1Api(api)
+        self.apps = kubernetes.client.AppsV1Api(api)
+        self.batch = kubernetes.client.BatchV1Api(api)
+        self.custom = kubernetes.client.CustomObjectsApi(api)
+
+    def apply_dataset(self, namespace: str, name: str, spec: dict[str, Any]) -> None:
+        manifest = yaml.safe_dump({"apiVersion": names.API_VERSION, "kind": names.KIND,
+                                   "metadata": {"name": name, "namespace": namespace}, "spec": spec})
+        self.plane.kubectl("apply", "-f", "-", input=manifest)
+
+    def dataset(self, namespace: str, name: str) -> dict[str, Any] | None:
+        try:
+            return self.custom.get_namespaced_custom_object(names.GROUP, names.VERSION, namespace,
+                                                            names.PLURAL, name)
+        except kubernetes.client.ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    def status(self, namespace: str, name: str) -> dict[str, Any]:
+        return (self.dataset(namespace, name) or {}).get("status") or {}
+
+    def condition(self, namespace: str, name: str, type_: str) -> dict[str, Any]:
+        for cond in self.status(namespace, name).get("conditions") or []:
+            if cond["type"] == type_:
+                return cond
+        return {}
+
+    def daemonset(self, namespace: str, name: str) -> dict[str, Any] | None:
+        try:
+            return self.api.sanitize_for_serialization(
+                self.apps.read_namespaced_daemon_set(names.worker_name(namespace, name), SYSTEM))
+        except kubernetes.client.ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    def owned(self, namespace: str, name: str) -> dict[str, list[str]]:
+        """Every object carrying this Dataset's label, by kind."""
+        selector = f"{names.GROUP}/dataset={names.worker_name(namespace, name)}"
+        return {
+            "DaemonSet": sorted(d.metadata.name for d in
+                                self.apps.list_daemon_set_for_all_namespaces(label_selector=selector).items),
+            "Secret": sorted(s.metadata.name for s in
+                             self.core.list_secret_for_all_namespaces(label_selector=selector).items),
+            "PersistentVolume": sorted(p.metadata.name for p in
+                                       self.core.list_persistent_volume(label_selector=selector).items),
+            "PersistentVolumeClaim": sorted(
+                p.metadata.name for p in
+                self.core.list_persistent_volume_claim_for_all_namespaces(label_selector=selector).items),
+            "Job": sorted(j.spec.template.spec.node_name for j in
+                          self.batch.list_job_for_all_namespaces(label_selector=selector).items),
+        }
+
+    def node_labels(self, node: str) -> dict[str, str]:
+        return self.core.read_node(node).metadata.labels or {}
+
+    def events(self, namespace: str, name: str) -> list[tuple[str, str, str]]:
+        events = self.core.list_namespaced_event(namespace,
+                                                 field_selector=f"involvedObject.name={name}").items
+        return [(e.type, e.reason, e.message) for e in events]
+
+
+@pytest.fixture
+def cluster(api_client: kubernetes.client.ApiClient, control_plane: ControlPlane) -> Cluster:
+    return Cluster(api_client, control_plane)
+
+
+def pinned_nodes(daemonset: dict[str, Any]) -> list[str]:
+    terms = daemonset["spec"]["template"]["spec"]["affinity"]["nodeAffinity"][
+        "requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
+    return sorted(value for term in terms for value in term["matchFields"][0]["values"])
+
+
+def worker_stats(port: str) -> WorkerStats:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/stats", timeout=5) as resp:
+        return WorkerStats.model_validate(json.load(resp))
+
+
+@pytest.mark.integration  # runs a real FUSE worker: skipped without root and /dev/fuse
+def test_workers_volumes_and_real_hit_ratio(cluster: Cluster, operator: OperatorProcess,
+                                            kubelet: Kubelet, node_names: dict[str, str],
+                                            namespace: str, operator_env: dict[str, str],
+                                            s3_server: Any, s3: Any, bucket: str) -> None:
+    gpu_a, gpu_b = node_names["gpu-a"], node_names["gpu-b"]
+    s3.put_object(Bucket=bucket, Key="train/a.bin", Body=os.urandom(100_000))
+    s3.put_object(Bucket=bucket, Key="train/b.bin", Body=os.urandom(50_000))
+    cluster.core.create_namespaced_secret(namespace, {
+        "metadata": {"name": "s3-creds"},
+        "stringData": {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}})
+    cluster.apply_dataset(namespace, "imagenet", {
+        "source": {"uri": f"s3://{bucket}/train/", "endpoint": s3_server.endpoint,
+                   "region": "us-east-1", "secretRef": {"name": "s3-creds"}},
+        "cache": {"capacity": "1Gi"}, "warm": {"policy": "OnDemand"}})
+
+    # 1. Workers for exactly the GPU nodes, credentials copied; no volume before a worker is ready.
+    ds = eventually(lambda: cluster.daemonset(namespace, "imagenet"), what="the worker DaemonSet")
+    assert pinned_nodes(ds) == sorted([gpu_a, gpu_b])
+    copy = names.worker_name(namespace, "imagenet")
+    assert cluster.owned(namespace, "imagenet") == {
+        "DaemonSet": [copy], "Secret": [copy], "PersistentVolume": [], "PersistentVolumeClaim": [],
+        "Job": []}
+    original = cluster.core.read_namespaced_secret("s3-creds", namespace).data
+    assert cluster.core.read_namespaced_secret(copy, SYSTEM).data == original
+    eventually(lambda: cluster.status(namespace, "imagenet").get("readyNodes") == "0/2")
+    assert cluster.status(namespace, "imagenet")["phase"] == "Pending"
+    assert cluster.condition(namespace, "imagenet", "VolumeReady")["status"] == "False"
+
+    # 2. Play kubelet: a real worker behind gpu-a's pod; gpu-b's worker never gets ready.
+    port = operator_env["DATAHOARD_STATS_PORT"]
+    pod_a = kubelet.start_pod(ds, gpu_a)
+    pod_b = kubelet.start_pod(ds, gpu_b)
+    kubelet.run_container(ds, f"127.0.0.1:{port}", Path(operator_env["DATAHOARD_HOST_ROOT"]).with_name("worker.log"))
+    kubelet.set_status(SYSTEM, pod_a, ready=True)
+    kubelet.set_status(SYSTEM, pod_b, ready=False)
+
+    # 3. Read through the FUSE view: a.bin twice (miss, then hit), b.bin once (miss).
+    mnt = names.mount_dir(namespace, "imagenet", Path(operator_env["DATAHOARD_HOST_ROOT"]))
+    for name in ("a.bin", "a.bin", "b.bin"):
+        (mnt / name).read_bytes()
+
+    # 4. The ready node is labelled, the volume exists and is pre-bound, status has the numbers.
+    label = names.node_label(namespace, "imagenet")
+    eventually(lambda: cluster.node_labels(gpu_a).get(label) == "true", what="gpu-a labelled")
+    assert label not in cluster.node_labels(gpu_b)
+    pv_name = names.pv_name(namespace, "imagenet")
+    eventually(lambda: cluster.owned(namespace, "imagenet")["PersistentVolumeClaim"] == ["imagenet"])
+    pv = cluster.core.read_persistent_volume(pv_name)
+    assert pv.spec.csi.driver == names.CSI_DRIVER_NAME
+    assert pv.spec.csi.volume_handle == f"{namespace}/imagenet"
+    assert pv.spec.access_modes == ["ReadOnlyMany"]
+    assert pv.spec.claim_ref.name == "imagenet" and pv.spec.claim_ref.namespace == namespace
+    assert pv.spec.node_affinity.required.node_selector_terms[0].match_expressions[0].key == label
+    pvc = cluster.core.read_namespaced_persistent_volume_claim("imagenet", namespace)
+    assert pvc.spec.volume_name == pv_name
+
+    def status_matches_worker() -> bool:
+        real = worker_stats(port)
+        status = cluster.status(namespace, "imagenet")
+        assert real.served_from_cache_bytes > 0, real
+        assert status.get("hitRatio") == f"{real.hit_ratio:.3f}", (status, real)
+        assert status["files"] == real.files == 2
+        assert status["totalBytes"] == 150_000
+        assert status["cachedBytes"] == real.cached_bytes
+        assert status["readyNodes"] == "1/2"
+        node_a = next(n for n in status["nodes"] if n["name"] == gpu_a)
+        assert node_a["ready"] and node_a["hits"] == real.hits and node_a["misses"] == real.misses
+        return True
+
+    eventually(status_matches_worker, what="status to show the worker's numbers")
+    row = cluster.plane.kubectl("get", "datasets", "-n", namespace).stdout.splitlines()[1]
+    assert cluster.status(namespace, "imagenet")["hitRatio"] in row.split()
+    assert cluster.condition(namespace, "imagenet", "WorkersReady")["message"] == f"{gpu_b}: worker not ready"
+
+    # 5. Delete: volume, labels and workers go; once their pods are gone, caches are cleaned.
+    cluster.plane.kubectl("delete", "dataset", "imagenet", "-n", namespace, "--wait=false")
+    eventually(lambda: cluster.daemonset(namespace, "imagenet") is None, what="workers removed")
+    assert cluster.owned(namespace, "imagenet")["PersistentVolume"] == []
+    assert cluster.owned(namespace, "imagenet")["PersistentVolumeClaim"] == []
+    assert label not in cluster.node_labels(gpu_a)
+    assert cluster.dataset(namespace, "imagenet") is not None  # still waiting for worker pods
+    kubelet.stop_all()
+    for pod in (pod_a, pod_b):  # garbage collection's part
+        cluster.core.delete_namespaced_pod(pod, SYSTEM)
+    eventually(lambda: cluster.dataset(namespace, "imagenet") is None, what="the Dataset to go")
+    assert cluster.owned(namespace, "imagenet") == {
+        "DaemonSet": [], "Secret": [], "PersistentVolume": [], "PersistentVolumeClaim": [],
+        "Job": sorted([gpu_a, gpu_b])}
+
+
+def test_deletion_waits_for_pods_using_the_volume_and_survives_restart(
+        cluster: Cluster, operator: OperatorProcess, kubelet: Kubelet,
+        node_names: dict[str, str], namespace: str) -> None:
+    gpu_a = node_names["gpu-a"]
+    cluster.apply_dataset(namespace, "web", {"source": {"uri": "s3://public-data/web/"},
+                                             "warm": {"policy": "OnDemand"}})
+    ds = eventually(lambda: cluster.daemonset(namespace, "web"), what="the worker DaemonSet")
+    # Anonymous source: no Secret copy, and no credentials in the worker's env.
+    assert cluster.owned(namespace, "web")["Secret"] == []
+    assert "env" not in ds["spec"]["template"]["spec"]["containers"][0]
+    worker = kubelet.start_pod(ds, gpu_a)
+    kubelet.set_status(SYSTEM, worker, ready=True)
+    eventually(lambda: cluster.owned(namespace, "web")["PersistentVolumeClaim"] == ["web"])
+    # Nothing answers on the stats port: that is a Degraded Dataset with the reason, not a crash.
+    eventually(lambda: cluster.status(namespace, "web").get("phase") == "Degraded")
+    assert "stats unavailable" in cluster.condition(namespace, "web", "WorkersReady")["message"]
+
+    cluster.core.create_namespaced_pod(namespace, {
+        "metadata": {"name": "trainer"},
+        "spec": {"nodeName": gpu_a, "containers": [{"name": "pytorch", "image": "pytorch"}],
+                 "volumes": [{"name": "data", "persistentVolumeClaim": {"claimName": "web",
+                                                                         "readOnly": True}}]}})
+
+    # Deleted while the operator is down: the finalizer holds the Dataset until it is back.
+    operator.stop()
+    cluster.plane.kubectl("delete", "dataset", "web", "-n", namespace, "--wait=false")
+    dataset = cluster.dataset(namespace, "web")
+    assert dataset is not None and dataset["metadata"].get("deletionTimestamp")
+    assert f"{names.GROUP}/cleanup" in dataset["metadata"]["finalizers"]
+    operator.start()
+
+    blocked = eventually(lambda: cluster.condition(namespace, "web", "DeletionBlocked"),
+                         what="the DeletionBlocked condition")
+    assert blocked["status"] == "True" and "trainer" in blocked["message"]
+    assert cluster.status(namespace, "web")["phase"] == "Terminating"
+    assert cluster.owned(namespace, "web")["PersistentVolumeClaim"] == ["web"]
+    assert cluster.daemonset(namespace, "web") is not None
+
+    cluster.core.delete_namespaced_pod("trainer", namespace)
+    eventually(lambda: cluster.daemonset(namespace, "web") is None, what="workers removed")
+    cluster.core.delete_namespaced_pod(worker, SYSTEM)
+    eventually(lambda: cluster.dataset(namespace, "web") is None, what="the Dataset to go")
+    assert cluster.owned(namespace, "web") == {
+        "DaemonSet": [], "Secret": [], "PersistentVolume": [], "PersistentVolumeClaim": [],
+        "Job": sorted([gpu_a, node_names["gpu-b"]])}
+    assert operator.alive()
+
+
+def test_problems_become_conditions_and_spec_changes_apply(
+        cluster: Cluster, operator: OperatorProcess, node_names: dict[str, str],
+        namespace: str) -> None:
+    # A source the API accepts but this installation's workers cannot read: Failed, and why.
+    cluster.apply_dataset(namespace, "hadoop", {"source": {"uri": "hdfs://namenode:9870/data"}})
+    # Credentials that do not exist yet, and a selector that matches nothing.
+    cluster.apply_dataset(namespace, "private", {"source": {"uri": "s3://private/x",
+                                                            "secretRef": {"name": "creds"}}})
+    cluster.apply_dataset(namespace, "picky", {"source": {"uri": "s3://bucket/x"},
+                                               "placement": {"nodeSelector": {"cache": "maybe"}}})
+
+    eventually(lambda: cluster.status(namespace, "hadoop").get("phase") == "Failed")
+    spec_valid = cluster.condition(namespace, "hadoop", "SpecValid")
+    assert spec_valid["status"] == "False" and spec_valid["reason"] == "InvalidSpec"
+    assert "hdfs:// sources are not supported" in spec_valid["message"]
+    assert spec_valid["observedGeneration"] == 1
+    eventually(lambda: any(t == "Warning" and r == "InvalidSpec" and "hdfs://" in m
+                           for t, r, m in cluster.events(namespace, "hadoop")),
+               what="an InvalidSpec Event")
+    assert cluster.daemonset(namespace, "hadoop") is None
+
+    missing = eventually(lambda: cluster.condition(namespace, "private", "CredentialsReady"))
+    assert missing["reason"] == "SecretNotFound" and f"{namespace}/creds" in missing["message"]
+    assert cluster.daemonset(namespace, "private") is None
+    cluster.core.create_namespaced_secret(namespace, {"metadata": {"name": "creds"},
+                                                      "stringData": {"AWS_ACCESS_KEY_ID": "id"}})
+    eventually(lambda: cluster.condition(namespace, "private", "CredentialsReady").get("reason")
+               == "SecretKeyMissing")
+    assert "AWS_SECRET_ACCESS_KEY" in cluster.condition(namespace, "private", "CredentialsReady")["message"]
+    cluster.core.patch_namespaced_secret("creds", namespace, {"data": {
+        "AWS_SECRET_ACCESS_KEY": base64.b64encode(b"secret").decode()}})
+    eventually(lambda: cluster.daemonset(namespace, "private"), what="workers once creds exist")
+    eventually(lambda: cluster.condition(namespace, "private", "CredentialsReady")["status"] == "True")
+
+    nodes = eventually(lambda: cluster.condition(namespace, "picky", "NodesSelected"))
+    assert nodes["status"] == "False" and "cache=maybe" in nodes["message"]
+    assert cluster.status(namespace, "picky")["phase"] == "Pending"
+    assert cluster.daemonset(namespace, "picky") is None
+
+    # Spec changes: a selector that matches the CPU node, and a bigger cache.
+    cluster.apply_dataset(namespace, "picky", {"source": {"uri": "s3://bucket/x"},
+                                               "placement": {"nodeSelector": {"cache": "yes"}},
+                                               "cache": {"capacity": "20Gi"}})
+    ds = eventually(lambda: cluster.daemonset(namespace, "picky"), what="workers after the fix")
+    assert pinned_nodes(ds) == [node_names["cpu"]]
+    cmd = ds["spec"]["template"]["spec"]["containers"][0]["command"]
+    assert cmd[cmd.index("--capacity") + 1] == "20Gi"
+    eventually(lambda: cluster.condition(namespace, "picky", "NodesSelected").get("status") == "True")
+    assert cluster.condition(namespace, "picky", "NodesSelected")["observedGeneration"] == 2
+    cluster.apply_dataset(namespace, "picky", {"source": {"uri": "s3://bucket/x"},
+                                               "cache": {"capacity": "30Gi"}})
+
+    def moved_to_gpus() -> bool:
+        ds = cluster.daemonset(namespace, "picky")
+        cmd = ds["spec"]["template"]["spec"]["containers"][0]["command"]
+        return (pinned_nodes(ds) == sorted([node_names["gpu-a"], node_names["gpu-b"]])
+                and cmd[cmd.index("--capacity") + 1] == "30Gi")
+
+    eventually(moved_to_gpus, what="the DaemonSet to follow the spec")
+    for name in ("hadoop", "private", "picky"):
+        cluster.plane.kubectl("delete", "dataset", name, "-n", namespace, "--timeout=60s")
+    assert operator.alive()
+
+
+def test_operator_rides_out_an_api_server_outage(cluster: Cluster, operator: OperatorProcess,
+                                                 node_names: dict[str, str], namespace: str) -> None:
+    cluster.apply_dataset(namespace, "before", {"source": {"uri": "s3://bucket/before"}})
+    eventually(lambda: cluster.daemonset(namespace, "before"), what="workers before the outage")
+    cluster.plane.stop_apiserver()
+    # Long enough for watches, timers and the stats loop to hit the dead server several times.
+    time.sleep(8)
+    assert operator.alive()
+    cluster.plane.start_apiserver()
+    cluster.apply_dataset(namespace, "after", {"source": {"uri": "s3://bucket/after"}})
+    eventually(lambda: cluster.daemonset(namespace, "after"), timeout=120,
+               what="the operator to resume after the outage")
+    assert operator.alive()
+    for name in ("before", "after"):
+        cluster.plane.kubectl("delete", "dataset", name, "-n", namespace, "--timeout=60s")
