@@ -63,6 +63,9 @@ class ChunkStore:
         self._data.mkdir(parents=True, exist_ok=True)
         self._tmp.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
+        #: Space promised to fills in progress: concurrent fills must not overshoot together.
+        self._reserved = 0
+        self._space_freed = threading.Condition(self._lock)
         self._db = sqlite3.connect(root / "chunks.db", check_same_thread=False, isolation_level=None)
         self._db.executescript(
             "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;"
@@ -149,7 +152,7 @@ class ChunkStore:
         if size > self.capacity:
             raise CacheFull(f"chunk of {size} bytes exceeds the cache capacity of {self.capacity}")
         name = chunk.name
-        self._make_room(size)
+        self._reserve(size)
         tmp = self._tmp / f"{name}.{threading.get_ident()}"
         final = self._path(name)
         try:
@@ -159,6 +162,7 @@ class ChunkStore:
             os.replace(tmp, final)
         except OSError as exc:
             tmp.unlink(missing_ok=True)
+            self._unreserve(size)
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 self._make_room(size * 4, force=True)
                 raise CacheFull(f"cache disk is full at {self.root}") from exc
@@ -170,7 +174,30 @@ class ChunkStore:
                 "INSERT OR REPLACE INTO chunks VALUES (?, ?, ?, ?)", (name, size, zlib.crc32(data), now)
             )
             self.used_bytes += size - (previous[0] if previous else 0)
+            self._reserved -= size
+            self._space_freed.notify_all()
         self._verified.add(name)
+
+    def _reserve(self, size: int) -> None:
+        """Evict for room and hold ``size`` bytes until the fill is recorded or abandoned.
+
+        When fills in progress hold the rest of the capacity, wait for them (bounded) rather
+        than overshoot; if they still hold it, fail over to reading through.
+        """
+        deadline = time.monotonic() + 30
+        with self._lock:
+            while True:
+                self._evict_locked(size)
+                if self.used_bytes + self._reserved + size <= self.capacity or not self._reserved:
+                    self._reserved += size
+                    return
+                if not self._space_freed.wait(timeout=max(0.0, deadline - time.monotonic())):
+                    raise CacheFull("the cache is full of fills in progress")
+
+    def _unreserve(self, size: int) -> None:
+        with self._lock:
+            self._reserved -= size
+            self._space_freed.notify_all()
 
     def discard(self, name: str) -> None:
         with self._lock:
@@ -198,21 +225,25 @@ class ChunkStore:
         self._last_flush = time.monotonic()
 
     def _make_room(self, incoming: int, force: bool = False) -> None:
-        """Evict least-recently-used chunks until ``incoming`` more bytes fit."""
+        """Evict least-recently-used chunks until ``incoming`` more bytes fit (or, with
+        ``force``, until ``incoming`` bytes were freed: the disk filled before the capacity)."""
         with self._lock:
-            if not force and self.used_bytes + incoming <= self.capacity:
-                return
-            self._flush_touches_locked()
-            target = self.capacity - incoming if not force else max(0, self.used_bytes - incoming)
-            victims = []
-            freed = 0
-            for name, size in self._db.execute("SELECT name, size FROM chunks ORDER BY used"):
-                if self.used_bytes - freed <= target:
-                    break
-                victims.append(name)
-                freed += size
-            self._db.executemany("DELETE FROM chunks WHERE name = ?", [(n,) for n in victims])
-            self.used_bytes -= freed
+            self._evict_locked(incoming, force)
+
+    def _evict_locked(self, incoming: int, force: bool = False) -> None:
+        if not force and self.used_bytes + self._reserved + incoming <= self.capacity:
+            return
+        self._flush_touches_locked()
+        target = max(0, self.used_bytes - incoming) if force else self.capacity - self._reserved - incoming
+        victims = []
+        freed = 0
+        for name, size in self._db.execute("SELECT name, size FROM chunks ORDER BY used"):
+            if self.used_bytes - freed <= target:
+                break
+            victims.append(name)
+            freed += size
+        self._db.executemany("DELETE FROM chunks WHERE name = ?", [(n,) for n in victims])
+        self.used_bytes -= freed
         for name in victims:
             self._verified.discard(name)
             self._path(name).unlink(missing_ok=True)
