@@ -43,6 +43,9 @@ class NodeConfig:
     probe_timeout: float = 5.0
     #: Fallback period of the repair loop; mount-table changes wake it immediately anyway.
     repair_interval: float = 10.0
+    #: Also repair dead copies in other mount namespaces (pods without mount propagation,
+    #: subPath mounts); needs hostPID to see the pods' processes.
+    repair_namespaces: bool = True
 
 
 class NodeService(csi_pb2_grpc.NodeServicer):

@@ -27,6 +27,7 @@ import select
 import threading
 from dataclasses import dataclass
 
+from . import inject
 from .mounter import Health, Mounter, Probe
 from .state import PublishedTarget, StateStore
 from .views import check_view
@@ -58,11 +59,13 @@ class TargetCheck:
 
 
 class Repairer:
-    def __init__(self, state: StateStore, mounter: Mounter, locks: TargetLocks, probe_timeout: float) -> None:
+    def __init__(self, state: StateStore, mounter: Mounter, locks: TargetLocks, probe_timeout: float,
+                 repair_namespaces: bool = True) -> None:
         self.state = state
         self.mounter = mounter
         self.locks = locks
         self.probe_timeout = probe_timeout
+        self.repair_namespaces = repair_namespaces
 
     def check(self, rec: PublishedTarget) -> TargetCheck:
         view = check_view(self.mounter, rec.view_path, self.probe_timeout)
@@ -103,11 +106,27 @@ class Repairer:
         check = self.check(rec)
         if not check.repairable:
             return check
+        layers = self.mounter.mounts_at(rec.target_path)
+        dead = {layers[-1].device} if layers and check.status is Status.BROKEN else set()
         log.warning("%s; re-binding %s", check.message, rec.view_path)
         self.mounter.bind_readonly(rec.view_path, rec.target_path, list(rec.mount_flags))
         after = self.check(rec)
         log.info("repaired volume %s at %s: %s", rec.volume_id, rec.target_path, after.status.value)
+        if dead and after.status is Status.HEALTHY and self.repair_namespaces:
+            self._repair_copies(rec, dead)
         return after
+
+    def _repair_copies(self, rec: PublishedTarget, dead: set[str]) -> None:
+        """Second stage: dead copies the stacked bind does not reach (see inject.py)."""
+        try:
+            targets = {t.target_path for t in self.state.all()}
+            own = inject.repair_own_namespace(self.mounter, dead, rec.view_path, self.probe_timeout, targets)
+            other = inject.repair_other_namespaces(dead, rec.view_path)
+            if own or other:
+                log.info("volume %s: re-bound %d copy(ies) on this node and %d in other mount namespaces",
+                         rec.volume_id, own, other)
+        except OSError as exc:
+            log.error("volume %s: repairing copies of the dead view failed: %s", rec.volume_id, exc)
 
     def _forget(self, rec: PublishedTarget) -> None:
         """Drop the record of a target whose directory is gone and holds no mount.

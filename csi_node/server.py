@@ -77,7 +77,7 @@ class NodePlugin:
         self.mounter = mounter or LinuxMounter()
         self.state = StateStore(config.state_file)
         self.locks = TargetLocks()
-        self.repairer = Repairer(self.state, self.mounter, self.locks, config.probe_timeout)
+        self.repairer = Repairer(self.state, self.mounter, self.locks, config.probe_timeout, config.repair_namespaces)
         self.repair_loop = RepairLoop(self.repairer, config.repair_interval)
         self.node = NodeService(config, self.state, self.mounter, self.locks, self.repairer)
         self.identity = IdentityService(self.health)
@@ -156,6 +156,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="seconds NodePublishVolume waits for a view to be live")
     parser.add_argument("--repair-interval", type=float, default=NodeConfig.repair_interval,
                         help="seconds between repair passes when no mount change wakes the loop")
+    parser.add_argument("--no-namespace-repair", dest="repair_namespaces", action="store_false",
+                        help="after a worker restart, repair only the published targets, not dead copies in "
+                             "pods without mount propagation or in subPath mounts")
     parser.add_argument("--log-level", default=os.environ.get("LOG_LEVEL", "INFO"),
                         choices=["DEBUG", "INFO", "WARNING", "ERROR"], type=str.upper)
     return parser.parse_args(argv)
@@ -173,6 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         state_file=args.state_file or default_state_file(args.host_root),
         publish_timeout=args.publish_timeout,
         repair_interval=args.repair_interval,
+        repair_namespaces=args.repair_namespaces,
     )
     plugin = NodePlugin(config)
     try:

@@ -209,6 +209,8 @@ for line in sys.stdin:
         answer(lambda: os.pread(fds[arg], 1 << 20, 0).decode("latin-1"))
     elif cmd == "listdir":
         answer(lambda: sorted(os.listdir(arg)))
+    elif cmd == "mountinfo":
+        answer(lambda: open("/proc/self/mountinfo").read().splitlines())
 """
 
 
@@ -265,6 +267,11 @@ class Container:
 
     def pread(self, rel: str) -> dict:
         return self._ask(f"pread {self.path(rel)}")
+
+    def mountinfo(self) -> list[str]:
+        reply = self._ask("mountinfo x")
+        assert reply["ok"], reply
+        return reply["value"]
 
     def __exit__(self, *exc) -> None:
         if self.proc is not None and self.proc.poll() is None:

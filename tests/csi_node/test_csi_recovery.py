@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import os
+import subprocess
 
 import grpc
 import pytest
@@ -56,16 +57,54 @@ def test_worker_restart_is_repaired_and_a_host_to_container_pod_keeps_working(cl
         assert not client.stats(target).volume_condition.abnormal
 
 
-def test_default_none_propagation_keeps_the_dead_mount_until_the_pod_restarts(client: Client, node, tiny_view):
+def test_pod_without_mount_propagation_is_repaired_in_its_own_namespace(client: Client, node, tiny_view):
+    """mountPropagation None (the default): the container's copy is private, so the plugin
+    attaches a clone of the live view inside the container's mount namespace."""
     target = node.target()
     client.publish(target)
-    with Container(node, target, propagation="rprivate") as app:  # mountPropagation: None
+    with Container(node, target, propagation="rprivate") as app:
+        assert app.open("train/a.jpg")["ok"]
+        tiny_view.kill()
+        assert app.try_read("labels.txt")["errno"] in DISCONNECTED
+        tiny_view.restart()
+        wait_until(lambda: app.try_read("labels.txt")["ok"], what="the container's copy to be repaired")
+        assert app.read("train/a.jpg") == "A" * 1000
+        assert not app.pread("train/a.jpg")["ok"]  # opened before the crash: stays dead
+        top = [line for line in app.mountinfo() if str(app.dir) in line][-1]
+        assert " ro," in top and "nosuid" in top and "master:" in top  # read-only, receives, never sends
+
+
+def test_without_namespace_repair_a_pod_without_propagation_keeps_the_dead_mount(node, tiny_view):
+    running = RunningPlugin(node, repair_namespaces=False).start()
+    try:
+        target = node.target()
+        running.client.publish(target)
+        with Container(node, target, propagation="rprivate") as app:
+            tiny_view.kill()
+            tiny_view.restart()
+            wait_until(lambda: target_serves(target), what="the repair loop to re-bind the target")
+            assert app.try_read("labels.txt")["errno"] in DISCONNECTED  # nothing else will repair it
+        with Container(node, target, propagation="rprivate", name="restarted") as app:  # a new pod
+            assert app.read("labels.txt") == "cat\ndog\n"
+    finally:
+        running.stop()
+
+
+def test_subpath_mounts_are_repaired_on_the_node_and_in_the_pod(client: Client, node, tiny_view):
+    """kubelet serves ``subPath`` with a bind of a subdirectory of the target (on the node), which
+    the container then binds; stacking on the target reaches neither."""
+    target = node.target()
+    client.publish(target)
+    subpath = node.root / "var-lib-kubelet" / "pods" / "pod-a" / "volume-subpaths" / "vol" / "trainer" / "0"
+    subpath.mkdir(parents=True)
+    subprocess.run(["mount", "--bind", os.path.join(target, "train"), str(subpath)], check=True)
+    with Container(node, str(subpath), propagation="rslave") as app:
+        assert app.read("a.jpg") == "A" * 1000
         tiny_view.kill()
         tiny_view.restart()
-        wait_until(lambda: target_serves(target), what="the repair loop to re-bind the target")
-        assert app.try_read("labels.txt")["errno"] in DISCONNECTED
-    with Container(node, target, propagation="rprivate", name="restarted") as app:  # a new pod
-        assert app.read("labels.txt") == "cat\ndog\n"
+        wait_until(lambda: app.try_read("a.jpg")["ok"], what="the subPath copy in the pod to be repaired")
+        assert (subpath / "a.jpg").read_bytes() == b"A" * 1000  # and the node's own subPath bind
+    client.unpublish(target)
 
 
 def test_repair_on_demand_from_volume_stats(plugin: RunningPlugin, client: Client, node, tiny_view):

@@ -68,17 +68,21 @@ def test_publish_read_and_stats_through_the_real_worker(client: Client, node, wo
 def test_worker_crash_and_restart_under_a_running_pod(client: Client, node, worker: Worker):
     target = node.target()
     client.publish(target, context=CONTEXT)
-    with Container(node, target, propagation="rslave") as app:  # mountPropagation: HostToContainer
+    with Container(node, target, propagation="rslave") as app, \
+            Container(node, target, propagation="rprivate", name="no-propagation") as plain:
         assert app.read("labels.txt") == LABELS.decode()
         assert app.open("train/n01/a.jpg")["ok"]  # held across the crash, nothing read yet
 
         worker.kill()
         assert app.try_read("labels.txt")["errno"] in DISCONNECTED
+        assert plain.try_read("labels.txt")["errno"] in DISCONNECTED
         assert client.stats(target).volume_condition.abnormal
 
         worker.start()
         wait_until(lambda: serves(target), what="the plugin to re-bind the restarted worker's view")
         assert app.read("labels.txt") == LABELS.decode()  # same pod, same container: works again
+        # Without mount propagation the plugin repairs the copy inside the container's namespace.
+        wait_until(lambda: plain.try_read("labels.txt")["ok"], what="the private copy to be repaired")
         assert app.read("train/n01/a.jpg") == IMAGE.decode("latin-1")
         # A descriptor opened before the crash stays on the dead connection (only pages already
         # in the kernel's page cache would still read).
