@@ -12,8 +12,9 @@ live view on top of the dead target mount instead of unmounting it first, becaus
 * unmounting the target first would remove only the host's copy; the container's copy is not a
   peer of the target's parent, so it would stay dead whatever is mounted afterwards.
 
-The dead layer underneath stays until NodeUnpublishVolume detaches the whole stack (one layer
-per worker restart). Repairs run from a background loop woken by mount-table changes (poll on
+Copies that stacking cannot reach (pods without mount propagation, subPath mounts) are
+repaired right after, inside their own mount namespaces (inject.py). The dead layer underneath
+stays until NodeUnpublishVolume detaches the whole stack (one layer per worker restart). Repairs run from a background loop woken by mount-table changes (poll on
 /proc/self/mountinfo), on demand from NodeGetVolumeStats and NodePublishVolume, and once at start
 so a plugin restart picks up repairs that were due while it was down.
 """

@@ -1,10 +1,10 @@
 """Recovery: a cache worker restart (its FUSE view replaced) and a plugin restart.
 
-These tests also pin down what an application in the pod sees, which README documents:
+These tests also pin down what an application in the pod sees, which the README documents:
 during the outage every access fails with ENOTCONN; after the repair, paths opened anew work
-again in a container whose volumeMount has HostToContainer propagation, while descriptors opened
-before the crash stay dead; with the default (None) propagation the container keeps the dead
-mount until the pod restarts.
+again in the running container, with HostToContainer propagation (the stacked bind propagates)
+and without any (the plugin repairs the copy in the container's namespace), and for subPath
+mounts; descriptors opened before the crash stay dead.
 """
 
 from __future__ import annotations
