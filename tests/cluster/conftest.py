@@ -122,4 +122,5 @@ def operator(control_plane: ControlPlane, crd: Path, system_namespace: str,
     op.start()
     yield op
     op.stop()
-    print("---- operator log (tail) ----\n" + "\n".join(op.output().splitlines()[-80:]))
+    tail = [line[:400] for line in op.output().splitlines()[-60:]]
+    print("---- operator log (tail) ----\n" + "\n".join(tail))

@@ -193,7 +193,7 @@ def test_workers_volumes_and_real_hit_ratio(cluster: Cluster, operator: Operator
     assert cluster.dataset(namespace, "imagenet") is not None  # still waiting for worker pods
     kubelet.stop_all()
     for pod in (pod_a, pod_b):  # garbage collection's part
-        cluster.core.delete_namespaced_pod(pod, SYSTEM)
+        cluster.core.delete_namespaced_pod(pod, SYSTEM, grace_period_seconds=0)
     eventually(lambda: cluster.dataset(namespace, "imagenet") is None, what="the Dataset to go")
     assert cluster.owned(namespace, "imagenet") == {
         "DaemonSet": [], "Secret": [], "PersistentVolume": [], "PersistentVolumeClaim": [],
@@ -238,9 +238,10 @@ def test_deletion_waits_for_pods_using_the_volume_and_survives_restart(
     assert cluster.owned(namespace, "web")["PersistentVolumeClaim"] == ["web"]
     assert cluster.daemonset(namespace, "web") is not None
 
-    cluster.core.delete_namespaced_pod("trainer", namespace)
+    # kubelet's part: the pod is gone only once its containers stopped (grace period 0 here).
+    cluster.core.delete_namespaced_pod("trainer", namespace, grace_period_seconds=0)
     eventually(lambda: cluster.daemonset(namespace, "web") is None, what="workers removed")
-    cluster.core.delete_namespaced_pod(worker, SYSTEM)
+    cluster.core.delete_namespaced_pod(worker, SYSTEM, grace_period_seconds=0)
     eventually(lambda: cluster.dataset(namespace, "web") is None, what="the Dataset to go")
     assert cluster.owned(namespace, "web") == {
         "DaemonSet": [], "Secret": [], "PersistentVolume": [], "PersistentVolumeClaim": [],
