@@ -24,7 +24,7 @@ import sys
 from dataclasses import dataclass
 
 from . import nsmount
-from .mounter import Health, MountEntry, Mounter, parse_mountinfo
+from .mounter import Health, MountEntry, Mounter, parse_mountinfo, top_mounts
 
 log = logging.getLogger(__name__)
 
@@ -39,12 +39,6 @@ class StaleCopy:
     namespace: int  # inode of /proc/<pid>/ns/mnt
     mountpoint: str
     root: str  # directory of the view this copy shows ("/" or a subPath)
-
-
-def top_mounts(entries: list[MountEntry]) -> list[MountEntry]:
-    """Mounts nothing else is stacked on (what a path lookup at their mount point reaches)."""
-    covered = {(e.parent_id, e.mountpoint) for e in entries}
-    return [e for e in entries if (e.mount_id, e.mountpoint) not in covered]
 
 
 def _namespaces(own: int) -> dict[int, int]:

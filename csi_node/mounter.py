@@ -146,6 +146,12 @@ def parse_mountinfo(text: str) -> list[MountEntry]:
     return entries
 
 
+def top_mounts(entries: list[MountEntry]) -> list[MountEntry]:
+    """Mounts nothing else is stacked on: what a path lookup at their mount point reaches."""
+    covered = {(e.parent_id, e.mountpoint) for e in entries}
+    return [e for e in entries if (e.mount_id, e.mountpoint) not in covered]
+
+
 def flags_for(mount_flags: list[str]) -> int:
     """The mount(2) flag bits for a PV's mountOptions (already validated against the table)."""
     bits = BASE_FLAGS
@@ -164,7 +170,7 @@ class Mounter(Protocol):
     """The mount operations the node service and the repairer use."""
 
     def mounts_at(self, path: str) -> list[MountEntry]:
-        """Mounts stacked on *path*, bottom first (empty: not a mount point)."""
+        """Mounts stacked on *path*, in mountinfo order (empty: not a mount point)."""
         ...
 
     def bind_readonly(self, source: str, target: str, mount_flags: list[str]) -> None:

@@ -29,7 +29,7 @@ import threading
 from dataclasses import dataclass
 
 from . import inject
-from .mounter import Health, Mounter, Probe
+from .mounter import Health, Mounter, Probe, top_mounts
 from .state import PublishedTarget, StateStore
 from .views import check_view
 from .volume_lock import REPAIR, TargetLocks
@@ -107,8 +107,8 @@ class Repairer:
         check = self.check(rec)
         if not check.repairable:
             return check
-        layers = self.mounter.mounts_at(rec.target_path)
-        dead = {layers[-1].device} if layers and check.status is Status.BROKEN else set()
+        top = top_mounts(self.mounter.mounts_at(rec.target_path))
+        dead = {top[0].device} if top and check.status is Status.BROKEN else set()
         log.warning("%s; re-binding %s", check.message, rec.view_path)
         self.mounter.bind_readonly(rec.view_path, rec.target_path, list(rec.mount_flags))
         after = self.check(rec)

@@ -157,3 +157,15 @@ def test_an_rpc_waits_for_a_running_repair_instead_of_aborting():
     locks.release("/t")
     thread.join(10)
     assert acquired.is_set()
+
+
+def test_top_mounts_are_the_uncovered_layers():
+    from datahoard.csi_node.mounter import top_mounts
+
+    text = (
+        "27 1 254:0 / / rw - ext4 /dev/vda rw\n"
+        "50 27 0:40 / /pods/a/mount ro shared:2 - fuse.datahoard dh ro\n"  # dead layer
+        "51 50 0:41 / /pods/a/mount ro shared:3 - fuse.datahoard dh ro\n"  # repair on top of it
+        "52 27 0:41 /train /pods/a/sub ro - fuse.datahoard dh ro\n"
+    )
+    assert [m.mount_id for m in top_mounts(parse_mountinfo(text))] == [27, 51, 52]
