@@ -7,6 +7,7 @@ The standard library's threading HTTP server is enough: a handful of scrapes a m
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -97,7 +98,11 @@ class StatsServer:
         self._server = ThreadingHTTPServer(address, Handler)
         self._server.daemon_threads = True
         host, port = self._server.server_address[:2]
-        self.url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '') else host}:{port}"
+        if host in ("0.0.0.0", ""):
+            # Bound to every address: advertise the pod's IP (downward API) so that other pods,
+            # such as the CSI node plugin, can reach it; on a plain machine, loopback.
+            host = os.environ.get("POD_IP") or "127.0.0.1"
+        self.url = f"http://{host}:{port}"
         self._thread = threading.Thread(target=self._server.serve_forever, name="stats", daemon=True)
 
     def start(self) -> None:
