@@ -33,7 +33,7 @@ demo: sysdeps venv
 	$(PY) -m datahoard.demo
 
 # etcd + kube-apiserver + kubectl for the cluster test tier, built once from Go modules into
-# $(TOOLS_DIR)/envtest-<k8s version>/ (first build: ~15-25 min on 2 cores; later: instant).
+# $(TOOLS_DIR)/envtest-<k8s version>/ (first build: ~10 min on 2 cores with a cold Go cache; later: instant).
 # Prints that directory only, so `KUBEBUILDER_ASSETS=$$(make -s envtest)` works; an existing
 # KUBEBUILDER_ASSETS with the three binaries is used as-is.
 envtest:

@@ -16,25 +16,16 @@ from collections.abc import Mapping
 from typing import Any
 
 import kopf
-import kubernetes
 
 from datahoard import names
 
 from .config import OperatorSettings
-from .kube import Kube
+from .kube import Kube, load_client
 from .reconcile import DELETION_BLOCKED, Blocked, Conditions, finalize, reconcile
 
 #: Read once at import: the timer interval is fixed when the handler is registered.
 CONFIG = OperatorSettings()
 RESOURCE = (names.GROUP, names.VERSION, names.PLURAL)
-
-
-def _load_client() -> kubernetes.client.ApiClient:
-    try:
-        kubernetes.config.load_incluster_config()
-    except kubernetes.config.ConfigException:
-        kubernetes.config.load_kube_config()
-    return kubernetes.client.ApiClient()
 
 
 @kopf.on.startup()
@@ -54,7 +45,7 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     settings.networking.connect_timeout = 10
     # The client logs whole response bodies at DEBUG, Secrets included: never let it.
     logging.getLogger("kubernetes.client.rest").setLevel(logging.INFO)
-    memo.kube = Kube(_load_client())
+    memo.kube = Kube(load_client())
     memo.config = CONFIG
 
 

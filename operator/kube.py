@@ -55,6 +55,15 @@ def _message(exc: ApiException) -> str:
         return str(exc.body or "")
 
 
+def load_client() -> kubernetes.client.ApiClient:
+    """In a pod: its ServiceAccount; elsewhere: $KUBECONFIG / ~/.kube/config (as kopf does)."""
+    try:
+        kubernetes.config.load_incluster_config()
+    except kubernetes.config.ConfigException:
+        kubernetes.config.load_kube_config()
+    return kubernetes.client.ApiClient()
+
+
 class Kube:
     """Typed-API calls used by the operator, on one shared ApiClient."""
 
