@@ -9,6 +9,7 @@ from pathlib import Path
 
 import kubernetes
 import pytest
+import yaml
 
 from envtest import REPO, ControlPlane, assets_dir, eventually, free_port
 from fakes import Kubelet, OperatorProcess, make_node
@@ -77,6 +78,30 @@ def system_namespace(api_client: kubernetes.client.ApiClient) -> str:
     return names.SYSTEM_NAMESPACE
 
 
+@pytest.fixture(scope="session")
+def operator_kubeconfig(control_plane: ControlPlane, system_namespace: str,
+                        tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A kubeconfig for the operator's ServiceAccount, bound to operator/rbac.yaml only.
+
+    The operator tests run under it, so a permission missing from the rules fails a test
+    here instead of a deployment.
+    """
+    sa = "datahoard-operator"
+    kubectl = control_plane.kubectl
+    kubectl("apply", "-f", str(REPO / "operator" / "rbac.yaml"))
+    kubectl("create", "serviceaccount", sa, "-n", system_namespace)
+    kubectl("create", "clusterrolebinding", sa, "--clusterrole", sa,
+            "--serviceaccount", f"{system_namespace}:{sa}")
+    kubectl("create", "rolebinding", sa, "-n", system_namespace, "--role", sa,
+            "--serviceaccount", f"{system_namespace}:{sa}")
+    token = kubectl("create", "token", sa, "-n", system_namespace, "--duration", "24h").stdout.strip()
+    config = yaml.safe_load(control_plane.kubeconfig.read_text())
+    config["users"] = [{"name": "admin", "user": {"token": token}}]
+    path = tmp_path_factory.mktemp("operator") / "kubeconfig"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
 @pytest.fixture
 def node_names(api_client: kubernetes.client.ApiClient) -> Iterator[dict[str, str]]:
     """Fake nodes: two with GPUs, one without; removed afterwards so tests do not share them."""
@@ -115,10 +140,11 @@ def operator_env(tmp_path: Path) -> dict[str, str]:
 
 
 @pytest.fixture
-def operator(control_plane: ControlPlane, crd: Path, system_namespace: str,
-             operator_env: dict[str, str], tmp_path: Path) -> Iterator[OperatorProcess]:
-    """The operator, running for real as `kopf run`; its log is printed when a test fails."""
-    op = OperatorProcess(control_plane.kubeconfig, tmp_path / "operator.log", operator_env)
+def operator(crd: Path, operator_kubeconfig: Path, operator_env: dict[str, str],
+             tmp_path: Path) -> Iterator[OperatorProcess]:
+    """The operator, running for real as `kopf run` under its RBAC rules; its log is printed
+    when a test fails."""
+    op = OperatorProcess(operator_kubeconfig, tmp_path / "operator.log", operator_env)
     op.start()
     yield op
     op.stop()
