@@ -23,6 +23,7 @@ DATASET_LABEL = f"{names.GROUP}/dataset"
 DATASET_ANNOTATION = f"{names.GROUP}/dataset"
 COMPONENT_LABEL = "app.kubernetes.io/component"
 MANAGED_BY = {"app.kubernetes.io/name": "datahoard", "app.kubernetes.io/managed-by": "datahoard-operator"}
+CREDENTIALS_ANNOTATION = f"{names.GROUP}/credentials-hash"
 WORKER_CONTAINER = "worker"
 #: Keys the cache worker reads from its environment; the first two are required in the Secret.
 REQUIRED_SECRET_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
@@ -97,6 +98,12 @@ def _add_quantity(a: str, b_bytes: int) -> str:
     return str(quantity_bytes(a) + b_bytes)
 
 
+def credentials_hash(data: dict[str, str]) -> str:
+    """Fingerprint of the copied credentials; in the pod template it rolls the workers when
+    the Secret changes (env vars are read once, at container start)."""
+    return hashlib.sha256(repr(sorted(data.items())).encode()).hexdigest()[:16]
+
+
 def _worker_container(ds: Dataset, settings: OperatorSettings, with_secret: bool) -> Manifest:
     secret = names.worker_name(ds.namespace, ds.name)
     env = []
@@ -141,13 +148,14 @@ def _worker_container(ds: Dataset, settings: OperatorSettings, with_secret: bool
 
 
 def worker_daemonset(ds: Dataset, nodes: list[str], settings: OperatorSettings,
-                     with_secret: bool) -> Manifest:
+                     credentials: str | None) -> Manifest:
     """One cache worker on each selected node, pinned by node name.
 
     A DaemonSet (not bare pods) so that kubelet restarts and rolling updates come for free; the
     node list lives in a required nodeAffinity on ``metadata.name`` so that the operator, which
     owns placement, changes it with one patch. Caches live on hostPath keyed by Dataset, so a
-    rollout or a node that leaves and returns keeps its cached data.
+    rollout or a node that leaves and returns keeps its cached data. ``credentials`` is the
+    :func:`credentials_hash` of the Secret copy, or None for anonymous access.
     """
     key = dataset_key(ds)
     cache_volume: Manifest
@@ -168,7 +176,7 @@ def worker_daemonset(ds: Dataset, nodes: list[str], settings: OperatorSettings,
         "tolerations": worker_tolerations(ds, settings),
         "automountServiceAccountToken": False,
         "terminationGracePeriodSeconds": 30,
-        "containers": [_worker_container(ds, settings, with_secret)],
+        "containers": [_worker_container(ds, settings, credentials is not None)],
         "volumes": [
             {"name": "mnt", "hostPath": {"path": str(settings.host_root / "mnt"),
                                          "type": "DirectoryOrCreate"}},
@@ -177,6 +185,9 @@ def worker_daemonset(ds: Dataset, nodes: list[str], settings: OperatorSettings,
     }
     if settings.worker_service_account:
         pod_spec["serviceAccountName"] = settings.worker_service_account
+    template_annotations = {DATASET_ANNOTATION: f"{ds.namespace}/{ds.name}"}
+    if credentials is not None:
+        template_annotations[CREDENTIALS_ANNOTATION] = credentials
     return {
         "apiVersion": "apps/v1",
         "kind": "DaemonSet",
@@ -186,7 +197,7 @@ def worker_daemonset(ds: Dataset, nodes: list[str], settings: OperatorSettings,
             "updateStrategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 1}},
             "template": {
                 "metadata": {"labels": labels(ds, "cache-worker"),
-                             "annotations": {DATASET_ANNOTATION: f"{ds.namespace}/{ds.name}"}},
+                             "annotations": template_annotations},
                 "spec": pod_spec,
             },
         },

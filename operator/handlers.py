@@ -21,7 +21,7 @@ from datahoard import names
 
 from .config import OperatorSettings
 from .kube import Kube, load_client
-from .reconcile import DELETION_BLOCKED, Blocked, Conditions, finalize, reconcile
+from .reconcile import DELETION_BLOCKED, PROBLEMS, Blocked, Conditions, finalize, reconcile
 
 #: Read once at import: the timer interval is fixed when the handler is registered.
 CONFIG = OperatorSettings()
@@ -56,12 +56,12 @@ def alive(**_: Any) -> bool:
 
 def _post_transitions(body: kopf.Body, old: list[Mapping[str, Any]], new: list[Mapping[str, Any]],
                       old_phase: str | None, new_phase: str | None) -> None:
-    """An Event whenever a condition turns False (or its reason changes), and on becoming Ready."""
+    """A Warning Event when a problem condition appears (or changes reason); one on phase changes."""
     before = {c.get("type"): c for c in old}
     for cond in new:
         prev = before.get(cond.get("type")) or {}
-        if cond.get("status") == "False" and (prev.get("status") != "False"
-                                              or prev.get("reason") != cond.get("reason")):
+        if (cond.get("status") == "False" and cond.get("reason") in PROBLEMS
+                and (prev.get("status") != "False" or prev.get("reason") != cond.get("reason"))):
             kopf.warn(body, reason=cond.get("reason", "Problem"), message=cond.get("message", ""))
     if new_phase != old_phase and new_phase in ("Ready", "Degraded", "Failed"):
         kopf.event(body, type="Normal" if new_phase == "Ready" else "Warning",
@@ -72,6 +72,8 @@ def _post_transitions(body: kopf.Body, old: list[Mapping[str, Any]], new: list[M
 async def reconcile_timer(body: kopf.Body, status: kopf.Status, patch: kopf.Patch,
                           memo: kopf.Memo, **_: Any) -> None:
     """Converge workers, labels and volumes, then write sizes, ratios, phase and conditions."""
+    if body.get("metadata", {}).get("deletionTimestamp"):
+        return  # the delete handler owns the object now; do not re-create what it removes
     new = await reconcile(body, memo.kube, memo.config)
     old_conditions = list(status.get("conditions") or [])
     for key, value in new.items():

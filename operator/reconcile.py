@@ -33,6 +33,9 @@ CREDENTIALS_READY = "CredentialsReady"
 WORKERS_READY = "WorkersReady"
 VOLUME_READY = "VolumeReady"
 DELETION_BLOCKED = "DeletionBlocked"
+#: Condition reasons that need a person: they also become Warning Events (once, on change).
+#: Others (waiting for a worker, workers still starting) are normal progress.
+PROBLEMS = {"InvalidSpec", "NoMatchingNodes", "SecretNotFound", "SecretKeyMissing", "Degraded"}
 
 
 def now() -> str:
@@ -89,8 +92,8 @@ class Converged:
 
 
 def _credentials(ds: Dataset, kube: Kube, settings: OperatorSettings, conds: Conditions
-                 ) -> bool | None:
-    """Copy the Secret. True: copied; None: none needed; False: a problem (in a condition)."""
+                 ) -> str | bool | None:
+    """Copy the Secret. Its hash: copied; None: none needed; False: a problem (in a condition)."""
     ref = ds.spec.source.secret_ref
     copy_name = names.worker_name(ds.namespace, ds.name)
     if ref is None:
@@ -111,10 +114,11 @@ def _credentials(ds: Dataset, kube: Kube, settings: OperatorSettings, conds: Con
                   f"{'it' if len(missing) == 1 else 'them'} to the Secret")
         return False
     keep = builders.REQUIRED_SECRET_KEYS + builders.OPTIONAL_SECRET_KEYS
-    kube.apply(builders.secret_copy(ds, {k: v for k, v in data.items() if k in keep}, settings))
+    copied = {k: v for k, v in data.items() if k in keep}
+    kube.apply(builders.secret_copy(ds, copied, settings))
     conds.set(CREDENTIALS_READY, True, "SecretCopied",
               f"Secret {ds.namespace}/{ref.name} copied to {settings.namespace}/{copy_name}")
-    return True
+    return builders.credentials_hash(copied)
 
 
 def converge(ds: Dataset, status: Mapping[str, Any], kube: Kube, settings: OperatorSettings
@@ -145,7 +149,7 @@ def converge(ds: Dataset, status: Mapping[str, Any], kube: Kube, settings: Opera
         # Caches stay on the nodes' disks in case they come back; only the workers go.
         kube.delete("DaemonSet", ds_name, settings.namespace)
     elif creds is not False:
-        kube.apply(builders.worker_daemonset(ds, selected, settings, with_secret=creds is True))
+        kube.apply(builders.worker_daemonset(ds, selected, settings, credentials=creds or None))
         cache_nodes |= set(selected)
 
     pods = [WorkerPod.from_pod(p) for p in kube.list_pods(settings.namespace, worker_selector(ds))]

@@ -38,11 +38,12 @@ def dataset(**spec_overrides) -> Dataset:
 
 
 CASES = {
-    "daemonset-disk": lambda: builders.worker_daemonset(dataset(), ["gpu-b", "gpu-a"], SETTINGS, True),
+    "daemonset-disk": lambda: builders.worker_daemonset(
+        dataset(), ["gpu-b", "gpu-a"], SETTINGS, builders.credentials_hash({"AWS_ACCESS_KEY_ID": "aWQ="})),
     "daemonset-memory-anonymous": lambda: builders.worker_daemonset(
         dataset(source={"uri": "s3://open-data/x"}, cache={"medium": "Memory", "capacity": "8Gi"},
                 warm={"policy": "OnDemand"}, placement={}),
-        ["gpu-a"], SETTINGS, False),
+        ["gpu-a"], SETTINGS, None),
     "secret-copy": lambda: builders.secret_copy(
         dataset(), {"AWS_SECRET_ACCESS_KEY": "c2VjcmV0", "AWS_ACCESS_KEY_ID": "aWQ="}, SETTINGS),
     "pv": lambda: builders.persistent_volume(dataset(), SETTINGS),
@@ -83,6 +84,15 @@ def test_pv_and_node_label_agree() -> None:
 def test_long_names_stay_valid() -> None:
     ds = Dataset.from_body({"metadata": {"namespace": "n" * 63, "name": "d" * 200},
                             "spec": {"source": {"uri": "s3://bucket/x"}}})
-    assert len(builders.worker_daemonset(ds, ["a"], SETTINGS, False)["metadata"]["name"]) <= 63
+    assert len(builders.worker_daemonset(ds, ["a"], SETTINGS, None)["metadata"]["name"]) <= 63
     assert len(builders.cleanup_job(ds, "node-" + "x" * 200, SETTINGS)["metadata"]["name"]) <= 63
     assert len(builders.labels(ds, "cache-worker")[builders.DATASET_LABEL]) <= 63
+
+
+def test_credential_rotation_rolls_the_workers() -> None:
+    """A changed Secret changes the pod template (env vars are only read at start)."""
+    def template(data: dict) -> dict:
+        return builders.worker_daemonset(dataset(), ["a"], SETTINGS,
+                                         builders.credentials_hash(data))["spec"]["template"]
+    assert template({"AWS_ACCESS_KEY_ID": "b2xk"}) != template({"AWS_ACCESS_KEY_ID": "bmV3"})
+    assert template({"AWS_ACCESS_KEY_ID": "b2xk"}) == template({"AWS_ACCESS_KEY_ID": "b2xk"})
