@@ -1,0 +1,419 @@
+"""HDFS through WebHDFS, the NameNode's REST API: no JVM and no native client in the worker.
+
+URIs: ``hdfs://namenode[:port]/path`` and ``webhdfs://namenode[:port]/path`` name the NameNode's
+*HTTP* address (default port 9870, Hadoop 3's ``dfs.namenode.http-address``; Hadoop 2 used
+50070, so give it explicitly there); ``swebhdfs://`` is the same over HTTPS (default 9871). The
+RPC port of ``fs.defaultFS`` (8020) does not speak HTTP: a URI naming it gets an error that says
+so. With an HA namenode list (:class:`HdfsOptions.namenodes`), the URI's authority is only a
+name (the nameservice) and requests go to whichever listed NameNode is active.
+
+How each operation maps onto WebHDFS:
+
+1. ``list``: a depth-first walk with ``LISTSTATUS_BATCH`` (``dfs.ls.limit`` entries per call,
+   resumed with ``startAfter``), so a directory of a million files is never one huge response;
+   servers older than Hadoop 2.8 fall back to ``LISTSTATUS``.
+2. ``stat``: ``GETFILESTATUS``.
+3. ``read``: ``OPEN`` with ``offset`` and ``length``; the NameNode answers 307 to a DataNode
+   holding the block, which streams the bytes (HttpFS answers 200 with the bytes itself; both
+   work). The DataNode verifies HDFS's block CRCs while it reads, so there is no whole-file
+   checksum to check here (``GETFILECHECKSUM`` is an MD5 of per-block CRCs, as costly as a read).
+4. Versions: WebHDFS has no conditional read, so the ETag is ``fileId-length-modificationTime``
+   and every read is followed by a ``GETFILESTATUS``: a file replaced, appended to or truncated
+   before that check changes one of the three, and the read raises SourceChanged instead of
+   returning bytes of another version. (One NameNode call per 8 MiB chunk or per small file.)
+
+Failures are classified once, in :func:`_classify`, from the ``RemoteException`` JSON body the
+NameNode and DataNodes send. Each call is retried a bounded number of times with jittered
+backoff; a refused connection or a ``StandbyException`` moves to the next NameNode first.
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import logging
+import os
+import random
+import re
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from urllib.parse import quote, urlsplit
+
+import urllib3
+
+from .source import (
+    RemoteObject,
+    Source,
+    SourceAuthError,
+    SourceChanged,
+    SourceError,
+    SourceNotFound,
+    SourcePermissionDenied,
+    SourceTransientError,
+    SourceUnreachable,
+)
+
+log = logging.getLogger(__name__)
+
+#: Hadoop 3's NameNode HTTP(S) ports (``dfs.namenode.http-address`` / ``https-address``).
+DEFAULT_HTTP_PORT = 9870
+DEFAULT_HTTPS_PORT = 9871
+SCHEMES = ("hdfs", "webhdfs", "swebhdfs")
+
+_NOT_FOUND = {"FileNotFoundException"}
+_DENIED = {"AccessControlException"}
+_AUTH = {"InvalidToken", "AuthenticationException", "SecurityException", "AuthorizationException"}
+#: The NameNode is there but cannot serve this now: another NameNode, or a later try, may.
+_FAILOVER = {"StandbyException", "ObserverRetryOnActiveException"}
+_RETRIABLE = {"RetriableException", "SafeModeException", "IOException", "ConnectException",
+              "SocketTimeoutException", "EOFException"}
+_CONNECT_ERRORS = (
+    urllib3.exceptions.NewConnectionError,
+    urllib3.exceptions.ConnectTimeoutError,
+    urllib3.exceptions.NameResolutionError,
+)
+
+
+@dataclass(frozen=True)
+class HdfsOptions:
+    #: Simple-auth user (``user.name``); default ``$HADOOP_USER_NAME``, else the OS user, as the
+    #: Hadoop client does. Ignored when a delegation token is given (the token names the user).
+    user: str | None = None
+    #: A delegation token (``hdfs fetchdt``'s URL-safe string) for Kerberos-secured clusters.
+    delegation_token: str | None = None
+    #: HA: ``host:port`` of every NameNode, tried in order until the active one answers.
+    namenodes: tuple[str, ...] = ()
+    #: Attempts per call, each going once around the namenode list if it has to.
+    max_attempts: int = 5
+    connect_timeout: float = 5.0
+    read_timeout: float = 30.0
+    max_connections: int = 64
+
+
+@dataclass(frozen=True)
+class HdfsUri:
+    scheme: str  # http or https
+    authority: str  # host[:port] as written; the nameservice name with an HA list
+    namenodes: tuple[str, ...]  # host:port to talk to
+    path: str  # absolute, no trailing slash except the root "/"
+
+
+def parse_hdfs_uri(uri: str, namenodes: tuple[str, ...] = ()) -> HdfsUri:
+    """``hdfs://nn:9870/data/train/`` -> http, namenodes ``("nn:9870",)``, path ``/data/train``."""
+    parts = urlsplit(uri)
+    if parts.scheme not in SCHEMES or not parts.netloc:
+        raise SourceError(
+            f"not an HDFS URI: {uri!r} (expected hdfs://namenode[:http-port]/path, "
+            f"webhdfs:// or swebhdfs://)"
+        )
+    if parts.query or parts.fragment or parts.username:
+        raise SourceError(f"HDFS URI {uri!r} must not carry a query, fragment or user; "
+                          f"set the user with DATAHOARD_HDFS_USER")
+    https = parts.scheme == "swebhdfs"
+    try:
+        port = parts.port
+    except ValueError:
+        raise SourceError(f"invalid port in {uri!r}") from None
+    host = parts.hostname or ""
+    if not re.fullmatch(r"[A-Za-z0-9._-]+", host):
+        raise SourceError(f"invalid namenode host {host!r} in {uri!r}")
+    path = "/" + parts.path.strip("/")
+    if not namenodes:
+        default = DEFAULT_HTTPS_PORT if https else DEFAULT_HTTP_PORT
+        namenodes = (f"{host}:{port or default}",)
+    for nn in namenodes:
+        if not re.fullmatch(r"[A-Za-z0-9._-]+:[0-9]{1,5}", nn):
+            raise SourceError(f"invalid namenode address {nn!r}: expected host:http-port")
+    return HdfsUri("https" if https else "http", parts.netloc, tuple(namenodes), path)
+
+
+def _remote_exception(body: bytes) -> tuple[str, str]:
+    """(exception class, message) of a WebHDFS error body; ("", text) if it is not JSON."""
+    try:
+        remote = json.loads(body)["RemoteException"]
+        return str(remote.get("exception", "")), str(remote.get("message", ""))
+    except (ValueError, KeyError, TypeError, AttributeError):
+        text = body.decode("utf-8", "replace").strip()
+        return "", text[:300]
+
+
+class _Failover(SourceError):
+    """This NameNode cannot serve the call (unreachable or standby): try the next one."""
+
+
+def _classify(status: int, body: bytes, what: str, endpoint: str) -> SourceError:
+    """One SourceError, with a message a person can act on, for a failed WebHDFS response."""
+    exception, message = _remote_exception(body)
+    message = message or f"HTTP {status}"
+    if exception in _FAILOVER:
+        return _Failover(f"NameNode {endpoint} is not active: {message}")
+    if exception in _NOT_FOUND:
+        return SourceNotFound(f"not found: {what}")
+    if exception in _DENIED:
+        return SourcePermissionDenied(f"permission denied on {what}: {message}")
+    if exception in _AUTH or status == 401:
+        return SourceAuthError(
+            f"HDFS rejected the credentials for {what} (endpoint {endpoint}): {message}; "
+            f"a Kerberos cluster needs DATAHOARD_HDFS_DELEGATION_TOKEN, and tokens expire"
+        )
+    if "Hadoop IPC port" in message:
+        return SourceError(
+            f"{endpoint} is a Hadoop RPC port, not WebHDFS (reading {what}): use the NameNode's "
+            f"HTTP port (dfs.namenode.http-address, default {DEFAULT_HTTP_PORT}), e.g. "
+            f"hdfs://namenode:{DEFAULT_HTTP_PORT}/path")
+    if status == 404:
+        return SourceError(f"{endpoint} serves no WebHDFS at /webhdfs/v1 (dfs.webhdfs.enabled "
+                           f"false, or not the NameNode's HTTP port?) reading {what}: {message}")
+    if exception in _RETRIABLE or status >= 500 or status == 429:
+        return SourceTransientError(f"HDFS error on {what}: {exception or status}: {message}")
+    if status == 403:
+        return SourcePermissionDenied(f"permission denied on {what}: {exception}: {message}")
+    return SourceError(f"HDFS refused the request for {what}: {exception or status}: {message}")
+
+
+class HdfsSource(Source):
+    def __init__(self, uri: str, options: HdfsOptions | None = None) -> None:
+        self.uri = uri
+        self.options = options = options or HdfsOptions()
+        self.target = parse_hdfs_uri(uri, options.namenodes)
+        self.endpoint = ",".join(self.target.namenodes)
+        self.user = options.user or os.environ.get("HADOOP_USER_NAME") or getpass.getuser()
+        self._active = 0  # index into target.namenodes of the last NameNode that answered
+        self._http = urllib3.PoolManager(
+            num_pools=16,
+            maxsize=options.max_connections,
+            block=False,
+            retries=False,  # every retry decision is ours (failover, backoff, classification)
+            timeout=urllib3.Timeout(connect=options.connect_timeout, read=options.read_timeout),
+        )
+        self._auth = (
+            {"delegation": options.delegation_token} if options.delegation_token
+            else {"user.name": self.user}
+        )
+
+    # -- naming -------------------------------------------------------------------------------
+    def _path(self, key: str = "") -> str:
+        base = self.target.path.rstrip("/")
+        return f"{base}/{key}" if key else (base or "/")
+
+    def _where(self, key: str = "") -> str:
+        return f"hdfs://{self.target.authority}{self._path(key)}"
+
+    # -- the one place requests are made ------------------------------------------------------
+    def _namenode_call(self, op: str, key: str, params: dict[str, str] | None = None,
+                       *, method: str = "GET") -> urllib3.BaseHTTPResponse:
+        """One WebHDFS call to the active NameNode, with failover and bounded retries.
+
+        Returns the response (status 200 or a redirect) with its body unread, so a 200 OPEN
+        from HttpFS can be streamed; raises a classified SourceError otherwise.
+        """
+        what = self._where(key)
+        query = {"op": op, **self._auth, **(params or {})}
+        path = "/webhdfs/v1" + quote(self._path(key), safe="/")
+        namenodes = self.target.namenodes
+        attempts = max(1, self.options.max_attempts)
+        error: SourceError | None = None
+        for attempt in range(1, attempts + 1):
+            for step in range(len(namenodes)):
+                index = (self._active + step) % len(namenodes)
+                endpoint = f"{self.target.scheme}://{namenodes[index]}"
+                try:
+                    response = self._http.request(method, endpoint + path, fields=query,
+                                                  redirect=False, preload_content=False)
+                except _CONNECT_ERRORS as exc:
+                    error = SourceUnreachable(
+                        f"cannot reach NameNode {endpoint} for {what}: {_reason(exc)}")
+                    continue
+                except urllib3.exceptions.HTTPError as exc:
+                    error = SourceTransientError(
+                        f"HDFS call for {what} to {endpoint} failed: {_reason(exc)}")
+                    break
+                if response.status in (200, 307) or 300 <= response.status < 400:
+                    self._active = index
+                    return response
+                body = response.read()
+                response.release_conn()
+                error = _classify(response.status, body, what, endpoint)
+                if isinstance(error, _Failover):
+                    continue
+                self._active = index
+                if not isinstance(error, SourceTransientError):
+                    raise error
+                break  # transient: back off, then retry this NameNode
+            if attempt < attempts:
+                self._backoff(attempt, what, error)
+        assert error is not None
+        if isinstance(error, _Failover):
+            raise SourceUnreachable(f"no active NameNode among {self.endpoint} for {what}: {error}")
+        raise error
+
+    def _backoff(self, attempt: int, what: str, error: Exception | None) -> None:
+        delay = min(2.0, 0.05 * 2**attempt) * (0.5 + random.random())
+        log.info("retrying %s after %s (attempt %d/%d)", what, error, attempt,
+                 self.options.max_attempts)
+        time.sleep(delay)
+
+    def _json(self, op: str, key: str, params: dict[str, str] | None = None) -> dict:
+        response = self._namenode_call(op, key, params)
+        try:
+            body = response.read()
+        except urllib3.exceptions.HTTPError as exc:
+            raise SourceTransientError(f"HDFS {op} of {self._where(key)} failed: {exc}") from exc
+        finally:
+            response.release_conn()
+        if response.status != 200:
+            raise SourceError(f"unexpected HTTP {response.status} for {op} on {self._where(key)}")
+        try:
+            return json.loads(body)
+        except ValueError as exc:
+            raise SourceTransientError(
+                f"HDFS {op} of {self._where(key)} returned something other than JSON") from exc
+
+    # -- Source -------------------------------------------------------------------------------
+    def list(self) -> Iterator[RemoteObject]:
+        """Depth-first walk; memory is one listing batch plus the stack of pending directories."""
+        pending = [""]
+        while pending:
+            prefix = pending.pop()
+            try:
+                for status in self._list_dir(prefix):
+                    name = status.get("pathSuffix", "")
+                    kind = status.get("type")
+                    if not name:
+                        raise SourceError(f"{self._where(prefix)} is a file, not a directory: "
+                                          f"name the directory that holds it")
+                    if kind == "DIRECTORY":
+                        pending.append(f"{prefix}{name}/")
+                    elif kind == "FILE":
+                        yield _remote_object(f"{prefix}{name}", status)
+            except SourceNotFound:
+                if not prefix:
+                    raise
+                # Deleted while we walked: what is gone is not part of the dataset.
+                log.warning("directory %s disappeared during listing", self._where(prefix))
+
+    def _list_dir(self, prefix: str) -> Iterator[dict]:
+        key = prefix.rstrip("/")
+        start_after: str | None = None
+        while True:
+            params = {"startAfter": start_after} if start_after is not None else None
+            try:
+                doc = self._json("LISTSTATUS_BATCH", key, params)
+            except SourceError as exc:
+                if "LISTSTATUS_BATCH" not in str(exc):
+                    raise
+                # Hadoop < 2.8 rejects the op by name: one unbatched listing.
+                yield from self._json("LISTSTATUS", key)["FileStatuses"]["FileStatus"]
+                return
+            listing = doc["DirectoryListing"]
+            entries = listing["partialListing"]["FileStatuses"]["FileStatus"]
+            yield from entries
+            if not entries or int(listing.get("remainingEntries", 0)) <= 0:
+                return
+            start_after = entries[-1]["pathSuffix"]
+
+    def stat(self, key: str) -> RemoteObject:
+        status = self._json("GETFILESTATUS", key)["FileStatus"]
+        if status.get("type") != "FILE":
+            raise SourceNotFound(f"not a file: {self._where(key)}")
+        return _remote_object(key, status)
+
+    def read(self, obj: RemoteObject, start: int, length: int) -> bytes:
+        """OPEN at ``start`` for ``length`` bytes, retried as a whole, then checked against the listing."""
+        if length <= 0:
+            return b""
+        where = self._where(obj.key)
+        attempts = max(1, self.options.max_attempts)
+        for attempt in range(1, attempts + 1):
+            try:
+                data = self._read_once(obj, start, length, where)
+            except SourceNotFound:
+                raise SourceChanged(
+                    f"{where} was deleted since it was listed; remount with --refresh") from None
+            except SourceTransientError as exc:
+                if attempt == attempts:
+                    raise
+                self._backoff(attempt, where, exc)
+                continue
+            self._check_version(obj, where)
+            if len(data) != length:
+                raise SourceTransientError(
+                    f"short read of {where}: got {len(data)} of {length} bytes at offset {start}")
+            return data
+        raise AssertionError("unreachable")
+
+    def _read_once(self, obj: RemoteObject, start: int, length: int, where: str) -> bytes:
+        params = {"offset": str(start), "length": str(length)}
+        response = self._namenode_call("OPEN", obj.key, params)
+        if response.status != 200:
+            location = response.headers.get("Location")
+            response.drain_conn()
+            response.release_conn()
+            if not location:
+                raise SourceError(f"NameNode answered OPEN of {where} with HTTP "
+                                  f"{response.status} and no Location")
+            datanode = urlsplit(location).netloc
+            try:
+                response = self._http.request("GET", location, redirect=False,
+                                              preload_content=False)
+            except urllib3.exceptions.HTTPError as exc:
+                raise SourceTransientError(
+                    f"cannot read {where} from DataNode {datanode}: {_reason(exc)} (the NameNode "
+                    f"sends clients to the DataNodes' registered addresses, which must be "
+                    f"reachable from here)") from exc
+            if response.status != 200:
+                body = response.read()
+                response.release_conn()
+                raise _classify(response.status, body, where, f"DataNode {datanode}")
+        try:
+            return response.read()
+        except (urllib3.exceptions.HTTPError, OSError) as exc:
+            raise SourceTransientError(f"HDFS transfer of {where} failed: {_reason(exc)}") from exc
+        finally:
+            response.release_conn()
+
+    def _check_version(self, obj: RemoteObject, where: str) -> None:
+        try:
+            now = self.stat(obj.key)
+        except SourceNotFound:
+            raise SourceChanged(f"{where} was deleted since it was listed; remount with --refresh") from None
+        if obj.etag and now.etag != obj.etag:
+            raise SourceChanged(f"{where} changed since it was listed (was {obj.etag}, now "
+                                f"{now.etag}); remount with --refresh")
+
+    def close(self) -> None:
+        self._http.clear()
+
+
+def options_from_env(environ: Mapping[str, str]) -> HdfsOptions:
+    """The worker's HDFS settings, from the environment (the operator fills it from the Secret).
+
+    ``DATAHOARD_HDFS_USER``, ``DATAHOARD_HDFS_DELEGATION_TOKEN``, ``DATAHOARD_HDFS_NAMENODES``
+    (comma-separated ``host:http-port``, HA) and ``DATAHOARD_HDFS_MAX_ATTEMPTS`` (default 5).
+    """
+    namenodes = tuple(n.strip() for n in environ.get("DATAHOARD_HDFS_NAMENODES", "").split(",")
+                      if n.strip())
+    return HdfsOptions(
+        user=environ.get("DATAHOARD_HDFS_USER") or None,
+        delegation_token=environ.get("DATAHOARD_HDFS_DELEGATION_TOKEN") or None,
+        namenodes=namenodes,
+        max_attempts=int(environ.get("DATAHOARD_HDFS_MAX_ATTEMPTS", "5")),
+    )
+
+
+def _remote_object(key: str, status: dict) -> RemoteObject:
+    length = int(status.get("length", 0))
+    mtime_ms = int(status.get("modificationTime", 0))
+    return RemoteObject(
+        key=key,
+        size=length,
+        etag=f"{status.get('fileId', 0)}-{length}-{mtime_ms}",
+        mtime=mtime_ms / 1000.0,
+    )
+
+
+def _reason(exc: Exception) -> str:
+    """urllib3 wraps the interesting part (refused, DNS, timeout) a level or two down."""
+    reason = getattr(exc, "reason", None) or exc
+    return str(reason)

@@ -1,0 +1,281 @@
+"""HdfsSource against a real NameNode and DataNode (WebHDFS), and its URI/option parsing."""
+
+from __future__ import annotations
+
+import json
+import random
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, urlsplit
+
+import pytest
+
+from datahoard.cache_worker.hdfs import (
+    DEFAULT_HTTP_PORT,
+    HdfsOptions,
+    HdfsSource,
+    options_from_env,
+    parse_hdfs_uri,
+)
+from datahoard.cache_worker.source import (
+    SourceChanged,
+    SourceError,
+    SourceNotFound,
+    SourcePermissionDenied,
+    SourceUnreachable,
+)
+from datahoard.cache_worker.sources import open_source
+from tests.conftest import free_port
+from tests.faults import Fault, FaultProxy
+
+from .conftest import BLOCK_SIZE, LS_LIMIT, HdfsCluster
+from .data import MANY_SUB, MANY_TOP, OTHER, OWNER
+
+
+# -- parsing (no cluster) -----------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("uri", "scheme", "namenodes", "path"),
+    [
+        ("hdfs://nn/data/train/", "http", ("nn:9870",), "/data/train"),
+        ("hdfs://nn.example.com:50070/data", "http", ("nn.example.com:50070",), "/data"),
+        ("webhdfs://nn:9870/", "http", ("nn:9870",), "/"),
+        ("webhdfs://nn", "http", ("nn:9870",), "/"),
+        ("swebhdfs://nn/x", "https", ("nn:9871",), "/x"),
+    ],
+)
+def test_parse_uri_default_http_port(uri, scheme, namenodes, path):
+    parsed = parse_hdfs_uri(uri)
+    assert (parsed.scheme, parsed.namenodes, parsed.path) == (scheme, namenodes, path)
+    assert DEFAULT_HTTP_PORT == 9870
+
+
+@pytest.mark.parametrize("uri", ["hdfs:///path", "s3://b/x", "hdfs://nn/x?op=OPEN",
+                                 "hdfs://user@nn/x", "hdfs://nn:99999/x", "hdfs://n n/x"])
+def test_parse_uri_rejects(uri):
+    with pytest.raises(SourceError):
+        parse_hdfs_uri(uri)
+
+
+def test_options_from_env_ha_list_and_token():
+    options = options_from_env({
+        "DATAHOARD_HDFS_USER": "etl",
+        "DATAHOARD_HDFS_NAMENODES": "nn1:9870, nn2:9870",
+        "DATAHOARD_HDFS_DELEGATION_TOKEN": "tok",
+        "DATAHOARD_HDFS_MAX_ATTEMPTS": "2",
+    })
+    assert options == HdfsOptions(user="etl", delegation_token="tok",
+                                  namenodes=("nn1:9870", "nn2:9870"), max_attempts=2)
+    parsed = parse_hdfs_uri("hdfs://mycluster/data", options.namenodes)
+    assert parsed.authority == "mycluster" and parsed.namenodes == ("nn1:9870", "nn2:9870")
+
+
+def test_open_source_picks_hdfs_and_refuses_s3_options():
+    assert isinstance(open_source("webhdfs://nn:9870/x"), HdfsSource)
+    with pytest.raises(SourceError, match="apply to s3://"):
+        open_source("hdfs://nn/x", endpoint_url="http://minio:9000")
+
+
+# -- stub NameNodes (standby, recording) --------------------------------------------------------
+class StubNameNode:
+    """Answers every WebHDFS call with one canned response and records the query strings."""
+
+    def __init__(self, status: int, body: dict) -> None:
+        self.queries: list[dict[str, list[str]]] = []
+        stub = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802
+                stub.queries.append(parse_qs(urlsplit(self.path).query))
+                data = json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.address = f"127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+STANDBY = {"RemoteException": {
+    "exception": "StandbyException", "javaClassName": "org.apache.hadoop.ipc.StandbyException",
+    "message": "Operation category READ is not supported in state standby"}}
+FILE_STATUS = {"FileStatus": {"type": "FILE", "length": 3, "modificationTime": 1000, "fileId": 5,
+                              "pathSuffix": ""}}
+
+
+@pytest.fixture
+def standby():
+    stub = StubNameNode(403, STANDBY)
+    yield stub
+    stub.close()
+
+
+def test_delegation_token_replaces_user_name():
+    stub = StubNameNode(200, FILE_STATUS)
+    try:
+        source = HdfsSource(f"hdfs://{stub.address}/d", HdfsOptions(user="etl", delegation_token="T0K"))
+        assert source.stat("f").size == 3
+        source = HdfsSource(f"hdfs://{stub.address}/d", HdfsOptions(user="etl"))
+        source.stat("f")
+    finally:
+        stub.close()
+    with_token, with_user = stub.queries
+    assert with_token["delegation"] == ["T0K"] and "user.name" not in with_token
+    assert with_user["user.name"] == ["etl"] and "delegation" not in with_user
+    assert with_user["op"] == ["GETFILESTATUS"]
+
+
+def test_only_standby_namenodes_is_unreachable(standby):
+    source = HdfsSource("hdfs://ns/", HdfsOptions(namenodes=(standby.address,), max_attempts=2))
+    with pytest.raises(SourceUnreachable, match="no active NameNode"):
+        source.stat("x")
+
+
+# -- against the real cluster -------------------------------------------------------------------
+def source_for(cluster: HdfsCluster, path: str, **options) -> HdfsSource:
+    return HdfsSource(cluster.uri(path), HdfsOptions(user=options.pop("user", cluster.superuser),
+                                                     **{"max_attempts": 2, **options}))
+
+
+@pytest.mark.integration
+def test_list_stat_and_read_every_file(hdfs_cluster, dataset):
+    source = source_for(hdfs_cluster, "/ds/")
+    listed = {o.key: o for o in source.list()}
+    assert {k: o.size for k, o in listed.items()} == {k: len(v) for k, v in dataset["ds"].items()}
+    for key, data in dataset["ds"].items():
+        obj = listed[key]
+        assert source.stat(key) == obj
+        assert source.read(obj, 0, obj.size) == data, key
+
+
+@pytest.mark.integration
+def test_many_files_are_listed_in_batches(hdfs_cluster, dataset):
+    source = source_for(hdfs_cluster, "/many")
+    calls: list[tuple[str, str]] = []
+    original = source._json
+
+    def counting(op, key, params=None):
+        calls.append((op, key))
+        return original(op, key, params)
+
+    source._json = counting
+    keys = sorted(o.key for o in source.list())
+    assert keys == sorted(dataset["many"])
+    batches = [c for c in calls if c[0] == "LISTSTATUS_BATCH"]
+    # Every directory is read in dfs.ls.limit-sized pages, resumed after the last name.
+    assert len(batches) >= (MANY_TOP + 1) // LS_LIMIT + MANY_SUB // LS_LIMIT
+    assert not [c for c in calls if c[0] == "LISTSTATUS"]
+
+
+@pytest.mark.integration
+def test_large_file_by_ranges_across_blocks(hdfs_cluster, dataset):
+    source = source_for(hdfs_cluster, "/ds")
+    data = dataset["ds"]["shard.bin"]
+    obj = source.stat("shard.bin")
+    rng = random.Random(1)
+    ranges = [(0, 1), (BLOCK_SIZE - 10, 20), (3 * BLOCK_SIZE, BLOCK_SIZE),
+              (len(data) - 100, 100), (5 * BLOCK_SIZE + 7, 8 * 1024 * 1024)]
+    ranges += [(s, rng.randrange(1, 3 * BLOCK_SIZE)) for s in
+               (rng.randrange(0, len(data) - 3 * BLOCK_SIZE) for _ in range(6))]
+    for start, length in ranges:
+        assert source.read(obj, start, length) == data[start:start + length], (start, length)
+
+
+@pytest.mark.integration
+def test_missing_path_names_it(hdfs_cluster, dataset):
+    source = source_for(hdfs_cluster, "/no/such/dir")
+    with pytest.raises(SourceNotFound, match=f"hdfs://{hdfs_cluster.http}/no/such/dir"):
+        list(source.list())
+    source = source_for(hdfs_cluster, "/ds")
+    with pytest.raises(SourceNotFound, match="/ds/gone.bin"):
+        source.stat("gone.bin")
+
+
+@pytest.mark.integration
+def test_permission_denied_for_another_user(hdfs_cluster, dataset):
+    with pytest.raises(SourcePermissionDenied, match="/closed") as info:
+        list(source_for(hdfs_cluster, "/closed", user=OTHER).list())
+    assert OTHER in str(info.value)  # HDFS says who was refused
+    source = source_for(hdfs_cluster, "/shared", user=OTHER)
+    listed = {o.key: o for o in source.list()}  # the directory itself is readable
+    assert set(listed) == {"secret.bin", "readme.txt"}
+    with pytest.raises(SourcePermissionDenied, match="/shared/secret.bin"):
+        source.read(listed["secret.bin"], 0, 10)
+    assert source.read(listed["readme.txt"], 0, 12) == b"for everyone"
+    # The owner reads both.
+    owner = source_for(hdfs_cluster, "/", user=OWNER)
+    assert owner.read(owner.stat("shared/secret.bin"), 0, 10) == b"alice only"
+    assert [o.key for o in source_for(hdfs_cluster, "/closed", user=OWNER).list()] == ["inside.txt"]
+
+
+@pytest.mark.integration
+def test_a_file_changed_after_listing_is_never_mixed(hdfs_cluster, webhdfs, dataset):
+    webhdfs.put("/changing/v.bin", b"A" * 5000)
+    source = source_for(hdfs_cluster, "/changing")
+    (obj,) = source.list()
+    assert source.read(obj, 0, 10) == b"A" * 10
+    webhdfs.put("/changing/v.bin", b"B" * 5000)  # same size, new file
+    with pytest.raises(SourceChanged, match="changed since it was listed"):
+        source.read(obj, 0, 10)
+    webhdfs.delete("/changing/v.bin")
+    with pytest.raises(SourceChanged, match="deleted"):
+        source.read(obj, 0, 10)
+
+
+@pytest.mark.integration
+def test_root_that_is_a_file(hdfs_cluster, dataset):
+    with pytest.raises(SourceError, match="is a file, not a directory"):
+        list(source_for(hdfs_cluster, "/ds/empty.txt").list())
+
+
+@pytest.mark.integration
+def test_unreachable_namenode():
+    source = HdfsSource(f"hdfs://127.0.0.1:{free_port()}/x", HdfsOptions(max_attempts=2))
+    with pytest.raises(SourceUnreachable, match="cannot reach NameNode"):
+        list(source.list())
+
+
+@pytest.mark.integration
+def test_rpc_port_instead_of_http_port_says_so(hdfs_cluster):
+    source = HdfsSource(f"hdfs://{hdfs_cluster.rpc}/ds", HdfsOptions(max_attempts=1))
+    with pytest.raises(SourceError, match="RPC port.*9870"):
+        list(source.list())
+
+
+@pytest.mark.integration
+def test_ha_fails_over_from_dead_and_standby_namenodes(hdfs_cluster, dataset, standby):
+    dead = f"127.0.0.1:{free_port()}"
+    source = HdfsSource("hdfs://mycluster/ds", HdfsOptions(
+        user=hdfs_cluster.superuser, namenodes=(dead, standby.address, hdfs_cluster.http),
+        max_attempts=1))
+    listed = {o.key: o for o in source.list()}
+    assert set(listed) == set(dataset["ds"])
+    assert source.read(listed["class0/img2.jpg"], 0, 100) == dataset["ds"]["class0/img2.jpg"][:100]
+    # The active NameNode is remembered: later calls do not ask the standby again.
+    asked = len(standby.queries)
+    source.stat("empty.txt")
+    assert len(standby.queries) == asked
+
+
+@pytest.mark.integration
+def test_transient_namenode_errors_are_retried(hdfs_cluster, dataset):
+    proxy = FaultProxy(f"http://{hdfs_cluster.http}")
+    try:
+        proxy.add(Fault(status=503, path_contains="op=GETFILESTATUS", times=2))
+        proxy.add(Fault(status=500, path_contains="op=OPEN", times=1))
+        source = HdfsSource(f"hdfs://{proxy.endpoint.removeprefix('http://')}/ds",
+                            HdfsOptions(user=hdfs_cluster.superuser, max_attempts=4))
+        obj = source.stat("class0/img2.jpg")
+        assert source.read(obj, 10, 1000) == dataset["ds"]["class0/img2.jpg"][10:1010]
+        assert proxy.injected == 3
+    finally:
+        proxy.close()
