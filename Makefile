@@ -23,7 +23,7 @@ $(VENV)/.installed: pyproject.toml
 
 venv: $(VENV)/.installed
 
-test: sysdeps venv envtest
+test: sysdeps venv envtest hdfs-minicluster
 	$(PY) -m pytest -q
 
 unit: venv
@@ -38,6 +38,14 @@ demo: sysdeps venv
 # KUBEBUILDER_ASSETS with the three binaries is used as-is.
 envtest:
 	@tests/tools/build-envtest.sh "$(TOOLS_DIR)"
+
+# The test HDFS (Hadoop's MiniDFSCluster, NameNode + DataNode with WebHDFS) fetched from Maven
+# Central and compiled once into $(TOOLS_DIR)/mini-hdfs-<version>-<hash>/ (first fetch: ~45 s,
+# ~90 MB; later: instant). Without a JDK it only says so: the HDFS tests then skip with that reason.
+.PHONY: hdfs-minicluster
+hdfs-minicluster:
+	@if command -v javac >/dev/null; then tests/hdfs/build-minicluster.sh "$(TOOLS_DIR)" >/dev/null; \
+	else echo "hdfs-minicluster: no JDK on PATH; the HDFS tests will be skipped"; fi
 
 clean:
 	rm -rf $(VENV) build *.egg-info
