@@ -279,3 +279,15 @@ def test_transient_namenode_errors_are_retried(hdfs_cluster, dataset):
         assert proxy.injected == 3
     finally:
         proxy.close()
+
+
+def test_example_dataset_is_a_valid_hdfs_dataset():
+    import yaml
+
+    from datahoard.api import Dataset
+    from tests.hdfs.conftest import REPO
+
+    doc = yaml.safe_load((REPO / "examples" / "dataset-hdfs.yaml").read_text())
+    ds = Dataset.from_body({**doc, "metadata": {**doc["metadata"], "namespace": "ml"}})
+    assert ds.spec.source.scheme == "hdfs"
+    assert parse_hdfs_uri(ds.spec.source.uri).namenodes == ("namenode.hadoop:9870",)
