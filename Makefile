@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 # Built tools (kube-apiserver, etcd, helm, ...) live outside the repo so clean checkouts reuse them.
 TOOLS_DIR ?= $(HOME)/.cache/datahoard-tools
 
-.PHONY: all venv sysdeps test unit demo envtest bench clean
+.PHONY: all venv sysdeps test unit demo envtest bench clean helm e2e
 
 all: test
 
@@ -38,6 +38,16 @@ demo: sysdeps venv
 # KUBEBUILDER_ASSETS with the three binaries is used as-is.
 envtest:
 	@tests/tools/build-envtest.sh "$(TOOLS_DIR)"
+
+# helm for the chart tests and the e2e, built once from its Go module into $(TOOLS_DIR)/helm-<version>/
+# (first build: ~5 min on 2 cores with a cold Go cache, capped at 20 min; later: instant).
+# Prints the binary's path only, so `HELM=$$(make -s helm)` works; an executable $$HELM is used as-is.
+helm:
+	@tests/tools/build-helm.sh "$(TOOLS_DIR)"
+
+# The whole path on a kind cluster (needs Docker and kind): image, chart, in-cluster S3, Jobs.
+e2e:
+	HELM="$$(tests/tools/build-helm.sh "$(TOOLS_DIR)")" e2e/run.sh
 
 # The test HDFS (Hadoop's MiniDFSCluster, NameNode + DataNode with WebHDFS) fetched from Maven
 # Central and compiled once into $(TOOLS_DIR)/mini-hdfs-<version>-<hash>/ (first fetch: ~45 s,
