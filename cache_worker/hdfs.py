@@ -191,6 +191,8 @@ class HdfsSource(Source):
             {"delegation": options.delegation_token} if options.delegation_token
             else {"user.name": self.user}
         )
+        if options.delegation_token:
+            _redact_tokens_in_urllib3_logs()
 
     # -- naming -------------------------------------------------------------------------------
     def _path(self, key: str = "") -> str:
@@ -328,6 +330,11 @@ class HdfsSource(Source):
         for attempt in range(1, attempts + 1):
             try:
                 data = self._read_once(obj, start, length, where)
+                self._check_version(obj, where)
+                if len(data) == length:
+                    return data
+                raise SourceTransientError(
+                    f"short read of {where}: got {len(data)} of {length} bytes at offset {start}")
             except SourceNotFound:
                 raise SourceChanged(
                     f"{where} was deleted since it was listed; remount with --refresh") from None
@@ -335,12 +342,6 @@ class HdfsSource(Source):
                 if attempt == attempts:
                     raise
                 self._backoff(attempt, where, exc)
-                continue
-            self._check_version(obj, where)
-            if len(data) != length:
-                raise SourceTransientError(
-                    f"short read of {where}: got {len(data)} of {length} bytes at offset {start}")
-            return data
         raise AssertionError("unreachable")
 
     def _read_once(self, obj: RemoteObject, start: int, length: int, where: str) -> bytes:
@@ -374,10 +375,7 @@ class HdfsSource(Source):
             response.release_conn()
 
     def _check_version(self, obj: RemoteObject, where: str) -> None:
-        try:
-            now = self.stat(obj.key)
-        except SourceNotFound:
-            raise SourceChanged(f"{where} was deleted since it was listed; remount with --refresh") from None
+        now = self.stat(obj.key)
         if obj.etag and now.etag != obj.etag:
             raise SourceChanged(f"{where} changed since it was listed (was {obj.etag}, now "
                                 f"{now.etag}); remount with --refresh")
@@ -411,6 +409,24 @@ def _remote_object(key: str, status: dict) -> RemoteObject:
         etag=f"{status.get('fileId', 0)}-{length}-{mtime_ms}",
         mtime=mtime_ms / 1000.0,
     )
+
+
+class _RedactTokens(logging.Filter):
+    """urllib3 logs every request's URL at DEBUG (``-vv``); WebHDFS carries the token in it."""
+
+    _TOKEN = re.compile(r"(delegation=)[^&\s\"]+")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if "delegation=" in message:
+            record.msg, record.args = self._TOKEN.sub(r"\1<redacted>", message), ()
+        return True
+
+
+def _redact_tokens_in_urllib3_logs() -> None:
+    logger = logging.getLogger("urllib3.connectionpool")
+    if not any(isinstance(f, _RedactTokens) for f in logger.filters):
+        logger.addFilter(_RedactTokens())
 
 
 def _reason(exc: Exception) -> str:

@@ -20,6 +20,10 @@ def sample_files() -> dict[str, bytes]:
         "class0/img 1.jpg": rng.randbytes(110_000),
         "class0/img2.jpg": rng.randbytes(90_000),
         "class1/ünïcödé 名前.jpg": rng.randbytes(50_000),
+        # More names than one listing batch holds, so the walk resumes after a non-ASCII name;
+        # and characters that mean something in a URL.
+        **{f"class1/ü{i} ñ.jpg": rng.randbytes(100 + i) for i in range(5)},
+        "class1/odd %41 #1?a=b&c+d;e.bin": rng.randbytes(999),
         "deep/a/b/c/d/e/h.bin": rng.randbytes(3_000),
         "empty.txt": b"",
         # 20+ HDFS blocks of 1 MiB, and several of the cache's 8 MiB chunks.

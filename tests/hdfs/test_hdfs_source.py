@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import random
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -132,6 +133,18 @@ def test_delegation_token_replaces_user_name():
     assert with_token["delegation"] == ["T0K"] and "user.name" not in with_token
     assert with_user["user.name"] == ["etl"] and "delegation" not in with_user
     assert with_user["op"] == ["GETFILESTATUS"]
+
+
+def test_delegation_token_stays_out_of_debug_logs(caplog):
+    stub = StubNameNode(200, FILE_STATUS)
+    try:
+        with caplog.at_level(logging.DEBUG):
+            source = HdfsSource(f"hdfs://{stub.address}/d", HdfsOptions(delegation_token="S3CR3T"))
+            source.stat("f")
+    finally:
+        stub.close()
+    assert stub.queries[0]["delegation"] == ["S3CR3T"]
+    assert "GETFILESTATUS" in caplog.text and "S3CR3T" not in caplog.text
 
 
 def test_only_standby_namenodes_is_unreachable(standby):
