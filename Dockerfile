@@ -1,0 +1,51 @@
+# syntax=docker/dockerfile:1
+# One image for every Datahoard component (see docker/entrypoint.sh):
+#   operator | worker | csi-node
+# Build: docker build -t datahoard:dev .      (e2e/run.sh does this and loads it into kind)
+#
+# Stage 1 builds a virtualenv from pinned wheels (docker/requirements.lock, checked against
+# pyproject.toml by tests/chart/test_image.py); stage 2 is the runtime: the venv, FUSE 3
+# userspace, nothing else. Root by default, because the cache worker (FUSE mounts) and the CSI
+# plugin (bind mounts) need it; the chart runs the operator as uid 65532 with a read-only root.
+
+ARG PYTHON_IMAGE=python:3.11-slim-bookworm
+
+FROM ${PYTHON_IMAGE} AS build
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+RUN python -m venv /opt/datahoard
+ENV PATH=/opt/datahoard/bin:$PATH
+# Dependencies first, so source edits do not rebuild this layer.
+COPY docker/requirements.lock /tmp/requirements.lock
+RUN pip install --no-deps --only-binary=:all: -r /tmp/requirements.lock
+COPY pyproject.toml README.md /src/
+COPY datahoard /src/datahoard
+COPY operator /src/operator
+COPY cache_worker /src/cache_worker
+COPY csi_node /src/csi_node
+# --no-deps: everything it needs is already pinned above; `pip check` proves the set is whole.
+RUN pip install --no-deps /src \
+    && pip check \
+    && datahoard --help >/dev/null \
+    && python -c "import datahoard.operator.handlers, datahoard.csi_node.server, datahoard.cache_worker.worker"
+
+FROM ${PYTHON_IMAGE}
+# fuse3: libfuse3 (loaded by mfusepy) and fusermount3; util-linux: mount/umount for cleanup jobs.
+RUN apt-get update \
+    && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
+        fuse3=3.14.0-4 libfuse3-3=3.14.0-4 \
+    && rm -rf /var/lib/apt/lists/* \
+    # Pods of other users read the FUSE view (mounted with allow_other).
+    && echo user_allow_other >> /etc/fuse.conf \
+    && groupadd --gid 65532 datahoard \
+    && useradd --uid 65532 --gid 65532 --no-create-home --home-dir /nonexistent \
+        --shell /usr/sbin/nologin datahoard
+COPY --from=build /opt/datahoard /opt/datahoard
+COPY docker/entrypoint.sh /usr/local/bin/datahoard-entrypoint
+ENV PATH=/opt/datahoard/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1
+LABEL org.opencontainers.image.title="datahoard" \
+      org.opencontainers.image.description="Datahoard operator, cache worker and CSI node plugin" \
+      org.opencontainers.image.licenses="Apache-2.0"
+ENTRYPOINT ["datahoard-entrypoint"]
+CMD []
