@@ -148,14 +148,18 @@ class ControlPlane:
                                    f"{self.workdir / 'kube-apiserver.log'}")
             time.sleep(0.3)
 
-    def stop_apiserver(self) -> None:
-        self._stop("kube-apiserver")
+    def stop_apiserver(self, crash: bool = False) -> None:
+        """Stop kube-apiserver; ``crash`` kills it at once (a graceful stop drains for ~20 s)."""
+        self._stop("kube-apiserver", crash)
 
-    def _stop(self, name: str) -> None:
+    def _stop(self, name: str, crash: bool = False) -> None:
         proc = self.procs.pop(name, None)
         if proc is None:
             return
-        proc.terminate()
+        if crash:
+            proc.kill()
+        else:
+            proc.terminate()
         try:
             proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
