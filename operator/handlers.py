@@ -71,13 +71,28 @@ def _post_transitions(body: kopf.Body, old: list[Mapping[str, Any]], new: list[M
                    reason=new_phase, message=f"Dataset is {new_phase}")
 
 
+@kopf.index("v1", "nodes")
+def node_index(name: str, meta: kopf.Meta, spec: kopf.Spec, status: kopf.Status,
+               **_: Any) -> dict[str, dict[str, Any]]:
+    """What placement needs of every Node, kept current by kopf's watch (one per operator,
+    instead of one full node list per Dataset per pass)."""
+    return {name: {
+        "metadata": {"name": name, "labels": dict(meta.get("labels") or {}),
+                     "deletionTimestamp": meta.get("deletionTimestamp")},
+        "spec": {"taints": list(spec.get("taints") or []),
+                 "unschedulable": spec.get("unschedulable", False)},
+        "status": {"allocatable": dict(status.get("allocatable") or {})},
+    }}
+
+
 @kopf.timer(*RESOURCE, id="reconcile", interval=CONFIG.interval)
 async def reconcile_timer(body: kopf.Body, status: kopf.Status, patch: kopf.Patch,
-                          memo: kopf.Memo, **_: Any) -> None:
+                          memo: kopf.Memo, node_index: kopf.Index, **_: Any) -> None:
     """Converge workers, labels and volumes, then write sizes, ratios, phase and conditions."""
     if body.get("metadata", {}).get("deletionTimestamp"):
         return  # the delete handler owns the object now; do not re-create what it removes
-    new = await reconcile(body, memo.kube, memo.config)
+    nodes = [node for store in node_index.values() for node in store]
+    new = await reconcile(body, nodes, memo.kube, memo.config)
     old_conditions = list(status.get("conditions") or [])
     for key, value in new.items():
         patch.status[key] = value

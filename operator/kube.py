@@ -79,11 +79,6 @@ class Kube:
     # -- reads ---------------------------------------------------------------------------------
 
     @_api_call
-    def list_nodes(self) -> list[Obj]:
-        return [self._dict(n) for n in
-                self.core.list_node(_request_timeout=REQUEST_TIMEOUT).items]
-
-    @_api_call
     def nodes_with_label(self, key: str) -> list[str]:
         nodes = self.core.list_node(label_selector=key, _request_timeout=REQUEST_TIMEOUT).items
         return sorted(n.metadata.name for n in nodes)

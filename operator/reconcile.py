@@ -121,8 +121,8 @@ def _credentials(ds: Dataset, kube: Kube, settings: OperatorSettings, conds: Con
     return builders.credentials_hash(copied)
 
 
-def converge(ds: Dataset, status: Mapping[str, Any], kube: Kube, settings: OperatorSettings
-             ) -> Converged:
+def converge(ds: Dataset, status: Mapping[str, Any], nodes: list[Mapping[str, Any]], kube: Kube,
+             settings: OperatorSettings) -> Converged:
     """Make the workers, labels and volumes match the spec (blocking API calls).
 
     1. pick nodes; 2. copy credentials; 3. apply the worker DaemonSet (or remove it when no
@@ -134,7 +134,7 @@ def converge(ds: Dataset, status: Mapping[str, Any], kube: Kube, settings: Opera
     cache_nodes = set(status.get("cacheNodes") or [])
     tolerations = builders.worker_tolerations(ds, settings)
 
-    selected = placement.pick_nodes(kube.list_nodes(), ds, settings.gpu_resource, tolerations,
+    selected = placement.pick_nodes(nodes, ds, settings.gpu_resource, tolerations,
                                     current=cache_nodes)
     if selected:
         shown = ", ".join(selected[:10]) + (f" and {len(selected) - 10} more" if len(selected) > 10 else "")
@@ -174,14 +174,18 @@ def converge(ds: Dataset, status: Mapping[str, Any], kube: Kube, settings: Opera
     return Converged(selected, pods, conds, sorted(cache_nodes))
 
 
-async def reconcile(body: Mapping[str, Any], kube: Kube, settings: OperatorSettings
-                    ) -> dict[str, Any]:
-    """One full pass for one Dataset; returns the ``status`` to merge-patch."""
+async def reconcile(body: Mapping[str, Any], nodes: list[Mapping[str, Any]], kube: Kube,
+                    settings: OperatorSettings) -> dict[str, Any]:
+    """One full pass for one Dataset; returns the ``status`` to merge-patch.
+
+    ``nodes`` is the current Node list (from the operator's watch-fed index, so that many
+    Datasets do not each list every node every pass).
+    """
     ds, problem = parse(body, settings)
     if ds is None:
         return failed_status(body, problem)
     status = body.get("status") or {}
-    state = await asyncio.to_thread(converge, ds, status, kube, settings)
+    state = await asyncio.to_thread(converge, ds, status, nodes, kube, settings)
     on_selected = [p for p in state.pods if p.node in state.selected]
     stats = await collect(on_selected, settings.stats_port, settings.stats_timeout,
                           settings.stats_concurrency)
