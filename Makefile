@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 # Built tools (kube-apiserver, etcd, helm, ...) live outside the repo so clean checkouts reuse them.
 TOOLS_DIR ?= $(HOME)/.cache/datahoard-tools
 
-.PHONY: all venv sysdeps test unit demo envtest bench clean helm e2e
+.PHONY: all venv sysdeps test unit demo envtest bench bench-tools clean helm e2e
 
 all: test
 
@@ -39,6 +39,14 @@ demo: sysdeps venv
 envtest:
 	@tests/tools/build-envtest.sh "$(TOOLS_DIR)"
 
+# The test HDFS (Hadoop's MiniDFSCluster, NameNode + DataNode with WebHDFS) fetched from Maven
+# Central and compiled once into $(TOOLS_DIR)/mini-hdfs-<version>-<hash>/ (first fetch: ~45 s,
+# ~90 MB; later: instant). Without a JDK it only says so: the HDFS tests then skip with that reason.
+.PHONY: hdfs-minicluster
+hdfs-minicluster:
+	@if command -v javac >/dev/null; then tests/hdfs/build-minicluster.sh "$(TOOLS_DIR)" >/dev/null; \
+	else echo "hdfs-minicluster: no JDK on PATH; the HDFS tests will be skipped"; fi
+
 # helm for the chart tests and the e2e, built once from its Go module into $(TOOLS_DIR)/helm-<version>/
 # (first build: ~5 min on 2 cores with a cold Go cache, capped at 20 min; later: instant).
 # Prints the binary's path only, so `HELM=$$(make -s helm)` works; an executable $$HELM is used as-is.
@@ -49,13 +57,15 @@ helm:
 e2e:
 	HELM="$$(tests/tools/build-helm.sh "$(TOOLS_DIR)")" e2e/run.sh
 
-# The test HDFS (Hadoop's MiniDFSCluster, NameNode + DataNode with WebHDFS) fetched from Maven
-# Central and compiled once into $(TOOLS_DIR)/mini-hdfs-<version>-<hash>/ (first fetch: ~45 s,
-# ~90 MB; later: instant). Without a JDK it only says so: the HDFS tests then skip with that reason.
-.PHONY: hdfs-minicluster
-hdfs-minicluster:
-	@if command -v javac >/dev/null; then tests/hdfs/build-minicluster.sh "$(TOOLS_DIR)" >/dev/null; \
-	else echo "hdfs-minicluster: no JDK on PATH; the HDFS tests will be skipped"; fi
+# The benchmark (bench/README.md): MinIO behind a slow link vs local disk, boto3, rclone, s3fs.
+# Full run ~25 min, writes bench/RESULTS.md and bench/results.json; `make bench BENCH_ARGS=--quick`
+# is the couple-of-minutes smoke test. bench-tools builds MinIO once into $(TOOLS_DIR).
+BENCH_ARGS ?=
+bench-tools:
+	@bench/build-tools.sh "$(TOOLS_DIR)"
+
+bench: sysdeps venv bench-tools
+	TOOLS_DIR="$(TOOLS_DIR)" $(PY) -m bench.run $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,3 @@
+module datahoard.io/bench/latproxy
+
+go 1.22

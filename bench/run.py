@@ -1,0 +1,317 @@
+"""``make bench``: Datahoard against local disk, direct S3, rclone and s3fs, in one run.
+
+    python -m bench.run [--quick] [--rtt-ms 10] [--rate-mbit 1000] [--out bench/]
+
+Steps (every mount, server and namespace is torn down in ``finally`` blocks):
+
+1. generate the data on local disk (the local-disk copy), start MinIO behind the slow link
+   (bench/remote.py), upload, then apply the bandwidth cap;
+2. for each system, each workload: page cache dropped, a *cold* epoch, then a *warm* epoch that
+   replays exactly what the cold one read. Systems: local disk; boto3 (serial, and with the
+   readers' concurrency); Datahoard (cold/warm; pre-warmed with ``--warm`` then page cache
+   dropped; warming throughput); rclone ``--vfs-cache-mode full``; s3fs ``use_cache``; and a
+   prototype of serving a fully cached dataset with no FUSE hop (hard links into the cache);
+3. metadata at 10k..1M objects (bench/metadata.py);
+4. ``results.json`` (every figure and the named targets) and ``RESULTS.md`` (bench/report.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import random
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from . import data, metadata, readers, report
+from .remote import BUCKET, LinkSpec, RemoteStore
+from .systems import Datahoard, MountError, Rclone, S3fs, materialize
+
+MiB = 1 << 20
+REPO = Path(__file__).resolve().parent.parent
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.scale = data.QUICK if args.quick else data.FULL
+        self.work = Path(args.work)
+        self.runs: list[dict] = []
+        self.extra: dict = {"skipped": {}}
+        rng = random.Random(42)
+        self.imagenet = [("file", p) for p in rng.sample(data.imagenet_paths(self.scale), k=len(data.imagenet_paths(self.scale)))]
+        self.shards = [[("range", p, off, MiB) for off in range(0, self.scale.shard_bytes, MiB)]
+                       for p in data.shard_paths(self.scale)]
+        self.random_ops = []
+        for _ in range(self.scale.random_reads):
+            length = int(math.exp(rng.uniform(math.log(4096), math.log(MiB))))
+            self.random_ops.append(("range", data.RANDOM_PATH, rng.randrange(self.scale.random_bytes - length), length))
+
+    # -- one epoch -------------------------------------------------------------------------
+    def epoch(self, workload: str, system: str, kind: str, root: str, plan, pid: int = 0,
+              s3conf: dict | None = None, strip: str = "") -> readers.EpochResult:
+        if strip:
+            plan = [[(op[0], op[1][len(strip):], *op[2:]) for op in ops] for ops in plan]
+        cpu0 = readers.process_tree_cpu(pid) if pid else 0.0
+        res = readers.run_epoch(root, plan, self.scale.epoch_cap, s3conf)
+        daemon_cpu = (readers.process_tree_cpu(pid) - cpu0) if pid else 0.0
+        planned = sum(len(ops) for ops in plan)
+        gb = res.bytes / 1e9
+        row = {
+            "workload": workload, "system": system, "epoch": kind,
+            "ops": res.ops, "planned_ops": planned, "complete": res.ops == planned,
+            "bytes": res.bytes, "seconds": round(res.seconds, 3),
+            "ops_per_s": res.ops / res.seconds if res.seconds else 0.0,
+            "mb_per_s": res.bytes / 1e6 / res.seconds if res.seconds else 0.0,
+            "p50_ms": readers.percentile(res.latencies, 0.5) * 1000,
+            "p99_ms": readers.percentile(res.latencies, 0.99) * 1000,
+            "reader_cpu_s": round(res.reader_cpu, 2), "daemon_cpu_s": round(daemon_cpu, 2),
+            "cpu_s_per_gb": (res.reader_cpu + daemon_cpu) / gb if gb else None,
+            "readers": len(plan), "errors": res.errors[:3],
+        }
+        if pid:
+            row["daemon_peak_rss"] = readers.peak_rss(pid)
+        self.runs.append(row)
+        log(f"{workload:9s} {system:18s} {kind:13s} {row['ops']:6d}/{planned} ops {row['ops_per_s']:9.1f}/s "
+            f"{row['mb_per_s']:8.1f} MB/s p50 {row['p50_ms']:7.2f} ms p99 {row['p99_ms']:8.2f} ms"
+            + (f" ERRORS {res.errors[:1]}" if res.errors else ""))
+        # The plan returned is in the caller's path space, for the warm replay.
+        if strip:
+            return _replay(res, strip)
+        return res
+
+    def workloads(self, peers: bool = False) -> list[tuple[str, list[list]]]:
+        n = self.scale.readers
+        ops = self.imagenet[: self.scale.peer_files] if peers else self.imagenet
+        return [("imagenet", readers.split(ops, n)), ("shards", self.shards),
+                ("random", readers.split(self.random_ops, n))]
+
+    def cold_warm(self, system: str, root: str, pid: int = 0, peers: bool = False, strip: str = "",
+                  only: tuple[str, ...] = ()) -> None:
+        for workload, plan in self.workloads(peers):
+            if only and workload not in only:
+                continue
+            readers.drop_caches()
+            cold = self.epoch(workload, system, "cold", root, plan, pid, strip=strip)
+            if cold.errors and not cold.ops:
+                # A system that cannot read at all retries for minutes per workload: stop here.
+                self.extra["skipped"][system] = f"{workload} cold epoch failed: {cold.errors[0]}"
+                return
+            self.epoch(workload, system, "warm", root, cold.done, pid, strip=strip)
+
+    # -- systems ---------------------------------------------------------------------------
+    def local(self) -> None:
+        self.cold_warm("local disk", str(self.work / "local"))
+
+    def boto3(self, remote: RemoteStore) -> None:
+        conf = {"endpoint": remote.endpoint, "bucket": BUCKET}
+        os.environ.update(remote.env())
+        n = self.scale.readers
+        s3 = lambda plan: [[("s3", op[1]) for op in ops] for ops in plan]  # noqa: E731
+        readers.drop_caches()
+        self.epoch("imagenet", "boto3 serial", "direct", "", s3([self.imagenet[: self.scale.serial_files]]),
+                   s3conf=conf)
+        readers.drop_caches()
+        sample = self.imagenet[: self.scale.boto3_files]
+        self.epoch("imagenet", f"boto3 x{n}", "direct", "", s3(readers.split(sample, n)), s3conf=conf)
+        # The store's bandwidth as parallel boto3 sees it, on the objects warming fetches.
+        readers.drop_caches()
+        self.epoch("imagenet", "boto3 x16 (store)", "direct", "", s3(readers.split(sample, 16)), s3conf=conf)
+        ranged = lambda plan: [[("s3range", op[1], op[2], op[3]) for op in ops] for ops in plan]  # noqa: E731
+        readers.drop_caches()
+        big = [[("s3range", p, off, 8 * MiB) for off in range(0, self.scale.shard_bytes, 8 * MiB)]
+               for p in data.shard_paths(self.scale)]
+        self.epoch("shards", "boto3 (8 MiB GETs)", "direct", "", big, s3conf=conf)
+        readers.drop_caches()
+        self.epoch("random", f"boto3 x{n}", "direct", "", ranged(readers.split(self.random_ops, n)), s3conf=conf)
+
+    def datahoard(self, remote: RemoteStore) -> None:
+        os.environ.update(remote.env())
+        cache, mnt = self.work / "dh-cache", self.work / "dh-mnt"
+        readers.drop_caches()
+        view = Datahoard(f"s3://{BUCKET}/", mnt, cache, remote.endpoint)
+        try:
+            self.extra["datahoard_mount_with_listing_s"] = view.mount_seconds
+            self.cold_warm("datahoard", str(mnt), view.pid)
+            stats = view.stats()
+            self.extra["datahoard_stats_after_cold_warm"] = json.loads(stats.model_dump_json())
+        finally:
+            view.close()
+            shutil.rmtree(cache, ignore_errors=True)
+        self.prewarmed(remote)
+
+    def prewarmed(self, remote: RemoteStore) -> None:
+        cache, mnt = self.work / "dhw-cache", self.work / "dhw-mnt"
+        readers.drop_caches()
+        view = Datahoard(f"s3://{BUCKET}/imagenet/", mnt, cache, remote.endpoint,
+                         extra=("--warm", "--parallelism", "16"))
+        try:
+            start = time.monotonic()
+            cpu0 = readers.process_tree_cpu(view.pid)
+            while True:
+                stats = view.stats()
+                if stats.warming.state not in ("running", "idle"):
+                    break
+                time.sleep(0.2)
+            seconds = time.monotonic() - start
+            cpu = readers.process_tree_cpu(view.pid) - cpu0
+            w = stats.warming
+            self.extra["warming"] = {
+                "state": w.state, "files": w.files_done, "bytes": w.bytes_done, "seconds": seconds,
+                "mb_per_s": w.bytes_done / 1e6 / seconds, "files_per_s": w.files_done / seconds,
+                "worker_reported_bytes_per_s": w.bytes_per_second, "parallelism": 16,
+                "worker_cpu_s": cpu, "cpu_s_per_gb": cpu / (w.bytes_done / 1e9) if w.bytes_done else None,
+            }
+            log(f"warming: {w.files_done} files {w.bytes_done / 1e6:.0f} MB in {seconds:.1f} s "
+                f"= {w.bytes_done / 1e6 / seconds:.1f} MB/s ({w.state})")
+            plan = readers.split(self.imagenet, self.scale.readers)
+            readers.drop_caches()
+            first = self.epoch("imagenet", "datahoard", "pre-warmed", str(mnt), plan, view.pid, strip="imagenet/")
+            self.epoch("imagenet", "datahoard", "pre-warmed 2", str(mnt), first.done, view.pid, strip="imagenet/")
+            self.extra["datahoard_peak_rss_imagenet"] = readers.peak_rss(view.pid)
+        finally:
+            view.close()
+        # Remount the same cache: the mount time of an indexed dataset of this size.
+        view = Datahoard(f"s3://{BUCKET}/imagenet/", mnt, cache, remote.endpoint)
+        self.extra["datahoard_remount_indexed_s"] = view.mount_seconds
+        view.close()
+        direct = self.work / "direct"
+        try:
+            linked = materialize(cache / "index.db", cache / "chunks", direct, prefix="imagenet")
+            self.extra["direct_prototype_linked_files"] = linked
+            self.cold_warm("no-FUSE prototype", str(direct), only=("imagenet",))
+        finally:
+            shutil.rmtree(direct, ignore_errors=True)
+            shutil.rmtree(cache, ignore_errors=True)
+
+    def peer(self, cls, remote: RemoteStore) -> None:
+        if shutil.which(cls.name) is None:
+            self.extra["skipped"][cls.name] = f"{cls.name} is not installed (apt-get install {cls.name})"
+            log(f"skipping {cls.name}: not installed")
+            return
+        cache, mnt = self.work / f"{cls.name}-cache", self.work / f"{cls.name}-mnt"
+        readers.drop_caches()
+        try:
+            view = cls(mnt, cache, remote.endpoint, self.work / f"{cls.name}.log")
+        except MountError as exc:
+            self.extra["skipped"][cls.name] = str(exc)
+            log(f"skipping {cls.name}: {exc}")
+            return
+        try:
+            self.extra[f"{cls.name}_mount_s"] = view.mount_seconds
+            self.cold_warm(cls.name, str(mnt), view.pid, peers=True)
+        finally:
+            view.close()
+            shutil.rmtree(cache, ignore_errors=True)
+
+    def metadata(self, remote: RemoteStore) -> None:
+        listing = metadata.list_rate(remote.client(), BUCKET, "imagenet/")
+        self.extra["listing"] = listing
+        log(f"listing: {listing['objects']} objects in {listing['seconds']:.2f} s "
+            f"({listing['seconds_per_page'] * 1000:.1f} ms/page)")
+        rows = []
+        for n in self.scale.metadata_sizes:
+            row = metadata.measure(n, self.work, remote.endpoint, listing["seconds_per_page"],
+                                   walk_cap=60 if self.args.quick else 240)
+            log(f"metadata {n}: build {row['index_build_seconds']:.1f} s, mount {row['mount_seconds']:.2f} s, "
+                f"RSS {row['rss_after_stat'] / 1e6:.1f} MB, walk {row['walk_files']} files in {row['walk_seconds']:.1f} s")
+            rows.append(row)
+        self.extra["metadata"] = rows
+
+    # -- the whole run ---------------------------------------------------------------------
+    def run(self) -> dict:
+        if self.work.exists():
+            shutil.rmtree(self.work)
+        self.work.mkdir(parents=True)
+        started = time.time()
+        self.extra["loadavg_before"] = open("/proc/loadavg").read().split()[:3]
+        log(f"generating data in {self.work / 'local'}")
+        total = data.generate(self.work / "local", self.scale)
+        link = LinkSpec(rtt_ms=self.args.rtt_ms, rate_bits=int(self.args.rate_mbit * 1e6))
+        remote = RemoteStore(Path(self.args.tools_dir), self.work, link)
+        remote.start()
+        try:
+            log(f"uploading {total / 1e9:.2f} GB to MinIO")
+            t = time.monotonic()
+            data.upload(self.work / "local", remote.client(direct=True, pool=32), BUCKET, self.scale)
+            self.extra["upload_seconds"] = time.monotonic() - t
+            remote.apply_bandwidth_cap()
+            self.extra["rtt_ms"] = remote.measured_rtt_ms()
+            log(f"link: {link.rate_bits / 1e6:.0f} Mbit/s, RTT p50 {self.extra['rtt_ms']}")
+            self.local()
+            self.boto3(remote)
+            self.datahoard(remote)
+            for cls in (Rclone, S3fs):
+                self.peer(cls, remote)
+            self.metadata(remote)
+        finally:
+            self.extra["loadavg_after"] = open("/proc/loadavg").read().split()[:3]
+            remote.close()
+            shutil.rmtree(self.work, ignore_errors=True)
+        return {
+            "mode": "quick" if self.args.quick else "full",
+            "command": self.args.command_line,
+            "started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(started)),
+            "duration_s": time.time() - started,
+            "machine": machine(),
+            "link": {"rtt_ms_added": link.rtt_ms, "rate_mbit": link.rate_bits / 1e6,
+                     "server": "MinIO (single drive) in its own network namespace"},
+            "scale": {k: v for k, v in self.scale.__dict__.items()},
+            "data_bytes": total,
+            "runs": self.runs,
+            **self.extra,
+        }
+
+
+def _replay(res: readers.EpochResult, strip: str) -> readers.EpochResult:
+    res.done = [[(op[0], strip + op[1], *op[2:]) for op in ops] for ops in res.done]
+    return res
+
+
+def machine() -> dict:
+    mem = next((int(line.split()[1]) * 1024 for line in open("/proc/meminfo") if line.startswith("MemTotal")), 0)
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "")
+    return {"cpus": os.cpu_count(), "cpu_model": cpu, "memory_bytes": mem, "kernel": platform.release(),
+            "python": platform.python_version()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="small data set, a couple of minutes (CI smoke test)")
+    p.add_argument("--rtt-ms", type=float, default=10.0, help="round trip added by the proxy (default 10)")
+    p.add_argument("--rate-mbit", type=float, default=1000.0, help="link cap each way, Mbit/s; 0 = none")
+    p.add_argument("--tools-dir", default=os.environ.get("TOOLS_DIR", str(Path.home() / ".cache/datahoard-tools")))
+    p.add_argument("--work", default="/var/tmp/datahoard-bench", help="scratch space (deleted after)")
+    p.add_argument("--out", default=str(REPO / "bench"), help="where results.json and RESULTS.md go")
+    p.add_argument("--report-only", action="store_true", help="rewrite RESULTS.md from results.json")
+    args = p.parse_args(argv)
+    args.command_line = "make bench" + (" BENCH_ARGS=--quick" if args.quick else "")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.report_only:
+        results = json.loads((out / "results.json").read_text())
+    else:
+        if os.geteuid() != 0:
+            raise SystemExit("the benchmark needs root (network namespaces, tc, dropping the page cache)")
+        results = Bench(args).run()
+        results["targets"] = report.targets(results)
+        (out / "results.json").write_text(json.dumps(results, indent=1, default=str) + "\n")
+    (out / "RESULTS.md").write_text(report.render(results))
+    log(f"wrote {out / 'results.json'} and {out / 'RESULTS.md'}")
+    for name, t in results["targets"].items():
+        verdict = "" if t["met"] is None else "met" if t["met"] else "MISSED"
+        log(f"target {name}: {t['value']} (want {t['want']}) {verdict}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
