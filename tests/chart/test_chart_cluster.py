@@ -139,6 +139,16 @@ def test_examples_are_accepted(plane: AuditedControlPlane, installed: Rendered) 
         assert claims == ["imagenet"], role
 
 
+def test_e2e_manifests_are_accepted(plane: AuditedControlPlane, installed: Rendered) -> None:
+    """What e2e/run.sh applies besides the chart and the examples: the in-cluster S3 and seed."""
+    plane.kubectl("create", "namespace", "minio", check=False)
+    for name in ("s3.yaml", "seed.yaml"):
+        text = (REPO / "e2e" / name).read_text()
+        docs = [d for d in yaml.safe_load_all(text) if d and d["kind"] != "Namespace"]
+        out = kubectl_apply(plane, yaml.safe_dump_all(docs), "--dry-run=server").stdout
+        assert out.count("(server dry run)") == len(docs), out
+
+
 class Operator:
     """The operator started the way its Deployment starts it: the image's entrypoint with the
     Deployment's args and env, authenticated as the chart's ServiceAccount."""
