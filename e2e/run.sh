@@ -142,7 +142,7 @@ check_pod() {  # pod
 # 6. The training Job, twice.
 for run in 1 2; do
     log "examples/job.yaml, run $run"
-    kubectl -n "$NS" delete job read-imagenet --ignore-not-found --wait=true
+    kubectl -n "$NS" delete job read-imagenet --ignore-not-found --cascade=foreground --wait=true
     kubectl -n "$NS" apply -f "$REPO/examples/job.yaml"
     if ! kubectl -n "$NS" wait --for=condition=complete job/read-imagenet --timeout=300s; then
         fail "job/read-imagenet did not complete (run $run)"
@@ -161,13 +161,16 @@ if kubectl get crd pytorchjobs.kubeflow.org >/dev/null 2>&1; then
     kubectl -n "$NS" apply -f "$REPO/examples/pytorchjob.yaml"
     wait_for "the PyTorchJob to succeed" 600 -n "$NS" pytorchjob read-imagenet \
         -o 'jsonpath={.status.conditions[?(@.type=="Succeeded")].status}' -- '^True$'
-    for pod in $(kubectl -n "$NS" get pods -l training.kubeflow.org/job-name=read-imagenet -o name); do
+    PODS=$(kubectl -n "$NS" get pods -l training.kubeflow.org/job-name=read-imagenet -o name)
+    [[ $(wc -w <<<"$PODS") == 2 ]] || fail "expected a master and a worker pod, got: $PODS"
+    for pod in $PODS; do
+        kubectl -n "$NS" wait --for=jsonpath='{.status.phase}'=Succeeded "$pod" --timeout=300s
         node=$(kubectl -n "$NS" get "$pod" -o jsonpath='{.spec.nodeName}')
         [[ " $CACHE_NODES " == *" $node "* ]] || fail "$pod ran on $node, not on a cache node"
         kubectl -n "$NS" logs "$pod" | tee /dev/stderr | grep -q "verified $FILES files" \
             || fail "$pod did not verify $FILES files"
     done
-    kubectl -n "$NS" delete pytorchjob read-imagenet --wait=true
+    kubectl -n "$NS" delete pytorchjob read-imagenet --cascade=foreground --wait=true
 else
     log "no PyTorchJob CRD (set E2E_TRAINING_OPERATOR=1 to install the training operator): skipped"
 fi
@@ -183,8 +186,7 @@ kubectl -n "$NS" get datasets | grep -q -- "$RATIO" || fail "kubectl get dataset
 
 # 9. Delete and check that nothing is left behind.
 log "deleting the Dataset"
-kubectl -n "$NS" delete job read-imagenet --wait=true
-kubectl -n "$NS" delete pods -l job-name=read-imagenet --wait=true --ignore-not-found
+kubectl -n "$NS" delete job read-imagenet --cascade=foreground --wait=true
 kubectl -n "$NS" delete dataset "$DATASET" --timeout=300s
 WORKER_NAME="dh-${NS}-${DATASET}"   # datahoard.names.worker_name
 for what in "pvc/$DATASET -n $NS" "pv/datahoard-${NS}-${DATASET}" "ds/$WORKER_NAME -n $SYSTEM_NS" \

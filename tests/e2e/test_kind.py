@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -137,3 +139,29 @@ def test_kind_e2e() -> None:
     if missing:
         pytest.skip(f"kind e2e: {missing}")
     subprocess.run(["make", "-s", "e2e"], cwd=REPO, check=True, timeout=3600)
+
+
+def test_pytorchjob_ranks_meet_at_the_end(tmp_path: Path) -> None:
+    """The PyTorchJob's master waits for its worker (so the worker's init container can still
+    resolve it), as with torch.distributed; both verify the files."""
+    root = tmp_path / "data"
+    root.mkdir()
+    (root / "a.JPEG").write_bytes(b"plain file\n")
+    code = _reader("pytorchjob.yaml").replace('"/data"', repr(str(root)))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    master = subprocess.Popen([sys.executable, "-c", code], env={**env, "RANK": "0"},
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        time.sleep(1)
+        assert master.poll() is None, "the master must wait for the worker"
+        worker = subprocess.run([sys.executable, "-c", code], env={**env, "RANK": "1"},
+                                capture_output=True, text=True, timeout=60)
+        assert worker.returncode == 0 and "rank 1" in worker.stdout and "verified 1 files" in worker.stdout
+        out, _ = master.communicate(timeout=30)
+        assert master.returncode == 0 and "rank 0" in out and "verified 1 files" in out
+    finally:
+        if master.poll() is None:
+            master.kill()
