@@ -9,9 +9,10 @@ name (the nameservice) and requests go to whichever listed NameNode is active.
 
 How each operation maps onto WebHDFS:
 
-1. ``list``: a depth-first walk with ``LISTSTATUS_BATCH`` (``dfs.ls.limit`` entries per call,
-   resumed with ``startAfter``), so a directory of a million files is never one huge response;
-   servers older than Hadoop 2.8 fall back to ``LISTSTATUS``.
+1. ``list``: a walk of the tree, several directories at a time, each read with
+   ``LISTSTATUS_BATCH`` (``dfs.ls.limit`` entries per call, resumed with ``startAfter``), so a
+   directory of a million files is never one huge response; servers older than Hadoop 2.8 fall
+   back to ``LISTSTATUS``.
 2. ``stat``: ``GETFILESTATUS``.
 3. ``read``: ``OPEN`` with ``offset`` and ``length``; the NameNode answers 307 to a DataNode
    holding the block, which streams the bytes (HttpFS answers 200 with the bytes itself; both
@@ -33,8 +34,10 @@ import getpass
 import json
 import logging
 import os
+import queue
 import random
 import re
+import threading
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -68,6 +71,7 @@ _AUTH = {"InvalidToken", "AuthenticationException", "SecurityException", "Author
 _FAILOVER = {"StandbyException", "ObserverRetryOnActiveException"}
 _RETRIABLE = {"RetriableException", "SafeModeException", "IOException", "ConnectException",
               "SocketTimeoutException", "EOFException"}
+_DONE = object()  # end of a listing
 _CONNECT_ERRORS = (
     urllib3.exceptions.NewConnectionError,
     urllib3.exceptions.ConnectTimeoutError,
@@ -86,6 +90,8 @@ class HdfsOptions:
     namenodes: tuple[str, ...] = ()
     #: Attempts per call, each going once around the namenode list if it has to.
     max_attempts: int = 5
+    #: Directories listed concurrently by :meth:`HdfsSource.list`.
+    list_parallelism: int = 8
     connect_timeout: float = 5.0
     read_timeout: float = 30.0
     max_connections: int = 64
@@ -274,28 +280,72 @@ class HdfsSource(Source):
 
     # -- Source -------------------------------------------------------------------------------
     def list(self) -> Iterator[RemoteObject]:
-        """Depth-first walk; memory is one listing batch plus the stack of pending directories."""
-        pending = [""]
-        while pending:
-            prefix = pending.pop()
-            try:
-                for status in self._list_dir(prefix):
-                    name = status.get("pathSuffix", "")
-                    kind = status.get("type")
-                    if not name:
-                        raise SourceError(f"{self._where(prefix)} is a file, not a directory: "
-                                          f"name the directory that holds it")
-                    if kind == "DIRECTORY":
-                        pending.append(f"{prefix}{name}/")
-                    elif kind == "FILE":
-                        yield _remote_object(f"{prefix}{name}", status)
-            except SourceNotFound:
-                if not prefix:
-                    raise
-                # Deleted while we walked: what is gone is not part of the dataset.
-                log.warning("directory %s disappeared during listing", self._where(prefix))
+        """Walk the tree listing up to ``list_parallelism`` directories at once.
 
-    def _list_dir(self, prefix: str) -> Iterator[dict]:
+        A tree of many small directories (``year=/month=/day=/`` partitions, one directory per
+        class) costs one NameNode round trip per directory, so they are listed concurrently;
+        memory stays bounded by the queue of batches not yet consumed. Order is arbitrary.
+        """
+        workers = max(1, self.options.list_parallelism)
+        results: queue.Queue = queue.Queue(maxsize=4 * workers)  # file batches, errors, _DONE
+        directories: queue.Queue = queue.Queue()
+        stop = threading.Event()
+        lock = threading.Lock()
+        pending = 1  # directories queued or being listed; the walk ends when none are left
+        directories.put("")
+
+        def deliver(item) -> None:
+            while not stop.is_set():
+                try:
+                    results.put(item, timeout=0.1)
+                    return
+                except queue.Full:
+                    continue
+
+        def walk() -> None:
+            nonlocal pending
+            while not stop.is_set():
+                try:
+                    prefix = directories.get(timeout=0.1)
+                except queue.Empty:
+                    continue
+                try:
+                    for batch in self._list_dir(prefix):
+                        files = []
+                        for status in batch:
+                            if status.get("type") == "DIRECTORY":
+                                with lock:
+                                    pending += 1
+                                directories.put(f"{prefix}{status['pathSuffix']}/")
+                            elif status.get("type") == "FILE":
+                                files.append(_remote_object(f"{prefix}{status['pathSuffix']}", status))
+                        deliver(files)
+                except SourceNotFound as exc:
+                    if not prefix:
+                        deliver(exc)
+                    else:  # deleted while we walked: what is gone is not part of the dataset
+                        log.warning("directory %s disappeared during listing", self._where(prefix))
+                except Exception as exc:  # noqa: BLE001 - handed to the consumer
+                    deliver(exc)
+                finally:
+                    with lock:
+                        pending -= 1
+                        done = pending == 0
+                    if done:
+                        deliver(_DONE)
+
+        for n in range(workers):
+            threading.Thread(target=walk, name=f"hdfs-list-{n}", daemon=True).start()
+        try:
+            while (item := results.get()) is not _DONE:
+                if isinstance(item, BaseException):
+                    raise item
+                yield from item
+        finally:
+            stop.set()  # also when the consumer stops early: idle walkers exit within 0.1 s
+
+    def _list_dir(self, prefix: str) -> Iterator[list[dict]]:
+        """One directory's entries, in batches of the NameNode's ``dfs.ls.limit``."""
         key = prefix.rstrip("/")
         start_after: str | None = None
         while True:
@@ -306,11 +356,13 @@ class HdfsSource(Source):
                 if "LISTSTATUS_BATCH" not in str(exc):
                     raise
                 # Hadoop < 2.8 rejects the op by name: one unbatched listing.
-                yield from self._json("LISTSTATUS", key)["FileStatuses"]["FileStatus"]
-                return
+                doc = {"DirectoryListing": {"partialListing": self._json("LISTSTATUS", key)}}
             listing = doc["DirectoryListing"]
             entries = listing["partialListing"]["FileStatuses"]["FileStatus"]
-            yield from entries
+            if any(not e.get("pathSuffix") for e in entries):
+                raise SourceError(f"{self._where(key)} is a file, not a directory: name the "
+                                  f"directory that holds it")
+            yield entries
             if not entries or int(listing.get("remainingEntries", 0)) <= 0:
                 return
             start_after = entries[-1]["pathSuffix"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import time
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
@@ -304,3 +305,51 @@ def test_example_dataset_is_a_valid_hdfs_dataset():
     ds = Dataset.from_body({**doc, "metadata": {**doc["metadata"], "namespace": "ml"}})
     assert ds.spec.source.scheme == "hdfs"
     assert parse_hdfs_uri(ds.spec.source.uri).namenodes == ("namenode.hadoop:9870",)
+
+
+@pytest.mark.integration
+def test_directories_are_listed_concurrently(hdfs_cluster, webhdfs, dataset):
+    tree = {f"/tree/p{i}/q{j}/f.txt": f"{i}.{j}".encode() for i in range(4) for j in range(4)}
+    webhdfs.put_many(tree)
+    source = source_for(hdfs_cluster, "/tree")
+    in_flight, most = 0, 0
+    lock = threading.Lock()
+    original = source._json
+
+    def slow(op, key, params=None):
+        nonlocal in_flight, most
+        with lock:
+            in_flight += 1
+            most = max(most, in_flight)
+        try:
+            time.sleep(0.05)
+            return original(op, key, params)
+        finally:
+            with lock:
+                in_flight -= 1
+
+    source._json = slow
+    assert sorted(o.key for o in source.list()) == sorted(k.removeprefix("/tree/") for k in tree)
+    assert most > 1
+
+
+@pytest.mark.integration
+def test_stopping_a_listing_early_ends_its_threads(hdfs_cluster, dataset):
+    before = {t.name for t in threading.enumerate()}
+    walk = source_for(hdfs_cluster, "/many").list()
+    next(walk)
+    walk.close()
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        left = {t.name for t in threading.enumerate()} - before
+        if not any(name.startswith("hdfs-list-") for name in left):
+            break
+        time.sleep(0.05)
+    assert not any(name.startswith("hdfs-list-") for name in left)
+
+
+@pytest.mark.integration
+def test_unreadable_subdirectory_fails_the_whole_listing(hdfs_cluster, dataset):
+    # A dataset with a hole in it is not served: the error names the directory and the user.
+    with pytest.raises(SourcePermissionDenied, match=f"/closed.*{OTHER}"):
+        list(source_for(hdfs_cluster, "/", user=OTHER).list())
