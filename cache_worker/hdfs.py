@@ -184,6 +184,7 @@ class HdfsSource(Source):
         self.options = options = options or HdfsOptions()
         self.target = parse_hdfs_uri(uri, options.namenodes)
         self.endpoint = ",".join(self.target.namenodes)
+        self._uri_scheme = uri.partition("://")[0]
         self.user = options.user or os.environ.get("HADOOP_USER_NAME") or getpass.getuser()
         self._active = 0  # index into target.namenodes of the last NameNode that answered
         self._http = urllib3.PoolManager(
@@ -206,7 +207,7 @@ class HdfsSource(Source):
         return f"{base}/{key}" if key else (base or "/")
 
     def _where(self, key: str = "") -> str:
-        return f"hdfs://{self.target.authority}{self._path(key)}"
+        return f"{self._uri_scheme}://{self.target.authority}{self._path(key)}"
 
     # -- the one place requests are made ------------------------------------------------------
     def _namenode_call(self, op: str, key: str, params: dict[str, str] | None = None,
@@ -254,6 +255,8 @@ class HdfsSource(Source):
         assert error is not None
         if isinstance(error, _Failover):
             raise SourceUnreachable(f"no active NameNode among {self.endpoint} for {what}: {error}")
+        if isinstance(error, SourceUnreachable) and len(namenodes) > 1:
+            raise SourceUnreachable(f"cannot reach any NameNode of {self.endpoint}: {error}")
         raise error
 
     def _backoff(self, attempt: int, what: str, error: Exception | None) -> None:

@@ -16,14 +16,17 @@ from datahoard.cache_worker.hdfs import (
     DEFAULT_HTTP_PORT,
     HdfsOptions,
     HdfsSource,
+    _classify,
     options_from_env,
     parse_hdfs_uri,
 )
 from datahoard.cache_worker.source import (
+    SourceAuthError,
     SourceChanged,
     SourceError,
     SourceNotFound,
     SourcePermissionDenied,
+    SourceTransientError,
     SourceUnreachable,
 )
 from datahoard.cache_worker.sources import open_source
@@ -75,6 +78,37 @@ def test_open_source_picks_hdfs_and_refuses_s3_options():
     assert isinstance(open_source("webhdfs://nn:9870/x"), HdfsSource)
     with pytest.raises(SourceError, match="apply to s3://"):
         open_source("hdfs://nn/x", endpoint_url="http://minio:9000")
+
+
+def remote(exception: str, message: str = "m") -> bytes:
+    return json.dumps({"RemoteException": {"exception": exception, "message": message}}).encode()
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "kind", "text"),
+    [
+        (404, remote("FileNotFoundException"), SourceNotFound, "not found: hdfs://nn/x"),
+        (403, remote("AccessControlException", "Permission denied: user=bob"),
+         SourcePermissionDenied, "user=bob"),
+        (401, b"<html>Authentication required</html>", SourceAuthError, "DELEGATION_TOKEN"),
+        (403, remote("InvalidToken", "token (HDFS_DELEGATION_TOKEN ...) is expired"),
+         SourceAuthError, "expired"),
+        (403, remote("SecurityException", "Failed to obtain user group information"),
+         SourceAuthError, "rejected the credentials"),
+        (503, b"", SourceTransientError, "HTTP 503"),
+        (403, remote("RetriableException", "NameNode still not started"),
+         SourceTransientError, "still not started"),
+        (500, remote("IOException", "DataNode down"), SourceTransientError, "DataNode down"),
+        (404, b"It looks like you are making an HTTP request to a Hadoop IPC port.",
+         SourceError, "RPC port"),
+        (404, b"<html>Not Found</html>", SourceError, "no WebHDFS"),
+        (400, remote("IllegalArgumentException", "Invalid value for webhdfs parameter"),
+         SourceError, "Invalid value"),
+    ],
+)
+def test_classify_webhdfs_errors(status, body, kind, text):
+    error = _classify(status, body, "hdfs://nn/x", "http://nn:9870")
+    assert type(error) is kind and text in str(error)
 
 
 # -- stub NameNodes (standby, recording) --------------------------------------------------------
@@ -256,6 +290,10 @@ def test_unreachable_namenode():
     source = HdfsSource(f"hdfs://127.0.0.1:{free_port()}/x", HdfsOptions(max_attempts=2))
     with pytest.raises(SourceUnreachable, match="cannot reach NameNode"):
         list(source.list())
+    dead = (f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}")
+    source = HdfsSource("hdfs://ns/x", HdfsOptions(namenodes=dead, max_attempts=2))
+    with pytest.raises(SourceUnreachable, match=f"cannot reach any NameNode of {','.join(dead)}"):
+        source.stat("y")
 
 
 @pytest.mark.integration
