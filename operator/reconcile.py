@@ -33,9 +33,11 @@ CREDENTIALS_READY = "CredentialsReady"
 WORKERS_READY = "WorkersReady"
 VOLUME_READY = "VolumeReady"
 DELETION_BLOCKED = "DeletionBlocked"
+RECONCILED = "Reconciled"
 #: Condition reasons that need a person: they also become Warning Events (once, on change).
 #: Others (waiting for a worker, workers still starting) are normal progress.
-PROBLEMS = {"InvalidSpec", "NoMatchingNodes", "SecretNotFound", "SecretKeyMissing", "Degraded"}
+PROBLEMS = {"InvalidSpec", "NoMatchingNodes", "SecretNotFound", "SecretKeyMissing", "Degraded",
+            "APIError"}
 
 
 def now() -> str:

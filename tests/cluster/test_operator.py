@@ -286,6 +286,7 @@ def test_problems_become_conditions_and_spec_changes_apply(
         "AWS_SECRET_ACCESS_KEY": base64.b64encode(b"secret").decode()}})
     eventually(lambda: cluster.daemonset(namespace, "private"), what="workers once creds exist")
     eventually(lambda: cluster.condition(namespace, "private", "CredentialsReady")["status"] == "True")
+    assert cluster.condition(namespace, "private", "Reconciled")["status"] == "True"
 
     nodes = eventually(lambda: cluster.condition(namespace, "picky", "NodesSelected"))
     assert nodes["status"] == "False" and "cache=maybe" in nodes["message"]
