@@ -14,7 +14,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import kopf
 import pydantic
 
 from datahoard import names
@@ -245,7 +244,3 @@ def finalize(body: Mapping[str, Any], kube: Kube, settings: OperatorSettings) ->
     for node in sorted(cache_nodes):
         kube.create(builders.cleanup_job(ds, node, settings))
     kube.delete("Secret", names.worker_name(ds.namespace, ds.name), settings.namespace)
-
-
-def raise_blocked(exc: Blocked, delay: float) -> None:
-    raise kopf.TemporaryError(exc.message, delay=delay) from exc
