@@ -84,7 +84,8 @@ class HdfsOptions:
     #: Simple-auth user (``user.name``); default ``$HADOOP_USER_NAME``, else the OS user, as the
     #: Hadoop client does. Ignored when a delegation token is given (the token names the user).
     user: str | None = None
-    #: A delegation token (``hdfs fetchdt``'s URL-safe string) for Kerberos-secured clusters.
+    #: A delegation token for Kerberos-secured clusters: the ``urlString`` WebHDFS's
+    #: ``GETDELEGATIONTOKEN`` returns. Not renewed here: it must outlive the mount.
     delegation_token: str | None = None
     #: HA: ``host:port`` of every NameNode, tried in order until the active one answers.
     namenodes: tuple[str, ...] = ()
