@@ -189,7 +189,9 @@ class HdfsSource(Source):
         self.user = options.user or os.environ.get("HADOOP_USER_NAME") or getpass.getuser()
         self._active = 0  # index into target.namenodes of the last NameNode that answered
         self._http = urllib3.PoolManager(
-            num_pools=16,
+            # One pool per NameNode and per DataNode read from: enough that a large cluster's
+            # DataNodes do not evict each other's kept-alive connections.
+            num_pools=256,
             maxsize=options.max_connections,
             block=False,
             retries=False,  # every retry decision is ours (failover, backoff, classification)

@@ -29,10 +29,15 @@ if [[ -f "$OUT/.done" ]]; then classpath; exit 0; fi
 WORK="$(mktemp -d "$TOOLS_DIR/.mini-hdfs.XXXXXX")"
 trap 'rm -rf "$WORK"' EXIT
 log "fetching Hadoop $VERSION test cluster jars from Maven Central (once)"
-mvn -B -q -f "$SRC/pom.xml" dependency:copy-dependencies \
-    -DincludeScope=runtime -DoutputDirectory="$WORK/lib" >&2
+if ! mvn -B -q -f "$SRC/pom.xml" dependency:copy-dependencies \
+        -DincludeScope=runtime -DoutputDirectory="$WORK/lib" >"$WORK/mvn.log" 2>&1; then
+    cat "$WORK/mvn.log" >&2
+    log "Maven could not fetch Hadoop $VERSION (is Maven Central reachable? see above)"
+    exit 1
+fi
 mkdir -p "$WORK/classes"
 javac -nowarn -d "$WORK/classes" -cp "$WORK/lib/*" "$SRC/MiniHdfs.java" >&2
+rm -f "$WORK/mvn.log"
 touch "$WORK/.done"
 rm -rf "$OUT"
 mv "$WORK" "$OUT"

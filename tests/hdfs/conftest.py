@@ -2,7 +2,8 @@
 
 One session-scoped cluster: Apache Hadoop's MiniDFSCluster (one NameNode, one DataNode, WebHDFS
 and permissions on), from the published Maven artifacts, fetched and compiled once by
-``build-minicluster.sh`` into ``~/.cache/datahoard-tools`` (override: ``DATAHOARD_TOOLS_DIR``).
+``build-minicluster.sh`` into ``~/.cache/datahoard-tools`` (override: ``DATAHOARD_TOOLS_DIR``
+or ``TOOLS_DIR``).
 It starts in a few seconds. Only a machine without Java skips these tests; a failing fetch or
 start is an error, not a skip.
 
@@ -33,7 +34,9 @@ from .data import OWNER, many_files, sample_files
 
 HERE = Path(__file__).parent
 REPO = HERE.parent.parent
-TOOLS_DIR = Path(os.environ.get("DATAHOARD_TOOLS_DIR", Path.home() / ".cache" / "datahoard-tools"))
+#: The Makefile's TOOLS_DIR, where `make hdfs-minicluster` put the cluster before pytest started.
+TOOLS_DIR = Path(os.environ.get("DATAHOARD_TOOLS_DIR") or os.environ.get("TOOLS_DIR")
+                 or Path.home() / ".cache" / "datahoard-tools")
 #: Entries per LISTSTATUS_BATCH response in the test cluster (Hadoop's default is 1000).
 LS_LIMIT = 5
 BLOCK_SIZE = 1 << 20
