@@ -158,7 +158,7 @@ def stop_cluster(process: subprocess.Popen) -> None:
 @pytest.fixture(scope="session")
 def hdfs_cluster(tmp_path_factory) -> Iterator[HdfsCluster]:
     if JAVA_MISSING:
-        pytest.skip(f"HDFS tests {JAVA_MISSING}")
+        pytest.skip(f"HDFS tests: {JAVA_MISSING}")
     cluster = start_cluster(tmp_path_factory.mktemp("hdfs"))
     try:
         yield cluster
