@@ -23,10 +23,7 @@ COPY operator /src/operator
 COPY cache_worker /src/cache_worker
 COPY csi_node /src/csi_node
 # --no-deps: everything it needs is already pinned above; `pip check` proves the set is whole.
-RUN pip install --no-deps /src \
-    && pip check \
-    && datahoard --help >/dev/null \
-    && python -c "import datahoard.operator.handlers, datahoard.csi_node.server, datahoard.cache_worker.worker"
+RUN pip install --no-deps /src && pip check
 
 FROM ${PYTHON_IMAGE}
 # fuse3: libfuse3 (loaded by mfusepy) and fusermount3; util-linux: mount/umount for cleanup jobs.
@@ -44,6 +41,11 @@ COPY docker/entrypoint.sh /usr/local/bin/datahoard-entrypoint
 ENV PATH=/opt/datahoard/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1
+# Smoke test in the runtime stage: the worker's import needs libfuse3 from fuse3 above.
+RUN datahoard --help >/dev/null \
+    && kopf --help >/dev/null \
+    && python -c "import datahoard.operator.handlers, datahoard.csi_node.server, datahoard.cache_worker.worker" \
+    && datahoard-entrypoint csi-node --help >/dev/null
 LABEL org.opencontainers.image.title="datahoard" \
       org.opencontainers.image.description="Datahoard operator, cache worker and CSI node plugin" \
       org.opencontainers.image.licenses="Apache-2.0"

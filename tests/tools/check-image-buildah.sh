@@ -1,0 +1,78 @@
+#!/usr/bin/env bash
+# Build the Dockerfile without a Docker engine, with buildah (chroot isolation, vfs storage), and
+# smoke-test the image: the checks a `docker build` would make, on machines that have no engine.
+#
+# The one difference from a real build is the base: python:3.11-slim-bookworm comes from a
+# registry this machine cannot reach, so the base is Debian bookworm from debootstrap with
+# Debian's Python 3.11 (the same Debian release and Python minor version), built once and kept
+# in TOOLS_DIR. The host's CA bundle goes into that base so pip works behind the same TLS proxy
+# as the host. Everything in the Dockerfile itself runs as written.
+#
+# Usage: check-image-buildah.sh TOOLS_DIR      (needs root, buildah and debootstrap)
+set -euo pipefail
+
+TOOLS_DIR="${1:?usage: check-image-buildah.sh TOOLS_DIR}"
+REPO="$(cd "$(dirname "$0")/../.." && pwd)"
+BASE=localhost/datahoard-base:bookworm-py311
+IMAGE=localhost/datahoard:buildah-check
+STORE="$TOOLS_DIR/buildah"
+mkdir -p "$STORE"
+RUNROOT="$(mktemp -d /tmp/datahoard-buildah.XXXXXX)"
+BUILDAH=(buildah --root "$STORE/storage" --runroot "$RUNROOT" --storage-driver vfs)
+export BUILDAH_ISOLATION=chroot
+log() { echo "check-image: $*" >&2; }
+
+CONTAINERS=()
+cleanup() {
+    for c in "${CONTAINERS[@]}"; do "${BUILDAH[@]}" rm "$c" >/dev/null 2>&1 || true; done
+    "${BUILDAH[@]}" rmi -f "$IMAGE" >/dev/null 2>&1 || true
+    rm -rf "$RUNROOT"
+}
+trap cleanup EXIT
+
+# One base build at a time (concurrent test runs wait).
+exec 9>"$STORE/.lock"
+flock 9
+
+# 1. The base, once.
+if ! "${BUILDAH[@]}" inspect --type image "$BASE" >/dev/null 2>&1; then
+    log "building the base ($BASE) with debootstrap, once"
+    ROOTFS="$(mktemp -d "$STORE/rootfs.XXXXXX")"
+    debootstrap --variant=minbase --include=python3,python3-venv,ca-certificates bookworm "$ROOTFS" \
+        http://deb.debian.org/debian >"$STORE/debootstrap.log" 2>&1 \
+        || { tail -20 "$STORE/debootstrap.log" >&2; exit 1; }
+    ln -sf /usr/bin/python3 "$ROOTFS/usr/local/bin/python"
+    cp /etc/ssl/certs/ca-certificates.crt "$ROOTFS/etc/ssl/certs/ca-certificates.crt"
+    cp /etc/resolv.conf "$ROOTFS/etc/resolv.conf"
+    rm -rf "$ROOTFS"/var/cache/apt/archives/*.deb "$ROOTFS"/var/lib/apt/lists/*
+    c="$("${BUILDAH[@]}" from scratch)"
+    CONTAINERS+=("$c")
+    mnt="$("${BUILDAH[@]}" mount "$c")"
+    cp -a "$ROOTFS/." "$mnt/"
+    "${BUILDAH[@]}" umount "$c" >/dev/null
+    "${BUILDAH[@]}" config --env PATH=/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin "$c"
+    "${BUILDAH[@]}" commit -q "$c" "$BASE" >/dev/null
+    rm -rf "$ROOTFS"
+fi
+
+# 2. The Dockerfile as written, on that base.
+log "building the Dockerfile"
+"${BUILDAH[@]}" bud --isolation chroot --network host --layers=false \
+    --build-arg PYTHON_IMAGE="$BASE" -t "$IMAGE" -f "$REPO/Dockerfile" "$REPO" >&2
+
+# 3. The image's entrypoint, as each component runs it.
+c="$("${BUILDAH[@]}" from "$IMAGE")"
+CONTAINERS+=("$c")
+run() { "${BUILDAH[@]}" run --isolation chroot "$@"; }
+log "smoke tests"
+# The operator as the chart runs it: uid/gid 65532.
+# shellcheck disable=SC2016  # expanded in the container
+run --user 65532:65532 "$c" -- sh -c 'test "$(id -u)" = 65532 && datahoard-entrypoint operator --help >/dev/null'
+run "$c" -- datahoard-entrypoint csi-node --help >/dev/null
+run "$c" -- datahoard mount --help >/dev/null
+run "$c" -- fusermount3 --version >/dev/null
+run "$c" -- grep -qx user_allow_other /etc/fuse.conf
+# The cleanup Job's script needs sh, umount, rm, rmdir.
+run "$c" -- sh -c 'command -v umount && command -v rm && command -v rmdir' >/dev/null
+log "ok"
+echo ok
