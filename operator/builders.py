@@ -9,6 +9,7 @@ bound (PV, PVC).
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 from typing import Any
 
 from datahoard import names
@@ -25,9 +26,32 @@ COMPONENT_LABEL = "app.kubernetes.io/component"
 MANAGED_BY = {"app.kubernetes.io/name": "datahoard", "app.kubernetes.io/managed-by": "datahoard-operator"}
 CREDENTIALS_ANNOTATION = f"{names.GROUP}/credentials-hash"
 WORKER_CONTAINER = "worker"
-#: Keys the cache worker reads from its environment; the first two are required in the Secret.
-REQUIRED_SECRET_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
-OPTIONAL_SECRET_KEYS = ("AWS_SESSION_TOKEN",)
+
+
+@dataclass(frozen=True)
+class SecretKeys:
+    """Environment variables the cache worker reads for one source scheme, taken from the
+    Dataset's Secret: all of ``required``, and at least one of ``any_of`` when it is set."""
+
+    required: tuple[str, ...] = ()
+    any_of: tuple[str, ...] = ()
+    optional: tuple[str, ...] = ()
+
+    @property
+    def all(self) -> tuple[str, ...]:
+        return self.required + self.any_of + self.optional
+
+
+#: Per scheme: what the worker's S3 and WebHDFS clients read (cache_worker/s3.py, hdfs.py).
+SECRET_KEYS = {
+    "s3": SecretKeys(required=("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"),
+                     optional=("AWS_SESSION_TOKEN",)),
+    "hdfs": SecretKeys(any_of=("DATAHOARD_HDFS_USER", "DATAHOARD_HDFS_DELEGATION_TOKEN")),
+}
+
+
+def secret_keys(ds: Dataset) -> SecretKeys:
+    return SECRET_KEYS.get(ds.spec.source.scheme, SecretKeys())
 
 
 def dataset_key(ds: Dataset) -> str:
@@ -108,9 +132,10 @@ def _worker_container(ds: Dataset, settings: OperatorSettings, with_secret: bool
     secret = names.worker_name(ds.namespace, ds.name)
     env = []
     if with_secret:
-        for key in REQUIRED_SECRET_KEYS + OPTIONAL_SECRET_KEYS:
+        keys = secret_keys(ds)
+        for key in keys.all:
             ref = {"name": secret, "key": key}
-            if key in OPTIONAL_SECRET_KEYS:
+            if key not in keys.required:
                 ref["optional"] = True
             env.append({"name": key, "valueFrom": {"secretKeyRef": ref}})
     requests = {"cpu": settings.worker_cpu_request, "memory": settings.worker_memory_request}

@@ -103,18 +103,22 @@ def _credentials(ds: Dataset, kube: Kube, settings: OperatorSettings, conds: Con
                   "no spec.source.secretRef: anonymous access or the node's cloud identity")
         return None
     data = kube.read_secret_data(ds.namespace, ref.name)
+    keys = builders.secret_keys(ds)
+    wanted = " and ".join(keys.required) or " or ".join(keys.any_of)
     if data is None:
         conds.set(CREDENTIALS_READY, False, "SecretNotFound",
-                  f"Secret {ds.namespace}/{ref.name} not found: create it with keys "
-                  f"{' and '.join(builders.REQUIRED_SECRET_KEYS)} (see examples/s3-secret.yaml)")
+                  f"Secret {ds.namespace}/{ref.name} not found: create it with {wanted} "
+                  "(see examples/s3-secret.yaml)")
         return False
-    missing = [k for k in builders.REQUIRED_SECRET_KEYS if not data.get(k)]
+    missing = [k for k in keys.required if not data.get(k)]
+    if keys.any_of and not any(data.get(k) for k in keys.any_of):
+        missing.append(" or ".join(keys.any_of))
     if missing:
         conds.set(CREDENTIALS_READY, False, "SecretKeyMissing",
-                  f"Secret {ds.namespace}/{ref.name} has no {' or '.join(missing)}: add "
+                  f"Secret {ds.namespace}/{ref.name} has no {' and no '.join(missing)}: add "
                   f"{'it' if len(missing) == 1 else 'them'} to the Secret")
         return False
-    keep = builders.REQUIRED_SECRET_KEYS + builders.OPTIONAL_SECRET_KEYS
+    keep = keys.all
     copied = {k: v for k, v in data.items() if k in keep}
     kube.apply(builders.secret_copy(ds, copied, settings))
     conds.set(CREDENTIALS_READY, True, "SecretCopied",

@@ -21,6 +21,8 @@ CRD_PATH = REPO / "crds" / "datasets.datahoard.io.yaml"
 def pytest_configure(config: pytest.Config) -> None:
     # The test API server's certificate is self-signed; the kubeconfig says to skip verification.
     config.addinivalue_line("filterwarnings", "ignore::urllib3.exceptions.InsecureRequestWarning")
+    config.addinivalue_line("markers", "operator_env(**env): extra DATAHOARD_* settings for the "
+                            "operator a cluster test starts")
 
 
 @pytest.fixture(scope="session")
@@ -124,8 +126,10 @@ def kubelet(api_client: kubernetes.client.ApiClient) -> Iterator[Kubelet]:
 
 
 @pytest.fixture
-def operator_env(tmp_path: Path) -> dict[str, str]:
-    return {
+def operator_env(tmp_path: Path, request: pytest.FixtureRequest) -> dict[str, str]:
+    """Operator configuration for a test; ``@pytest.mark.operator_env(NAME=value)`` adds to it."""
+    marker = request.node.get_closest_marker("operator_env")
+    return {**{
         "DATAHOARD_NAMESPACE": "datahoard-system",
         "DATAHOARD_WORKER_IMAGE": "example.com/datahoard:test",
         # Fast loops so tests take seconds; the code paths are the production ones.
@@ -136,7 +140,7 @@ def operator_env(tmp_path: Path) -> dict[str, str]:
         "DATAHOARD_HOST_ROOT": str(tmp_path / "host"),
         # The test API server's certificate is self-signed (the kubeconfig skips verification).
         "PYTHONWARNINGS": "ignore:Unverified HTTPS request",
-    }
+    }, **(marker.kwargs if marker else {})}
 
 
 @pytest.fixture

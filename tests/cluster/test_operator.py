@@ -253,6 +253,8 @@ def test_deletion_waits_for_pods_using_the_volume_and_survives_restart(
     assert operator.alive()
 
 
+# An installation whose worker image reads only S3: hdfs:// passes the API but not the operator.
+@pytest.mark.operator_env(DATAHOARD_SOURCE_SCHEMES='["s3"]')
 def test_problems_become_conditions_and_spec_changes_apply(
         cluster: Cluster, operator: OperatorProcess, node_names: dict[str, str],
         namespace: str) -> None:
@@ -333,3 +335,22 @@ def test_operator_rides_out_an_api_server_outage(cluster: Cluster, operator: Ope
     assert operator.alive()
     for name in ("before", "after"):
         cluster.plane.kubectl("delete", "dataset", name, "-n", namespace, "--timeout=60s")
+
+
+def test_hdfs_sources_take_their_own_credentials(cluster: Cluster, operator: OperatorProcess,
+                                                 node_names: dict[str, str], namespace: str) -> None:
+    cluster.core.create_namespaced_secret(namespace, {"metadata": {"name": "hdfs"},
+                                                      "stringData": {"AWS_ACCESS_KEY_ID": "x"}})
+    cluster.apply_dataset(namespace, "logs", {"source": {"uri": "hdfs://namenode:9870/logs",
+                                                         "secretRef": {"name": "hdfs"}}})
+    missing = eventually(lambda: cluster.condition(namespace, "logs", "CredentialsReady"))
+    assert missing["reason"] == "SecretKeyMissing"
+    assert "DATAHOARD_HDFS_USER or DATAHOARD_HDFS_DELEGATION_TOKEN" in missing["message"]
+    cluster.core.patch_namespaced_secret("hdfs", namespace, {"stringData": {"DATAHOARD_HDFS_USER": "train"}})
+    ds = eventually(lambda: cluster.daemonset(namespace, "logs"), what="hdfs workers")
+    env = {e["name"] for e in ds["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env == {"DATAHOARD_HDFS_USER", "DATAHOARD_HDFS_DELEGATION_TOKEN"}
+    # Only the keys the worker reads are copied next to it.
+    copy = cluster.core.read_namespaced_secret(names.worker_name(namespace, "logs"), SYSTEM)
+    assert set(copy.data) == {"DATAHOARD_HDFS_USER"}
+    cluster.plane.kubectl("delete", "dataset", "logs", "-n", namespace, "--timeout=60s")

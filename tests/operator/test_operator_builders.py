@@ -44,6 +44,10 @@ CASES = {
         dataset(source={"uri": "s3://open-data/x"}, cache={"medium": "Memory", "capacity": "8Gi"},
                 warm={"policy": "OnDemand"}, placement={}),
         ["gpu-a"], SETTINGS, None),
+    "daemonset-hdfs": lambda: builders.worker_daemonset(
+        dataset(source={"uri": "hdfs://namenode:9870/data", "secretRef": {"name": "hdfs"}},
+                placement={}),
+        ["gpu-a"], SETTINGS, builders.credentials_hash({"DATAHOARD_HDFS_USER": "dHJhaW4="})),
     "secret-copy": lambda: builders.secret_copy(
         dataset(), {"AWS_SECRET_ACCESS_KEY": "c2VjcmV0", "AWS_ACCESS_KEY_ID": "aWQ="}, SETTINGS),
     "pv": lambda: builders.persistent_volume(dataset(), SETTINGS),
