@@ -9,6 +9,8 @@
 # as the host. Everything in the Dockerfile itself runs as written.
 #
 # Usage: check-image-buildah.sh TOOLS_DIR      (needs root, buildah and debootstrap)
+# With S3_ENDPOINT and S3_BUCKET (objects under train/), the cache worker in the image also
+# mounts that bucket through /dev/fuse, warms it and serves every file from its cache.
 set -euo pipefail
 
 TOOLS_DIR="${1:?usage: check-image-buildah.sh TOOLS_DIR}"
@@ -74,5 +76,21 @@ run "$c" -- fusermount3 --version >/dev/null
 run "$c" -- grep -qx user_allow_other /etc/fuse.conf
 # The cleanup Job's script needs sh, umount, rm, rmdir.
 run "$c" -- sh -c 'command -v umount && command -v rm && command -v rmdir' >/dev/null
+# 4. The cache worker for real: a FUSE view of an S3 bucket, warmed, then read from the cache.
+if [[ -n "${S3_ENDPOINT:-}" ]]; then
+    log "cache worker: mounting s3://$S3_BUCKET/train/ from $S3_ENDPOINT through /dev/fuse"
+    w="$("${BUILDAH[@]}" from --device /dev/fuse --cap-add CAP_SYS_ADMIN "$IMAGE")"
+    CONTAINERS+=("$w")
+    # shellcheck disable=SC2016  # expanded in the container
+    run --network host -e AWS_ACCESS_KEY_ID=testing -e AWS_SECRET_ACCESS_KEY=testing \
+        -e "S3_ENDPOINT=$S3_ENDPOINT" -e "S3_BUCKET=$S3_BUCKET" "$w" -- sh -euc '
+        mkdir -p /mnt/view /tmp/cache
+        datahoard mount "s3://$S3_BUCKET/train/" /mnt/view --cache-dir /tmp/cache \
+            --endpoint-url "$S3_ENDPOINT" --region us-east-1 --warm --wait
+        cat /mnt/view/* > /dev/null
+        datahoard status /mnt/view
+        datahoard status /mnt/view | grep -q "^hit ratio *1.000$"
+        datahoard umount /mnt/view' >&2
+fi
 log "ok"
 echo ok
