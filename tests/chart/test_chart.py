@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import yaml
 
-from conftest import CHART, CUSTOM_VALUES, NAMESPACE, REPO, run_helm, values_file
+from chartlib import CHART, CUSTOM_VALUES, NAMESPACE, REPO, run_helm, values_file
 
 from datahoard import names
 from datahoard.operator.config import OperatorSettings

@@ -19,7 +19,7 @@ import kubernetes
 import pytest
 import yaml
 
-from conftest import (CHART, CUSTOM_VALUES, NAMESPACE, RELEASE, REPO, AuditedControlPlane,
+from chartlib import (CHART, CUSTOM_VALUES, NAMESPACE, RELEASE, REPO, AuditedControlPlane,
                       Rendered, run_helm)
 from datahoard import names
 from envtest import eventually, free_port

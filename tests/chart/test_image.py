@@ -15,7 +15,7 @@ import pytest
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-from conftest import REPO
+from chartlib import REPO
 
 DOCKERFILE = (REPO / "Dockerfile").read_text()
 LOCK = REPO / "docker" / "requirements.lock"
