@@ -106,10 +106,13 @@ def phase(ds: Dataset, selected: list[str], pods: Mapping[str, WorkerPod],
           stats: Mapping[str, WorkerStats | str], old_nodes: Mapping[str, Any]) -> str:
     """Pending -> Listing -> Warming -> Ready, or Degraded when something that worked broke."""
     ready = [n for n in selected if n in pods and pods[n].ready]
+    # A node whose worker answered before (it has a lastSeen) and is not ready now: lost.
+    lost = [n for n in selected if n not in ready and (old_nodes.get(n) or {}).get("lastSeen")]
     if not ready:
+        if lost:
+            return "Degraded"
         return "Listing" if any(pods[n].running for n in selected if n in pods) else "Pending"
     good = {n: s for n, s in stats.items() if isinstance(s, WorkerStats)}
-    lost = [n for n in selected if n not in ready and (old_nodes.get(n) or {}).get("ready")]
     if lost or len(good) < len(ready) or any(s.degraded for s in good.values()) or any(
             s.warming.state == "failed" for s in good.values()):
         return "Degraded"

@@ -94,7 +94,9 @@ def test_phases() -> None:
     # A node that was ready and is not any more degrades the Dataset; one still starting does not.
     both = {"a": pod("a"), "b": pod("b", ready=False)}
     assert phase(d, ["a", "b"], both, {"a": stats(1, 0, 0)}, {}) == "Listing"
-    assert phase(d, ["a", "b"], both, {"a": stats(1, 0, 0)}, {"b": {"ready": True}}) == "Degraded"
+    assert phase(d, ["a", "b"], both, {"a": stats(1, 0, 0)}, {"b": {"lastSeen": "T"}}) == "Degraded"
+    # ... also when it was the only one, and for as long as it stays away.
+    assert phase(d, ["b"], {"b": pod("b", ready=False)}, {}, {"b": {"lastSeen": "T"}}) == "Degraded"
 
 
 def test_condition_transition_time_moves_only_on_status_change() -> None:
