@@ -16,6 +16,9 @@ from chartlib import CHART, CUSTOM_VALUES, NAMESPACE, REPO, run_helm, values_fil
 from datahoard import names
 from datahoard.operator.config import OperatorSettings
 
+# The first test of a session may build helm (~5 min on 2 cores with a cold Go cache).
+pytestmark = pytest.mark.timeout(1800)
+
 CRD = REPO / "crds" / "datasets.datahoard.io.yaml"
 
 

@@ -25,7 +25,8 @@ from datahoard import names
 from envtest import eventually, free_port
 from fakes import Kubelet, make_node
 
-pytestmark = pytest.mark.cluster
+# The first test of a session may build helm (~5 min on 2 cores with a cold Go cache).
+pytestmark = [pytest.mark.cluster, pytest.mark.timeout(1800)]
 
 SA_USER = f"system:serviceaccount:{NAMESPACE}:datahoard-operator"
 
