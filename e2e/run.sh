@@ -135,8 +135,10 @@ check_pod() {  # pod
     local node
     node=$(kubectl -n "$NS" get pod "$1" -o jsonpath='{.spec.nodeName}')
     [[ " $CACHE_NODES " == *" $node "* ]] || fail "pod $1 ran on $node, not on a cache node ($CACHE_NODES)"
-    kubectl -n "$NS" logs "$1" | tee /dev/stderr | grep -qx "verified $FILES files" \
-        || fail "pod $1 did not verify $FILES files"
+    local logs
+    logs="$(kubectl -n "$NS" logs "$1")"
+    printf '%s\n' "$logs" >&2
+    grep -qx "verified $FILES files" <<<"$logs" || fail "pod $1 did not verify $FILES files"
 }
 
 # 6. The training Job, twice.
@@ -167,8 +169,9 @@ if kubectl get crd pytorchjobs.kubeflow.org >/dev/null 2>&1; then
         kubectl -n "$NS" wait --for=jsonpath='{.status.phase}'=Succeeded "$pod" --timeout=300s
         node=$(kubectl -n "$NS" get "$pod" -o jsonpath='{.spec.nodeName}')
         [[ " $CACHE_NODES " == *" $node "* ]] || fail "$pod ran on $node, not on a cache node"
-        kubectl -n "$NS" logs "$pod" | tee /dev/stderr | grep -q "verified $FILES files" \
-            || fail "$pod did not verify $FILES files"
+        logs="$(kubectl -n "$NS" logs "$pod")"
+        printf '%s\n' "$logs" >&2
+        grep -q "verified $FILES files" <<<"$logs" || fail "$pod did not verify $FILES files"
     done
     kubectl -n "$NS" delete pytorchjob read-imagenet --cascade=foreground --wait=true
 else
