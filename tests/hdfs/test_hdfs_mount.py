@@ -64,7 +64,8 @@ def test_directory_listed_in_many_batches(hdfs_cluster, dataset, mount_hdfs, as_
     assert len(names) == MANY_TOP + 1 and "sub" in names
     assert len(os.listdir(m.mountpoint / "sub")) == MANY_SUB
     assert m.stats().files == len(dataset["many"])
-    assert read_all(m.mountpoint, dataset["many"]) == dataset["many"]
+    sample = {k: v for i, (k, v) in enumerate(sorted(dataset["many"].items())) if i % 10 == 0}
+    assert read_all(m.mountpoint, sample) == sample
 
 
 def test_warm_fetches_everything(hdfs_cluster, dataset, mount_hdfs, as_user):
