@@ -196,13 +196,14 @@ class DatasetCache:
         for index in range(start, want + 1):
             chunk = ChunkId(oid, index)
             if chunk.name not in self._inflight and not self.store.contains(chunk):
+                # Marked before the fetch starts: the reader may get there before it ends.
+                state.sourced.add(index)
                 self._readahead.submit(self._fill_quietly, state, chunk, csize)
         state.readahead_until = max(state.readahead_until, want + 1)
 
     def _fill_quietly(self, state: ReadState, chunk: ChunkId, csize: int) -> None:
         try:
-            if self._fill(state.obj, chunk, csize, demand=True) is not None:
-                state.sourced.add(chunk.index)
+            self._fill(state.obj, chunk, csize, demand=True)
         except Exception as exc:  # noqa: BLE001 - the reader will retry on demand and report
             log.debug("read-ahead of %s failed: %s", state.obj.key, exc)
 

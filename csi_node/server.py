@@ -170,6 +170,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.node_id:
         log.error("no node id: set NODE_NAME (downward API spec.nodeName) or pass --node-id")
         return 2
+    # Workers record their mounts under the host root (datahoard.names.run_dir); read them there.
+    os.environ.setdefault("DATAHOARD_RUN_DIR", str(names.run_dir(args.host_root)))
     config = NodeConfig(
         node_id=args.node_id,
         host_root=args.host_root,

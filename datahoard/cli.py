@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     m = sub.add_parser("mount", help="mount a remote dataset read-only, with a local cache")
-    m.add_argument("source", help="s3://bucket/prefix/")
+    m.add_argument("source", help="s3://bucket/prefix/ or hdfs://namenode:9870/path/")
     m.add_argument("mountpoint", type=Path)
     m.add_argument("--cache-dir", type=Path, help="local cache directory (default: ~/.cache/datahoard/<hash>)")
     m.add_argument("--capacity", type=_size, help="cache size limit, e.g. 200Gi (default: 90%% of free disk)")

@@ -53,6 +53,12 @@ def cache_dir(namespace: str, name: str, root: Path | None = None) -> Path:
     return (root or host_root()) / "cache" / namespace / name
 
 
+def run_dir(root: Path | None = None) -> Path:
+    """Where workers on a node record their mounts (``datahoard.runtime``), so that the CSI
+    node plugin, in another pod, finds a view's worker and its stats endpoint."""
+    return (root or host_root()) / "run"
+
+
 def volume_handle(namespace: str, name: str) -> str:
     return f"{namespace}/{name}"
 

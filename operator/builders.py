@@ -130,7 +130,11 @@ def credentials_hash(data: dict[str, str]) -> str:
 
 def _worker_container(ds: Dataset, settings: OperatorSettings, with_secret: bool) -> Manifest:
     secret = names.worker_name(ds.namespace, ds.name)
-    env = []
+    env: list[Manifest] = [
+        # Mount records go where the CSI node plugin looks for them, with an address it can reach.
+        {"name": "DATAHOARD_RUN_DIR", "value": str(names.run_dir(settings.host_root))},
+        {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
+    ]
     if with_secret:
         keys = secret_keys(ds)
         for key in keys.all:
@@ -165,10 +169,10 @@ def _worker_container(ds: Dataset, settings: OperatorSettings, with_secret: bool
         "volumeMounts": [
             {"name": "mnt", "mountPath": mnt_root, "mountPropagation": "Bidirectional"},
             {"name": "cache", "mountPath": cache},
+            {"name": "run", "mountPath": str(names.run_dir(settings.host_root))},
         ],
+        "env": env,
     }
-    if env:
-        container["env"] = env
     return container
 
 
@@ -206,6 +210,8 @@ def worker_daemonset(ds: Dataset, nodes: list[str], settings: OperatorSettings,
             {"name": "mnt", "hostPath": {"path": str(settings.host_root / "mnt"),
                                          "type": "DirectoryOrCreate"}},
             cache_volume,
+            {"name": "run", "hostPath": {"path": str(names.run_dir(settings.host_root)),
+                                         "type": "DirectoryOrCreate"}},
         ],
     }
     if settings.worker_service_account:
