@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_vali
 from . import names
 
 # The same regexes as the CRD's x-kubernetes-validations (without the ^...$ anchors).
-URI_RE = r"(s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/[^ ]*)?|hdfs://[A-Za-z0-9.-]+(:[0-9]{1,5})?(/[^ ]*)?)"
+URI_RE = r"(s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/[^ ]*)?|(s?webhdfs|hdfs)://[A-Za-z0-9.-]+(:[0-9]{1,5})?(/[^ ]*)?)"
 ENDPOINT_RE = r"https?://[A-Za-z0-9.-]+(:[0-9]{1,5})?(/[^ ]*)?"
 REGION_RE = r"[a-z0-9-]+"
 SECRET_NAME_RE = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*"
@@ -104,7 +104,7 @@ class Source(_Model):
     _uri = field_validator("uri")(
         _check(
             URI_RE,
-            "must be s3://<bucket>[/prefix] or hdfs://<namenode>[:port][/path] (no spaces; bucket "
+            "must be s3://<bucket>[/prefix] or (s)webhdfs:// / hdfs://<namenode>[:port][/path] (no spaces; bucket "
             "names are 3-63 lowercase letters, digits, dots or dashes)",
         )
     )

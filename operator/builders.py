@@ -46,8 +46,10 @@ class SecretKeys:
 SECRET_KEYS = {
     "s3": SecretKeys(required=("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"),
                      optional=("AWS_SESSION_TOKEN",)),
-    "hdfs": SecretKeys(any_of=("DATAHOARD_HDFS_USER", "DATAHOARD_HDFS_DELEGATION_TOKEN")),
+    "hdfs": SecretKeys(any_of=("DATAHOARD_HDFS_USER", "DATAHOARD_HDFS_DELEGATION_TOKEN"),
+                       optional=("DATAHOARD_HDFS_NAMENODES",)),
 }
+SECRET_KEYS["webhdfs"] = SECRET_KEYS["swebhdfs"] = SECRET_KEYS["hdfs"]
 
 
 def secret_keys(ds: Dataset) -> SecretKeys:

@@ -31,7 +31,7 @@ class OperatorSettings(BaseSettings):
                             description="Node directory holding mnt/ and cache/")
     gpu_resource: str = Field(default="nvidia.com/gpu",
                               description="Allocatable resource that marks a default cache node")
-    source_schemes: list[str] = Field(default=["s3", "hdfs"],
+    source_schemes: list[str] = Field(default=["s3", "hdfs", "webhdfs", "swebhdfs"],
                                       description="URI schemes the worker image can read")
     interval: float = Field(default=10.0, gt=0,
                             description="Seconds between reconciles / stats collections")
