@@ -148,6 +148,24 @@ def test_operator_env_is_exactly_its_settings(render, values, monkeypatch) -> No
     assert settings.interval == v["operator"]["interval"]
 
 
+def test_chart_defaults_are_the_operators_defaults(render, monkeypatch) -> None:
+    """With default values the chart sets each operator setting to the operator's own default
+    (only the install-specific ones differ), so the two cannot drift apart silently."""
+    container = render().find("Deployment")["spec"]["template"]["spec"]["containers"][0]
+    for key in {f"DATAHOARD_{n.upper()}" for n in OperatorSettings.model_fields}:
+        monkeypatch.delenv(key, raising=False)
+    defaults = OperatorSettings()
+    for key, value in env_of(container).items():
+        if key.startswith("DATAHOARD_"):
+            monkeypatch.setenv(key, value)
+    from_chart = OperatorSettings()
+    install_specific = {"worker_image", "worker_service_account"}
+    differ = {name: (getattr(defaults, name), getattr(from_chart, name))
+              for name in OperatorSettings.model_fields
+              if name not in install_specific and getattr(defaults, name) != getattr(from_chart, name)}
+    assert not differ, f"chart default != operator default (operator, chart): {differ}"
+
+
 def test_rbac_is_the_operators_own(render) -> None:
     """The chart grants exactly the rules of operator/rbac.yaml, bound to its ServiceAccount."""
     want = {d["kind"]: d["rules"] for d in yaml.safe_load_all((REPO / "operator" / "rbac.yaml").read_text())}
