@@ -20,6 +20,7 @@ import os
 import shutil
 import subprocess
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +40,9 @@ from .store import ChunkStore
 from .warm import Warmer
 
 log = logging.getLogger(__name__)
+
+#: How long a new worker waits for the previous owner of its cache directory to exit.
+_LOCK_WAIT_SECONDS = 10.0
 
 
 class WorkerError(Exception):
@@ -106,11 +110,19 @@ class Worker:
         cfg = self.config
         cfg.cache_dir.mkdir(parents=True, exist_ok=True)
         fd = os.open(cfg.cache_dir / "lock", os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise WorkerError(f"cache directory {cfg.cache_dir} is in use by another datahoard mount") from None
+        # A worker that was just unmounted may still be shutting down: give it a moment.
+        deadline = time.monotonic() + _LOCK_WAIT_SECONDS
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    os.close(fd)
+                    raise WorkerError(
+                        f"cache directory {cfg.cache_dir} is in use by another datahoard mount"
+                    ) from None
+                time.sleep(0.1)
         self._lock_fd = fd
 
     def _open_index(self) -> Index:

@@ -217,7 +217,8 @@ def test_deletion_waits_for_pods_using_the_volume_and_survives_restart(
     ds = eventually(lambda: cluster.daemonset(namespace, "web"), what="the worker DaemonSet")
     # Anonymous source: no Secret copy, and no credentials in the worker's env.
     assert cluster.owned(namespace, "web")["Secret"] == []
-    assert "env" not in ds["spec"]["template"]["spec"]["containers"][0]
+    env = ds["spec"]["template"]["spec"]["containers"][0]["env"]
+    assert [e for e in env if "secretKeyRef" in e.get("valueFrom", {})] == []
     worker = kubelet.start_pod(ds, gpu_a)
     kubelet.set_status(SYSTEM, worker, ready=True)
     eventually(lambda: cluster.owned(namespace, "web")["PersistentVolumeClaim"] == ["web"])
@@ -356,8 +357,9 @@ def test_hdfs_sources_take_their_own_credentials(cluster: Cluster, operator: Ope
     assert "DATAHOARD_HDFS_USER or DATAHOARD_HDFS_DELEGATION_TOKEN" in missing["message"]
     cluster.core.patch_namespaced_secret("hdfs", namespace, {"stringData": {"DATAHOARD_HDFS_USER": "train"}})
     ds = eventually(lambda: cluster.daemonset(namespace, "logs"), what="hdfs workers")
-    env = {e["name"] for e in ds["spec"]["template"]["spec"]["containers"][0]["env"]}
-    assert env == {"DATAHOARD_HDFS_USER", "DATAHOARD_HDFS_DELEGATION_TOKEN"}
+    env = {e["name"] for e in ds["spec"]["template"]["spec"]["containers"][0]["env"]
+           if "secretKeyRef" in e.get("valueFrom", {})}
+    assert env == {"DATAHOARD_HDFS_USER", "DATAHOARD_HDFS_DELEGATION_TOKEN", "DATAHOARD_HDFS_NAMENODES"}
     # Only the keys the worker reads are copied next to it.
     copy = cluster.core.read_namespaced_secret(names.worker_name(namespace, "logs"), SYSTEM)
     assert set(copy.data) == {"DATAHOARD_HDFS_USER"}
