@@ -298,3 +298,13 @@ def test_dead_worker_mount_is_replaced(s3, bucket, mount_dataset, tmp_path):
     m2 = mount_dataset(bucket, "ds", cache_dir=cache, mountpoint=m.mountpoint)
     assert (m2.mountpoint / "f").read_bytes() == b"payload"
     force_unmount(m.mountpoint)
+
+
+def test_one_mount_per_cache_directory(s3, bucket, mount_dataset, tmp_path):
+    put_tree(s3, bucket, {"f": b"x"})
+    cache = tmp_path / "shared-cache"
+    mount_dataset(bucket, "ds", cache_dir=cache)
+    result = datahoard("mount", f"s3://{bucket}/ds", str(tmp_path / "second"), "--cache-dir", str(cache),
+                       "--endpoint-url", s3.meta.endpoint_url, check=False)
+    assert result.returncode == 1
+    assert f"cache directory {cache} is in use by another datahoard mount" in result.stderr
