@@ -117,7 +117,7 @@ class Mount:
     mountpoint: Path
     cache_dir: Path
     source: str
-    endpoint: str
+    endpoint: str | None = None
 
     def stats(self):
         from datahoard import runtime

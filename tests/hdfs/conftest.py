@@ -28,7 +28,7 @@ from urllib.parse import quote, urlencode
 import pytest
 import urllib3
 
-from tests.conftest import datahoard, force_unmount
+from tests.conftest import Mount, datahoard, force_unmount
 
 from .data import OWNER, many_files, sample_files
 
@@ -188,18 +188,7 @@ def dataset(webhdfs: WebHdfsClient) -> dict[str, dict[str, bytes]]:
     return files
 
 
-@dataclass
-class HdfsMount:
-    mountpoint: Path
-    cache_dir: Path
-    source: str
-
-    def stats(self):
-        from datahoard import runtime
-
-        record = runtime.lookup(self.mountpoint)
-        assert record is not None, f"no mount record for {self.mountpoint}"
-        return runtime.fetch_stats(record.stats_url)
+HdfsMount = Mount
 
 
 @pytest.fixture
