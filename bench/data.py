@@ -35,14 +35,16 @@ class Scale:
     boto3_files: int
     readers: int
     epoch_cap: float
+    #: Warm epochs are run this many times and the best kept (see run.Bench.epoch).
+    warm_repeats: int
     metadata_sizes: tuple[int, ...]
 
 
 FULL = Scale(classes=100, files_per_class=200, shards=2, shard_bytes=1536 * MiB, random_bytes=1024 * MiB,
-             random_reads=2000, peer_files=3000, serial_files=500, boto3_files=6000, readers=8, epoch_cap=90.0,
+             random_reads=2000, peer_files=3000, serial_files=500, boto3_files=6000, readers=8, epoch_cap=90.0, warm_repeats=3,
              metadata_sizes=(10_000, 100_000, 1_000_000))
 QUICK = Scale(classes=10, files_per_class=40, shards=1, shard_bytes=64 * MiB, random_bytes=64 * MiB,
-              random_reads=200, peer_files=200, serial_files=60, boto3_files=400, readers=4, epoch_cap=30.0,
+              random_reads=200, peer_files=200, serial_files=60, boto3_files=400, readers=4, epoch_cap=30.0, warm_repeats=2,
               metadata_sizes=(10_000, 20_000))
 
 

@@ -113,7 +113,8 @@ def render(results: dict) -> str:
         f"because their epochs would not fit the run otherwise; every epoch stops at {sc['epoch_cap']:.0f} s and the "
         "warm epoch replays exactly what the cold one read.",
         "",
-        "cold = page cache dropped and the system's own cache empty; warm = the next epoch; "
+        f"cold = page cache dropped and the system's own cache empty; warm = the next epoch, best of "
+        f"{sc.get('warm_repeats', 1)} (every try is in results.json: `all_ops_per_s`); "
         "pre-warmed = after `datahoard mount --warm` finished, page cache dropped; pre-warmed 2 = "
         "the epoch after that. CPU s/GB counts the readers plus the serving daemon (not MinIO).",
         "",
