@@ -37,6 +37,8 @@ log = logging.getLogger(__name__)
 #: Seconds the kernel may trust names and attributes: the view is immutable while mounted.
 METADATA_TIMEOUT = 3600
 MAX_READ = 1 << 20
+#: Bound on remembered lookups and fully cached paths (about 200 bytes each).
+_RECENT_MAX = 1 << 16
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC
 
 
@@ -79,6 +81,8 @@ class DatasetView(Operations):
         self._lock = threading.Lock()
         self._uid, self._gid = os.getuid(), os.getgid()
         self._mtime_ns = int(index.summary.built_at * 1e9)
+        self._recent: dict[str, object] = {}
+        self._cached: set[str] = set()
 
     # -- lifecycle -------------------------------------------------------------------------
     def init_with_config(self, conn, config) -> None:
@@ -104,9 +108,16 @@ class DatasetView(Operations):
 
     # -- metadata --------------------------------------------------------------------------
     def _lookup(self, path: str):
-        entry = self.index.lookup(path[1:])
+        # The kernel looks a path up (getattr) and then opens it: remember the answer so the
+        # open does not query the index again. Entries never change while mounted.
+        entry = self._recent.get(path)
         if entry is None:
-            raise FuseOSError(errno.ENOENT)
+            entry = self.index.lookup(path[1:])
+            if entry is None:
+                raise FuseOSError(errno.ENOENT)
+            if len(self._recent) >= _RECENT_MAX:
+                self._recent.clear()
+            self._recent[path] = entry
         return entry
 
     def getattr(self, path: str, fh: int | None = None) -> dict:
@@ -172,7 +183,13 @@ class DatasetView(Operations):
         if isinstance(entry, DirEntry):
             raise FuseOSError(errno.EISDIR)
         small = entry.size <= self.cache.tuning.whole_file_max
-        keep = small and self.cache.is_cached(entry)
+        keep = small and (path in self._cached or self.cache.is_cached(entry))
+        if keep:
+            # Stale after an eviction, which is harmless: the kernel then asks for the bytes and
+            # they are counted as they are served.
+            if len(self._cached) >= _RECENT_MAX:
+                self._cached.clear()
+            self._cached.add(path)
         fi.keep_cache = 1 if keep else 0
         with self._lock:
             fh = next(self._next_fh)
