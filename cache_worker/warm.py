@@ -32,6 +32,10 @@ class Warmer:
         self.counters = counters
         self.parallelism = max(1, parallelism)
         self._stop = threading.Event()
+        #: Bytes of files handed to fetchers and not finished: with the store's usage, what the
+        #: cache will hold, so the capacity check cannot be outrun by fetches in flight.
+        self._in_flight = 0
+        self._in_flight_lock = threading.Lock()
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
@@ -73,8 +77,10 @@ class Warmer:
             for obj in self.index.walk_files():
                 if self._stop.is_set():
                     return "stopped", None
-                if store.used_bytes + min(obj.size, self.cache.chunk_size(obj)) > store.capacity * _FULL_ENOUGH:
-                    return "done", "stopped at the cache capacity; the rest is fetched on demand"
+                with self._in_flight_lock:
+                    if store.used_bytes + self._in_flight + obj.size > store.capacity * _FULL_ENOUGH:
+                        return "done", "stopped at the cache capacity; the rest is fetched on demand"
+                    self._in_flight += obj.size
                 while len(pending) >= self.parallelism * 2:
                     done, pending = wait(pending, return_when=FIRST_COMPLETED)
                     if (fatal := self._check(done)) is not None:
@@ -108,6 +114,8 @@ class Warmer:
             self.counters.add_error(message)
             return
         finally:
+            with self._in_flight_lock:
+                self._in_flight -= obj.size
             with self.counters.lock:
                 self.counters.warm.fetched += fetched
         with self.counters.lock:

@@ -224,6 +224,7 @@ class Worker:
                 bytes_total=w.bytes_total,
                 bytes_done=w.bytes_done,
                 bytes_per_second=w.rate(),
+                message=w.message,
             )
             counts = dict(
                 served_from_cache_bytes=c.served_from_cache,

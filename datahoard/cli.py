@@ -238,7 +238,7 @@ def _wait_for_warming(stats_url: str) -> None:
                 break
             time.sleep(0.5)
     if w.state == "failed":
-        raise CliError(f"warming failed: {stats.last_error or w.state}")
+        raise CliError(f"warming failed: {w.message or stats.last_error or w.state}")
     print(f"warmed {w.files_done} of {w.files_total} files ({format_size(stats.cached_bytes)} cached)")
 
 
@@ -268,7 +268,8 @@ def _status(args: argparse.Namespace) -> int:
         ("cached", f"{format_size(stats.cached_bytes)} ({stats.cached_fraction:.1%}) of {format_size(stats.capacity_bytes)} capacity"),
         ("served", f"{format_size(stats.served_from_cache_bytes)} from cache, {format_size(stats.served_from_source_bytes)} from source"),
         ("hit ratio", f"{stats.hit_ratio:.3f}"),
-        ("warming", f"{w.state}: {w.files_done:,}/{w.files_total:,} files, {format_size(w.bytes_per_second)}/s"),
+        ("warming", f"{w.state}: {w.files_done:,}/{w.files_total:,} files, {format_size(w.bytes_per_second)}/s"
+                    + (f" ({w.message})" if w.message else "")),
         ("errors", f"{stats.errors}" + (f" (last: {stats.last_error})" if stats.last_error else "")),
     ]
     if stats.skipped_keys:

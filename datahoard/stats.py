@@ -17,6 +17,7 @@ class WarmingStats(BaseModel):
     bytes_total: int = 0
     bytes_done: int = 0
     bytes_per_second: float = 0.0
+    message: str | None = Field(default=None, description="why warming stopped early or failed")
 
     @property
     def fraction(self) -> float:

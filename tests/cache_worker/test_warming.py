@@ -46,3 +46,13 @@ def test_reads_take_priority_over_warming(s3, bucket, mount_dataset):
     assert stats.warming.state == "running"
     assert 0 < stats.warming.bytes_done < stats.warming.bytes_total
     assert stats.served_from_source_bytes == len(files[last])
+
+
+def test_warming_stops_at_the_capacity_and_says_so(s3, bucket, mount_dataset):
+    for i in range(12):
+        s3.put_object(Bucket=bucket, Key=f"ds/f{i:02d}.bin", Body=os.urandom(200_000))
+    m = mount_dataset(bucket, "ds", "--warm", "--wait", "--capacity", "1Mi")
+    w = m.stats().warming
+    assert w.state == "done" and w.files_done < w.files_total
+    assert "stopped at the cache capacity" in w.message
+    assert m.stats().cached_bytes <= 1 << 20
