@@ -151,7 +151,8 @@ def mount_dataset(tmp_path: Path, s3_server: S3Server) -> Iterator[Callable[...,
     mounted: list[Mount] = []
 
     def mount(bucket: str, prefix: str = "", *extra: str, cache_dir: Path | None = None,
-              mountpoint: Path | None = None, endpoint: str | None = None) -> Mount:
+              mountpoint: Path | None = None, endpoint: str | None = None,
+              env: dict[str, str] | None = None) -> Mount:
         n = len(mounted)
         m = Mount(
             mountpoint=mountpoint or tmp_path / f"mnt{n}",
@@ -160,7 +161,7 @@ def mount_dataset(tmp_path: Path, s3_server: S3Server) -> Iterator[Callable[...,
             endpoint=endpoint or s3_server.endpoint,
         )
         datahoard("mount", m.source, str(m.mountpoint), "--cache-dir", str(m.cache_dir),
-                  "--endpoint-url", m.endpoint, *extra)
+                  "--endpoint-url", m.endpoint, *extra, env=env)
         mounted.append(m)
         return m
 

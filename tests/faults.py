@@ -1,14 +1,16 @@
 """A fault-injecting HTTP proxy in front of the S3 server, for tests.
 
 Real HTTP on both sides: the worker talks to the proxy exactly as it would to S3. Rules are
-consumed in order by matching requests: answer with an error status, or send the headers of
-the real response and then cut the body short (a connection reset mid-transfer).
+consumed in order by matching requests: answer with an error status, send the headers of the
+real response and then cut the body short (a connection reset mid-transfer), or go silent for a
+while before answering or in the middle of the body (a request that times out).
 """
 
 from __future__ import annotations
 
 import http.client
 import threading
+import time
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
@@ -20,6 +22,10 @@ class Fault:
     status: int | None = None  # answer with this status instead of forwarding
     s3_code: str = "InternalError"
     cut_after: int | None = None  # forward, but close the connection after this many body bytes
+    #: Seconds of silence before the connection is closed unanswered, or (with ``stall_after``)
+    #: in the middle of the body: a client without a working timeout waits all of it.
+    delay: float = 0.0
+    stall_after: int | None = None  # send this many body bytes, stay silent ``delay``, then close
     path_contains: str = ""
     times: int = 1
 
@@ -39,6 +45,10 @@ class FaultProxy:
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else None
                 fault = proxy._take(self.command, self.path)
+                if fault and fault.delay and fault.stall_after is None:
+                    time.sleep(fault.delay)
+                    self.close_connection = True
+                    return
                 if fault and fault.status:
                     xml = (f"<?xml version='1.0'?><Error><Code>{fault.s3_code}</Code>"
                            f"<Message>injected</Message></Error>").encode()
@@ -59,11 +69,17 @@ class FaultProxy:
                         self.send_header(key, value)
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
-                if fault and fault.cut_after is not None and self.command != "HEAD":
-                    self.wfile.write(data[: fault.cut_after])
+                cut = None if fault is None else fault.cut_after if fault.stall_after is None else fault.stall_after
+                if cut is not None and self.command != "HEAD":
+                    self.wfile.write(data[:cut])
                     self.wfile.flush()
+                    if fault.stall_after is not None:
+                        time.sleep(fault.delay)
                     self.close_connection = True
-                    self.connection.shutdown(2)
+                    try:
+                        self.connection.shutdown(2)
+                    except OSError:  # the client gave up first
+                        pass
                     return
                 if self.command != "HEAD":
                     self.wfile.write(data)

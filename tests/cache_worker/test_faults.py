@@ -45,6 +45,43 @@ def test_transient_faults_are_retried_to_the_right_bytes(s3, bucket, mount_datas
     assert m.stats().errors == 0
 
 
+#: One attempt may wait this long on a silent store. The faults below stay silent for far longer
+#: than the tests' time limit, so a missing or ignored timeout fails them instead of passing slowly.
+_SHORT_TIMEOUTS = {"DATAHOARD_S3_READ_TIMEOUT": "1", "DATAHOARD_S3_CONNECT_TIMEOUT": "1"}
+_SILENCE = 600
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize(
+    "fault",
+    [
+        Fault(delay=_SILENCE, times=2),  # silent before the response starts
+        Fault(delay=_SILENCE, stall_after=4096, times=2),  # silent in the middle of the body
+    ],
+    ids=["silent-before-headers", "silent-mid-body"],
+)
+def test_timed_out_requests_are_retried_to_the_right_bytes(s3, bucket, mount_dataset, proxy, fault):
+    files = {"small.bin": os.urandom(300_000), "large.bin": os.urandom(18 << 20)}
+    _put(s3, bucket, files)
+    m = mount_dataset(bucket, "ds", endpoint=proxy.endpoint, env={**_SHORT_TIMEOUTS, "DATAHOARD_S3_MAX_ATTEMPTS": "4"})
+    for key, body in files.items():
+        proxy.add(Fault(**{**fault.__dict__, "path_contains": key}))
+        assert (m.mountpoint / key).read_bytes() == body
+    assert proxy.injected == 2 * fault.times
+    assert m.stats().errors == 0
+
+
+@pytest.mark.timeout(90)
+def test_a_store_that_stays_silent_is_eio_naming_the_object(s3, bucket, mount_dataset, proxy):
+    _put(s3, bucket, {"silent.bin": os.urandom(50_000)})
+    m = mount_dataset(bucket, "ds", endpoint=proxy.endpoint, env=_SHORT_TIMEOUTS)
+    proxy.add(Fault(delay=_SILENCE, stall_after=1000, path_contains="silent.bin", times=100))
+    with pytest.raises(OSError) as info:
+        (m.mountpoint / "silent.bin").read_bytes()
+    assert info.value.errno == errno.EIO
+    assert "silent.bin" in m.stats().last_error
+
+
 def test_persistent_failure_is_eio_naming_the_object(s3, bucket, mount_dataset, proxy):
     _put(s3, bucket, {"broken.bin": os.urandom(10_000)})
     m = mount_dataset(bucket, "ds", endpoint=proxy.endpoint)
