@@ -23,6 +23,7 @@ import threading
 import time
 import zlib
 from dataclasses import dataclass
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -72,7 +73,17 @@ class ChunkStore:
             "CREATE TABLE IF NOT EXISTS chunks (name TEXT PRIMARY KEY, size INTEGER NOT NULL,"
             " crc INTEGER NOT NULL, used REAL NOT NULL) WITHOUT ROWID;"
             "CREATE INDEX IF NOT EXISTS chunks_used ON chunks (used);"
+            # Chunks hard-linked into a direct tree (cache_worker.tree): never evicted, because
+            # evicting a linked chunk frees no space and would make the tree disagree with us.
+            "CREATE TABLE IF NOT EXISTS pins (name TEXT NOT NULL, tree TEXT NOT NULL, path TEXT NOT NULL,"
+            " PRIMARY KEY (name, tree)) WITHOUT ROWID;"
         )
+        #: Bytes held outside chunk files but inside the capacity: large files a direct tree
+        #: assembled from their chunks.
+        self.external_bytes = 0
+        #: Called with a chunk's name when it was found corrupt and dropped (the tree unlinks
+        #: its entry and relinks a refetched copy).
+        self.on_discard: Callable[[str], None] | None = None
         self._touched: dict[str, float] = {}
         self._last_flush = time.monotonic()
         #: Chunks checked against their CRC by this process; others are checked on first use.
@@ -83,6 +94,10 @@ class ChunkStore:
     # -- paths -----------------------------------------------------------------------------
     def _path(self, name: str) -> Path:
         return self._data / name[:2] / name
+
+    def path(self, name: str) -> Path:
+        """Where chunk ``name`` lives (it may not exist)."""
+        return self._path(name)
 
     def _recover(self) -> None:
         """Drop leftovers of a crash: temp files, records without files, files without records."""
@@ -124,6 +139,16 @@ class ChunkStore:
             os.close(fd)
         self._touch(name)
         return data
+
+    def verify(self, name: str) -> bool:
+        """True if chunk ``name`` is cached and matches its CRC (checked once per process);
+        a chunk that fails is dropped (and reported through ``on_discard``)."""
+        return name in self._verified or self._verify(name)
+
+    def record(self, name: str) -> tuple[int, int] | None:
+        """(size, CRC32) of a cached chunk, or None."""
+        with self._lock:
+            return self._db.execute("SELECT size, crc FROM chunks WHERE name = ?", (name,)).fetchone()
 
     def _verify(self, name: str) -> bool:
         with self._lock:
@@ -188,7 +213,7 @@ class ChunkStore:
         with self._lock:
             while True:
                 self._evict_locked(size)
-                if self.used_bytes + self._reserved + size <= self.capacity or not self._reserved:
+                if self.used_bytes + self.external_bytes + self._reserved + size <= self.capacity or not self._reserved:
                     self._reserved += size
                     return
                 if not self._space_freed.wait(timeout=max(0.0, deadline - time.monotonic())):
@@ -208,6 +233,50 @@ class ChunkStore:
             self._touched.pop(name, None)
         self._verified.discard(name)
         self._path(name).unlink(missing_ok=True)
+        if self.on_discard is not None:
+            self.on_discard(name)
+
+    # -- pins (direct trees) ---------------------------------------------------------------
+    def pin(self, tree: str, rows: Iterable[tuple[str, str]]) -> None:
+        """Exempt chunks from eviction for ``tree``: rows of (chunk name, path in the tree)."""
+        rows = [(n, tree, p) for n, p in rows]
+        if rows:
+            with self._lock:
+                self._db.execute("BEGIN")
+                try:
+                    self._db.executemany("INSERT OR REPLACE INTO pins VALUES (?, ?, ?)", rows)
+                except BaseException:
+                    self._db.execute("ROLLBACK")
+                    raise
+                self._db.execute("COMMIT")
+
+    def unpin(self, tree: str) -> None:
+        with self._lock:
+            self._db.execute("DELETE FROM pins WHERE tree = ?", (tree,))
+
+    def pinned_trees(self) -> set[str]:
+        with self._lock:
+            return {t for (t,) in self._db.execute("SELECT DISTINCT tree FROM pins")}
+
+    def pinned_paths(self, name: str) -> list[tuple[str, str]]:
+        """(tree, path) of every tree entry linked to chunk ``name``."""
+        with self._lock:
+            return self._db.execute("SELECT tree, path FROM pins WHERE name = ?", (name,)).fetchall()
+
+    def reserve_external(self, size: int) -> bool:
+        """Count ``size`` more bytes held outside chunk files against the capacity, evicting
+        unpinned chunks for room; False (nothing reserved) if they do not fit."""
+        with self._lock:
+            self._evict_locked(size)
+            if self.used_bytes + self.external_bytes + self._reserved + size > self.capacity:
+                return False
+            self.external_bytes += size
+            return True
+
+    def release_external(self, size: int) -> None:
+        with self._lock:
+            self.external_bytes = max(0, self.external_bytes - size)
+            self._space_freed.notify_all()
 
     def _touch(self, name: str) -> None:
         now = time.time()
@@ -231,13 +300,16 @@ class ChunkStore:
             self._evict_locked(incoming, force)
 
     def _evict_locked(self, incoming: int, force: bool = False) -> None:
-        if not force and self.used_bytes + self._reserved + incoming <= self.capacity:
+        if not force and self.used_bytes + self.external_bytes + self._reserved + incoming <= self.capacity:
             return
         self._flush_touches_locked()
-        target = max(0, self.used_bytes - incoming) if force else self.capacity - self._reserved - incoming
+        target = (max(0, self.used_bytes - incoming) if force
+                  else self.capacity - self.external_bytes - self._reserved - incoming)
         victims = []
         freed = 0
-        for name, size in self._db.execute("SELECT name, size FROM chunks ORDER BY used"):
+        for name, size in self._db.execute(
+            "SELECT name, size FROM chunks WHERE name NOT IN (SELECT name FROM pins) ORDER BY used"
+        ):
             if self.used_bytes - freed <= target:
                 break
             victims.append(name)

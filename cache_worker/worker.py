@@ -8,7 +8,13 @@ order matters:
 3. open the chunk store (dropping leftovers of a crash);
 4. start the stats endpoint, then the FUSE view; once libfuse reports the mount live, record
    the mount, start warming and tell the caller it is ready;
-5. on unmount or SIGTERM: stop warming, flush the store, remove the record.
+5. with ``direct``: once the dataset is fully cached (warming done, or found so at start-up),
+   build the direct tree (``tree.py``), pin its chunks, and publish it: the mount record names
+   it (the CSI node plugin binds it into new pods) and, with ``direct_bind``, a read-only bind
+   of it is stacked over the mountpoint, so new opens bypass FUSE while descriptors already
+   open on the FUSE view keep working;
+6. on unmount or SIGTERM: stop warming, remove the tree's bind, flush the store, remove the
+   record.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from datahoard import runtime
-from datahoard.stats import WarmingStats, WorkerStats
+from datahoard.stats import DirectStats, WarmingStats, WorkerStats
 
 from .counters import Counters
 from .dataset import DatasetCache, Tuning
@@ -37,6 +43,7 @@ from .source import Source, SourceError
 from .sources import open_source
 from .stats_server import StatsServer
 from .store import ChunkStore
+from .tree import DirectTrees, TreeError, TreeInfo, _top_is_tree_bind, clear_tree_binds, detach, mounts_at
 from .warm import Warmer
 
 log = logging.getLogger(__name__)
@@ -66,6 +73,11 @@ class WorkerConfig:
     stats_port: int = 0
     allow_other: bool = True
     log_file: str | None = None
+    #: Serve the dataset from a direct tree once it is fully cached (see tree.py).
+    direct: bool = False
+    #: With ``direct``: stack the tree over the mountpoint. Off for Kubernetes workers, where
+    #: the CSI node plugin binds the tree into new pods and pods published before stay on FUSE.
+    direct_bind: bool = True
 
 
 Progress = Callable[[str, int], None]
@@ -73,6 +85,7 @@ Progress = Callable[[str, int], None]
 
 def _prepare_mountpoint(mountpoint: Path) -> None:
     """Create the mountpoint, clearing a dead FUSE mount left by a crashed worker."""
+    clear_tree_binds(mountpoint)
     try:
         mountpoint.mkdir(parents=True, exist_ok=True)
         os.listdir(mountpoint)
@@ -104,6 +117,13 @@ class Worker:
         self.cache: DatasetCache | None = None
         self.warmer: Warmer | None = None
         self.stats: StatsServer | None = None
+        self.trees: DirectTrees | None = None
+        self.direct = DirectStats(state="waiting" if config.direct else "off")
+        self.serving = "fuse"
+        self._bound = False
+        self._direct_stop = threading.Event()
+        self._direct_thread: threading.Thread | None = None
+        self._record: runtime.MountRecord | None = None
 
     # -- steps -----------------------------------------------------------------------------
     def _lock_cache_dir(self) -> None:
@@ -153,24 +173,28 @@ class Worker:
         self.store = ChunkStore(cfg.cache_dir / "chunks", capacity=1 << 62)
         self.store.capacity = cfg.capacity or _default_capacity(cfg.cache_dir, self.store.used_bytes)
         self.cache = DatasetCache(self.source, self.store, self.counters, cfg.tuning)
+        if cfg.direct:
+            self.trees = DirectTrees(cfg.cache_dir, self.index, self.cache)
         self.stats = StatsServer((cfg.stats_host, cfg.stats_port), self.snapshot, self.healthy)
         self.stats.start()
 
     def _on_mounted(self) -> None:
         cfg = self.config
-        runtime.register(
-            runtime.MountRecord(
-                mountpoint=str(cfg.mountpoint.resolve()),
-                pid=os.getpid(),
-                stats_url=self.stats.url,
-                source=cfg.source,
-                cache_dir=str(cfg.cache_dir),
-                log_file=cfg.log_file,
-            )
+        self._record = runtime.MountRecord(
+            mountpoint=str(cfg.mountpoint.resolve()),
+            pid=os.getpid(),
+            stats_url=self.stats.url,
+            source=cfg.source,
+            cache_dir=str(cfg.cache_dir),
+            log_file=cfg.log_file,
         )
+        runtime.register(self._record)
         if cfg.warm:
             self.warmer = Warmer(self.index, self.cache, self.counters, cfg.tuning.warm_parallelism)
             self.warmer.start()
+        if self.trees is not None:
+            self._direct_thread = threading.Thread(target=self._direct_loop, name="direct", daemon=True)
+            self._direct_thread.start()
         self.ready.set()
         log.info("serving %s at %s (stats %s)", cfg.source, cfg.mountpoint, self.stats.url)
 
@@ -190,9 +214,130 @@ class Worker:
         finally:
             self.shutdown()
 
+    # -- direct tree -----------------------------------------------------------------------
+    def _set_direct(self, state: str, message: str | None = None, info: TreeInfo | None = None) -> None:
+        if info is not None:
+            self.direct = DirectStats(state=state, path=info.path, files=info.files, bytes=info.bytes,
+                                      assembled_bytes=info.assembled_bytes, message=message)
+        else:
+            self.direct = DirectStats(state=state, message=message)
+
+    def _should_build(self, last_attempt: tuple | None) -> tuple | None:
+        """The reason to try a build now (also the key that stops retrying the same state)."""
+        w = self.counters.warm
+        if self.warmer is not None and w.state == "running":
+            return None
+        key = (w.state, w.files_done, self.store.used_bytes)
+        if key == last_attempt:
+            return None
+        complete = w.state == "done" and w.files_done == w.files_total
+        if complete or self.store.used_bytes >= self.index.total_bytes:
+            return key
+        return None
+
+    def _direct_loop(self) -> None:
+        trees, stop = self.trees, self._direct_stop
+        try:
+            trees.recover()
+            info = trees.load(trees.id)
+            if info is not None:
+                self._set_direct("verifying", "checking the tree left by the last run against the cache")
+                try:
+                    trees.verify(info, stop)
+                    self._direct_ready(info)
+                except TreeError as exc:
+                    log.error("the direct tree %s cannot be reused: %s", info.path, exc)
+                    self._set_direct("failed", f"the tree of the last run cannot be reused: {exc}")
+            last_attempt: tuple | None = None
+            last_cleanup = last_bind_check = time.monotonic()
+            while not stop.wait(0.2):
+                if self._bound and time.monotonic() - last_bind_check > 1:
+                    last_bind_check = time.monotonic()
+                    self._check_bind()
+                if trees.current is None:
+                    key = self._should_build(last_attempt)
+                    if key is not None:
+                        last_attempt = key
+                        self._set_direct("building")
+                        try:
+                            self._direct_ready(trees.build(stop))
+                        except TreeError as exc:
+                            if stop.is_set():
+                                return
+                            log.warning("no direct tree: %s", exc)
+                            self._set_direct("failed", str(exc))
+                    elif self.direct.state == "waiting" and self.direct.message is None:
+                        self._set_direct("waiting", "serving through FUSE until the whole dataset is cached")
+                for rel in trees.pending_repairs():
+                    try:
+                        trees.repair(rel)
+                    except (OSError, TreeError) as exc:
+                        message = f"direct tree: cannot relink {rel}: {exc}"
+                        log.error(message)
+                        self.counters.add_error(message)
+                if time.monotonic() - last_cleanup > 30:
+                    last_cleanup = time.monotonic()
+                    trees.remove_unused()
+        except Exception as exc:  # noqa: BLE001 - reported; the FUSE view keeps serving
+            log.exception("direct tree management failed")
+            self._set_direct("failed", f"internal error: {exc}")
+
+    def _direct_ready(self, info: TreeInfo) -> None:
+        """Publish a complete, verified tree: record it, and bind it over the mountpoint."""
+        cfg = self.config
+        self.trees.current = info
+        message = None
+        if cfg.direct_bind:
+            try:
+                from datahoard.csi_node.mounter import LinuxMounter
+
+                LinuxMounter().bind_readonly(info.path, str(cfg.mountpoint), [])
+                self._bound = True
+            except OSError as exc:
+                message = f"the tree is ready but could not be bound over {cfg.mountpoint}: {exc}"
+                log.error(message)
+        if self._record is not None:
+            self._record = runtime.MountRecord(**{**self._record.__dict__, "direct_tree": info.path})
+            runtime.register(self._record)
+        self._set_direct("ready", message, info)
+        if message is None:
+            self.serving = "direct"
+        log.info("serving %s from the direct tree %s", cfg.source, info.path)
+
+    def _check_bind(self) -> None:
+        """The tree's bind was taken off the mountpoint (``umount``, ``fusermount3 -u``): that
+        asks for an unmount, so unmount the FUSE view underneath as well, and stop."""
+        mountpoint = self.config.mountpoint
+        if _top_is_tree_bind(mountpoint):
+            return
+        self._bound = False
+        self.serving = "fuse"
+        log.info("the direct tree's bind was removed from %s; unmounting the FUSE view too", mountpoint)
+        if subprocess.run(["fusermount3", "-u", str(mountpoint)], capture_output=True).returncode:
+            subprocess.run(["fusermount3", "-uz", str(mountpoint)], capture_output=True)
+
+    def _unbind(self) -> None:
+        """Remove the tree's bind (and, behind it, a FUSE view libfuse could not unmount)."""
+        mountpoint = self.config.mountpoint
+        clear_tree_binds(mountpoint)
+        self._bound = False
+        self.serving = "fuse"
+        # libfuse unmounts the *top* mount at exit: if that was the tree's bind, the FUSE view
+        # itself is still there, dead. It is ours; detach it.
+        for entry in mounts_at(mountpoint):
+            if entry.fstype == "fuse.datahoard" and entry.source == f"datahoard:{self.config.source}":
+                try:
+                    detach(mountpoint)
+                except OSError as exc:
+                    log.warning("cannot detach the FUSE view at %s: %s", mountpoint, exc)
+                break
+
     def shutdown(self) -> None:
         log.info("shutting down")
         self.ready.clear()
+        self._direct_stop.set()
+        if self._direct_thread is not None:
+            self._direct_thread.join(timeout=30)
         if self.warmer:
             self.warmer.stop()
         if self.cache:
@@ -203,6 +348,8 @@ class Worker:
         if self.stats:
             self.stats.stop()
             self.stats = None
+        if self.config.direct and self._record is not None:  # only what this worker mounted
+            self._unbind()
         runtime.unregister(self.config.mountpoint.resolve(), pid=os.getpid())
         if self._lock_fd is not None:
             os.close(self._lock_fd)
@@ -211,7 +358,11 @@ class Worker:
 
     # -- reporting -------------------------------------------------------------------------
     def healthy(self) -> bool:
-        return self.ready.is_set() and os.path.ismount(self.config.mountpoint)
+        if not self.ready.is_set():
+            return False
+        if self._bound:  # a bind of a tree on the same filesystem is invisible to ismount
+            return bool(mounts_at(self.config.mountpoint))
+        return os.path.ismount(self.config.mountpoint)
 
     def snapshot(self) -> WorkerStats:
         c = self.counters
@@ -247,6 +398,8 @@ class Worker:
             capacity_bytes=store.capacity if store else 0,
             skipped_keys=self.index.summary.skipped_keys if self.index else 0,
             warming=warming,
+            serving=self.serving,
+            direct=self.direct,
             **counts,
         )
 

@@ -65,6 +65,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stats/metrics HTTP address (default: 127.0.0.1, any free port)")
     m.add_argument("--no-allow-other", dest="allow_other", action="store_false",
                    help="only the mounting user may read the view")
+    m.add_argument("--direct", action="store_true",
+                   help="once the whole dataset is cached, serve it as plain read-only files (a tree of hard "
+                        "links into the cache, bind-mounted over MOUNTPOINT) with no FUSE hop: local-disk speed. "
+                        "Reads of the tree never reach the worker, so the served bytes and hit ratio then count "
+                        "only reads through the FUSE view")
+    m.add_argument("--no-direct-bind", dest="direct_bind", action="store_false",
+                   help="with --direct: build and publish the tree, but do not bind it over MOUNTPOINT "
+                        "(Kubernetes workers: the CSI node plugin binds it into new pods)")
     m.add_argument("--log-file", help=argparse.SUPPRESS)
     m.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
 
@@ -104,6 +112,8 @@ def _worker_config(args: argparse.Namespace):
         stats_port=args.stats_addr[1],
         allow_other=args.allow_other,
         log_file=args.log_file,
+        direct=args.direct,
+        direct_bind=args.direct_bind,
     )
 
 
@@ -272,6 +282,16 @@ def _status(args: argparse.Namespace) -> int:
                     + (f" ({w.message})" if w.message else "")),
         ("errors", f"{stats.errors}" + (f" (last: {stats.last_error})" if stats.last_error else "")),
     ]
+    d = stats.direct
+    if d.state != "off" or stats.serving != "fuse":
+        if stats.serving == "direct":
+            rows.append(("serving", f"direct: {d.path} ({d.files:,} files, {format_size(d.bytes)}"
+                                    + (f", {format_size(d.assembled_bytes)} assembled" if d.assembled_bytes else "")
+                                    + "); reads there bypass the worker and are not counted in the hit ratio"))
+        else:
+            rows.append(("serving", "fuse"))
+        if stats.serving != "direct" or d.message:
+            rows.append(("direct tree", d.state + (f": {d.message}" if d.message else "")))
     if stats.skipped_keys:
         rows.append(("skipped keys", f"{stats.skipped_keys} (not valid paths)"))
     if stats.degraded:
@@ -287,8 +307,20 @@ def _umount(args: argparse.Namespace) -> int:
     record = runtime.lookup(mountpoint)
     if not os.path.ismount(mountpoint) and record is None:
         raise CliError(f"{mountpoint} is not mounted")
+    # A direct tree's bind (--direct) sits on top of the FUSE view: take it off first.
+    from datahoard.cache_worker.tree import clear_tree_binds, mounts_at
+
+    clear_tree_binds(mountpoint)
     result = subprocess.run(["fusermount3", "-u", str(mountpoint)], capture_output=True, text=True)
-    if result.returncode != 0:
+    # The worker unmounts its FUSE view itself when it sees its tree's bind go: that is success.
+    def fuse_mounted() -> bool:
+        return any(m.fstype.startswith("fuse") for m in mounts_at(mountpoint))
+
+    if result.returncode != 0 and record is not None:
+        deadline = time.monotonic() + 3
+        while fuse_mounted() and time.monotonic() < deadline:
+            time.sleep(0.05)
+    if result.returncode != 0 and (record is None or fuse_mounted()):
         raise CliError(result.stderr.strip() or f"fusermount3 -u {mountpoint} failed")
     if record is not None:
         _wait_for_exit(record.pid, timeout=30)

@@ -35,6 +35,9 @@ class MountRecord:
     source: str
     cache_dir: str
     log_file: str | None = None
+    #: The direct tree once it is ready (``--direct``): the CSI node plugin binds it instead of
+    #: the FUSE view for new publishes.
+    direct_tree: str | None = None
 
 
 def _record_path(mountpoint: str | os.PathLike) -> Path:
@@ -74,7 +77,9 @@ def alive(pid: int) -> bool:
 
 def lookup(mountpoint: str | os.PathLike, check_alive: bool = True) -> MountRecord | None:
     try:
-        record = MountRecord(**json.loads(_record_path(mountpoint).read_text()))
+        data = json.loads(_record_path(mountpoint).read_text())
+        known = MountRecord.__dataclass_fields__
+        record = MountRecord(**{k: v for k, v in data.items() if k in known})
     except (FileNotFoundError, ValueError, TypeError):
         return None
     if check_alive and not alive(record.pid):

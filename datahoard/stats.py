@@ -24,6 +24,17 @@ class WarmingStats(BaseModel):
         return self.bytes_done / self.bytes_total if self.bytes_total else 1.0
 
 
+class DirectStats(BaseModel):
+    """The direct tree: the fully cached dataset as plain files, served with no FUSE hop."""
+
+    state: str = Field(default="off", description="off | waiting | building | verifying | ready | failed")
+    path: str | None = Field(default=None, description="the tree's directory, once ready")
+    files: int = 0
+    bytes: int = Field(default=0, description="bytes of the dataset in the tree")
+    assembled_bytes: int = Field(default=0, description="bytes of large files assembled from chunks (their own space)")
+    message: str | None = Field(default=None, description="why there is no tree (yet), or what went wrong")
+
+
 class WorkerStats(BaseModel):
     source: str
     mountpoint: str
@@ -42,6 +53,12 @@ class WorkerStats(BaseModel):
     last_error: str | None = None
     degraded: str | None = Field(default=None, description="why the cache is degraded, if it is")
     warming: WarmingStats
+    serving: str = Field(
+        default="fuse",
+        description="fuse | direct. With direct, new opens are served by the kernel from the direct tree and "
+        "never reach the worker: the served bytes and hit ratio then count only reads through the FUSE view",
+    )
+    direct: DirectStats = Field(default_factory=DirectStats)
 
     @property
     def served_bytes(self) -> int:

@@ -1,0 +1,521 @@
+"""Serving a fully cached dataset with no userspace hop: a read-only tree of hard links.
+
+Once every file of the index snapshot is in the cache, the FUSE view only adds cost: each open
+and release is a trip through this process. A *direct tree* is the same view as plain files on
+the cache's filesystem, under ``CACHE_DIR/direct/<snapshot id>/``:
+
+* an object of one chunk (up to ``whole_file_max``) is a hard link to its chunk file, so it
+  costs no space; the chunk is CRC-verified (``ChunkStore.verify``) before it is linked, and a
+  chunk that fails is refetched;
+* a larger object is assembled into one whole file (``copy_file_range`` from its verified
+  chunks); those bytes count against the capacity, and if they do not fit the tree is not
+  built and the reason is reported;
+* zero-byte objects are empty files, empty directories are included; files are 0444,
+  directories 0555, and mtimes are what the FUSE view shows (the object's for files, the
+  snapshot's for directories). Paths come from the index, which only admits keys that are
+  safe paths; every path is checked again here, so nothing can land outside the tree.
+
+The tree is built in ``direct/.building-<id>-<pid>`` and renamed into place after its manifest
+(``direct/<id>.json``) is written, so a crash leaves a building directory, discarded at the
+next start, never a half tree under a published name. Chunks linked into a tree are *pinned*
+in the store: eviction skips them (evicting a linked chunk would free nothing).
+
+A tree may be bind-mounted into pods, so it is never deleted while anything may reference it:
+old trees (from an earlier snapshot) are removed only when no mount in this process's or
+pid 1's mount table has them as their root and no CSI reference file
+(``direct/<id>.refs/*``) names them. A chunk found corrupt later (by a read through the FUSE
+view, or the verification of a reused tree at start-up) has its tree entries unlinked at once,
+then refetched and linked again by rename.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import queue
+import shutil
+import stat
+import threading
+import time
+import zlib
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from .dataset import DatasetCache
+from .index import Index
+from .source import RemoteObject
+from .store import ChunkId
+
+log = logging.getLogger(__name__)
+
+DIRECT_DIR = "direct"
+_BUILDING = ".building-"
+_PIN_BATCH = 5000
+_COPY_STEP = 64 << 20
+
+
+class TreeError(Exception):
+    """The tree cannot be built or kept; the message says why (shown in stats and status)."""
+
+
+@dataclass(frozen=True)
+class TreeInfo:
+    id: str
+    path: str
+    files: int
+    dirs: int
+    bytes: int
+    #: Bytes of files assembled from several chunks: the tree's own space in the cache.
+    assembled_bytes: int
+    built_at: float
+
+
+def snapshot_id(index: Index) -> str:
+    """Names one listing snapshot: a new listing (``--refresh``) gets a new tree."""
+    summary = {f: getattr(index.summary, f) for f in index.summary.__slots__}
+    return hashlib.sha256(json.dumps(summary, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _safe_parts(rel: str) -> list[str]:
+    """The components of an index path, refusing anything that could leave the tree."""
+    parts = rel.split("/") if rel else []
+    for part in parts:
+        if part in ("", ".", "..") or "\0" in part or len(part.encode("utf-8", "surrogateescape")) > 255:
+            raise TreeError(f"refusing unsafe path {rel!r} in the index")
+    return parts
+
+
+def _dest(tree: Path, rel: str) -> Path:
+    dest = tree.joinpath(*_safe_parts(rel))
+    root = os.path.join(os.path.normpath(tree), "")
+    assert os.path.normpath(dest).startswith(root) or os.path.normpath(dest) == os.path.normpath(tree), rel
+    return dest
+
+
+def _rmtree(path: Path) -> None:
+    """Remove a tree whose directories are read-only."""
+    if not path.exists():
+        return
+    for dirpath, _dirs, _files in os.walk(path):
+        try:
+            os.chmod(dirpath, 0o755)
+        except OSError:
+            pass
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _mount_roots() -> list[tuple[str, str]]:
+    """(root, source) of every mount this process can see (its own and pid 1's tables)."""
+    seen: list[tuple[str, str]] = []
+    for table in ("/proc/self/mountinfo", "/proc/1/mountinfo"):
+        try:
+            with open(table) as f:
+                text = f.read()
+        except OSError:
+            continue
+        for line in text.splitlines():
+            left, sep, right = line.partition(" - ")
+            if not sep:
+                continue
+            fields = left.split(" ")
+            rest = right.split(" ")
+            seen.append((_unescape(fields[3]), _unescape(rest[1]) if len(rest) > 1 else ""))
+    return seen
+
+
+def _unescape(field: str) -> str:
+    return field.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n").replace("\\134", "\\")
+
+
+class DirectTrees:
+    """Builds, verifies, repairs and removes the direct trees of one cache directory."""
+
+    def __init__(self, cache_dir: Path, index: Index, cache: DatasetCache) -> None:
+        self.root = cache_dir / DIRECT_DIR
+        self.index = index
+        self.cache = cache
+        self.store = cache.store
+        self.id = snapshot_id(index)
+        self.root.mkdir(parents=True, exist_ok=True)
+        #: The tree of the current snapshot once it is complete and verified (then repairs run).
+        self.current: TreeInfo | None = None
+        self._repairs: queue.Queue[str] = queue.Queue()
+        self.store.on_discard = self._on_discard
+
+    # -- names -----------------------------------------------------------------------------
+    def tree_path(self, tree_id: str) -> Path:
+        return self.root / tree_id
+
+    def _manifest(self, tree_id: str) -> Path:
+        return self.root / f"{tree_id}.json"
+
+    def refs_dir(self, tree_id: str) -> Path:
+        return self.root / f"{tree_id}.refs"
+
+    def _trees_on_disk(self) -> set[str]:
+        ids = set()
+        for entry in os.scandir(self.root):
+            name = entry.name
+            if name.startswith("."):
+                continue
+            if name.endswith(".json"):
+                ids.add(name[:-5])
+            elif name.endswith(".refs"):
+                ids.add(name[:-5])
+            elif entry.is_dir(follow_symlinks=False):
+                ids.add(name)
+        return ids
+
+    def load(self, tree_id: str) -> TreeInfo | None:
+        """A complete tree on disk (directory and manifest), or None."""
+        try:
+            info = TreeInfo(**json.loads(self._manifest(tree_id).read_text()))
+        except (OSError, ValueError, TypeError):
+            return None
+        return info if self.tree_path(tree_id).is_dir() else None
+
+    # -- start-up --------------------------------------------------------------------------
+    def recover(self) -> None:
+        """Discard what a crash left (half-built trees), count the space of complete trees,
+        drop pins of trees that are gone, and remove old trees nothing references."""
+        for entry in os.scandir(self.root):
+            if entry.name.startswith(_BUILDING):
+                log.info("discarding the half-built direct tree %s", entry.name)
+                if entry.is_dir(follow_symlinks=False):
+                    _rmtree(Path(entry.path))
+                else:
+                    os.unlink(entry.path)
+        on_disk = self._trees_on_disk()
+        for tree_id in sorted(on_disk):
+            info = self.load(tree_id)
+            if info is None and not self._referenced(tree_id):
+                # A directory without manifest (or the reverse) is not a tree we published.
+                self._remove(tree_id, None)
+            elif info is not None:
+                self.store.external_bytes += info.assembled_bytes
+        for tree_id in self.store.pinned_trees() - self._trees_on_disk():
+            self.store.unpin(tree_id)
+        self.remove_unused()
+
+    def _referenced(self, tree_id: str) -> bool:
+        refs = self.refs_dir(tree_id)
+        try:
+            if any(refs.iterdir()):
+                return True
+        except OSError:
+            pass
+        suffix = f"/{DIRECT_DIR}/{tree_id}"
+        path = str(self.tree_path(tree_id))
+        for root, source in _mount_roots():
+            if root.endswith(suffix) or f"{suffix}/" in root or source == path or source.startswith(path + "/"):
+                return True
+        return False
+
+    def remove_unused(self) -> list[str]:
+        """Remove trees of other snapshots that no mount references; returns their ids."""
+        removed = []
+        for tree_id in sorted(self._trees_on_disk()):
+            if tree_id == self.id or self._referenced(tree_id):
+                continue
+            self._remove(tree_id, self.load(tree_id))
+            removed.append(tree_id)
+        return removed
+
+    def _remove(self, tree_id: str, info: TreeInfo | None) -> None:
+        log.info("removing direct tree %s (no mount references it)", tree_id)
+        _rmtree(self.tree_path(tree_id))
+        self._manifest(tree_id).unlink(missing_ok=True)
+        _rmtree(self.refs_dir(tree_id))
+        self.store.unpin(tree_id)
+        if info is not None:
+            self.store.release_external(info.assembled_bytes)
+
+    # -- building ---------------------------------------------------------------------------
+    def _dir_paths(self) -> list[str]:
+        # Index keeps every directory (empty ones included) in memory; parents sort first.
+        return sorted(p for p in self.index._dir_paths.values() if p)  # noqa: SLF001
+
+    def build(self, stop: threading.Event | None = None) -> TreeInfo:
+        """Build the tree of the current snapshot; raises TreeError (nothing left behind)."""
+        tree_id = self.id
+        tmp = self.root / f"{_BUILDING}{tree_id}-{os.getpid()}"
+        _rmtree(tmp)
+        assembled = 0
+        reserved = False
+        try:
+            files, total, assembled = self._pin_and_check(tree_id)
+            if assembled:
+                if not self.store.reserve_external(assembled):
+                    need = self.store.used_bytes + self.store.external_bytes + assembled
+                    raise TreeError(
+                        f"no room to assemble the files larger than {self.cache.tuning.whole_file_max} bytes: "
+                        f"they need {assembled} more bytes, the cache holds {self.store.used_bytes} of "
+                        f"{self.store.capacity} capacity (a capacity of at least {need} would fit)"
+                    )
+                reserved = True
+            tmp.mkdir()
+            dirs = self._dir_paths()
+            for rel in dirs:
+                _dest(tmp, rel).mkdir()
+            for obj in self.index.walk_files():
+                if stop is not None and stop.is_set():
+                    raise TreeError("stopped")
+                self._place(obj, tmp, fresh=True)
+            self._seal_dirs(tmp, dirs)
+            info = TreeInfo(id=tree_id, path=str(self.tree_path(tree_id)), files=files, dirs=len(dirs) + 1,
+                            bytes=total, assembled_bytes=assembled, built_at=time.time())
+            manifest = self.root / f"{_BUILDING}{tree_id}.json"
+            manifest.write_text(json.dumps(asdict(info)))
+            os.replace(manifest, self._manifest(tree_id))
+            os.rename(tmp, self.tree_path(tree_id))
+        except BaseException as exc:
+            _rmtree(tmp)
+            self._manifest(tree_id).unlink(missing_ok=True)
+            self.store.unpin(tree_id)
+            if reserved:
+                self.store.release_external(assembled)
+            if isinstance(exc, TreeError):
+                raise
+            if isinstance(exc, OSError):
+                raise TreeError(f"building the direct tree failed: {exc}") from exc
+            raise
+        log.info("built direct tree %s: %d files, %d bytes (%d assembled)", info.path, files, total, assembled)
+        return info
+
+    def _pin_and_check(self, tree_id: str) -> tuple[int, int, int]:
+        """Pin every chunk of the snapshot for this tree; all must be cached."""
+        files = total = assembled = missing = 0
+        example = ""
+        batch: list[tuple[str, str]] = []
+        for obj in self.index.walk_files():
+            _safe_parts(obj.key)
+            files += 1
+            total += obj.size
+            if obj.size == 0:
+                continue
+            chunks = self.cache.chunks(obj)
+            if len(chunks) > 1:
+                assembled += obj.size
+            for chunk in chunks:
+                if not self.store.contains(chunk):
+                    missing += 1
+                    example = example or obj.key
+                    break
+                batch.append((chunk.name, obj.key))
+            if len(batch) >= _PIN_BATCH:
+                self.store.pin(tree_id, batch)
+                batch.clear()
+        self.store.pin(tree_id, batch)
+        if missing:
+            raise TreeError(f"not fully cached yet: {missing} of {files} files are missing from the cache "
+                            f"(for example {example})")
+        return files, total, assembled
+
+    def _seal_dirs(self, tree: Path, dirs: list[str]) -> None:
+        mtime = int(self.index.summary.built_at * 1e9)
+        for rel in reversed(dirs):
+            path = _dest(tree, rel)
+            os.chmod(path, 0o555)
+            os.utime(path, ns=(mtime, mtime))
+        os.chmod(tree, 0o555)
+        os.utime(tree, ns=(mtime, mtime))
+
+    def _ensure_chunk(self, obj: RemoteObject, chunk: ChunkId) -> None:
+        """The chunk is cached and matches its CRC, refetched if it was missing or corrupt."""
+        if self.store.verify(chunk.name):
+            return
+        log.warning("chunk of %s failed verification or is missing; refetching it", obj.key)
+        try:
+            self.cache.fill(obj, chunk, background=True)
+        except Exception as exc:  # noqa: BLE001 - becomes the tree's reason
+            raise TreeError(f"refetching {obj.key} failed: {exc}") from exc
+        if not self.store.verify(chunk.name):
+            raise TreeError(f"{obj.key} could not be cached again ({self.cache.counters.degraded or 'cache full?'})")
+
+    def _place(self, obj: RemoteObject, tree: Path, fresh: bool) -> bool:
+        """Make ``tree/obj.key`` hold exactly the object's bytes; True if it had to change.
+
+        In a fresh tree entries are created in place; in a live one a suspect entry is
+        unlinked first (wrong bytes must not stay readable), then replaced by rename.
+        """
+        dest = _dest(tree, obj.key)
+        mtime = int(obj.mtime * 1e9)
+        chunks = self.cache.chunks(obj) if obj.size else []
+        if not fresh and self._entry_ok(obj, dest, chunks):
+            return False
+        if not fresh:
+            dest.unlink(missing_ok=True)
+        out = dest if fresh else dest.with_name(f".{dest.name}.dh-{os.getpid()}")
+        out.unlink(missing_ok=True)
+        if obj.size == 0:
+            fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o444)
+            os.close(fd)
+        elif len(chunks) == 1:
+            self._ensure_chunk(obj, chunks[0])
+            os.link(self.store.path(chunks[0].name), out)
+        else:
+            for chunk in chunks:
+                self._ensure_chunk(obj, chunk)
+            self._assemble(obj, chunks, out)
+        os.chmod(out, 0o444)
+        os.utime(out, ns=(mtime, mtime))
+        if out != dest:
+            os.replace(out, dest)
+        return True
+
+    def _assemble(self, obj: RemoteObject, chunks: list[ChunkId], out: Path) -> None:
+        fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o444)
+        try:
+            for chunk in chunks:
+                src = os.open(self.store.path(chunk.name), os.O_RDONLY)
+                try:
+                    left = os.fstat(src).st_size
+                    while left > 0:
+                        n = os.copy_file_range(src, fd, min(left, _COPY_STEP))
+                        if n == 0:
+                            raise TreeError(f"chunk of {obj.key} ended early while assembling it")
+                        left -= n
+                finally:
+                    os.close(src)
+            if os.fstat(fd).st_size != obj.size:
+                raise TreeError(f"assembled {obj.key} has the wrong size")
+        finally:
+            os.close(fd)
+
+    def _entry_ok(self, obj: RemoteObject, dest: Path, chunks: list[ChunkId]) -> bool:
+        try:
+            st = os.lstat(dest)
+        except FileNotFoundError:
+            return False
+        if not stat.S_ISREG(st.st_mode) or st.st_size != obj.size:
+            return False
+        if obj.size == 0:
+            return True
+        if len(chunks) == 1:
+            name = chunks[0].name
+            try:
+                same = os.stat(self.store.path(name)).st_ino == st.st_ino
+            except FileNotFoundError:
+                return False
+            return same and self.store.verify(name)
+        # An assembled file: each piece must match the CRC its chunk was stored with.
+        csize = self.cache.chunk_size(obj)
+        with open(dest, "rb") as f:
+            for chunk in chunks:
+                record = self.store.record(chunk.name)
+                piece = f.read(csize)
+                if record is None or len(piece) != record[0] or zlib.crc32(piece) != record[1]:
+                    return False
+        return True
+
+    # -- reuse and repair -------------------------------------------------------------------
+    def verify(self, info: TreeInfo, stop: threading.Event | None = None) -> int:
+        """Check every entry of a reused tree against the cache; repair what is wrong.
+
+        Returns how many entries were replaced. Raises TreeError if one cannot be repaired
+        (its entry is then gone: a missing file, never wrong bytes).
+        """
+        tree = Path(info.path)
+        rows: list[tuple[str, str]] = []
+        repaired = 0
+        for rel in self._dir_paths():
+            if not _dest(tree, rel).is_dir():
+                raise TreeError(f"directory {rel} is missing from the direct tree")
+        for obj in self.index.walk_files():
+            if stop is not None and stop.is_set():
+                raise TreeError("stopped")
+            rows.extend((c.name, obj.key) for c in (self.cache.chunks(obj) if obj.size else []))
+            if len(rows) >= _PIN_BATCH:
+                self.store.pin(info.id, rows)
+                rows.clear()
+            try:
+                repaired += self._place(obj, tree, fresh=False)
+            except OSError as exc:
+                raise TreeError(f"repairing {obj.key} in the direct tree failed: {exc}") from exc
+        self.store.pin(info.id, rows)
+        if repaired:
+            log.warning("direct tree %s: %d entries were wrong and have been replaced", info.path, repaired)
+        return repaired
+
+    def _on_discard(self, name: str) -> None:
+        """A chunk failed its check (in a FUSE read): its tree entries must not serve it."""
+        current = self.current
+        if current is None:
+            return
+        for tree_id, rel in self.store.pinned_paths(name):
+            if tree_id != current.id:
+                continue
+            try:
+                _dest(Path(current.path), rel).unlink(missing_ok=True)
+            except (OSError, TreeError) as exc:
+                log.error("cannot unlink %s from the direct tree: %s", rel, exc)
+            log.warning("unlinked %s from the direct tree: its chunk was corrupt; relinking after a refetch", rel)
+            self._repairs.put(rel)
+
+    def pending_repairs(self) -> Iterator[str]:
+        while True:
+            try:
+                yield self._repairs.get_nowait()
+            except queue.Empty:
+                return
+
+    def repair(self, rel: str) -> None:
+        """Refetch and relink one entry of the current tree (after ``_on_discard``)."""
+        current = self.current
+        if current is None:
+            return
+        obj = self.index.lookup(rel)
+        if not isinstance(obj, RemoteObject):
+            return
+        self._place(obj, Path(current.path), fresh=False)
+        log.info("relinked %s in the direct tree", rel)
+
+
+# -- the tree's bind over a mountpoint ---------------------------------------------------------
+def mounts_at(path: Path):
+    from datahoard.csi_node.mounter import LinuxMounter
+
+    return LinuxMounter().mounts_at(str(path))
+
+
+def detach(path: Path) -> None:
+    from datahoard.csi_node.mounter import MNT_DETACH, _libc
+
+    if _libc.umount2(str(path).encode(), MNT_DETACH) != 0:
+        import ctypes
+
+        err = ctypes.get_errno()
+        raise OSError(err, f"unmount: {os.strerror(err)}", str(path))
+
+
+def _top_is_tree_bind(path: Path) -> bool:
+    from datahoard.csi_node.mounter import top_mounts
+
+    top = top_mounts(mounts_at(path))
+    return bool(top) and not top[-1].fstype.startswith("fuse") and is_tree_root(top[-1].root)
+
+
+def clear_tree_binds(mountpoint: Path) -> int:
+    """Detach direct-tree binds stacked on ``mountpoint`` (left by a crash); returns how many."""
+    removed = 0
+    try:
+        while removed < 64 and _top_is_tree_bind(mountpoint):
+            detach(mountpoint)
+            removed += 1
+    except OSError as exc:
+        log.warning("cannot remove the direct tree's bind at %s: %s", mountpoint, exc)
+    if removed:
+        log.info("removed %d direct tree bind(s) from %s", removed, mountpoint)
+    return removed
+
+
+def is_tree_root(root: str) -> bool:
+    """Whether a mountinfo root names a direct tree (``.../direct/<16 hex>``)."""
+    head, _, tail = root.rstrip("/").rpartition("/")
+    return head.endswith("/" + DIRECT_DIR) and len(tail) == 16 and all(c in "0123456789abcdef" for c in tail)
+
+
+__all__ = ["DirectTrees", "TreeError", "TreeInfo", "snapshot_id", "is_tree_root", "clear_tree_binds"]

@@ -1,0 +1,250 @@
+"""``--direct``: a fully cached dataset served as a read-only tree of hard links, bind-mounted
+over the mountpoint, with real mounts and real bytes."""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import subprocess
+import stat
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import datahoard
+
+pytestmark = pytest.mark.integration
+
+MiB = 1 << 20
+
+
+def mounts_at(path: Path) -> list[tuple[str, str]]:
+    """(fstype, root) of every mount stacked at ``path``, bottom first."""
+    out = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            left, _, right = line.partition(" - ")
+            fields = left.split()
+            if fields[4] == str(path):
+                out.append((right.split()[0], fields[3]))
+    return out
+
+
+def anything_mounted_under(path: Path) -> list[str]:
+    with open("/proc/self/mountinfo") as f:
+        return [line.split()[4] for line in f if line.split()[4].startswith(str(path))]
+
+
+def wait_for(predicate, timeout: float = 30, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def upload(s3, bucket: str, files: dict[str, bytes], prefix: str = "ds/") -> None:
+    for key, body in files.items():
+        s3.put_object(Bucket=bucket, Key=prefix + key, Body=body)
+
+
+def dataset() -> dict[str, bytes]:
+    files = {f"train/c{i % 3}/img{i:03d}.jpg": os.urandom(20_000 + 997 * i) for i in range(24)}
+    files["empty.txt"] = b""
+    files["labels.txt"] = b"cat\ndog\n"
+    files["shard.tar"] = os.urandom(19 * MiB + 12345)  # three chunks: assembled into one file
+    return files
+
+
+def wait_direct(m, state: str = "ready"):
+    return wait_for(lambda: (s := m.stats()).direct.state in (state, "failed") and s, what=f"direct {state}")
+
+
+def read_all(root: Path) -> dict[str, bytes]:
+    out = {}
+    for dirpath, _dirs, files in os.walk(root):
+        for name in files:
+            path = Path(dirpath) / name
+            out[str(path.relative_to(root))] = path.read_bytes()
+    return out
+
+
+def test_warm_direct_serves_a_bind_of_the_tree_with_every_byte_right(s3, bucket, mount_dataset):
+    files = dataset()
+    upload(s3, bucket, files)
+    s3.put_object(Bucket=bucket, Key="ds/empty-dir/", Body=b"")  # a directory marker
+    m = mount_dataset(bucket, "ds", "--warm", "--direct", "--parallelism", "4")
+    stats = wait_direct(m)
+    assert stats.direct.state == "ready", stats.direct
+    assert stats.serving == "direct"
+    tree = Path(stats.direct.path)
+    assert tree.parent == m.cache_dir / "direct"
+    assert stats.direct.files == len(files) and stats.direct.bytes == sum(map(len, files.values()))
+    assert stats.direct.assembled_bytes == len(files["shard.tar"])
+
+    # The mountpoint is now a read-only bind of the tree, stacked on the FUSE view.
+    layers = mounts_at(m.mountpoint)
+    assert [fstype for fstype, _ in layers][0] == "fuse.datahoard"
+    assert not layers[-1][0].startswith("fuse") and layers[-1][1].endswith(f"/direct/{tree.name}")
+    assert os.stat(m.mountpoint).st_dev == os.stat(tree).st_dev
+
+    assert read_all(m.mountpoint) == files
+    assert (m.mountpoint / "empty-dir").is_dir() and not os.listdir(m.mountpoint / "empty-dir")
+    # Small files are the chunk files themselves (hard links), verified before they were linked.
+    small = os.stat(m.mountpoint / "labels.txt")
+    assert small.st_nlink == 2 and stat.S_IMODE(small.st_mode) == 0o444
+    assert stat.S_IMODE(os.stat(m.mountpoint / "train").st_mode) == 0o555
+    # mtimes are what the FUSE view showed: the object's for files.
+    head = s3.head_object(Bucket=bucket, Key="ds/labels.txt")
+    assert abs(small.st_mtime - head["LastModified"].timestamp()) < 1
+
+    for attempt in (lambda: open(m.mountpoint / "labels.txt", "ab"),
+                    lambda: open(m.mountpoint / "new.txt", "wb"),
+                    lambda: os.mkdir(m.mountpoint / "d"),
+                    lambda: os.unlink(m.mountpoint / "labels.txt")):
+        with pytest.raises(OSError) as info:
+            attempt()
+        assert info.value.errno in (errno.EROFS, errno.EACCES)
+
+    status = datahoard("status", str(m.mountpoint)).stdout
+    assert "serving" in status and "direct" in status and "hit ratio" in status
+
+    datahoard("umount", str(m.mountpoint))
+    assert mounts_at(m.mountpoint) == []
+    assert not anything_mounted_under(m.mountpoint)
+    assert tree.is_dir()  # the tree stays for the next mount
+
+
+def test_open_descriptors_on_fuse_keep_working_after_the_switch(s3, bucket, mount_dataset):
+    files = {f"f{i:02d}.bin": os.urandom(300_000) for i in range(16)}
+    upload(s3, bucket, files)
+    m = mount_dataset(bucket, "ds", "--direct", "--warm", "--parallelism", "2", "--bandwidth-limit", "1M")
+    with open(m.mountpoint / "f00.bin", "rb") as held:  # opened on the FUSE view
+        assert wait_direct(m).serving == "direct"
+        assert held.read() == files["f00.bin"]
+    assert (m.mountpoint / "f15.bin").read_bytes() == files["f15.bin"]
+    datahoard("umount", str(m.mountpoint))
+    assert mounts_at(m.mountpoint) == []
+
+
+def test_without_direct_nothing_changes(s3, bucket, mount_dataset):
+    files = {"a.bin": os.urandom(10_000)}
+    upload(s3, bucket, files)
+    m = mount_dataset(bucket, "ds", "--warm", "--wait")
+    time.sleep(0.5)
+    stats = m.stats()
+    assert stats.serving == "fuse" and stats.direct.state == "off"
+    assert [fstype for fstype, _ in mounts_at(m.mountpoint)] == ["fuse.datahoard"]
+    assert not (m.cache_dir / "direct").exists()
+    assert (m.mountpoint / "a.bin").read_bytes() == files["a.bin"]
+    assert "serving" not in datahoard("status", str(m.mountpoint)).stdout
+
+
+def test_a_corrupt_chunk_is_refetched_before_it_is_linked(s3, bucket, mount_dataset, tmp_path):
+    files = {f"f{i}.bin": os.urandom(50_000) for i in range(6)}
+    upload(s3, bucket, files)
+    cache = tmp_path / "cache"
+    m = mount_dataset(bucket, "ds", "--warm", "--wait", cache_dir=cache)
+    datahoard("umount", str(m.mountpoint))
+    chunk_files = sorted(p for p in (cache / "chunks" / "data").rglob("*") if p.is_file())
+    assert len(chunk_files) == len(files)
+    for path in chunk_files[:2]:  # rot behind the worker's back
+        data = bytearray(path.read_bytes())
+        data[100] ^= 0xFF
+        path.write_bytes(bytes(data))
+    m2 = mount_dataset(bucket, "ds", "--direct", cache_dir=cache)
+    stats = wait_direct(m2)
+    assert stats.direct.state == "ready", stats.direct
+    assert stats.fetched_bytes == 2 * 50_000  # exactly the two corrupt chunks came again
+    assert read_all(Path(stats.direct.path)) == files
+    assert read_all(m2.mountpoint) == files
+    datahoard("umount", str(m2.mountpoint))
+    assert mounts_at(m2.mountpoint) == []
+
+
+def test_no_room_to_assemble_large_files_means_no_tree_and_says_why(s3, bucket, mount_dataset):
+    files = {"small.bin": os.urandom(100_000), "big.bin": os.urandom(17 * MiB)}
+    upload(s3, bucket, files)
+    m = mount_dataset(bucket, "ds", "--warm", "--direct", "--capacity", "30Mi")
+    stats = wait_direct(m)
+    assert stats.direct.state == "failed" and stats.serving == "fuse"
+    assert "no room to assemble" in stats.direct.message
+    assert [fstype for fstype, _ in mounts_at(m.mountpoint)] == ["fuse.datahoard"]
+    assert not [p for p in (m.cache_dir / "direct").iterdir() if not p.name.startswith(".")]
+    assert "no room to assemble" in datahoard("status", str(m.mountpoint)).stdout
+    assert read_all(m.mountpoint) == files  # FUSE serves as before
+
+
+def test_restart_reuses_the_tree_and_a_crash_leaves_nothing_mounted(s3, bucket, mount_dataset, tmp_path):
+    files = dataset()
+    upload(s3, bucket, files)
+    cache, mnt = tmp_path / "cache", tmp_path / "mnt"
+    m = mount_dataset(bucket, "ds", "--warm", "--direct", cache_dir=cache, mountpoint=mnt)
+    first = wait_direct(m)
+    tree = Path(first.direct.path)
+    inode = os.stat(tree / "labels.txt").st_ino
+    fetched = first.fetched_bytes
+
+    # A crash: SIGKILL leaves the bind over a dead FUSE view, and a half-built tree.
+    from datahoard import runtime
+
+    pid = runtime.lookup(mnt).pid
+    half = cache / "direct" / f".building-{tree.name}-999999"
+    half.mkdir()
+    (half / "junk").write_bytes(b"x")
+    os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: not runtime.alive(pid), what="the worker to die")
+
+    m2 = mount_dataset(bucket, "ds", "--direct", cache_dir=cache, mountpoint=mnt)
+    stats = wait_direct(m2)
+    assert stats.direct.state == "ready" and stats.direct.path == str(tree)
+    assert os.stat(tree / "labels.txt").st_ino == inode  # the same tree, not a rebuild
+    assert stats.fetched_bytes == 0 and fetched == sum(map(len, files.values()))
+    assert not half.exists()
+    assert read_all(mnt) == files
+    datahoard("umount", str(mnt))
+    assert mounts_at(mnt) == []
+
+
+def test_a_refresh_keeps_the_old_tree_while_something_binds_it(s3, bucket, mount_dataset, tmp_path):
+    upload(s3, bucket, {"a.bin": b"one" * 1000})
+    cache, mnt = tmp_path / "cache", tmp_path / "mnt"
+    m = mount_dataset(bucket, "ds", "--warm", "--direct", cache_dir=cache, mountpoint=mnt)
+    old = Path(wait_direct(m).direct.path)
+    pod = tmp_path / "pod"  # stands for a pod that was published the old tree
+    pod.mkdir()
+    from datahoard.csi_node.mounter import LinuxMounter
+
+    LinuxMounter().bind_readonly(str(old), str(pod), [])
+    try:
+        datahoard("umount", str(mnt))
+        upload(s3, bucket, {"b.bin": b"two" * 1000})
+        m2 = mount_dataset(bucket, "ds", "--warm", "--direct", "--refresh", cache_dir=cache, mountpoint=mnt)
+        new = Path(wait_direct(m2).direct.path)
+        assert new != old and old.is_dir()  # still bound by the 'pod'
+        assert sorted(os.listdir(mnt)) == ["a.bin", "b.bin"]
+        assert (pod / "a.bin").read_bytes() == b"one" * 1000
+        datahoard("umount", str(mnt))
+    finally:
+        LinuxMounter().unmount_all(str(pod))
+    m3 = mount_dataset(bucket, "ds", "--direct", cache_dir=cache, mountpoint=mnt)
+    assert wait_direct(m3).direct.path == str(new)
+    wait_for(lambda: not old.exists(), what="the unused old tree to be removed")
+
+
+def test_fusermount_on_the_mountpoint_unmounts_both_layers(s3, bucket, mount_dataset):
+    """Tools that know only FUSE (``fusermount3 -u``) take the top layer, the tree's bind; the
+    worker takes that as the unmount it is and unmounts its FUSE view too."""
+    upload(s3, bucket, {"a.bin": b"a" * 5000})
+    m = mount_dataset(bucket, "ds", "--warm", "--direct")
+    wait_direct(m)
+    from datahoard import runtime
+
+    pid = runtime.lookup(m.mountpoint).pid
+    subprocess.run(["fusermount3", "-u", str(m.mountpoint)], check=True)
+    wait_for(lambda: not runtime.alive(pid), what="the worker to exit")
+    assert mounts_at(m.mountpoint) == []
