@@ -2,6 +2,12 @@
 
 No staging: the view is already mounted on the node by the cache worker, so NodePublishVolume
 is one bind mount and NodeStage/NodeUnstage/NodeExpand stay UNIMPLEMENTED (not advertised).
+
+When the worker reports a ready *direct tree* (``--direct``: the fully cached dataset as plain
+read-only files), a new publish binds the tree instead of the view, and the record names the
+tree as the target's view: pods then read at local-disk speed with no FUSE hop. Targets
+published before stay on FUSE. The tree needs no repair after a worker restart (it is plain
+files), and the worker keeps it while a reference file of the target exists.
 """
 
 from __future__ import annotations
@@ -9,10 +15,12 @@ from __future__ import annotations
 import errno
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import grpc
+
+from datahoard import names
 
 from . import csi_pb2, csi_pb2_grpc, usage, validation
 from .errors import AlreadyExists, CsiError, FailedPrecondition, InvalidArgument, NotFound, rpc
@@ -20,7 +28,7 @@ from .mounter import Health, Mounter
 from .recovery import Repairer, Status
 from .state import PublishedTarget, StateStore
 from .validation import MULTI_TARGET_MODES, PublishParams
-from .views import check_view, wait_live
+from .views import add_tree_ref, check_view, drop_tree_ref, ready_tree, tree_id, view_of_tree, wait_live
 from .volume_lock import TargetLocks
 
 log = logging.getLogger(__name__)
@@ -101,6 +109,8 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         where = f"volume {p.volume_id} at {p.target_path}"
         existing = self.state.get(p.target_path)
         mounted = bool(self.mounter.mounts_at(p.target_path))
+        if existing is not None and self._is_tree_of(existing.view_path, p):
+            wanted = replace(wanted, view_path=existing.view_path)  # the same publish, served direct
         if existing is not None:
             if not existing.same_publish(wanted):
                 raise AlreadyExists(f"{where}: already published with different parameters ({_diff(existing, wanted)})")
@@ -117,14 +127,34 @@ class NodeService(csi_pb2_grpc.NodeServicer):
                 f"and the volume is already published at {others[0].target_path}"
             )
         view = wait_live(self.mounter, p.volume_id, p.view, self.config.publish_timeout, self.config.probe_timeout)
+        tree = ready_tree(p.view, self.config.host_root)
+        source = tree or p.view.path
         _make_target(p.target_path, where)
-        self.mounter.bind_readonly(p.view.path, p.target_path, list(p.mount_flags))
+        if tree:
+            add_tree_ref(tree, p.target_path)  # before the bind: the worker must never delete it under us
+            wanted = replace(wanted, view_path=tree)
+        try:
+            self.mounter.bind_readonly(source, p.target_path, list(p.mount_flags))
+        except OSError:
+            if tree:
+                drop_tree_ref(tree, p.target_path)
+            raise
         try:
             self.state.put(wanted)
         except OSError:
             self.mounter.unmount_all(p.target_path)
+            if tree:
+                drop_tree_ref(tree, p.target_path)
             raise
-        log.info("published %s (view %s, device %s)", where, p.view.path, view.device)
+        if tree:
+            log.info("published %s from the direct tree %s (no FUSE hop)", where, tree)
+        else:
+            log.info("published %s (view %s, device %s)", where, p.view.path, view.device)
+
+    def _is_tree_of(self, path: str, p: PublishParams) -> bool:
+        """Whether *path* is a direct tree in the cache of the Dataset *p* publishes."""
+        direct = os.path.realpath(names.cache_dir(p.view.namespace, p.view.name, self.config.host_root) / "direct")
+        return tree_id(path) is not None and os.path.dirname(path) == direct
 
     def _adopt_or_refuse(self, p: PublishParams) -> None:
         """A mount we have no record of (state file lost): keep it only if it shows our view."""
@@ -134,6 +164,13 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         if view.health is Health.OK and target.health is Health.OK and view.device == target.device:
             self.state.put(p.record())
             log.info("adopted existing mount of %s", where)
+            return
+        tree = ready_tree(p.view, self.config.host_root)
+        top = self.mounter.mounts_at(p.target_path)
+        if tree and target.health is Health.OK and top and top[-1].root.endswith(f"/direct/{tree_id(tree)}"):
+            add_tree_ref(tree, p.target_path)
+            self.state.put(replace(p.record(), view_path=tree))
+            log.info("adopted existing mount of %s (direct tree %s)", where, tree)
             return
         raise AlreadyExists(f"{where}: something else is already mounted at the target path")
 
@@ -170,6 +207,8 @@ class NodeService(csi_pb2_grpc.NodeServicer):
                 ) from None
             raise
         self.state.remove(target)
+        if existing is not None and tree_id(existing.view_path) is not None:
+            drop_tree_ref(existing.view_path, target)
         log.info("unpublished volume %s at %s (%d mount layer(s) detached)", vol, target, layers)
 
     @rpc
@@ -190,12 +229,19 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         check = self.repairer.repair(rec)  # on demand: a broken target is re-bound before we answer
         target_vfs = check.target.statvfs if check.target is not None else None
         return csi_pb2.NodeGetVolumeStatsResponse(
-            usage=usage.volume_usage(rec.view_path, target_vfs, self.stats_lookup),
+            usage=usage.volume_usage(self._stats_view(rec.view_path), target_vfs, self.stats_lookup),
             volume_condition=csi_pb2.VolumeCondition(
                 abnormal=check.status is not Status.HEALTHY,
                 message=check.message,
             ),
         )
+
+
+    def _stats_view(self, view_path: str) -> str:
+        """The worker's stats are keyed by its FUSE view, also for targets bound to its tree."""
+        if tree_id(view_path) is not None:
+            return view_of_tree(view_path, self.config.host_root) or view_path
+        return view_path
 
 
 def _make_target(target: str, where: str) -> None:
