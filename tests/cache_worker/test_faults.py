@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import errno
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -49,9 +51,28 @@ def test_transient_faults_are_retried_to_the_right_bytes(s3, bucket, mount_datas
 #: than the tests' time limit, so a missing or ignored timeout fails them instead of passing slowly.
 _SHORT_TIMEOUTS = {"DATAHOARD_S3_READ_TIMEOUT": "1", "DATAHOARD_S3_CONNECT_TIMEOUT": "1"}
 _SILENCE = 600
+_READ_IN_CHILD = r"""
+import errno, sys
+try:
+    sys.stdout.buffer.write(open(sys.argv[1], "rb").read())
+except OSError as exc:
+    sys.exit(100 + exc.errno)
+"""
 
 
-@pytest.mark.timeout(90)
+def read_or_hang(path, limit: float = 60) -> bytes:
+    """Read a file in a child process, so a read stuck in the kernel fails the test after
+    ``limit`` seconds (the child is then SIGKILLed) instead of hanging it."""
+    try:
+        child = subprocess.run([sys.executable, "-c", _READ_IN_CHILD, str(path)], capture_output=True, timeout=limit)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"reading {path} hung for {limit} s: the store's silence was not timed out")
+    if child.returncode >= 100:
+        raise OSError(child.returncode - 100, os.strerror(child.returncode - 100), str(path))
+    assert child.returncode == 0, child.stderr
+    return child.stdout
+
+
 @pytest.mark.parametrize(
     "fault",
     [
@@ -66,18 +87,17 @@ def test_timed_out_requests_are_retried_to_the_right_bytes(s3, bucket, mount_dat
     m = mount_dataset(bucket, "ds", endpoint=proxy.endpoint, env={**_SHORT_TIMEOUTS, "DATAHOARD_S3_MAX_ATTEMPTS": "4"})
     for key, body in files.items():
         proxy.add(Fault(**{**fault.__dict__, "path_contains": key}))
-        assert (m.mountpoint / key).read_bytes() == body
+        assert read_or_hang(m.mountpoint / key) == body
     assert proxy.injected == 2 * fault.times
     assert m.stats().errors == 0
 
 
-@pytest.mark.timeout(90)
 def test_a_store_that_stays_silent_is_eio_naming_the_object(s3, bucket, mount_dataset, proxy):
     _put(s3, bucket, {"silent.bin": os.urandom(50_000)})
     m = mount_dataset(bucket, "ds", endpoint=proxy.endpoint, env=_SHORT_TIMEOUTS)
     proxy.add(Fault(delay=_SILENCE, stall_after=1000, path_contains="silent.bin", times=100))
     with pytest.raises(OSError) as info:
-        (m.mountpoint / "silent.bin").read_bytes()
+        read_or_hang(m.mountpoint / "silent.bin")
     assert info.value.errno == errno.EIO
     assert "silent.bin" in m.stats().last_error
 
