@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 # Built tools (kube-apiserver, etcd, helm, ...) live outside the repo so clean checkouts reuse them.
 TOOLS_DIR ?= $(HOME)/.cache/datahoard-tools
 
-.PHONY: all venv sysdeps test unit demo envtest bench bench-tools clean helm e2e
+.PHONY: all venv sysdeps test unit demo envtest bench bench-tools reliability clean helm e2e
 
 all: test
 
@@ -66,6 +66,10 @@ bench-tools:
 
 bench: sysdeps venv bench-tools
 	TOOLS_DIR="$(TOOLS_DIR)" $(PY) -m bench.run $(BENCH_ARGS)
+
+# The load and worker-restart tests for minutes, their figures kept in bench/RESULTS.md.
+reliability: sysdeps venv
+	$(PY) -m bench.reliability $(RELIABILITY_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

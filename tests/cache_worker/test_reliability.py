@@ -14,6 +14,7 @@ import pytest
 
 from datahoard import runtime
 from tests.conftest import force_unmount
+from tests.results import record
 
 pytestmark = pytest.mark.integration
 
@@ -123,3 +124,9 @@ def test_many_concurrent_readers_with_warming_and_eviction(s3, bucket, mount_dat
     assert reads > 0 and stats.errors == 0
     assert stats.cached_bytes <= 24 * MiB
     assert peak_rss < 400 * MiB
+    record("load", {
+        "seconds": seconds, "reader_threads": 64, "reader_processes": 4, "files": len(files),
+        "dataset_bytes": sum(map(len, files.values())), "capacity_bytes": 24 * MiB,
+        "reads": reads, "reads_per_s": reads / seconds, "wrong_reads": 0, "errors": stats.errors,
+        "worker_peak_rss_bytes": peak_rss, "hit_ratio": stats.hit_ratio, "cached_bytes": stats.cached_bytes,
+    })
