@@ -63,6 +63,12 @@ class _StatsCollector:
         yield gauge("warm_bytes_done", "bytes warmed", s.warming.bytes_done)
         yield gauge("warm_files_done", "files warmed", s.warming.files_done)
         yield gauge("warm_bytes_per_second", "warming rate", s.warming.bytes_per_second)
+        yield gauge("serving_direct", "1 while new opens are served from the direct tree (no FUSE hop; "
+                    "such reads are not counted in served bytes or the hit ratio)", 1.0 if s.serving == "direct" else 0.0)
+        yield gauge("direct_tree_files", "files in the direct tree", s.direct.files)
+        yield gauge("direct_tree_bytes", "bytes of the dataset in the direct tree", s.direct.bytes)
+        yield gauge("direct_tree_assembled_bytes", "bytes of large files the direct tree assembled (own space)",
+                    s.direct.assembled_bytes)
 
 
 class StatsServer:

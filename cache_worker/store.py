@@ -267,6 +267,11 @@ class ChunkStore:
         """Count ``size`` more bytes held outside chunk files against the capacity, evicting
         unpinned chunks for room; False (nothing reserved) if they do not fit."""
         with self._lock:
+            evictable = self._db.execute(
+                "SELECT COALESCE(SUM(size), 0) FROM chunks WHERE name NOT IN (SELECT name FROM pins)"
+            ).fetchone()[0]
+            if self.used_bytes - evictable + self.external_bytes + self._reserved + size > self.capacity:
+                return False  # would not fit even after evicting everything evictable: evict nothing
             self._evict_locked(size)
             if self.used_bytes + self.external_bytes + self._reserved + size > self.capacity:
                 return False

@@ -224,6 +224,13 @@ class DirectTrees:
             removed.append(tree_id)
         return removed
 
+    def discard_current(self) -> bool:
+        """Remove the current snapshot's tree (it failed verification) unless it is referenced."""
+        if self._referenced(self.id):
+            return False
+        self._remove(self.id, self.load(self.id))
+        return True
+
     def _remove(self, tree_id: str, info: TreeInfo | None) -> None:
         log.info("removing direct tree %s (no mount references it)", tree_id)
         _rmtree(self.tree_path(tree_id))

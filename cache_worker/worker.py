@@ -248,6 +248,7 @@ class Worker:
                 except TreeError as exc:
                     log.error("the direct tree %s cannot be reused: %s", info.path, exc)
                     self._set_direct("failed", f"the tree of the last run cannot be reused: {exc}")
+                    trees.discard_current()  # unless a mount still holds it; a later build replaces it
             last_attempt: tuple | None = None
             last_cleanup = last_bind_check = time.monotonic()
             while not stop.wait(0.2):

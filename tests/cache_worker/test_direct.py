@@ -9,6 +9,7 @@ import signal
 import subprocess
 import stat
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -110,6 +111,10 @@ def test_warm_direct_serves_a_bind_of_the_tree_with_every_byte_right(s3, bucket,
             attempt()
         assert info.value.errno in (errno.EROFS, errno.EACCES)
 
+    from datahoard import runtime
+
+    metrics = urllib.request.urlopen(runtime.lookup(m.mountpoint).stats_url + "/metrics").read().decode()
+    assert any(line.startswith("datahoard_serving_direct{") and line.endswith(" 1.0") for line in metrics.splitlines())
     status = datahoard("status", str(m.mountpoint)).stdout
     assert "serving" in status and "direct" in status and "hit ratio" in status
 
@@ -248,3 +253,31 @@ def test_fusermount_on_the_mountpoint_unmounts_both_layers(s3, bucket, mount_dat
     subprocess.run(["fusermount3", "-u", str(m.mountpoint)], check=True)
     wait_for(lambda: not runtime.alive(pid), what="the worker to exit")
     assert mounts_at(m.mountpoint) == []
+
+
+def test_a_tree_entry_whose_chunk_rotted_is_relinked_to_right_bytes_on_reuse(s3, bucket, mount_dataset, tmp_path):
+    files = dataset()
+    upload(s3, bucket, files)
+    cache, mnt = tmp_path / "cache", tmp_path / "mnt"
+    m = mount_dataset(bucket, "ds", "--warm", "--direct", cache_dir=cache, mountpoint=mnt)
+    tree = Path(wait_direct(m).direct.path)
+    datahoard("umount", str(mnt))
+    victim = tree / "train" / "c1" / "img001.jpg"
+    data = bytearray(victim.read_bytes())  # the tree entry *is* the chunk file (a hard link)
+    data[7] ^= 0x55
+    with open(victim, "r+b") as f:
+        f.write(bytes(data))
+    shard = tree / "shard.tar"  # an assembled file, damaged in its last chunk
+    with open(shard, "r+b") as f:
+        f.seek(18 * MiB)
+        f.write(b"\0" * 16)
+
+    m2 = mount_dataset(bucket, "ds", "--direct", cache_dir=cache, mountpoint=mnt)
+    stats = wait_direct(m2)
+    assert stats.direct.state == "ready" and stats.direct.path == str(tree)
+    # Relinked by rename to the refetched chunk (the inode number itself may be reused).
+    assert victim.read_bytes() == files["train/c1/img001.jpg"] and os.stat(victim).st_nlink == 2
+    assert stats.fetched_bytes == len(files["train/c1/img001.jpg"])  # the shard's chunks were intact
+    assert read_all(mnt) == files
+    datahoard("umount", str(mnt))
+    assert mounts_at(mnt) == []
