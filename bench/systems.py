@@ -3,7 +3,9 @@
 rclone and s3fs run in the foreground as our children (so their pid and CPU are known) with
 the options a user following their docs would pick for a read-mostly dataset:
 ``rclone mount --vfs-cache-mode full`` and ``s3fs -o use_cache``. Datahoard runs through its own
-CLI exactly as a user would (``datahoard mount``; the worker's pid is in its mount record).
+CLI exactly as a user would (``datahoard mount``; the worker's pid is in its mount record);
+with ``--direct`` it switches to serving the fully cached dataset from a tree of hard links
+(:meth:`Datahoard.wait_direct`).
 """
 
 from __future__ import annotations
@@ -147,41 +149,29 @@ class Datahoard(Mounted):
 
         return runtime.fetch_stats(self.stats_url)
 
+    def wait_direct(self, timeout: float) -> float:
+        """Wait until the worker serves from its direct tree (``--direct``); returns seconds."""
+        start = time.monotonic()
+        while time.monotonic() - start < timeout:
+            stats = self.stats()
+            if stats.serving == "direct":
+                return time.monotonic() - start
+            if stats.direct.state == "failed":
+                raise MountError(f"no direct tree: {stats.direct.message}")
+            time.sleep(0.2)
+        raise MountError(f"not serving direct after {timeout:g} s: {stats.direct.state} {stats.direct.message or ''}")
+
     def close(self) -> None:
         from datahoard import runtime
 
-        if os.path.ismount(self.mountpoint):
+        # With --direct the top layer is a bind of the tree, on the cache's filesystem, which
+        # os.path.ismount may not see: the mount record says whether the worker still runs.
+        if os.path.ismount(self.mountpoint) or (self.pid and runtime.alive(self.pid)):
             if datahoard_cli("umount", str(self.mountpoint)).returncode:
                 _unmount(self.mountpoint)
         deadline = time.monotonic() + 30
         while self.pid and runtime.alive(self.pid) and time.monotonic() < deadline:
             time.sleep(0.1)
-
-
-def materialize(index_db: Path, chunk_root: Path, dest: Path, prefix: str = "") -> int:
-    """Prototype of a mount with no userspace hop: hard links from each path to its cached chunk.
-
-    Not part of Datahoard. It shows what a fully cached small-file dataset would read at if the
-    worker exposed its cache as a plain directory tree (bind-mounted read-only) instead of
-    through FUSE. Returns the number of files linked; files that are not one cached chunk are
-    skipped.
-    """
-    from datahoard.cache_worker.index import Index
-    from datahoard.cache_worker.store import object_id
-
-    index = Index(index_db)
-    linked = 0
-    for obj in index.walk_files():
-        oid = object_id(obj.key, obj.etag, obj.size)
-        name = f"{oid}.0"
-        src = chunk_root / "data" / name[:2] / name
-        if not src.exists() or src.stat().st_size != obj.size:
-            continue
-        target = dest / prefix / obj.key
-        target.parent.mkdir(parents=True, exist_ok=True)
-        os.link(src, target)
-        linked += 1
-    return linked
 
 
 def remove(path: Path) -> None:
