@@ -253,7 +253,7 @@ class DirectTrees:
         assembled = 0
         reserved = False
         try:
-            files, total, assembled = self._pin_and_check(tree_id)
+            files, total, assembled = self._pin_and_check(tree_id, stop)
             if assembled:
                 if not self.store.reserve_external(assembled):
                     need = self.store.used_bytes + self.store.external_bytes + assembled
@@ -292,12 +292,14 @@ class DirectTrees:
         log.info("built direct tree %s: %d files, %d bytes (%d assembled)", info.path, files, total, assembled)
         return info
 
-    def _pin_and_check(self, tree_id: str) -> tuple[int, int, int]:
+    def _pin_and_check(self, tree_id: str, stop: threading.Event | None) -> tuple[int, int, int]:
         """Pin every chunk of the snapshot for this tree; all must be cached."""
         files = total = assembled = missing = 0
         example = ""
         batch: list[tuple[str, str]] = []
         for obj in self.index.walk_files():
+            if stop is not None and stop.is_set():
+                raise TreeError("stopped")
             _safe_parts(obj.key)
             files += 1
             total += obj.size
