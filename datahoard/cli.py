@@ -52,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--cache-dir", type=Path, help="local cache directory (default: ~/.cache/datahoard/<hash>)")
     m.add_argument("--capacity", type=_size, help="cache size limit, e.g. 200Gi (default: 90%% of free disk)")
     m.add_argument("--warm", action="store_true", help="prefetch the whole dataset in the background")
-    m.add_argument("--wait", action="store_true", help="with --warm: return only when warming is done")
+    m.add_argument("--wait", action="store_true",
+                   help="with --warm: return only when warming is done (with --direct: and the tree is served)")
     m.add_argument("--include", action="append", default=[], metavar="GLOB", help="only paths matching (repeatable)")
     m.add_argument("--exclude", action="append", default=[], metavar="GLOB", help="leave out paths matching (repeatable)")
     m.add_argument("--endpoint-url", help="S3-compatible endpoint, e.g. http://minio:9000")
@@ -215,7 +216,24 @@ def _mount_background(args: argparse.Namespace) -> int:
     print(f"mounted {args.source} at {config.mountpoint} (pid {child.pid}, log {log_file})")
     if args.warm and args.wait:
         _wait_for_warming(stats_url)
+        if args.direct:
+            _wait_for_direct(stats_url)
     return 0
+
+
+def _wait_for_direct(stats_url: str, timeout: float = 3600) -> None:
+    """With --warm --wait --direct: return once the tree is served, or say why it is not."""
+    deadline = time.monotonic() + timeout
+    while True:
+        stats = runtime.fetch_stats(stats_url)
+        d = stats.direct
+        if d.state in ("ready", "failed") or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    if stats.serving == "direct":
+        print(f"serving from the direct tree {d.path} (no FUSE hop)")
+    else:
+        print(f"serving through FUSE; direct tree {d.state}" + (f": {d.message}" if d.message else ""))
 
 
 def _child_args(args: argparse.Namespace, ready_fd: int, log_file: Path) -> list[str]:

@@ -174,8 +174,8 @@ def test_a_corrupt_chunk_is_refetched_before_it_is_linked(s3, bucket, mount_data
 def test_no_room_to_assemble_large_files_means_no_tree_and_says_why(s3, bucket, mount_dataset):
     files = {"small.bin": os.urandom(100_000), "big.bin": os.urandom(17 * MiB)}
     upload(s3, bucket, files)
-    m = mount_dataset(bucket, "ds", "--warm", "--direct", "--capacity", "30Mi")
-    stats = wait_direct(m)
+    m = mount_dataset(bucket, "ds", "--warm", "--wait", "--direct", "--capacity", "30Mi")
+    stats = m.stats()  # --wait with --direct waits for the tree's outcome too
     assert stats.direct.state == "failed" and stats.serving == "fuse"
     assert "no room to assemble" in stats.direct.message
     assert [fstype for fstype, _ in mounts_at(m.mountpoint)] == ["fuse.datahoard"]
