@@ -19,7 +19,7 @@ import re
 from decimal import Decimal, InvalidOperation
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StringConstraints, field_validator, model_validator
 
 from . import names
 
@@ -129,6 +129,8 @@ class Source(_Model):
 class Cache(_Model):
     medium: Literal["Disk", "Memory"] = "Disk"
     capacity: Annotated[str, StringConstraints(max_length=32)] = "10Gi"
+    #: Serve a fully cached node's files with no FUSE hop (``datahoard mount --direct``).
+    direct: StrictBool = False
 
     @field_validator("capacity")
     @classmethod

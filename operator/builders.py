@@ -99,6 +99,10 @@ def worker_command(ds: Dataset, settings: OperatorSettings) -> list[str]:
     ]
     if ds.spec.warm.policy == "Eager":
         cmd.append("--warm")
+    if ds.spec.cache.direct:
+        # The tree is published to new pods by the CSI plugin (NodePublishVolume binds it);
+        # the worker does not stack it over the view that running pods already read.
+        cmd += ["--direct", "--no-direct-bind"]
     for pattern in source.include or []:
         cmd += ["--include", pattern]
     for pattern in source.exclude or []:

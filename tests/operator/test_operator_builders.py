@@ -72,6 +72,15 @@ def test_worker_command_is_the_cli_contract() -> None:
     assert cmd[cmd.index("--cache-dir") + 1] == "/var/lib/datahoard/cache/ml/imagenet"
     assert cmd[-2:] == ["--stats-addr", "0.0.0.0:9470"]
     assert "--warm" in cmd and "--foreground" in cmd
+    assert "--direct" not in cmd
+
+
+def test_direct_datasets_build_the_tree_and_leave_publishing_to_the_csi_plugin() -> None:
+    from datahoard.cli import build_parser
+
+    cmd = builders.worker_command(dataset(cache={"capacity": "1Ti", "direct": True}), SETTINGS)
+    args = build_parser().parse_args(cmd[1:])  # the CLI accepts what the operator writes
+    assert args.direct and not args.direct_bind
 
 
 def test_pv_and_node_label_agree() -> None:
