@@ -77,10 +77,11 @@ def summarize(ds: Dataset, selected: list[str], pods: list[WorkerPod],
         entry: dict[str, Any] = {"name": node, "ready": bool(pod and pod.ready)}
         st = good.get(node)
         if st is not None:
-            entry.update(cachedBytes=st.cached_bytes, hits=st.hits, misses=st.misses, lastSeen=now)
+            entry.update(cachedBytes=st.cached_bytes, hits=st.hits, misses=st.misses, serving=st.serving,
+                         lastSeen=now)
         elif node in old_nodes:
             # Keep the last known numbers; lastSeen says how old they are.
-            for key in ("cachedBytes", "hits", "misses", "lastSeen"):
+            for key in ("cachedBytes", "hits", "misses", "serving", "lastSeen"):
                 if key in old_nodes[node]:
                     entry[key] = old_nodes[node][key]
         nodes.append(entry)

@@ -77,6 +77,12 @@ def test_summary_uses_least_filled_node_and_bytes_weighted_hit_ratio() -> None:
     assert [n["name"] for n in out["nodes"]] == ["a", "b"]
 
 
+def test_each_node_says_whether_it_serves_the_direct_tree() -> None:
+    out = summarize(ds(), ["a", "b"], [pod("a"), pod("b")],
+                    {"a": stats(900, 0, 0, serving="direct"), "b": stats(500, 0, 0)}, {}, "T")
+    assert [(n["name"], n["serving"]) for n in out["nodes"]] == [("a", "direct"), ("b", "fuse")]
+
+
 def test_no_reads_means_no_hit_ratio() -> None:
     out = summarize(ds(), ["a"], [pod("a")], {"a": stats(0, 0, 0)}, {}, "T")
     assert out["hitRatio"] is None
