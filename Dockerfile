@@ -1,9 +1,9 @@
 # syntax=docker/dockerfile:1
-# One image for every Datahoard component (see docker/entrypoint.sh):
+# One image for every Datahoard component (see datahoard/entrypoint.py):
 #   operator | worker | csi-node
 # Build: docker build -t datahoard:dev .      (e2e/run.sh does this and loads it into kind)
 #
-# Stage 1 builds a virtualenv from pinned wheels (docker/requirements.lock, checked against
+# Stage 1 builds a virtualenv from pinned wheels (requirements.lock, checked against
 # pyproject.toml by tests/chart/test_image.py); stage 2 is the runtime: the venv, FUSE 3
 # userspace, nothing else. Root by default, because the cache worker (FUSE mounts) and the CSI
 # plugin (bind mounts) need it; the chart runs the operator as uid 65532 with a read-only root.
@@ -15,7 +15,7 @@ ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN python -m venv /opt/datahoard
 ENV PATH=/opt/datahoard/bin:$PATH
 # Dependencies first, so source edits do not rebuild this layer.
-COPY docker/requirements.lock /tmp/requirements.lock
+COPY requirements.lock /tmp/requirements.lock
 RUN pip install --no-deps --only-binary=:all: -r /tmp/requirements.lock
 COPY pyproject.toml README.md /src/
 COPY datahoard /src/datahoard
@@ -37,7 +37,6 @@ RUN apt-get update \
     && useradd --uid 65532 --gid 65532 --no-create-home --home-dir /nonexistent \
         --shell /usr/sbin/nologin datahoard
 COPY --from=build /opt/datahoard /opt/datahoard
-COPY docker/entrypoint.sh /usr/local/bin/datahoard-entrypoint
 ENV PATH=/opt/datahoard/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1

@@ -167,7 +167,7 @@ class Operator:
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> None:
-        self.proc = subprocess.Popen([str(REPO / "docker" / "entrypoint.sh"), *self.args],
+        self.proc = subprocess.Popen([sys.executable, "-m", "datahoard.entrypoint", *self.args],
                                      env=self.env, cwd=REPO, stdout=self.log.open("ab"),
                                      stderr=subprocess.STDOUT, start_new_session=True)
 

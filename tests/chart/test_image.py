@@ -19,7 +19,7 @@ from packaging.utils import canonicalize_name
 from chartlib import REPO
 
 DOCKERFILE = (REPO / "Dockerfile").read_text()
-LOCK = REPO / "docker" / "requirements.lock"
+LOCK = REPO / "requirements.lock"
 
 
 def _buildah_missing() -> str | None:
@@ -101,7 +101,7 @@ def test_entrypoint_dispatch(tmp_path: Path, argv: list[str], expected: str) -> 
         stub = tmp_path / tool
         stub.write_text(f'#!/bin/sh\necho {tool} "$@"\n')
         stub.chmod(0o755)
-    out = subprocess.run([str(REPO / "docker" / "entrypoint.sh"), *argv], capture_output=True,
+    out = subprocess.run([sys.executable, "-m", "datahoard.entrypoint", *argv], capture_output=True,
                          text=True, check=True, env={**os.environ, "PATH": f"{tmp_path}:/usr/bin:/bin"})
     assert out.stdout.strip() == expected
 

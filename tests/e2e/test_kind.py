@@ -18,7 +18,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[2]
 E2E = REPO / "e2e"
 SCRIPTS = [E2E / "run.sh", REPO / "tests" / "tools" / "build-helm.sh",
-           REPO / "tests" / "tools" / "check-image-buildah.sh", REPO / "docker" / "entrypoint.sh"]
+           REPO / "tests" / "tools" / "check-image-buildah.sh"]
 
 
 def docker_missing() -> str | None:
