@@ -14,6 +14,11 @@ handle did not see are counted as served from cache: the kernel had them, and it
 have them from this cache. Large files are opened without ``keep_cache`` so every byte read
 reaches the worker and is counted exactly. The remaining inexactness: a program that opens a
 small cached file and reads only part of it is counted as having read all of it.
+
+So a warm epoch costs each file an ``open`` and a ``release`` in this process (``flush`` is not
+implemented, and the kernel stops sending it). Both are a few dictionary operations for a file
+already found cached; most of what remains per file is libfuse, the kernel and taking the GIL
+(see ``fusebind`` for the thread states libfuse's threads keep).
 """
 
 from __future__ import annotations
@@ -78,11 +83,12 @@ class DatasetView(Operations):
         self._on_ready = on_ready
         self._handles: dict[int, _Handle] = {}
         self._next_fh = itertools.count(1)
-        self._lock = threading.Lock()
         self._uid, self._gid = os.getuid(), os.getgid()
         self._mtime_ns = int(index.summary.built_at * 1e9)
         self._recent: dict[str, object] = {}
-        self._cached: set[str] = set()
+        #: Paths of small files found fully cached, with their entries: later opens of them
+        #: take the short path in ``open``.
+        self._kept: dict[str, object] = {}
 
     # -- lifecycle -------------------------------------------------------------------------
     def init_with_config(self, conn, config) -> None:
@@ -176,24 +182,34 @@ class DatasetView(Operations):
         return 0
 
     # -- data ------------------------------------------------------------------------------
+    # open and release run once per file in every epoch, the reads of a warm epoch do not run
+    # at all (keep_cache): both are kept to a few dictionary operations. No lock: taking a
+    # handle number from an itertools counter and inserting or popping one key are atomic
+    # under the GIL.
     def open(self, path: str, fi) -> int:
         if fi.flags & _WRITE_FLAGS:
             raise FuseOSError(errno.EROFS)
+        entry = self._kept.get(path)
+        if entry is not None:
+            # A fully cached small file opened before: keep the kernel's page cache. Stale
+            # after an eviction, which is harmless: the kernel then asks for the bytes and they
+            # are counted as they are served.
+            fi.keep_cache = 1
+            fh = next(self._next_fh)
+            self._handles[fh] = _Handle(entry, True)
+            fi.fh = fh
+            return 0
         entry = self._lookup(path)
         if isinstance(entry, DirEntry):
             raise FuseOSError(errno.EISDIR)
-        small = entry.size <= self.cache.tuning.whole_file_max
-        keep = small and (path in self._cached or self.cache.is_cached(entry))
+        keep = entry.size <= self.cache.tuning.whole_file_max and self.cache.is_cached(entry)
         if keep:
-            # Stale after an eviction, which is harmless: the kernel then asks for the bytes and
-            # they are counted as they are served.
-            if len(self._cached) >= _RECENT_MAX:
-                self._cached.clear()
-            self._cached.add(path)
-        fi.keep_cache = 1 if keep else 0
-        with self._lock:
-            fh = next(self._next_fh)
-            self._handles[fh] = _Handle(ReadState(entry), counts_unobserved=keep)
+            if len(self._kept) >= _RECENT_MAX:
+                self._kept.clear()
+            self._kept[path] = entry
+            fi.keep_cache = 1
+        fh = next(self._next_fh)
+        self._handles[fh] = _Handle(entry, keep)
         fi.fh = fh
         return 0
 
@@ -201,23 +217,29 @@ class DatasetView(Operations):
         handle = self._handles.get(fi.fh)
         if handle is None:
             raise FuseOSError(errno.EBADF)
+        state = handle.state
+        if state is None:
+            with _first_read:  # two reads of one handle may arrive together
+                state = handle.state
+                if state is None:
+                    state = handle.state = ReadState(handle.entry)
         try:
-            return self.cache.read(handle.state, offset, size)
+            return self.cache.read(state, offset, size)
         except Exception as exc:  # noqa: BLE001 - any failure is EIO, never wrong bytes
             self._fail(handle, exc)
 
     def _fail(self, handle: "_Handle", exc: Exception) -> None:
-        message = f"read of {handle.state.obj.key} failed: {exc}"
+        message = f"read of {handle.entry.key} failed: {exc}"
         log.error(message)
         log.debug("traceback", exc_info=True)
         self.counters.add_error(message)
         raise FuseOSError(errno.EIO) from exc
 
     def release(self, path: str, fi) -> int:
-        with self._lock:
-            handle = self._handles.pop(fi.fh, None)
-        if handle and handle.counts_unobserved:
-            unseen = handle.state.obj.size - handle.state.observed_bytes
+        handle = self._handles.pop(fi.fh, None)
+        if handle is not None and handle.counts_unobserved:
+            state = handle.state
+            unseen = handle.entry.size - (state.observed_bytes if state is not None else 0)
             if unseen > 0:
                 self.counters.add_unobserved_hit(unseen)
         return 0
@@ -230,9 +252,15 @@ class DatasetView(Operations):
     chmod = chown = truncate = write = utimens = setxattr = removexattr = _read_only
 
 
-class _Handle:
-    __slots__ = ("state", "counts_unobserved")
+_first_read = threading.Lock()
 
-    def __init__(self, state: ReadState, counts_unobserved: bool) -> None:
-        self.state = state
+
+class _Handle:
+    """One open file. ``state`` is made by the first read: a warm epoch's handles never read."""
+
+    __slots__ = ("entry", "counts_unobserved", "state")
+
+    def __init__(self, entry, counts_unobserved: bool) -> None:
+        self.entry = entry
         self.counts_unobserved = counts_unobserved
+        self.state: ReadState | None = None
