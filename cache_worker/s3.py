@@ -1,26 +1,38 @@
-"""S3 and S3-compatible stores through boto3.
+"""S3 and S3-compatible stores: listing and HEAD through boto3, chunk GETs through a lean path.
 
-botocore already retries throttling, 5xx and connection errors on the *request*; it does not
-retry a body that breaks off mid-stream, so :meth:`S3Source.read` wraps the whole
-request-and-read in its own bounded retry loop. Every botocore failure is classified once, in
-:func:`_classify`, into the source error kinds the worker acts on.
+Chunk fetches are the hot path, and botocore's request pipeline costs about 3.5 ms of CPU per
+GET in this single Python process, which capped cold reads and warming (bench/ANALYSIS.md).
+So :meth:`S3Source.read` sends its ranged, ETag-pinned GETs with :mod:`.s3_get` (one urllib3
+pool, SigV4 header signing) and owns every retry itself: throttling, 5xx, connection errors,
+timeouts and bodies that break off or fail their checks are retried as a whole with bounded
+backoff, up to ``max_attempts`` in total. ``DATAHOARD_S3_CLIENT=botocore`` (or an HTTP proxy
+configured for the endpoint, which only botocore honours) sends the GETs through botocore as
+before. Every failure is classified once, in :func:`_classify` / :func:`_classify_code`, into
+the source error kinds the worker acts on.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import random
 import re
 import time
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 import boto3
 import botocore.config
 import botocore.exceptions
+import botocore.httpsession
+import botocore.session
+import urllib3
 from botocore import UNSIGNED
 
+from . import s3_get
 from .source import (
     RemoteObject,
     Source,
@@ -48,6 +60,13 @@ _AUTH_CODES = {
 _DENIED_CODES = {"AccessDenied", "AllAccessDisabled", "403"}
 _MISSING_CODES = {"NoSuchBucket", "NoSuchKey", "404", "NotFound"}
 _CHANGED_CODES = {"PreconditionFailed", "412"}
+#: Worth another attempt (botocore's standard retry mode retries the same).
+_RETRY_STATUSES = {429, 500, 502, 503, 504}
+_RETRY_CODES = {
+    "SlowDown", "Throttling", "ThrottlingException", "RequestThrottled", "TooManyRequests",
+    "RequestLimitExceeded", "BandwidthLimitExceeded", "RequestTimeout", "InternalError",
+    "ServiceUnavailable", "PriorRequestNotComplete", "RequestTimeoutException",
+}
 _BODY_ERRORS = (
     botocore.exceptions.IncompleteReadError,
     botocore.exceptions.ResponseStreamingError,
@@ -88,6 +107,21 @@ def parse_s3_uri(uri: str) -> tuple[str, str]:
     return bucket, f"{prefix}/" if prefix else ""
 
 
+def _classify_code(code: str, message: str, what: str, endpoint: str) -> SourceError:
+    """Turn an S3 error code (or the bare HTTP status) into one SourceError."""
+    if code in _AUTH_CODES:
+        return SourceAuthError(f"S3 rejected the credentials for {what}: {code}: {message}")
+    if code in _DENIED_CODES:
+        return SourcePermissionDenied(f"access denied to {what}: {message}")
+    if code == "NoSuchBucket":
+        return SourceNotFound(f"bucket does not exist: {what} (endpoint {endpoint})")
+    if code in _MISSING_CODES:
+        return SourceNotFound(f"not found: {what}")
+    if code in _CHANGED_CODES:
+        return SourceChanged(f"{what} changed since it was listed; remount with --refresh")
+    return SourceTransientError(f"S3 error on {what}: {code}: {message}")
+
+
 def _classify(exc: Exception, what: str, endpoint: str) -> SourceError:
     """Turn a botocore failure into one SourceError with a message a person can act on."""
     if isinstance(exc, SourceError):
@@ -97,18 +131,7 @@ def _classify(exc: Exception, what: str, endpoint: str) -> SourceError:
     if isinstance(exc, botocore.exceptions.ClientError):
         err = exc.response.get("Error", {})
         code = str(err.get("Code", ""))
-        message = err.get("Message") or code
-        if code in _AUTH_CODES:
-            return SourceAuthError(f"S3 rejected the credentials for {what}: {code}: {message}")
-        if code in _DENIED_CODES:
-            return SourcePermissionDenied(f"access denied to {what}: {message}")
-        if code == "NoSuchBucket":
-            return SourceNotFound(f"bucket does not exist: {what} (endpoint {endpoint})")
-        if code in _MISSING_CODES:
-            return SourceNotFound(f"not found: {what}")
-        if code in _CHANGED_CODES:
-            return SourceChanged(f"{what} changed since it was listed; remount with --refresh")
-        return SourceTransientError(f"S3 error on {what}: {code}: {message}")
+        return _classify_code(code, err.get("Message") or code, what, endpoint)
     if isinstance(
         exc,
         botocore.exceptions.EndpointConnectionError | botocore.exceptions.ConnectTimeoutError,
@@ -122,12 +145,15 @@ class S3Source(Source):
         self.uri = uri
         self.options = options = options or S3Options()
         self.bucket, self.prefix = parse_s3_uri(uri)
+        core = botocore.session.get_session()
         session = boto3.session.Session(
             aws_access_key_id=options.access_key,
             aws_secret_access_key=options.secret_key,
             aws_session_token=options.session_token,
             region_name=options.region,
+            botocore_session=core,
         )
+        credentials = session.get_credentials()
         config = botocore.config.Config(
             retries={"mode": "standard", "max_attempts": options.max_attempts},
             connect_timeout=options.connect_timeout,
@@ -141,10 +167,29 @@ class S3Source(Source):
             request_checksum_calculation="when_required",
             response_checksum_validation="when_required",
             # With no credentials anywhere in the chain, read public buckets anonymously.
-            signature_version=UNSIGNED if session.get_credentials() is None else None,
+            signature_version=UNSIGNED if credentials is None else None,
         )
         self._client = session.client("s3", endpoint_url=options.endpoint_url, config=config)
         self.endpoint = options.endpoint_url or self._client.meta.endpoint_url
+        self._getter: s3_get.ObjectGetter | None = None
+        if _lean_gets_apply(self.endpoint):
+            self._getter = s3_get.ObjectGetter(
+                bucket=self.bucket,
+                endpoint_url=self._client.meta.endpoint_url,
+                region=self._client.meta.region_name or "us-east-1",
+                # --endpoint-url (or AWS_ENDPOINT_URL*: a non-AWS host) means path-style.
+                path_style=bool(options.endpoint_url) or not _is_aws(self._client.meta.endpoint_url),
+                credentials=credentials,  # refreshed per request when refreshable
+                max_connections=options.max_connections,
+                connect_timeout=options.connect_timeout,
+                read_timeout=options.read_timeout,
+                ca_bundle=core.get_config_variable("ca_bundle")
+                or botocore.httpsession.get_cert_path(True),
+                # A bucket in another region than configured: AWS names it in its answer.
+                endpoint_for_region=None if options.endpoint_url else (
+                    lambda region: session.client("s3", region_name=region).meta.endpoint_url
+                ),
+            )
 
     def _where(self, key: str = "") -> str:
         return f"s3://{self.bucket}/{self.prefix}{key}"
@@ -176,7 +221,11 @@ class S3Source(Source):
         )
 
     def read(self, obj: RemoteObject, start: int, length: int) -> bytes:
-        """Ranged GET pinned to the listed ETag, retried as a whole on a broken body."""
+        """Ranged GET pinned to the listed ETag, retried as a whole with bounded backoff.
+
+        Throttling, 5xx, unreachable endpoints, timeouts, broken or short bodies and checksum
+        mismatches are retried, ``max_attempts`` in total (the lean path has no retries
+        underneath); the error that outlives them names the object."""
         if length <= 0:
             return b""
         where = self._where(obj.key)
@@ -186,7 +235,7 @@ class S3Source(Source):
                 return self._read_once(obj, start, length, where)
             except _BODY_ERRORS as exc:
                 error = SourceTransientError(f"S3 transfer of {where} failed: {exc}")
-            except SourceTransientError as exc:  # short body or checksum mismatch
+            except (SourceTransientError, SourceUnreachable) as exc:  # 5xx, reset, short, MD5
                 error = exc
             except SourceError:
                 raise
@@ -194,12 +243,63 @@ class S3Source(Source):
                 raise _classify(exc, where, self.endpoint) from exc
             if attempt == attempts:
                 raise error
-            delay = min(2.0, 0.05 * 2**attempt) * (0.5 + random.random())
+            delay = min(2.0, 0.1 * 2**attempt) * (0.5 + random.random())
             log.info("retrying %s after %s (attempt %d/%d)", where, error, attempt, attempts)
             time.sleep(delay)
         raise AssertionError("unreachable")
 
     def _read_once(self, obj: RemoteObject, start: int, length: int, where: str) -> bytes:
+        if self._getter is None:
+            return self._read_once_botocore(obj, start, length, where)
+        whole = start == 0 and length == obj.size
+        headers = {}
+        if not whole:
+            headers["range"] = f"bytes={start}-{start + length - 1}"
+        if obj.etag:
+            headers["if-match"] = f'"{obj.etag}"'
+        try:
+            response = self._getter.get(self.prefix + obj.key, headers)
+        except s3_get.CONNECT_ERRORS as exc:
+            raise SourceUnreachable(
+                f"cannot reach S3 endpoint {self.endpoint} for {where}: {_reason(exc)}"
+            ) from exc
+        except (urllib3.exceptions.HTTPError, OSError) as exc:  # reset, timeout, short body
+            raise SourceTransientError(f"S3 transfer of {where} failed: {_reason(exc)}") from exc
+        status = response.status
+        data = response.data
+        if status not in (200, 206):
+            code, message = s3_get.parse_error(status, data)
+            error = _classify_code(code, message, where, self.endpoint)
+            if isinstance(error, SourceTransientError) and not (
+                status in _RETRY_STATUSES or code in _RETRY_CODES
+            ):  # some other 4xx: another attempt would get the same answer
+                error = SourceError(str(error))
+            raise error
+        got_etag = response.headers.get("etag", "").strip('"')
+        if obj.etag and got_etag and got_etag != obj.etag:
+            raise SourceChanged(f"{where} changed since it was listed; remount with --refresh")
+        if status == 206:
+            content_range = response.headers.get("content-range", "")
+            if not content_range.startswith(f"bytes {start}-{start + length - 1}/"):
+                raise SourceTransientError(
+                    f"S3 answered {where} with range {content_range!r}, "
+                    f"not bytes {start}-{start + length - 1}"
+                )
+            if content_range.rpartition("/")[2] not in (str(obj.size), "*"):
+                raise SourceChanged(f"{where} changed since it was listed; remount with --refresh")
+        elif not whole and len(data) == obj.size:  # a store that ignored Range sent it all
+            data = data[start : start + length]
+        if len(data) != length:
+            raise SourceTransientError(
+                f"short read of {where}: got {len(data)} of {length} bytes at offset {start}"
+            )
+        if whole and _is_md5_etag(obj.etag, response.headers, lower=True):
+            digest = hashlib.md5(data, usedforsecurity=False).hexdigest()
+            if digest != obj.etag:
+                raise SourceTransientError(f"checksum mismatch reading {where}: MD5 {digest}")
+        return data
+
+    def _read_once_botocore(self, obj: RemoteObject, start: int, length: int, where: str) -> bytes:
         kwargs = {"Bucket": self.bucket, "Key": self.prefix + obj.key}
         whole = start == 0 and length == obj.size
         if not whole:
@@ -226,13 +326,45 @@ class S3Source(Source):
         return data
 
     def close(self) -> None:
+        if self._getter is not None:
+            self._getter.close()
         self._client.close()
 
 
-def _is_md5_etag(etag: str, response: dict) -> bool:
-    """S3 ETags are the content MD5 only for single-part, non-KMS, non-SSE-C objects."""
+def _lean_gets_apply(endpoint: str) -> bool:
+    """Whether chunk GETs take the lean path; botocore is kept when asked for, and when an
+    HTTP proxy is configured for the endpoint (only botocore's session honours proxies)."""
+    if os.environ.get("DATAHOARD_S3_CLIENT", "").strip().lower() == "botocore":
+        return False
+    scheme, _, rest = endpoint.partition("://")
+    host = rest.split("/", 1)[0]
+    proxies = urllib.request.getproxies()
+    return not (proxies.get(scheme) and not urllib.request.proxy_bypass(host))
+
+
+def _is_aws(endpoint_url: str) -> bool:
+    host = (urlsplit(endpoint_url).hostname or "").lower()
+    return host.endswith((".amazonaws.com", ".amazonaws.com.cn"))
+
+
+def _reason(exc: BaseException) -> str:
+    """urllib3 nests the useful part (refused, timed out, reset) in ``reason``."""
+    reason = getattr(exc, "reason", None)
+    return f"{exc.__class__.__name__}: {reason or exc}"
+
+
+def _is_md5_etag(etag: str, response, lower: bool = False) -> bool:
+    """S3 ETags are the content MD5 only for single-part, non-KMS, non-SSE-C objects.
+
+    ``response`` is botocore's parsed response, or (``lower``) the raw HTTP headers."""
     if not _MD5_ETAG.match(etag):
         return False
-    if response.get("ServerSideEncryption") == "aws:kms" or response.get("SSECustomerAlgorithm"):
+    if lower:
+        sse = response.get("x-amz-server-side-encryption", "")
+        sse_c = response.get("x-amz-server-side-encryption-customer-algorithm")
+    else:
+        sse = response.get("ServerSideEncryption", "")
+        sse_c = response.get("SSECustomerAlgorithm")
+    if sse.startswith("aws:kms") or sse_c:
         return False
     return True
