@@ -52,9 +52,20 @@ class Counters:
                 self.hits += 1
 
     def add_unobserved_hit(self, nbytes: int) -> None:
-        """Bytes the kernel page cache served from a cached file without asking us."""
+        """A cached file opened with the kernel page cache kept: counted whole, up front."""
         with self.lock:
             self.served_from_cache += nbytes
+
+    def add_prepaid_read(self, from_source: int) -> None:
+        """A read of bytes counted up front (``add_unobserved_hit``) that reached us after all:
+        bytes it had to fetch were not hits, so they move to the source column."""
+        with self.lock:
+            self.served_from_cache -= from_source
+            self.served_from_source += from_source
+            if from_source:
+                self.misses += 1
+            else:
+                self.hits += 1
 
     def add_fetched(self, nbytes: int) -> None:
         with self.lock:

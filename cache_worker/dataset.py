@@ -117,7 +117,6 @@ class ReadState:
     obj: RemoteObject
     next_offset: int = 0
     readahead_until: int = 0
-    observed_bytes: int = 0
     sourced: set[int] = field(default_factory=set)
 
 
@@ -147,8 +146,13 @@ class DatasetCache:
         return all(self.store.contains(c) for c in self.chunks(obj))
 
     # -- reads -----------------------------------------------------------------------------
-    def read(self, state: ReadState, offset: int, size: int) -> bytes:
-        """Up to ``size`` bytes of ``state.obj`` at ``offset``, exactly as the source has them."""
+    def read(self, state: ReadState, offset: int, size: int, prepaid: bool = False) -> bytes:
+        """Up to ``size`` bytes of ``state.obj`` at ``offset``, exactly as the source has them.
+
+        ``prepaid``: the caller already counted these bytes as served from cache (an open of a
+        file known to be cached, see fuse_view); only bytes that needed the source are counted,
+        moved from the cache column to the source column.
+        """
         obj = state.obj
         end = min(offset + size, obj.size)
         if offset >= end:
@@ -181,8 +185,10 @@ class DatasetCache:
                 from_source += length
             pieces.append(piece)
             pos += length
-        self.counters.add_read(from_cache, from_source)
-        state.observed_bytes += end - offset
+        if prepaid:
+            self.counters.add_prepaid_read(from_source)
+        else:
+            self.counters.add_read(from_cache, from_source)
         if offset == state.next_offset and obj.size > csize:
             self._schedule_readahead(state, end, csize, oid)
         state.next_offset = end

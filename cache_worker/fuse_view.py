@@ -7,18 +7,31 @@ Choices that make warm reads cheap, each because the data is immutable for the l
 * ``keep_cache`` on every open of a fully cached file: the kernel keeps its page cache across
   opens, so a second epoch reads from memory without reaching this process at all.
 
-That second choice hides reads from the worker, and the hit ratio must stay true, so each file
-handle counts the bytes it served; when a *fully cached* file of at most ``whole_file_max``
-bytes (one chunk; small files are read whole by training loaders) is released, the bytes the
-handle did not see are counted as served from cache: the kernel had them, and it could only
-have them from this cache. Large files are opened without ``keep_cache`` so every byte read
-reaches the worker and is counted exactly. The remaining inexactness: a program that opens a
-small cached file and reads only part of it is counted as having read all of it.
+That second choice hides reads from the worker, and the hit ratio must stay true, so an open of
+a *fully cached* file of at most ``whole_file_max`` bytes (one chunk; small files are read whole
+by training loaders) counts the whole file as served from cache right there: whatever the
+kernel then serves from its page cache it could only have had from this cache. Reads of such a
+handle that do reach the worker (the kernel dropped its copy) are already paid for and are not
+counted again; if one turns out to need the source (the file was evicted since), its bytes move
+from the cache column to the source column. Large files are opened without ``keep_cache`` so
+every byte read reaches the worker and is counted exactly. The remaining inexactness: a program
+that opens a small cached file and reads only part of it, or none, is counted as having read
+all of it.
 
-So a warm epoch costs each file an ``open`` and a ``release`` in this process (``flush`` is not
-implemented, and the kernel stops sending it). Both are a few dictionary operations for a file
-already found cached; most of what remains per file is libfuse, the kernel and taking the GIL
-(see ``fusebind`` for the thread states libfuse's threads keep).
+So a warm epoch costs each file one ``open`` in this process, a few dictionary operations. There
+is no ``release`` callback: libfuse answers it in C, so closes never wait for the GIL nor spend
+the worker's CPU (``flush`` is not implemented either, and the kernel stops sending it). Handles
+that need state (files read through the worker) live in a bounded table instead of being freed
+at release: the oldest are forgotten first, and a forgotten handle that reads again gets fresh
+state (it loses only its read-ahead position). Most of what remains per file is libfuse, the
+kernel and taking the GIL (see ``fusebind`` for the thread states libfuse's threads keep), and
+the kernel still sends a ``release`` per file, which libfuse answers without Python.
+
+Once warming has cached a dataset whose files are all small, even that trip goes:
+:meth:`DatasetView.serve_opens_in_kernel` answers ``open`` with ENOSYS, after which the kernel
+opens files itself (keeping their page cache) and sends neither ``open`` nor ``release``; the
+counts ``open`` made are then made from fanotify events (``open_watch``), and a warm epoch costs
+this process nothing.
 """
 
 from __future__ import annotations
@@ -36,6 +49,7 @@ from .counters import Counters
 from .dataset import DatasetCache, ReadState
 from .fusebind import FuseOSError, Operations
 from .index import DirEntry, Index
+from .open_watch import OpenWatch
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +58,11 @@ METADATA_TIMEOUT = 3600
 MAX_READ = 1 << 20
 #: Bound on remembered lookups and fully cached paths (about 200 bytes each).
 _RECENT_MAX = 1 << 16
+#: Bound on handles with read state (no release callback frees them; about 300 bytes each).
+#: Far more than a loader keeps open at once: only handles opened this long ago are forgotten.
+_HANDLES_MAX = 1 << 14
+#: The handle of an open that counted its whole file as a hit: its reads are prepaid.
+PREPAID_FH = 0
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC
 
 
@@ -81,7 +100,7 @@ class DatasetView(Operations):
         self.cache = cache
         self.counters = counters
         self._on_ready = on_ready
-        self._handles: dict[int, _Handle] = {}
+        self._handles: dict[int, ReadState] = {}
         self._next_fh = itertools.count(1)
         self._uid, self._gid = os.getuid(), os.getgid()
         self._mtime_ns = int(index.summary.built_at * 1e9)
@@ -89,6 +108,9 @@ class DatasetView(Operations):
         #: Paths of small files found fully cached, with their entries: later opens of them
         #: take the short path in ``open``.
         self._kept: dict[str, object] = {}
+        #: Set by :meth:`serve_opens_in_kernel`: opens are answered ENOSYS, counted by fanotify.
+        self.kernel_opens = False
+        self._open_watch: OpenWatch | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
     def init_with_config(self, conn, config) -> None:
@@ -182,67 +204,89 @@ class DatasetView(Operations):
         return 0
 
     # -- data ------------------------------------------------------------------------------
-    # open and release run once per file in every epoch, the reads of a warm epoch do not run
-    # at all (keep_cache): both are kept to a few dictionary operations. No lock: taking a
-    # handle number from an itertools counter and inserting or popping one key are atomic
-    # under the GIL.
+    # open runs once per file in every epoch, the reads of a warm epoch do not run at all
+    # (keep_cache): it is kept to a few dictionary operations. No lock: taking a handle number
+    # from an itertools counter and inserting or popping one key are atomic under the GIL.
     def open(self, path: str, fi) -> int:
         if fi.flags & _WRITE_FLAGS:
             raise FuseOSError(errno.EROFS)
+        if self.kernel_opens:
+            # The kernel remembers this answer for the whole connection: no open or release
+            # of any file reaches this process again (see serve_opens_in_kernel).
+            raise FuseOSError(errno.ENOSYS)
         entry = self._kept.get(path)
-        if entry is not None:
-            # A fully cached small file opened before: keep the kernel's page cache. Stale
-            # after an eviction, which is harmless: the kernel then asks for the bytes and they
-            # are counted as they are served.
-            fi.keep_cache = 1
-            fh = next(self._next_fh)
-            self._handles[fh] = _Handle(entry, True)
-            fi.fh = fh
-            return 0
-        entry = self._lookup(path)
-        if isinstance(entry, DirEntry):
-            raise FuseOSError(errno.EISDIR)
-        keep = entry.size <= self.cache.tuning.whole_file_max and self.cache.is_cached(entry)
-        if keep:
+        if entry is None:
+            entry = self._lookup(path)
+            if isinstance(entry, DirEntry):
+                raise FuseOSError(errno.EISDIR)
+            if not (entry.size <= self.cache.tuning.whole_file_max and self.cache.is_cached(entry)):
+                fh = next(self._next_fh)
+                self._remember(fh, ReadState(entry))
+                fi.fh = fh
+                return 0
             if len(self._kept) >= _RECENT_MAX:
                 self._kept.clear()
             self._kept[path] = entry
-            fi.keep_cache = 1
-        fh = next(self._next_fh)
-        self._handles[fh] = _Handle(entry, keep)
-        fi.fh = fh
+        # A fully cached small file: keep the kernel's page cache and count the file now. Stale
+        # after an eviction, which is harmless: the kernel then asks for the bytes and a read
+        # that needs the source says so (see read).
+        self.counters.add_unobserved_hit(entry.size)
+        fi.keep_cache = 1
+        fi.fh = PREPAID_FH
         return 0
 
-    def read(self, path: str, size: int, offset: int, fi) -> bytes:
-        handle = self._handles.get(fi.fh)
-        if handle is None:
-            raise FuseOSError(errno.EBADF)
-        state = handle.state
-        if state is None:
-            with _first_read:  # two reads of one handle may arrive together
-                state = handle.state
-                if state is None:
-                    state = handle.state = ReadState(handle.entry)
-        try:
-            return self.cache.read(state, offset, size)
-        except Exception as exc:  # noqa: BLE001 - any failure is EIO, never wrong bytes
-            self._fail(handle, exc)
+    def serve_opens_in_kernel(self) -> None:
+        """Stop taking opens: the kernel opens files itself, and fanotify counts the opens.
 
-    def _fail(self, handle: "_Handle", exc: Exception) -> None:
-        message = f"read of {handle.entry.key} failed: {exc}"
+        Only for a fully cached dataset whose every file is at most ``whole_file_max`` bytes: for
+        such a dataset the counts stay exactly what ``open`` makes (each open of a cached small
+        file counts the file; reads that reach the worker are prepaid), while a warm epoch stops
+        costing any trip to this process. Raises OSError (nothing changed) where fanotify is not
+        allowed. The watch is started first, so an open that races the switch can be counted
+        twice, never missed; that is at most the opens in flight at that instant.
+        """
+        watch = OpenWatch(self.mountpoint, self.counters.add_unobserved_hit)
+        watch.start()
+        self._open_watch = watch
+        self.kernel_opens = True
+
+    def drain_opens(self) -> None:
+        """Count the opens the kernel has queued (before a stats snapshot)."""
+        if self._open_watch is not None:
+            self._open_watch.drain()
+
+    def destroy(self, path: str) -> None:
+        if self._open_watch is not None:
+            self._open_watch.stop()
+
+    def _remember(self, fh: int, state: ReadState) -> None:
+        handles = self._handles
+        if len(handles) >= _HANDLES_MAX:
+            handles.pop(next(iter(handles)), None)  # the oldest: opened longest ago
+        handles[fh] = state
+
+    def read(self, path: str, size: int, offset: int, fi) -> bytes:
+        fh = fi.fh
+        prepaid = fh == PREPAID_FH
+        state = None if prepaid else self._handles.get(fh)
+        if state is None:
+            entry = self._kept.get(path) or self._lookup(path)
+            state = ReadState(entry)
+            if not prepaid:
+                with _first_read:  # two reads of a forgotten handle may arrive together
+                    state = self._handles.get(fh) or state
+                    self._remember(fh, state)
+        try:
+            return self.cache.read(state, offset, size, prepaid=prepaid)
+        except Exception as exc:  # noqa: BLE001 - any failure is EIO, never wrong bytes
+            self._fail(state, exc)
+
+    def _fail(self, state: ReadState, exc: Exception) -> None:
+        message = f"read of {state.obj.key} failed: {exc}"
         log.error(message)
         log.debug("traceback", exc_info=True)
         self.counters.add_error(message)
         raise FuseOSError(errno.EIO) from exc
-
-    def release(self, path: str, fi) -> int:
-        handle = self._handles.pop(fi.fh, None)
-        if handle is not None and handle.counts_unobserved:
-            state = handle.state
-            unseen = handle.entry.size - (state.observed_bytes if state is not None else 0)
-            if unseen > 0:
-                self.counters.add_unobserved_hit(unseen)
-        return 0
 
     # -- everything that would write -------------------------------------------------------
     def _read_only(self, *args, **kwargs):
@@ -253,14 +297,3 @@ class DatasetView(Operations):
 
 
 _first_read = threading.Lock()
-
-
-class _Handle:
-    """One open file. ``state`` is made by the first read: a warm epoch's handles never read."""
-
-    __slots__ = ("entry", "counts_unobserved", "state")
-
-    def __init__(self, entry, counts_unobserved: bool) -> None:
-        self.entry = entry
-        self.counts_unobserved = counts_unobserved
-        self.state: ReadState | None = None

@@ -205,6 +205,11 @@ class Index:
     def total_bytes(self) -> int:
         return self.summary.total_bytes
 
+    def max_file_size(self) -> int:
+        """The largest file's size (0 for an empty snapshot); one scan of the files table."""
+        row = self._conn().execute("SELECT MAX(size) FROM files").fetchone()
+        return row[0] or 0
+
     def lookup(self, path: str) -> RemoteObject | DirEntry | None:
         """``path`` is relative to the root, without a leading slash ("" is the root)."""
         if path in self._dir_ids:

@@ -8,12 +8,15 @@ order matters:
 3. open the chunk store (dropping leftovers of a crash);
 4. start the stats endpoint, then the FUSE view; once libfuse reports the mount live, record
    the mount, start warming and tell the caller it is ready;
-5. with ``direct``: once the dataset is fully cached (warming done, or found so at start-up),
+5. once warming has cached every file of a dataset whose files are all at most one chunk, the
+   FUSE view hands opens to the kernel (``DatasetView.serve_opens_in_kernel``: a warm epoch
+   then costs this process nothing, and fanotify keeps the counts);
+6. with ``direct``: once the dataset is fully cached (warming done, or found so at start-up),
    build the direct tree (``tree.py``), pin its chunks, and publish it: the mount record names
    it (the CSI node plugin binds it into new pods) and, with ``direct_bind``, a read-only bind
    of it is stacked over the mountpoint, so new opens bypass FUSE while descriptors already
    open on the FUSE view keep working;
-6. on unmount or SIGTERM: stop warming, remove the tree's bind, flush the store, remove the
+7. on unmount or SIGTERM: stop warming, remove the tree's bind, flush the store, remove the
    record.
 """
 
@@ -78,6 +81,9 @@ class WorkerConfig:
     #: With ``direct``: stack the tree over the mountpoint. Off for Kubernetes workers, where
     #: the CSI node plugin binds the tree into new pods and pods published before stay on FUSE.
     direct_bind: bool = True
+    #: Once warming has cached a dataset of small files, let the kernel serve opens (see
+    #: ``DatasetView.serve_opens_in_kernel``).
+    kernel_opens: bool = True
 
 
 Progress = Callable[[str, int], None]
@@ -120,6 +126,8 @@ class Worker:
         self.trees: DirectTrees | None = None
         self.direct = DirectStats(state="waiting" if config.direct else "off")
         self.serving = "fuse"
+        self.view: DatasetView | None = None
+        self.kernel_opens = False
         self._bound = False
         self._direct_stop = threading.Event()
         self._direct_thread: threading.Thread | None = None
@@ -195,6 +203,8 @@ class Worker:
         if self.trees is not None:
             self._direct_thread = threading.Thread(target=self._direct_loop, name="direct", daemon=True)
             self._direct_thread.start()
+        if cfg.warm and cfg.kernel_opens:
+            threading.Thread(target=self._kernel_opens_when_warm, name="kernel-opens", daemon=True).start()
         self.ready.set()
         log.info("serving %s at %s (stats %s)", cfg.source, cfg.mountpoint, self.stats.url)
 
@@ -207,12 +217,36 @@ class Worker:
             if on_ready:
                 on_ready()
 
-        view = DatasetView(self.index, self.cache, self.counters, str(self.config.mountpoint), on_ready=mounted)
+        view = self.view = DatasetView(self.index, self.cache, self.counters, str(self.config.mountpoint),
+                                       on_ready=mounted)
         options = mount_options(f"datahoard:{self.config.source}", allow_other=self.config.allow_other)
         try:
             FUSE(view, str(self.config.mountpoint), foreground=True, raw_fi=True, **options)
         finally:
             self.shutdown()
+
+    # -- kernel opens ----------------------------------------------------------------------
+    def _kernel_opens_when_warm(self) -> None:
+        """Hand opens to the kernel once warming has cached everything (worker step 5)."""
+        w = self.counters.warm
+        while w.state == "running" and not self._direct_stop.wait(0.5):
+            pass
+        if self._direct_stop.is_set() or self.view is None:
+            return
+        if not (w.state == "done" and w.files_done == w.files_total and w.message is None):
+            log.info("opens stay in the worker: warming did not cache the whole dataset")
+            return
+        largest = self.index.max_file_size()
+        if largest > self.config.tuning.whole_file_max:
+            log.info("opens stay in the worker: files of up to %d bytes are counted read by read", largest)
+            return
+        try:
+            self.view.serve_opens_in_kernel()
+        except OSError as exc:
+            log.info("opens stay in the worker: %s", exc)
+            return
+        self.kernel_opens = True
+        log.info("the dataset is cached: the kernel serves opens now (counted with fanotify)")
 
     # -- direct tree -----------------------------------------------------------------------
     def _set_direct(self, state: str, message: str | None = None, info: TreeInfo | None = None) -> None:
@@ -366,6 +400,8 @@ class Worker:
         return os.path.ismount(self.config.mountpoint)
 
     def snapshot(self) -> WorkerStats:
+        if self.view is not None:
+            self.view.drain_opens()
         c = self.counters
         with c.lock:
             w = c.warm
@@ -400,6 +436,7 @@ class Worker:
             skipped_keys=self.index.summary.skipped_keys if self.index else 0,
             warming=warming,
             serving=self.serving,
+            kernel_opens=self.kernel_opens,
             direct=self.direct,
             **counts,
         )

@@ -74,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--no-direct-bind", dest="direct_bind", action="store_false",
                    help="with --direct: build and publish the tree, but do not bind it over MOUNTPOINT "
                         "(Kubernetes workers: the CSI node plugin binds it into new pods)")
+    m.add_argument("--no-kernel-opens", dest="kernel_opens", action="store_false",
+                   help="keep answering every open in the worker even once --warm has cached the dataset "
+                        "(by default the kernel then opens files itself and fanotify counts the opens)")
     m.add_argument("--log-file", help=argparse.SUPPRESS)
     m.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
 
@@ -115,6 +118,7 @@ def _worker_config(args: argparse.Namespace):
         log_file=args.log_file,
         direct=args.direct,
         direct_bind=args.direct_bind,
+        kernel_opens=args.kernel_opens,
     )
 
 
@@ -300,6 +304,8 @@ def _status(args: argparse.Namespace) -> int:
                     + (f" ({w.message})" if w.message else "")),
         ("errors", f"{stats.errors}" + (f" (last: {stats.last_error})" if stats.last_error else "")),
     ]
+    if stats.kernel_opens:
+        rows.append(("kernel opens", "yes: the dataset is cached and the kernel opens files itself (still counted)"))
     d = stats.direct
     if d.state != "off" or stats.serving != "fuse":
         if stats.serving == "direct":
@@ -329,7 +335,13 @@ def _umount(args: argparse.Namespace) -> int:
     from datahoard.cache_worker.tree import clear_tree_binds, mounts_at
 
     clear_tree_binds(mountpoint)
-    result = subprocess.run(["fusermount3", "-u", str(mountpoint)], capture_output=True, text=True)
+    # Busy can be brief: opens the kernel served hold the mount until the worker has counted
+    # them (fanotify, see cache_worker/open_watch.py), a few milliseconds after a burst.
+    for _ in range(20):
+        result = subprocess.run(["fusermount3", "-u", str(mountpoint)], capture_output=True, text=True)
+        if result.returncode == 0 or "busy" not in result.stderr.lower():
+            break
+        time.sleep(0.05)
     # The worker unmounts its FUSE view itself when it sees its tree's bind go: that is success.
     def fuse_mounted() -> bool:
         return any(m.fstype.startswith("fuse") for m in mounts_at(mountpoint))

@@ -58,6 +58,11 @@ class WorkerStats(BaseModel):
         description="fuse | direct. With direct, new opens are served by the kernel from the direct tree and "
         "never reach the worker: the served bytes and hit ratio then count only reads through the FUSE view",
     )
+    kernel_opens: bool = Field(
+        default=False,
+        description="the dataset is cached and the kernel serves opens itself (no trip to the worker); "
+        "fanotify counts them, so the served bytes and hit ratio stay as exact as before",
+    )
     direct: DirectStats = Field(default_factory=DirectStats)
 
     @property

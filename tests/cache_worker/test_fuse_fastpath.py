@@ -58,7 +58,7 @@ def test_a_foreign_threads_state_is_kept_only_when_asked():
 
 
 def _wait_for(check, seconds: float = 20.0):
-    """Releases reach the worker after close() returns; wait for the counters to settle."""
+    """Poll the counters until ``check`` holds (or give up after ``seconds``)."""
     deadline = time.monotonic() + seconds
     while True:
         value = check()

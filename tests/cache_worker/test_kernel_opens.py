@@ -1,0 +1,105 @@
+"""Once warming has cached a dataset of small files, the kernel opens files itself: a warm epoch
+needs no trip to the worker at all (proved by stopping the worker while reading), and fanotify
+keeps the counts exactly what they are when the worker answers opens."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from datahoard import runtime
+
+pytestmark = pytest.mark.integration
+
+# Unbuffered, as cat or a C loader reads: Python's buffered open() also asks isatty(), an
+# ioctl that FUSE always forwards to the daemon (libfuse answers it in C, without the worker's
+# Python, but a stopped worker answers nothing).
+_READ_ALL = """
+import hashlib, sys
+for path in sys.argv[1:]:
+    with open(path, "rb", buffering=0) as f:
+        print(hashlib.sha256(f.readall()).hexdigest())
+"""
+
+
+def _digests(paths: list[Path], timeout: float = 30) -> list[str]:
+    """Read every file in a child process, so a read that hangs fails the test instead."""
+    result = subprocess.run([sys.executable, "-c", _READ_ALL, *map(str, paths)],
+                            capture_output=True, text=True, timeout=timeout, check=True)
+    return result.stdout.split()
+
+
+def _wait_for(check, seconds: float = 20.0):
+    deadline = time.monotonic() + seconds
+    while not (value := check()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return value
+
+
+def _dataset(s3, bucket: str, sizes: list[int]) -> dict[str, bytes]:
+    files = {f"class{i % 3}/img{i:03d}.jpg": os.urandom(size) for i, size in enumerate(sizes)}
+    for key, body in files.items():
+        s3.put_object(Bucket=bucket, Key="ds/" + key, Body=body)
+    return files
+
+
+def test_a_cached_dataset_is_read_with_the_worker_stopped_and_every_open_counted(s3, bucket, mount_dataset, tmp_path):
+    files = _dataset(s3, bucket, [20_000 + 3_001 * i for i in range(30)])
+    total = sum(map(len, files.values()))
+    want = [hashlib.sha256(body).hexdigest() for body in files.values()]
+    m = mount_dataset(bucket, "ds", "--warm", "--wait")
+    assert _wait_for(lambda: m.stats().kernel_opens), "the view did not hand opens to the kernel"
+    paths = [m.mountpoint / key for key in files]
+
+    assert _digests(paths) == want  # first epoch: the kernel asks the worker for the bytes
+    first = m.stats()
+    assert (first.served_from_cache_bytes, first.served_from_source_bytes) == (total, 0)
+
+    pid = runtime.lookup(m.mountpoint).pid
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        assert _digests(paths, timeout=20) == want  # second epoch with the worker frozen
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    second = m.stats()
+    assert (second.served_from_cache_bytes, second.served_from_source_bytes) == (2 * total, 0)
+    assert second.fetched_bytes == total  # warming fetched everything once, nothing since
+
+    # Opens through another mount of the same view (as the CSI plugin binds it into pods) count too.
+    bind = tmp_path / "pod-volume"
+    bind.mkdir()
+    subprocess.run(["mount", "--bind", "-o", "ro", str(m.mountpoint), str(bind)], check=True)
+    try:
+        assert _digests([bind / key for key in files]) == want
+    finally:
+        subprocess.run(["umount", "-l", str(bind)], check=True)  # lazily, as the CSI plugin does
+    third = m.stats()
+    assert (third.served_from_cache_bytes, third.served_from_source_bytes, third.hit_ratio) == (3 * total, 0, 1.0)
+    status = subprocess.run([sys.executable, "-m", "datahoard.cli", "status", str(m.mountpoint)],
+                            capture_output=True, text=True, check=True).stdout
+    assert "kernel opens  yes" in status
+
+
+def test_a_dataset_with_files_larger_than_a_chunk_keeps_opens_in_the_worker(s3, bucket, mount_dataset):
+    _dataset(s3, bucket, [10_000, 9 << 20])  # the second is larger than one 8 MiB chunk
+    m = mount_dataset(bucket, "ds", "--warm", "--wait")
+    time.sleep(1.5)  # the switch is checked every 0.5 s after warming ends
+    assert not m.stats().kernel_opens
+    assert "files of up to" in (m.cache_dir / "worker.log").read_text()
+
+
+def test_no_kernel_opens_keeps_every_open_in_the_worker(s3, bucket, mount_dataset):
+    files = _dataset(s3, bucket, [10_000, 20_000])
+    m = mount_dataset(bucket, "ds", "--warm", "--wait", "--no-kernel-opens")
+    time.sleep(1.5)
+    assert not m.stats().kernel_opens
+    for key, body in files.items():
+        assert (m.mountpoint / key).read_bytes() == body
+    assert m.stats().served_from_cache_bytes == sum(map(len, files.values()))
