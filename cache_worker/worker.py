@@ -8,8 +8,8 @@ order matters:
 3. open the chunk store (dropping leftovers of a crash);
 4. start the stats endpoint, then the FUSE view; once libfuse reports the mount live, record
    the mount, start warming and tell the caller it is ready;
-5. once warming has cached every file of a dataset whose files are all at most one chunk, the
-   FUSE view hands opens to the kernel (``DatasetView.serve_opens_in_kernel``: a warm epoch
+5. once every file of a dataset whose files are all at most one chunk is cached (by warming or
+   by reads), the FUSE view hands opens to the kernel (``DatasetView.serve_opens_in_kernel``: a warm epoch
    then costs this process nothing, and fanotify keeps the counts);
 6. with ``direct``: once the dataset is fully cached (warming done, or found so at start-up),
    build the direct tree (``tree.py``), pin its chunks, and publish it: the mount record names
@@ -81,7 +81,7 @@ class WorkerConfig:
     #: With ``direct``: stack the tree over the mountpoint. Off for Kubernetes workers, where
     #: the CSI node plugin binds the tree into new pods and pods published before stay on FUSE.
     direct_bind: bool = True
-    #: Once warming has cached a dataset of small files, let the kernel serve opens (see
+    #: Once a dataset of small files is fully cached, let the kernel serve opens (see
     #: ``DatasetView.serve_opens_in_kernel``).
     kernel_opens: bool = True
 
@@ -203,8 +203,8 @@ class Worker:
         if self.trees is not None:
             self._direct_thread = threading.Thread(target=self._direct_loop, name="direct", daemon=True)
             self._direct_thread.start()
-        if cfg.warm and cfg.kernel_opens:
-            threading.Thread(target=self._kernel_opens_when_warm, name="kernel-opens", daemon=True).start()
+        if cfg.kernel_opens:
+            threading.Thread(target=self._kernel_opens_when_cached, name="kernel-opens", daemon=True).start()
         self.ready.set()
         log.info("serving %s at %s (stats %s)", cfg.source, cfg.mountpoint, self.stats.url)
 
@@ -226,27 +226,29 @@ class Worker:
             self.shutdown()
 
     # -- kernel opens ----------------------------------------------------------------------
-    def _kernel_opens_when_warm(self) -> None:
-        """Hand opens to the kernel once warming has cached everything (worker step 5)."""
-        w = self.counters.warm
-        while w.state == "running" and not self._direct_stop.wait(0.5):
-            pass
-        if self._direct_stop.is_set() or self.view is None:
-            return
-        if not (w.state == "done" and w.files_done == w.files_total and w.message is None):
-            log.info("opens stay in the worker: warming did not cache the whole dataset")
-            return
+    def _kernel_opens_when_cached(self) -> None:
+        """Hand opens to the kernel once every file is cached, by warming or by reads (step 5)."""
         largest = self.index.max_file_size()
         if largest > self.config.tuning.whole_file_max:
             log.info("opens stay in the worker: files of up to %d bytes are counted read by read", largest)
             return
-        try:
-            self.view.serve_opens_in_kernel()
-        except OSError as exc:
-            log.info("opens stay in the worker: %s", exc)
+        checked_at = -1
+        while not self._direct_stop.wait(1.0):
+            used = self.store.used_bytes if self.store else 0
+            # Cheap test first; the full check runs again only once the cache has changed.
+            if self.counters.warm.state == "running" or used < self.index.total_bytes or used == checked_at:
+                continue
+            checked_at = used
+            if not all(self.cache.is_cached(obj) for obj in self.index.walk_files()):
+                continue
+            try:
+                self.view.serve_opens_in_kernel()
+            except OSError as exc:
+                log.info("opens stay in the worker: %s", exc)
+                return
+            self.kernel_opens = True
+            log.info("the dataset is cached: the kernel serves opens now (counted with fanotify)")
             return
-        self.kernel_opens = True
-        log.info("the dataset is cached: the kernel serves opens now (counted with fanotify)")
 
     # -- direct tree -----------------------------------------------------------------------
     def _set_direct(self, state: str, message: str | None = None, info: TreeInfo | None = None) -> None:

@@ -75,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --direct: build and publish the tree, but do not bind it over MOUNTPOINT "
                         "(Kubernetes workers: the CSI node plugin binds it into new pods)")
     m.add_argument("--no-kernel-opens", dest="kernel_opens", action="store_false",
-                   help="keep answering every open in the worker even once --warm has cached the dataset "
+                   help="keep answering every open in the worker even once the whole dataset is cached "
                         "(by default the kernel then opens files itself and fanotify counts the opens)")
     m.add_argument("--log-file", help=argparse.SUPPRESS)
     m.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)

@@ -87,6 +87,22 @@ def test_a_cached_dataset_is_read_with_the_worker_stopped_and_every_open_counted
     assert "kernel opens  yes" in status
 
 
+def test_a_dataset_cached_by_reading_it_hands_opens_to_the_kernel_too(s3, bucket, mount_dataset):
+    files = _dataset(s3, bucket, [10_000 + i for i in range(6)])
+    m = mount_dataset(bucket, "ds")
+    keys = list(files)
+    assert _digests([m.mountpoint / k for k in keys[:-1]]) == [hashlib.sha256(files[k]).hexdigest() for k in keys[:-1]]
+    time.sleep(1.5)
+    assert not m.stats().kernel_opens  # one file is still only in the source
+    assert (m.mountpoint / keys[-1]).read_bytes() == files[keys[-1]]
+    assert _wait_for(lambda: m.stats().kernel_opens)
+    for key, body in files.items():
+        assert (m.mountpoint / key).read_bytes() == body
+    total = sum(map(len, files.values()))
+    stats = m.stats()
+    assert (stats.served_from_source_bytes, stats.served_from_cache_bytes) == (total, total)
+
+
 def test_a_dataset_with_files_larger_than_a_chunk_keeps_opens_in_the_worker(s3, bucket, mount_dataset):
     _dataset(s3, bucket, [10_000, 9 << 20])  # the second is larger than one 8 MiB chunk
     m = mount_dataset(bucket, "ds", "--warm", "--wait")
