@@ -12,8 +12,9 @@ TOOLS_DIR ?= $(HOME)/.cache/datahoard-tools
 
 all: test
 
+# fuse3 for the FUSE view; shellcheck so the e2e scripts are linted where kind cannot run.
 sysdeps:
-	@command -v fusermount3 >/dev/null || { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q fuse3; }
+	@command -v fusermount3 >/dev/null && command -v shellcheck >/dev/null || { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q fuse3 shellcheck; }
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)

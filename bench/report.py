@@ -123,7 +123,11 @@ def render(results: dict, reliability: dict | None = None) -> str:
         f"cold = page cache dropped and the system's own cache empty; warm = the next epoch, best of "
         f"{sc.get('warm_repeats', 1)} (every try is in results.json: `all_ops_per_s`); "
         "pre-warmed = after `datahoard mount --warm` finished, page cache dropped; pre-warmed 2 = "
-        "the epoch after that. CPU s/GB counts the readers plus the serving daemon (not MinIO).",
+        "the epoch after that. CPU s/GB counts the readers plus the serving daemon (not MinIO). "
+        "Datahoard mounts the ImageNet-like prefix on its own (one Dataset per data set) and the bucket "
+        "for shards and random reads; once the ImageNet-like set is fully cached the worker hands opens to "
+        f"the kernel (README: kernel opens), and its warm epochs start once it has: "
+        f"{results.get('kernel_opens_after_s')} s after the cold epoch / warming.",
         "",
         "## Targets",
         "",
