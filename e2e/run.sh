@@ -78,6 +78,19 @@ wait_for() {  # what timeout_s kubectl-get-args... -- regex
     done
 }
 
+# Load a local image into every node. `kind load docker-image` fails for pulled multi-platform
+# images when Docker uses the containerd image store (the default on new Docker 29 installs):
+# kind#3795, "ctr: content digest ... not found". A single-platform archive loads there.
+kind_load() {  # image
+    "$KIND" load docker-image --name "$CLUSTER" "$1" && return 0
+    log "kind load docker-image $1 failed; loading a single-platform archive instead"
+    local archive
+    archive="$(mktemp)"
+    docker image save --platform "linux/$(docker version -f '{{.Server.Arch}}')" -o "$archive" "$1"
+    "$KIND" load image-archive --name "$CLUSTER" "$archive"
+    rm -f "$archive"
+}
+
 # 1. Cluster.
 log "creating kind cluster $CLUSTER"
 "$KIND" delete cluster --name "$CLUSTER" >/dev/null 2>&1 || true
@@ -98,7 +111,8 @@ done
 log "building $IMAGE and loading it into kind"
 docker build -t "$IMAGE" "$REPO"
 docker pull -q "$READER_IMAGE" >/dev/null
-"$KIND" load docker-image --name "$CLUSTER" "$IMAGE" "$READER_IMAGE"
+kind_load "$IMAGE"
+kind_load "$READER_IMAGE"
 
 # 3. The chart, as the README installs it.
 log "installing the chart"
@@ -160,7 +174,13 @@ if [[ "${E2E_TRAINING_OPERATOR:-0}" == 1 ]]; then
 fi
 if kubectl get crd pytorchjobs.kubeflow.org >/dev/null 2>&1; then
     log "examples/pytorchjob.yaml"
-    kubectl -n "$NS" apply -f "$REPO/examples/pytorchjob.yaml"
+    # The training operator's validating webhook may still refuse requests for a moment after
+    # its Deployment is Available (Service endpoints, CA bundle): retry the create briefly.
+    for attempt in 1 2 3 4 5 6; do
+        kubectl -n "$NS" apply -f "$REPO/examples/pytorchjob.yaml" && break
+        (( attempt < 6 )) || fail "could not create the PyTorchJob (training operator webhook?)"
+        sleep 10
+    done
     wait_for "the PyTorchJob to succeed" 600 -n "$NS" pytorchjob read-imagenet \
         -o 'jsonpath={.status.conditions[?(@.type=="Succeeded")].status}' -- '^True$'
     PODS=$(kubectl -n "$NS" get pods -l training.kubeflow.org/job-name=read-imagenet -o name)
@@ -192,10 +212,15 @@ log "deleting the Dataset"
 kubectl -n "$NS" delete job read-imagenet --cascade=foreground --wait=true
 kubectl -n "$NS" delete dataset "$DATASET" --timeout=300s
 WORKER_NAME="dh-${NS}-${DATASET}"   # datahoard.names.worker_name
+# Deletions finish asynchronously (PVC/PV protection finalizers, garbage collection): poll.
+deadline=$((SECONDS + 60))
 for what in "pvc/$DATASET -n $NS" "pv/datahoard-${NS}-${DATASET}" "ds/$WORKER_NAME -n $SYSTEM_NS" \
             "secret/$WORKER_NAME -n $SYSTEM_NS"; do
     # shellcheck disable=SC2086
-    ! kubectl get $what >/dev/null 2>&1 || fail "$what is still there after the Dataset was deleted"
+    while kubectl get $what >/dev/null 2>&1; do
+        (( SECONDS < deadline )) || fail "$what is still there after the Dataset was deleted"
+        sleep 3
+    done
 done
 [[ -z "$(kubectl get nodes -l "$LABEL" -o name)" ]] || fail "nodes still carry $LABEL"
 deadline=$((SECONDS + 180))
