@@ -59,13 +59,24 @@ class Bench:
 
     # -- one epoch -------------------------------------------------------------------------
     def epoch(self, workload: str, system: str, kind: str, root: str, plan, pid: int = 0,
-              s3conf: dict | None = None, strip: str = "", repeats: int = 1) -> readers.EpochResult:
+              s3conf: dict | None = None, strip: str = "", repeats: int = 1,
+              paired: bool = False) -> readers.EpochResult:
         """One epoch; with ``repeats`` (warm epochs only: they leave no state behind) the best
-        of that many, because other work on a shared 2-core machine slows short epochs a lot."""
+        of that many, because other work on a shared 2-core machine slows short epochs a lot.
+
+        ``paired``: before each try, the same operations are read from the local-disk copy
+        (page cache warm), so the ratio to local disk compares epochs run under the same
+        load: the local figure measured once at the start of a run moved 1.5x between runs."""
+        local_plan = plan
         if strip:
             plan = [[(op[0], op[1][len(strip):], *op[2:]) for op in ops] for ops in plan]
-        tries = []
+        tries, local_tries = [], []
+        if paired:  # bring the local copy's pages in first
+            readers.run_epoch(str(self.work / "local"), local_plan, self.scale.epoch_cap)
         for _ in range(repeats):
+            if paired:
+                local = readers.run_epoch(str(self.work / "local"), local_plan, self.scale.epoch_cap)
+                local_tries.append(local.ops / local.seconds if local.seconds else 0.0)
             cpu0 = readers.process_tree_cpu(pid) if pid else 0.0
             res = readers.run_epoch(root, plan, self.scale.epoch_cap, s3conf)
             daemon_cpu = (readers.process_tree_cpu(pid) - cpu0) if pid else 0.0
@@ -88,10 +99,14 @@ class Bench:
         }
         if pid:
             row["daemon_peak_rss"] = readers.peak_rss(pid)
+        if paired:
+            row["local_alongside_ops_per_s"] = max(local_tries)
+            row["local_alongside_all_ops_per_s"] = [round(t, 1) for t in local_tries]
         self.runs.append(row)
         log(f"{workload:9s} {system:18s} {kind:13s} {row['ops']:6d}/{planned} ops {row['ops_per_s']:9.1f}/s "
             f"{row['mb_per_s']:8.1f} MB/s p50 {row['p50_ms']:7.2f} ms p99 {row['p99_ms']:8.2f} ms"
-            + (f" ERRORS {res.errors[:1]}" if res.errors else ""))
+            + (f" ERRORS {res.errors[:1]}" if res.errors else "")
+            + (f" (local alongside {row['local_alongside_ops_per_s']:.1f}/s)" if paired else ""))
         # The plan returned is in the caller's path space, for the warm replay.
         if strip:
             return _replay(res, strip)
@@ -104,7 +119,7 @@ class Bench:
                 ("random", readers.split(self.random_ops, n))]
 
     def cold_warm(self, system: str, root: str, pid: int = 0, peers: bool = False, strip: str = "",
-                  only: tuple[str, ...] = (), before_warm=None) -> None:
+                  only: tuple[str, ...] = (), before_warm=None, paired: tuple[str, ...] = ()) -> None:
         for workload, plan in self.workloads(peers):
             if only and workload not in only:
                 continue
@@ -116,7 +131,8 @@ class Bench:
                 return
             if before_warm is not None:
                 before_warm(workload)
-            self.epoch(workload, system, "warm", root, cold.done, pid, strip=strip, repeats=self.scale.warm_repeats)
+            self.epoch(workload, system, "warm", root, cold.done, pid, strip=strip, repeats=self.scale.warm_repeats,
+                       paired=workload in paired)
 
     # -- systems ---------------------------------------------------------------------------
     def local(self) -> None:
@@ -160,7 +176,8 @@ class Bench:
                     self.extra["datahoard_mount_with_listing_s"] = view.mount_seconds
                 # Only the small-file set can switch; the bucket holds files larger than a chunk.
                 wait = (lambda w, view=view: self._await_kernel_opens(view, f"{w}_after_cold")) if prefix else None
-                self.cold_warm("datahoard", str(mnt), view.pid, strip=prefix, only=workloads, before_warm=wait)
+                self.cold_warm("datahoard", str(mnt), view.pid, strip=prefix, only=workloads, before_warm=wait,
+                               paired=("imagenet",))
                 stats = view.stats()
                 self.extra["datahoard_stats_after_cold_warm"][tag] = json.loads(stats.model_dump_json())
             finally:
@@ -211,7 +228,7 @@ class Bench:
             readers.drop_caches()
             first = self.epoch("imagenet", "datahoard", "pre-warmed", str(mnt), plan, view.pid, strip="imagenet/")
             self.epoch("imagenet", "datahoard", "pre-warmed 2", str(mnt), first.done, view.pid, strip="imagenet/",
-                       repeats=self.scale.warm_repeats)
+                       repeats=self.scale.warm_repeats, paired=True)
             self.extra["datahoard_peak_rss_imagenet"] = readers.peak_rss(view.pid)
         finally:
             view.close()
@@ -244,7 +261,7 @@ class Bench:
                                     "tree_bytes": stats.direct.bytes}
             log(f"{system}: serving the tree {waited:.1f} s after the cold epoch ({stats.direct.files} files)")
             self.epoch("imagenet", system, "warm", str(mnt), cold.done, view.pid, strip="imagenet/",
-                       repeats=self.scale.warm_repeats)
+                       repeats=self.scale.warm_repeats, paired=True)
             readers.drop_caches()
             self.epoch("imagenet", system, "pre-warmed", str(mnt), plan, view.pid, strip="imagenet/")
         finally:

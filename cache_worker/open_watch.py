@@ -9,8 +9,8 @@ local-disk speed (bench/ANALYSIS.md), but it hides the opens the hit ratio is co
 fanotify gives them back without putting the worker in the path: a notification-only mark on
 the FUSE *filesystem* (``FAN_MARK_FILESYSTEM``, so opens through every bind of the view count,
 the CSI plugin's binds into pods included) queues one event per open, which the worker reads in
-batches. Each event carries a descriptor of the opened file; its size (``fstat``: the kernel has
-the attributes cached) is what is counted, the same whole-file count the FUSE view makes at
+batches. Each event carries a descriptor of the opened file; its size (``lseek`` to the end: the kernel
+has the attributes cached) is what is counted, the same whole-file count the FUSE view makes at
 ``open`` for a cached small file. A descriptor opened for the listener costs the kernel a
 second in-kernel open and no FUSE request. fanotify needs ``CAP_SYS_ADMIN``; without it
 :meth:`OpenWatch.start` raises OSError and the view keeps answering opens itself.
@@ -26,7 +26,6 @@ import ctypes.util
 import logging
 import os
 import select
-import stat
 import struct
 import threading
 from collections.abc import Callable
@@ -69,7 +68,8 @@ def _check(result: int, what: str) -> int:
 
 
 class OpenWatch:
-    """Calls ``on_open(size)`` once for every open of a regular file on ``path``'s filesystem."""
+    """Calls ``on_open(nbytes)`` with the sizes of the files opened on ``path``'s filesystem,
+    summed over a batch of opens."""
 
     def __init__(self, path: str, on_open: Callable[[int], None]) -> None:
         self._path = path
@@ -117,7 +117,8 @@ class OpenWatch:
         return counted
 
     def _count(self, buf: bytes) -> int:
-        counted, pos = 0, 0
+        """Count one batch of events with one call of ``on_open``: this runs for every open."""
+        counted = nbytes = pos = 0
         while pos + _EVENT.size <= len(buf):
             event_len, _vers, _res, _meta_len, mask, fd, _pid = _EVENT.unpack_from(buf, pos)
             pos += event_len
@@ -126,13 +127,15 @@ class OpenWatch:
                 log.warning("fanotify queue overflowed: some opens were not counted")
             if fd < 0:
                 continue
+            # Only files are reported (no FAN_ONDIR) and the view has nothing but regular files
+            # and directories; the size is where the end is (the kernel has the attributes).
             try:
-                st = os.fstat(fd)
+                nbytes += os.lseek(fd, 0, os.SEEK_END)
+                counted += 1
             finally:
                 os.close(fd)
-            if stat.S_ISREG(st.st_mode):
-                self._on_open(st.st_size)
-                counted += 1
+        if counted:
+            self._on_open(nbytes)
         return counted
 
     def stop(self) -> None:
