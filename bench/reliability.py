@@ -34,7 +34,10 @@ def measure(load_seconds: float, restart_cycles: int) -> dict:
             "DATAHOARD_LOAD_SECONDS": str(load_seconds),
             "DATAHOARD_RESTART_CYCLES": str(restart_cycles),
         }
-        command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *TESTS.values()]
+        # The suite's per-test timeout (pyproject) is sized for CI's short runs.
+        timeout = int(load_seconds + 30 * restart_cycles + 600)
+        command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--timeout={timeout}",
+                   *TESTS.values()]
         subprocess.run(command, cwd=REPO, env=env, check=True)
         found = {p.stem: json.loads(p.read_text()) for p in Path(folder).glob("*.json")}
     missing = set(TESTS) - set(found)
