@@ -18,16 +18,12 @@ every byte read reaches the worker and is counted exactly. The remaining inexact
 that opens a small cached file and reads only part of it, or none, is counted as having read
 all of it.
 
-So a warm epoch costs each file one ``open`` in this process, a few dictionary operations. There
-is no ``release`` callback: libfuse answers it in C, so closes never wait for the GIL nor spend
-the worker's CPU (``flush`` is not implemented either, and the kernel stops sending it). Handles
-that need state (files read through the worker) live in a bounded table instead of being freed
-at release: the oldest are forgotten first, and a forgotten handle that reads again gets fresh
-state (it loses only its read-ahead position). Most of what remains per file is libfuse, the
-kernel and taking the GIL (see ``fusebind`` for the thread states libfuse's threads keep), and
-the kernel still sends a ``release`` per file, which libfuse answers without Python.
+So a warm epoch costs each file an ``open`` in this process, a few dictionary operations, and a
+``release`` that finds nothing to free (``flush`` is not implemented, and the kernel stops
+sending it). Most of that cost is libfuse, the kernel's wake-ups and taking the GIL (see
+``fusebind`` for the thread states libfuse's threads keep).
 
-Once warming has cached a dataset whose files are all small, even that trip goes:
+Once a dataset whose files are all small is fully cached, even those trips go:
 :meth:`DatasetView.serve_opens_in_kernel` answers ``open`` with ENOSYS, after which the kernel
 opens files itself (keeping their page cache) and sends neither ``open`` nor ``release``; the
 counts ``open`` made are then made from fanotify events (``open_watch``), and a warm epoch costs
@@ -58,9 +54,6 @@ METADATA_TIMEOUT = 3600
 MAX_READ = 1 << 20
 #: Bound on remembered lookups and fully cached paths (about 200 bytes each).
 _RECENT_MAX = 1 << 16
-#: Bound on handles with read state (no release callback frees them; about 300 bytes each).
-#: Far more than a loader keeps open at once: only handles opened this long ago are forgotten.
-_HANDLES_MAX = 1 << 14
 #: The handle of an open that counted its whole file as a hit: its reads are prepaid.
 PREPAID_FH = 0
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC
@@ -221,7 +214,7 @@ class DatasetView(Operations):
                 raise FuseOSError(errno.EISDIR)
             if not (entry.size <= self.cache.tuning.whole_file_max and self.cache.is_cached(entry)):
                 fh = next(self._next_fh)
-                self._remember(fh, ReadState(entry))
+                self._handles[fh] = ReadState(entry)
                 fi.fh = fh
                 return 0
             if len(self._kept) >= _RECENT_MAX:
@@ -259,23 +252,14 @@ class DatasetView(Operations):
         if self._open_watch is not None:
             self._open_watch.stop()
 
-    def _remember(self, fh: int, state: ReadState) -> None:
-        handles = self._handles
-        if len(handles) >= _HANDLES_MAX:
-            handles.pop(next(iter(handles)), None)  # the oldest: opened longest ago
-        handles[fh] = state
-
     def read(self, path: str, size: int, offset: int, fi) -> bytes:
-        fh = fi.fh
-        prepaid = fh == PREPAID_FH
-        state = None if prepaid else self._handles.get(fh)
-        if state is None:
-            entry = self._kept.get(path) or self._lookup(path)
-            state = ReadState(entry)
-            if not prepaid:
-                with _first_read:  # two reads of a forgotten handle may arrive together
-                    state = self._handles.get(fh) or state
-                    self._remember(fh, state)
+        prepaid = fi.fh == PREPAID_FH
+        if prepaid:  # a cached small file: one chunk, so no read-ahead state to keep
+            state = ReadState(self._lookup(path))
+        else:
+            state = self._handles.get(fi.fh)
+            if state is None:
+                raise FuseOSError(errno.EBADF)
         try:
             return self.cache.read(state, offset, size, prepaid=prepaid)
         except Exception as exc:  # noqa: BLE001 - any failure is EIO, never wrong bytes
@@ -288,6 +272,10 @@ class DatasetView(Operations):
         self.counters.add_error(message)
         raise FuseOSError(errno.EIO) from exc
 
+    def release(self, path: str, fi) -> int:
+        self._handles.pop(fi.fh, None)
+        return 0
+
     # -- everything that would write -------------------------------------------------------
     def _read_only(self, *args, **kwargs):
         raise FuseOSError(errno.EROFS)
@@ -295,5 +283,3 @@ class DatasetView(Operations):
     create = mkdir = mknod = unlink = rmdir = symlink = rename = link = _read_only
     chmod = chown = truncate = write = utimens = setxattr = removexattr = _read_only
 
-
-_first_read = threading.Lock()

@@ -78,7 +78,6 @@ class OpenWatch:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self.overflows = 0
 
     def start(self) -> None:
         """Mark the filesystem and start reading events; OSError when fanotify is not allowed."""
@@ -122,8 +121,7 @@ class OpenWatch:
         while pos + _EVENT.size <= len(buf):
             event_len, _vers, _res, _meta_len, mask, fd, _pid = _EVENT.unpack_from(buf, pos)
             pos += event_len
-            if mask & _FAN_Q_OVERFLOW:
-                self.overflows += 1
+            if mask & _FAN_Q_OVERFLOW:  # cannot happen with an unlimited queue; said if it does
                 log.warning("fanotify queue overflowed: some opens were not counted")
             if fd < 0:
                 continue

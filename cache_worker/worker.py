@@ -9,8 +9,8 @@ order matters:
 4. start the stats endpoint, then the FUSE view; once libfuse reports the mount live, record
    the mount, start warming and tell the caller it is ready;
 5. once every file of a dataset whose files are all at most one chunk is cached (by warming or
-   by reads), the FUSE view hands opens to the kernel (``DatasetView.serve_opens_in_kernel``: a warm epoch
-   then costs this process nothing, and fanotify keeps the counts);
+   by reads), the FUSE view hands opens to the kernel (``DatasetView.serve_opens_in_kernel``):
+   a warm epoch then costs this process nothing, and fanotify keeps the counts;
 6. with ``direct``: once the dataset is fully cached (warming done, or found so at start-up),
    build the direct tree (``tree.py``), pin its chunks, and publish it: the mount record names
    it (the CSI node plugin binds it into new pods) and, with ``direct_bind``, a read-only bind
@@ -127,7 +127,6 @@ class Worker:
         self.direct = DirectStats(state="waiting" if config.direct else "off")
         self.serving = "fuse"
         self.view: DatasetView | None = None
-        self.kernel_opens = False
         self._bound = False
         self._direct_stop = threading.Event()
         self._direct_thread: threading.Thread | None = None
@@ -246,7 +245,6 @@ class Worker:
             except OSError as exc:
                 log.info("opens stay in the worker: %s", exc)
                 return
-            self.kernel_opens = True
             log.info("the dataset is cached: the kernel serves opens now (counted with fanotify)")
             return
 
@@ -438,7 +436,7 @@ class Worker:
             skipped_keys=self.index.summary.skipped_keys if self.index else 0,
             warming=warming,
             serving=self.serving,
-            kernel_opens=self.kernel_opens,
+            kernel_opens=self.view is not None and self.view.kernel_opens,
             direct=self.direct,
             **counts,
         )
