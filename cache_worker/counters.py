@@ -39,6 +39,11 @@ class Counters:
     errors: int = 0
     last_error: str | None = None
     degraded: str | None = None
+    #: Objects served without a check the store vouches for (see verify.py), counted once each.
+    unverified_objects: int = 0
+    #: Fetches whose bytes did not match the store's checksum (dropped and fetched again).
+    integrity_mismatches: int = 0
+    last_mismatch: str | None = None
     warm: WarmProgress = field(default_factory=WarmProgress)
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -79,3 +84,12 @@ class Counters:
     def set_degraded(self, reason: str | None) -> None:
         with self.lock:
             self.degraded = reason
+
+    def add_unverified(self) -> None:
+        with self.lock:
+            self.unverified_objects += 1
+
+    def add_mismatch(self, message: str) -> None:
+        with self.lock:
+            self.integrity_mismatches += 1
+            self.last_mismatch = message

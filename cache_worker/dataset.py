@@ -16,8 +16,9 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from .counters import Counters
-from .source import RemoteObject, Source
+from .source import Fetched, RemoteObject, Source
 from .store import CacheFull, ChunkId, ChunkStore, object_id
+from .verify import Verifier
 
 log = logging.getLogger(__name__)
 
@@ -131,6 +132,7 @@ class DatasetCache:
         self._inflight: dict[str, Future[bytes | None]] = {}
         self._lock = threading.Lock()
         self._readahead = ThreadPoolExecutor(max_workers=4, thread_name_prefix="readahead")
+        self.verifier = Verifier(self)
 
     # -- layout ----------------------------------------------------------------------------
     def chunk_size(self, obj: RemoteObject) -> int:
@@ -236,13 +238,7 @@ class DatasetCache:
         try:
             data = None
             if not self.store.contains(chunk):
-                data = self._fetch(obj, chunk.index * csize, min(csize, obj.size - chunk.index * csize), demand)
-                try:
-                    self.store.put(chunk, data)
-                    if self.counters.degraded:
-                        self.counters.set_degraded(None)
-                except CacheFull as exc:
-                    self.counters.set_degraded(f"reading through without caching: {exc}")
+                data = self.verifier.fetch_and_store(obj, chunk, csize, demand)
             flight.set_result(data)
             return data
         except BaseException as exc:
@@ -253,17 +249,27 @@ class DatasetCache:
             with self._lock:
                 del self._inflight[chunk.name]
 
-    def _fetch(self, obj: RemoteObject, start: int, length: int, demand: bool) -> bytes:
+    def _fetch(self, obj: RemoteObject, start: int, length: int, demand: bool) -> Fetched:
         if demand:
             with self.priority.demand():
-                data = self.source.read(obj, start, length)
+                got = self.source.fetch(obj, start, length)
         else:
             if self.warm_limiter:
                 self.warm_limiter.consume(length)
             with self.priority.background():
-                data = self.source.read(obj, start, length)
-        self.counters.add_fetched(len(data))
-        return data
+                got = self.source.fetch(obj, start, length)
+        self.counters.add_fetched(len(got.data))
+        return got
+
+    def _put(self, chunk: ChunkId, data: bytes) -> None:
+        """Store verified bytes; a full cache degrades to reading through."""
+        try:
+            self.store.put(chunk, data)
+            if self.counters.degraded:
+                self.counters.set_degraded(None)
+        except CacheFull as exc:
+            self.counters.set_degraded(f"reading through without caching: {exc}")
 
     def close(self) -> None:
         self._readahead.shutdown(wait=False, cancel_futures=True)
+        self.verifier.close()

@@ -33,7 +33,10 @@ import urllib3
 from botocore import UNSIGNED
 
 from . import s3_get
+from .integrity import S3_ALGORITHMS, Check, Evidence, verify
 from .source import (
+    ChecksumMismatch,
+    Fetched,
     RemoteObject,
     Source,
     SourceAuthError,
@@ -48,6 +51,8 @@ from .source import (
 log = logging.getLogger(__name__)
 
 _MD5_ETAG = re.compile(r"^[0-9a-f]{32}$")
+#: Beyond this many parts a guessed layout that did not match is not looked up part by part.
+_EXACT_PARTS_MAX = 1000
 _AUTH_CODES = {
     "InvalidAccessKeyId",
     "SignatureDoesNotMatch",
@@ -221,13 +226,19 @@ class S3Source(Source):
         )
 
     def read(self, obj: RemoteObject, start: int, length: int) -> bytes:
+        return self.fetch(obj, start, length).data
+
+    def fetch(self, obj: RemoteObject, start: int, length: int) -> Fetched:
         """Ranged GET pinned to the listed ETag, retried as a whole with bounded backoff.
 
         Throttling, 5xx, unreachable endpoints, timeouts, broken or short bodies and checksum
         mismatches are retried, ``max_attempts`` in total (the lean path has no retries
-        underneath); the error that outlives them names the object."""
+        underneath); the error that outlives them names the object. A whole-object GET asks
+        for the stored checksum (``x-amz-checksum-mode: ENABLED``) and is ``verified`` when
+        the MD5 ETag or a FULL_OBJECT checksum matched; ranges never are (S3 sends no checksum
+        for a range), the cache checks them through :meth:`evidence`."""
         if length <= 0:
-            return b""
+            return Fetched(b"", True)
         where = self._where(obj.key)
         attempts = max(1, self.options.max_attempts)
         for attempt in range(1, attempts + 1):
@@ -235,6 +246,10 @@ class S3Source(Source):
                 return self._read_once(obj, start, length, where)
             except _BODY_ERRORS as exc:
                 error = SourceTransientError(f"S3 transfer of {where} failed: {exc}")
+            except ChecksumMismatch as exc:
+                if self.on_mismatch is not None:
+                    self.on_mismatch(str(exc))
+                error = exc
             except (SourceTransientError, SourceUnreachable) as exc:  # 5xx, reset, short, MD5
                 error = exc
             except SourceError:
@@ -248,13 +263,15 @@ class S3Source(Source):
             time.sleep(delay)
         raise AssertionError("unreachable")
 
-    def _read_once(self, obj: RemoteObject, start: int, length: int, where: str) -> bytes:
+    def _read_once(self, obj: RemoteObject, start: int, length: int, where: str) -> Fetched:
         if self._getter is None:
             return self._read_once_botocore(obj, start, length, where)
         whole = start == 0 and length == obj.size
         headers = {}
         if not whole:
             headers["range"] = f"bytes={start}-{start + length - 1}"
+        else:
+            headers["x-amz-checksum-mode"] = "ENABLED"
         if obj.etag:
             headers["if-match"] = f'"{obj.etag}"'
         try:
@@ -293,17 +310,22 @@ class S3Source(Source):
             raise SourceTransientError(
                 f"short read of {where}: got {len(data)} of {length} bytes at offset {start}"
             )
-        if whole and _is_md5_etag(obj.etag, response.headers, lower=True):
+        if not whole or status != 200:
+            return Fetched(data, False)
+        if _is_md5_etag(obj.etag, response.headers, lower=True):
             digest = hashlib.md5(data, usedforsecurity=False).hexdigest()
             if digest != obj.etag:
-                raise SourceTransientError(f"checksum mismatch reading {where}: MD5 {digest}")
-        return data
+                raise ChecksumMismatch(f"checksum mismatch reading {where}: MD5 {digest}")
+            return Fetched(data, True)
+        return Fetched(data, _check_full_checksum(data, _checksum_headers(response.headers), where))
 
-    def _read_once_botocore(self, obj: RemoteObject, start: int, length: int, where: str) -> bytes:
+    def _read_once_botocore(self, obj: RemoteObject, start: int, length: int, where: str) -> Fetched:
         kwargs = {"Bucket": self.bucket, "Key": self.prefix + obj.key}
         whole = start == 0 and length == obj.size
         if not whole:
             kwargs["Range"] = f"bytes={start}-{start + length - 1}"
+        else:
+            kwargs["ChecksumMode"] = "ENABLED"
         if obj.etag:
             kwargs["IfMatch"] = f'"{obj.etag}"'
         response = self._client.get_object(**kwargs)
@@ -319,11 +341,91 @@ class S3Source(Source):
             raise SourceTransientError(
                 f"short read of {where}: got {len(data)} of {length} bytes at offset {start}"
             )
-        if whole and _is_md5_etag(obj.etag, response):
+        if not whole:
+            return Fetched(data, False)
+        if _is_md5_etag(obj.etag, response):
             digest = hashlib.md5(data, usedforsecurity=False).hexdigest()
             if digest != obj.etag:
-                raise SourceTransientError(f"checksum mismatch reading {where}: MD5 {digest}")
-        return data
+                raise ChecksumMismatch(f"checksum mismatch reading {where}: MD5 {digest}")
+            return Fetched(data, True)
+        return Fetched(data, _check_full_checksum(data, _checksum_fields(response), where))
+
+    def evidence(self, obj: RemoteObject, exact: bool = False) -> Evidence:
+        """The strongest whole-object check S3 offers for ``obj``, from one HEAD (two for a
+        multipart object; one per part with ``exact``), in this order:
+
+        1. the ETag, when it is the content's MD5 (single-part, not SSE-KMS / SSE-C);
+        2. a FULL_OBJECT additional checksum (CRC32C, CRC32, SHA-256, SHA-1, CRC64NVME with the
+           AWS CRT installed);
+        3. the multipart ETag (not SSE-KMS / SSE-C), recomputed from the part layout: part 1's
+           size and the part count from ``HEAD ?partNumber=1`` (``x-amz-mp-parts-count``),
+           every part that size but the last (what every uploader we know does); ``exact``
+           asks each part's size instead;
+        4. a COMPOSITE additional checksum, recomputed from the same part layout.
+        """
+        where = self._where(obj.key)
+        key = self.prefix + obj.key
+        try:
+            head = self._client.head_object(Bucket=self.bucket, Key=key, ChecksumMode="ENABLED")
+        except Exception as exc:  # noqa: BLE001
+            raise _classify(exc, where, self.endpoint) from exc
+        etag = head.get("ETag", "").strip('"')
+        if obj.etag and etag != obj.etag:
+            raise SourceChanged(f"{where} changed since it was listed; remount with --refresh")
+        encrypted = str(head.get("ServerSideEncryption", "")).startswith("aws:kms") or bool(
+            head.get("SSECustomerAlgorithm"))
+        if not encrypted and _MD5_ETAG.match(etag):
+            return Evidence(Check("md5", etag, "the MD5 ETag"))
+        checksums = _checksum_fields(head)
+        ctype = checksums.get("type", "")
+        multipart = re.fullmatch(r"[0-9a-f]{32}-([0-9]+)", etag)
+        # A checksum without a type is FULL_OBJECT on a single-part object; on a multipart one
+        # it is ambiguous (moto's HEAD sends no type), so only a stated type is trusted there.
+        full = ctype == "FULL_OBJECT" or (not ctype and not multipart)
+        for algorithm in S3_ALGORITHMS:
+            value = checksums.get(algorithm)
+            if value and "-" not in value and full:
+                return Evidence(Check(algorithm, value, f"its FULL_OBJECT {algorithm.upper()} checksum"))
+        composite = next(((a, v) for a in S3_ALGORITHMS if (v := checksums.get(a))
+                          and (ctype == "COMPOSITE" or "-" in v)), None)
+        if not multipart:
+            return Evidence(None, "SSE-KMS/SSE-C object without an S3 checksum" if encrypted
+                            else f"ETag {etag!r} is not an MD5 and there is no S3 checksum")
+        if encrypted and composite is None:
+            return Evidence(None, "multipart SSE-KMS/SSE-C object without an S3 checksum")
+        parts, guessed = self._part_sizes(obj, int(multipart.group(1)), exact, where)
+        if parts is None:
+            return Evidence(None, "its part layout could not be found")
+        if not encrypted:
+            return Evidence(Check("md5-parts", etag, f"its multipart ETag ({len(parts)} parts)",
+                                  parts=parts, guessed=guessed))
+        algorithm, value = composite
+        return Evidence(Check(f"composite-{algorithm}", value.partition("-")[0],
+                              f"its COMPOSITE {algorithm.upper()} checksum ({len(parts)} parts)",
+                              parts=parts, guessed=guessed))
+
+    def _part_sizes(self, obj: RemoteObject, count: int, exact: bool,
+                    where: str) -> tuple[tuple[int, ...] | None, bool]:
+        """(part sizes, guessed) of a multipart object of ``count`` parts, or (None, _)."""
+        def part_size(number: int) -> tuple[int, int]:
+            try:
+                head = self._client.head_object(Bucket=self.bucket, Key=self.prefix + obj.key,
+                                                PartNumber=number)
+            except Exception as exc:  # noqa: BLE001
+                raise _classify(exc, where, self.endpoint) from exc
+            return int(head["ContentLength"]), int(head.get("PartsCount") or count)
+
+        first, count = part_size(1)
+        if count < 1 or first <= 0:
+            return None, False
+        if not exact:
+            last = obj.size - (count - 1) * first
+            if 0 < last <= first:
+                return (first,) * (count - 1) + (last,), True
+        if count > _EXACT_PARTS_MAX:
+            return None, False
+        sizes = (first,) + tuple(part_size(n)[0] for n in range(2, count + 1))
+        return (sizes, False) if sum(sizes) == obj.size else (None, False)
 
     def close(self) -> None:
         if self._getter is not None:
@@ -351,6 +453,36 @@ def _reason(exc: BaseException) -> str:
     """urllib3 nests the useful part (refused, timed out, reset) in ``reason``."""
     reason = getattr(exc, "reason", None)
     return f"{exc.__class__.__name__}: {reason or exc}"
+
+
+def _checksum_headers(headers) -> dict[str, str]:
+    """``{algorithm: value}`` of the ``x-amz-checksum-<algorithm>`` response headers, plus
+    ``type`` from ``x-amz-checksum-type``."""
+    found = {a: headers.get(f"x-amz-checksum-{a}") for a in (*S3_ALGORITHMS, "type")}
+    return {a: v for a, v in found.items() if v}
+
+
+def _checksum_fields(response) -> dict[str, str]:
+    """The same from botocore's parsed response (``ChecksumCRC32C``, ``ChecksumType``...)."""
+    found = {a: response.get(f"Checksum{a.upper()}") for a in S3_ALGORITHMS}
+    found["type"] = response.get("ChecksumType")
+    return {a: str(v) for a, v in found.items() if v}
+
+
+def _check_full_checksum(data: bytes, checksums: dict[str, str], where: str) -> bool:
+    """True when a FULL_OBJECT checksum of the response matches ``data``; raises on a mismatch
+    (retried); False when there is none we can recompute (COMPOSITE values, ``-n``, need the
+    part layout: the cache checks those through ``evidence``)."""
+    if checksums.get("type", "FULL_OBJECT") != "FULL_OBJECT":
+        return False
+    for algorithm in S3_ALGORITHMS:
+        value = checksums.get(algorithm)
+        if value and "-" not in value:
+            if not verify(Check(algorithm, value, algorithm), len(data), (data,)):
+                raise ChecksumMismatch(
+                    f"checksum mismatch reading {where}: {algorithm.upper()} is not {value}")
+            return True
+    return False
 
 
 def _is_md5_etag(etag: str, response, lower: bool = False) -> bool:

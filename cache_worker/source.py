@@ -9,8 +9,10 @@ credentials, permissions), a transient one worth retrying, and an object that ch
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+
+from .integrity import Evidence
 
 
 @dataclass(frozen=True, slots=True)
@@ -21,6 +23,15 @@ class RemoteObject:
     size: int
     etag: str
     mtime: float
+
+
+@dataclass(frozen=True, slots=True)
+class Fetched:
+    """Bytes of a range, and whether the store's own checksum over exactly them matched in the
+    same response (S3: a whole-object GET's MD5 ETag or FULL_OBJECT checksum)."""
+
+    data: bytes
+    verified: bool
 
 
 class SourceError(Exception):
@@ -51,11 +62,18 @@ class SourceTransientError(SourceError):
     """A transient failure (throttling, 5xx, reset connection) that outlived the retries."""
 
 
+class ChecksumMismatch(SourceTransientError):
+    """The bytes did not match the checksum the store sent with them: corrupted in transit."""
+
+
 class Source(ABC):
     """A remote store holding one dataset, addressed by keys relative to its root."""
 
     #: Printable identity of the dataset, e.g. ``s3://bucket/prefix/``.
     uri: str
+    #: Told about every response whose bytes failed the store's checksum (then retried), so
+    #: the worker's counters show corruption that the retries hid.
+    on_mismatch: Callable[[str], None] | None = None
 
     @abstractmethod
     def list(self) -> Iterator[RemoteObject]:
@@ -71,9 +89,24 @@ class Source(ABC):
 
         Implementations must return the bytes of the *listed* version of the object (e.g. with
         a conditional request on its ETag) and raise SourceChanged otherwise, so the cache never
-        mixes two versions of one object; they verify whatever checksum the store offers (S3:
-        the MD5 ETag of a whole-object read) and retry transient failures themselves.
+        mixes two versions of one object; they verify whatever checksum comes with the response
+        (S3: the MD5 ETag or checksum of a whole-object read) and retry transient failures
+        themselves. Everything else is checked through :meth:`evidence`.
         """
+
+    def fetch(self, obj: RemoteObject, start: int, length: int) -> Fetched:
+        """:meth:`read`, saying whether the response itself vouched for the bytes.
+
+        Bytes not vouched for in-band are checked by the cache against :meth:`evidence`
+        before anyone sees them (see ``DatasetCache``)."""
+        return Fetched(self.read(obj, start, length), False)
+
+    def evidence(self, obj: RemoteObject, exact: bool = False) -> Evidence:
+        """What the store vouches for over the whole of ``obj`` (one or two metadata calls).
+
+        ``exact``: a guessed part layout did not match; find the real one (costlier). Raises
+        SourceChanged if the object is no longer the listed version."""
+        return Evidence(None, "this store offers no checksum")
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections."""

@@ -423,6 +423,9 @@ class Worker:
                 errors=c.errors,
                 last_error=c.last_error,
                 degraded=c.degraded,
+                unverified_objects=c.unverified_objects,
+                integrity_mismatches=c.integrity_mismatches,
+                last_mismatch=c.last_mismatch,
             )
         store = self.store
         return WorkerStats(

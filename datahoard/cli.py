@@ -320,6 +320,10 @@ def _status(args: argparse.Namespace) -> int:
         rows.append(("skipped keys", f"{stats.skipped_keys} (not valid paths)"))
     if stats.degraded:
         rows.append(("degraded", stats.degraded))
+    if stats.unverified_objects or stats.integrity_mismatches:
+        rows.append(("integrity", f"{stats.unverified_objects} objects served unchecked (nothing the store "
+                                  f"vouches for), {stats.integrity_mismatches} corrupt fetches dropped"
+                                  + (f" (last: {stats.last_mismatch})" if stats.last_mismatch else "")))
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         print(f"{key:<{width}}  {value}")

@@ -52,6 +52,14 @@ class WorkerStats(BaseModel):
     errors: int
     last_error: str | None = None
     degraded: str | None = Field(default=None, description="why the cache is degraded, if it is")
+    unverified_objects: int = Field(
+        default=0,
+        description="objects served and cached without a check the store vouches for (no MD5 ETag or "
+        "checksum the worker can recompute, larger than half the cache, or no room to check them whole)",
+    )
+    integrity_mismatches: int = Field(
+        default=0, description="fetches that did not match the store's checksum: dropped and fetched again")
+    last_mismatch: str | None = None
     warming: WarmingStats
     serving: str = Field(
         default="fuse",

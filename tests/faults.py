@@ -3,7 +3,8 @@
 Real HTTP on both sides: the worker talks to the proxy exactly as it would to S3. Rules are
 consumed in order by matching requests: answer with an error status, send the headers of the
 real response and then cut the body short (a connection reset mid-transfer), or go silent for a
-while before answering or in the middle of the body (a request that times out).
+while before answering or in the middle of the body (a request that times out), or flip bytes
+of the body and deliver it whole with success (a proxy or NIC that corrupts data in transit).
 """
 
 from __future__ import annotations
@@ -28,6 +29,10 @@ class Fault:
     stall_after: int | None = None  # send this many body bytes, stay silent ``delay``, then close
     path_contains: str = ""
     times: int = 1
+    #: Forward the whole response, but XOR these many body bytes from ``flip_at`` with 0xFF (kept
+    #: inside the body): wrong bytes delivered with success and the right length and headers.
+    flip: int = 0
+    flip_at: int = 0
 
 
 class FaultProxy:
@@ -67,7 +72,9 @@ class FaultProxy:
                 for key, value in response.getheaders():
                     if key.lower() not in ("transfer-encoding", "connection", "content-length"):
                         self.send_header(key, value)
-                self.send_header("Content-Length", str(len(data)))
+                # A HEAD answer has no body but the object's length (S3's part sizes, say).
+                upstream_length = response.getheader("Content-Length") if self.command == "HEAD" else None
+                self.send_header("Content-Length", upstream_length or str(len(data)))
                 self.end_headers()
                 cut = None if fault is None else fault.cut_after if fault.stall_after is None else fault.stall_after
                 if cut is not None and self.command != "HEAD":
@@ -81,6 +88,8 @@ class FaultProxy:
                     except OSError:  # the client gave up first
                         pass
                     return
+                if fault is not None and fault.flip and data and self.command != "HEAD":
+                    data = _flipped(data, fault.flip_at, fault.flip)
                 if self.command != "HEAD":
                     self.wfile.write(data)
                 conn.close()
@@ -111,3 +120,10 @@ class FaultProxy:
     def close(self) -> None:
         self._server.shutdown()
         self._server.server_close()
+
+
+def _flipped(data: bytes, at: int, count: int) -> bytes:
+    """``data`` with ``count`` bytes from ``at`` inverted; ``at`` is clamped into the body."""
+    at = max(0, min(at, len(data) - count))
+    flipped = bytes(b ^ 0xFF for b in data[at : at + count])
+    return data[:at] + flipped + data[at + count :]

@@ -1,0 +1,249 @@
+"""No byte is served or cached before something the store vouches for has checked it.
+
+The rule, per object (``DatasetCache._fill`` hands every fetch here):
+
+1. A small object (one chunk) fetched whole is checked in the same response where the store
+   allows it (S3: the MD5 ETag, or a FULL_OBJECT ``x-amz-checksum-*``), else against
+   :meth:`Source.evidence` (S3: the multipart ETag or a COMPOSITE checksum recomputed from the
+   part layout; HDFS: ``GETFILECHECKSUM``).
+2. A large object (several chunks) can only be checked whole: S3 sends no checksum for a range,
+   HDFS none for part of a file. So the first read of any chunk of it fetches *every* chunk
+   that is not cached yet (``_PARALLEL`` at a time), keeps them under a separate *unverified*
+   name in the store (never served, never mistaken for a real chunk after a restart), checks the
+   whole object, and only then renames them into place and answers the read. A reader therefore
+   never sees a byte of a large object before the whole object matched; the price is that the
+   first read of a large object waits for all of it (warming and sequential readers, which
+   read all of it anyway, pay nothing extra).
+3. On a mismatch every unverified chunk of the object is dropped and the object is fetched again,
+   ``ATTEMPTS`` times in all; then the read fails (EIO) naming the object. Wrong bytes are never
+   kept. A mismatch against a *guessed* multipart layout is first rechecked against the exact one.
+4. When nothing can vouch for an object (S3 SSE-KMS/SSE-C without an additional checksum, a store
+   without checksums, an object larger than half the cache so it cannot be held whole, or a full
+   cache), its bytes are served and cached as they arrive, as before, and the object is counted
+   in ``unverified_objects`` (``datahoard status``), with the reason in the log.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import OrderedDict
+from contextlib import contextmanager
+from collections.abc import Iterator
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from typing import TYPE_CHECKING
+
+from .integrity import Evidence, verify
+from .source import RemoteObject, SourceTransientError
+from .store import CacheFull, ChunkId, object_id
+
+if TYPE_CHECKING:
+    from .dataset import DatasetCache
+
+log = logging.getLogger(__name__)
+
+#: Whole fetches of one object before a persistent mismatch is an error.
+ATTEMPTS = 3
+#: Chunks of one large object fetched at once while assembling it for its check.
+_PARALLEL = 4
+#: Evidence remembered per object (one HEAD or GETFILECHECKSUM each, so worth keeping).
+_EVIDENCE_CACHE = 4096
+#: Suffix of the object id under which chunks wait for their object's check.
+UNVERIFIED = "-unverified"
+
+
+class _Lost(Exception):
+    """An unverified chunk was evicted before its object could be checked: assemble again."""
+
+
+class Verifier:
+    def __init__(self, cache: "DatasetCache") -> None:
+        self.cache = cache
+        self._evidence: OrderedDict[str, Evidence] = OrderedDict()
+        self._unverified_seen: set[str] = set()
+        self._lock = threading.Lock()
+        self._object_locks: dict[str, list] = {}  # oid -> [lock, users]
+        self._pool = ThreadPoolExecutor(max_workers=_PARALLEL, thread_name_prefix="verify-fetch")
+        cache.source.on_mismatch = cache.counters.add_mismatch
+
+    # -- the hook --------------------------------------------------------------------------
+    def fetch_and_store(self, obj: RemoteObject, chunk: ChunkId, csize: int, demand: bool) -> bytes:
+        """Bytes of ``chunk`` once its object was checked (see the module docstring), stored."""
+        if obj.size <= csize:
+            data = self._whole(obj, demand)
+            self.cache._put(chunk, data)
+            return data
+        return self._large(obj, chunk, csize, demand)
+
+    # -- small objects ---------------------------------------------------------------------
+    def _whole(self, obj: RemoteObject, demand: bool) -> bytes:
+        for attempt in range(1, ATTEMPTS + 1):
+            got = self.cache._fetch(obj, 0, obj.size, demand)
+            if got.verified:
+                return got.data
+            evidence = self.evidence(obj)
+            if evidence.check is None:
+                self._unverified(obj, evidence.reason)
+                return got.data
+            if self._matches(obj, evidence, lambda: iter((got.data,))):
+                return got.data
+            self._mismatch(obj, evidence, attempt)
+        raise self._failed(obj)
+
+    # -- large objects ---------------------------------------------------------------------
+    def _large(self, obj: RemoteObject, chunk: ChunkId, csize: int, demand: bool) -> bytes:
+        start = chunk.index * csize
+        length = min(csize, obj.size - start)
+        evidence = self.evidence(obj)
+        reason = evidence.reason
+        if evidence.check is not None and obj.size > self.cache.store.capacity // 2:
+            reason = "larger than half the cache, so it cannot be held whole to be checked"
+        if evidence.check is None or reason:
+            return self._unchecked(obj, chunk, start, length, demand, reason)
+        oid = chunk.object_id
+        with self._object_lock(oid):
+            data = self.cache.store.read(chunk, 0, length)  # checked and stored while we waited
+            if data is not None and len(data) == length:
+                return data
+            for attempt in range(1, ATTEMPTS + 1):
+                try:
+                    self._assemble(obj, csize, demand)
+                    ok = self._matches(obj, evidence, lambda: self._pieces(obj, csize))
+                except _Lost:
+                    continue
+                except CacheFull as exc:
+                    self._drop_unverified(obj, csize)
+                    return self._unchecked(obj, chunk, start, length, demand,
+                                           f"no room to hold it whole for its check ({exc})")
+                if ok:
+                    return self._promote(obj, csize, chunk.index)
+                self._drop_unverified(obj, csize)
+                self._mismatch(obj, evidence, attempt)
+            raise self._failed(obj)
+
+    def _unchecked(self, obj: RemoteObject, chunk: ChunkId, start: int, length: int,
+                   demand: bool, reason: str) -> bytes:
+        data = self.cache._fetch(obj, start, length, demand).data
+        self._unverified(obj, reason)
+        self.cache._put(chunk, data)
+        return data
+
+    def _chunks(self, obj: RemoteObject, csize: int) -> Iterator[tuple[ChunkId, ChunkId, int, int]]:
+        """(chunk, its unverified twin, start, length) of every chunk of ``obj``."""
+        oid = object_id(obj.key, obj.etag, obj.size)
+        for index in range(-(-obj.size // csize)):
+            start = index * csize
+            yield (ChunkId(oid, index), ChunkId(oid + UNVERIFIED, index), start,
+                   min(csize, obj.size - start))
+
+    def _assemble(self, obj: RemoteObject, csize: int, demand: bool) -> None:
+        """Fetch every chunk of ``obj`` neither cached nor waiting, into its unverified name."""
+        store = self.cache.store
+
+        def fetch(twin: ChunkId, start: int, length: int) -> None:
+            store.put(twin, self.cache._fetch(obj, start, length, demand).data)
+
+        missing = [(twin, start, length) for real, twin, start, length in self._chunks(obj, csize)
+                   if not store.contains(real) and not store.contains(twin)]
+        futures = [self._pool.submit(fetch, *m) for m in missing]
+        done, pending = wait(futures, return_when=FIRST_EXCEPTION)
+        for future in pending:
+            future.cancel()
+        wait(pending)
+        for future in futures:
+            if not future.cancelled() and future.exception() is not None:
+                raise future.exception()
+
+    def _pieces(self, obj: RemoteObject, csize: int) -> Iterator[bytes]:
+        store = self.cache.store
+        for real, twin, _, length in self._chunks(obj, csize):
+            data = store.read(twin, 0, length)
+            if data is None:
+                data = store.read(real, 0, length)
+            if data is None or len(data) != length:
+                raise _Lost()
+            yield data
+
+    def _promote(self, obj: RemoteObject, csize: int, wanted: int) -> bytes:
+        """Move every checked chunk of ``obj`` to its real name; the bytes of chunk ``wanted``."""
+        store = self.cache.store
+        result = b""
+        for real, twin, _, length in self._chunks(obj, csize):
+            data = store.read(twin, 0, length)
+            if data is not None:
+                self.cache._put(real, data)
+                store.discard(twin.name)
+            elif real.index == wanted:
+                data = store.read(real, 0, length)
+            if real.index == wanted:
+                result = data
+        if len(result) != min(csize, obj.size - wanted * csize):
+            raise SourceTransientError(f"cache lost a chunk of {obj.key} while checking it")
+        return result
+
+    def _drop_unverified(self, obj: RemoteObject, csize: int) -> None:
+        for _, twin, _, _ in self._chunks(obj, csize):
+            if self.cache.store.contains(twin):
+                self.cache.store.discard(twin.name)
+
+    # -- evidence and bookkeeping ------------------------------------------------------------
+    def evidence(self, obj: RemoteObject, exact: bool = False) -> Evidence:
+        oid = object_id(obj.key, obj.etag, obj.size)
+        with self._lock:
+            known = self._evidence.get(oid)
+            if known is not None and not exact:
+                self._evidence.move_to_end(oid)
+                return known
+        found = self.cache.source.evidence(obj, exact=exact)
+        with self._lock:
+            self._evidence[oid] = found
+            while len(self._evidence) > _EVIDENCE_CACHE:
+                self._evidence.popitem(last=False)
+        return found
+
+    def _matches(self, obj: RemoteObject, evidence: Evidence, pieces) -> bool:
+        assert evidence.check is not None
+        if verify(evidence.check, obj.size, pieces()):
+            return True
+        if not evidence.check.guessed:
+            return False
+        exact = self.evidence(obj, exact=True)
+        return exact.check is not None and verify(exact.check, obj.size, pieces())
+
+    def _mismatch(self, obj: RemoteObject, evidence: Evidence, attempt: int) -> None:
+        message = (f"{obj.key} did not match {evidence.check.label} (attempt {attempt}/{ATTEMPTS}): "
+                   f"bytes were corrupted in transit; dropped, fetching again")
+        log.error(message)
+        self.cache.counters.add_mismatch(message)
+
+    def _failed(self, obj: RemoteObject) -> SourceTransientError:
+        return SourceTransientError(
+            f"checksum mismatch reading {obj.key}: {ATTEMPTS} whole fetches did not match what the "
+            f"store vouches for (something between here and the store corrupts data?)")
+
+    def _unverified(self, obj: RemoteObject, reason: str) -> None:
+        oid = object_id(obj.key, obj.etag, obj.size)
+        with self._lock:
+            if oid in self._unverified_seen:
+                return
+            self._unverified_seen.add(oid)
+        log.warning("serving %s unchecked: %s", obj.key, reason)
+        self.cache.counters.add_unverified()
+
+    @contextmanager
+    def _object_lock(self, oid: str) -> Iterator[None]:
+        """One assembly per object at a time; the lock is forgotten when nobody holds it."""
+        with self._lock:
+            entry = self._object_locks.setdefault(oid, [threading.Lock(), 0])
+            entry[1] += 1
+        try:
+            with entry[0]:
+                yield
+        finally:
+            with self._lock:
+                entry[1] -= 1
+                if entry[1] == 0:
+                    self._object_locks.pop(oid, None)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
