@@ -39,6 +39,11 @@ class Tuning:
     warm_parallelism: int = 16
     #: Bytes/s cap on warming traffic; None for no cap. Application reads are never capped.
     warm_bandwidth: float | None = None
+    #: Large objects up to this size are fetched and checked whole before any byte of them is
+    #: served (see verify.py); larger ones are served as their chunks arrive and checked once
+    #: every chunk is cached. 1 GiB: shards are read whole anyway, and a random read into a
+    #: bigger file must not fetch all of it.
+    check_whole_max: int = 1 << 30
 
 
 class Priority:
@@ -178,6 +183,7 @@ class DatasetCache:
                     from_cache += length
             else:
                 data = self._fill(obj, chunk, csize, demand=True)
+                state.sourced.update(self.verifier.take_assembled(chunk.object_id))
                 piece = data[within : within + length] if data is not None else None
                 if piece is None:  # filled by another reader just now
                     piece = self.store.read(chunk, within, length)

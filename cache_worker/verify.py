@@ -7,20 +7,25 @@ The rule, per object (``DatasetCache._fill`` hands every fetch here):
    :meth:`Source.evidence` (S3: the multipart ETag or a COMPOSITE checksum recomputed from the
    part layout; HDFS: ``GETFILECHECKSUM``).
 2. A large object (several chunks) can only be checked whole: S3 sends no checksum for a range,
-   HDFS none for part of a file. So the first read of any chunk of it fetches *every* chunk
-   that is not cached yet (``_PARALLEL`` at a time), keeps them under a separate *unverified*
-   name in the store (never served, never mistaken for a real chunk after a restart), checks the
-   whole object, and only then renames them into place and answers the read. A reader therefore
-   never sees a byte of a large object before the whole object matched; the price is that the
-   first read of a large object waits for all of it (warming and sequential readers, which
-   read all of it anyway, pay nothing extra).
+   HDFS none for part of a file. So, up to ``Tuning.check_whole_max`` (1 GiB) and half the
+   cache, the first read of any chunk of it fetches *every* chunk not cached yet (``_PARALLEL``
+   at a time), keeps them under a separate *unverified* name in the store (never served, never
+   mistaken for a real chunk after a restart), checks the whole object, and only then renames
+   them into place and answers the read. A reader therefore never sees a byte of such an
+   object before the whole object matched; the price is that the first read of it waits for
+   all of it (warming and sequential readers, which read all of it anyway, pay little extra).
+   A larger object is served chunk by chunk as it arrives, *before* any check (a random read
+   into a 10 GB file must not fetch 10 GB); it is counted in ``unverified_objects``, and once
+   every chunk of it is cached it is checked whole in the background: on a mismatch every
+   chunk of it is dropped (and counted), so wrong bytes are not kept, though some may have
+   been served.
 3. On a mismatch every unverified chunk of the object is dropped and the object is fetched again,
    ``ATTEMPTS`` times in all; then the read fails (EIO) naming the object. Wrong bytes are never
    kept. A mismatch against a *guessed* multipart layout is first rechecked against the exact one.
-4. When nothing can vouch for an object (S3 SSE-KMS/SSE-C without an additional checksum, a store
-   without checksums, an object larger than half the cache so it cannot be held whole, or a full
-   cache), its bytes are served and cached as they arrive, as before, and the object is counted
-   in ``unverified_objects`` (``datahoard status``), with the reason in the log.
+4. When nothing can vouch for an object (S3 SSE-KMS/SSE-C without an additional checksum, a
+   multipart object whose part layout cannot be found, a store without checksums) or there is
+   no room to hold it whole, its bytes are served and cached as they arrive, as before, and the
+   object is counted in ``unverified_objects`` (``datahoard status``), the reason in the log.
 """
 
 from __future__ import annotations
@@ -64,6 +69,9 @@ class Verifier:
         self._lock = threading.Lock()
         self._object_locks: dict[str, list] = {}  # oid -> [lock, users]
         self._pool = ThreadPoolExecutor(max_workers=_PARALLEL, thread_name_prefix="verify-fetch")
+        #: Whole-object checks of objects served before their check (one at a time: local reads).
+        self._checks = ThreadPoolExecutor(max_workers=1, thread_name_prefix="verify-check")
+        self._local = threading.local()
         cache.source.on_mismatch = cache.counters.add_mismatch
 
     # -- the hook --------------------------------------------------------------------------
@@ -95,11 +103,15 @@ class Verifier:
         start = chunk.index * csize
         length = min(csize, obj.size - start)
         evidence = self.evidence(obj)
-        reason = evidence.reason
-        if evidence.check is not None and obj.size > self.cache.store.capacity // 2:
-            reason = "larger than half the cache, so it cannot be held whole to be checked"
-        if evidence.check is None or reason:
-            return self._unchecked(obj, chunk, start, length, demand, reason)
+        if evidence.check is None:
+            return self._unchecked(obj, chunk, start, length, demand, evidence.reason)
+        limit = min(self.cache.tuning.check_whole_max, self.cache.store.capacity // 2)
+        if obj.size > limit:
+            data = self._unchecked(obj, chunk, start, length, demand,
+                                   f"larger than {limit} bytes: served as it arrives, checked "
+                                   f"once all of it is cached")
+            self._checks.submit(self._check_when_complete, obj, csize, evidence)
+            return data
         oid = chunk.object_id
         with self._object_lock(oid):
             data = self.cache.store.read(chunk, 0, length)  # checked and stored while we waited
@@ -107,7 +119,7 @@ class Verifier:
                 return data
             for attempt in range(1, ATTEMPTS + 1):
                 try:
-                    self._assemble(obj, csize, demand)
+                    fetched = self._assemble(obj, csize, demand)
                     ok = self._matches(obj, evidence, lambda: self._pieces(obj, csize))
                 except _Lost:
                     continue
@@ -116,10 +128,39 @@ class Verifier:
                     return self._unchecked(obj, chunk, start, length, demand,
                                            f"no room to hold it whole for its check ({exc})")
                 if ok:
+                    self._local.assembled = (oid, fetched)
                     return self._promote(obj, csize, chunk.index)
                 self._drop_unverified(obj, csize)
                 self._mismatch(obj, evidence, attempt)
             raise self._failed(obj)
+
+    def _check_when_complete(self, obj: RemoteObject, csize: int, evidence: Evidence) -> None:
+        """An object too large to check before serving: once all of it is cached, check it, and
+        drop every chunk of it if it does not match (what was served is already served)."""
+        store = self.cache.store
+        chunks = list(self._chunks(obj, csize))
+        if not all(store.contains(real) for real, _, _, _ in chunks):
+            return
+        with self._object_lock(chunks[0][0].object_id):
+            try:
+                ok = self._matches(obj, evidence, lambda: self._pieces(obj, csize))
+            except _Lost:  # evicted meanwhile: checked when it is complete again
+                return
+            except Exception as exc:  # noqa: BLE001 - a background check; the next fill retries
+                log.warning("checking %s failed: %s", obj.key, exc)
+                return
+            if not ok:
+                for real, _, _, _ in chunks:
+                    if store.contains(real):
+                        store.discard(real.name)
+                self._mismatch(obj, evidence, 1, served=True)
+
+    def take_assembled(self, oid: str) -> set[int]:
+        """Chunks of ``oid`` this thread just fetched to check their object whole (so the reader
+        that caused it counts them as bytes from the source, not as hits)."""
+        assembled = getattr(self._local, "assembled", None)
+        self._local.assembled = None
+        return assembled[1] if assembled and assembled[0] == oid else set()
 
     def _unchecked(self, obj: RemoteObject, chunk: ChunkId, start: int, length: int,
                    demand: bool, reason: str) -> bytes:
@@ -136,8 +177,9 @@ class Verifier:
             yield (ChunkId(oid, index), ChunkId(oid + UNVERIFIED, index), start,
                    min(csize, obj.size - start))
 
-    def _assemble(self, obj: RemoteObject, csize: int, demand: bool) -> None:
-        """Fetch every chunk of ``obj`` neither cached nor waiting, into its unverified name."""
+    def _assemble(self, obj: RemoteObject, csize: int, demand: bool) -> set[int]:
+        """Fetch every chunk of ``obj`` neither cached nor waiting, into its unverified name;
+        the indexes fetched."""
         store = self.cache.store
 
         def fetch(twin: ChunkId, start: int, length: int) -> None:
@@ -153,6 +195,7 @@ class Verifier:
         for future in futures:
             if not future.cancelled() and future.exception() is not None:
                 raise future.exception()
+        return {twin.index for twin, _, _ in missing}
 
     def _pieces(self, obj: RemoteObject, csize: int) -> Iterator[bytes]:
         store = self.cache.store
@@ -210,9 +253,14 @@ class Verifier:
         exact = self.evidence(obj, exact=True)
         return exact.check is not None and verify(exact.check, obj.size, pieces())
 
-    def _mismatch(self, obj: RemoteObject, evidence: Evidence, attempt: int) -> None:
-        message = (f"{obj.key} did not match {evidence.check.label} (attempt {attempt}/{ATTEMPTS}): "
-                   f"bytes were corrupted in transit; dropped, fetching again")
+    def _mismatch(self, obj: RemoteObject, evidence: Evidence, attempt: int, served: bool = False) -> None:
+        if served:
+            message = (f"{obj.key} did not match {evidence.check.label} once all of it was cached: "
+                       f"bytes were corrupted in transit and some may have been served; every "
+                       f"chunk of it was dropped")
+        else:
+            message = (f"{obj.key} did not match {evidence.check.label} (attempt {attempt}/{ATTEMPTS}): "
+                       f"bytes were corrupted in transit; dropped, fetching again")
         log.error(message)
         self.cache.counters.add_mismatch(message)
 
@@ -247,3 +295,4 @@ class Verifier:
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+        self._checks.shutdown(wait=False, cancel_futures=True)
