@@ -226,8 +226,11 @@ class DatasetCache:
         """Make sure ``chunk`` is cached (used by warming); returns bytes fetched."""
         if self.store.contains(chunk):
             return 0
-        data = self._fill(obj, chunk, self.chunk_size(obj), demand=not background)
-        return len(data) if data is not None else 0
+        csize = self.chunk_size(obj)
+        data = self._fill(obj, chunk, csize, demand=not background)
+        others = self.verifier.take_assembled(chunk.object_id) - {chunk.index}
+        return (len(data) if data is not None else 0) + sum(
+            min(csize, obj.size - i * csize) for i in others)
 
     def _fill(self, obj: RemoteObject, chunk: ChunkId, csize: int, demand: bool) -> bytes | None:
         """Fetch, verify and store one chunk, once however many threads ask at the same time.

@@ -8,8 +8,8 @@ The rule, per object (``DatasetCache._fill`` hands every fetch here):
    part layout; HDFS: ``GETFILECHECKSUM``).
 2. A large object (several chunks) can only be checked whole: S3 sends no checksum for a range,
    HDFS none for part of a file. So, up to ``Tuning.check_whole_max`` (1 GiB) and half the
-   cache, the first read of any chunk of it fetches *every* chunk not cached yet (``_PARALLEL``
-   at a time), keeps them under a separate *unverified* name in the store (never served, never
+   cache, the first read of any chunk of it fetches *every* chunk not cached yet (in
+   parallel), keeps them under a separate *unverified* name in the store (never served, never
    mistaken for a real chunk after a restart), checks the whole object, and only then renames
    them into place and answers the read. A reader therefore never sees a byte of such an
    object before the whole object matched; the price is that the first read of it waits for
@@ -49,7 +49,8 @@ log = logging.getLogger(__name__)
 
 #: Whole fetches of one object before a persistent mismatch is an error.
 ATTEMPTS = 3
-#: Chunks of one large object fetched at once while assembling it for its check.
+#: Chunk fetches at once while assembling large objects for their check (at least; warming's
+#: parallelism if larger, since warming a dataset of large files goes through here).
 _PARALLEL = 4
 #: Evidence remembered per object (one HEAD or GETFILECHECKSUM each, so worth keeping).
 _EVIDENCE_CACHE = 4096
@@ -68,7 +69,8 @@ class Verifier:
         self._unverified_seen: set[str] = set()
         self._lock = threading.Lock()
         self._object_locks: dict[str, list] = {}  # oid -> [lock, users]
-        self._pool = ThreadPoolExecutor(max_workers=_PARALLEL, thread_name_prefix="verify-fetch")
+        self._pool = ThreadPoolExecutor(max_workers=max(_PARALLEL, cache.tuning.warm_parallelism),
+                                        thread_name_prefix="verify-fetch")
         #: Whole-object checks of objects served before their check (one at a time: local reads).
         self._checks = ThreadPoolExecutor(max_workers=1, thread_name_prefix="verify-check")
         self._local = threading.local()
