@@ -16,8 +16,11 @@ How each operation maps onto WebHDFS:
 2. ``stat``: ``GETFILESTATUS``.
 3. ``read``: ``OPEN`` with ``offset`` and ``length``; the NameNode answers 307 to a DataNode
    holding the block, which streams the bytes (HttpFS answers 200 with the bytes itself; both
-   work). The DataNode verifies HDFS's block CRCs while it reads, so there is no whole-file
-   checksum to check here (``GETFILECHECKSUM`` is an MD5 of per-block CRCs, as costly as a read).
+   work). The DataNode verifies HDFS's block CRCs while it reads, but nothing protects the bytes
+   on their way here (plain HTTP, proxies): :meth:`HdfsSource.evidence` gives the cache
+   ``GETFILECHECKSUM`` (MD5 of the per-block MD5s of the per-512-byte CRC32Cs, which the
+   DataNodes compute from their block metadata files, about 1/128 of the data) and the block
+   size, and the cache checks every object whole against it before serving it (verify.py).
 4. Versions: WebHDFS has no conditional read, so the ETag is ``fileId-length-modificationTime``
    and every read is followed by a ``GETFILESTATUS``: a file replaced, appended to or truncated
    before that check changes one of the three, and the read raises SourceChanged instead of
@@ -31,6 +34,7 @@ backoff; a refused connection or a ``StandbyException`` moves to the next NameNo
 from __future__ import annotations
 
 import getpass
+import hashlib
 import json
 import logging
 import os
@@ -45,6 +49,7 @@ from urllib.parse import quote, urlsplit
 
 import urllib3
 
+from .integrity import Check, Evidence, parse_hdfs_checksum
 from .source import (
     RemoteObject,
     Source,
@@ -431,6 +436,71 @@ class HdfsSource(Source):
             raise SourceTransientError(f"HDFS transfer of {where} failed: {_reason(exc)}") from exc
         finally:
             response.release_conn()
+
+    def evidence(self, obj: RemoteObject, exact: bool = False) -> Evidence:
+        """HDFS's MD5-of-MD5-of-CRC file checksum of ``obj`` and its block size.
+
+        ``GETFILECHECKSUM`` is redirected to a DataNode, like OPEN. The version is checked
+        after it, so a checksum of another version of the file is never used."""
+        where = self._where(obj.key)
+        if obj.size == 0:  # nothing that can be wrong but the length, which is checked
+            return Evidence(Check("md5", hashlib.md5(b"", usedforsecurity=False).hexdigest(), "its length"))
+        attempts = max(1, self.options.max_attempts)
+        for attempt in range(1, attempts + 1):
+            try:
+                doc = self._redirected_json("GETFILECHECKSUM", obj.key, where)
+                break
+            except SourceNotFound:
+                raise SourceChanged(
+                    f"{where} was deleted since it was listed; remount with --refresh") from None
+            except SourceTransientError as exc:
+                if attempt == attempts:
+                    raise
+                self._backoff(attempt, where, exc)
+        status = self._json("GETFILESTATUS", obj.key)["FileStatus"]
+        now = _remote_object(obj.key, status)
+        if obj.etag and now.etag != obj.etag:
+            raise SourceChanged(f"{where} changed since it was listed (was {obj.etag}, now "
+                                f"{now.etag}); remount with --refresh")
+        parsed = parse_hdfs_checksum(doc)
+        block_size = int(status.get("blockSize") or 0)
+        if parsed is None or block_size <= 0:
+            algorithm = (doc.get("FileChecksum") or {}).get("algorithm")
+            return Evidence(None, f"GETFILECHECKSUM answered {algorithm!r}, not an MD5-of-MD5-of-CRC")
+        kind, per_crc, md5 = parsed
+        return Evidence(Check(kind, md5, f"HDFS's {doc['FileChecksum']['algorithm']} file checksum",
+                              block_size=block_size, bytes_per_crc=per_crc))
+
+    def _redirected_json(self, op: str, key: str, where: str) -> dict:
+        """A JSON answer that the NameNode may hand to a DataNode with a 307 (HttpFS: 200)."""
+        response = self._namenode_call(op, key)
+        if response.status != 200:
+            location = response.headers.get("Location")
+            response.drain_conn()
+            response.release_conn()
+            if not location:
+                raise SourceError(f"NameNode answered {op} of {where} with HTTP "
+                                  f"{response.status} and no Location")
+            datanode = urlsplit(location).netloc
+            try:
+                response = self._http.request("GET", location, redirect=False, preload_content=False)
+            except urllib3.exceptions.HTTPError as exc:
+                raise SourceTransientError(
+                    f"{op} of {where} from DataNode {datanode} failed: {_reason(exc)}") from exc
+            if response.status != 200:
+                body = response.read()
+                response.release_conn()
+                raise _classify(response.status, body, where, f"DataNode {datanode}")
+        try:
+            body = response.read()
+        except (urllib3.exceptions.HTTPError, OSError) as exc:
+            raise SourceTransientError(f"HDFS {op} of {where} failed: {_reason(exc)}") from exc
+        finally:
+            response.release_conn()
+        try:
+            return json.loads(body)
+        except ValueError as exc:
+            raise SourceTransientError(f"HDFS {op} of {where} returned something other than JSON") from exc
 
     def _check_version(self, obj: RemoteObject, where: str) -> None:
         now = self.stat(obj.key)

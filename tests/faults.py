@@ -40,6 +40,9 @@ class FaultProxy:
         self.upstream = urlsplit(upstream)
         self.faults: list[Fault] = []
         self.injected = 0
+        #: ``host:port`` -> ``host:port`` replaced in ``Location`` headers: a NameNode's
+        #: redirects sent through another proxy in front of the DataNode.
+        self.redirects: dict[str, str] = {}
         self._lock = threading.Lock()
         proxy = self
 
@@ -70,6 +73,9 @@ class FaultProxy:
                 data = response.read()
                 self.send_response(response.status)
                 for key, value in response.getheaders():
+                    if key.lower() == "location":
+                        for old, new in proxy.redirects.items():
+                            value = value.replace(f"//{old}/", f"//{new}/", 1)
                     if key.lower() not in ("transfer-encoding", "connection", "content-length"):
                         self.send_header(key, value)
                 # A HEAD answer has no body but the object's length (S3's part sizes, say).
