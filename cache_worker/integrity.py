@@ -220,11 +220,12 @@ class _HdfsBlock:
 
 def _hadoop_buffer(data: bytes) -> bytes:
     """``data`` as Hadoop's ``DataOutputBuffer.getData()`` returns it: the whole backing array,
-    32 bytes at first and doubled when full, zero-padded. The HDFS client computes the file MD5
-    over that array, so a file of one block (16 bytes of block MD5) hashes 16 more zero bytes."""
+    32 bytes at first and doubled when a 16-byte block MD5 does not fit, zero-padded. The HDFS
+    client computes the file MD5 over that array, so a file of one block (16 bytes of block MD5)
+    hashes 16 more zero bytes, one of 21 blocks 176 more."""
     capacity = 32
     while capacity < len(data):
-        capacity = max(capacity * 2, len(data))
+        capacity *= 2
     return data + bytes(capacity - len(data))
 
 

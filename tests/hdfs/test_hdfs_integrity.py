@@ -36,6 +36,7 @@ FILES = {
     "blocks.bin": BLOCK_SIZE + 700 * KiB + 3,  # two blocks, fetched whole (one chunk)
     "large.bin": 2 * BLOCK_SIZE + 1000,  # three blocks (Hadoop pads their MD5s), three chunks
     "four.bin": 4 * BLOCK_SIZE,  # four full blocks
+    "many.bin": 20 * BLOCK_SIZE + 12345,  # 21 blocks: Hadoop's buffer of block MD5s doubled 4 times
     "odd.bin": 5 * KiB + 77,  # smaller than a CRC chunk multiple
 }
 
