@@ -332,6 +332,8 @@ class S3Source(Source):
         body = response["Body"]
         try:
             data = body.read()
+        except botocore.exceptions.FlexibleChecksumError as exc:  # botocore checked it itself
+            raise ChecksumMismatch(f"checksum mismatch reading {where}: {exc}") from exc
         finally:
             body.close()
         got_etag = response.get("ETag", "").strip('"')

@@ -24,6 +24,7 @@ from datahoard.cache_worker.dataset import DatasetCache, ReadState, Tuning
 from datahoard.cache_worker.s3 import S3Options, S3Source
 from datahoard.cache_worker.source import SourceError
 from datahoard.cache_worker.store import ChunkStore
+from tests.conftest import datahoard
 from tests.faults import Fault, FaultProxy
 
 pytestmark = pytest.mark.integration
@@ -133,6 +134,17 @@ KEYS = ["small.bin", "large.bin", "multipart-small.bin", "multipart-large.bin",
 
 @pytest.mark.parametrize("key", KEYS)
 def test_a_corrupted_body_is_refetched_never_served_never_kept(s3, plain, bucket, proxy, tmp_path, key):
+    _corrupted_body_is_refetched(s3, plain, bucket, proxy, tmp_path, key)
+
+
+@pytest.mark.parametrize("key", ["small.bin", "kms-sha256.bin", "crc32-multipart.bin", "multipart-large.bin"])
+def test_the_same_through_botocore(s3, plain, bucket, proxy, tmp_path, key, monkeypatch):
+    """``DATAHOARD_S3_CLIENT=botocore``: botocore checks the checksum of a whole GET itself."""
+    monkeypatch.setenv("DATAHOARD_S3_CLIENT", "botocore")
+    _corrupted_body_is_refetched(s3, plain, bucket, proxy, tmp_path, key)
+
+
+def _corrupted_body_is_refetched(s3, plain, bucket, proxy, tmp_path, key):
     files = _objects(s3, plain, bucket, key)
     body = files[key]
     stack = Stack(f"s3://{bucket}/ds", proxy.endpoint, tmp_path / "cache")
@@ -221,3 +233,5 @@ def test_mount_never_serves_corrupt_bytes_of_a_large_object(s3, plain, bucket, m
         assert (m.mountpoint / key).read_bytes() == body
     stats = m.stats()
     assert stats.integrity_mismatches >= 2 and stats.unverified_objects == 0
+    status = datahoard("status", str(m.mountpoint)).stdout
+    assert "0 objects served unchecked" in status and "corrupt fetches dropped" in status
