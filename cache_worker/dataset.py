@@ -1,7 +1,8 @@
 """Reads of dataset files through the chunk cache: the worker's hot path.
 
 A read is split at chunk boundaries; each piece is served from the store (a *hit*) or fetched
-from the source, stored and served (a *miss*). Concurrent readers of one missing chunk share
+from the source, checked against what the store vouches for (verify.py: a large object is
+checked whole before any of it is served), stored and served (a *miss*). Concurrent readers of one missing chunk share
 one fetch (single flight). Sequential readers of a large file trigger read-ahead of the next
 chunks. Warming goes through the same fill path but yields to application reads through
 :class:`Priority`.

@@ -112,7 +112,10 @@ class Verifier:
             data = self._unchecked(obj, chunk, start, length, demand,
                                    f"larger than {limit} bytes: served as it arrives, checked "
                                    f"once all of it is cached")
-            self._checks.submit(self._check_when_complete, obj, csize, evidence)
+            try:
+                self._checks.submit(self._check_when_complete, obj, csize, evidence)
+            except RuntimeError:  # shutting down: checked by the next process, when complete
+                pass
             return data
         oid = chunk.object_id
         with self._object_lock(oid):
