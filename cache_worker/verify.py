@@ -74,6 +74,7 @@ class Verifier:
         #: Whole-object checks of objects served before their check (one at a time: local reads).
         self._checks = ThreadPoolExecutor(max_workers=1, thread_name_prefix="verify-check")
         self._local = threading.local()
+        self._check_queued: set[str] = set()
         cache.source.on_mismatch = cache.counters.add_mismatch
 
     # -- the hook --------------------------------------------------------------------------
@@ -112,10 +113,7 @@ class Verifier:
             data = self._unchecked(obj, chunk, start, length, demand,
                                    f"larger than {limit} bytes: served as it arrives, checked "
                                    f"once all of it is cached")
-            try:
-                self._checks.submit(self._check_when_complete, obj, csize, evidence)
-            except RuntimeError:  # shutting down: checked by the next process, when complete
-                pass
+            self._queue_check(obj, csize, evidence)
             return data
         oid = chunk.object_id
         with self._object_lock(oid):
@@ -139,9 +137,24 @@ class Verifier:
                 self._mismatch(obj, evidence, attempt)
             raise self._failed(obj)
 
+    def _queue_check(self, obj: RemoteObject, csize: int, evidence: Evidence) -> None:
+        """At most one queued check per object: a warmed 10 GB object must not queue 1,250."""
+        oid = object_id(obj.key, obj.etag, obj.size)
+        with self._lock:
+            if oid in self._check_queued:
+                return
+            self._check_queued.add(oid)
+        try:
+            self._checks.submit(self._check_when_complete, obj, csize, evidence)
+        except RuntimeError:  # shutting down: checked by a later process, once complete
+            with self._lock:
+                self._check_queued.discard(oid)
+
     def _check_when_complete(self, obj: RemoteObject, csize: int, evidence: Evidence) -> None:
         """An object too large to check before serving: once all of it is cached, check it, and
         drop every chunk of it if it does not match (what was served is already served)."""
+        with self._lock:  # a fill from now on queues a new check
+            self._check_queued.discard(object_id(obj.key, obj.etag, obj.size))
         store = self.cache.store
         chunks = list(self._chunks(obj, csize))
         if not all(store.contains(real) for real, _, _, _ in chunks):
