@@ -30,8 +30,9 @@ from tests.faults import Fault, FaultProxy
 pytestmark = pytest.mark.integration
 
 KiB, MiB = 1 << 10, 1 << 20
-#: Small objects up to 8 MiB are fetched whole (the default); larger ones in 1 MiB chunks.
-TUNING = Tuning(whole_file_max=8 * MiB, chunk_size=1 * MiB, readahead_chunks=2)
+#: Objects up to 6 MiB are fetched whole (one part of 5 MiB and a small one still is); larger
+#: ones in 1 MiB chunks.
+TUNING = Tuning(whole_file_max=6 * MiB, chunk_size=1 * MiB, readahead_chunks=2)
 #: moto's smallest part (S3's too).
 PART = 5 * MiB
 
@@ -100,10 +101,10 @@ def _objects(client, plain, bucket, *only: str) -> dict[str, bytes]:
     """key -> body of every kind of object (or those named), uploaded under ``ds/``."""
     sizes = {
         "small.bin": 300 * KiB,  # single part: the MD5 ETag (checked before too)
-        "large.bin": 3 * MiB + 5,  # single part, in 4 chunks: MD5 of the whole
+        "large.bin": 6 * MiB + 5,  # single part, in 7 chunks: MD5 of the whole
         "multipart-small.bin": PART + 700 * KiB,  # 2 parts, fetched whole: the multipart ETag
         "multipart-large.bin": 2 * PART + 123 * KiB,  # 3 parts in 11 chunks: the multipart ETag
-        "crc32-multipart.bin": PART + 2 * MiB,  # FULL_OBJECT CRC32, in chunks
+        "crc32-multipart.bin": PART + 2 * MiB,  # FULL_OBJECT CRC32, in 7 chunks
         "kms-sha256.bin": 200 * KiB,  # SSE-KMS: no MD5 ETag, a SHA-256 checksum
         "kms-composite.bin": 2 * PART + 1,  # SSE-KMS multipart: a COMPOSITE CRC32 checksum
     }
