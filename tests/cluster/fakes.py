@@ -29,11 +29,12 @@ GPU = "nvidia.com/gpu"
 
 
 def make_node(api: kubernetes.client.ApiClient, name: str, gpus: int | None = None,
-              labels: dict[str, str] | None = None) -> None:
+              labels: dict[str, str] | None = None,
+              taints: list[dict[str, str]] | None = None) -> None:
     core = kubernetes.client.CoreV1Api(api)
     core.create_node({"metadata": {"name": name, "labels": {"kubernetes.io/hostname": name,
                                                             **(labels or {})}}})
-    resources = {"cpu": "16", "memory": "64Gi", "pods": "110"}
+    resources = {"cpu": "16", "memory": "64Gi", "pods": "110", "ephemeral-storage": "500Gi"}
     if gpus is not None:
         resources[GPU] = str(gpus)
     core.patch_node_status(name, {"status": {
@@ -42,7 +43,7 @@ def make_node(api: kubernetes.client.ApiClient, name: str, gpus: int | None = No
                         "message": "played by the test"}]}})
     # The API server taints new nodes not-ready; the node lifecycle controller lifts that once
     # kubelet reports Ready. No such controller runs here, so the test does it.
-    core.patch_node(name, {"spec": {"taints": None}})
+    core.patch_node(name, {"spec": {"taints": taints}})
 
 
 def _now() -> str:
