@@ -79,7 +79,7 @@ def _short(text: str, limit: int) -> str:
 
 
 #: Hex digits of the ``<namespace>/<name>`` digest in object names: 48 bits, so no two Datasets
-#: meet by accident; a deliberate collision is still refused by the uid check (DESIGN: ownership).
+#: meet by accident; a deliberate collision is still refused by the operator's uid check.
 _DIGEST_LEN = 12
 
 
@@ -114,10 +114,10 @@ def worker_name(namespace: str, name: str) -> str:
 
 
 def legacy_pv_name(namespace: str, name: str) -> str:
-    """The PV name operators before 0.2 gave a Dataset (not injective); only upgrades use it."""
+    """The PV name operators of 0.1.x gave a Dataset (not injective); only upgrades use it."""
     return _short(f"datahoard-{namespace}-{name}", 253)
 
 
 def legacy_worker_name(namespace: str, name: str) -> str:
-    """The DaemonSet/Secret name operators before 0.2 used (not injective); upgrades only."""
+    """The DaemonSet/Secret name 0.1.x operators used (not injective); upgrades only."""
     return _short(f"dh-{namespace}-{name}", 63).lower()
