@@ -175,8 +175,8 @@ def test_objects_that_are_not_the_datasets_own_are_refused_and_kept(
 
 
 def test_upgrade_retires_only_the_old_operators_objects_of_this_dataset(
-        cluster: Cluster, operator: OperatorProcess, node_names: dict[str, str],
-        namespace: str) -> None:
+        cluster: Cluster, operator: OperatorProcess, kubelet: Kubelet,
+        node_names: dict[str, str], namespace: str) -> None:
     """What a 0.1.x operator left: a DaemonSet and Secret copy at the old name, annotated with
     the Dataset's <namespace>/<name> and no uid. The new operator removes those (its own workers
     take over under the new name), but not an old object that names another Dataset."""
@@ -211,8 +211,38 @@ def test_upgrade_retires_only_the_old_operators_objects_of_this_dataset(
 
     eventually(lambda: gone("DaemonSet", old) and gone("Secret", old), what="the old objects retired")
     assert not gone("DaemonSet", other_old)
+
+    # The old operator's volume: a PVC (ownerReference to the Dataset) bound to the old-named
+    # PV. A PVC's volumeName cannot change, so the new operator keeps serving that PV.
+    uid = cluster.dataset(namespace, "old")["metadata"]["uid"]
+    old_pv = names.legacy_pv_name(namespace, "old")
+    cluster.core.create_persistent_volume({
+        "metadata": {"name": old_pv, "annotations": {"datahoard.io/dataset": f"{namespace}/old"}},
+        "spec": {"capacity": {"storage": "10Gi"}, "accessModes": ["ReadOnlyMany"],
+                 "storageClassName": "", "claimRef": {"namespace": namespace, "name": "old"},
+                 "csi": {"driver": names.CSI_DRIVER_NAME, "volumeHandle": f"{namespace}/old"}}})
+    cluster.core.create_namespaced_persistent_volume_claim(namespace, {
+        "metadata": {"name": "old", "ownerReferences": [{"apiVersion": names.API_VERSION,
+                                                         "kind": names.KIND, "name": "old",
+                                                         "uid": uid}]},
+        "spec": {"accessModes": ["ReadOnlyMany"], "storageClassName": "", "volumeName": old_pv,
+                 "resources": {"requests": {"storage": "10Gi"}}}})
+    pod = kubelet.start_pod(cluster.daemonset(namespace, "old"), node_names["gpu-a"])
+    kubelet.set_status(SYSTEM, pod, ready=True)
+    volume = eventually(lambda: cluster.condition(namespace, "old", "VolumeReady").get("status")
+                        == "True" and cluster.condition(namespace, "old", "VolumeReady"),
+                        what="the old volume to be served")
+    assert f"bound to PV {old_pv}" in volume["message"]
+    assert read_pv(cluster, names.pv_name(namespace, "old")) is None  # no second PV
+    assert cluster.condition(namespace, "old", "ObjectsOwned")["status"] == "True"
+
     for name in ("old", "kept"):
-        cluster.plane.kubectl("delete", "dataset", name, "-n", namespace, "--timeout=60s")
+        cluster.plane.kubectl("delete", "dataset", name, "-n", namespace, "--wait=false")
+    eventually(lambda: cluster.daemonset(namespace, "old") is None, what="old's workers removed")
+    cluster.core.delete_namespaced_pod(pod, SYSTEM, grace_period_seconds=0)
+    for name in ("old", "kept"):
+        eventually(lambda n=name: cluster.dataset(namespace, n) is None, timeout=120, what=f"{name} to go")
+    assert read_pv(cluster, old_pv) is None  # deleted with its Dataset, as before
     assert not gone("DaemonSet", other_old)
     cluster.apps.delete_namespaced_daemon_set(other_old, SYSTEM)
 
