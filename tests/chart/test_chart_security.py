@@ -97,7 +97,7 @@ def test_admission_policy_binds_the_operator_only(render) -> None:
     policy = rendered.find("ValidatingAdmissionPolicy")
     (cond,) = policy["spec"]["matchConditions"]
     assert cond["expression"] == (
-        f'request.userInfo.username == "system:serviceaccount:{NAMESPACE}:datahoard-operator"')
+        f"request.userInfo.username == 'system:serviceaccount:{NAMESPACE}:datahoard-operator'")
     binding = rendered.find("ValidatingAdmissionPolicyBinding")
     assert binding["spec"] == {"policyName": policy["metadata"]["name"], "validationActions": ["Deny"]}
     kinds = render({"rbac": {"admissionPolicy": False}}).kinds()
