@@ -8,7 +8,9 @@ other's intact, and objects that are not a Dataset's own are refused with a cond
 from __future__ import annotations
 
 import base64
+import sys
 import uuid
+from pathlib import Path
 from typing import Any
 
 import kubernetes
@@ -284,3 +286,44 @@ def test_what_the_installation_forbids_becomes_a_condition(
             cluster.plane.kubectl("delete", "dataset", name, "-n", namespace, "--timeout=60s")
     finally:
         cluster.core.delete_node(control_plane)
+
+
+@pytest.mark.integration  # runs a real FUSE worker: skipped without root and /dev/fuse
+def test_a_worker_without_a_secret_never_asks_the_metadata_service(
+        cluster: Cluster, operator: OperatorProcess, kubelet: Kubelet, node_names: dict[str, str],
+        namespace: str, operator_env: dict[str, str], s3_server: Any, s3: Any, bucket: str,
+        tmp_path: Path) -> None:
+    """The whole path: the operator's DaemonSet for a Dataset without secretRef, its worker run
+    for real with the env that DaemonSet gives it, on a "node" whose metadata service hands out
+    the node's role to whoever asks. The worker reads the public bucket and never asks."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "operator"))
+    from test_worker_credentials import FakeMetadata  # the same fake the unit tier uses
+
+    import threading
+    from http.server import ThreadingHTTPServer
+
+    FakeMetadata.requests = []
+    imds = ThreadingHTTPServer(("127.0.0.1", 0), FakeMetadata)
+    threading.Thread(target=imds.serve_forever, daemon=True).start()
+    try:
+        # A public object: anonymous (unsigned) reads are what it allows.
+        s3.put_object(Bucket=bucket, Key="open/a.bin", Body=b"public bytes", ACL="public-read")
+        cluster.apply_dataset(namespace, "open", {
+            "source": {"uri": f"s3://{bucket}/open/", "endpoint": s3_server.endpoint,
+                       "region": "us-east-1"},
+            "cache": {"capacity": "1Gi"}, "warm": {"policy": "OnDemand"}})
+        ds = eventually(lambda: cluster.daemonset(namespace, "open"), what="the worker DaemonSet")
+        port = operator_env["DATAHOARD_STATS_PORT"]
+        kubelet.start_pod(ds, node_names["gpu-a"])
+        kubelet.run_container(ds, f"127.0.0.1:{port}", tmp_path / "worker.log", node_env={
+            "AWS_EC2_METADATA_SERVICE_ENDPOINT": f"http://127.0.0.1:{imds.server_address[1]}/",
+            "HOME": str(tmp_path), "AWS_CONFIG_FILE": str(tmp_path / "none"),
+            "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "none")})
+        mnt = names.mount_dir(namespace, "open", Path(operator_env["DATAHOARD_HOST_ROOT"]))
+        assert (mnt / "a.bin").read_bytes() == b"public bytes"
+        assert FakeMetadata.requests == [], FakeMetadata.requests
+    finally:
+        kubelet.stop_all()
+        imds.shutdown()
+        imds.server_close()
+    cluster.plane.kubectl("delete", "dataset", "open", "-n", namespace, "--wait=false")
