@@ -351,6 +351,15 @@ def test_admission_policy_holds_the_operator_to_its_own_labels_and_volumes(
             "spec": {"capacity": {"storage": "1Gi"}, "accessModes": ["ReadOnlyMany"],
                      "hostPath": {"path": "/"}}}))
         assert "only csi.datahoard.io PersistentVolumes" in body
+        # Nor may it delete someone else's volume.
+        admin = kubernetes.client.CoreV1Api(api)
+        admin.create_persistent_volume({
+            "metadata": {"name": f"theirs-{node}"},
+            "spec": {"capacity": {"storage": "1Gi"}, "accessModes": ["ReadOnlyMany"],
+                     "hostPath": {"path": "/srv/theirs"}}})
+        body = refused(lambda: as_operator.delete_persistent_volume(f"theirs-{node}"))
+        assert "only csi.datahoard.io PersistentVolumes" in body
+        admin.delete_persistent_volume(f"theirs-{node}")
     finally:
         kubernetes.client.CoreV1Api(api).delete_node(node)
 
