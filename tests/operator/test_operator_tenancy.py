@@ -131,8 +131,9 @@ def test_a_host_name_resolving_to_link_local_is_refused() -> None:
     refusal = policy.check(ds, SETTINGS, resolver=lambda h: ["10.0.0.1", "169.254.169.254"])
     assert refusal and "resolves to link-local 169.254.169.254" in refusal.message
     assert policy.check(ds, SETTINGS, resolver=lambda h: ["10.0.0.1"]) is None
-    # Real resolution of an address literal in a name's clothing (no DNS server needed).
-    assert policy.endpoint_refusal("http://169.254.169.254.nip.invalid:80",
+    # A name that does not resolve here (.invalid never does) is not refused: the worker will
+    # fail to reach it and say so, and its NetworkPolicy denies link-local egress anyway.
+    assert policy.endpoint_refusal("http://169.254.169.254.invalid:80",
                                    resolver=policy.resolve) is None
 
 
@@ -166,10 +167,12 @@ def test_control_plane_nodes_are_kept_out_whatever_the_spec_tolerates() -> None:
     assert placement.pick_nodes([cp], ds, "nvidia.com/gpu", tols, policy=pol) == []
     assert placement.refused([cp], ds, "nvidia.com/gpu", tols, pol) == [
         "cp: label node-role.kubernetes.io/control-plane (no workers on such nodes here)"]
-    tainted_only = node("t", {"node-role.kubernetes.io/control-plane": ""})
-    tainted_only["metadata"]["labels"] = {"node-role.kubernetes.io/control-plane": ""}
-    open_pol = placement.NodePolicy()
-    assert placement.pick_nodes([tainted_only], ds, "nvidia.com/gpu", tols, policy=open_pol) == ["t"]
+    # A taint alone is enough to keep a node out, however broad the tolerations.
+    tainted = node("t", {"node-role.kubernetes.io/control-plane": ""},
+                   [{"key": "dedicated-cp", "effect": "NoExecute"}])
+    taint_pol = placement.NodePolicy(forbidden_taints=("dedicated-cp",))
+    assert placement.pick_nodes([tainted], ds, "nvidia.com/gpu", tols) == ["t"]
+    assert placement.pick_nodes([tainted], ds, "nvidia.com/gpu", tols, policy=taint_pol) == []
 
 
 def test_capacity_is_bounded_by_what_the_node_has() -> None:
