@@ -89,6 +89,9 @@ class S3Options:
     access_key: str | None = None
     secret_key: str | None = None
     session_token: str | None = None
+    #: Unsigned requests and no credential lookup at all: not the environment, not
+    #: ~/.aws, not instance metadata or a web identity (a Dataset's ``credentials: Anonymous``).
+    anonymous: bool = False
     #: Attempts per request, botocore's and our body-level retries alike.
     max_attempts: int = 5
     connect_timeout: float = 5.0
@@ -158,7 +161,8 @@ class S3Source(Source):
             region_name=options.region,
             botocore_session=core,
         )
-        credentials = session.get_credentials()
+        # get_credentials() walks the whole chain, instance metadata included: not when anonymous.
+        credentials = None if options.anonymous else session.get_credentials()
         config = botocore.config.Config(
             retries={"mode": "standard", "max_attempts": options.max_attempts},
             connect_timeout=options.connect_timeout,
@@ -192,7 +196,8 @@ class S3Source(Source):
                 or botocore.httpsession.get_cert_path(True),
                 # A bucket in another region than configured: AWS names it in its answer.
                 endpoint_for_region=None if options.endpoint_url else (
-                    lambda region: session.client("s3", region_name=region).meta.endpoint_url
+                    lambda region: session.client(
+                        "s3", region_name=region, config=config).meta.endpoint_url
                 ),
             )
 

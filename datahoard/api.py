@@ -98,6 +98,8 @@ class Source(_Model):
     endpoint: Annotated[str, StringConstraints(max_length=2048)] | None = None
     region: Annotated[str, StringConstraints(max_length=64)] | None = None
     secret_ref: SecretRef | None = Field(default=None, alias="secretRef")
+    #: None: Secret when secretRef is set, else Anonymous (see :attr:`credentials_mode`).
+    credentials: Literal["Anonymous", "Secret", "NodeIdentity"] | None = None
     include: Annotated[list[Pattern], Field(max_length=64)] | None = None
     exclude: Annotated[list[Pattern], Field(max_length=64)] | None = None
 
@@ -119,7 +121,20 @@ class Source(_Model):
             raise ValueError("endpoint only applies to s3:// sources")
         if self.region is not None and not self.uri.startswith("s3://"):
             raise ValueError("region only applies to s3:// sources")
+        if self.credentials == "Secret" and self.secret_ref is None:
+            raise ValueError("credentials Secret needs a secretRef")
+        if self.credentials not in (None, "Secret") and self.secret_ref is not None:
+            raise ValueError("secretRef is only used with credentials Secret")
+        if self.credentials == "NodeIdentity" and not self.uri.startswith("s3://"):
+            raise ValueError("credentials NodeIdentity only applies to s3:// sources")
         return self
+
+    @property
+    def credentials_mode(self) -> Literal["Anonymous", "Secret", "NodeIdentity"]:
+        """What the workers use: never the node's identity unless the spec asks for it."""
+        if self.credentials is not None:
+            return self.credentials
+        return "Secret" if self.secret_ref is not None else "Anonymous"
 
     @property
     def scheme(self) -> str:

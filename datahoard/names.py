@@ -78,15 +78,46 @@ def _short(text: str, limit: int) -> str:
     return f"{text[: limit - 11].rstrip('.-_')}-{digest}"
 
 
+#: Hex digits of the ``<namespace>/<name>`` digest in object names: 48 bits, so no two Datasets
+#: meet by accident; a deliberate collision is still refused by the operator's uid check.
+_DIGEST_LEN = 12
+
+
+def _digest(namespace: str, name: str) -> str:
+    # "/" cannot occur in a namespace or a Dataset name, so this text is injective.
+    return hashlib.sha256(f"{namespace}/{name}".encode()).hexdigest()[:_DIGEST_LEN]
+
+
+def _named(prefix: str, namespace: str, name: str, limit: int) -> str:
+    """``<prefix>-<namespace>-<name>`` (readable, cut to fit) plus the digest of
+    ``<namespace>/<name>``, which is what makes the name injective: ``team-x/data`` and
+    ``team/x-data`` read alike but never share a name."""
+    readable = f"{prefix}-{namespace}-{name}"[: limit - _DIGEST_LEN - 1].rstrip(".-_")
+    return f"{readable}-{_digest(namespace, name)}".lower()
+
+
 def node_label(namespace: str, name: str) -> str:
-    """Label the operator puts on a node whose worker for this Dataset is ready."""
+    """Label the operator puts on a node whose worker for this Dataset is ready.
+
+    Injective without a digest: a namespace cannot contain ``.``, so the first dot splits it."""
     return f"dataset.{GROUP}/{_short(f'{namespace}.{name}', _LABEL_NAME_MAX)}"
 
 
 def pv_name(namespace: str, name: str) -> str:
-    return _short(f"datahoard-{namespace}-{name}", 253)
+    """The Dataset's PersistentVolume (cluster-scoped, so every tenant's PVs share one space)."""
+    return _named("datahoard", namespace, name, 253)
 
 
 def worker_name(namespace: str, name: str) -> str:
     """DaemonSet (and Secret copy) name for a Dataset's workers, a valid DNS label."""
+    return _named("dh", namespace, name, 63)
+
+
+def legacy_pv_name(namespace: str, name: str) -> str:
+    """The PV name operators of 0.1.x gave a Dataset (not injective); only upgrades use it."""
+    return _short(f"datahoard-{namespace}-{name}", 253)
+
+
+def legacy_worker_name(namespace: str, name: str) -> str:
+    """The DaemonSet/Secret name 0.1.x operators used (not injective); upgrades only."""
     return _short(f"dh-{namespace}-{name}", 63).lower()

@@ -117,7 +117,8 @@ kind_load "$READER_IMAGE"
 # 3. The chart, as the README installs it.
 log "installing the chart"
 "$HELM" install datahoard "$REPO/charts/datahoard" --namespace "$SYSTEM_NS" --create-namespace \
-    --set image.repository=datahoard --set image.tag=e2e --wait --timeout 5m
+    --set image.repository=datahoard --set image.tag=e2e --wait --timeout 5m \
+    --set policy.capacityResource=   # kind nodes report the runner's small disk; the example asks 200Gi
 kubectl -n "$SYSTEM_NS" rollout status ds/datahoard-csi-node --timeout=180s
 for node in $WORKERS; do
     wait_for "the CSI driver registered on $node" 120 csinode "$node" \
@@ -211,10 +212,13 @@ kubectl -n "$NS" get datasets | grep -q -- "$RATIO" || fail "kubectl get dataset
 log "deleting the Dataset"
 kubectl -n "$NS" delete job read-imagenet --cascade=foreground --wait=true
 kubectl -n "$NS" delete dataset "$DATASET" --timeout=300s
-WORKER_NAME="dh-${NS}-${DATASET}"   # datahoard.names.worker_name
+# datahoard.names: a readable prefix plus 12 hex digits of sha256("<namespace>/<name>").
+DIGEST=$(printf '%s' "$NS/$DATASET" | sha256sum | cut -c1-12)
+WORKER_NAME="dh-${NS}-${DATASET}-${DIGEST}"   # datahoard.names.worker_name
+PV_NAME="datahoard-${NS}-${DATASET}-${DIGEST}"   # datahoard.names.pv_name
 # Deletions finish asynchronously (PVC/PV protection finalizers, garbage collection): poll.
 deadline=$((SECONDS + 60))
-for what in "pvc/$DATASET -n $NS" "pv/datahoard-${NS}-${DATASET}" "ds/$WORKER_NAME -n $SYSTEM_NS" \
+for what in "pvc/$DATASET -n $NS" "pv/$PV_NAME" "ds/$WORKER_NAME -n $SYSTEM_NS" \
             "secret/$WORKER_NAME -n $SYSTEM_NS"; do
     # shellcheck disable=SC2086
     while kubectl get $what >/dev/null 2>&1; do

@@ -15,17 +15,22 @@ from typing import Any
 from datahoard import names
 from datahoard.api import Dataset, quantity_bytes
 
+from . import ownership
 from .config import OperatorSettings
 
 Manifest = dict[str, Any]
 
 DATASET_LABEL = f"{names.GROUP}/dataset"
 #: Full "<namespace>/<name>" of the owning Dataset; labels cannot hold a slash or 253 chars.
-DATASET_ANNOTATION = f"{names.GROUP}/dataset"
+DATASET_ANNOTATION = ownership.DATASET_ANNOTATION
+UID_ANNOTATION = ownership.UID_ANNOTATION
 COMPONENT_LABEL = "app.kubernetes.io/component"
 MANAGED_BY = {"app.kubernetes.io/name": "datahoard", "app.kubernetes.io/managed-by": "datahoard-operator"}
 CREDENTIALS_ANNOTATION = f"{names.GROUP}/credentials-hash"
 WORKER_CONTAINER = "worker"
+#: The worker's credentials mode, set from spec.source.credentials (see cache_worker/sources.py).
+CREDENTIALS_ENV = "DATAHOARD_SOURCE_CREDENTIALS"
+CREDENTIALS_VALUES = {"Anonymous": "anonymous", "Secret": "secret", "NodeIdentity": "node-identity"}
 
 
 @dataclass(frozen=True)
@@ -71,6 +76,9 @@ def _metadata(ds: Dataset, name: str, component: str, namespace: str | None) -> 
         "labels": labels(ds, component),
         "annotations": {DATASET_ANNOTATION: f"{ds.namespace}/{ds.name}"},
     }
+    if ds.uid:
+        # The proof of ownership the operator checks before every write and delete.
+        meta["annotations"][UID_ANNOTATION] = ds.uid
     if namespace is not None:
         meta["namespace"] = namespace
     return meta
@@ -141,6 +149,12 @@ def _worker_container(ds: Dataset, settings: OperatorSettings, with_secret: bool
         {"name": "DATAHOARD_RUN_DIR", "value": str(names.run_dir(settings.host_root))},
         {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
     ]
+    # How the worker's source authenticates (cache_worker/sources.py reads this): only
+    # NodeIdentity may use the default credential chain, so only it may reach instance metadata.
+    mode = ds.spec.source.credentials_mode
+    env.append({"name": CREDENTIALS_ENV, "value": CREDENTIALS_VALUES[mode]})
+    if mode != "NodeIdentity":
+        env.append({"name": "AWS_EC2_METADATA_DISABLED", "value": "true"})
     if with_secret:
         keys = secret_keys(ds)
         for key in keys.all:
@@ -275,8 +289,9 @@ def persistent_volume(ds: Dataset, settings: OperatorSettings) -> Manifest:
     }
 
 
-def persistent_volume_claim(ds: Dataset) -> Manifest:
-    """The claim users mount: named after the Dataset, in its namespace, bound to its PV."""
+def persistent_volume_claim(ds: Dataset, volume: str | None = None) -> Manifest:
+    """The claim users mount: named after the Dataset, in its namespace, bound to its PV
+    (``volume``: the PV's name when it is not the current one, after an upgrade)."""
     meta = _metadata(ds, ds.name, "volume", ds.namespace)
     if ds.uid:
         meta["ownerReferences"] = [{"apiVersion": names.API_VERSION, "kind": names.KIND,
@@ -289,7 +304,7 @@ def persistent_volume_claim(ds: Dataset) -> Manifest:
             "accessModes": ["ReadOnlyMany"],
             "volumeMode": "Filesystem",
             "storageClassName": "",
-            "volumeName": names.pv_name(ds.namespace, ds.name),
+            "volumeName": volume or names.pv_name(ds.namespace, ds.name),
             "resources": {"requests": {"storage": ds.spec.cache.capacity}},
         },
     }

@@ -41,6 +41,28 @@ class OperatorSettings(BaseSettings):
                                    description="Workers polled at once, per Dataset")
     delete_poll: float = Field(default=5.0, gt=0,
                                description="Seconds between checks while deletion waits")
+    # -- What tenants may ask for (the chart's `policy` values). Anyone who may create a Dataset
+    # gets a privileged worker on some node, reading some source: these bound which.
+    allow_node_identity: bool = Field(
+        default=False, description="Let Datasets use spec.source.credentials NodeIdentity (the "
+        "node's instance role / the worker ServiceAccount's IRSA); off: a condition refuses them")
+    allow_link_local_endpoints: bool = Field(
+        default=False, description="Let spec.source.endpoint name a link-local address "
+        "(169.254.0.0/16, fe80::/10: cloud metadata services) or a host resolving to one")
+    forbidden_node_labels: list[str] = Field(
+        default=["node-role.kubernetes.io/control-plane", "node-role.kubernetes.io/master"],
+        description="Nodes with any of these label keys never run workers, whatever the spec says")
+    forbidden_taints: list[str] = Field(
+        default=["node-role.kubernetes.io/control-plane", "node-role.kubernetes.io/master"],
+        description="Nodes with a taint of any of these keys never run workers, even when a "
+        "Dataset's tolerations tolerate it")
+    capacity_resource: str = Field(
+        default="ephemeral-storage",
+        description="Node allocatable resource that bounds a Disk cache's capacity ('' = no "
+        "bound); Memory caches are bounded by allocatable memory")
+    dataset_namespaces: list[str] = Field(
+        default=[], description="Namespaces whose Datasets are served ([] = all); the chart "
+        "then grants Secret reads in these namespaces only")
     # Requests keep the scheduler honest; no CPU limit, because throttling a FUSE server stalls
     # every reader. The memory limit leaves headroom over the page-cache-free working set.
     worker_cpu_request: str = "250m"

@@ -115,7 +115,9 @@ class Kube:
         return sorted(users)
 
     @_api_call
-    def exists(self, kind: str, name: str, namespace: str | None = None) -> bool:
+    def read(self, kind: str, name: str, namespace: str | None = None) -> Obj | None:
+        """One object as a dict, or None when it does not exist (ownership checks read it
+        before every write and delete)."""
         read = {
             "PersistentVolume": lambda: self.core.read_persistent_volume(
                 name, _request_timeout=REQUEST_TIMEOUT),
@@ -123,14 +125,19 @@ class Kube:
                 name, namespace, _request_timeout=REQUEST_TIMEOUT),
             "DaemonSet": lambda: self.apps.read_namespaced_daemon_set(
                 name, namespace, _request_timeout=REQUEST_TIMEOUT),
+            "Secret": lambda: self.core.read_namespaced_secret(
+                name, namespace, _request_timeout=REQUEST_TIMEOUT),
         }[kind]
         try:
-            read()
+            obj = read()
         except ApiException as exc:
             if exc.status == 404:
-                return False
+                return None
             raise
-        return True
+        out = self._dict(obj)
+        out.setdefault("kind", kind)
+        out.pop("data", None)  # a Secret's values are never needed for an ownership check
+        return out
 
     # -- writes --------------------------------------------------------------------------------
 
@@ -170,9 +177,15 @@ class Kube:
         return True
 
     @_api_call
-    def delete(self, kind: str, name: str, namespace: str | None = None) -> None:
-        """Delete in the background; an object that is already gone (404) is success."""
-        opts = kubernetes.client.V1DeleteOptions(propagation_policy="Background")
+    def delete(self, kind: str, name: str, namespace: str | None = None,
+               uid: str | None = None) -> None:
+        """Delete in the background; an object that is already gone (404) is success.
+
+        With ``uid``, only that very object: a precondition makes the API server refuse (409)
+        when the name now belongs to another object, and that is success too (it is not ours)."""
+        opts = kubernetes.client.V1DeleteOptions(
+            propagation_policy="Background",
+            preconditions=kubernetes.client.V1Preconditions(uid=uid) if uid else None)
         try:
             if kind == "PersistentVolume":
                 self.core.delete_persistent_volume(name, body=opts, _request_timeout=REQUEST_TIMEOUT)
@@ -188,8 +201,9 @@ class Kube:
             else:
                 raise ValueError(f"delete() does not handle {kind}")
         except ApiException as exc:
-            if exc.status != 404:
-                raise
+            if exc.status == 404 or (uid and exc.status == 409):
+                return
+            raise
 
     @_api_call
     def patch_node(self, name: str, patch: Obj) -> None:

@@ -29,11 +29,12 @@ GPU = "nvidia.com/gpu"
 
 
 def make_node(api: kubernetes.client.ApiClient, name: str, gpus: int | None = None,
-              labels: dict[str, str] | None = None) -> None:
+              labels: dict[str, str] | None = None,
+              taints: list[dict[str, str]] | None = None) -> None:
     core = kubernetes.client.CoreV1Api(api)
     core.create_node({"metadata": {"name": name, "labels": {"kubernetes.io/hostname": name,
                                                             **(labels or {})}}})
-    resources = {"cpu": "16", "memory": "64Gi", "pods": "110"}
+    resources = {"cpu": "16", "memory": "64Gi", "pods": "110", "ephemeral-storage": "500Gi"}
     if gpus is not None:
         resources[GPU] = str(gpus)
     core.patch_node_status(name, {"status": {
@@ -42,7 +43,7 @@ def make_node(api: kubernetes.client.ApiClient, name: str, gpus: int | None = No
                         "message": "played by the test"}]}})
     # The API server taints new nodes not-ready; the node lifecycle controller lifts that once
     # kubelet reports Ready. No such controller runs here, so the test does it.
-    core.patch_node(name, {"spec": {"taints": None}})
+    core.patch_node(name, {"spec": {"taints": taints}})
 
 
 def _now() -> str:
@@ -95,13 +96,17 @@ class Kubelet:
                 raise AssertionError(f"kubelet: secret {ref['name']} has no key {ref['key']}")
         return env
 
-    def run_container(self, daemonset: dict[str, Any], stats_addr: str, log: Path) -> subprocess.Popen:
-        """Run the worker container's real command locally, its stats on ``stats_addr``."""
+    def run_container(self, daemonset: dict[str, Any], stats_addr: str, log: Path,
+                      node_env: dict[str, str] | None = None) -> subprocess.Popen:
+        """Run the worker container's real command locally, its stats on ``stats_addr``.
+        ``node_env``: what the node adds beneath the container's own env (e.g. where its
+        instance metadata service answers); the container spec's variables win over it."""
         container = daemonset["spec"]["template"]["spec"]["containers"][0]
         cmd = list(container["command"])
         assert cmd[0] == "datahoard", cmd
         cmd[cmd.index("--stats-addr") + 1] = stats_addr
         env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+        env.update(node_env or {})
         env.update(self.container_env(daemonset["metadata"]["namespace"], container))
         proc = subprocess.Popen([sys.executable, "-m", "datahoard.cli", *cmd[1:]], env=env,
                                 stdout=log.open("ab"), stderr=subprocess.STDOUT,

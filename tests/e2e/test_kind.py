@@ -73,8 +73,12 @@ def test_e2e_matches_the_examples() -> None:
     from datahoard import names
     assert 'LABEL="dataset.datahoard.io/${NS}.${DATASET}"' in run
     assert names.node_label("ml", "imagenet") == "dataset.datahoard.io/ml.imagenet"
-    assert names.worker_name("ml", "imagenet") == "dh-ml-imagenet"
-    assert names.pv_name("ml", "imagenet") == "datahoard-ml-imagenet"
+    import hashlib
+
+    digest = hashlib.sha256(b"ml/imagenet").hexdigest()[:12]
+    assert 'DIGEST=$(printf \'%s\' "$NS/$DATASET" | sha256sum | cut -c1-12)' in run
+    assert names.worker_name("ml", "imagenet") == f"dh-ml-imagenet-{digest}"
+    assert names.pv_name("ml", "imagenet") == f"datahoard-ml-imagenet-{digest}"
 
 
 def test_workflow_runs_the_e2e() -> None:
