@@ -67,6 +67,23 @@ def mount_args(bucket: str, mnt: Path, cache: Path, endpoint: str, *extra: str) 
     return ["mount", f"s3://{bucket}/ds", str(mnt), "--cache-dir", str(cache), "--endpoint-url", endpoint, *extra]
 
 
+@pytest.fixture
+def try_mount():
+    """Run a ``datahoard mount`` that should be refused; whatever it mounted anyway (on code
+    that does not refuse it) is unmounted after the test."""
+    tried: list[Path] = []
+
+    def attempt(*args: str) -> subprocess.CompletedProcess:
+        tried.append(Path(args[2]))
+        return datahoard(*args, check=False)
+
+    yield attempt
+    for mnt in tried:
+        if os.path.ismount(mnt):
+            datahoard("umount", str(mnt), check=False)
+            force_unmount(mnt)
+
+
 # -- umount --------------------------------------------------------------------------------
 def test_umount_leaves_a_mount_that_is_not_ours_alone(tmp_path, tmpfs):
     mnt = tmpfs(tmp_path / "scratch")
@@ -110,7 +127,8 @@ def test_umount_does_not_exit_0_while_the_worker_runs(s3, bucket, mount_dataset)
 
 
 # -- mount: one mount per mountpoint -------------------------------------------------------
-def test_a_refused_second_mount_leaves_a_direct_mount_serving(s3, bucket, mount_dataset, tmp_path, s3_server):
+def test_a_refused_second_mount_leaves_a_direct_mount_serving(s3, bucket, mount_dataset, tmp_path, s3_server,
+                                                              try_mount):
     files = {f"f{i}.bin": os.urandom(5000 + i) for i in range(5)}
     for key, body in files.items():
         s3.put_object(Bucket=bucket, Key="ds/" + key, Body=body)
@@ -118,7 +136,7 @@ def test_a_refused_second_mount_leaves_a_direct_mount_serving(s3, bucket, mount_
     assert m.stats().serving == "direct"
     pid = runtime.lookup(m.mountpoint).pid
     layers = mounts_at(m.mountpoint)
-    result = datahoard(*mount_args(bucket, m.mountpoint, tmp_path / "other-cache", s3_server.endpoint), check=False)
+    result = try_mount(*mount_args(bucket, m.mountpoint, tmp_path / "other-cache", s3_server.endpoint))
     line = one_error_line(result)
     assert line == (f"datahoard: error: {m.mountpoint} is already served by datahoard (pid {pid}, "
                     f"s3://{bucket}/ds); datahoard umount it first")
@@ -161,7 +179,7 @@ def test_mounts_started_together_leave_one_mount_and_umount_clears_it(s3, bucket
 # -- mount: directories --------------------------------------------------------------------
 @pytest.mark.parametrize("layout", ["cache-in-mountpoint", "mountpoint-in-cache", "cache-linked-into-mountpoint",
                                     "same-directory"])
-def test_cache_and_mountpoint_must_not_nest(s3, bucket, tmp_path, s3_server, layout):
+def test_cache_and_mountpoint_must_not_nest(s3, bucket, tmp_path, s3_server, try_mount, layout):
     s3.put_object(Bucket=bucket, Key="ds/f", Body=b"x")
     mnt, cache = tmp_path / "mnt", tmp_path / "cache"
     if layout == "cache-in-mountpoint":
@@ -174,34 +192,27 @@ def test_cache_and_mountpoint_must_not_nest(s3, bucket, tmp_path, s3_server, lay
         cache.symlink_to(mnt / "real-cache")
     else:
         cache = mnt
-    try:
-        line = one_error_line(datahoard(*mount_args(bucket, mnt, cache, s3_server.endpoint), check=False))
-        assert " is inside the " in line
-        assert not os.path.ismount(mnt)
-    finally:
-        if os.path.ismount(mnt):
-            datahoard("umount", str(mnt), check=False)
-            force_unmount(mnt)
+    line = one_error_line(try_mount(*mount_args(bucket, mnt, cache, s3_server.endpoint)))
+    assert " is inside the " in line
+    assert not os.path.ismount(mnt)
 
 
-def test_an_unwritable_cache_directory_is_one_line(s3, bucket, tmp_path, s3_server, tmpfs):
+def test_an_unwritable_cache_directory_is_one_line(s3, bucket, tmp_path, s3_server, tmpfs, try_mount):
     s3.put_object(Bucket=bucket, Key="ds/f", Body=b"x")
     readonly = tmpfs(tmp_path / "ro", "ro,size=1m")
-    line = one_error_line(datahoard(*mount_args(bucket, tmp_path / "m1", readonly / "cache", s3_server.endpoint),
-                                    check=False))
+    line = one_error_line(try_mount(*mount_args(bucket, tmp_path / "m1", readonly / "cache", s3_server.endpoint)))
     assert line == (f"datahoard: error: cannot use the cache directory {readonly / 'cache'}: "
                     f"Read-only file system; choose a writable --cache-dir")
     (tmp_path / "file").write_text("not a directory")
-    line = one_error_line(datahoard(*mount_args(bucket, tmp_path / "m2", tmp_path / "file" / "cache",
-                                                s3_server.endpoint), check=False))
+    line = one_error_line(try_mount(*mount_args(bucket, tmp_path / "m2", tmp_path / "file" / "cache",
+                                                s3_server.endpoint)))
     assert "cannot use the cache directory" in line and "Not a directory" in line
 
 
 # -- mount: arguments ----------------------------------------------------------------------
-def test_credentials_in_the_endpoint_url_are_refused_without_repeating_them(bucket, tmp_path, s3_server):
+def test_credentials_in_the_endpoint_url_are_refused_without_repeating_them(bucket, tmp_path, s3_server, try_mount):
     host = s3_server.endpoint.removeprefix("http://")
-    result = datahoard(*mount_args(bucket, tmp_path / "mnt", tmp_path / "c", f"http://admin:hunter2@{host}"),
-                       check=False)
+    result = try_mount(*mount_args(bucket, tmp_path / "mnt", tmp_path / "c", f"http://admin:hunter2@{host}"))
     line = one_error_line(result)
     assert "--endpoint-url must not contain credentials" in line and "AWS_SECRET_ACCESS_KEY" in line
     assert "hunter2" not in result.stderr + result.stdout
@@ -216,26 +227,25 @@ def test_credentials_in_the_endpoint_url_are_refused_without_repeating_them(buck
     ("--parallelism", "0", "must be between 1 and 1024, got 0"),
     ("--parallelism", "-5", "must be between 1 and 1024, got -5"),
 ])
-def test_limits_that_mean_nothing_are_refused(bucket, tmp_path, s3_server, option, value, message):
-    result = datahoard(*mount_args(bucket, tmp_path / "mnt", tmp_path / "c", s3_server.endpoint, option, value),
-                       check=False)
+def test_limits_that_mean_nothing_are_refused(bucket, tmp_path, s3_server, try_mount, option, value, message):
+    result = try_mount(*mount_args(bucket, tmp_path / "mnt", tmp_path / "c", s3_server.endpoint, option, value))
     line = one_error_line(result, code=2)
     assert line == f"datahoard mount: error: argument {option}: {message} (see datahoard mount --help)"
     assert not os.path.ismount(tmp_path / "mnt")
 
 
 def test_a_prefix_with_nothing_under_it_is_an_error_and_an_empty_bucket_is_not(s3, bucket, tmp_path, s3_server,
-                                                                              mount_dataset):
+                                                                              mount_dataset, try_mount):
     s3.put_object(Bucket=bucket, Key="ds/f", Body=b"x")
-    result = datahoard("mount", f"s3://{bucket}/dss", str(tmp_path / "mnt"), "--cache-dir", str(tmp_path / "c"),
-                       "--endpoint-url", s3_server.endpoint, check=False)
+    result = try_mount("mount", f"s3://{bucket}/dss", str(tmp_path / "mnt"), "--cache-dir", str(tmp_path / "c"),
+                       "--endpoint-url", s3_server.endpoint)
     line = one_error_line(result)
     assert line == (f"datahoard: error: nothing to serve: no files under s3://{bucket}/dss; "
                     f"check the path (it is listed again at the next mount)")
     assert not os.path.ismount(tmp_path / "mnt")
     # Filters that leave nothing say so.
-    result = datahoard(*mount_args(bucket, tmp_path / "mnt", tmp_path / "c2", s3_server.endpoint,
-                                   "--include", "*.jpg"), check=False)
+    result = try_mount(*mount_args(bucket, tmp_path / "mnt2", tmp_path / "c2", s3_server.endpoint,
+                                   "--include", "*.jpg"))
     assert "no files under s3://" in one_error_line(result) and "match --include/--exclude" in result.stderr
     # A bucket that exists and is empty is what was asked for: an empty view.
     s3.create_bucket(Bucket=f"{bucket}-empty")
