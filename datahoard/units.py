@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from fractions import Fraction
 
@@ -25,19 +26,20 @@ def parse_size(text: str | int) -> int:
 
 
 def parse_positive_size(text: str) -> int:
-    """Like :func:`parse_size`, for a limit that must mean something: a whole number of bytes,
-    at least one. ``0`` and ``0.4`` (0.4 bytes) are refused rather than quietly becoming
-    "no limit", which is what a zero used to mean downstream."""
+    """Like :func:`parse_size`, for a limit that must mean something: at least one byte.
+
+    ``0`` and ``0.4`` (0.4 bytes) are refused rather than quietly becoming "no limit", which is
+    what a zero meant downstream. A fraction of a byte above that rounds up, as Kubernetes
+    rounds quantities (the operator passes a Dataset's ``capacity`` through unchanged).
+    """
     match = _QUANTITY.match(text)
     if not match:
         raise ValueError(f"not a size: {text!r} (examples: 500Mi, 200Gi, 1T, 1048576)")
     number, suffix = match.groups()
     value = Fraction(number) * _SUFFIXES[suffix or ""]
-    if value.denominator != 1:
-        raise ValueError(f"not a whole number of bytes: {text!r} (examples: 500Mi, 200Gi, 1T, 1048576)")
     if value < 1:
         raise ValueError(f"must be at least 1 byte, got {text!r}")
-    return int(value)
+    return math.ceil(value)
 
 
 def format_size(n: float) -> str:

@@ -222,7 +222,7 @@ def test_credentials_in_the_endpoint_url_are_refused_without_repeating_them(buck
 
 @pytest.mark.parametrize("option, value, message", [
     ("--capacity", "0", "must be at least 1 byte, got '0'"),
-    ("--capacity", "0.4", "not a whole number of bytes: '0.4' (examples: 500Mi, 200Gi, 1T, 1048576)"),
+    ("--capacity", "0.4", "must be at least 1 byte, got '0.4'"),
     ("--bandwidth-limit", "0", "must be at least 1 byte, got '0'"),
     ("--parallelism", "0", "must be between 1 and 1024, got 0"),
     ("--parallelism", "-5", "must be between 1 and 1024, got -5"),
