@@ -145,8 +145,8 @@ def _lock_mountpoint(args: argparse.Namespace) -> runtime.MountLock:
     try:
         lock = runtime.MountLock(args.mountpoint.absolute(), fd=args.lock_fd)
     except runtime.MountBusy as exc:
-        raise CliError(f"another datahoard mount of {args.mountpoint.absolute()} is starting ({exc}); "
-                       f"wait for it, then use it or datahoard umount it") from None
+        raise CliError(f"another datahoard mount or umount of {args.mountpoint.absolute()} is in progress "
+                       f"({exc}); wait for it, then use the mount or datahoard umount it") from None
     except OSError as exc:
         raise CliError(f"cannot take the mount lock in {runtime.run_dir()}: {exc.strerror or exc}") from None
     record = runtime.lookup(args.mountpoint.absolute())
@@ -403,8 +403,8 @@ def _umount(args: argparse.Namespace) -> int:
     try:
         lock = runtime.MountLock(mountpoint)
     except runtime.MountBusy as exc:
-        raise CliError(f"a datahoard mount of {mountpoint} is still starting ({exc}); wait for it to "
-                       f"finish, or stop that process") from None
+        raise CliError(f"another datahoard mount or umount of {mountpoint} is in progress ({exc}); wait "
+                       f"for it to finish, or stop that process") from None
     with lock:
         return _umount_locked(mountpoint, time.monotonic() + args.timeout, args.timeout)
 

@@ -163,7 +163,7 @@ def test_mounts_started_together_leave_one_mount_and_umount_clears_it(s3, bucket
         assert codes == [0, 1], results
         [(_, err, _)] = [r for r in results if r[2] == 1]
         assert err.count("\n") == 1 and (
-            f"another datahoard mount of {mnt} is starting" in err or f"{mnt} is already served by datahoard" in err
+            f"another datahoard mount or umount of {mnt} is in progress" in err or f"{mnt} is already served by datahoard" in err
         ), err
         datahoard("umount", str(mnt))
         assert mounts_at(mnt) == []
@@ -174,6 +174,22 @@ def test_mounts_started_together_leave_one_mount_and_umount_clears_it(s3, bucket
                 p.kill()
         while mounts_at(mnt):
             force_unmount(mnt)
+
+
+def test_mount_and_umount_wait_for_nobody_while_the_mountpoint_is_locked(bucket, tmp_path, s3_server, try_mount):
+    """While one datahoard process starts (or stops) a mount, others on that mountpoint are
+    refused at once, naming it, and touch nothing."""
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    with runtime.MountLock(mnt):  # as a `datahoard mount` still listing its source holds it
+        for result in (try_mount(*mount_args(bucket, mnt, tmp_path / "c", s3_server.endpoint)),
+                       datahoard("umount", str(mnt), check=False)):
+            line = one_error_line(result)
+            assert f"another datahoard mount or umount of {mnt} is in progress (pid {os.getpid()})" in line
+        assert not os.path.ismount(mnt)
+    # Released: the mount goes ahead (and fails only for want of objects).
+    result = try_mount(*mount_args(bucket, mnt, tmp_path / "c", s3_server.endpoint))
+    assert "nothing to serve" in one_error_line(result)
 
 
 # -- mount: directories --------------------------------------------------------------------
