@@ -126,6 +126,31 @@ def test_umount_does_not_exit_0_while_the_worker_runs(s3, bucket, mount_dataset)
     assert not os.path.ismount(m.mountpoint)
 
 
+def sigterm_pending(pid: int) -> bool:
+    with open(f"/proc/{pid}/status") as f:
+        fields = dict(line.split(":", 1) for line in f if ":" in line)
+    return bool(int(fields["ShdPnd"], 16) & (1 << (signal.SIGTERM - 1)))
+
+
+def test_umount_stops_a_worker_that_outlives_its_view_and_says_so(s3, bucket, mount_dataset):
+    """Past --timeout the worker gets SIGTERM; once it has gone, umount exits 0 with a warning."""
+    s3.put_object(Bucket=bucket, Key="ds/f", Body=b"x")
+    m = mount_dataset(bucket, "ds")
+    record = runtime.lookup(m.mountpoint)
+    os.kill(record.pid, signal.SIGSTOP)
+    umount = subprocess.Popen([sys.executable, "-m", "datahoard.cli", "umount", str(m.mountpoint), "--timeout", "1"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: sigterm_pending(record.pid), what="umount to send SIGTERM")
+    finally:
+        os.kill(record.pid, signal.SIGCONT)
+    _, err = umount.communicate(timeout=60)
+    assert umount.returncode == 0, err
+    assert err.strip() == (f"datahoard: warning: the worker (pid {record.pid}) had not exited 1 s after the "
+                           f"unmount; stopped it with SIGTERM (log {record.log_file})")
+    assert not runtime.alive(record.pid) and not os.path.ismount(m.mountpoint)
+
+
 # -- mount: one mount per mountpoint -------------------------------------------------------
 def test_a_refused_second_mount_leaves_a_direct_mount_serving(s3, bucket, mount_dataset, tmp_path, s3_server,
                                                               try_mount):
