@@ -33,6 +33,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from datahoard import runtime
 from datahoard.stats import DirectStats, WarmingStats, WorkerStats
@@ -105,6 +106,23 @@ def _prepare_mountpoint(mountpoint: Path) -> None:
         raise WorkerError(f"{mountpoint} is already a mount point; unmount it first")
 
 
+def _empty_view_problem(cfg: WorkerConfig, summary) -> str | None:
+    """Why an empty view must not be mounted, if it is empty and must not be.
+
+    A path that names nothing is an error (a typo in a prefix, the wrong bucket): S3 has no
+    directories, so for a prefix that is a listing with no files. A whole bucket (or HDFS's
+    root) that is empty is served empty: the bucket exists and is what was asked for.
+    """
+    if summary.files or not urlsplit(cfg.source).path.strip("/"):
+        return None
+    why = f"nothing to serve: no files under {cfg.source}"
+    if cfg.include or cfg.exclude:
+        why += " match --include/--exclude"
+    if summary.skipped_keys:
+        why += f" ({summary.skipped_keys} keys there are not valid paths)"
+    return why + "; check the path (it is listed again at the next mount)"
+
+
 def _default_capacity(cache_dir: Path, used: int) -> int:
     """90% of what the cache could grow into on its filesystem."""
     return int((shutil.disk_usage(cache_dir).free + used) * 0.9)
@@ -168,6 +186,9 @@ class Worker:
             )
         else:
             log.info("reusing the index of %d files built at %s", summary.files, summary.built_at)
+        if problem := _empty_view_problem(cfg, summary):
+            path.unlink(missing_ok=True)  # list again next time: the objects may be there by then
+            raise WorkerError(problem)
         return Index(path)
 
     def prepare(self) -> None:

@@ -10,16 +10,23 @@ import hashlib
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from . import runtime
+from . import mount_checks, runtime
+from .mount_checks import MountRefused
 from .stats import WorkerStats
-from .units import format_size, parse_size
+from .units import format_size, parse_positive_size
 
 log = logging.getLogger("datahoard")
+
+#: Seconds ``umount`` waits for the worker to exit once its view is gone, by default.
+_UMOUNT_TIMEOUT = 30.0
+#: And after SIGTERM.
+_TERM_GRACE = 5.0
 
 
 def _default_cache_dir(source: str) -> Path:
@@ -35,14 +42,22 @@ def _stats_addr(text: str) -> tuple[str, int]:
 
 
 def _size(text: str) -> int:
+    """A size limit: a whole number of bytes, at least 1 (``0`` once meant "90% of the disk")."""
     try:
-        return parse_size(text)
+        return parse_positive_size(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (the usage text is ``--help``'s job)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="datahoard", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="datahoard", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -59,7 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--endpoint-url", help="S3-compatible endpoint, e.g. http://minio:9000")
     m.add_argument("--region")
     m.add_argument("--refresh", action="store_true", help="list the source again instead of reusing the index")
-    m.add_argument("--parallelism", type=int, default=16, help="parallel fetches while warming (default 16)")
+    m.add_argument("--parallelism", type=mount_checks.parallelism, default=16,
+                   help=f"parallel fetches while warming, 1 to {mount_checks.MAX_PARALLELISM} (default 16)")
     m.add_argument("--bandwidth-limit", type=_size, metavar="BYTES_PER_S", help="cap warming traffic, e.g. 100M")
     m.add_argument("--foreground", action="store_true", help="serve in this process until unmounted")
     m.add_argument("--stats-addr", type=_stats_addr, default=("127.0.0.1", 0), metavar="HOST:PORT",
@@ -79,6 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(by default the kernel then opens files itself and fanotify counts the opens)")
     m.add_argument("--log-file", help=argparse.SUPPRESS)
     m.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
+    m.add_argument("--lock-fd", type=int, help=argparse.SUPPRESS)  # the parent's MountLock
 
     s = sub.add_parser("status", help="show a mount's cache numbers")
     s.add_argument("mountpoint", type=Path)
@@ -86,13 +103,58 @@ def build_parser() -> argparse.ArgumentParser:
 
     u = sub.add_parser("umount", help="unmount a dataset")
     u.add_argument("mountpoint", type=Path)
+    u.add_argument("--timeout", type=_seconds, default=_UMOUNT_TIMEOUT, metavar="SECONDS",
+                   help=f"how long to wait for the worker to exit after the unmount before stopping it "
+                        f"with SIGTERM (default {_UMOUNT_TIMEOUT:g})")
 
     sub.add_parser("csi-node", help="run the CSI node plugin", add_help=False)
     return parser
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not 0 < value < 86400:
+        raise argparse.ArgumentTypeError(f"must be more than 0 and less than a day, got {text}")
+    return value
+
+
 class CliError(Exception):
     """Printed as one line; exit code 1."""
+
+
+# -- checks before a mount -----------------------------------------------------------------
+def _check_mount(args: argparse.Namespace) -> None:
+    """Everything that can be refused without touching the mountpoint (mount_checks.py)."""
+    cache_dir = args.cache_dir or _default_cache_dir(args.source)
+    mount_checks.check_no_credentials(args.source, args.endpoint_url)
+    mount_checks.check_allow_other(args.allow_other)
+    mount_checks.check_not_nested(args.mountpoint, cache_dir)
+    mount_checks.check_cache_dir(cache_dir)
+
+
+def _lock_mountpoint(args: argparse.Namespace) -> runtime.MountLock:
+    """Take the mountpoint's lock and refuse a mountpoint a live datahoard mount serves.
+
+    The check is made under the lock and before the worker starts, because the worker's first
+    step clears direct-tree binds left by a crash: run against a live ``--direct`` mount, it
+    would take the live tree off and so stop that mount.
+    """
+    try:
+        lock = runtime.MountLock(args.mountpoint.absolute(), fd=args.lock_fd)
+    except runtime.MountBusy as exc:
+        raise CliError(f"another datahoard mount or umount of {args.mountpoint.absolute()} is in progress "
+                       f"({exc}); wait for it, then use the mount or datahoard umount it") from None
+    except OSError as exc:
+        raise CliError(f"cannot take the mount lock in {runtime.run_dir()}: {exc.strerror or exc}") from None
+    record = runtime.lookup(args.mountpoint.absolute())
+    if record is not None:
+        lock.release()
+        raise CliError(f"{args.mountpoint.absolute()} is already served by datahoard (pid {record.pid}, "
+                       f"{record.source}); datahoard umount it first")
+    return lock
 
 
 # -- mount ---------------------------------------------------------------------------------
@@ -145,6 +207,7 @@ def _mount_foreground(args: argparse.Namespace) -> int:
 
     def ready() -> None:
         record = runtime.lookup(config.mountpoint)
+        args.mount_lock.release()  # the record guards the mountpoint from now on
         say(f"ready {record.stats_url if record else ''}")
         if report:
             report.close()
@@ -191,7 +254,7 @@ def _mount_background(args: argparse.Namespace) -> int:
     with open(log_file, "ab") as log_out:
         child = subprocess.Popen(
             argv,
-            pass_fds=(write_fd,),
+            pass_fds=(write_fd, args.mount_lock.fileno()),
             stdin=subprocess.DEVNULL,
             stdout=log_out,
             stderr=log_out,
@@ -214,6 +277,7 @@ def _mount_background(args: argparse.Namespace) -> int:
                     raise CliError(rest)
     finally:
         listing.close()
+        args.mount_lock.release()  # recorded by now (or failed); the child holds it while starting
     if stats_url is None:
         code = child.wait(timeout=30)
         raise CliError(f"the mount process exited ({code}) before the view was ready: {_last_line(log_file)}")
@@ -243,7 +307,8 @@ def _wait_for_direct(stats_url: str, timeout: float = 3600) -> None:
 def _child_args(args: argparse.Namespace, ready_fd: int, log_file: Path) -> list[str]:
     """The same mount command line, made foreground and told where to report."""
     argv = [a for a in args.raw_argv if a != "--wait"]
-    return [*argv, "--foreground", "--ready-fd", str(ready_fd), "--log-file", str(log_file)]
+    return [*argv, "--foreground", "--ready-fd", str(ready_fd), "--log-file", str(log_file),
+            "--lock-fd", str(args.mount_lock.fileno())]
 
 
 def _last_line(path: Path) -> str:
@@ -331,34 +396,114 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _umount(args: argparse.Namespace) -> int:
-    mountpoint = args.mountpoint.absolute()
-    record = runtime.lookup(mountpoint)
-    if not os.path.ismount(mountpoint) and record is None:
-        raise CliError(f"{mountpoint} is not mounted")
-    # A direct tree's bind (--direct) sits on top of the FUSE view: take it off first.
-    from datahoard.cache_worker.tree import clear_tree_binds, mounts_at
+    """Unmount a datahoard view, and only that, and see its worker gone before exiting 0.
 
-    clear_tree_binds(mountpoint)
+    Refused: a mountpoint with no datahoard mount on top (a tmpfs, a bind: ``fusermount3 -u``
+    run as root would unmount it all the same), and one whose mount is still starting (its
+    lock is held). Bounded: ``--timeout`` seconds for the unmount and the worker's exit; a
+    worker still there is sent SIGTERM, and one that survives that is an error naming it.
+    """
+    mountpoint = args.mountpoint.absolute()
+    try:
+        lock = runtime.MountLock(mountpoint)
+    except runtime.MountBusy as exc:
+        raise CliError(f"another datahoard mount or umount of {mountpoint} is in progress ({exc}); wait "
+                       f"for it to finish, or stop that process") from None
+    with lock:
+        return _umount_locked(mountpoint, time.monotonic() + args.timeout, args.timeout)
+
+
+def _is_ours(entry) -> bool:
+    """A datahoard FUSE view, or a direct tree's bind (``CACHE/direct/<id>``) stacked on one."""
+    from datahoard.cache_worker.tree import is_tree_root
+
+    return entry.fstype == "fuse.datahoard" or is_tree_root(entry.root)
+
+
+def _umount_locked(mountpoint: Path, deadline: float, timeout: float) -> int:
+    from datahoard.cache_worker.tree import clear_tree_binds, mounts_at
+    from datahoard.csi_node.mounter import top_mounts
+
+    record = runtime.lookup(mountpoint)
+    entries = mounts_at(mountpoint)
+    top = top_mounts(entries)[-1] if entries else None
+    if top is None and record is None:
+        raise CliError(f"{mountpoint} is not mounted")
+    if top is not None and not _is_ours(top):
+        if record is None:
+            raise CliError(f"{mountpoint} is not a datahoard mount (it is a {top.fstype} mount of "
+                           f"{top.source}); not unmounting it")
+        raise CliError(f"a {top.fstype} mount of {top.source} is stacked on the datahoard view at "
+                       f"{mountpoint}; unmount it first")
+    # With no live record, this is a view whose worker died: clearing it is what umount is for.
+    if top is not None:
+        # A direct tree's bind (--direct) sits on top of the FUSE view: take it off first.
+        clear_tree_binds(mountpoint)
+        result = _fusermount_u(mountpoint, deadline)
+
+        # The worker unmounts its FUSE view itself when it sees its tree's bind go: that is success.
+        def fuse_mounted() -> bool:
+            return any(m.fstype.startswith("fuse") for m in mounts_at(mountpoint))
+
+        if result.returncode != 0 and record is not None:
+            until = min(deadline, time.monotonic() + 3)
+            while fuse_mounted() and time.monotonic() < until:
+                time.sleep(0.05)
+        if result.returncode != 0 and (record is None or fuse_mounted()):
+            raise CliError(result.stderr.strip() or f"fusermount3 -u {mountpoint} failed")
+    if record is not None:
+        _stop_worker(record, mountpoint, deadline, timeout)
+    return 0
+
+
+def _fusermount_u(mountpoint: Path, deadline: float) -> subprocess.CompletedProcess:
+    """``fusermount3 -u``, retried while busy, never past ``deadline``."""
     # Busy can be brief: opens the kernel served hold the mount until the worker has counted
     # them (fanotify, see cache_worker/open_watch.py), a few milliseconds after a burst.
     for _ in range(20):
-        result = subprocess.run(["fusermount3", "-u", str(mountpoint)], capture_output=True, text=True)
-        if result.returncode == 0 or "busy" not in result.stderr.lower():
+        try:
+            result = subprocess.run(["fusermount3", "-u", str(mountpoint)], capture_output=True, text=True,
+                                    timeout=max(1.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            raise CliError(f"fusermount3 -u {mountpoint} did not finish in time; the view may still "
+                           f"be mounted (fusermount3 -uz {mountpoint} detaches it)") from None
+        except FileNotFoundError:
+            raise CliError("fusermount3 is not installed (apt-get install fuse3)") from None
+        if result.returncode == 0 or "busy" not in result.stderr.lower() or time.monotonic() > deadline:
             break
         time.sleep(0.05)
-    # The worker unmounts its FUSE view itself when it sees its tree's bind go: that is success.
-    def fuse_mounted() -> bool:
-        return any(m.fstype.startswith("fuse") for m in mounts_at(mountpoint))
+    return result
 
-    if result.returncode != 0 and record is not None:
-        deadline = time.monotonic() + 3
-        while fuse_mounted() and time.monotonic() < deadline:
-            time.sleep(0.05)
-    if result.returncode != 0 and (record is None or fuse_mounted()):
-        raise CliError(result.stderr.strip() or f"fusermount3 -u {mountpoint} failed")
-    if record is not None:
-        _wait_for_exit(record.pid, timeout=30)
-    return 0
+
+def _is_worker(pid: int) -> bool:
+    """Still a datahoard process (not a pid reused since the record was written)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return b"datahoard" in f.read()
+    except OSError:
+        return False
+
+
+def _stop_worker(record: runtime.MountRecord, mountpoint: Path, deadline: float, timeout: float) -> None:
+    """Exit 0 only once the worker is gone: wait, then SIGTERM, then say it is still there."""
+    pid = record.pid
+    _wait_for_exit(pid, deadline - time.monotonic())
+    if not runtime.alive(pid):
+        return
+    log_hint = f" (log {record.log_file})" if record.log_file else ""
+    if _is_worker(pid):
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            return
+        _wait_for_exit(pid, _TERM_GRACE)
+        if not runtime.alive(pid):
+            print(f"datahoard: warning: the worker (pid {pid}) had not exited {timeout:g} s after the "
+                  f"unmount; stopped it with SIGTERM{log_hint}", file=sys.stderr)
+            return
+    raise CliError(f"{mountpoint} is unmounted, but its worker (pid {pid}) is still running "
+                   f"{timeout + _TERM_GRACE:g} s later, even after SIGTERM{log_hint}; "
+                   f"stop it with kill -9 {pid}")
 
 
 def _wait_for_exit(pid: int, timeout: float) -> None:
@@ -382,12 +527,18 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         if args.command == "mount":
-            return _mount_foreground(args) if args.foreground else _mount_background(args)
+            _check_mount(args)
+            with _lock_mountpoint(args) as args.mount_lock:
+                return _mount_foreground(args) if args.foreground else _mount_background(args)
         if args.command == "status":
             return _status(args)
         if args.command == "umount":
             return _umount(args)
-    except CliError as exc:
+    except (CliError, MountRefused) as exc:
+        print(f"datahoard: error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:  # the machine said no (permissions, a full disk, ...): one line too
+        log.debug("details", exc_info=True)
         print(f"datahoard: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -2,11 +2,13 @@
 a mount's worker (pid, stats URL) from nothing but its mountpoint.
 
 One small JSON file per mount in the run directory, written when the FUSE view is live and
-removed when it stops; a record whose process is gone is ignored.
+removed when it stops; a record whose process is gone is ignored. Next to each, a lock file
+(:class:`MountLock`) serialises starting and stopping mounts on one mountpoint.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -90,3 +92,69 @@ def lookup(mountpoint: str | os.PathLike, check_alive: bool = True) -> MountReco
 def fetch_stats(url: str, timeout: float = 5.0) -> WorkerStats:
     with urllib.request.urlopen(f"{url.rstrip('/')}/stats", timeout=timeout) as response:
         return WorkerStats.model_validate_json(response.read())
+
+
+class MountBusy(Exception):
+    """Another ``datahoard`` process holds the mountpoint's lock; the message names it."""
+
+
+class MountLock:
+    """An exclusive lock on one mountpoint, held from "is anything mounted here?" until the new
+    mount is recorded (or has failed), so that two ``datahoard mount`` runs started at the same
+    instant cannot both pass the check and stack two FUSE views (and two workers) on one
+    directory. ``umount`` takes it too, so it never unmounts a view that is still starting.
+
+    It is an ``flock`` on ``mount-<key>.lock`` next to the mount records (the key is the one
+    :func:`lookup` uses), so it goes away with its holder, even one killed with SIGKILL. Taking
+    it never waits: whoever holds it may be listing a large bucket for minutes.
+
+    ``fd``: a descriptor of the lock file inherited from the parent ``datahoard mount`` that
+    started this process (the background mount's worker): the lock is then already ours, and
+    stays held by whichever of the two is still starting.
+    """
+
+    def __init__(self, mountpoint: str | os.PathLike, fd: int | None = None) -> None:
+        self.path = _record_path(mountpoint).with_suffix(".lock")
+        if fd is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        else:
+            # Not for our children (libfuse's fusermount3 may outlive the start-up).
+            os.set_inheritable(fd, False)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _read_pid(fd)
+            os.close(fd)
+            raise MountBusy(f"pid {holder}" if holder else "another process") from None
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fd: int | None = fd
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+
+    def fileno(self) -> int:
+        if self._fd is None:
+            raise ValueError("the mount lock was released")
+        return self._fd
+
+    def release(self) -> None:
+        """Close our descriptor; the lock is free once no process holds one (idempotent)."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> MountLock:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def _read_pid(fd: int) -> int | None:
+    try:
+        text = os.pread(fd, 32, 0).decode().strip()
+        return int(text) if text else None
+    except (OSError, ValueError):
+        return None

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 import re
+from fractions import Fraction
 
 _SUFFIXES = {
     "": 1,
@@ -21,6 +23,23 @@ def parse_size(text: str | int) -> int:
         raise ValueError(f"not a size: {text!r} (examples: 500Mi, 200Gi, 1T, 1048576)")
     number, suffix = match.groups()
     return int(float(number) * _SUFFIXES[suffix or ""])
+
+
+def parse_positive_size(text: str) -> int:
+    """Like :func:`parse_size`, for a limit that must mean something: at least one byte.
+
+    ``0`` and ``0.4`` (0.4 bytes) are refused rather than quietly becoming "no limit", which is
+    what a zero meant downstream. A fraction of a byte above that rounds up, as Kubernetes
+    rounds quantities (the operator passes a Dataset's ``capacity`` through unchanged).
+    """
+    match = _QUANTITY.match(text)
+    if not match:
+        raise ValueError(f"not a size: {text!r} (examples: 500Mi, 200Gi, 1T, 1048576)")
+    number, suffix = match.groups()
+    value = Fraction(number) * _SUFFIXES[suffix or ""]
+    if value < 1:
+        raise ValueError(f"must be at least 1 byte, got {text!r}")
+    return math.ceil(value)
 
 
 def format_size(n: float) -> str:

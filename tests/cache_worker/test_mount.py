@@ -171,10 +171,12 @@ def test_restart_reuses_index_and_cache(s3, bucket, mount_dataset, tmp_path):
     assert stats.fetched_bytes == 0
     assert stats.served_from_source_bytes == 0
     assert stats.hit_ratio == 1.0
-    # --refresh lists again and sees the deletions.
+    # --refresh lists again and sees the deletions (and an addition: a prefix with nothing
+    # under it is refused, see test_cli_validation.py).
     unmount(m2)
+    s3.put_object(Bucket=bucket, Key="ds/c.bin", Body=b"new")
     m3 = mount_dataset(bucket, "ds", "--refresh", cache_dir=cache)
-    assert os.listdir(m3.mountpoint) == []
+    assert os.listdir(m3.mountpoint) == ["c.bin"]
 
 
 def test_eviction_keeps_the_cache_under_capacity(s3, bucket, mount_dataset):
