@@ -128,6 +128,10 @@ class NodePlugin:
             raise OSError(f"cannot listen on {path}")
         server.start()
         self.server, self.socket = server, path
+        log.info(
+            "%s node plugin serving on %s (node %s, host root %s, %d published target(s))",
+            names.CSI_DRIVER_NAME, path, self.config.node_id, self.config.host_root, len(self.state.all()),
+        )
         if self.registration is not None:
             try:
                 self.registration.start()
@@ -135,10 +139,6 @@ class NodePlugin:
                 self.stop(grace=0)
                 raise
         self.repair_loop.start()
-        log.info(
-            "%s node plugin serving on %s (node %s, host root %s, %d published target(s))",
-            names.CSI_DRIVER_NAME, path, self.config.node_id, self.config.host_root, len(self.state.all()),
-        )
         return path
 
     def stop(self, grace: float = STOP_GRACE) -> None:

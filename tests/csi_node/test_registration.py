@@ -3,25 +3,31 @@ plugin watcher calls it: a gRPC client on the ``<driver>-reg.sock`` unix socket,
 method names the kubelet uses (not our stubs), then NodeGetInfo on the endpoint it was given.
 
 In-process for the service itself, as a ``datahoard csi-node`` process for start-up, rejection
-(exit 1), shutdown (sockets removed) and a killed plugin's restart (stale sockets replaced).
+(exit 1), shutdown (sockets removed) and a killed plugin's restart (stale sockets replaced). Then
+the same against the kubelet's own plugin watcher and reconciler (k8s.io/kubernetes
+pkg/kubelet/pluginmanager, built from its Go module by kubeletwatcher/build.sh).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import queue
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
+import threading
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
 import pytest
-from csi_helpers import wait_until
+from csi_helpers import HERE, wait_until
 
 from datahoard import names
 from datahoard.csi_node import csi_pb2, csi_pb2_grpc, genproto
@@ -354,3 +360,121 @@ def test_a_registration_dir_that_is_not_mounted_fails_start_up(tmp_path: Path, p
     assert plugin.proc.returncode == 1
     assert "cannot start" in output and "plugins_registry" in output
     assert not (tmp_path / "csi.sock").exists()
+
+
+# -- the kubelet's own plugin watcher ----------------------------------------------------------------
+
+KUBELET_WATCHER = HERE / "kubeletwatcher"
+
+
+@pytest.fixture(scope="session")
+def kubelet_watcher_binary() -> str:
+    """kubeletwatcher/main.go (the kubelet's pluginmanager watcher + reconciler), built once."""
+    if shutil.which("go") is None:
+        pytest.skip("needs a Go toolchain to build the kubelet's plugin watcher (kubeletwatcher/build.sh)")
+    tools = os.environ.get("TOOLS_DIR", str(Path.home() / ".cache" / "datahoard-tools"))
+    out = subprocess.run([str(KUBELET_WATCHER / "build.sh"), tools], check=True, stdout=subprocess.PIPE,
+                         text=True, timeout=1500).stdout
+    return out.strip().splitlines()[-1]
+
+
+class KubeletWatcher:
+    """The kubeletwatcher process; its JSON lines (one per registration event) in a queue."""
+
+    def __init__(self, binary: str, directory: Path, *args: str) -> None:
+        self.proc = subprocess.Popen([binary, "-dir", str(directory), *args], stdout=subprocess.PIPE,
+                                     stderr=subprocess.DEVNULL, text=True)
+        self.events: queue.Queue[dict] = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+        assert self.next("ready")["dir"] == str(directory)
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.events.put(json.loads(line))
+
+    def next(self, event: str, timeout: float = 60) -> dict:
+        """The next event of that kind (others before it are dropped); fails after *timeout*."""
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError(f"kubelet watcher: no {event!r} event within {timeout} s")
+            try:
+                got = self.events.get(timeout=left)
+            except queue.Empty:
+                continue
+            if got["event"] == event:
+                return got
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(30)
+
+
+@pytest.fixture
+def kubelet_watcher(kubelet_watcher_binary: str) -> Iterator[Callable[..., KubeletWatcher]]:
+    started: list[KubeletWatcher] = []
+
+    def start(directory: Path, *args: str) -> KubeletWatcher:
+        started.append(KubeletWatcher(kubelet_watcher_binary, directory, *args))
+        return started[-1]
+
+    yield start
+    for w in started:
+        w.stop()
+
+
+@pytest.mark.integration
+def test_the_kubelets_plugin_watcher_registers_and_deregisters_the_plugin(tmp_path, reg_dir, processes,
+                                                                           kubelet_watcher):
+    watcher = kubelet_watcher(reg_dir)
+    csi_sock = tmp_path / "csi.sock"
+    plugin = PluginProcess(tmp_path, "--endpoint", f"unix://{csi_sock}", "--registration-dir", str(reg_dir))
+    processes.append(plugin)
+    validated = watcher.next("validate")
+    assert (validated["name"], validated["endpoint"], validated["versions"], validated["error"]) == (
+        DRIVER, str(csi_sock), ["1.0.0"], "")
+    registered = watcher.next("register")
+    assert (registered["name"], registered["node_id"], registered["error"]) == (DRIVER, "gpu-node-7", "")
+    plugin.proc.send_signal(signal.SIGTERM)
+    assert watcher.next("deregister")["name"] == DRIVER
+    output = plugin.finish()
+    assert plugin.proc.returncode == 0 and "registered with the kubelet" in output, output
+
+
+@pytest.mark.integration
+def test_a_rejection_by_the_kubelets_plugin_watcher_stops_the_plugin(tmp_path, reg_dir, processes, kubelet_watcher):
+    kubelet_watcher(reg_dir, "-reject", "CSINode update failed: field is immutable")
+    plugin = PluginProcess(tmp_path, "--endpoint", f"unix://{tmp_path}/csi.sock", "--registration-dir", str(reg_dir))
+    processes.append(plugin)
+    output = plugin.finish(timeout=120)
+    assert plugin.proc.returncode == 1, output
+    # The kubelet's own wording (operation_generator.go), passed through the plugin's log.
+    assert "plugin registration failed with err: CSINode update failed: field is immutable" in output
+    assert list(reg_dir.iterdir()) == []
+
+
+@pytest.mark.integration
+def test_the_kubelets_plugin_watcher_re_registers_a_killed_and_restarted_plugin(tmp_path, reg_dir, processes,
+                                                                                kubelet_watcher):
+    watcher = kubelet_watcher(reg_dir)
+    args = ("--endpoint", f"unix://{tmp_path}/csi.sock", "--registration-dir", str(reg_dir))
+    first = PluginProcess(tmp_path, *args)
+    processes.append(first)
+    assert watcher.next("register")["error"] == ""
+    first.kill()  # the stale socket stays; the kubelet keeps the driver registered
+    second = PluginProcess(tmp_path, *args)
+    processes.append(second)
+    # The stale socket is removed (the kubelet deregisters) and a live one appears (it registers).
+    assert watcher.next("deregister")["name"] == DRIVER
+    again = watcher.next("register")
+    assert (again["name"], again["node_id"], again["error"]) == (DRIVER, "gpu-node-7", "")
+    second.proc.send_signal(signal.SIGTERM)
+    assert watcher.next("deregister")["name"] == DRIVER
+    assert second.finish() and second.proc.returncode == 0
