@@ -126,11 +126,12 @@ class KubeletRegistration:
             raise OSError(f"registration directory {directory} does not exist "
                           "(mount the kubelet's plugins_registry directory there)")
         remove_stale_socket(self.socket)
-        # gRPC unlinks a unix socket *by path* when its server stops, which would delete the
-        # socket of a newer plugin started while this one shuts down (a DaemonSet pod's
-        # replacement starts before the old one has ended). So bind under a dot-name, which the
-        # kubelet's watcher ignores, and rename it into place: gRPC then only ever unlinks the
-        # dot-name, and stop() removes the real name only if it is still this server's socket.
+        # gRPC unlinks a unix socket *by path* when its server stops. A DaemonSet creates the
+        # replacement pod as soon as the old one is marked for deletion, not once it has gone,
+        # so an old plugin that stops late would delete its successor's socket and with it the
+        # driver's registration. So bind under a dot-name, which the kubelet's watcher ignores,
+        # and rename it into place: gRPC then only ever unlinks the dot-name, and stop() removes
+        # the real name only if it is still this server's socket.
         bind_path = self.socket.with_name(f".{self.socket.name}.{os.getpid()}")
         if len(os.fsencode(bind_path)) > _MAX_SOCKET_PATH:
             raise OSError(f"registration directory {directory} is too deep for a unix socket "
