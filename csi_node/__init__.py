@@ -8,7 +8,8 @@ bounded probes), ``views`` (finding a live FUSE view), ``state`` (published targ
 restart), ``inject`` and ``nsmount`` (repairing dead copies in other mount namespaces),
 ``usage`` (volume stats), ``identity`` and ``node`` (the two CSI services),
 ``registration`` (registering with the kubelet through its plugin-registration socket, in
-place of node-driver-registrar), ``logging_interceptor`` and ``server`` (the entry point behind
+place of node-driver-registrar), ``healthz`` (``/healthz`` in place of the livenessprobe
+sidecar), ``logging_interceptor`` and ``server`` (the entry point behind
 ``datahoard csi-node``).
 See README.md in this directory for deployment and recovery behaviour.
 """

@@ -23,6 +23,7 @@ import grpc
 from datahoard import names
 
 from . import csi_pb2_grpc
+from .healthz import HealthServer
 from .identity import IdentityService
 from .logging_interceptor import LoggingInterceptor
 from .mounter import LinuxMounter, Mounter
@@ -189,6 +190,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="the CSI socket's path as the kubelet sees it on the host, e.g. "
                              f"/var/lib/kubelet/plugins/{names.CSI_DRIVER_NAME}/csi.sock (default: "
                              "$DATAHOARD_KUBELET_REGISTRATION_PATH, else the --endpoint path)")
+    parser.add_argument("--health-port", type=int, default=os.environ.get("DATAHOARD_HEALTH_PORT") or None,
+                        help="serve GET /healthz on this port with the Probe RPC's checks, in place of the "
+                             "livenessprobe sidecar (default: $DATAHOARD_HEALTH_PORT; unset: not served)")
     parser.add_argument("--log-level", default=os.environ.get("LOG_LEVEL", "INFO"),
                         choices=["DEBUG", "INFO", "WARNING", "ERROR"], type=str.upper)
     return parser.parse_args(argv)
@@ -223,10 +227,21 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError) as exc:
         log.error("cannot start: %s", exc)
         return 1
+    healthz = None
+    if args.health_port is not None:
+        healthz = HealthServer(plugin.health, args.health_port)
+        try:
+            healthz.start()
+        except OSError as exc:
+            log.error("cannot start: /healthz on port %d: %s", args.health_port, exc)
+            plugin.stop()
+            return 1
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda signum, _frame: stopping.set())
     while not stopping.wait(3600):
         pass
+    if healthz is not None:
+        healthz.stop()
     if registration is not None and registration.rejection is not None:
         # As node-driver-registrar does: exit non-zero so the container restarts and the
         # kubelet gets a fresh socket to register; the reason is in the line logged above.

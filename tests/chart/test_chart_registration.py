@@ -1,7 +1,9 @@
 """The chart's two ways of registering the CSI node plugin with kubelet (csiNode.registration):
 the node-driver-registrar sidecar (default) and the plugin's own registration socket. Both
 renderings, and that the rendered plugin arguments mean to ``datahoard csi-node`` what the
-DaemonSet's volumes say (socket paths inside the container vs on the host)."""
+DaemonSet's volumes say (socket paths inside the container vs on the host). Likewise for
+/healthz: the livenessprobe sidecar (default) or the plugin itself (csiNode.livenessProbe.sidecar
+false), so a cluster that can pull neither sidecar image runs the plugin alone."""
 
 from __future__ import annotations
 
@@ -19,6 +21,8 @@ from datahoard.csi_node.server import parse_args, socket_path
 pytestmark = pytest.mark.timeout(1800)
 
 KUBELET = {"csiNode": {"registration": "kubelet"}}
+#: Neither sidecar: what a cluster without registry.k8s.io images installs.
+NO_SIDECARS = {"csiNode": {"registration": "kubelet", "livenessProbe": {"sidecar": False}}}
 MICROK8S = "/var/snap/microk8s/common/var/lib/kubelet"
 
 
@@ -101,22 +105,50 @@ def test_rendered_arguments_point_kubelet_at_the_plugins_socket(render, kubelet_
     assert (args.registration_dir / socket_name(names.CSI_DRIVER_NAME)).name == f"{names.CSI_DRIVER_NAME}-reg.sock"
 
 
-def test_lint_is_clean_with_kubelet_registration(helm: str, tmp_path: Path) -> None:
+def test_the_livenessprobe_sidecar_is_the_default(render) -> None:
+    c = _containers(render().find("DaemonSet"))
+    assert "--health-port=9898" in c["liveness-probe"]["args"]
+    assert _plugin_args(c["csi-node"]).health_port is None
+
+
+def test_without_sidecars_the_plugin_serves_healthz_itself(render) -> None:
+    ds = render(NO_SIDECARS).find("DaemonSet")
+    c = _containers(ds)
+    assert set(c) == {"csi-node"}
+    plugin = c["csi-node"]
+    args = _plugin_args(plugin)
+    assert args.registration_dir == Path("/registration")
+    # The container's livenessProbe asks the port the plugin now serves /healthz on.
+    assert plugin["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "healthz"}
+    port = next(p for p in plugin["ports"] if p["name"] == "healthz")["containerPort"]
+    assert args.health_port == port == 9898
+    # Nothing else about the plugin changes.
+    with_sidecar = _containers(render(KUBELET).find("DaemonSet"))["csi-node"]
+    assert [a for a in plugin["args"] if not a.startswith("--health-port")] == with_sidecar["args"]
+    assert {k: v for k, v in plugin.items() if k != "args"} == {k: v for k, v in with_sidecar.items() if k != "args"}
+
+
+@pytest.mark.parametrize("values", [KUBELET, NO_SIDECARS], ids=["kubelet", "no-sidecars"])
+def test_lint_is_clean(helm: str, tmp_path: Path, values: dict) -> None:
     out = run_helm(helm, "lint", str(CHART), "--strict", "--namespace", NAMESPACE,
-                   "--values", str(values_file(tmp_path, KUBELET))).stdout
+                   "--values", str(values_file(tmp_path, values))).stdout
     assert "0 chart(s) failed" in out, out
 
 
-def test_schema_rejects_an_unknown_registration(helm: str, tmp_path: Path) -> None:
-    result = run_helm(helm, "template", "x", str(CHART), "--values",
-                      str(values_file(tmp_path, {"csiNode": {"registration": "sidecar"}})), check=False)
-    assert result.returncode != 0 and "registration" in result.stderr, result.stderr
+@pytest.mark.parametrize("bad, message", [
+    ({"csiNode": {"registration": "sidecar"}}, "registration"),
+    ({"csiNode": {"livenessProbe": {"sidecar": "no"}}}, "sidecar"),
+])
+def test_schema_rejects_bad_values(helm: str, tmp_path: Path, bad: dict, message: str) -> None:
+    result = run_helm(helm, "template", "x", str(CHART), "--values", str(values_file(tmp_path, bad)), check=False)
+    assert result.returncode != 0 and message in result.stderr, result.stderr
 
 
 @pytest.mark.cluster
-def test_kubelet_registration_rendering_is_accepted_by_the_api_server(audited_plane, render) -> None:
+@pytest.mark.parametrize("values", [KUBELET, NO_SIDECARS], ids=["kubelet", "no-sidecars"])
+def test_rendering_is_accepted_by_the_api_server(audited_plane, render, values: dict) -> None:
     audited_plane.kubectl("create", "namespace", NAMESPACE, check=False)
-    rendered = render(KUBELET)
+    rendered = render(values)
     result = audited_plane.kubectl("apply", "--dry-run=server", "-f", "-", input=rendered.text, check=False)
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("(server dry run)") == len(rendered.docs), result.stdout
