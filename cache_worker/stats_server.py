@@ -66,6 +66,10 @@ class _StatsCollector:
         yield counter("fetched_bytes", "bytes fetched from the source", s.fetched_bytes)
         yield counter("errors", "failed reads and fills", s.errors)
         yield counter("skipped_keys", "object keys left out of the view", s.skipped_keys)
+        yield gauge("unverified_objects", "objects served with nothing from the store to check them against",
+                    s.unverified_objects)
+        yield counter("integrity_mismatches", "fetched objects that failed the store's checksum (dropped, refetched)",
+                      s.integrity_mismatches)
         yield gauge("warm_bytes_done", "bytes warmed", s.warming.bytes_done)
         yield gauge("warm_files_done", "files warmed", s.warming.files_done)
         yield gauge("warm_bytes_per_second", "warming rate", s.warming.bytes_per_second)

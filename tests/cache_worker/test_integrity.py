@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import time
+import urllib.request
 from pathlib import Path
 
 import boto3
@@ -24,6 +25,7 @@ from datahoard.cache_worker.dataset import DatasetCache, ReadState, Tuning
 from datahoard.cache_worker.s3 import S3Options, S3Source
 from datahoard.cache_worker.source import SourceError
 from datahoard.cache_worker.store import ChunkStore
+from datahoard import runtime
 from tests.conftest import datahoard
 from tests.faults import Fault, FaultProxy
 
@@ -236,3 +238,7 @@ def test_mount_never_serves_corrupt_bytes_of_a_large_object(s3, plain, bucket, m
     assert stats.integrity_mismatches >= 2 and stats.unverified_objects == 0
     status = datahoard("status", str(m.mountpoint)).stdout
     assert "0 objects served unchecked" in status and "corrupt fetches dropped" in status
+    metrics = urllib.request.urlopen(runtime.lookup(m.mountpoint).stats_url + "/metrics").read().decode()
+    mismatches = [line for line in metrics.splitlines() if line.startswith("datahoard_integrity_mismatches_total")]
+    assert mismatches and float(mismatches[0].split()[-1]) == stats.integrity_mismatches
+    assert any(line.startswith("datahoard_unverified_objects") and line.endswith(" 0.0") for line in metrics.splitlines())
