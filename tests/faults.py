@@ -3,7 +3,8 @@
 Real HTTP on both sides: the worker talks to the proxy exactly as it would to S3. Rules are
 consumed in order by matching requests: answer with an error status, send the headers of the
 real response and then cut the body short (a connection reset mid-transfer), or go silent for a
-while before answering or in the middle of the body (a request that times out).
+while before answering or in the middle of the body (a request that times out), or drip the body
+a few bytes per second (a request that never times out per read, only by a total deadline).
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ class Fault:
     stall_after: int | None = None  # send this many body bytes, stay silent ``delay``, then close
     path_contains: str = ""
     times: int = 1
+    #: Forward the headers, then the body at this many bytes per second (until the client leaves).
+    drip_rate: float | None = None
 
 
 class FaultProxy:
@@ -81,9 +84,26 @@ class FaultProxy:
                     except OSError:  # the client gave up first
                         pass
                     return
+                if fault is not None and fault.drip_rate and self.command != "HEAD":
+                    conn.close()
+                    self._drip(data, fault.drip_rate)
+                    return
                 if self.command != "HEAD":
                     self.wfile.write(data)
                 conn.close()
+
+            def _drip(self, data: bytes, rate: float) -> None:
+                """Send ``data`` at ``rate`` bytes/s, ten pieces a second (one a second below 10 B/s)."""
+                piece = max(1, int(rate / 10))
+                pause = piece / rate
+                self.close_connection = True
+                try:
+                    for at in range(0, len(data), piece):
+                        self.wfile.write(data[at : at + piece])
+                        self.wfile.flush()
+                        time.sleep(pause)
+                except OSError:  # the client gave up: what a deadline is for
+                    pass
 
             do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _handle
 
