@@ -97,7 +97,7 @@ class CliError(Exception):
 
 # -- mount ---------------------------------------------------------------------------------
 def _worker_config(args: argparse.Namespace):
-    from datahoard.cache_worker.dataset import Tuning
+    from datahoard.cache_worker.dataset import Tuning, read_limits_from_env
     from datahoard.cache_worker.worker import WorkerConfig
 
     return WorkerConfig(
@@ -111,7 +111,8 @@ def _worker_config(args: argparse.Namespace):
         endpoint_url=args.endpoint_url,
         region=args.region,
         refresh=args.refresh,
-        tuning=Tuning(warm_parallelism=args.parallelism, warm_bandwidth=args.bandwidth_limit),
+        tuning=Tuning(warm_parallelism=args.parallelism, warm_bandwidth=args.bandwidth_limit,
+                      **read_limits_from_env(os.environ)),
         stats_host=args.stats_addr[0],
         stats_port=args.stats_addr[1],
         allow_other=args.allow_other,
