@@ -218,11 +218,16 @@ class S3Source(Source):
             with limit:
                 return getattr(self._client, operation)(**kwargs)
         except Exception as exc:  # noqa: BLE001 - classified below
+            attempts = f"{self.options.max_attempts} attempts"
             if limit.fired:  # whatever botocore made of the cut connection: it timed out
                 raise SourceTransientError(
                     f"{doing} {what} timed out: S3 sent no complete answer in "
                     f"{self.options.request_timeout:g} s (DATAHOARD_S3_REQUEST_TIMEOUT), "
-                    f"{self.options.max_attempts} attempts") from exc
+                    f"{attempts}") from exc
+            if isinstance(exc, botocore.exceptions.ReadTimeoutError):
+                raise SourceTransientError(
+                    f"{doing} {what} timed out: S3 sent nothing for "
+                    f"{self.options.read_timeout:g} s (DATAHOARD_S3_READ_TIMEOUT), {attempts}") from exc
             raise _classify(exc, what, self.endpoint) from exc
 
     def list(self) -> Iterator[RemoteObject]:

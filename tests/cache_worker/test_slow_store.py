@@ -212,3 +212,50 @@ def test_a_later_reader_does_not_join_a_stuck_fetch(s3, bucket, mount_dataset, p
         _drop_page_cache(m.mountpoint / name)
         data, took = in_child("read", m.mountpoint / name, limit=60)
         assert data == body and took < 30
+
+
+def _processes_mentioning(text: str) -> list[int]:
+    found = []
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                with open(f"/proc/{entry.name}/cmdline", "rb") as f:
+                    if text.encode() in f.read():
+                        found.append(int(entry.name))
+            except OSError:
+                pass
+    return found
+
+
+@pytest.mark.parametrize(
+    "fault",
+    [Fault(drip_rate=_DRIP, path_contains="list-type", times=1000),
+     Fault(delay=_SILENCE, path_contains="list-type", times=1000)],
+    ids=["dripping", "silent"],
+)
+def test_a_slow_listing_makes_mount_fail_clearly(s3, bucket, proxy, tmp_path, fault):
+    import signal
+    import subprocess
+
+    from tests.conftest import datahoard, force_unmount
+
+    s3.put_object(Bucket=bucket, Key="ds/a", Body=b"x")
+    proxy.add(fault)
+    mountpoint, cache_dir = tmp_path / "mnt", tmp_path / "cache"
+    env = {"DATAHOARD_S3_REQUEST_TIMEOUT": "3", "DATAHOARD_S3_READ_TIMEOUT": "2",
+           "DATAHOARD_S3_MAX_ATTEMPTS": "2"}
+    try:
+        result = datahoard("mount", f"s3://{bucket}/ds", str(mountpoint), "--cache-dir", str(cache_dir),
+                           "--endpoint-url", proxy.endpoint, check=False, env=env, timeout=90)
+    except subprocess.TimeoutExpired:
+        for pid in _processes_mentioning(str(cache_dir)):
+            os.kill(pid, signal.SIGKILL)
+        force_unmount(mountpoint)
+        pytest.fail("datahoard mount was still waiting on the listing after 90 s")
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("datahoard: error: listing s3://") and "timed out" in lines[0], lines[0]
+    assert not os.path.ismount(mountpoint)
+    time.sleep(0.5)
+    assert _processes_mentioning(str(cache_dir)) == []
