@@ -6,18 +6,31 @@ checked whole before any of it is served), stored and served (a *miss*). Concurr
 one fetch (single flight). Sequential readers of a large file trigger read-ahead of the next
 chunks. Warming goes through the same fill path but yields to application reads through
 :class:`Priority`.
+
+A read through the FUSE view must never hold a libfuse thread for long (metadata and cache hits
+are answered by the same threads), so its fetches run on daemon fetcher threads and it waits for
+them at most ``Tuning.read_wait`` seconds (:class:`SourceTimeout`). At most
+``max_waiting_reads`` reads wait on the source at once (the view keeps libfuse threads in
+reserve beyond them); more fail at once (:class:`SourceBusy`). A fetch its waiter gave up on is
+*abandoned*: it runs to its own deadline in the background, but later readers of that chunk
+start a fresh fetch instead of joining it, so a store that recovers serves them at once; while
+``max_abandoned_fetches`` such fetches still run, new misses fail fast instead of piling up
+threads on a stuck store.
 """
 
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable, Mapping
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 
 from .counters import Counters
-from .source import Fetched, RemoteObject, Source
+from .source import Fetched, RemoteObject, Source, SourceError
 from .store import CacheFull, ChunkId, ChunkStore, object_id
 from .verify import Verifier
 
@@ -45,6 +58,104 @@ class Tuning:
     #: every chunk is cached. 1 GiB: shards are read whole anyway, and a random read into a
     #: bigger file must not fetch all of it.
     check_whole_max: int = 1 << 30
+    #: Seconds a read through the view waits for the source before it fails (EIO): a store
+    #: that went silent must not hold the reader, or a libfuse thread, for the many minutes
+    #: its fetch's retries may last.
+    read_wait: float = 120.0
+    #: Reads that may wait on the source at once; the view runs this many libfuse threads plus
+    #: a reserve that never waits on the source.
+    max_waiting_reads: int = 64
+    #: Fetches whose readers gave up that may still run before new misses fail fast.
+    max_abandoned_fetches: int = 16
+
+
+def read_limits_from_env(environ: Mapping[str, str]) -> dict:
+    """``DATAHOARD_READ_WAIT`` (seconds, default 120) and ``DATAHOARD_MAX_WAITING_READS``
+    (default 64), as :class:`Tuning` keyword arguments."""
+    limits: dict = {}
+    if environ.get("DATAHOARD_READ_WAIT"):
+        limits["read_wait"] = float(environ["DATAHOARD_READ_WAIT"])
+    if environ.get("DATAHOARD_MAX_WAITING_READS"):
+        limits["max_waiting_reads"] = max(1, int(environ["DATAHOARD_MAX_WAITING_READS"]))
+    return limits
+
+
+class SourceTimeout(SourceError):
+    """A read waited ``read_wait`` seconds for the source without an answer."""
+
+
+class SourceBusy(SourceError):
+    """Too many reads already wait on the source, or too many fetches are stuck on it."""
+
+
+class Fetchers:
+    """Daemon threads that run submitted calls: a new thread whenever none is idle (up to
+    ``limit``, beyond which calls queue), idle ones exit after a minute.
+
+    Daemon, unlike ``ThreadPoolExecutor``'s: a fetch stuck on a silent store must not keep the
+    worker process alive after its mount is gone. Every call submitted while a thread is idle
+    claims that thread, so a call never queues behind a stuck one unless ``limit`` is reached.
+    """
+
+    def __init__(self, name: str, limit: int | None = None) -> None:
+        self._name = name
+        self._limit = limit
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._idle = self._threads = 0
+        self._closed = False
+
+    def submit(self, fn: Callable, *args) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            if self._idle:
+                self._idle -= 1  # claimed: it takes this call (or one queued just before)
+            elif self._limit is None or self._threads < self._limit:
+                self._threads += 1
+                threading.Thread(target=self._run, name=f"{self._name}-{self._threads}",
+                                 daemon=True).start()
+            self._queue.put((fn, args))
+
+    def _run(self) -> None:
+        while True:
+            try:
+                item = self._queue.get(timeout=60)
+            except queue.Empty:
+                with self._lock:
+                    if self._idle and self._queue.empty():
+                        self._idle -= 1
+                        self._threads -= 1
+                        return
+                continue
+            if item is None:
+                return
+            fn, args = item
+            try:
+                fn(*args)
+            except BaseException:  # noqa: BLE001 - a call reports its own failures
+                log.debug("%s call failed", self._name, exc_info=True)
+            with self._lock:
+                self._idle += 1
+
+    def close(self) -> None:
+        """Stop taking calls; idle threads exit, busy ones when their call returns."""
+        with self._lock:
+            self._closed = True
+            threads = self._threads
+        for _ in range(threads):
+            self._queue.put(None)
+
+
+class _Flight:
+    """One fetch of one chunk, shared by every reader that asks for it while it runs."""
+
+    __slots__ = ("future", "started", "abandoned")
+
+    def __init__(self) -> None:
+        self.future: Future[bytes | None] = Future()
+        self.started = time.monotonic()
+        self.abandoned = False
 
 
 class Priority:
@@ -135,9 +246,13 @@ class DatasetCache:
         self.tuning = tuning
         self.priority = Priority(tuning.warm_parallelism)
         self.warm_limiter = RateLimiter(tuning.warm_bandwidth) if tuning.warm_bandwidth else None
-        self._inflight: dict[str, Future[bytes | None]] = {}
+        self._inflight: dict[str, _Flight] = {}
         self._lock = threading.Lock()
-        self._readahead = ThreadPoolExecutor(max_workers=4, thread_name_prefix="readahead")
+        self._readahead = Fetchers("readahead", limit=4)
+        self._fetchers = Fetchers("fetch")
+        #: Fetches abandoned by their waiters that are still running.
+        self._abandoned = 0
+        self._waiting = threading.BoundedSemaphore(max(1, tuning.max_waiting_reads))
         self.verifier = Verifier(self)
 
     # -- layout ----------------------------------------------------------------------------
@@ -154,12 +269,17 @@ class DatasetCache:
         return all(self.store.contains(c) for c in self.chunks(obj))
 
     # -- reads -----------------------------------------------------------------------------
-    def read(self, state: ReadState, offset: int, size: int, prepaid: bool = False) -> bytes:
+    def read(self, state: ReadState, offset: int, size: int, prepaid: bool = False,
+             bounded: bool = False) -> bytes:
         """Up to ``size`` bytes of ``state.obj`` at ``offset``, exactly as the source has them.
 
         ``prepaid``: the caller already counted these bytes as served from cache (an open of a
         file known to be cached, see fuse_view); only bytes that needed the source are counted,
         moved from the cache column to the source column.
+
+        ``bounded`` (reads on libfuse threads): fetch on a fetcher thread and wait for it at
+        most ``read_wait`` seconds in all; raise SourceBusy instead of waiting when
+        ``max_waiting_reads`` reads already wait on the source.
         """
         obj = state.obj
         end = min(offset + size, obj.size)
@@ -169,6 +289,7 @@ class DatasetCache:
         oid = object_id(obj.key, obj.etag, obj.size)
         pieces: list[bytes] = []
         from_cache = from_source = 0
+        until = time.monotonic() + self.tuning.read_wait if bounded else None
         pos = offset
         while pos < end:
             index, within = divmod(pos, csize)
@@ -183,7 +304,8 @@ class DatasetCache:
                 else:
                     from_cache += length
             else:
-                data = self._fill(obj, chunk, csize, demand=True)
+                data = self._fill_waiting(obj, chunk, csize, until) if until else self._fill(
+                    obj, chunk, csize, demand=True)
                 state.sourced.update(self.verifier.take_assembled(chunk.object_id))
                 piece = data[within : within + length] if data is not None else None
                 if piece is None:  # filled by another reader just now
@@ -233,31 +355,78 @@ class DatasetCache:
         return (len(data) if data is not None else 0) + sum(
             min(csize, obj.size - i * csize) for i in others)
 
-    def _fill(self, obj: RemoteObject, chunk: ChunkId, csize: int, demand: bool) -> bytes | None:
+    def _fill_waiting(self, obj: RemoteObject, chunk: ChunkId, csize: int, until: float) -> bytes | None:
+        """``_fill`` for a reader on a libfuse thread: bounded in time and in number."""
+        if not self._waiting.acquire(blocking=False):
+            raise SourceBusy(
+                f"not fetching {obj.key}: {self.tuning.max_waiting_reads} reads already wait on "
+                f"the source (DATAHOARD_MAX_WAITING_READS)")
+        try:
+            return self._fill(obj, chunk, csize, demand=True, until=until)
+        finally:
+            self._waiting.release()
+
+    def _fill(self, obj: RemoteObject, chunk: ChunkId, csize: int, demand: bool,
+              until: float | None = None) -> bytes | None:
         """Fetch, verify and store one chunk, once however many threads ask at the same time.
 
-        Returns the chunk's bytes, or None when it turned out to be cached already.
+        Returns the chunk's bytes, or None when it turned out to be cached already. Without
+        ``until`` the fetch runs on the calling thread (warming, read-ahead), or the caller
+        waits for the one in flight, however long its deadlines let it run. With ``until``
+        (a monotonic time) it runs on a fetcher thread and the caller waits until then at most:
+        past that it raises SourceTimeout and the fetch is abandoned (see the module's doc).
         """
         with self._lock:
             flight = self._inflight.get(chunk.name)
-            owner = flight is None
+            if flight is not None and until is not None and not flight.abandoned and (
+                time.monotonic() - flight.started > self.tuning.read_wait
+            ):  # older than any reader may wait: it has outlived every reader it had
+                self._abandon_locked(flight)
+            owner = flight is None or flight.abandoned
             if owner:
-                flight = self._inflight[chunk.name] = Future()
-        if not owner:
-            return flight.result()
+                if until is not None and self._abandoned >= self.tuning.max_abandoned_fetches:
+                    raise SourceBusy(
+                        f"not fetching {obj.key}: {self._abandoned} fetches from the source have "
+                        f"been stuck for over {self.tuning.read_wait:g} s")
+                flight = self._inflight[chunk.name] = _Flight()
+        if owner:
+            if until is None:
+                self._run_flight(flight, obj, chunk, csize, demand)
+            else:
+                self._fetchers.submit(self._run_flight, flight, obj, chunk, csize, demand)
+        if until is None:
+            return flight.future.result()
+        try:
+            return flight.future.result(timeout=max(0.0, until - time.monotonic()))
+        except FutureTimeout:
+            with self._lock:
+                self._abandon_locked(flight)
+            raise SourceTimeout(
+                f"no answer from the source for {obj.key} (chunk {chunk.index}) in "
+                f"{self.tuning.read_wait:g} s (DATAHOARD_READ_WAIT); its fetch goes on in the "
+                f"background and the next read of it starts afresh") from None
+
+    def _abandon_locked(self, flight: _Flight) -> None:
+        if not flight.abandoned and not flight.future.done():
+            flight.abandoned = True
+            self._abandoned += 1
+
+    def _run_flight(self, flight: _Flight, obj: RemoteObject, chunk: ChunkId, csize: int,
+                    demand: bool) -> None:
+        """The fetch of one flight; its outcome goes to the flight's waiters."""
         try:
             data = None
             if not self.store.contains(chunk):
                 data = self.verifier.fetch_and_store(obj, chunk, csize, demand)
-            flight.set_result(data)
-            return data
-        except BaseException as exc:
-            flight.set_exception(exc)
-            flight.exception()  # mark retrieved: waiters may not exist
-            raise
+            flight.future.set_result(data)
+        except BaseException as exc:  # noqa: BLE001 - handed to the waiters
+            flight.future.set_exception(exc)
         finally:
             with self._lock:
-                del self._inflight[chunk.name]
+                if self._inflight.get(chunk.name) is flight:  # not replaced by a fresh fetch
+                    del self._inflight[chunk.name]
+                if flight.abandoned:
+                    self._abandoned -= 1
 
     def _fetch(self, obj: RemoteObject, start: int, length: int, demand: bool) -> Fetched:
         if demand:
@@ -281,5 +450,6 @@ class DatasetCache:
             self.counters.set_degraded(f"reading through without caching: {exc}")
 
     def close(self) -> None:
-        self._readahead.shutdown(wait=False, cancel_futures=True)
+        self._readahead.close()
+        self._fetchers.close()
         self.verifier.close()

@@ -28,6 +28,17 @@ Once a dataset whose files are all small is fully cached, even those trips go:
 opens files itself (keeping their page cache) and sends neither ``open`` nor ``release``; the
 counts ``open`` made are then made from fanotify events (``open_watch``), and a warm epoch costs
 this process nothing.
+
+A slow store must not freeze the view. libfuse runs every request (lookups, ``getattr``,
+``readdir``, reads of cached data, reads that miss) on one pool of threads, 10 by default, and
+the kernel queues reads it sends ahead (``max_background``, 12 by default) behind the same few:
+ten reads stuck on a silent store used to leave ``stat`` and reads of cached files waiting for
+minutes. So the pool and the kernel's background queue are sized to ``max_waiting_reads``
+(reads that may wait on the source, ``DatasetCache``) plus :data:`RESERVE_THREADS` that never
+wait on it, a read waits ``read_wait`` seconds at most for its fetch (which runs on a fetcher
+thread), and a miss beyond ``max_waiting_reads`` fails at once: metadata and cache hits always
+find a free thread. A read that cannot be answered from the source in time fails with EIO, as
+any other source failure does, and the log names the object.
 """
 
 from __future__ import annotations
@@ -52,6 +63,9 @@ log = logging.getLogger(__name__)
 #: Seconds the kernel may trust names and attributes: the view is immutable while mounted.
 METADATA_TIMEOUT = 3600
 MAX_READ = 1 << 20
+#: libfuse threads beyond those that may wait on the source: they answer metadata and cache
+#: hits while every other thread waits on a slow store.
+RESERVE_THREADS = 16
 #: Bound on remembered lookups and fully cached paths (about 200 bytes each).
 _RECENT_MAX = 1 << 16
 #: The handle of an open that counted its whole file as a hit: its reads are prepaid.
@@ -59,8 +73,10 @@ PREPAID_FH = 0
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC
 
 
-def mount_options(fsname: str, allow_other: bool = True) -> dict:
-    """Options for ``FUSE(...)``: read-only, shared with other users, long metadata caching."""
+def mount_options(fsname: str, allow_other: bool = True, max_waiting_reads: int = 64) -> dict:
+    """Options for ``FUSE(...)``: read-only, shared with other users, long metadata caching,
+    and enough libfuse threads for ``max_waiting_reads`` reads stuck on the source plus the
+    reserve (libfuse >= 3.12 reads ``max_threads`` from the options; older ones have no cap)."""
     options = {
         "ro": True,
         "fsname": fsname,
@@ -71,6 +87,7 @@ def mount_options(fsname: str, allow_other: bool = True) -> dict:
         # Data reads in 1 MiB requests: fewer round trips to Python per large file.
         "max_read": MAX_READ,
         "default_permissions": True,
+        "max_threads": max_waiting_reads + RESERVE_THREADS,
     }
     if allow_other:
         options["allow_other"] = True
@@ -115,6 +132,12 @@ class DatasetView(Operations):
         """
         if conn is not None and hasattr(conn, "max_read"):
             conn.max_read = MAX_READ
+        if conn is not None and hasattr(conn, "max_background"):
+            # Reads the kernel sends ahead wait in this queue: it must hold every read that may
+            # wait on the source and still have room for reads of cached data.
+            background = self.cache.tuning.max_waiting_reads + RESERVE_THREADS
+            conn.max_background = max(conn.max_background, background)
+            conn.congestion_threshold = max(conn.congestion_threshold, background * 3 // 4)
         if self._on_ready:
             threading.Thread(target=self._report_ready, name="ready", daemon=True).start()
 
@@ -261,7 +284,7 @@ class DatasetView(Operations):
             if state is None:
                 raise FuseOSError(errno.EBADF)
         try:
-            return self.cache.read(state, offset, size, prepaid=prepaid)
+            return self.cache.read(state, offset, size, prepaid=prepaid, bounded=True)
         except Exception as exc:  # noqa: BLE001 - any failure is EIO, never wrong bytes
             self._fail(state, exc)
 

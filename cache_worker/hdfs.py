@@ -28,7 +28,10 @@ How each operation maps onto WebHDFS:
 
 Failures are classified once, in :func:`_classify`, from the ``RemoteException`` JSON body the
 NameNode and DataNodes send. Each call is retried a bounded number of times with jittered
-backoff; a refused connection or a ``StandbyException`` moves to the next NameNode first.
+backoff; a refused connection or a ``StandbyException`` moves to the next NameNode first. Each
+attempt has a total deadline (``request_timeout``: connect, headers and the whole body, the
+DataNode's bytes included, see :mod:`.deadline`), so a NameNode or DataNode that drips its
+answer is cut off like a silent one.
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ from urllib.parse import quote, urlsplit
 import urllib3
 
 from .integrity import Check, Evidence, parse_hdfs_checksum
+from . import deadline
 from .source import (
     RemoteObject,
     Source,
@@ -100,6 +104,8 @@ class HdfsOptions:
     list_parallelism: int = 8
     connect_timeout: float = 5.0
     read_timeout: float = 30.0
+    #: Seconds one attempt may take in all (NameNode call, redirect, DataNode body).
+    request_timeout: float = 60.0
     max_connections: int = 64
 
 
@@ -202,6 +208,7 @@ class HdfsSource(Source):
             retries=False,  # every retry decision is ours (failover, backoff, classification)
             timeout=urllib3.Timeout(connect=options.connect_timeout, read=options.read_timeout),
         )
+        self._http.pool_classes_by_scheme = deadline.POOL_CLASSES  # cut by the deadline watchdog
         self._auth = (
             {"delegation": options.delegation_token} if options.delegation_token
             else {"user.name": self.user}
@@ -218,6 +225,15 @@ class HdfsSource(Source):
         return f"{self._uri_scheme}://{self.target.authority}{self._path(key)}"
 
     # -- the one place requests are made ------------------------------------------------------
+    def _deadline(self) -> deadline.Deadline:
+        """The scope of one WebHDFS operation; each NameNode attempt restarts its clock."""
+        return deadline.Deadline(self.options.request_timeout, setting="DATAHOARD_HDFS_REQUEST_TIMEOUT")
+
+    def _timed_out(self, doing: str) -> SourceTransientError:
+        return SourceTransientError(
+            f"{doing} timed out: no complete answer in {self.options.request_timeout:g} s "
+            f"(DATAHOARD_HDFS_REQUEST_TIMEOUT)")
+
     def _namenode_call(self, op: str, key: str, params: dict[str, str] | None = None,
                        *, method: str = "GET") -> urllib3.BaseHTTPResponse:
         """One WebHDFS call to the active NameNode, with failover and bounded retries.
@@ -235,6 +251,9 @@ class HdfsSource(Source):
             for step in range(len(namenodes)):
                 index = (self._active + step) % len(namenodes)
                 endpoint = f"{self.target.scheme}://{namenodes[index]}"
+                limit = deadline.current()
+                if limit is not None:
+                    limit.rearm()  # every attempt gets the whole time
                 try:
                     response = self._http.request(method, endpoint + path, fields=query,
                                                   redirect=False, preload_content=False)
@@ -243,8 +262,11 @@ class HdfsSource(Source):
                         f"cannot reach NameNode {endpoint} for {what}: {_reason(exc)}")
                     continue
                 except urllib3.exceptions.HTTPError as exc:
-                    error = SourceTransientError(
-                        f"HDFS call for {what} to {endpoint} failed: {_reason(exc)}")
+                    if limit is not None and limit.expired:
+                        error = self._timed_out(f"HDFS {op} of {what} at {endpoint}")
+                    else:
+                        error = SourceTransientError(
+                            f"HDFS call for {what} to {endpoint} failed: {_reason(exc)}")
                     break
                 if response.status in (200, 307) or 300 <= response.status < 400:
                     self._active = index
@@ -274,13 +296,19 @@ class HdfsSource(Source):
         time.sleep(delay)
 
     def _json(self, op: str, key: str, params: dict[str, str] | None = None) -> dict:
-        response = self._namenode_call(op, key, params)
-        try:
-            body = response.read()
-        except urllib3.exceptions.HTTPError as exc:
-            raise SourceTransientError(f"HDFS {op} of {self._where(key)} failed: {exc}") from exc
-        finally:
-            response.release_conn()
+        limit = self._deadline()
+        with limit:
+            response = self._namenode_call(op, key, params)
+            try:
+                body = response.read()
+            except (urllib3.exceptions.HTTPError, OSError) as exc:
+                if limit.expired:
+                    raise self._timed_out(f"HDFS {op} of {self._where(key)}") from exc
+                raise SourceTransientError(f"HDFS {op} of {self._where(key)} failed: {exc}") from exc
+            finally:
+                response.release_conn()
+            if limit.expired:  # cut at the very end: the body may be short
+                raise self._timed_out(f"HDFS {op} of {self._where(key)}")
         if response.status != 200:
             raise SourceError(f"unexpected HTTP {response.status} for {op} on {self._where(key)}")
         try:
@@ -364,8 +392,8 @@ class HdfsSource(Source):
             try:
                 doc = self._json("LISTSTATUS_BATCH", key, params)
             except SourceError as exc:
-                if "LISTSTATUS_BATCH" not in str(exc):
-                    raise
+                if "LISTSTATUS_BATCH" not in str(exc) or isinstance(exc, SourceTransientError):
+                    raise  # only a refusal of the op by name means an old server
                 # Hadoop < 2.8 rejects the op by name: one unbatched listing.
                 doc = {"DirectoryListing": {"partialListing": self._json("LISTSTATUS", key)}}
             listing = doc["DirectoryListing"]
@@ -408,6 +436,19 @@ class HdfsSource(Source):
         raise AssertionError("unreachable")
 
     def _read_once(self, obj: RemoteObject, start: int, length: int, where: str) -> bytes:
+        limit = self._deadline()
+        with limit:
+            try:
+                data = self._open_and_read(obj, start, length, where)
+            except SourceTransientError:
+                if limit.expired:
+                    raise self._timed_out(f"HDFS read of {where}") from None
+                raise
+            if limit.expired:  # cut at the very end: the body may be short
+                raise self._timed_out(f"HDFS read of {where}")
+            return data
+
+    def _open_and_read(self, obj: RemoteObject, start: int, length: int, where: str) -> bytes:
         params = {"offset": str(start), "length": str(length)}
         response = self._namenode_call("OPEN", obj.key, params)
         if response.status != 200:
@@ -516,7 +557,8 @@ def options_from_env(environ: Mapping[str, str]) -> HdfsOptions:
     """The worker's HDFS settings, from the environment (the operator fills it from the Secret).
 
     ``DATAHOARD_HDFS_USER``, ``DATAHOARD_HDFS_DELEGATION_TOKEN``, ``DATAHOARD_HDFS_NAMENODES``
-    (comma-separated ``host:http-port``, HA) and ``DATAHOARD_HDFS_MAX_ATTEMPTS`` (default 5).
+    (comma-separated ``host:http-port``, HA), ``DATAHOARD_HDFS_MAX_ATTEMPTS`` (default 5) and
+    ``DATAHOARD_HDFS_REQUEST_TIMEOUT`` (seconds one attempt may take in all, default 60).
     """
     namenodes = tuple(n.strip() for n in environ.get("DATAHOARD_HDFS_NAMENODES", "").split(",")
                       if n.strip())
@@ -525,6 +567,7 @@ def options_from_env(environ: Mapping[str, str]) -> HdfsOptions:
         delegation_token=environ.get("DATAHOARD_HDFS_DELEGATION_TOKEN") or None,
         namenodes=namenodes,
         max_attempts=int(environ.get("DATAHOARD_HDFS_MAX_ATTEMPTS", "5")),
+        request_timeout=float(environ.get("DATAHOARD_HDFS_REQUEST_TIMEOUT", "60")),
     )
 
 

@@ -9,6 +9,12 @@ backoff, up to ``max_attempts`` in total. ``DATAHOARD_S3_CLIENT=botocore`` (or a
 configured for the endpoint, which only botocore honours) sends the GETs through botocore as
 before. Every failure is classified once, in :func:`_classify` / :func:`_classify_code`, into
 the source error kinds the worker acts on.
+
+Every request, lean or through botocore, has a total deadline (``request_timeout``: connect,
+headers and the whole body, see :mod:`.deadline`), so a store that drips a byte a second ends a
+chunk fetch, a listing page or a HEAD like a silent one; through botocore each attempt of a call
+gets the full time (the clock restarts on ``before-send``), so a call takes at most
+``max_attempts`` times it, plus backoff.
 """
 
 from __future__ import annotations
@@ -31,8 +37,14 @@ import botocore.httpsession
 import botocore.session
 import urllib3
 from botocore import UNSIGNED
+from botocore.awsrequest import (
+    AWSHTTPConnection,
+    AWSHTTPConnectionPool,
+    AWSHTTPSConnection,
+    AWSHTTPSConnectionPool,
+)
 
-from . import s3_get
+from . import deadline, s3_get
 from .integrity import S3_ALGORITHMS, Check, Evidence, verify
 from .source import (
     ChecksumMismatch,
@@ -96,6 +108,9 @@ class S3Options:
     max_attempts: int = 5
     connect_timeout: float = 5.0
     read_timeout: float = 30.0
+    #: Seconds one attempt of one request may take in all (connect, headers, whole body): an
+    #: 8 MiB chunk in 60 s needs 140 KB/s from the store.
+    request_timeout: float = 60.0
     max_connections: int = 64
 
 
@@ -179,6 +194,7 @@ class S3Source(Source):
             signature_version=UNSIGNED if credentials is None else None,
         )
         self._client = session.client("s3", endpoint_url=options.endpoint_url, config=config)
+        _bound_botocore_requests(self._client)
         self.endpoint = options.endpoint_url or self._client.meta.endpoint_url
         self._getter: s3_get.ObjectGetter | None = None
         if _lean_gets_apply(self.endpoint):
@@ -192,6 +208,7 @@ class S3Source(Source):
                 max_connections=options.max_connections,
                 connect_timeout=options.connect_timeout,
                 read_timeout=options.read_timeout,
+                request_timeout=options.request_timeout,
                 ca_bundle=core.get_config_variable("ca_bundle")
                 or botocore.httpsession.get_cert_path(True),
                 # A bucket in another region than configured: AWS names it in its answer.
@@ -204,25 +221,47 @@ class S3Source(Source):
     def _where(self, key: str = "") -> str:
         return f"s3://{self.bucket}/{self.prefix}{key}"
 
-    def list(self) -> Iterator[RemoteObject]:
-        paginator = self._client.get_paginator("list_objects_v2")
+    def _call(self, doing: str, what: str, operation: str, **kwargs) -> dict:
+        """One botocore call on ``what``, each attempt bounded by ``request_timeout`` in all."""
+        limit = deadline.Deadline(self.options.request_timeout, setting="DATAHOARD_S3_REQUEST_TIMEOUT")
         try:
-            for page in paginator.paginate(Bucket=self.bucket, Prefix=self.prefix):
-                for item in page.get("Contents", ()):
-                    yield RemoteObject(
-                        key=item["Key"][len(self.prefix) :],
-                        size=int(item["Size"]),
-                        etag=item.get("ETag", "").strip('"'),
-                        mtime=item["LastModified"].timestamp(),
-                    )
+            with limit:
+                return getattr(self._client, operation)(**kwargs)
         except Exception as exc:  # noqa: BLE001 - classified below
-            raise _classify(exc, self._where(), self.endpoint) from exc
+            attempts = f"{self.options.max_attempts} attempts"
+            if limit.fired:  # whatever botocore made of the cut connection: it timed out
+                raise SourceTransientError(
+                    f"{doing} {what} timed out: S3 sent no complete answer in "
+                    f"{self.options.request_timeout:g} s (DATAHOARD_S3_REQUEST_TIMEOUT), "
+                    f"{attempts}") from exc
+            if isinstance(exc, botocore.exceptions.ReadTimeoutError):
+                raise SourceTransientError(
+                    f"{doing} {what} timed out: S3 sent nothing for "
+                    f"{self.options.read_timeout:g} s (DATAHOARD_S3_READ_TIMEOUT), {attempts}") from exc
+            raise _classify(exc, what, self.endpoint) from exc
+
+    def list(self) -> Iterator[RemoteObject]:
+        """ListObjectsV2 page by page, each page (each of its attempts) within the deadline."""
+        token: str | None = None
+        while True:
+            kwargs = {"Bucket": self.bucket, "Prefix": self.prefix}
+            if token:
+                kwargs["ContinuationToken"] = token
+            page = self._call("listing", self._where(), "list_objects_v2", **kwargs)
+            for item in page.get("Contents", ()):
+                yield RemoteObject(
+                    key=item["Key"][len(self.prefix) :],
+                    size=int(item["Size"]),
+                    etag=item.get("ETag", "").strip('"'),
+                    mtime=item["LastModified"].timestamp(),
+                )
+            token = page.get("NextContinuationToken")
+            if not page.get("IsTruncated") or not token:
+                return
 
     def stat(self, key: str) -> RemoteObject:
-        try:
-            head = self._client.head_object(Bucket=self.bucket, Key=self.prefix + key)
-        except Exception as exc:  # noqa: BLE001
-            raise _classify(exc, self._where(key), self.endpoint) from exc
+        head = self._call("HEAD of", self._where(key), "head_object",
+                          Bucket=self.bucket, Key=self.prefix + key)
         return RemoteObject(
             key=key,
             size=int(head["ContentLength"]),
@@ -270,7 +309,15 @@ class S3Source(Source):
 
     def _read_once(self, obj: RemoteObject, start: int, length: int, where: str) -> Fetched:
         if self._getter is None:
-            return self._read_once_botocore(obj, start, length, where)
+            limit = deadline.Deadline(self.options.request_timeout, setting="DATAHOARD_S3_REQUEST_TIMEOUT")
+            try:
+                with limit:
+                    return self._read_once_botocore(obj, start, length, where)
+            except Exception as exc:
+                if limit.fired:
+                    raise SourceTransientError(
+                        f"S3 transfer of {where} failed: {limit.error()}") from exc
+                raise
         whole = start == 0 and length == obj.size
         headers = {}
         if not whole:
@@ -438,6 +485,46 @@ class S3Source(Source):
         if self._getter is not None:
             self._getter.close()
         self._client.close()
+
+
+class _BoundedHTTPConnection(deadline.CutOnDeadline, AWSHTTPConnection):
+    pass
+
+
+class _BoundedHTTPSConnection(deadline.CutOnDeadline, AWSHTTPSConnection):
+    pass
+
+
+class _BoundedHTTPConnectionPool(AWSHTTPConnectionPool):
+    ConnectionCls = _BoundedHTTPConnection
+
+
+class _BoundedHTTPSConnectionPool(AWSHTTPSConnectionPool):
+    ConnectionCls = _BoundedHTTPSConnection
+
+
+def _restart_clock(**_) -> None:
+    """``before-send``: a new attempt of the current call gets the full time again."""
+    limit = deadline.current()
+    if limit is not None:
+        limit.rearm()
+
+
+def _bound_botocore_requests(client) -> None:
+    """Make botocore's connections cuttable by :mod:`.deadline` (listing, HEAD, fallback GETs).
+
+    botocore has no total-time limit per request and no public way to choose its connection
+    classes; its HTTP session keeps them in one dict shared with every pool manager it makes
+    (proxies included), filled before any pool exists. If a botocore release moves it, the
+    calls keep working with per-``recv`` timeouts only, and the log says so.
+    """
+    classes = getattr(getattr(client._endpoint, "http_session", None), "_pool_classes_by_scheme", None)
+    if not isinstance(classes, dict):
+        log.warning("botocore's connection classes are not where expected: S3 listing and HEAD "
+                    "have per-read timeouts only, no total deadline")
+        return
+    classes.update(http=_BoundedHTTPConnectionPool, https=_BoundedHTTPSConnectionPool)
+    client.meta.events.register("before-send.s3", _restart_clock)
 
 
 def _lean_gets_apply(endpoint: str) -> bool:

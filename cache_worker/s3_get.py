@@ -6,7 +6,8 @@ plumbing), which caps a single worker process at about 260 fetches/s (bench/ANAL
 same request here is a URL, a handful of headers and two HMACs.
 
 This module only *transports*: it builds, signs and sends one GET and returns the response with
-its body read. Deciding what a status means, retrying and verifying the bytes is
+its body read, all of it (connect, headers, body) within ``request_timeout`` seconds
+(:mod:`.deadline`: a store that drips its body a byte at a time is cut off, not waited for). Deciding what a status means, retrying and verifying the bytes is
 :class:`cache_worker.s3.S3Source`'s job. Listing and HEAD stay on botocore.
 """
 
@@ -22,6 +23,8 @@ from collections.abc import Callable
 from urllib.parse import quote, urlsplit
 
 import urllib3
+
+from . import deadline
 
 _UNSIGNED_PAYLOAD = "UNSIGNED-PAYLOAD"
 _USER_AGENT = "datahoard"
@@ -111,6 +114,7 @@ class ObjectGetter:
         max_connections: int,
         connect_timeout: float,
         read_timeout: float,
+        request_timeout: float = 60.0,
         ca_bundle: str | None = None,
         endpoint_for_region: Callable[[str], str] | None = None,
     ) -> None:
@@ -119,6 +123,7 @@ class ObjectGetter:
         self._credentials = credentials  # botocore Credentials (maybe refreshable) or None
         self._max_connections = max(1, max_connections)
         self._timeout = urllib3.Timeout(connect=connect_timeout, read=read_timeout)
+        self._request_timeout = request_timeout
         self._ca_bundle = ca_bundle
         self._endpoint_for_region = endpoint_for_region
         self._lock = threading.Lock()
@@ -146,12 +151,12 @@ class ObjectGetter:
         if port != default_port:
             host_header += f":{port}"
         if scheme == "https":
-            pool: urllib3.HTTPConnectionPool = urllib3.HTTPSConnectionPool(
+            pool: urllib3.HTTPConnectionPool = deadline.HTTPSConnectionPool(
                 host, port, maxsize=self._max_connections, block=False, retries=False,
                 timeout=self._timeout, cert_reqs="CERT_REQUIRED", ca_certs=self._ca_bundle,
             )
         else:
-            pool = urllib3.HTTPConnectionPool(
+            pool = deadline.HTTPConnectionPool(
                 host, port, maxsize=self._max_connections, block=False, retries=False,
                 timeout=self._timeout,
             )
@@ -168,7 +173,9 @@ class ObjectGetter:
         """GET ``key`` with extra ``headers`` (lower-case names: ``range``, ``if-match``).
 
         Returns the response, body read (raw, never content-decoded), connection released.
-        Raises urllib3's exceptions for transport failures. A response saying the bucket lives
+        Raises urllib3's exceptions for transport failures, and
+        :class:`~.deadline.DeadlineExceeded` when the whole exchange took longer than
+        ``request_timeout``. A response saying the bucket lives
         in another region is followed once: the region (and on AWS the endpoint) is switched
         for this and every later request, as botocore's region redirector does.
         """
@@ -188,11 +195,19 @@ class ObjectGetter:
         if creds is not None and creds.access_key and creds.secret_key:
             signer.sign("GET", path, headers, creds.access_key, creds.secret_key, creds.token)
         headers["user-agent"] = _USER_AGENT  # not signed, as botocore does not sign it
-        return pool.urlopen(
-            "GET", path, headers=headers, retries=False, redirect=False,
-            preload_content=True, decode_content=False, assert_same_host=False,
-            timeout=self._timeout,
-        )
+        limit = deadline.Deadline(self._request_timeout, setting="DATAHOARD_S3_REQUEST_TIMEOUT")
+        with limit:
+            try:
+                response = pool.urlopen(
+                    "GET", path, headers=headers, retries=False, redirect=False,
+                    preload_content=True, decode_content=False, assert_same_host=False,
+                    timeout=self._timeout,
+                )
+            except (urllib3.exceptions.HTTPError, OSError) as exc:
+                if limit.expired:  # the watchdog cut the connection: say so, not "reset"
+                    raise limit.error() from exc
+                raise
+        return response
 
     def close(self) -> None:
         with self._lock:

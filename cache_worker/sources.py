@@ -45,6 +45,7 @@ def _s3_options(env: Mapping[str, str], endpoint_url: str | None, region: str | 
         max_attempts=int(env.get("DATAHOARD_S3_MAX_ATTEMPTS", "5")),
         connect_timeout=float(env.get("DATAHOARD_S3_CONNECT_TIMEOUT", "5")),
         read_timeout=float(env.get("DATAHOARD_S3_READ_TIMEOUT", "30")),
+        request_timeout=float(env.get("DATAHOARD_S3_REQUEST_TIMEOUT", "60")),
         **keys,
     )
 
@@ -56,7 +57,9 @@ def open_source(uri: str, endpoint_url: str | None = None, region: str | None = 
 
     ``DATAHOARD_S3_MAX_ATTEMPTS`` bounds retries per request (default 5);
     ``DATAHOARD_S3_CONNECT_TIMEOUT`` and ``DATAHOARD_S3_READ_TIMEOUT`` (seconds, default 5 and
-    30) bound how long one attempt may wait on a silent store before it is retried. HDFS (WebHDFS) reads
+    30) bound how long one attempt may wait on a silent store before it is retried, and
+    ``DATAHOARD_S3_REQUEST_TIMEOUT`` (default 60) how long one attempt may take in all, so a
+    store that drips its answer is cut off too. HDFS (WebHDFS) reads
     ``DATAHOARD_HDFS_*`` (see :func:`hdfs.options_from_env`).
     """
     env = os.environ if env is None else env

@@ -239,7 +239,8 @@ class Worker:
 
         view = self.view = DatasetView(self.index, self.cache, self.counters, str(self.config.mountpoint),
                                        on_ready=mounted)
-        options = mount_options(f"datahoard:{self.config.source}", allow_other=self.config.allow_other)
+        options = mount_options(f"datahoard:{self.config.source}", allow_other=self.config.allow_other,
+                                max_waiting_reads=self.config.tuning.max_waiting_reads)
         try:
             FUSE(view, str(self.config.mountpoint), foreground=True, raw_fi=True, **options)
         finally:

@@ -159,7 +159,7 @@ def _lock_mountpoint(args: argparse.Namespace) -> runtime.MountLock:
 
 # -- mount ---------------------------------------------------------------------------------
 def _worker_config(args: argparse.Namespace):
-    from datahoard.cache_worker.dataset import Tuning
+    from datahoard.cache_worker.dataset import Tuning, read_limits_from_env
     from datahoard.cache_worker.worker import WorkerConfig
 
     return WorkerConfig(
@@ -173,7 +173,8 @@ def _worker_config(args: argparse.Namespace):
         endpoint_url=args.endpoint_url,
         region=args.region,
         refresh=args.refresh,
-        tuning=Tuning(warm_parallelism=args.parallelism, warm_bandwidth=args.bandwidth_limit),
+        tuning=Tuning(warm_parallelism=args.parallelism, warm_bandwidth=args.bandwidth_limit,
+                      **read_limits_from_env(os.environ)),
         stats_host=args.stats_addr[0],
         stats_port=args.stats_addr[1],
         allow_other=args.allow_other,
@@ -244,8 +245,20 @@ class _ListingProgress:
             self._status = None
 
 
+#: A mount process that reports nothing (no listing progress, no readiness, no error) for this
+#: long is stopped. Its own deadlines end a silent or dripping listing well before (a page
+#: takes at most DATAHOARD_S3_MAX_ATTEMPTS x DATAHOARD_S3_REQUEST_TIMEOUT, 5 x 60 s by
+#: default); this only bounds what nothing else does. DATAHOARD_MOUNT_TIMEOUT overrides it.
+_MOUNT_SILENCE_SECONDS = 600.0
+
+
 def _mount_background(args: argparse.Namespace) -> int:
-    """Start a foreground worker as a detached child and return once its view is live."""
+    """Start a foreground worker as a detached child and return once its view is live.
+
+    Every wait is bounded: a child that goes quiet for ``DATAHOARD_MOUNT_TIMEOUT`` seconds, or
+    does not exit after reporting an error, is stopped (its whole process group) and whatever
+    it mounted is detached, so a failed mount leaves nothing mounted or running.
+    """
     config = _worker_config(args)
     config.cache_dir.mkdir(parents=True, exist_ok=True)
     log_file = config.cache_dir / "worker.log"
@@ -263,9 +276,15 @@ def _mount_background(args: argparse.Namespace) -> int:
     os.close(write_fd)
     listing = _ListingProgress()
     stats_url = None
+    silence = float(os.environ.get("DATAHOARD_MOUNT_TIMEOUT") or _MOUNT_SILENCE_SECONDS)
     try:
-        with os.fdopen(read_fd) as pipe:
-            for line in pipe:
+        with os.fdopen(read_fd, "rb", buffering=0) as pipe:
+            for line in _lines_within(pipe.fileno(), silence):
+                if line is None:
+                    _stop_child(child, config.mountpoint, args.source)
+                    raise CliError(
+                        f"the mount process reported nothing for {silence:g} s "
+                        f"(DATAHOARD_MOUNT_TIMEOUT) and was stopped: {_last_line(log_file)}")
                 what, _, rest = line.rstrip("\n").partition(" ")
                 if what == "listed":
                     listing.update(int(rest))
@@ -273,13 +292,13 @@ def _mount_background(args: argparse.Namespace) -> int:
                     stats_url = rest
                     break
                 elif what == "error":
-                    child.wait(timeout=30)
+                    _reap_child(child, config.mountpoint, args.source)
                     raise CliError(rest)
     finally:
         listing.close()
         args.mount_lock.release()  # recorded by now (or failed); the child holds it while starting
     if stats_url is None:
-        code = child.wait(timeout=30)
+        code = _reap_child(child, config.mountpoint, args.source)
         raise CliError(f"the mount process exited ({code}) before the view was ready: {_last_line(log_file)}")
     print(f"mounted {args.source} at {config.mountpoint} (pid {child.pid}, log {log_file})")
     if args.warm and args.wait:
@@ -287,6 +306,58 @@ def _mount_background(args: argparse.Namespace) -> int:
         if args.direct:
             _wait_for_direct(stats_url)
     return 0
+
+
+def _lines_within(fd: int, silence: float):
+    """The lines read from ``fd`` until it closes; None (and the end) once ``silence`` seconds
+    pass with nothing read. Unbuffered reads, so a line already read never waits in a buffer
+    while ``select`` waits for more."""
+    import select
+
+    pending = b""
+    while True:
+        ready, _, _ = select.select([fd], [], [], silence)
+        if not ready:
+            yield None
+            return
+        data = os.read(fd, 65536)
+        if not data:
+            if pending:
+                yield pending.decode(errors="replace")
+            return
+        *lines, pending = (pending + data).split(b"\n")
+        for line in lines:
+            yield line.decode(errors="replace")
+
+
+def _reap_child(child: subprocess.Popen, mountpoint: Path, source: str, timeout: float = 30) -> int:
+    """Wait for a mount process that is ending; stop it if it does not. Its exit code."""
+    try:
+        return child.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return _stop_child(child, mountpoint, source)
+
+
+def _stop_child(child: subprocess.Popen, mountpoint: Path, source: str) -> int:
+    """Stop a mount process and its process group, then detach a view it left mounted."""
+    import signal
+
+    from datahoard.cache_worker.tree import mounts_at
+
+    for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 10)):
+        try:
+            os.killpg(child.pid, sig)
+        except ProcessLookupError:
+            break
+        try:
+            child.wait(timeout=wait)
+            break
+        except subprocess.TimeoutExpired:
+            continue
+    if any(m.fstype == "fuse.datahoard" and m.source == f"datahoard:{source}" for m in mounts_at(mountpoint)):
+        subprocess.run(["fusermount3", "-uz", str(mountpoint)], capture_output=True)
+    runtime.unregister(mountpoint.resolve(), pid=child.pid)
+    return child.returncode if child.returncode is not None else -9
 
 
 def _wait_for_direct(stats_url: str, timeout: float = 3600) -> None:

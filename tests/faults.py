@@ -3,8 +3,10 @@
 Real HTTP on both sides: the worker talks to the proxy exactly as it would to S3. Rules are
 consumed in order by matching requests: answer with an error status, send the headers of the
 real response and then cut the body short (a connection reset mid-transfer), or go silent for a
-while before answering or in the middle of the body (a request that times out), or flip bytes
-of the body and deliver it whole with success (a proxy or NIC that corrupts data in transit).
+while before answering or in the middle of the body (a request that times out), drip the body
+a few bytes per second (a request that never times out per read, only by a total deadline), or
+flip bytes of the body and deliver it whole with success (a proxy or NIC that corrupts data in
+transit).
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ class Fault:
     #: inside the body): wrong bytes delivered with success and the right length and headers.
     flip: int = 0
     flip_at: int = 0
+    #: Forward the headers, then the body at this many bytes per second (until the client leaves).
+    drip_rate: float | None = None
 
 
 class FaultProxy:
@@ -96,9 +100,26 @@ class FaultProxy:
                     return
                 if fault is not None and fault.flip and data and self.command != "HEAD":
                     data = _flipped(data, fault.flip_at, fault.flip)
+                if fault is not None and fault.drip_rate and self.command != "HEAD":
+                    conn.close()
+                    self._drip(data, fault.drip_rate)
+                    return
                 if self.command != "HEAD":
                     self.wfile.write(data)
                 conn.close()
+
+            def _drip(self, data: bytes, rate: float) -> None:
+                """Send ``data`` at ``rate`` bytes/s, ten pieces a second (one a second below 10 B/s)."""
+                piece = max(1, int(rate / 10))
+                pause = piece / rate
+                self.close_connection = True
+                try:
+                    for at in range(0, len(data), piece):
+                        self.wfile.write(data[at : at + piece])
+                        self.wfile.flush()
+                        time.sleep(pause)
+                except OSError:  # the client gave up: what a deadline is for
+                    pass
 
             do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _handle
 
