@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import OrderedDict
 from contextlib import contextmanager
 from collections.abc import Iterator
@@ -298,14 +299,29 @@ class Verifier:
 
     @contextmanager
     def _object_lock(self, oid: str) -> Iterator[None]:
-        """One assembly per object at a time; the lock is forgotten when nobody holds it."""
+        """One assembly per object at a time; the lock is forgotten when nobody holds it.
+
+        An assembly that has held the lock for longer than a reader may wait
+        (``Tuning.read_wait``) is stuck on the source: its readers have given up and their
+        flights were abandoned (dataset.py), so a later reader must not queue behind it. It
+        assembles beside the stuck one instead; both write the same checked bytes through
+        atomic puts, so whichever finishes second changes nothing.
+        """
         with self._lock:
-            entry = self._object_locks.setdefault(oid, [threading.Lock(), 0])
+            entry = self._object_locks.setdefault(oid, [threading.Lock(), 0, 0.0])
             entry[1] += 1
+        held_for = time.monotonic() - entry[2] if entry[2] else 0.0
+        got = entry[0].acquire(timeout=max(0.0, self.cache.tuning.read_wait - held_for))
+        if got:
+            entry[2] = time.monotonic()
+        else:
+            log.warning("an earlier check of %s is stuck on the source; fetching it afresh", oid)
         try:
-            with entry[0]:
-                yield
+            yield
         finally:
+            if got:
+                entry[2] = 0.0
+                entry[0].release()
             with self._lock:
                 entry[1] -= 1
                 if entry[1] == 0:
