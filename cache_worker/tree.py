@@ -11,7 +11,8 @@ the cache's filesystem, under ``CACHE_DIR/direct/<snapshot id>/``:
   chunks); those bytes count against the capacity, and if they do not fit the tree is not
   built and the reason is reported;
 * zero-byte objects are empty files, empty directories are included; files are 0444,
-  directories 0555, and mtimes are what the FUSE view shows (the object's for files, the
+  directories 0555 (0400 and 0500 for a private view, one without ``allow_other``: the tree
+  is bound over the mountpoint and must refuse whom the view refuses), and mtimes are what the FUSE view shows (the object's for files, the
   snapshot's for directories). Paths come from the index, which only admits keys that are
   safe paths; every path is checked again here, so nothing can land outside the tree.
 
@@ -139,7 +140,10 @@ class DirectTrees:
         self.cache = cache
         self.store = cache.store
         self.id = snapshot_id(index)
-        self.root.mkdir(parents=True, exist_ok=True)
+        self._file_mode = 0o400 if self.store.private else 0o444
+        self._dir_mode = 0o500 if self.store.private else 0o555
+        self.root.mkdir(mode=self.store.dir_mode, parents=True, exist_ok=True)
+        os.chmod(self.root, self.store.dir_mode)
         #: The tree of the current snapshot once it is complete and verified (then repairs run).
         self.current: TreeInfo | None = None
         self._repairs: queue.Queue[str] = queue.Queue()
@@ -275,7 +279,8 @@ class DirectTrees:
             info = TreeInfo(id=tree_id, path=str(self.tree_path(tree_id)), files=files, dirs=len(dirs) + 1,
                             bytes=total, assembled_bytes=assembled, built_at=time.time())
             manifest = self.root / f"{_BUILDING}{tree_id}.json"
-            manifest.write_text(json.dumps(asdict(info)))
+            with open(os.open(manifest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, self.store.file_mode), "w") as out:
+                out.write(json.dumps(asdict(info)))
             os.replace(manifest, self._manifest(tree_id))
             os.rename(tmp, self.tree_path(tree_id))
         except BaseException as exc:
@@ -327,9 +332,9 @@ class DirectTrees:
         mtime = int(self.index.summary.built_at * 1e9)
         for rel in reversed(dirs):
             path = _dest(tree, rel)
-            os.chmod(path, 0o555)
+            os.chmod(path, self._dir_mode)
             os.utime(path, ns=(mtime, mtime))
-        os.chmod(tree, 0o555)
+        os.chmod(tree, self._dir_mode)
         os.utime(tree, ns=(mtime, mtime))
 
     def _ensure_chunk(self, obj: RemoteObject, chunk: ChunkId) -> None:
@@ -360,7 +365,7 @@ class DirectTrees:
         out = dest if fresh else dest.with_name(f".{dest.name}.dh-{os.getpid()}")
         out.unlink(missing_ok=True)
         if obj.size == 0:
-            fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o444)
+            fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, self._file_mode)
             os.close(fd)
         elif len(chunks) == 1:
             self._ensure_chunk(obj, chunks[0])
@@ -369,14 +374,14 @@ class DirectTrees:
             for chunk in chunks:
                 self._ensure_chunk(obj, chunk)
             self._assemble(obj, chunks, out)
-        os.chmod(out, 0o444)
+        os.chmod(out, self._file_mode)
         os.utime(out, ns=(mtime, mtime))
         if out != dest:
             os.replace(out, dest)
         return True
 
     def _assemble(self, obj: RemoteObject, chunks: list[ChunkId], out: Path) -> None:
-        fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o444)
+        fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, self._file_mode)
         try:
             for chunk in chunks:
                 src = os.open(self.store.path(chunk.name), os.O_RDONLY)
@@ -430,6 +435,8 @@ class DirectTrees:
         tree = Path(info.path)
         rows: list[tuple[str, str]] = []
         repaired = 0
+        # Built under another privacy policy, maybe: its root decides who can enter the bind.
+        os.chmod(tree, self._dir_mode)
         for rel in self._dir_paths():
             if not _dest(tree, rel).is_dir():
                 raise TreeError(f"directory {rel} is missing from the direct tree")
