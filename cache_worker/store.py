@@ -20,9 +20,10 @@ filesystem changes the signature (on kernels since 6.13 with a fine-grained ctim
 one was seen; on older kernels a change within the same clock tick, a few ms, as the check can
 go unseen). Not caught: bits that rot below the filesystem (media, or raw writes to the block
 device), which leave the inode alone; those are caught by the next process. Cost, measured on
-the 2-core test machine under load: the ``fstat`` is 0.4 us of a 4 KiB hit's 20 us in
-``read`` (2%), against 30 ms to CRC an 8 MiB chunk; re-checking on every open instead would
-cost up to that much per open of a large file, sampling would promise nothing.
+the 2-core test machine at a load average of 13: the ``fstat`` takes 4-6 us of the 50-75 us a
+4 KiB hit spends in ``read`` (under 10%, and far less of a read through FUSE), where checking
+an 8 MiB chunk's CRC takes 10-18 ms: re-checking on every open would cost that much per open
+of a large file for a random 4 KiB read, and sampling would promise nothing.
 
 The disk may fill or fail under a running worker (another writer on a shared volume): then
 ``put`` raises :class:`CacheFull` and the caller reads through, recency updates stay in memory,
@@ -107,8 +108,9 @@ class ChunkStore:
         self._data = root / "data"
         self._tmp = root / "tmp"
         for path in (root, self._data, self._tmp):
-            path.mkdir(parents=True, exist_ok=True)
-            os.chmod(path, self.dir_mode)
+            path.mkdir(mode=self.dir_mode, parents=True, exist_ok=True)
+            if private and os.stat(path).st_mode & 0o077:  # made by a mount that allowed others
+                os.chmod(path, self.dir_mode)
         self._lock = threading.Lock()
         #: Space promised to fills in progress: concurrent fills must not overshoot together.
         self._reserved = 0
@@ -172,7 +174,7 @@ class ChunkStore:
         known = {name for (name,) in self._db.execute("SELECT name FROM chunks")}
         on_disk: set[str] = set()
         for sub in self._data.iterdir():
-            if self.private:  # a cache made by an earlier mount that allowed other users
+            if self.private and sub.stat().st_mode & 0o077:  # made by a mount that allowed others
                 os.chmod(sub, self.dir_mode)
             for entry in os.scandir(sub):
                 if entry.name in known:
@@ -311,9 +313,14 @@ class ChunkStore:
             actual = zlib.crc32(piece, actual)
             offset += len(piece)
         if offset != size or actual != crc:
-            log.error("cached chunk %s %s does not match its CRC; dropping it and refetching", name,
-                      "changed on disk since it was verified and" if changed else "failed verification:")
-            self.discard(name)
+            try:
+                current = os.stat(self._path(name)).st_ino == signature[0]
+            except FileNotFoundError:
+                current = False
+            if current:  # not a file another reader already dropped (and a fill replaced)
+                log.error("cached chunk %s %s does not match its CRC; dropping it and refetching", name,
+                          "changed on disk since it was verified and" if changed else "failed verification:")
+                self.discard(name)
             return False
         self._verified[name] = signature
         return True

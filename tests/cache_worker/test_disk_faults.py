@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from datahoard.cache_worker.store import CacheFull, ChunkId, ChunkStore
 from tests.conftest import datahoard
 
 MiB = 1 << 20
@@ -134,3 +135,158 @@ def test_the_cache_is_as_private_as_the_view(s3, bucket, open_dir, mount_dataset
         for p in [Path(dirpath)] + [Path(dirpath) / n for n in names]:
             assert stat.S_IMODE(os.lstat(p).st_mode) & 0o077 == 0, p
     assert (m.mountpoint / "a" / "small.bin").read_bytes() == files["a/small.bin"]  # its own user still reads
+
+
+# -- a damaged chunks.db -----------------------------------------------------------------------
+def _populated_store(root: Path, n: int = 3000) -> None:
+    """A store whose record spans many pages, closed (so everything is in chunks.db itself)."""
+    store = ChunkStore(root, capacity=1 << 30)
+    for i in range(n):
+        store.put(ChunkId(f"{i:040x}", 0), b"chunk %d " % i * 10)
+    store.close()
+
+
+def _garbage_pages(db: Path) -> None:
+    with open(db, "r+b") as f:
+        for page in (2, 7, 11):
+            f.seek(page * 4096)
+            f.write(os.urandom(4096))
+
+
+def _truncate(db: Path) -> None:
+    os.truncate(db, db.stat().st_size // 2 + 123)
+
+
+def _bad_header(db: Path) -> None:
+    with open(db, "r+b") as f:
+        f.write(os.urandom(100))
+
+
+def _directory(db: Path) -> None:
+    db.unlink()
+    db.mkdir()
+    (db / "something").write_bytes(b"x")
+
+
+@pytest.mark.parametrize("damage", [_garbage_pages, _truncate, _bad_header, _directory],
+                         ids=["garbage-pages", "truncated", "bad-header", "a-directory"])
+def test_a_damaged_record_is_moved_aside_and_the_cache_starts_empty(tmp_path, damage, caplog):
+    _populated_store(tmp_path)
+    db = tmp_path / "chunks.db"
+    damage(db)
+    with caplog.at_level("ERROR"):
+        store = ChunkStore(tmp_path, capacity=1 << 30)
+    assert store.problem and str(db) in store.problem and "damaged" in store.problem, store.problem
+    assert any(str(db) in r.getMessage() and "damaged" in r.getMessage() for r in caplog.records)
+    assert (tmp_path / "chunks.db.damaged").exists()
+    # The old chunk files could not be checked without their CRCs: none is served, none is left.
+    assert store.read(ChunkId(f"{5:040x}", 0), 0, 5) is None
+    assert [p for p in (tmp_path / "data").rglob("*") if p.is_file()] == []
+    assert store.used_bytes == 0
+    store.put(ChunkId(f"{5:040x}", 0), b"fresh bytes")
+    assert store.read(ChunkId(f"{5:040x}", 0), 0, 5) == b"fresh"
+    store.close()
+    again = ChunkStore(tmp_path, capacity=1 << 30)  # the new record is sound: nothing to report
+    assert again.problem is None and again.read(ChunkId(f"{5:040x}", 0), 6, 5) == b"bytes"
+    again.close()
+
+
+def test_a_record_that_cannot_be_replaced_still_serves_reads_through(tmp_path):
+    """The damaged record cannot be moved aside (its directory is read-only, as for a non-root
+    worker on a cache it does not own): the store opens in memory and refuses to cache."""
+    _populated_store(tmp_path, n=200)
+    _bad_header(tmp_path / "chunks.db")
+    if subprocess.run(["chattr", "+i", str(tmp_path)], capture_output=True).returncode:
+        pytest.skip("chattr +i is not supported here")  # even root cannot rename in it
+    try:
+        store = ChunkStore(tmp_path, capacity=1 << 30)
+        assert store.problem and "could not be replaced" in store.problem, store.problem
+        assert store.read(ChunkId(f"{5:040x}", 0), 0, 5) is None
+        with pytest.raises(CacheFull):
+            store.put(ChunkId(f"{5:040x}", 0), b"x")
+        store.close()
+    finally:
+        subprocess.run(["chattr", "-i", str(tmp_path)], check=True)
+    assert len([p for p in (tmp_path / "data").rglob("*") if p.is_file()]) == 200  # nothing touched
+
+
+@pytest.mark.integration
+def test_a_worker_with_a_damaged_record_starts_serves_right_bytes_and_says_so(s3, bucket, mount_dataset, tmp_path):
+    files = {f"f{i}.bin": os.urandom(30_000 + i) for i in range(300)}
+    files["large.bin"] = os.urandom(17 * MiB)
+    _put(s3, bucket, files)
+    cache = tmp_path / "cache"
+    m = mount_dataset(bucket, "ds", "--warm", "--wait", cache_dir=cache, mountpoint=tmp_path / "mnt")
+    datahoard("umount", str(m.mountpoint))
+    db = cache / "chunks" / "chunks.db"
+    assert db.stat().st_size > 12 * 4096
+    _garbage_pages(db)
+
+    m = mount_dataset(bucket, "ds", cache_dir=cache, mountpoint=tmp_path / "mnt")
+    for key, body in files.items():
+        assert (m.mountpoint / key).read_bytes() == body, key
+    stats = m.stats()
+    assert stats.errors == 0, stats.last_error
+    assert stats.degraded and str(db) in stats.degraded and "damaged" in stats.degraded, stats.degraded
+    assert stats.cached_bytes == sum(len(b) for b in files.values())  # cached again from scratch
+    log = (cache / "worker.log").read_text()
+    assert f"the cache record {db} is damaged" in log, log[-2000:]
+
+
+# -- a chunk changed on disk under a running worker ---------------------------------------------
+def _overwrite(path: Path, offset: int, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        os.pwrite(fd, data, offset)
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("how", ["in-place", "in-place-mtime-restored", "replaced", "truncated"])
+def test_a_chunk_changed_after_verification_is_checked_again_before_it_is_served(tmp_path, how):
+    store = ChunkStore(tmp_path, capacity=1 << 30)
+    chunk = ChunkId("c" * 40, 0)
+    body = os.urandom(300_000)
+    store.put(chunk, body)
+    assert store.read(chunk, 1000, 10) == body[1000:1010]  # verified, and served
+    path = store.path(chunk.name)
+    before = os.stat(path)
+    if how.startswith("in-place"):
+        _overwrite(path, 1000, b"\0" * 10 if body[1000:1010] != b"\0" * 10 else b"\1" * 10)
+        if how == "in-place-mtime-restored":  # a writer that covers its tracks: ctime still moves
+            os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    elif how == "replaced":
+        other = tmp_path / "other"
+        other.write_bytes(os.urandom(len(body)))
+        os.replace(other, path)
+    else:
+        os.truncate(path, 2000)
+    assert store.read(chunk, 1000, 10) is None  # dropped, to be refetched: never the wrong bytes
+    assert not path.exists() and not store.contains(chunk)
+    store.put(chunk, body)
+    assert store.read(chunk, 1000, 10) == body[1000:1010]
+
+
+@pytest.mark.integration
+def test_a_chunk_corrupted_under_a_running_worker_is_never_served(s3, bucket, mount_dataset):
+    files = {"large.bin": os.urandom(20 * MiB + 4321)}  # three chunks; opens keep no page cache
+    _put(s3, bucket, files)
+    body = files["large.bin"]
+    m = mount_dataset(bucket, "ds")
+    assert (m.mountpoint / "large.bin").read_bytes() == body  # every chunk verified and served
+    chunks = [p for p in (m.cache_dir / "chunks" / "data").rglob("*") if p.is_file()]
+    assert len(chunks) == 3
+    for path in chunks:  # a stray writer scribbles over every chunk, same size
+        _overwrite(path, 4096, os.urandom(4096))
+    with open(m.mountpoint / "large.bin", "rb") as f:
+        for _ in range(2):  # the first pass refetches, the second serves the refetched chunks
+            f.seek(0)
+            assert f.read() == body
+            for offset in (4096, 8 * MiB + 4096, 16 * MiB + 4096):
+                f.seek(offset)
+                assert f.read(4096) == body[offset:offset + 4096]
+    stats = m.stats()
+    assert stats.errors == 0, stats.last_error
+    log = (m.cache_dir / "worker.log").read_text()
+    for path in chunks:
+        assert f"cached chunk {path.name} changed on disk since it was verified" in log, log[-3000:]
