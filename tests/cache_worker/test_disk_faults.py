@@ -290,3 +290,29 @@ def test_a_chunk_corrupted_under_a_running_worker_is_never_served(s3, bucket, mo
     log = (m.cache_dir / "worker.log").read_text()
     for path in chunks:
         assert f"cached chunk {path.name} changed on disk since it was verified" in log, log[-3000:]
+
+
+# -- keys too long to be paths ------------------------------------------------------------------
+@pytest.mark.integration
+def test_a_key_longer_than_path_max_is_skipped_and_counted_not_fatal_to_the_direct_tree(s3, bucket, mount_dataset):
+    long_key = "/".join(["d" * 200] * 25) + "/f.bin"  # 5,006 bytes: each name fits, the path does not
+    assert len(long_key) > 4096
+    files = {"a/one.bin": os.urandom(10_000), "two.bin": os.urandom(20_000), long_key: b"unreachable"}
+    _put(s3, bucket, files)
+    m = mount_dataset(bucket, "ds", "--direct", "--warm", "--wait")
+    stats = _wait_for(lambda: (s := m.stats()).direct.state in ("ready", "failed") and s, "the direct tree")
+    assert stats.direct.state == "ready", (stats.direct.message or "")[:300]
+    assert stats.skipped_keys == 1 and stats.files == 2
+    assert sorted(os.listdir(m.mountpoint)) == ["a", "two.bin"]
+    assert (m.mountpoint / "a" / "one.bin").read_bytes() == files["a/one.bin"]
+    assert "skipped keys" in datahoard("status", str(m.mountpoint)).stdout
+
+
+def test_the_longest_key_kept_still_fits_under_a_prefix_and_messages_stay_short():
+    from datahoard.cache_worker.keys import _KEY_MAX, key_to_path, shown
+
+    fits = ("k" * 199 + "/") * 15 + "z" * (_KEY_MAX - 3000)
+    assert key_to_path(fits) is not None and len(fits) == _KEY_MAX
+    assert key_to_path(fits + "y") is None
+    assert key_to_path("é" * (_KEY_MAX // 2 + 1)) is None  # counted in bytes, not characters
+    assert len(shown("x" * 5000)) < 200 and "5000 bytes" in shown("x" * 5000)
