@@ -9,9 +9,14 @@ with a damaged cache. Three outcomes:
    disk) and start an empty one. The chunk files must then go too: they are named by object and
    index, not by content, and their CRCs lived only in the record, so nothing vouches for their
    bytes any more (a machine crash that tore the record may have torn them as well);
-3. it cannot be opened for another reason (the disk is full or read-only): use an empty
-   in-memory record that refuses new chunks, so every read goes to the source, uncached, and
-   no chunk file is touched (a restart with room again finds them).
+3. it cannot be opened for writing for another reason (the disk is full or read-only): open
+   it read-only and unchanging (``immutable=1``: no WAL, no shared memory, which a full disk
+   refuses) so the chunks it lists are still served, CRC-checked as always, while new chunks
+   are refused and read through; if even that fails, an empty in-memory record. Either way no
+   chunk file is touched (a restart with room again finds them). A crash may have left newer
+   commits in the WAL that this view misses: chunks named only there are read through, and a
+   chunk it lists whose file was evicted since is found missing and read through; a chunk's
+   name fixes its bytes, so its CRC in the main file is the right one.
 
 ``quick_check`` reads every page of the record once, at each start: 1.0-1.7 s for 1,000,000
 chunks (a 137 MB record, an 8 TB cache of 8 MiB chunks) on the loaded 2-core test machine, so
@@ -60,17 +65,25 @@ def open_record(path: Path, mode: int) -> tuple[sqlite3.Connection, str, str | N
     """Open the record at ``path``: (connection, state, message).
 
     ``state`` is ``"ok"``, ``"rebuilt"`` (it was damaged and moved aside: the caller must drop
-    every chunk file) or ``"memory"`` (it could not be opened: the caller must store nothing
-    and touch no chunk file). ``message`` says what happened, for the log and ``degraded``.
+    every chunk file), ``"read-only"`` or ``"memory"`` (it could not be opened for writing: the
+    caller must store nothing and touch no chunk file). ``message`` says what happened, for
+    the log and ``degraded``.
     """
     try:
         return _open(path, mode), "ok", None
     except (sqlite3.Error, Damaged, OSError) as exc:
         if not _is_damage(path, exc):
-            message = (f"cannot open the cache record {path} ({exc}): reading through to the source "
-                       "without caching until the worker restarts")
+            try:
+                conn = _open_read_only(path)
+            except (sqlite3.Error, Damaged, OSError):
+                message = (f"cannot open the cache record {path} ({exc}): reading through to the source "
+                           "without caching until the worker restarts")
+                log.error(message)
+                return _memory(), "memory", message
+            message = (f"cannot open the cache record {path} for writing ({exc}): serving the chunks it "
+                       "lists, reading the rest through to the source without caching until the worker restarts")
             log.error(message)
-            return _memory(), "memory", message
+            return conn, "read-only", message
         damage = exc
     aside = path.with_name(path.name + ".damaged")
     log.error("the cache record %s is damaged (%s): moving it aside to %s and starting an empty "
@@ -103,6 +116,23 @@ def _open(path: Path, mode: int) -> sqlite3.Connection:
         if rows != [("ok",)]:
             raise Damaged("; ".join(str(r[0]) for r in rows[:3]))
         conn.executescript(_SCHEMA)
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def _open_read_only(path: Path) -> sqlite3.Connection:
+    if not path.is_file():
+        raise Damaged(f"{path} is not a regular file")
+    conn = sqlite3.connect(f"file:{path}?mode=ro&immutable=1", uri=True, check_same_thread=False,
+                           isolation_level=None)
+    try:
+        rows = conn.execute("PRAGMA quick_check").fetchall()
+        if rows != [("ok",)]:
+            raise Damaged("; ".join(str(r[0]) for r in rows[:3]))
+        conn.execute("SELECT name, size, crc FROM chunks LIMIT 1").fetchall()
+        conn.execute("SELECT name, tree, path FROM pins LIMIT 1").fetchall()
     except BaseException:
         conn.close()
         raise

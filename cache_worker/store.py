@@ -118,8 +118,8 @@ class ChunkStore:
         self._db, state, message = open_record(root / "chunks.db", self.file_mode)
         #: Why the record was replaced or cannot be used (kept until the worker restarts).
         self._record_problem = message
-        #: The record is in memory only: store nothing, touch no chunk file.
-        self._read_through = state == "memory"
+        #: The record cannot be written (read-only or in memory): store nothing, touch no file.
+        self._read_through = state in ("read-only", "memory")
         #: Why fills read through for want of space; None once the disk has room again.
         self._full: str | None = None
         self._full_retry_at = 0.0
@@ -338,11 +338,14 @@ class ChunkStore:
             self._delete_record_locked(name, row[0])
 
     def _delete_record_locked(self, name: str, size: int) -> None:
-        try:
-            self._write_many("DELETE FROM chunks WHERE name = ?", [(name,)])
-        except sqlite3.Error as exc:
-            self._write_failed("dropping a record", exc)
+        if self._read_through:
             self._gone.add(name)
+        else:
+            try:
+                self._write_many("DELETE FROM chunks WHERE name = ?", [(name,)])
+            except sqlite3.Error as exc:
+                self._write_failed("dropping a record", exc)
+                self._gone.add(name)
         self.used_bytes -= size
         self._touched.pop(name, None)
 
@@ -462,6 +465,8 @@ class ChunkStore:
                                   f"cannot record the direct tree's chunks in {self.root / 'chunks.db'}: {exc}") from exc
 
     def unpin(self, tree: str) -> None:
+        if self._read_through:
+            return
         with self._lock:
             try:
                 self._write_many("DELETE FROM pins WHERE tree = ?", [(tree,)])
@@ -535,6 +540,8 @@ class ChunkStore:
             self._evict_locked(incoming, force)
 
     def _evict_locked(self, incoming: int, force: bool = False) -> None:
+        if self._read_through:  # nothing is stored, and the record cannot say what was evicted
+            return
         if not force and self.used_bytes + self.external_bytes + self._reserved + incoming <= self.capacity:
             return
         self._flush_touches_locked()

@@ -316,3 +316,27 @@ def test_the_longest_key_kept_still_fits_under_a_prefix_and_messages_stay_short(
     assert key_to_path(fits + "y") is None
     assert key_to_path("é" * (_KEY_MAX // 2 + 1)) is None  # counted in bytes, not characters
     assert len(shown("x" * 5000)) < 200 and "5000 bytes" in shown("x" * 5000)
+
+
+@pytest.mark.integration
+def test_a_store_opened_on_a_full_disk_serves_what_it_has_and_reads_the_rest_through(small_tmpfs):
+    """A worker restarted on a disk that is already full must start, serve what it has (SQLite
+    cannot make the record's shared-memory file there: it is opened read-only and unchanging),
+    read the rest through, and drop nothing."""
+    root = small_tmpfs / "chunks"
+    store = ChunkStore(root, capacity=1 << 30)
+    body = os.urandom(500_000)
+    store.put(ChunkId("e" * 40, 0), body)
+    store.close()
+    _fill(small_tmpfs / "filler")
+    store = ChunkStore(root, capacity=1 << 30)
+    assert store.read(ChunkId("e" * 40, 0), 0, len(body)) == body
+    assert store.read(ChunkId("9" * 40, 0), 0, 10) is None
+    with pytest.raises(CacheFull):
+        store.put(ChunkId("f" * 40, 0), os.urandom(500_000))
+    assert store.problem and "cannot open the cache record" in store.problem, store.problem
+    store.close()
+    (small_tmpfs / "filler").unlink()
+    again = ChunkStore(root, capacity=1 << 30)
+    assert again.read(ChunkId("e" * 40, 0), 0, len(body)) == body  # nothing was dropped
+    again.close()
