@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from .keys import KeyFilter, key_to_path
+from .keys import KeyFilter, key_to_path, shown
 from .source import RemoteObject, Source
 
 log = logging.getLogger(__name__)
@@ -81,7 +81,7 @@ def build_index(
             if path is None:
                 skipped += 1
                 if skipped <= _WARN_LIMIT:
-                    log.warning("skipping object key that cannot be a path: %r", obj.key)
+                    log.warning("skipping object key that cannot be a path: %s", shown(obj.key))
                 continue
             if path.leaf is None:
                 if not key_filter.include:  # a marker makes an empty directory visible

@@ -2,7 +2,8 @@
 
 Object keys are arbitrary strings; file paths are not. A key that could escape the mount or
 name something other than itself (``..``, ``.``, empty segments such as ``a//b``, a leading
-``/``, NUL, segments longer than a file name may be) is left out of the view, logged and
+``/``, NUL, segments longer than a file name may be), or that is too long to be opened as a path
+under a mountpoint or in a direct tree (see ``_KEY_MAX``), is left out of the view, logged and
 counted, never rewritten: a rewritten key could collide with a real one.
 """
 
@@ -14,6 +15,11 @@ from functools import lru_cache
 
 #: Linux NAME_MAX, in bytes.
 _NAME_MAX = 255
+#: Longest key kept, in bytes. Linux's PATH_MAX is 4096 with the NUL, and a key is opened below
+#: a prefix: the mountpoint, or ``CACHE_DIR/direct/<id>/`` for a direct tree. Leaving 1 KiB for
+#: that prefix keeps every kept key openable by absolute path in both. S3 keys are at most
+#: 1,024 bytes, so only HDFS paths (whose length HDFS does not bound by default) can be longer.
+_KEY_MAX = 4096 - 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,7 +35,7 @@ def key_to_path(key: str) -> KeyPath | None:
 
     A key ending in ``/`` is a directory marker (what consoles create for empty "folders").
     """
-    if not key or key.startswith("/") or "\x00" in key:
+    if not key or key.startswith("/") or "\x00" in key or len(key.encode("utf-8", "surrogateescape")) > _KEY_MAX:
         return None
     is_dir = key.endswith("/")
     parts = key[:-1].split("/") if is_dir else key.split("/")
@@ -39,6 +45,15 @@ def key_to_path(key: str) -> KeyPath | None:
     if is_dir:
         return KeyPath(tuple(parts), None)
     return KeyPath(tuple(parts[:-1]), parts[-1])
+
+
+def shown(key: str, limit: int = 160) -> str:
+    """``key`` quoted for a message, cut in the middle when long: one line must stay readable
+    even for a key of several KiB."""
+    text = repr(key)
+    if len(text) <= limit:
+        return text
+    return f"{text[: limit // 2]}...{text[-limit // 4 :]} ({len(key.encode('utf-8', 'surrogateescape'))} bytes)"
 
 
 @lru_cache(maxsize=256)

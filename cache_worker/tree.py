@@ -11,7 +11,8 @@ the cache's filesystem, under ``CACHE_DIR/direct/<snapshot id>/``:
   chunks); those bytes count against the capacity, and if they do not fit the tree is not
   built and the reason is reported;
 * zero-byte objects are empty files, empty directories are included; files are 0444,
-  directories 0555, and mtimes are what the FUSE view shows (the object's for files, the
+  directories 0555 (0400 and 0500 for a private view, one without ``allow_other``: the tree
+  is bound over the mountpoint and must refuse whom the view refuses), and mtimes are what the FUSE view shows (the object's for files, the
   snapshot's for directories). Paths come from the index, which only admits keys that are
   safe paths; every path is checked again here, so nothing can land outside the tree.
 
@@ -46,6 +47,7 @@ from pathlib import Path
 
 from .dataset import DatasetCache
 from .index import Index
+from .keys import shown
 from .source import RemoteObject
 from .store import ChunkId
 
@@ -55,6 +57,10 @@ DIRECT_DIR = "direct"
 _BUILDING = ".building-"
 _PIN_BATCH = 5000
 _COPY_STEP = 64 << 20
+#: Linux PATH_MAX, with the terminating NUL.
+_PATH_MAX = 4096
+#: What the building directory's name adds to the tree's path (``.building-<id>-<pid>``).
+_BUILDING_EXTRA = 32
 
 
 class TreeError(Exception):
@@ -84,8 +90,14 @@ def _safe_parts(rel: str) -> list[str]:
     parts = rel.split("/") if rel else []
     for part in parts:
         if part in ("", ".", "..") or "\0" in part or len(part.encode("utf-8", "surrogateescape")) > 255:
-            raise TreeError(f"refusing unsafe path {rel!r} in the index")
+            raise TreeError(f"refusing unsafe path {shown(rel)} in the index")
     return parts
+
+
+def _os_error(exc: OSError) -> str:
+    """An OSError in one readable line (its file name can be a path of several KiB)."""
+    where = f": {shown(exc.filename)}" if exc.filename else ""
+    return f"{exc.strerror or exc}{where}"
 
 
 def _dest(tree: Path, rel: str) -> Path:
@@ -139,7 +151,10 @@ class DirectTrees:
         self.cache = cache
         self.store = cache.store
         self.id = snapshot_id(index)
-        self.root.mkdir(parents=True, exist_ok=True)
+        self._file_mode = 0o400 if self.store.private else 0o444
+        self._dir_mode = 0o500 if self.store.private else 0o555
+        self.root.mkdir(mode=self.store.dir_mode, parents=True, exist_ok=True)
+        os.chmod(self.root, self.store.dir_mode)
         #: The tree of the current snapshot once it is complete and verified (then repairs run).
         self.current: TreeInfo | None = None
         self._repairs: queue.Queue[str] = queue.Queue()
@@ -275,7 +290,8 @@ class DirectTrees:
             info = TreeInfo(id=tree_id, path=str(self.tree_path(tree_id)), files=files, dirs=len(dirs) + 1,
                             bytes=total, assembled_bytes=assembled, built_at=time.time())
             manifest = self.root / f"{_BUILDING}{tree_id}.json"
-            manifest.write_text(json.dumps(asdict(info)))
+            with open(os.open(manifest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, self.store.file_mode), "w") as out:
+                out.write(json.dumps(asdict(info)))
             os.replace(manifest, self._manifest(tree_id))
             os.rename(tmp, self.tree_path(tree_id))
         except BaseException as exc:
@@ -287,7 +303,7 @@ class DirectTrees:
             if isinstance(exc, TreeError):
                 raise
             if isinstance(exc, OSError):
-                raise TreeError(f"building the direct tree failed: {exc}") from exc
+                raise TreeError(f"building the direct tree failed: {_os_error(exc)}") from exc
             raise
         log.info("built direct tree %s: %d files, %d bytes (%d assembled)", info.path, files, total, assembled)
         return info
@@ -301,6 +317,7 @@ class DirectTrees:
             if stop is not None and stop.is_set():
                 raise TreeError("stopped")
             _safe_parts(obj.key)
+            self._check_length(tree_id, obj.key)
             files += 1
             total += obj.size
             if obj.size == 0:
@@ -320,16 +337,27 @@ class DirectTrees:
         self.store.pin(tree_id, batch)
         if missing:
             raise TreeError(f"not fully cached yet: {missing} of {files} files are missing from the cache "
-                            f"(for example {example})")
+                            f"(for example {shown(example)})")
         return files, total, assembled
+
+    def _check_length(self, tree_id: str, rel: str) -> None:
+        """Every path of the tree must fit in PATH_MAX, also while it is being built. The index
+        leaves out keys that cannot fit under any reasonable prefix (keys.py); this catches an
+        index from before that rule, or a cache directory of over 1 KiB."""
+        length = len(os.fsencode(self.tree_path(tree_id))) + _BUILDING_EXTRA + 1 + len(
+            rel.encode("utf-8", "surrogateescape"))
+        if length >= _PATH_MAX:
+            raise TreeError(f"{shown(rel)} would be a path of {length} bytes in the direct tree, over Linux's "
+                            f"limit of {_PATH_MAX}: list the source again (--refresh) to leave such keys out, "
+                            f"or use a shorter --cache-dir")
 
     def _seal_dirs(self, tree: Path, dirs: list[str]) -> None:
         mtime = int(self.index.summary.built_at * 1e9)
         for rel in reversed(dirs):
             path = _dest(tree, rel)
-            os.chmod(path, 0o555)
+            os.chmod(path, self._dir_mode)
             os.utime(path, ns=(mtime, mtime))
-        os.chmod(tree, 0o555)
+        os.chmod(tree, self._dir_mode)
         os.utime(tree, ns=(mtime, mtime))
 
     def _ensure_chunk(self, obj: RemoteObject, chunk: ChunkId) -> None:
@@ -340,9 +368,9 @@ class DirectTrees:
         try:
             self.cache.fill(obj, chunk, background=True)
         except Exception as exc:  # noqa: BLE001 - becomes the tree's reason
-            raise TreeError(f"refetching {obj.key} failed: {exc}") from exc
+            raise TreeError(f"refetching {shown(obj.key)} failed: {exc}") from exc
         if not self.store.verify(chunk.name):
-            raise TreeError(f"{obj.key} could not be cached again ({self.cache.counters.degraded or 'cache full?'})")
+            raise TreeError(f"{shown(obj.key)} could not be cached again ({self.cache.counters.degraded or 'cache full?'})")
 
     def _place(self, obj: RemoteObject, tree: Path, fresh: bool) -> bool:
         """Make ``tree/obj.key`` hold exactly the object's bytes; True if it had to change.
@@ -357,10 +385,12 @@ class DirectTrees:
             return False
         if not fresh:
             dest.unlink(missing_ok=True)
-        out = dest if fresh else dest.with_name(f".{dest.name}.dh-{os.getpid()}")
+        # A hashed temporary name: the entry's own name may already be NAME_MAX long.
+        digest = hashlib.sha256(dest.name.encode("utf-8", "surrogateescape")).hexdigest()[:16]
+        out = dest if fresh else dest.with_name(f".dh-{os.getpid()}-{digest}")
         out.unlink(missing_ok=True)
         if obj.size == 0:
-            fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o444)
+            fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, self._file_mode)
             os.close(fd)
         elif len(chunks) == 1:
             self._ensure_chunk(obj, chunks[0])
@@ -369,14 +399,14 @@ class DirectTrees:
             for chunk in chunks:
                 self._ensure_chunk(obj, chunk)
             self._assemble(obj, chunks, out)
-        os.chmod(out, 0o444)
+        os.chmod(out, self._file_mode)
         os.utime(out, ns=(mtime, mtime))
         if out != dest:
             os.replace(out, dest)
         return True
 
     def _assemble(self, obj: RemoteObject, chunks: list[ChunkId], out: Path) -> None:
-        fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o444)
+        fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, self._file_mode)
         try:
             for chunk in chunks:
                 src = os.open(self.store.path(chunk.name), os.O_RDONLY)
@@ -385,12 +415,12 @@ class DirectTrees:
                     while left > 0:
                         n = os.copy_file_range(src, fd, min(left, _COPY_STEP))
                         if n == 0:
-                            raise TreeError(f"chunk of {obj.key} ended early while assembling it")
+                            raise TreeError(f"chunk of {shown(obj.key)} ended early while assembling it")
                         left -= n
                 finally:
                     os.close(src)
             if os.fstat(fd).st_size != obj.size:
-                raise TreeError(f"assembled {obj.key} has the wrong size")
+                raise TreeError(f"assembled {shown(obj.key)} has the wrong size")
         finally:
             os.close(fd)
 
@@ -430,9 +460,11 @@ class DirectTrees:
         tree = Path(info.path)
         rows: list[tuple[str, str]] = []
         repaired = 0
+        # Built under another privacy policy, maybe: its root decides who can enter the bind.
+        os.chmod(tree, self._dir_mode)
         for rel in self._dir_paths():
             if not _dest(tree, rel).is_dir():
-                raise TreeError(f"directory {rel} is missing from the direct tree")
+                raise TreeError(f"directory {shown(rel)} is missing from the direct tree")
         for obj in self.index.walk_files():
             if stop is not None and stop.is_set():
                 raise TreeError("stopped")
@@ -443,7 +475,7 @@ class DirectTrees:
             try:
                 repaired += self._place(obj, tree, fresh=False)
             except OSError as exc:
-                raise TreeError(f"repairing {obj.key} in the direct tree failed: {exc}") from exc
+                raise TreeError(f"repairing {shown(obj.key)} in the direct tree failed: {_os_error(exc)}") from exc
         self.store.pin(info.id, rows)
         if repaired:
             log.warning("direct tree %s: %d entries were wrong and have been replaced", info.path, repaired)

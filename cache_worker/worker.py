@@ -154,6 +154,8 @@ class Worker:
     def _lock_cache_dir(self) -> None:
         cfg = self.config
         cfg.cache_dir.mkdir(parents=True, exist_ok=True)
+        if not cfg.allow_other:  # the cache holds the view's bytes: as private as the view
+            os.chmod(cfg.cache_dir, 0o700)
         fd = os.open(cfg.cache_dir / "lock", os.O_RDWR | os.O_CREAT, 0o600)
         # A worker that was just unmounted may still be shutting down: give it a moment.
         deadline = time.monotonic() + _LOCK_WAIT_SECONDS
@@ -198,7 +200,7 @@ class Worker:
         self._lock_cache_dir()
         self.source = open_source(cfg.source, cfg.endpoint_url, cfg.region)
         self.index = self._open_index()
-        self.store = ChunkStore(cfg.cache_dir / "chunks", capacity=1 << 62)
+        self.store = ChunkStore(cfg.cache_dir / "chunks", capacity=1 << 62, private=not cfg.allow_other)
         self.store.capacity = cfg.capacity or _default_capacity(cfg.cache_dir, self.store.used_bytes)
         self.cache = DatasetCache(self.source, self.store, self.counters, cfg.tuning)
         if cfg.direct:
@@ -425,6 +427,7 @@ class Worker:
         if self.view is not None:
             self.view.drain_opens()
         c = self.counters
+        store = self.store
         with c.lock:
             w = c.warm
             warming = WarmingStats(
@@ -444,12 +447,11 @@ class Worker:
                 misses=c.misses,
                 errors=c.errors,
                 last_error=c.last_error,
-                degraded=c.degraded,
+                degraded=c.degraded or (store.problem if store else None),
                 unverified_objects=c.unverified_objects,
                 integrity_mismatches=c.integrity_mismatches,
                 last_mismatch=c.last_mismatch,
             )
-        store = self.store
         return WorkerStats(
             source=self.config.source,
             mountpoint=str(self.config.mountpoint),
