@@ -2,7 +2,9 @@
 
 :class:`NodePlugin` wires the parts together (state, mounter, locks, repairer, the two services,
 the logging interceptor) and owns the gRPC server; tests start it in-process on a temporary
-socket, and :func:`main` adds the command line and SIGTERM handling.
+socket, and :func:`main` adds the command line and SIGTERM handling. With
+``--registration-dir`` the plugin also registers itself with the kubelet
+(:mod:`.registration`), in place of the node-driver-registrar sidecar.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from .logging_interceptor import LoggingInterceptor
 from .mounter import LinuxMounter, Mounter
 from .node import NodeConfig, NodeService
 from .recovery import Repairer, RepairLoop
+from .registration import KubeletRegistration
 from .state import StateStore
 from .volume_lock import TargetLocks
 
@@ -72,8 +75,11 @@ def _has_cap_sys_admin() -> bool:
 
 
 class NodePlugin:
-    def __init__(self, config: NodeConfig, mounter: Mounter | None = None) -> None:
+    def __init__(self, config: NodeConfig, mounter: Mounter | None = None,
+                 registration: KubeletRegistration | None = None) -> None:
         self.config = config
+        #: Self-registration with the kubelet, or None when node-driver-registrar does it.
+        self.registration = registration
         self.mounter = mounter or LinuxMounter()
         self.state = StateStore(config.state_file)
         self.locks = TargetLocks()
@@ -97,10 +103,14 @@ class NodePlugin:
             problems.append(f"state directory {state_dir} is not writable")
         if self.server is not None and not self.repair_loop.alive():
             problems.append("the repair loop has stopped")
+        if self.registration is not None:
+            problems.extend(self.registration.problems())
         return problems
 
     def start(self, endpoint: str) -> str:
-        """Bind the socket and serve; returns the socket path."""
+        """Bind the socket and serve, then (if configured) offer the kubelet the registration
+        socket, which must come second: the kubelet calls NodeGetInfo as soon as it registers
+        the plugin. Returns the CSI socket path."""
         path = socket_path(endpoint)
         os.makedirs(os.path.dirname(path), exist_ok=True)
         try:
@@ -118,15 +128,24 @@ class NodePlugin:
             raise OSError(f"cannot listen on {path}")
         server.start()
         self.server, self.socket = server, path
-        self.repair_loop.start()
         log.info(
             "%s node plugin serving on %s (node %s, host root %s, %d published target(s))",
             names.CSI_DRIVER_NAME, path, self.config.node_id, self.config.host_root, len(self.state.all()),
         )
+        if self.registration is not None:
+            try:
+                self.registration.start()
+            except (OSError, ValueError):
+                self.stop(grace=0)
+                raise
+        self.repair_loop.start()
         return path
 
     def stop(self, grace: float = STOP_GRACE) -> None:
-        """Stop accepting calls, let in-flight ones finish, stop repairs. Mounts stay as they are."""
+        """Deregister from the kubelet (if self-registered), stop accepting calls, let in-flight
+        ones finish, stop repairs. Mounts stay as they are."""
+        if self.registration is not None:
+            self.registration.stop()
         if self.server is not None:
             self.server.stop(grace).wait()
         self.repair_loop.stop()
@@ -159,6 +178,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-namespace-repair", dest="repair_namespaces", action="store_false",
                         help="after a worker restart, repair only the published targets, not dead copies in "
                              "pods without mount propagation or in subPath mounts")
+    parser.add_argument("--registration-dir", type=Path,
+                        default=os.environ.get("DATAHOARD_REGISTRATION_DIR") or None,
+                        help="register with the kubelet by serving its plugin-registration service on "
+                             f"DIR/{names.CSI_DRIVER_NAME}-reg.sock; DIR is the kubelet's plugins_registry "
+                             "directory as mounted in this container (default: $DATAHOARD_REGISTRATION_DIR; "
+                             "unset: no self-registration, node-driver-registrar does it)")
+    parser.add_argument("--kubelet-registration-path",
+                        default=os.environ.get("DATAHOARD_KUBELET_REGISTRATION_PATH") or None,
+                        help="the CSI socket's path as the kubelet sees it on the host, e.g. "
+                             f"/var/lib/kubelet/plugins/{names.CSI_DRIVER_NAME}/csi.sock (default: "
+                             "$DATAHOARD_KUBELET_REGISTRATION_PATH, else the --endpoint path)")
     parser.add_argument("--log-level", default=os.environ.get("LOG_LEVEL", "INFO"),
                         choices=["DEBUG", "INFO", "WARNING", "ERROR"], type=str.upper)
     return parser.parse_args(argv)
@@ -180,17 +210,30 @@ def main(argv: list[str] | None = None) -> int:
         repair_interval=args.repair_interval,
         repair_namespaces=args.repair_namespaces,
     )
-    plugin = NodePlugin(config)
+    stopping = threading.Event()
+    registration = None
     try:
+        if args.registration_dir is not None:
+            registration = KubeletRegistration(
+                names.CSI_DRIVER_NAME, args.registration_dir,
+                args.kubelet_registration_path or socket_path(args.endpoint),
+                on_rejected=lambda _reason: stopping.set())
+        plugin = NodePlugin(config, registration=registration)
         plugin.start(args.endpoint)
     except (OSError, ValueError) as exc:
         log.error("cannot start: %s", exc)
         return 1
-    stopping = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda signum, _frame: stopping.set())
     while not stopping.wait(3600):
         pass
+    if registration is not None and registration.rejection is not None:
+        # As node-driver-registrar does: exit non-zero so the container restarts and the
+        # kubelet gets a fresh socket to register; the reason is in the line logged above.
+        log.error("exiting: the kubelet rejected the registration (%s); published volumes stay mounted",
+                  registration.rejection)
+        plugin.stop()
+        return 1
     log.info("signal received, stopping (published volumes stay mounted)")
     plugin.stop()
     return 0
