@@ -223,7 +223,9 @@ up() {
     done
     getent ahostsv4 "$NODE_NAME" | grep -q '^127\.' \
         || die "the hostname $NODE_NAME must resolve to 127.0.0.1 (the API server reaches the kubelet by it): add it to /etc/hosts"
-    if status; then log "already up"; return 0; fi
+    if status; then   # up already: bring its images up to date (a changed Dockerfile or source)
+        binaries; import_images; log "already up"; return 0
+    fi
     down >/dev/null
     binaries
     mkdir -p "$LOGS" "$PIDS" "$RUN"

@@ -1,0 +1,129 @@
+"""The user's path on a real node, nothing faked: examples/dataset.yaml (only its endpoint changed,
+to the S3 server on the host's bridge address), the operator schedules the worker on the node,
+the PV/PVC bind, examples/job.yaml then examples/pytorchjob.yaml (the Kubeflow training-operator
+v1.8.1, built from its Go module) read every file through the PVC and check every byte, and
+`kubectl get datasets` shows the hit ratio those reads produced."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from collections.abc import Iterator
+
+import pytest
+from conftest import SYSTEM_NS
+from nodekube import REPO, TOOLS_DIR, Kube, eventually
+
+pytestmark = [pytest.mark.node, pytest.mark.timeout(1800)]
+
+NS = "ml"
+FILES = 60   # conftest.dataset_bucket
+IMAGE = "localhost/datahoard:dev"   # the readers run the product image: it has Python
+
+
+def local_image(manifest: str) -> str:
+    """The examples pull python:3.12-slim-bookworm; here there is no registry."""
+    out, n = re.subn(r"^(\s*)image: python:3\.12-slim-bookworm$",
+                     rf"\1image: {IMAGE}\n\1imagePullPolicy: Never", manifest, flags=re.M)
+    assert n >= 1, "the example's reader image changed: update local_image()"
+    return out
+
+
+@pytest.fixture(scope="module")
+def dataset(release: Kube, bridge_s3, dataset_bucket) -> Iterator[Kube]:
+    kube = release
+    # Fake GPUs (an extended resource), as the kind e2e does: the Dataset's default placement and
+    # the examples' GPU limits then behave as on a GPU node.
+    kube("patch", "node", kube.node, "--subresource=status", "--type=json", "-p",
+         '[{"op":"add","path":"/status/capacity/nvidia.com~1gpu","value":"4"}]')
+    eventually(lambda: kube("get", "node", kube.node, "-o",
+                            r"jsonpath={.status.allocatable.nvidia\.com/gpu}") == "4", 60, "fake GPUs")
+    kube("create", "namespace", NS)
+    text = (REPO / "examples" / "dataset.yaml").read_text()
+    assert "endpoint: http://minio.minio:9000" in text
+    kube("apply", "-n", NS, "-f", str(REPO / "examples" / "s3-secret.yaml"))
+    kube.apply(text.replace("http://minio.minio:9000", bridge_s3.endpoint), namespace=NS)
+    try:
+        eventually(lambda: kube("get", "-n", NS, "dataset", "imagenet", "-o",
+                                "jsonpath={.status.phase}") == "Ready", 600, "Dataset imagenet Ready")
+    except AssertionError:
+        print(kube("get", "-n", NS, "dataset", "imagenet", "-o", "yaml", check=False))
+        print(kube("get", "pods", "-A", "-o", "wide", check=False))
+        print(kube("logs", "-n", SYSTEM_NS, "-l", "app.kubernetes.io/component=cache-worker", "--tail=50",
+                   check=False))
+        raise
+    yield kube
+    kube("delete", "pytorchjob,job", "--all", "-n", NS, "--wait=true", check=False, timeout=180)
+    kube("delete", "-n", NS, "dataset", "imagenet", "--wait=true", check=False, timeout=300)
+    kube("delete", "namespace", NS, "--wait=true", check=False, timeout=300)
+
+
+def test_worker_on_the_node_and_pvc_bound(dataset: Kube) -> None:
+    kube = dataset
+    status = kube.json("dataset", "-n", NS, "imagenet")["status"]
+    assert status["files"] == FILES, status   # README.txt is left out by the include filter
+    workers = kube.json("pods", "-n", SYSTEM_NS, "-l", "app.kubernetes.io/component=cache-worker")["items"]
+    assert [w["spec"]["nodeName"] for w in workers] == [kube.node], workers
+    assert workers[0]["status"]["phase"] == "Running"
+    eventually(lambda: kube("get", "-n", NS, "pvc", "imagenet", "-o", "jsonpath={.status.phase}") == "Bound",
+               120, "PVC imagenet Bound")
+
+
+def run_job(kube: Kube) -> str:
+    kube("delete", "job", "read-imagenet", "-n", NS, "--ignore-not-found", "--wait=true", timeout=180)
+    kube.apply(local_image((REPO / "examples" / "job.yaml").read_text()), namespace=NS)
+    try:
+        kube("wait", "-n", NS, "--for=condition=complete", "job/read-imagenet", "--timeout=300s", timeout=320)
+    finally:
+        logs = kube.logs("-n", NS, "job/read-imagenet")
+    return logs
+
+
+def test_job_reads_and_verifies_every_file_twice(dataset: Kube) -> None:
+    kube = dataset
+    for run in (1, 2):
+        logs = run_job(kube)
+        assert f"verified {FILES} files" in logs, f"run {run}: {logs}"
+        pod = kube.json("pods", "-n", NS, "-l", "job-name=read-imagenet")["items"][0]
+        assert pod["spec"]["nodeName"] == kube.node
+
+
+def test_pytorchjob_reads_through_the_pvc(dataset: Kube) -> None:
+    kube = dataset
+    built = subprocess.run([str(REPO / "tests/tools/build-training-operator.sh"), str(TOOLS_DIR),
+                            kube.kubectl], check=True, capture_output=True, text=True, timeout=1800).stdout.strip()
+    subprocess.run([str(REPO / "tests/node/cluster.sh"), "import", f"{built}/training-operator.tar"],
+                   check=True, capture_output=True, timeout=300)
+    kube("apply", "--server-side", "-f", f"{built}/standalone.yaml", timeout=180)
+    kube("-n", "kubeflow", "rollout", "status", "deploy/training-operator", "--timeout=300s", timeout=320)
+    # Master only: there is no cluster DNS here, so a Worker could not resolve MASTER_ADDR.
+    manifest = local_image((REPO / "examples" / "pytorchjob.yaml").read_text())
+    manifest = manifest[:manifest.index("    Worker:")]
+    # The validating webhook may refuse for a moment after the Deployment is available.
+    eventually(lambda: kube.apply(manifest, namespace=NS), 120, "the PyTorchJob to be accepted", interval=5)
+    eventually(lambda: kube("get", "-n", NS, "pytorchjob", "read-imagenet", "-o",
+                            'jsonpath={.status.conditions[?(@.type=="Succeeded")].status}') == "True",
+               600, "the PyTorchJob to succeed")
+    logs = kube.logs("-n", NS, "read-imagenet-master-0")
+    assert f"rank 0 on {kube.node}: verified {FILES} files" in logs, logs
+
+
+def test_get_datasets_shows_the_real_hit_ratio(dataset: Kube) -> None:
+    kube = dataset
+
+    seen: list[dict[str, str]] = []
+
+    def row() -> dict[str, str] | None:
+        out = kube("get", "datasets", "-n", NS).splitlines()
+        cols = re.split(r"\s{2,}", out[0].strip())
+        values = dict(zip(cols, re.split(r"\s{2,}", out[1].strip())))
+        seen[:] = [values]
+        ratio = values.get("HIT RATIO", "")
+        return values if re.fullmatch(r"[0-9.]+", ratio) and float(ratio) > 0.45 else None
+
+    try:
+        values = eventually(row, 60, "kubectl get datasets to show the hit ratio of the reads")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; last row: {seen}") from None
+    print("kubectl get datasets:", values)
+    assert values["CACHED"] == "100.0%" and values["NODES"] == "1/1" and values["PHASE"] == "Ready", values
