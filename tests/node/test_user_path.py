@@ -6,12 +6,13 @@ v1.8.1, built from its Go module) read every file through the PVC and check ever
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 from collections.abc import Iterator
 
 import pytest
-from conftest import SYSTEM_NS
+from conftest import NODE_DIR, SYSTEM_NS
 from nodekube import REPO, TOOLS_DIR, Kube, eventually
 
 pytestmark = [pytest.mark.node, pytest.mark.timeout(1800)]
@@ -127,3 +128,41 @@ def test_get_datasets_shows_the_real_hit_ratio(dataset: Kube) -> None:
         raise AssertionError(f"{exc}; last row: {seen}") from None
     print("kubectl get datasets:", values)
     assert values["CACHED"] == "100.0%" and values["NODES"] == "1/1" and values["PHASE"] == "Ready", values
+
+
+def mounts_under(path: str) -> list[str]:
+    with open("/proc/self/mountinfo") as f:
+        return [line.split()[4] for line in f if line.split()[4].startswith(path)]
+
+
+def test_delete_then_uninstall_leaves_nothing(dataset: Kube, helm: str) -> None:
+    """Deleting the Dataset removes its PV/PVC, worker, mounts and cache; `helm uninstall` then
+    leaves no pods and no mounts of ours on the node (the CRD stays, on purpose)."""
+    kube = dataset
+    kube("delete", "pytorchjob,job", "--all", "-n", NS, "--wait=true", timeout=180)
+    kube("delete", "-n", NS, "dataset", "imagenet", "--wait=true", timeout=300)
+    for what in (["-n", NS, "pvc", "imagenet"], ["pv", f"datahoard-{NS}-imagenet"]):
+        eventually(lambda: kube("get", *what, check=False, timeout=30) == "", 120, f"{what} gone")
+    host_root = f"{NODE_DIR}/var/datahoard"
+    eventually(lambda: not [m for m in mounts_under(host_root) if m != host_root], 180,
+               f"no FUSE view left under {host_root}")
+    eventually(lambda: not os.path.exists(f"{host_root}/cache/{NS}/imagenet"), 180, "the cache removed")
+    subprocess.run([helm, "uninstall", "datahoard", "-n", SYSTEM_NS, "--wait", "--timeout", "3m"],
+                   check=True, capture_output=True, env=kube.env, timeout=240)
+    left: list[str] = []
+
+    def no_pods() -> bool:
+        left[:] = kube("get", "pods", "-n", SYSTEM_NS, "-o",
+                       "custom-columns=NAME:.metadata.name,PHASE:.status.phase,OWNER:.metadata.ownerReferences[0].kind",
+                       "--no-headers").splitlines()
+        # The operator's cleanup Job (builders.py, ttlSecondsAfterFinished 600) is not part of the
+        # release: its finished pod stays until the TTL controller removes it. Nothing runs.
+        return not [p for p in left if not p.split()[1:] == ["Succeeded", "Job"]]
+
+    try:
+        eventually(no_pods, 180, "no pods left")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}: {left}") from None
+    kubelet_pods = f"{NODE_DIR}/var/kubelet/pods"
+    assert not [m for m in mounts_under(kubelet_pods) if "kubernetes.io~csi" in m], mounts_under(kubelet_pods)
+    assert kube("get", "crd", "datasets.datahoard.io", "-o", "name").strip()
