@@ -9,6 +9,7 @@
 #   cluster.sh down     stop everything it started; leaves no process, mount, netns, bridge or cgroup
 #   cluster.sh env      print the shell lines that point kubectl at the cluster
 #   cluster.sh status   exit 0 when the API server answers
+#   cluster.sh restart-kubelet   stop and start the kubelet (a fault test)
 #
 # Network: every component listens on 127.0.0.1. Pods sit on bridge dh0 (10.244.0.0/24), which has
 # no uplink, no gateway route and no masquerade; ip_forward is not touched. The host holds
@@ -216,6 +217,21 @@ node_ready() {
     [[ "$("$ENVTEST/kubectl" get node "$NODE_NAME" -o jsonpath='{.status.conditions[?(@.type=="Ready")].status}')" == True ]]
 }
 
+start_kubelet() {
+    start kubelet "$NODEBIN/kubelet" --config="$NODE_DIR/etc/kubelet.yaml" --kubeconfig="$PKI/kubelet.kubeconfig" \
+        --root-dir="$KUBELET_DIR" --cert-dir="$KUBELET_DIR/pki" -v=2
+}
+
+restart_kubelet() { # the fault tests: the kubelet goes away and comes back; pods keep running
+    status || die "not up"
+    ENVTEST="$("$REPO/tests/tools/build-envtest.sh" "$TOOLS_DIR")"
+    NODEBIN="$("$REPO/tests/tools/build-node.sh" "$TOOLS_DIR")"
+    stop kubelet
+    mv "$LOGS/kubelet.log" "$LOGS/kubelet.log.$(date +%s)"
+    start_kubelet
+    waitfor 120 "kubelet back on 127.0.0.1:10248" curl -sf http://127.0.0.1:10248/healthz
+}
+
 up() {
     [[ $EUID -eq 0 ]] || die "needs root (containerd, runc, the pod bridge)"
     for tool in containerd runc ctr socat ip openssl /usr/lib/cni/bridge; do
@@ -269,8 +285,7 @@ up() {
     start scheduler "$NODEBIN/kube-scheduler" --kubeconfig="$PKI/scheduler.kubeconfig" \
         --authentication-kubeconfig="$PKI/scheduler.kubeconfig" --authorization-kubeconfig="$PKI/scheduler.kubeconfig" \
         --bind-address=127.0.0.1 --leader-elect=false
-    start kubelet "$NODEBIN/kubelet" --config="$NODE_DIR/etc/kubelet.yaml" --kubeconfig="$PKI/kubelet.kubeconfig" \
-        --root-dir="$KUBELET_DIR" --cert-dir="$KUBELET_DIR/pki" -v=2
+    start_kubelet
     waitfor 120 "node $NODE_NAME Ready" node_ready
     waitfor 60 "default ServiceAccount exists" "$ENVTEST/kubectl" -n default get sa default
     log "cluster up"
@@ -335,6 +350,7 @@ case "${1:-}" in
     down) shift; down "$@" ;;
     env) env_lines ;;
     status) status ;;
+    restart-kubelet) restart_kubelet ;;
     import) shift; IMAGES="$("$REPO/tests/tools/build-node-images.sh" "$TOOLS_DIR")"; import_images "$@" ;;
     *) echo "usage: cluster.sh up|down [--purge]|env|status|import [TAR...]" >&2; exit 2 ;;
 esac

@@ -24,11 +24,12 @@ def eventually(check: Callable[[], T | None], timeout: float, what: str, interva
     last: object = None
     while True:
         try:
-            last = check()
-        except subprocess.CalledProcessError as exc:
+            value = check()
+            if value:
+                return value
+            last = value
+        except subprocess.CalledProcessError as exc:   # kubectl failed: retry, keep its words
             last = exc.stderr
-        if last:
-            return last  # type: ignore[return-value]
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what} (last: {last!r})")
         time.sleep(interval)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import re
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 from conftest import NODE_DIR, SYSTEM_NS
@@ -130,17 +130,100 @@ def test_get_datasets_shows_the_real_hit_ratio(dataset: Kube) -> None:
     assert values["CACHED"] == "100.0%" and values["NODES"] == "1/1" and values["PHASE"] == "Ready", values
 
 
+VERIFY = """
+import hashlib, os, sys
+files, bad = 0, []
+for dirpath, _, names in os.walk("/data"):
+    for name in names:
+        data = open(os.path.join(dirpath, name), "rb").read()
+        files += 1
+        head, _, body = data.partition(b"\\n")
+        if head[7:].decode() != hashlib.sha256(body).hexdigest():
+            bad.append(name)
+print(f"verified {files} files" if not bad else f"BAD {bad}")
+"""
+
+READER_POD = f"""
+apiVersion: v1
+kind: Pod
+metadata: {{name: long-reader}}
+spec:
+  tolerations: [{{key: nvidia.com/gpu, operator: Exists, effect: NoSchedule}}]
+  containers:
+    - name: reader
+      image: {IMAGE}
+      imagePullPolicy: Never
+      command: ["sleep", "3600"]
+      volumeMounts: [{{name: data, mountPath: /data, readOnly: true}}]
+  volumes:
+    - name: data
+      persistentVolumeClaim: {{claimName: imagenet, readOnly: true}}
+"""
+
+
+@pytest.fixture(scope="module")
+def reader(dataset: Kube) -> Iterator[Callable[[], str]]:
+    """A long-running pod with the PVC mounted; calling the fixture reads and verifies every file
+    in it (kubectl exec), through the mount it got when it started."""
+    kube = dataset
+    kube.apply(READER_POD, namespace=NS)
+    kube("wait", "-n", NS, "--for=condition=Ready", "pod/long-reader", "--timeout=180s", timeout=200)
+    yield lambda: kube("exec", "-n", NS, "long-reader", "--", "python3", "-c", VERIFY, timeout=120).strip()
+    kube("delete", "pod", "-n", NS, "long-reader", "--grace-period=1", "--wait=true", check=False, timeout=120)
+
+
+def test_csi_plugin_restart_keeps_published_volumes(dataset: Kube, reader) -> None:
+    kube = dataset
+    assert reader() == f"verified {FILES} files"
+    sel = ["-n", SYSTEM_NS, "-l", "app.kubernetes.io/component=csi-node"]
+    old = kube("get", "pods", *sel, "-o", "name").strip()
+    kube("delete", old, "-n", SYSTEM_NS, "--wait=true", timeout=120)
+    assert reader() == f"verified {FILES} files"   # while the plugin is gone or starting
+    new = eventually(lambda: (n := kube("get", "pods", *sel, "-o", "name").strip()) and n != old and n, 120,
+                     "a new plugin pod")
+    kube("wait", new, "-n", SYSTEM_NS, "--for=condition=Ready", "--timeout=180s", timeout=200)
+    assert reader() == f"verified {FILES} files"
+    assert "csi.datahoard.io" in eventually(
+        lambda: kube("get", "csinode", kube.node, "-o", "jsonpath={.spec.drivers[*].name}"), 60, "re-registration")
+
+
+def test_kubelet_restart_keeps_pod_volumes(dataset: Kube, reader) -> None:
+    kube = dataset
+    pod = kube.json("pod", "-n", NS, "long-reader")
+    subprocess.run([str(REPO / "tests/node/cluster.sh"), "restart-kubelet"], check=True,
+                   capture_output=True, timeout=200)
+    eventually(lambda: kube("get", "node", kube.node, "-o",
+                            'jsonpath={.status.conditions[?(@.type=="Ready")].status}') == "True", 120, "node Ready")
+    # The first exec may meet the kubelet's API still starting (kubectl exec goes through it).
+    assert eventually(reader, 90, "kubectl exec after the kubelet restart") == f"verified {FILES} files"
+    after = kube.json("pod", "-n", NS, "long-reader")
+    assert after["metadata"]["uid"] == pod["metadata"]["uid"]
+    assert after["status"]["containerStatuses"][0]["restartCount"] == 0
+    # A new pod still gets the volume from the restarted kubelet.
+    logs = run_job(kube)
+    assert f"verified {FILES} files" in logs, logs
+
+
 def mounts_under(path: str) -> list[str]:
     with open("/proc/self/mountinfo") as f:
         return [line.split()[4] for line in f if line.split()[4].startswith(path)]
 
 
-def test_delete_then_uninstall_leaves_nothing(dataset: Kube, helm: str) -> None:
-    """Deleting the Dataset removes its PV/PVC, worker, mounts and cache; `helm uninstall` then
-    leaves no pods and no mounts of ours on the node (the CRD stays, on purpose)."""
+def test_delete_waits_for_the_pod_using_it_then_uninstall_leaves_nothing(dataset: Kube, reader, helm: str) -> None:
+    """Deleting a Dataset while a pod uses its PVC waits, with a condition naming the pod, and the
+    pod keeps reading; once the pod is gone the deletion removes PV/PVC, worker, mounts and cache;
+    `helm uninstall` then leaves no running pods and no mounts of ours (the CRD stays, on purpose)."""
     kube = dataset
     kube("delete", "pytorchjob,job", "--all", "-n", NS, "--wait=true", timeout=180)
-    kube("delete", "-n", NS, "dataset", "imagenet", "--wait=true", timeout=300)
+    kube("delete", "-n", NS, "dataset", "imagenet", "--wait=false")
+    cond = eventually(lambda: [c for c in kube.json("dataset", "-n", NS, "imagenet").get("status", {})
+                               .get("conditions", []) if c.get("reason") == "VolumeInUse"],
+                      120, "a VolumeInUse condition while long-reader uses the PVC")
+    assert "long-reader" in cond[0]["message"], cond
+    assert reader() == f"verified {FILES} files"
+    kube("delete", "pod", "-n", NS, "long-reader", "--grace-period=1", "--wait=true", timeout=120)
+    eventually(lambda: kube("get", "-n", NS, "dataset", "imagenet", "--ignore-not-found", "-o", "name") == "",
+               300, "the Dataset's deletion to finish")
     for what in (["-n", NS, "pvc", "imagenet"], ["pv", f"datahoard-{NS}-imagenet"]):
         eventually(lambda: kube("get", *what, check=False, timeout=30) == "", 120, f"{what} gone")
     host_root = f"{NODE_DIR}/var/datahoard"
