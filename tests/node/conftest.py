@@ -37,7 +37,7 @@ def _missing() -> str | None:
 def pytest_collection_modifyitems(config, items):
     reason = _missing()
     for item in items:
-        if "tests/node/" in str(item.fspath):
+        if "tests/node/" in str(item.fspath) and item.fspath.basename != "test_scripts.py":
             item.add_marker(pytest.mark.node)
             if reason:
                 item.add_marker(pytest.mark.skip(reason=f"node tier {reason}"))

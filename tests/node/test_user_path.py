@@ -209,6 +209,23 @@ def mounts_under(path: str) -> list[str]:
         return [line.split()[4] for line in f if line.split()[4].startswith(path)]
 
 
+def test_pvc_from_another_namespace_is_not_mounted(dataset: Kube) -> None:
+    """A PVC is namespaced: a pod in another namespace naming `imagenet` gets no volume, and the
+    scheduler says why in an Event; the Dataset's own volume is untouched."""
+    kube = dataset
+    kube("create", "namespace", "elsewhere")
+    try:
+        kube.apply(READER_POD, namespace="elsewhere")
+        events = eventually(lambda: [e for e in kube.json("events", "-n", "elsewhere")["items"]
+                                     if e["involvedObject"]["name"] == "long-reader"
+                                     and 'persistentvolumeclaim "imagenet" not found' in e.get("message", "")],
+                            120, "an Event saying the claim is not found")
+        assert events[0]["reason"] == "FailedScheduling", events
+        assert kube("get", "pod", "-n", "elsewhere", "long-reader", "-o", "jsonpath={.status.phase}") == "Pending"
+    finally:
+        kube("delete", "namespace", "elsewhere", "--wait=true", check=False, timeout=180)
+
+
 def test_delete_waits_for_the_pod_using_it_then_uninstall_leaves_nothing(dataset: Kube, reader, helm: str) -> None:
     """Deleting a Dataset while a pod uses its PVC waits, with a condition naming the pod, and the
     pod keeps reading; once the pod is gone the deletion removes PV/PVC, worker, mounts and cache;

@@ -74,7 +74,7 @@ KEY="$(cd "$REPO" && find "${CONTEXT[@]}" tests/node/livenessprobe.py -type f ! 
     | sort -z | xargs -0 sha256sum | sha256sum | cut -c1-16)"
 if [[ ! -f "$OUT/datahoard-$KEY.tar" ]]; then
     T0=$SECONDS
-    # shellcheck source=tests/tools/buildah-base.sh
+    # shellcheck source=/dev/null  # buildah-base.sh, checked on its own
     . "$REPO/tests/tools/buildah-base.sh"
     ensure_base
     log "building the Dockerfile with buildah (context $KEY)"
