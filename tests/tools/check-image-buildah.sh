@@ -15,7 +15,6 @@ set -euo pipefail
 
 TOOLS_DIR="${1:?usage: check-image-buildah.sh TOOLS_DIR}"
 REPO="$(cd "$(dirname "$0")/../.." && pwd)"
-BASE=localhost/datahoard-base:bookworm-py311
 IMAGE=localhost/datahoard:buildah-check
 STORE="$TOOLS_DIR/buildah"
 mkdir -p "$STORE"
@@ -36,26 +35,10 @@ trap cleanup EXIT
 exec 9>"$STORE/.lock"
 flock 9
 
-# 1. The base, once.
-if ! "${BUILDAH[@]}" inspect --type image "$BASE" >/dev/null 2>&1; then
-    log "building the base ($BASE) with debootstrap, once"
-    ROOTFS="$(mktemp -d "$STORE/rootfs.XXXXXX")"
-    debootstrap --variant=minbase --include=python3,python3-venv,ca-certificates bookworm "$ROOTFS" \
-        http://deb.debian.org/debian >"$STORE/debootstrap.log" 2>&1 \
-        || { tail -20 "$STORE/debootstrap.log" >&2; exit 1; }
-    ln -sf /usr/bin/python3 "$ROOTFS/usr/local/bin/python"
-    cp /etc/ssl/certs/ca-certificates.crt "$ROOTFS/etc/ssl/certs/ca-certificates.crt"
-    cp /etc/resolv.conf "$ROOTFS/etc/resolv.conf"
-    rm -rf "$ROOTFS"/var/cache/apt/archives/*.deb "$ROOTFS"/var/lib/apt/lists/*
-    c="$("${BUILDAH[@]}" from scratch)"
-    CONTAINERS+=("$c")
-    mnt="$("${BUILDAH[@]}" mount "$c")"
-    cp -a "$ROOTFS/." "$mnt/"
-    "${BUILDAH[@]}" umount "$c" >/dev/null
-    "${BUILDAH[@]}" config --env PATH=/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin "$c"
-    "${BUILDAH[@]}" commit -q "$c" "$BASE" >/dev/null
-    rm -rf "$ROOTFS"
-fi
+# 1. The base, once (shared with build-node-images.sh).
+# shellcheck source=/dev/null  # buildah-base.sh, checked on its own
+. "$(dirname "$0")/buildah-base.sh"
+ensure_base
 
 # 2. The Dockerfile as written, on that base.
 log "building the Dockerfile"

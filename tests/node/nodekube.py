@@ -1,0 +1,74 @@
+"""kubectl against the one-node cluster, and bounded waits: what the node-tier tests share."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+REPO = Path(__file__).resolve().parents[2]
+CLUSTER_SH = REPO / "tests" / "node" / "cluster.sh"
+TOOLS_DIR = Path(os.environ.get("TOOLS_DIR", Path.home() / ".cache" / "datahoard-tools"))
+HOST_IP = "10.244.0.1"   # the host's address on the pod bridge (cluster.sh)
+T = TypeVar("T")
+
+
+def eventually(check: Callable[[], T | None], timeout: float, what: str, interval: float = 2.0) -> T:
+    """Poll until check() returns something truthy; fail with `what` and the last value after timeout."""
+    deadline = time.monotonic() + timeout
+    last: object = None
+    while True:
+        try:
+            value = check()
+            if value:
+                return value
+            last = value
+        except subprocess.CalledProcessError as exc:   # kubectl failed: retry, keep its words
+            last = exc.stderr
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what} (last: {last!r})")
+        time.sleep(interval)
+
+
+@dataclass
+class Kube:
+    kubectl: str
+    kubeconfig: str
+    node: str
+
+    @classmethod
+    def from_env(cls) -> Kube:
+        lines = subprocess.run([str(CLUSTER_SH), "env"], check=True, capture_output=True, text=True,
+                               env={**os.environ, "TOOLS_DIR": str(TOOLS_DIR)}).stdout
+        env = dict(part.split("=", 1) for line in lines.splitlines() if line.startswith("export ")
+                   for part in line[len("export "):].split())
+        path = env["PATH"].split(":")[0]
+        return cls(kubectl=f"{path}/kubectl", kubeconfig=env["KUBECONFIG"], node=os.uname().nodename)
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {**os.environ, "KUBECONFIG": self.kubeconfig}
+
+    def __call__(self, *args: str, input: str | None = None, check: bool = True,
+                 timeout: float = 120) -> str:
+        result = subprocess.run([self.kubectl, *args], input=input, capture_output=True, text=True,
+                                timeout=timeout, env=self.env)
+        if check and result.returncode != 0:
+            raise subprocess.CalledProcessError(result.returncode, ["kubectl", *args], result.stdout,
+                                                result.stderr)
+        return result.stdout
+
+    def json(self, *args: str) -> Any:
+        return json.loads(self("get", "-o", "json", *args))
+
+    def apply(self, manifest: str, namespace: str | None = None) -> str:
+        ns = ["-n", namespace] if namespace else []
+        return self(*ns, "apply", "-f", "-", input=manifest)
+
+    def logs(self, *args: str) -> str:
+        return self("logs", *args, check=False)

@@ -1,0 +1,18 @@
+"""The node tier's scripts lint clean (no root or cluster needed, so this runs everywhere)."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+
+import pytest
+from nodekube import REPO
+
+SCRIPTS = [REPO / "tests/node/cluster.sh", *sorted((REPO / "tests/tools").glob("build-node*.sh")),
+           REPO / "tests/tools/build-training-operator.sh", REPO / "tests/tools/buildah-base.sh"]
+
+
+@pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck is not installed")
+def test_node_scripts_pass_shellcheck() -> None:
+    result = subprocess.run(["shellcheck", *map(str, SCRIPTS)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout
