@@ -222,7 +222,7 @@ class ChunkStore:
             self._record_failed(exc)
             return
         reason = "full" if is_disk_full(exc) else "failing"
-        message = f"cache disk is {reason} at {self.root} ({what}: {exc}); reading through to the source"
+        message = f"cache disk is {reason} at {self.root} ({what}: {exc})"
         if self._full is None:
             log.error(message)
         self._full = message
@@ -455,6 +455,8 @@ class ChunkStore:
 
         Raises OSError if the record refuses the write (the tree is then not built)."""
         rows = [(n, tree, p) for n, p in rows]
+        if rows and self._read_through:
+            raise OSError(errno.EROFS, f"the cache record cannot be written: {self._record_problem}")
         if rows:
             with self._lock:
                 try:
@@ -532,6 +534,9 @@ class ChunkStore:
                 self._touched.clear()
             return
         self._touched.clear()
+        if self._full is not None and time.monotonic() >= self._full_retry_at and self._room_again():
+            log.info("cache disk at %s has room again; caching resumes", self.root)
+            self._full = None
 
     def _make_room(self, incoming: int, force: bool = False) -> None:
         """Evict least-recently-used chunks until ``incoming`` more bytes fit (or, with

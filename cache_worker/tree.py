@@ -457,6 +457,12 @@ class DirectTrees:
         Returns how many entries were replaced. Raises TreeError if one cannot be repaired
         (its entry is then gone: a missing file, never wrong bytes).
         """
+        try:
+            return self._verify(info, stop)
+        except OSError as exc:  # the store cannot pin (its record refuses writes)
+            raise TreeError(f"verifying the direct tree failed: {_os_error(exc)}") from exc
+
+    def _verify(self, info: TreeInfo, stop: threading.Event | None) -> int:
         tree = Path(info.path)
         rows: list[tuple[str, str]] = []
         repaired = 0
