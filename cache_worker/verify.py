@@ -59,6 +59,10 @@ _EVIDENCE_CACHE = 4096
 UNVERIFIED = "-unverified"
 
 
+#: Assembled objects remembered for their readers (see Verifier._assembled).
+_ASSEMBLED_MAX = 1024
+
+
 class _Lost(Exception):
     """An unverified chunk was evicted before its object could be checked: assemble again."""
 
@@ -74,7 +78,11 @@ class Verifier:
                                         thread_name_prefix="verify-fetch")
         #: Whole-object checks of objects served before their check (one at a time: local reads).
         self._checks = ThreadPoolExecutor(max_workers=1, thread_name_prefix="verify-check")
-        self._local = threading.local()
+        #: Chunks fetched to check an object whole, by object id, until the reader that caused
+        #: the fetch takes them (take_assembled). Not thread-local: the fetch runs on a fetcher
+        #: thread while the FUSE reader waits (dataset.py). Bounded: a reader that failed never
+        #: takes its entry.
+        self._assembled: OrderedDict[str, set[int]] = OrderedDict()
         self._check_queued: set[str] = set()
         cache.source.on_mismatch = cache.counters.add_mismatch
 
@@ -132,7 +140,10 @@ class Verifier:
                     return self._unchecked(obj, chunk, start, length, demand,
                                            f"no room to hold it whole for its check ({exc})")
                 if ok:
-                    self._local.assembled = (oid, fetched)
+                    with self._lock:
+                        self._assembled[oid] = fetched
+                        while len(self._assembled) > _ASSEMBLED_MAX:
+                            self._assembled.popitem(last=False)
                     return self._promote(obj, csize, chunk.index)
                 self._drop_unverified(obj, csize)
                 self._mismatch(obj, evidence, attempt)
@@ -175,11 +186,10 @@ class Verifier:
                 self._mismatch(obj, evidence, 1, served=True)
 
     def take_assembled(self, oid: str) -> set[int]:
-        """Chunks of ``oid`` this thread just fetched to check their object whole (so the reader
+        """Chunks of ``oid`` just fetched to check their object whole (so the reader
         that caused it counts them as bytes from the source, not as hits)."""
-        assembled = getattr(self._local, "assembled", None)
-        self._local.assembled = None
-        return assembled[1] if assembled and assembled[0] == oid else set()
+        with self._lock:
+            return self._assembled.pop(oid, set())
 
     def _unchecked(self, obj: RemoteObject, chunk: ChunkId, start: int, length: int,
                    demand: bool, reason: str) -> bytes:
