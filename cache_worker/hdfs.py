@@ -449,14 +449,17 @@ class HdfsSource(Source):
             return data
 
     def _open_and_read(self, obj: RemoteObject, start: int, length: int, where: str) -> bytes:
-        params = {"offset": str(start), "length": str(length)}
-        response = self._namenode_call("OPEN", obj.key, params)
+        return self._redirected("OPEN", obj.key, where, {"offset": str(start), "length": str(length)})
+
+    def _redirected(self, op: str, key: str, where: str, params: dict | None = None) -> bytes:
+        """The body of ``op``, which the NameNode may hand to a DataNode with a 307 (HttpFS: 200)."""
+        response = self._namenode_call(op, key, params)
         if response.status != 200:
             location = response.headers.get("Location")
             response.drain_conn()
             response.release_conn()
             if not location:
-                raise SourceError(f"NameNode answered OPEN of {where} with HTTP "
+                raise SourceError(f"NameNode answered {op} of {where} with HTTP "
                                   f"{response.status} and no Location")
             datanode = urlsplit(location).netloc
             try:
@@ -464,7 +467,7 @@ class HdfsSource(Source):
                                               preload_content=False)
             except urllib3.exceptions.HTTPError as exc:
                 raise SourceTransientError(
-                    f"cannot read {where} from DataNode {datanode}: {_reason(exc)} (the NameNode "
+                    f"{op} of {where} from DataNode {datanode} failed: {_reason(exc)} (the NameNode "
                     f"sends clients to the DataNodes' registered addresses, which must be "
                     f"reachable from here)") from exc
             if response.status != 200:
@@ -474,7 +477,7 @@ class HdfsSource(Source):
         try:
             return response.read()
         except (urllib3.exceptions.HTTPError, OSError) as exc:
-            raise SourceTransientError(f"HDFS transfer of {where} failed: {_reason(exc)}") from exc
+            raise SourceTransientError(f"HDFS {op} of {where} failed: {_reason(exc)}") from exc
         finally:
             response.release_conn()
 
@@ -513,31 +516,8 @@ class HdfsSource(Source):
                               block_size=block_size, bytes_per_crc=per_crc))
 
     def _redirected_json(self, op: str, key: str, where: str) -> dict:
-        """A JSON answer that the NameNode may hand to a DataNode with a 307 (HttpFS: 200)."""
-        response = self._namenode_call(op, key)
-        if response.status != 200:
-            location = response.headers.get("Location")
-            response.drain_conn()
-            response.release_conn()
-            if not location:
-                raise SourceError(f"NameNode answered {op} of {where} with HTTP "
-                                  f"{response.status} and no Location")
-            datanode = urlsplit(location).netloc
-            try:
-                response = self._http.request("GET", location, redirect=False, preload_content=False)
-            except urllib3.exceptions.HTTPError as exc:
-                raise SourceTransientError(
-                    f"{op} of {where} from DataNode {datanode} failed: {_reason(exc)}") from exc
-            if response.status != 200:
-                body = response.read()
-                response.release_conn()
-                raise _classify(response.status, body, where, f"DataNode {datanode}")
-        try:
-            body = response.read()
-        except (urllib3.exceptions.HTTPError, OSError) as exc:
-            raise SourceTransientError(f"HDFS {op} of {where} failed: {_reason(exc)}") from exc
-        finally:
-            response.release_conn()
+        """A JSON answer that the NameNode may hand to a DataNode (see _redirected)."""
+        body = self._redirected(op, key, where)
         try:
             return json.loads(body)
         except ValueError as exc:
