@@ -46,8 +46,9 @@ import random
 import re
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from typing import TypeVar
 from urllib.parse import quote, urlsplit
 
 import urllib3
@@ -67,6 +68,7 @@ from .source import (
 )
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 #: Hadoop 3's NameNode HTTP(S) ports (``dfs.namenode.http-address`` / ``https-address``).
 DEFAULT_HTTP_PORT = 9870
@@ -417,15 +419,24 @@ class HdfsSource(Source):
         if length <= 0:
             return b""
         where = self._where(obj.key)
+
+        def once() -> bytes:
+            data = self._read_once(obj, start, length, where)
+            self._check_version(obj, where)
+            if len(data) != length:
+                raise SourceTransientError(
+                    f"short read of {where}: got {len(data)} of {length} bytes at offset {start}")
+            return data
+
+        return self._retrying(where, once)
+
+    def _retrying(self, where: str, call: Callable[[], T]) -> T:
+        """``call`` retried as a whole on transient failures, ``max_attempts`` in all; a file
+        gone since the listing is SourceChanged."""
         attempts = max(1, self.options.max_attempts)
         for attempt in range(1, attempts + 1):
             try:
-                data = self._read_once(obj, start, length, where)
-                self._check_version(obj, where)
-                if len(data) == length:
-                    return data
-                raise SourceTransientError(
-                    f"short read of {where}: got {len(data)} of {length} bytes at offset {start}")
+                return call()
             except SourceNotFound:
                 raise SourceChanged(
                     f"{where} was deleted since it was listed; remount with --refresh") from None
@@ -489,18 +500,7 @@ class HdfsSource(Source):
         where = self._where(obj.key)
         if obj.size == 0:  # nothing that can be wrong but the length, which is checked
             return Evidence(Check("md5", hashlib.md5(b"", usedforsecurity=False).hexdigest(), "its length"))
-        attempts = max(1, self.options.max_attempts)
-        for attempt in range(1, attempts + 1):
-            try:
-                doc = self._redirected_json("GETFILECHECKSUM", obj.key, where)
-                break
-            except SourceNotFound:
-                raise SourceChanged(
-                    f"{where} was deleted since it was listed; remount with --refresh") from None
-            except SourceTransientError as exc:
-                if attempt == attempts:
-                    raise
-                self._backoff(attempt, where, exc)
+        doc = self._retrying(where, lambda: self._redirected_json("GETFILECHECKSUM", obj.key, where))
         status = self._json("GETFILESTATUS", obj.key)["FileStatus"]
         now = _remote_object(obj.key, status)
         if obj.etag and now.etag != obj.etag:
