@@ -175,3 +175,26 @@ def mount_dataset(tmp_path: Path, s3_server: S3Server) -> Iterator[Callable[...,
 def unmount(m: Mount) -> None:
     datahoard("umount", str(m.mountpoint))
     assert not os.path.ismount(m.mountpoint)
+
+
+def mounts_at(path: Path) -> list[tuple[str, str]]:
+    """(fstype, root) of every mount stacked at ``path``, bottom first."""
+    out = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            left, _, right = line.partition(" - ")
+            fields = left.split()
+            if fields[4] == str(path):
+                out.append((right.split()[0], fields[3]))
+    return out
+
+
+def wait_for(predicate, timeout: float = 60, what: str = "condition"):
+    """Poll ``predicate`` every 0.1 s until it returns something true (returned) or ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")

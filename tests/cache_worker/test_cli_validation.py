@@ -13,31 +13,11 @@ from pathlib import Path
 import pytest
 
 from datahoard import runtime
-from tests.conftest import datahoard, force_unmount
+from tests.conftest import datahoard, force_unmount, mounts_at, wait_for
 
 pytestmark = pytest.mark.integration
 
 
-def mounts_at(path: Path) -> list[tuple[str, str]]:
-    """(fstype, root) of every mount stacked at ``path``, bottom first."""
-    out = []
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            left, _, right = line.partition(" - ")
-            fields = left.split()
-            if fields[4] == str(path):
-                out.append((right.split()[0], fields[3]))
-    return out
-
-
-def wait_for(predicate, timeout: float = 60, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def one_error_line(result: subprocess.CompletedProcess, code: int = 1) -> str:

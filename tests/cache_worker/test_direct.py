@@ -14,38 +14,18 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import datahoard
+from tests.conftest import datahoard, mounts_at, wait_for
 
 pytestmark = pytest.mark.integration
 
 MiB = 1 << 20
 
 
-def mounts_at(path: Path) -> list[tuple[str, str]]:
-    """(fstype, root) of every mount stacked at ``path``, bottom first."""
-    out = []
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            left, _, right = line.partition(" - ")
-            fields = left.split()
-            if fields[4] == str(path):
-                out.append((right.split()[0], fields[3]))
-    return out
-
 
 def anything_mounted_under(path: Path) -> list[str]:
     with open("/proc/self/mountinfo") as f:
         return [line.split()[4] for line in f if line.split()[4].startswith(str(path))]
 
-
-def wait_for(predicate, timeout: float = 30, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def upload(s3, bucket: str, files: dict[str, bytes], prefix: str = "ds/") -> None:
