@@ -163,6 +163,10 @@ def _failed_message(status: Obj) -> str:
 def _dataset_verdict(pod: Obj, body: Obj, percent: float, nodes: Mapping[str, Obj]) -> _Verdict:
     meta, status = body.get("metadata") or {}, body.get("status") or {}
     name = meta.get("name", "?")
+    if meta.get("deletionTimestamp") or status.get("phase") == "Terminating":
+        return _Verdict(blocked=(f"Dataset {name} is being deleted (its deletion waits for the pods "
+                                 "that mount it, this one included): delete this pod, or recreate "
+                                 "the Dataset once it is gone"))
     if status.get("phase") == "Failed":
         return _Verdict(blocked=f"Dataset {name} is Failed: {_failed_message(status)}")
     try:

@@ -127,3 +127,7 @@ async def cleanup(body: kopf.Body, status: kopf.Status, meta: kopf.Meta, patch: 
         patch.status["phase"] = "Terminating"
         patch.status["conditions"] = conds.items
         raise kopf.TemporaryError(exc.message, delay=memo.config.delete_poll) from exc
+
+
+# The warm gate's handlers (pods gated by datahoard.io/warm) register themselves on import.
+from . import gate_handlers  # noqa: E402,F401

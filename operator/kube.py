@@ -214,3 +214,17 @@ class Kube:
         except ApiException as exc:
             if exc.status != 404:
                 raise
+
+    @_api_call
+    def patch_pod(self, namespace: str, name: str, patch: Obj) -> bool:
+        """Strategic-merge-patch a pod (the warm gate's removal, pinned by metadata.uid in the
+        patch). False when the pod is gone or is another pod of that name now (404, 409)."""
+        try:
+            self.core.patch_namespaced_pod(name, namespace, patch,
+                                           _content_type="application/strategic-merge-patch+json",
+                                           _request_timeout=REQUEST_TIMEOUT)
+        except ApiException as exc:
+            if exc.status in (404, 409):
+                return False
+            raise
+        return True

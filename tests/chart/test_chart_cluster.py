@@ -55,6 +55,8 @@ RARELY_USED = {
     ("apiextensions.k8s.io", "customresourcedefinitions", "get"): "kopf lists/watches only",
     ("", "events", "patch"): "kopf creates Events",
     ("", "pods", "watch"): "pods are listed per reconcile",
+    ("", "pods", "patch"): "removes the datahoard.io/warm scheduling gate, from gated pods only "
+                           "(tests/cluster/test_gate.py)",
 }
 
 

@@ -182,6 +182,13 @@ def test_a_failed_dataset_is_blocked_with_its_condition() -> None:
         "Dataset imagenet is Failed: spec.source.uri: hdfs:// sources are not supported")
 
 
+def test_a_dataset_being_deleted_is_blocked() -> None:
+    going = dataset({"a": 10 * GiB})
+    going["metadata"]["deletionTimestamp"] = "2026-01-01T00:00:00Z"
+    decision = decide(pod(), {"imagenet": going}, NODES)
+    assert isinstance(decision, Blocked) and "being deleted" in decision.message
+
+
 def test_a_dataset_whose_pvc_name_is_taken_is_blocked() -> None:
     ds = dataset({"a": 0}, conditions=[{"type": "VolumeReady", "status": "False",
                                          "reason": "NameConflict", "message": "PVC ml/imagenet "
