@@ -113,20 +113,22 @@ def test_examples_are_accepted(plane: AuditedControlPlane, installed: Rendered) 
     plane.kubectl("create", "namespace", ns)
     for example in ("s3-secret.yaml", "dataset.yaml", "job.yaml"):
         kubectl_apply(plane, (REPO / "examples" / example).read_text(), "-n", ns, "--dry-run=server")
-    job = yaml.safe_load((REPO / "examples" / "pytorchjob.yaml").read_text())
-    assert job["apiVersion"] == "kubeflow.org/v1" and job["kind"] == "PyTorchJob"
-    replicas = job["spec"]["pytorchReplicaSpecs"]
-    # The training operator's webhook rules.
-    assert set(replicas) <= {"Master", "Worker"} and replicas["Master"]["replicas"] == 1
-    for role, spec in replicas.items():
-        containers = spec["template"]["spec"]["containers"]
-        assert any(c["name"] == "pytorch" for c in containers), role
-        template = {"apiVersion": "v1", "kind": "PodTemplate",
-                    "metadata": {"name": f"pytorchjob-{role.lower()}"}, "template": spec["template"]}
-        kubectl_apply(plane, yaml.safe_dump(template), "-n", ns, "--dry-run=server")
-        claims = [v["persistentVolumeClaim"]["claimName"] for v in spec["template"]["spec"]["volumes"]
-                  if "persistentVolumeClaim" in v]
-        assert claims == ["imagenet"], role
+    for example in ("pytorchjob.yaml", "pytorchjob-warm-gate.yaml"):
+        job = yaml.safe_load((REPO / "examples" / example).read_text())
+        assert job["apiVersion"] == "kubeflow.org/v1" and job["kind"] == "PyTorchJob"
+        replicas = job["spec"]["pytorchReplicaSpecs"]
+        # The training operator's webhook rules.
+        assert set(replicas) <= {"Master", "Worker"} and replicas["Master"]["replicas"] == 1
+        for role, spec in replicas.items():
+            containers = spec["template"]["spec"]["containers"]
+            assert any(c["name"] == "pytorch" for c in containers), role
+            template = {"apiVersion": "v1", "kind": "PodTemplate",
+                        "metadata": {"name": f"{job['metadata']['name']}-{role.lower()}"},
+                        "template": spec["template"]}
+            kubectl_apply(plane, yaml.safe_dump(template), "-n", ns, "--dry-run=server")
+            claims = [v["persistentVolumeClaim"]["claimName"]
+                      for v in spec["template"]["spec"]["volumes"] if "persistentVolumeClaim" in v]
+            assert claims == ["imagenet"], role
 
 
 def test_e2e_manifests_are_accepted(plane: AuditedControlPlane, installed: Rendered) -> None:

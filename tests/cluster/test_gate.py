@@ -10,6 +10,7 @@ operator's stats port, where a small HTTP server answers with the cached bytes t
 
 from __future__ import annotations
 
+import copy
 import json
 import threading
 from collections.abc import Iterator
@@ -17,7 +18,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
-from envtest import eventually
+import yaml
+from envtest import REPO, eventually
 from fakes import Kubelet, OperatorProcess
 from test_operator import Cluster, cluster  # noqa: F401 - the fixture is used by name
 
@@ -105,6 +107,14 @@ def gated_pod(cluster: Cluster, namespace: str, name: str, claims: list[str],
                  **spec}})
 
 
+def example_template() -> dict[str, Any]:
+    job = yaml.safe_load((REPO / "examples" / "pytorchjob-warm-gate.yaml").read_text())
+    template = copy.deepcopy(job["spec"]["pytorchReplicaSpecs"]["Master"]["template"])
+    assert template["metadata"]["annotations"] == {"datahoard.io/warm-threshold": "80%"}
+    assert template["spec"]["schedulingGates"] == [{"name": GATE}]
+    return template
+
+
 def gates(cluster: Cluster, namespace: str, pod: str) -> list[str]:
     return [g.name for g in cluster.core.read_namespaced_pod(pod, namespace).spec.scheduling_gates or []]
 
@@ -129,7 +139,12 @@ def test_gate_lifts_at_the_threshold_on_a_node_the_pod_may_use(
                what="status with both nodes' cached bytes")
 
     # Created once the status says 50% / 70%: their first decision is made on those numbers.
-    gated_pod(cluster, namespace, "trainer", ["imagenet"], threshold="80%")
+    # The trainer is the Master pod of examples/pytorchjob-warm-gate.yaml as the training
+    # operator makes it, with a second gate of another controller (e.g. a queue) added.
+    template = example_template()
+    template["metadata"]["name"] = "trainer"
+    template["spec"]["schedulingGates"].insert(0, {"name": OTHER_GATE})
+    cluster.core.create_namespaced_pod(namespace, template)
     gated_pod(cluster, namespace, "pinned", ["imagenet"], threshold="80%",
               nodeSelector={"kubernetes.io/hostname": gpu_a})
     waiting = eventually(lambda: event(cluster, namespace, "trainer", "WarmGateWaiting"),
