@@ -368,6 +368,54 @@ def test_admission_policy_holds_the_operator_to_its_own_labels_and_volumes(
         kubernetes.client.CoreV1Api(api).delete_node(node)
 
 
+def test_admission_policy_lets_the_operator_only_remove_its_own_gate(
+        plane: AuditedControlPlane, api: kubernetes.client.ApiClient, installed: Rendered,
+        tmp_path: Path) -> None:
+    """RBAC grants `patch pods` whole (a pod's image, labels, tolerations); the policy lets the
+    operator's ServiceAccount remove the datahoard.io/warm scheduling gate and nothing else."""
+    sa = installed.find("ServiceAccount", "datahoard-operator")["metadata"]["name"]
+    token = plane.kubectl("create", "token", sa, "-n", NAMESPACE, "--duration", "1h").stdout.strip()
+    config = yaml.safe_load(plane.kubeconfig.read_text())
+    config["users"] = [{"name": "admin", "user": {"token": token}}]
+    kubeconfig = tmp_path / "operator-kubeconfig"
+    kubeconfig.write_text(yaml.safe_dump(config))
+    as_operator = kubernetes.client.CoreV1Api(
+        kubernetes.config.new_client_from_config(config_file=str(kubeconfig)))
+    ns = f"gate-{uuid.uuid4().hex[:6]}"
+    plane.kubectl("create", "namespace", ns)
+    kubernetes.client.CoreV1Api(api).create_namespaced_pod(ns, {
+        "metadata": {"name": "trainer", "labels": {"app": "train"}},
+        "spec": {"schedulingGates": [{"name": "example.com/quota"}, {"name": "datahoard.io/warm"}],
+                 "containers": [{"name": "pytorch", "image": "pytorch"}]}})
+
+    def refused(patch: dict) -> str:
+        try:
+            as_operator.patch_namespaced_pod(
+                "trainer", ns, patch, _content_type="application/strategic-merge-patch+json")
+        except kubernetes.client.ApiException as exc:
+            assert exc.status in (403, 422), exc
+            return exc.body
+        raise AssertionError(f"the admission policy let {patch} through")
+
+    only = "may only remove the datahoard.io/warm scheduling gate"
+    assert only in eventually(lambda: refused({"metadata": {"labels": {"app": "evil"}}}),
+                              timeout=60, what="the admission policy to refuse a pod label")
+    for patch in ({"spec": {"containers": [{"name": "pytorch", "image": "evil"}]}},
+                  {"metadata": {"annotations": {"x": "y"}}},
+                  {"spec": {"tolerations": [{"operator": "Exists"}]}},
+                  {"spec": {"nodeSelector": {"kubernetes.io/hostname": "elsewhere"}}},
+                  {"spec": {"schedulingGates": [{"name": "example.com/quota", "$patch": "delete"}]}}):
+        assert only in refused(patch), patch
+    # What the operator really sends (operator/gate.py) is allowed, and keeps the other gate.
+    from datahoard.operator import gate
+    uid = kubernetes.client.CoreV1Api(api).read_namespaced_pod("trainer", ns).metadata.uid
+    as_operator.patch_namespaced_pod("trainer", ns, gate.ungate_patch(uid),
+                                     _content_type="application/strategic-merge-patch+json")
+    pod = kubernetes.client.CoreV1Api(api).read_namespaced_pod("trainer", ns)
+    assert [g.name for g in pod.spec.scheduling_gates] == ["example.com/quota"]
+    assert pod.metadata.labels == {"app": "train"}
+
+
 def test_uninstall_keeps_the_crd_and_the_datasets(plane: AuditedControlPlane, helm: str,
                                                   installed: Rendered) -> None:
     ns = f"keep-{uuid.uuid4().hex[:6]}"
