@@ -28,7 +28,7 @@ from typing import Any
 import pydantic
 
 from datahoard import names
-from datahoard.api import Dataset, format_bytes
+from datahoard.api import Dataset, error_summary, format_bytes
 
 from .placement import tolerates
 
@@ -171,9 +171,8 @@ def _dataset_verdict(pod: Obj, body: Obj, percent: float, nodes: Mapping[str, Ob
         return _Verdict(blocked=f"Dataset {name} is Failed: {_failed_message(status)}")
     try:
         ds = Dataset.from_body(body)
-    except pydantic.ValidationError:
-        return _Verdict(blocked=f"Dataset {name} has an invalid spec (see `kubectl describe "
-                                f"dataset {name}`)")
+    except pydantic.ValidationError as exc:
+        return _Verdict(blocked=f"Dataset {name} has an invalid spec: {error_summary(exc)}")
     for cond in status.get("conditions") or []:
         if cond.get("type") == "VolumeReady" and cond.get("reason") == "NameConflict":
             return _Verdict(blocked=f"Dataset {name}'s PVC: {cond.get('message', '')}")
