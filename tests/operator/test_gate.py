@@ -182,6 +182,14 @@ def test_a_failed_dataset_is_blocked_with_its_condition() -> None:
         "Dataset imagenet is Failed: spec.source.uri: hdfs:// sources are not supported")
 
 
+def test_an_invalid_dataset_spec_says_what_is_wrong() -> None:
+    bad = dataset({"a": 10 * GiB})
+    bad["spec"]["cache"]["capacity"] = "lots"
+    decision = decide(pod(), {"imagenet": bad}, NODES)
+    assert isinstance(decision, Blocked)
+    assert decision.message.startswith("Dataset imagenet has an invalid spec: spec.cache.capacity")
+
+
 def test_a_dataset_being_deleted_is_blocked() -> None:
     going = dataset({"a": 10 * GiB})
     going["metadata"]["deletionTimestamp"] = "2026-01-01T00:00:00Z"
