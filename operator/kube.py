@@ -218,13 +218,23 @@ class Kube:
     @_api_call
     def patch_pod(self, namespace: str, name: str, patch: Obj) -> bool:
         """Strategic-merge-patch a pod (the warm gate's removal, pinned by metadata.uid in the
-        patch). False when the pod is gone or is another pod of that name now (404, 409)."""
+        patch). False when the pod is gone (404) or is another pod of that name now (the API
+        server refuses the uid as an immutable field: 422 on metadata.uid)."""
         try:
             self.core.patch_namespaced_pod(name, namespace, patch,
                                            _content_type="application/strategic-merge-patch+json",
                                            _request_timeout=REQUEST_TIMEOUT)
         except ApiException as exc:
-            if exc.status in (404, 409):
+            if exc.status == 404 or (exc.status == 422 and _refused_field(exc) == "metadata.uid"):
                 return False
             raise
         return True
+
+
+def _refused_field(exc: ApiException) -> str | None:
+    """The field an Invalid (422) answer names first, if any."""
+    try:
+        causes = (json.loads(exc.body).get("details") or {}).get("causes") or []
+    except (TypeError, ValueError, AttributeError):
+        return None
+    return causes[0].get("field") if causes else None

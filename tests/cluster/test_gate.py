@@ -246,3 +246,20 @@ def test_a_gate_that_can_never_lift_says_why_in_an_event(
                what="the gate lifted once the capacity suffices and the cache is full")
     assert operator.alive()
 
+
+
+def test_the_gate_patch_is_pinned_to_the_pod_it_was_decided_for(cluster: Cluster,
+                                                                 namespace: str) -> None:
+    """A Job's replacement pod of the same name is another pod: a patch decided for the old one
+    (its uid) changes nothing, and says so; for the right uid only our gate goes."""
+    from datahoard.operator.gate import ungate_patch
+    from datahoard.operator.kube import Kube
+
+    gated_pod(cluster, namespace, "worker-0", ["imagenet"])
+    kube = Kube(cluster.api)
+    assert kube.patch_pod(namespace, "worker-0", ungate_patch("00000000-old-pod")) is False
+    assert gates(cluster, namespace, "worker-0") == [OTHER_GATE, GATE]
+    uid = cluster.core.read_namespaced_pod("worker-0", namespace).metadata.uid
+    assert kube.patch_pod(namespace, "worker-0", ungate_patch(uid)) is True
+    assert gates(cluster, namespace, "worker-0") == [OTHER_GATE]
+    assert kube.patch_pod(namespace, "gone", ungate_patch(uid)) is False
