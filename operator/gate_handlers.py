@@ -6,7 +6,8 @@ Chosen design: two watch-fed indexes and two event handlers, no timers.
   (namespace, claimName) it mounts; ``dataset_index`` keeps every Dataset's spec and status.
 * A gated pod is evaluated when it appears or changes (``on.event`` on pods), and again on
   every change of a Dataset it mounts (``on.event`` on Datasets: the status the reconcile timer
-  writes, at most every ``DATAHOARD_INTERVAL``). Work per Dataset event is bounded by the gated
+  writes, at most every ``DATAHOARD_INTERVAL``; a Node change alone, e.g. a taint lifted, is
+  seen at the Dataset's next status change). Work per Dataset event is bounded by the gated
   pods that name that Dataset, each O(its Datasets' nodes); no API call is made unless a gate is
   removed, an Event is posted, or a pod mounts no Dataset at all (then its PVCs are read once
   per evaluation, to tell "no such PVC" from "not a Datahoard volume"). Measured: one decision
