@@ -329,7 +329,7 @@ async def reconcile(body: Mapping[str, Any], nodes: list[Mapping[str, Any]], kub
     metrics.STATS_SECONDS.observe(time.monotonic() - started)
     metrics.STATS_FAILURES.inc(sum(isinstance(s, str) for s in stats.values()))
     out = summarize(ds, state.selected, on_selected, stats, status, state.conditions.time)
-    _stats_conditions(ds, state.conditions, out, stats, settings.namespace)
+    stats_conditions(ds, state.conditions, out, stats, settings.namespace)
 
     not_ready = [n for n in state.selected if not any(p.node == n and p.ready for p in on_selected)]
     problems = degraded_reasons(stats) + [f"{n}: worker not ready" for n in not_ready]
@@ -344,7 +344,7 @@ async def reconcile(body: Mapping[str, Any], nodes: list[Mapping[str, Any]], kub
     return out
 
 
-def _stats_conditions(ds: Dataset, conds: Conditions, out: Mapping[str, Any],
+def stats_conditions(ds: Dataset, conds: Conditions, out: Mapping[str, Any],
                       stats: Mapping[str, Any], workers_namespace: str) -> None:
     """StatsCurrent: which nodes' figures are old, and since when. Cached: an Eager Dataset
     that does not fit its cache (warming stopped at the capacity)."""
