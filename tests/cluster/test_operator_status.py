@@ -36,6 +36,16 @@ def node_entry(cluster: Cluster, namespace: str, name: str, node: str) -> dict[s
     return next(n for n in cluster.status(namespace, name).get("nodes") or [] if n["name"] == node)
 
 
+def replace_pod(cluster: Cluster, kubelet: Kubelet, ds: dict[str, Any], node: str, ip: str) -> None:
+    """The worker pod on ``node`` replaced by a Ready one at ``ip`` (a pod's IP is immutable)."""
+    name = f"{ds['metadata']['name']}-{node}"
+    cluster.core.delete_namespaced_pod(name, SYSTEM, grace_period_seconds=0)
+    eventually(lambda: name not in [p.metadata.name for p in cluster.core.list_namespaced_pod(SYSTEM).items],
+               what=f"pod {name} gone")
+    kubelet.start_pod(ds, node)
+    kubelet.set_status(SYSTEM, name, ready=True, ip=ip)
+
+
 def metrics() -> str:
     with urllib.request.urlopen(f"http://127.0.0.1:{METRICS_PORT}/metrics", timeout=5) as resp:
         return resp.read().decode()
@@ -107,9 +117,10 @@ def test_stale_nodes_restarts_columns_events_and_metrics(
         "100.0%", before["hitRatio"], "false")
     seen_b = node_entry(cluster, namespace, "imagenet", gpu_b)["lastSeen"]
 
-    # 1. gpu-b's worker stops answering (its pod moves to an address where nothing listens):
-    #    its entry is kept, marked stale since its last answer; the totals do not move.
-    kubelet.set_status(SYSTEM, pod_b, ready=True, ip="127.0.0.2")
+    # 1. gpu-b's worker stops answering while its pod is Ready (the pod is replaced by one at
+    #    an address where nothing listens): its entry is kept, marked stale since its last
+    #    answer; the totals do not move.
+    replace_pod(cluster, kubelet, ds, gpu_b, ip="127.0.0.2")
 
     def b_stale() -> dict[str, Any]:
         entry = node_entry(cluster, namespace, "imagenet", gpu_b)
@@ -157,7 +168,7 @@ def test_stale_nodes_restarts_columns_events_and_metrics(
     # 3. The worker comes back (same cache directory): it continues its counts, so the lifetime
     #    ratio is the one from before, and the figures are current again.
     kubelet.run_container(ds, f"127.0.0.1:{port}", log)
-    kubelet.set_status(SYSTEM, pod_b, ready=True)
+    replace_pod(cluster, kubelet, ds, gpu_b, ip="127.0.0.1")
     assert worker_stats(port).served_bytes == sum(len(files[n]) for n in ("a.bin", "a.bin", "b.bin"))
 
     def current_again() -> bool:
