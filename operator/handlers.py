@@ -55,7 +55,12 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     logging.getLogger("kubernetes.client.rest").setLevel(logging.INFO)
     memo.kube = Kube(load_client())
     memo.config = CONFIG
-    metrics.serve(CONFIG.metrics_port)
+    try:
+        metrics.serve(CONFIG.metrics_port)
+    except OSError as exc:  # the Datasets matter more than the operator's own metrics
+        logging.getLogger(__name__).error(
+            "cannot serve /metrics on port %s (%s): running without; set DATAHOARD_METRICS_PORT "
+            "(chart: operator.metricsPort) to a free port, or 0", CONFIG.metrics_port, exc)
 
 
 @kopf.on.probe(id="ok")

@@ -79,10 +79,15 @@ def format_duration(seconds: float) -> str:
     return f"{s // 86400}d{s % 86400 // 3600}h"
 
 
+#: Warming stops once the cache is this full (cache_worker/warm.py): it never evicts its own work.
+WARM_FILL = 0.98
+
+
 def capacity_bound(st: WorkerStats) -> bool:
     """Warming finished without every file because the cache is smaller than the dataset."""
     w = st.warming
-    return w.state == "done" and w.files_done < w.files_total and st.capacity_bytes < st.total_bytes
+    return (w.state == "done" and w.files_done < w.files_total
+            and st.capacity_bytes * WARM_FILL < st.total_bytes)
 
 
 def warming_entry(st: WorkerStats) -> dict[str, Any]:
@@ -170,8 +175,9 @@ def summarize(ds: Dataset, selected: list[str], pods: list[WorkerPod],
                 f"{100.0 * min(least, size) / size:.1f}%" if size else "100.0%"))
         out["hitRatio"] = _ratio(sum(values("servedFromCacheBytes")), sum(values("servedBytes")))
         out["recentHitRatio"] = _ratio(sum(values("recentFromCacheBytes")), sum(values("recentServedBytes")))
-        if ds.spec.warm.policy == "Eager":
-            out["warming"] = overall_warming([n for n in known if "warming" in n])
+        # None removes the field (status is merge-patched), e.g. after a switch to OnDemand.
+        out["warming"] = (overall_warming([n for n in known if "warming" in n]) or None
+                          if ds.spec.warm.policy == "Eager" else None)
     out["phase"] = phase(ds, selected, by_node, stats, old_nodes)
     return out
 
@@ -186,8 +192,11 @@ def overall_warming(nodes: list[Mapping[str, Any]]) -> dict[str, Any]:
     total = sum(int(w.get("bytesTotal", 0)) for w in warms)
     running = [w for n, w in zip(nodes, warms) if w.get("state") in ("idle", "running") and not n.get("stale")]
     rate = sum(int(w.get("bytesPerSecond", 0)) for w in running)
+    # etaSeconds is always present (None removes it): status is merge-patched, and an old ETA
+    # must not outlive the warming it described.
     out: dict[str, Any] = {"percentage": f"{100.0 * done / total:.1f}%" if total else "100.0%",
-                           "bytesPerSecond": rate, "rate": f"{format_bytes(rate)}/s"}
+                           "bytesPerSecond": rate, "rate": f"{format_bytes(rate)}/s",
+                           "etaSeconds": None}
     if running:
         etas = [w.get("etaSeconds") for w in running]
         if all(e is not None for e in etas):
@@ -218,9 +227,8 @@ def capacity_problem(ds: Dataset, stats: Mapping[str, WorkerStats | str]) -> str
         return None
     st = stats[bound[0]]
     assert isinstance(st, WorkerStats)
-    held = 100.0 * st.capacity_bytes / st.total_bytes
-    # The store stops warming at 98% of the capacity (warm.py): ask for that much headroom.
-    need = format_bytes(int(st.total_bytes / 0.98) + 1)
+    held = 100.0 * st.capacity_bytes * WARM_FILL / st.total_bytes
+    need = format_bytes(int(st.total_bytes / WARM_FILL) + 1)
     return (f"capacity {ds.spec.cache.capacity} holds {held:.0f}% of the dataset "
             f"({format_bytes(st.total_bytes)}): warming stopped at the capacity on {', '.join(bound)}; "
             f"the rest is read from the source on every miss. Raise spec.cache.capacity to at "

@@ -151,8 +151,10 @@ def test_warming_progress_rate_and_eta_per_node_and_overall() -> None:
     assert out["phase"] == "Warming"
     done = summarize(ds(), ["a"], [pod("a")], {"a": stats(1000, 0, 0)}, {}, "T")
     assert done["warming"]["eta"] == "done" and done["phase"] == "Ready"
-    assert "warming" not in summarize(ds(warm={"policy": "OnDemand"}), ["a"], [pod("a")],
-                                      {"a": stats(10, 0, 0)}, {}, "T")
+    # Status is merge-patched: a finished warming must remove the old ETA, not leave it.
+    assert "etaSeconds" in done["warming"] and done["warming"]["etaSeconds"] is None
+    assert summarize(ds(warm={"policy": "OnDemand"}), ["a"], [pod("a")],
+                     {"a": stats(10, 0, 0)}, {}, "T")["warming"] is None
 
 
 def test_warming_that_stops_at_capacity_is_not_ready_as_if_complete() -> None:
@@ -170,7 +172,7 @@ def test_warming_that_stops_at_capacity_is_not_ready_as_if_complete() -> None:
     stats_conditions(spec, conds, out, st, "datahoard-system")
     cached = next(c for c in conds.items if c["type"] == CACHED)
     assert (cached["status"], cached["reason"]) == ("False", "CapacityBound")
-    assert cached["message"].startswith("capacity 200Gi holds 89% of the dataset (224.0Gi)")
+    assert cached["message"].startswith("capacity 200Gi holds 88% of the dataset (224.0Gi)")
     assert "at least 228.6Gi" in cached["message"]
     # The same cache on demand is fine: OnDemand never promised the whole dataset.
     lazy = ds(cache={"capacity": "200Gi"}, warm={"policy": "OnDemand"})
