@@ -361,7 +361,11 @@ def stats_conditions(ds: Dataset, conds: Conditions, out: Mapping[str, Any],
                   f"no stats from {shown}: their last known figures are kept in the totals "
                   "(see WorkersReady for why)")
     elif out["nodes"]:
-        conds.set(STATS_CURRENT, True, "Current", "every cache worker answered the last collection")
+        fresh = sum(1 for n in out["nodes"] if n.get("stale") is False)
+        waiting = len(out["nodes"]) - fresh
+        conds.set(STATS_CURRENT, True, "Current",
+                  f"{fresh} cache worker(s) answered the last collection" + (
+                      f"; {waiting} never answered yet (see WorkersReady)" if waiting else ""))
     problem = capacity_problem(ds, stats)
     if problem:
         conds.set(CACHED, False, "CapacityBound", problem)

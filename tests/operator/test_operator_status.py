@@ -99,7 +99,14 @@ def test_current_stats_make_the_condition_true_again() -> None:
     out = both_seen()
     conds = Conditions([{"type": STATS_CURRENT, "status": "False", "reason": "StaleStats"}], 1, "T")
     stats_conditions(ds(), conds, out, BOTH, "datahoard-system")
-    assert next(c for c in conds.items if c["type"] == STATS_CURRENT)["status"] == "True"
+    cond = next(c for c in conds.items if c["type"] == STATS_CURRENT)
+    assert (cond["status"], cond["message"]) == ("True", "2 cache worker(s) answered the last collection")
+    # A worker that never answered has nothing to be stale about; it is not counted as current.
+    starting = summarize(ds(), ["a", "b"], [pod("a"), pod("b", ready=False)], {"a": BOTH["a"]}, {}, "T")
+    conds = Conditions([], 1, "T")
+    stats_conditions(ds(), conds, starting, {"a": BOTH["a"]}, "datahoard-system")
+    assert next(c for c in conds.items if c["type"] == STATS_CURRENT)["message"] == (
+        "1 cache worker(s) answered the last collection; 1 never answered yet (see WorkersReady)")
 
 
 def test_a_restarted_worker_that_kept_its_counters_changes_nothing() -> None:
