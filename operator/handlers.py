@@ -105,7 +105,7 @@ async def reconcile_timer(body: kopf.Body, status: kopf.Status, patch: kopf.Patc
         return  # the delete handler owns the object now; do not re-create what it removes
     nodes = [node for store in node_index.values() for node in store]
     old_conditions = list(status.get("conditions") or [])
-    key = f"{body['metadata']['namespace']}/{body['metadata']['name']}"
+    ds_key = f"{body['metadata']['namespace']}/{body['metadata']['name']}"
     try:
         new = await reconcile(body, nodes, memo.kube, memo.config)
     except Exception as exc:
@@ -121,9 +121,9 @@ async def reconcile_timer(body: kopf.Body, status: kopf.Status, patch: kopf.Patc
     conds.set(RECONCILED, True, "Reconciled", "workers, labels and volumes match the spec")
     if new.get("phase") != "Failed":
         new["conditions"] = conds.items
-    for field, value in new.items():
-        patch.status[field] = value
-    metrics.DATASETS.set(key, new.get("phase"))
+    for key, value in new.items():
+        patch.status[key] = value
+    metrics.DATASETS.set(ds_key, new.get("phase"))
     _post_transitions(body, old_conditions, new.get("conditions") or [], status.get("phase"),
                       new.get("phase"))
 
