@@ -182,3 +182,37 @@ def test_stale_nodes_restarts_columns_events_and_metrics(
     eventually(lambda: ("Normal", "Ready", "Dataset is Ready (was Degraded)")
                in cluster.events(namespace, "imagenet"), what="a Ready Event")
     assert operator.alive()
+
+
+@pytest.mark.integration
+def test_warming_that_stops_at_capacity_says_so(
+        cluster: Cluster, operator: OperatorProcess, kubelet: Kubelet, node_names: dict[str, str],
+        namespace: str, operator_env: dict[str, str], s3_server: Any, s3: Any, bucket: str) -> None:
+    cpu = node_names["cpu"]
+    for i in range(3):  # 1.8 MB of data for a 1Mi cache
+        s3.put_object(Bucket=bucket, Key=f"big/{i}.bin", Body=os.urandom(600_000))
+    cluster.apply_dataset(namespace, "big", {
+        "source": {"uri": f"s3://{bucket}/big/", "endpoint": s3_server.endpoint, "region": "us-east-1",
+                   "credentials": "Anonymous"},
+        "placement": {"nodeSelector": {"cache": "yes"}},
+        "cache": {"capacity": "1Mi"}, "warm": {"policy": "Eager"}})
+    ds = eventually(lambda: cluster.daemonset(namespace, "big"), what="the worker DaemonSet")
+    port = operator_env["DATAHOARD_STATS_PORT"]
+    pod = kubelet.start_pod(ds, cpu)
+    kubelet.run_container(ds, f"127.0.0.1:{port}",
+                          Path(operator_env["DATAHOARD_HOST_ROOT"]).with_name("worker.log"))
+    kubelet.set_status(SYSTEM, pod, ready=True)
+
+    cached = eventually(lambda: cluster.condition(namespace, "big", "Cached").get("reason") == "CapacityBound"
+                        and cluster.condition(namespace, "big", "Cached"), what="the Cached condition")
+    assert cached["status"] == "False"
+    assert cached["message"].startswith("capacity 1Mi holds 57% of the dataset (1.7Mi)"), cached
+    assert cpu in cached["message"] and "at least 1.8Mi" in cached["message"]
+    status = cluster.status(namespace, "big")
+    assert status["phase"] == "Degraded"  # not Ready as if it were all there
+    assert status["warming"]["eta"] == "capacity"
+    assert status["nodes"][0]["warming"]["state"] == "capacity"
+    row = table(cluster, namespace)
+    assert (row["PHASE"], row["ETA"]) == ("Degraded", "capacity")
+    eventually(lambda: any(t == "Warning" and r == "CapacityBound" and "capacity 1Mi holds" in m
+                           for t, r, m in cluster.events(namespace, "big")), what="a CapacityBound Event")
