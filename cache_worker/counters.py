@@ -180,6 +180,7 @@ class CounterSaver:
         self.counters, self.path, self.interval = counters, path, interval
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._failing = False  # log a failing save once, not every interval of a full disk
 
     def load(self) -> None:
         """Continue from the saved file; set aside one that cannot be read (and say so)."""
@@ -249,4 +250,11 @@ class CounterSaver:
             finally:
                 os.close(dir_fd)
         except OSError as exc:
-            log.warning("cannot save the counters to %s: %s", self.path, exc)
+            if not self._failing:
+                log.warning("cannot save the counters to %s: %s (retried every %.0f s)",
+                            self.path, exc, self.interval)
+            self._failing = True
+            return
+        if self._failing:
+            log.info("the counters are saved to %s again", self.path)
+            self._failing = False

@@ -4,6 +4,7 @@ S3 server; the file's rules (atomic, damaged file set aside, recent window) on p
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 
@@ -98,3 +99,18 @@ def test_recent_ratio_covers_the_last_window_only():
     window, cache, served = c.recent(now=t0 + RECENT_WINDOW + 60)
     assert (window, cache, served) == (RECENT_WINDOW, 500, 500)
     assert [s[0] for s in c.samples] == [t0 + 60, t0 + RECENT_WINDOW + 60]  # older ones pruned
+
+
+def test_a_failing_save_is_logged_once_and_serving_goes_on(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="cache_worker.counters")
+    c = Counters()
+    c.add_read(from_cache=5, from_source=0)
+    gone = tmp_path / "gone"
+    saver = CounterSaver(c, gone / "counters.json", interval=60)
+    saver.save()
+    saver.save()  # e.g. a full disk: no exception, one warning
+    assert caplog.text.count("cannot save the counters") == 1
+    gone.mkdir()
+    saver.save()
+    assert json.loads((gone / "counters.json").read_text())["counters"]["served_from_cache"] == 5
+    assert "saved to" in caplog.text and "again" in caplog.text
