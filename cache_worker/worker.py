@@ -36,7 +36,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from datahoard import runtime
-from datahoard.stats import DirectStats, WarmingStats, WorkerStats
+from datahoard.stats import DirectStats, RecentStats, WarmingStats, WorkerStats
 
 from .counters import Counters
 from .dataset import DatasetCache, Tuning
@@ -198,6 +198,7 @@ class Worker:
         cfg = self.config
         _prepare_mountpoint(cfg.mountpoint)
         self._lock_cache_dir()
+        self.counters.persist(cfg.cache_dir)  # continue the counts of the last run (counters.py)
         self.source = open_source(cfg.source, cfg.endpoint_url, cfg.region)
         self.index = self._open_index()
         self.store = ChunkStore(cfg.cache_dir / "chunks", capacity=1 << 62, private=not cfg.allow_other)
@@ -410,6 +411,7 @@ class Worker:
         if self.config.direct and self._record is not None:  # only what this worker mounted
             self._unbind()
         runtime.unregister(self.config.mountpoint.resolve(), pid=os.getpid())
+        self.counters.stop_persisting()  # the last save, while the cache directory is still ours
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
@@ -452,6 +454,9 @@ class Worker:
                 integrity_mismatches=c.integrity_mismatches,
                 last_mismatch=c.last_mismatch,
             )
+            window, recent_cache, recent_served = c.recent()
+        recent = RecentStats(window_seconds=window, served_from_cache_bytes=recent_cache,
+                             served_bytes=recent_served)
         return WorkerStats(
             source=self.config.source,
             mountpoint=str(self.config.mountpoint),
@@ -465,6 +470,7 @@ class Worker:
             serving=self.serving,
             kernel_opens=self.view is not None and self.view.kernel_opens,
             direct=self.direct,
+            recent=recent,
             **counts,
         )
 

@@ -185,6 +185,23 @@ class Placement(_Model):
 class Warm(_Model):
     policy: Literal["Eager", "OnDemand"] = "Eager"
     parallelism: Annotated[int, Field(strict=True, ge=1, le=256)] = 16
+    #: Bytes per second of warming traffic per node (the worker's ``--bandwidth-limit``).
+    bandwidth_limit: Annotated[str, StringConstraints(max_length=32)] | None = Field(
+        default=None, alias="bandwidthLimit")
+
+    @field_validator("bandwidth_limit")
+    @classmethod
+    def _bandwidth(cls, value: str) -> str:
+        _check(QUANTITY_RE, "must be bytes per second as a quantity such as 50Mi or 1Gi")(value)
+        # The CRD compares the exact quantity (0.5 is refused), not the rounded-up bytes.
+        number, suffix = re.fullmatch(r"([0-9.]+)([A-Za-z]*)", value).groups()
+        if Decimal(number) * _SUFFIX[suffix] < 1:
+            raise ValueError("must be at least 1 byte per second")
+        return value
+
+    @property
+    def bandwidth_bytes(self) -> int | None:
+        return quantity_bytes(self.bandwidth_limit) if self.bandwidth_limit else None
 
 
 class DatasetSpec(_Model):

@@ -1,7 +1,8 @@
 """The worker's stats document: what ``GET /stats`` returns.
 
 The operator and ``datahoard status`` both read it, so this model is the contract between them
-and the cache worker. Counters are cumulative since the worker started; byte counters count
+and the cache worker. Counters are cumulative over the life of the cache directory (a worker
+saves them there and a restart continues them, see ``cache_worker/counters.py``); byte counters count
 bytes handed to readers (``served_*``) or fetched from the source (``fetched_bytes``).
 """
 
@@ -22,6 +23,19 @@ class WarmingStats(BaseModel):
     @property
     def fraction(self) -> float:
         return self.bytes_done / self.bytes_total if self.bytes_total else 1.0
+
+
+class RecentStats(BaseModel):
+    """Bytes served over the last ``window_seconds`` (up to 10 minutes; less just after the
+    first start), for a hit ratio that follows the current epoch instead of the lifetime."""
+
+    window_seconds: float = 0.0
+    served_from_cache_bytes: int = 0
+    served_bytes: int = 0
+
+    @property
+    def hit_ratio(self) -> float | None:
+        return self.served_from_cache_bytes / self.served_bytes if self.served_bytes else None
 
 
 class DirectStats(BaseModel):
@@ -72,6 +86,7 @@ class WorkerStats(BaseModel):
         "fanotify counts them, so the served bytes and hit ratio stay as exact as before",
     )
     direct: DirectStats = Field(default_factory=DirectStats)
+    recent: RecentStats = Field(default_factory=RecentStats)
 
     @property
     def served_bytes(self) -> int:

@@ -119,6 +119,8 @@ def worker_command(ds: Dataset, settings: OperatorSettings) -> list[str]:
         cmd += ["--endpoint-url", source.endpoint]
     if source.region:
         cmd += ["--region", source.region]
+    if ds.spec.warm.bandwidth_bytes:
+        cmd += ["--bandwidth-limit", str(ds.spec.warm.bandwidth_bytes)]
     cmd += ["--parallelism", str(ds.spec.warm.parallelism), "--foreground",
             "--stats-addr", f"0.0.0.0:{settings.stats_port}"]
     return cmd

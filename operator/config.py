@@ -39,6 +39,9 @@ class OperatorSettings(BaseSettings):
                                  description="Per-worker timeout of one GET /stats")
     stats_concurrency: int = Field(default=16, ge=1,
                                    description="Workers polled at once, per Dataset")
+    metrics_port: int = Field(default=9102, ge=0, le=65535,
+                              description="Port of the operator's own Prometheus /metrics (0 = "
+                              "not served)")
     delete_poll: float = Field(default=5.0, gt=0,
                                description="Seconds between checks while deletion waits")
     # -- What tenants may ask for (the chart's `policy` values). Anyone who may create a Dataset

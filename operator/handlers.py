@@ -19,6 +19,7 @@ import kopf
 
 from datahoard import names
 
+from . import metrics
 from .config import OperatorSettings
 from .kube import Kube, load_client
 from .reconcile import (DELETION_BLOCKED, PROBLEMS, RECONCILED, Blocked, Conditions, finalize,
@@ -54,6 +55,12 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     logging.getLogger("kubernetes.client.rest").setLevel(logging.INFO)
     memo.kube = Kube(load_client())
     memo.config = CONFIG
+    try:
+        metrics.serve(CONFIG.metrics_port)
+    except OSError as exc:  # the Datasets matter more than the operator's own metrics
+        logging.getLogger(__name__).error(
+            "cannot serve /metrics on port %s (%s): running without; set DATAHOARD_METRICS_PORT "
+            "(chart: operator.metricsPort) to a free port, or 0", CONFIG.metrics_port, exc)
 
 
 @kopf.on.probe(id="ok")
@@ -63,16 +70,17 @@ def alive(**_: Any) -> bool:
 
 def _post_transitions(body: kopf.Body, old: list[Mapping[str, Any]], new: list[Mapping[str, Any]],
                       old_phase: str | None, new_phase: str | None) -> None:
-    """A Warning Event when a problem condition appears (or changes reason); one on phase changes."""
+    """A Warning Event when a problem condition appears (or changes reason); one on every phase
+    change (Warning into Degraded or Failed, Normal otherwise)."""
     before = {c.get("type"): c for c in old}
     for cond in new:
         prev = before.get(cond.get("type")) or {}
         if (cond.get("status") == "False" and cond.get("reason") in PROBLEMS
                 and (prev.get("status") != "False" or prev.get("reason") != cond.get("reason"))):
             kopf.warn(body, reason=cond.get("reason", "Problem"), message=cond.get("message", ""))
-    if new_phase != old_phase and new_phase in ("Ready", "Degraded", "Failed"):
-        kopf.event(body, type="Normal" if new_phase == "Ready" else "Warning",
-                   reason=new_phase, message=f"Dataset is {new_phase}")
+    if new_phase != old_phase and new_phase:
+        kopf.event(body, type="Warning" if new_phase in ("Degraded", "Failed") else "Normal",
+                   reason=new_phase, message=f"Dataset is {new_phase} (was {old_phase or 'new'})")
 
 
 @kopf.index("v1", "nodes")
@@ -97,9 +105,13 @@ async def reconcile_timer(body: kopf.Body, status: kopf.Status, patch: kopf.Patc
         return  # the delete handler owns the object now; do not re-create what it removes
     nodes = [node for store in node_index.values() for node in store]
     old_conditions = list(status.get("conditions") or [])
+    ds_key = f"{body['metadata']['namespace']}/{body['metadata']['name']}"
     try:
         new = await reconcile(body, nodes, memo.kube, memo.config)
-    except kopf.TemporaryError as exc:
+    except Exception as exc:
+        metrics.RECONCILE_ERRORS.labels(type(exc).__name__).inc()
+        if not isinstance(exc, kopf.TemporaryError):
+            raise
         # Say so where people look (`kubectl describe`), then let kopf retry after the delay.
         conds = Conditions(old_conditions, body["metadata"].get("generation", 0))
         conds.set(RECONCILED, False, "APIError", str(exc))
@@ -111,6 +123,7 @@ async def reconcile_timer(body: kopf.Body, status: kopf.Status, patch: kopf.Patc
         new["conditions"] = conds.items
     for key, value in new.items():
         patch.status[key] = value
+    metrics.DATASETS.set(ds_key, new.get("phase"))
     _post_transitions(body, old_conditions, new.get("conditions") or [], status.get("phase"),
                       new.get("phase"))
 
@@ -119,9 +132,12 @@ async def reconcile_timer(body: kopf.Body, status: kopf.Status, patch: kopf.Patc
 async def cleanup(body: kopf.Body, status: kopf.Status, meta: kopf.Meta, patch: kopf.Patch,
                   memo: kopf.Memo, **_: Any) -> None:
     """Wait until nothing uses the volume, then remove what the Dataset made."""
+    key = f"{body['metadata']['namespace']}/{body['metadata']['name']}"
     try:
         await asyncio.to_thread(finalize, body, memo.kube, memo.config)
+        metrics.DATASETS.set(key, None)
     except Blocked as exc:
+        metrics.DATASETS.set(key, "Terminating")
         conds = Conditions(list(status.get("conditions") or []), meta.get("generation", 0))
         conds.set(DELETION_BLOCKED, True, exc.reason, exc.message)
         patch.status["phase"] = "Terminating"

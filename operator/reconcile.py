@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,11 +20,11 @@ import pydantic
 from datahoard import names
 from datahoard.api import Dataset, error_summary
 
-from . import builders, ownership, placement, policy
+from . import builders, metrics, ownership, placement, policy
 from .collect import collect
 from .config import OperatorSettings
 from .kube import Kube
-from .status import WorkerPod, degraded_reasons, set_condition, summarize
+from .status import WorkerPod, capacity_problem, degraded_reasons, set_condition, stale_nodes, summarize
 
 #: Condition types, in the order a person reads them.
 SPEC_VALID = "SpecValid"
@@ -34,11 +35,13 @@ VOLUME_READY = "VolumeReady"
 OBJECTS_OWNED = "ObjectsOwned"
 DELETION_BLOCKED = "DeletionBlocked"
 RECONCILED = "Reconciled"
+STATS_CURRENT = "StatsCurrent"
+CACHED = "Cached"
 #: Condition reasons that need a person: they also become Warning Events (once, on change).
 #: Others (waiting for a worker, workers still starting) are normal progress.
 PROBLEMS = {"InvalidSpec", "NoMatchingNodes", "SecretNotFound", "SecretKeyMissing", "Degraded",
             "APIError", "NameConflict", "NodeIdentityForbidden", "EndpointForbidden",
-            "NamespaceNotServed", "PlacementForbidden"}
+            "NamespaceNotServed", "PlacementForbidden", "StaleStats", "AllStale", "CapacityBound"}
 
 
 def now() -> str:
@@ -320,9 +323,13 @@ async def reconcile(body: Mapping[str, Any], nodes: list[Mapping[str, Any]], kub
     status = body.get("status") or {}
     state = await asyncio.to_thread(converge, ds, status, nodes, kube, settings)
     on_selected = [p for p in state.pods if p.node in state.selected]
+    started = time.monotonic()
     stats = await collect(on_selected, settings.stats_port, settings.stats_timeout,
                           settings.stats_concurrency)
+    metrics.STATS_SECONDS.observe(time.monotonic() - started)
+    metrics.STATS_FAILURES.inc(sum(isinstance(s, str) for s in stats.values()))
     out = summarize(ds, state.selected, on_selected, stats, status, state.conditions.time)
+    stats_conditions(ds, state.conditions, out, stats, settings.namespace)
 
     not_ready = [n for n in state.selected if not any(p.node == n and p.ready for p in on_selected)]
     problems = degraded_reasons(stats) + [f"{n}: worker not ready" for n in not_ready]
@@ -335,6 +342,35 @@ async def reconcile(body: Mapping[str, Any], nodes: list[Mapping[str, Any]], kub
     out.update(observedGeneration=ds.generation, cacheNodes=state.cache_nodes,
                conditions=state.conditions.items)
     return out
+
+
+def stats_conditions(ds: Dataset, conds: Conditions, out: Mapping[str, Any],
+                      stats: Mapping[str, Any], workers_namespace: str) -> None:
+    """StatsCurrent: which nodes' figures are old, and since when. Cached: an Eager Dataset
+    that does not fit its cache (warming stopped at the capacity)."""
+    stale = stale_nodes(out["nodes"])
+    if out.get("stale"):
+        seen = max(t for _, t in stale)
+        conds.set(STATS_CURRENT, False, "AllStale",
+                  f"no cache worker answered: every figure is as last seen at {seen} (phase "
+                  "and numbers are not current; check the worker pods in "
+                  f"{workers_namespace})")
+    elif stale:
+        shown = ", ".join(f"{n} since {t}" for n, t in stale[:10])
+        conds.set(STATS_CURRENT, False, "StaleStats",
+                  f"no stats from {shown}: their last known figures are kept in the totals "
+                  "(see WorkersReady for why)")
+    elif out["nodes"]:
+        fresh = sum(1 for n in out["nodes"] if n.get("stale") is False)
+        waiting = len(out["nodes"]) - fresh
+        conds.set(STATS_CURRENT, True, "Current",
+                  f"{fresh} cache worker(s) answered the last collection" + (
+                      f"; {waiting} never answered yet (see WorkersReady)" if waiting else ""))
+    problem = capacity_problem(ds, stats)
+    if problem:
+        conds.set(CACHED, False, "CapacityBound", problem)
+    elif ds.spec.warm.policy == "Eager" and any(s for s in stats.values() if not isinstance(s, str)):
+        conds.set(CACHED, True, "Fits", f"the dataset fits the cache capacity {ds.spec.cache.capacity}")
 
 
 @dataclass

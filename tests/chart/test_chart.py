@@ -264,3 +264,15 @@ def test_worker_and_image_settings(render) -> None:
         f"ghcr.io/datahoard/datahoard@{digest}"
     for doc in custom.docs:
         assert doc["metadata"]["labels"]["team"] == "ml-platform", doc["kind"]
+
+
+def test_operator_metrics_port_is_exposed_and_can_be_turned_off(render) -> None:
+    def container(values: dict | None = None) -> dict:
+        return render(values).find("Deployment")["spec"]["template"]["spec"]["containers"][0]
+
+    default = container()
+    assert {"name": "metrics", "containerPort": 9102, "protocol": "TCP"} in default["ports"]
+    assert env_of(default)["DATAHOARD_METRICS_PORT"] == "9102"
+    off = container({"operator": {"metricsPort": 0}})
+    assert [p["name"] for p in off["ports"]] == ["health"]
+    assert env_of(off)["DATAHOARD_METRICS_PORT"] == "0"

@@ -191,7 +191,7 @@ def operator(plane: AuditedControlPlane, installed: Rendered, tmp_path: Path) ->
     op = Operator(installed.find("Deployment"), kubeconfig, tmp_path / "operator.log", {
         # Fast loops so the test takes seconds; everything else is the Deployment's.
         "DATAHOARD_INTERVAL": "1", "DATAHOARD_DELETE_POLL": "1", "DATAHOARD_STATS_TIMEOUT": "2",
-        "DATAHOARD_STATS_PORT": str(free_port()),
+        "DATAHOARD_STATS_PORT": str(free_port()), "DATAHOARD_METRICS_PORT": str(free_port()),
         "PYTHONWARNINGS": "ignore:Unverified HTTPS request"})
     op.start()
     yield op

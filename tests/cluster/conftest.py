@@ -137,6 +137,7 @@ def operator_env(tmp_path: Path, request: pytest.FixtureRequest) -> dict[str, st
         "DATAHOARD_DELETE_POLL": "1",
         "DATAHOARD_STATS_TIMEOUT": "5",
         "DATAHOARD_STATS_PORT": str(free_port()),
+        "DATAHOARD_METRICS_PORT": str(free_port()),
         "DATAHOARD_HOST_ROOT": str(tmp_path / "host"),
         # The test API server's certificate is self-signed (the kubeconfig skips verification).
         "PYTHONWARNINGS": "ignore:Unverified HTTPS request",

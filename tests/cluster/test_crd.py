@@ -16,7 +16,10 @@ from envtest import REPO, ControlPlane
 pytestmark = pytest.mark.cluster
 
 CASES = yaml.safe_load((Path(__file__).with_name("spec_cases.yaml")).read_text())
-COLUMNS = ["NAME", "SOURCE", "PHASE", "FILES", "TOTAL", "CACHED", "HIT RATIO", "NODES", "AGE"]
+COLUMNS = ["NAME", "SOURCE", "PHASE", "FILES", "TOTAL", "CACHED", "HIT RATIO", "NODES", "RATE", "ETA",
+           "AGE"]
+#: `-o wide` adds these after them.
+WIDE = [*COLUMNS, "WARMED", "LIFETIME HIT RATIO", "STALE"]
 
 
 def _create(api_client: kubernetes.client.ApiClient, namespace: str, name: str, spec: dict) -> dict:
@@ -37,6 +40,9 @@ def test_examples_apply_and_print_the_columns(control_plane: ControlPlane, crd: 
     assert -1 not in positions, header
     assert positions == sorted(positions), header
     assert "s3://" in out.splitlines()[1]
+    wide = control_plane.kubectl("get", "datasets", "-n", namespace, "-o", "wide").stdout.splitlines()[0]
+    positions = [wide.find(col) for col in WIDE]
+    assert -1 not in positions and positions == sorted(positions), wide
     # The short name works too.
     assert control_plane.kubectl("get", "dset", "-n", namespace).stdout.splitlines()[0] == header
     control_plane.kubectl("delete", "-n", namespace, "-f", str(REPO / "examples" / "dataset.yaml"))

@@ -109,3 +109,13 @@ def test_credential_rotation_rolls_the_workers() -> None:
                                          builders.credentials_hash(data))["spec"]["template"]
     assert template({"AWS_ACCESS_KEY_ID": "b2xk"}) != template({"AWS_ACCESS_KEY_ID": "bmV3"})
     assert template({"AWS_ACCESS_KEY_ID": "b2xk"}) == template({"AWS_ACCESS_KEY_ID": "b2xk"})
+
+
+def test_warming_bandwidth_reaches_the_worker_as_bytes_per_second() -> None:
+    from datahoard.cli import build_parser
+
+    cmd = builders.worker_command(dataset(warm={"policy": "Eager", "bandwidthLimit": "1.5Mi"}), SETTINGS)
+    assert cmd[cmd.index("--bandwidth-limit") + 1] == str(3 * 2**19)
+    args = build_parser().parse_args(cmd[1:])  # the CLI accepts what the operator writes
+    assert args.bandwidth_limit == 3 * 2**19
+    assert "--bandwidth-limit" not in builders.worker_command(dataset(), SETTINGS)  # no cap by default
