@@ -158,6 +158,14 @@ def _classify_response(status: int, code: str, message: str, what: str, endpoint
     return error
 
 
+def _transport_error(exc: BaseException, what: str, endpoint: str) -> SourceError:
+    """A lean GET that got no answer: unreachable before anything was sent, else the transfer
+    broke (reset, timeout, short body); both retried."""
+    if isinstance(exc, s3_get.CONNECT_ERRORS):
+        return SourceUnreachable(f"cannot reach S3 endpoint {endpoint} for {what}: {_reason(exc)}")
+    return SourceTransientError(f"S3 transfer of {what} failed: {_reason(exc)}")
+
+
 def _classify(exc: Exception, what: str, endpoint: str) -> SourceError:
     """Turn a botocore failure into one SourceError with a message a person can act on."""
     if isinstance(exc, SourceError):
@@ -340,12 +348,8 @@ class S3Source(Source):
             headers["if-match"] = f'"{obj.etag}"'
         try:
             response = self._getter.get(self.prefix + obj.key, headers)
-        except s3_get.CONNECT_ERRORS as exc:
-            raise SourceUnreachable(
-                f"cannot reach S3 endpoint {self.endpoint} for {where}: {_reason(exc)}"
-            ) from exc
-        except (urllib3.exceptions.HTTPError, OSError) as exc:  # reset, timeout, short body
-            raise SourceTransientError(f"S3 transfer of {where} failed: {_reason(exc)}") from exc
+        except (urllib3.exceptions.HTTPError, OSError) as exc:
+            raise _transport_error(exc, where, self.endpoint) from exc
         status = response.status
         data = response.data
         if status not in (200, 206):

@@ -150,14 +150,47 @@ def test_transient_faults_are_retried_to_the_right_bytes(s3, bucket, proxy, faul
     assert proxy.injected == 4
 
 
-def test_persistent_failure_is_bounded_and_names_the_object(s3, bucket, proxy):
+@pytest.mark.parametrize("client", ["lean", "botocore"])
+def test_persistent_failure_is_bounded_and_names_the_object(s3, bucket, proxy, monkeypatch, client):
+    if client == "botocore":
+        monkeypatch.setenv("DATAHOARD_S3_CLIENT", "botocore")
     s3.put_object(Bucket=bucket, Key="broken", Body=b"x" * 100)
     src = S3Source(f"s3://{bucket}/", S3Options(endpoint_url=proxy.endpoint, max_attempts=4))
+    assert (src._getter is None) == (client == "botocore")
     (obj,) = src.list()
     proxy.add(Fault(status=503, s3_code="SlowDown", times=100))
     with pytest.raises(SourceTransientError, match=f"s3://{bucket}/broken: SlowDown: injected"):
         src.read(obj, 0, obj.size)
-    assert proxy.injected == 4  # max_attempts in total, no hidden retries underneath
+    assert proxy.injected == 4  # max_attempts in total: exactly one loop retries, on either path
+
+
+def test_a_listing_page_is_retried_by_one_loop_only(s3, bucket, proxy):
+    """Listing goes through botocore, whose own retries would multiply ours (4 x 4 = 16)."""
+    s3.put_object(Bucket=bucket, Key="obj", Body=b"x")
+    src = S3Source(f"s3://{bucket}/", S3Options(endpoint_url=proxy.endpoint, max_attempts=4))
+    proxy.add(Fault(status=503, s3_code="SlowDown", times=100))
+    with pytest.raises(SourceTransientError, match=f"s3://{bucket}/: SlowDown"):
+        list(src.list())
+    assert proxy.injected == 4
+    proxy.faults.clear()
+    proxy.add(Fault(status=500, s3_code="InternalError", times=3))
+    assert [o.key for o in src.list()] == ["obj"]  # the fourth attempt gets through
+    assert proxy.injected == 4 + 3
+
+
+@pytest.mark.parametrize("code, status", [("AccessDenied", 403), ("NoSuchKey", 404),
+                                          ("PreconditionFailed", 412)])
+@pytest.mark.parametrize("client", ["lean", "botocore"])
+def test_permanent_answers_are_not_retried(s3, bucket, proxy, monkeypatch, client, code, status):
+    if client == "botocore":
+        monkeypatch.setenv("DATAHOARD_S3_CLIENT", "botocore")
+    s3.put_object(Bucket=bucket, Key="obj", Body=b"x" * 100)
+    src = S3Source(f"s3://{bucket}/", S3Options(endpoint_url=proxy.endpoint, max_attempts=4))
+    (obj,) = src.list()
+    proxy.add(Fault(status=status, s3_code=code, times=100))
+    with pytest.raises((SourcePermissionDenied, SourceNotFound, SourceChanged)):
+        src.read(obj, 0, obj.size)
+    assert proxy.injected == 1
 
 
 def test_a_client_error_is_not_retried(s3, bucket, proxy):

@@ -21,6 +21,7 @@ from datahoard.cache_worker.hdfs import (
     parse_hdfs_uri,
 )
 from datahoard.cache_worker.source import (
+    RemoteObject,
     SourceAuthError,
     SourceChanged,
     SourceError,
@@ -196,6 +197,28 @@ def test_only_standby_namenodes_is_unreachable(standby):
     source = HdfsSource("hdfs://ns/", HdfsOptions(namenodes=(standby.address,), max_attempts=2))
     with pytest.raises(SourceUnreachable, match="no active NameNode"):
         source.stat("x")
+
+
+RETRIABLE = {"RemoteException": {
+    "exception": "RetriableException", "javaClassName": "org.apache.hadoop.ipc.RetriableException",
+    "message": "NameNode still not started"}}
+
+
+@pytest.mark.parametrize("operation", ["stat", "read", "list", "evidence"])
+def test_a_transient_error_is_retried_by_one_loop_only(operation):
+    """Every operation makes ``max_attempts`` requests to a NameNode that keeps answering
+    "retry later", not ``max_attempts`` squared (a read's retries around the NameNode call's)."""
+    stub = StubNameNode(503, RETRIABLE)
+    source = HdfsSource(f"hdfs://{stub.address}/d", HdfsOptions(user="etl", max_attempts=3))
+    obj = RemoteObject(key="f", size=3, etag="5-3-1000", mtime=1.0)
+    calls = {"stat": lambda: source.stat("f"), "read": lambda: source.read(obj, 0, 3),
+             "list": lambda: list(source.list()), "evidence": lambda: source.evidence(obj)}
+    try:
+        with pytest.raises(SourceTransientError, match="RetriableException: NameNode still not started"):
+            calls[operation]()
+    finally:
+        stub.close()
+    assert len(stub.queries) == 3
 
 
 # -- against the real cluster -------------------------------------------------------------------
