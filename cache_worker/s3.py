@@ -27,7 +27,6 @@ import re
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
-from urllib.parse import urlsplit
 
 import boto3
 import botocore.config
@@ -114,6 +113,9 @@ class S3Options:
     #: 8 MiB chunk in 60 s needs 140 KB/s from the store.
     request_timeout: float = 60.0
     max_connections: int = 64
+    #: ``path``, ``virtual`` or ``auto`` (botocore's choice); None: path-style with an
+    #: ``endpoint_url`` (every S3-compatible store takes it), else auto.
+    addressing_style: str | None = None
 
 
 def parse_s3_uri(uri: str) -> tuple[str, str]:
@@ -209,7 +211,8 @@ class S3Source(Source):
             max_pool_connections=options.max_connections,
             # Path-style works with every S3-compatible store (MinIO, Ceph, moto); AWS
             # accepts it too. Virtual-host style is kept for AWS itself.
-            s3={"addressing_style": "path" if options.endpoint_url else "auto"},
+            s3={"addressing_style": options.addressing_style
+                or ("path" if options.endpoint_url else "auto")},
             # The worker checks sizes and MD5s itself; botocore's extra response checksums cost
             # about 0.45 ms of CPU per request (bench/ANALYSIS.md).
             request_checksum_calculation="when_required",
@@ -221,13 +224,10 @@ class S3Source(Source):
         _bound_botocore_requests(self._client)
         self.endpoint = options.endpoint_url or self._client.meta.endpoint_url
         self._getter: s3_get.ObjectGetter | None = None
-        if _lean_gets_apply(self.endpoint):
+        target = s3_get.resolve(self._client, self.bucket) if _lean_gets_apply(self.endpoint) else None
+        if target is not None:
             self._getter = s3_get.ObjectGetter(
-                bucket=self.bucket,
-                endpoint_url=self._client.meta.endpoint_url,
-                region=self._client.meta.region_name or "us-east-1",
-                # --endpoint-url (or AWS_ENDPOINT_URL*: a non-AWS host) means path-style.
-                path_style=bool(options.endpoint_url) or not _is_aws(self._client.meta.endpoint_url),
+                target=target,
                 credentials=credentials,  # refreshed per request when refreshable
                 max_connections=options.max_connections,
                 connect_timeout=options.connect_timeout,
@@ -236,9 +236,9 @@ class S3Source(Source):
                 ca_bundle=core.get_config_variable("ca_bundle")
                 or botocore.httpsession.get_cert_path(True),
                 # A bucket in another region than configured: AWS names it in its answer.
-                endpoint_for_region=None if options.endpoint_url else (
-                    lambda region: session.client(
-                        "s3", region_name=region, config=config).meta.endpoint_url
+                target_for_region=None if options.endpoint_url else (
+                    lambda region: s3_get.resolve(
+                        session.client("s3", region_name=region, config=config), self.bucket)
                 ),
             )
 
@@ -543,11 +543,6 @@ def _lean_gets_apply(endpoint: str) -> bool:
     host = rest.split("/", 1)[0]
     proxies = urllib.request.getproxies()
     return not (proxies.get(scheme) and not urllib.request.proxy_bypass(host))
-
-
-def _is_aws(endpoint_url: str) -> bool:
-    host = (urlsplit(endpoint_url).hostname or "").lower()
-    return host.endswith((".amazonaws.com", ".amazonaws.com.cn"))
 
 
 def _reason(exc: BaseException) -> str:
