@@ -42,11 +42,10 @@ import getpass
 import hashlib
 import json
 import logging
-import os
 import queue
 import re
 import threading
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TypeVar
 from urllib.parse import quote, urlsplit
@@ -93,8 +92,9 @@ _CONNECT_ERRORS = (
 
 @dataclass(frozen=True)
 class HdfsOptions:
-    #: Simple-auth user (``user.name``); default ``$HADOOP_USER_NAME``, else the OS user, as the
-    #: Hadoop client does. Ignored when a delegation token is given (the token names the user).
+    #: Simple-auth user (``user.name``); default the login name (``open_source`` passes
+    #: ``$HADOOP_USER_NAME`` first, as the Hadoop client does). Ignored when a delegation token
+    #: is given (the token names the user).
     user: str | None = None
     #: A delegation token for Kerberos-secured clusters: the ``urlString`` WebHDFS's
     #: ``GETDELEGATIONTOKEN`` returns. Not renewed here: it must outlive the mount.
@@ -202,7 +202,7 @@ class HdfsSource(Source):
         self.target = parse_hdfs_uri(uri, options.namenodes)
         self.endpoint = ",".join(self.target.namenodes)
         self._uri_scheme = uri.partition("://")[0]
-        self.user = options.user or os.environ.get("HADOOP_USER_NAME") or getpass.getuser()
+        self.user = options.user or getpass.getuser()
         self._active = 0  # index into target.namenodes of the last NameNode that answered
         self._retry = RetryPolicy(max_attempts=options.max_attempts, base_delay=0.05,
                                   deadline=options.retry_deadline)
@@ -528,24 +528,6 @@ class HdfsSource(Source):
 
     def close(self) -> None:
         self._http.clear()
-
-
-def options_from_env(environ: Mapping[str, str]) -> HdfsOptions:
-    """The worker's HDFS settings, from the environment (the operator fills it from the Secret).
-
-    ``DATAHOARD_HDFS_USER``, ``DATAHOARD_HDFS_DELEGATION_TOKEN``, ``DATAHOARD_HDFS_NAMENODES``
-    (comma-separated ``host:http-port``, HA), ``DATAHOARD_HDFS_MAX_ATTEMPTS`` (default 5) and
-    ``DATAHOARD_HDFS_REQUEST_TIMEOUT`` (seconds one attempt may take in all, default 60).
-    """
-    namenodes = tuple(n.strip() for n in environ.get("DATAHOARD_HDFS_NAMENODES", "").split(",")
-                      if n.strip())
-    return HdfsOptions(
-        user=environ.get("DATAHOARD_HDFS_USER") or None,
-        delegation_token=environ.get("DATAHOARD_HDFS_DELEGATION_TOKEN") or None,
-        namenodes=namenodes,
-        max_attempts=int(environ.get("DATAHOARD_HDFS_MAX_ATTEMPTS", "5")),
-        request_timeout=float(environ.get("DATAHOARD_HDFS_REQUEST_TIMEOUT", "60")),
-    )
 
 
 def _remote_object(key: str, status: dict) -> RemoteObject:

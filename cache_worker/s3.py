@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import re
 import urllib.request
 from collections.abc import Iterator
@@ -113,6 +112,9 @@ class S3Options:
     #: 8 MiB chunk in 60 s needs 140 KB/s from the store.
     request_timeout: float = 60.0
     max_connections: int = 64
+    #: ``lean``: chunk GETs through :mod:`.s3_get`; ``botocore``: through botocore (the escape
+    #: hatch, ``DATAHOARD_S3_CLIENT``).
+    client: str = "lean"
     #: ``path``, ``virtual`` or ``auto`` (botocore's choice); None: path-style with an
     #: ``endpoint_url`` (every S3-compatible store takes it), else auto.
     addressing_style: str | None = None
@@ -224,7 +226,8 @@ class S3Source(Source):
         _bound_botocore_requests(self._client)
         self.endpoint = options.endpoint_url or self._client.meta.endpoint_url
         self._getter: s3_get.ObjectGetter | None = None
-        target = s3_get.resolve(self._client, self.bucket) if _lean_gets_apply(self.endpoint) else None
+        lean = options.client != "botocore" and _no_proxy_for(self.endpoint)
+        target = s3_get.resolve(self._client, self.bucket) if lean else None
         if target is not None:
             self._getter = s3_get.ObjectGetter(
                 target=target,
@@ -534,11 +537,9 @@ def _bound_botocore_requests(client) -> None:
     client.meta.events.register("before-send.s3", _restart_clock)
 
 
-def _lean_gets_apply(endpoint: str) -> bool:
-    """Whether chunk GETs take the lean path; botocore is kept when asked for, and when an
-    HTTP proxy is configured for the endpoint (only botocore's session honours proxies)."""
-    if os.environ.get("DATAHOARD_S3_CLIENT", "").strip().lower() == "botocore":
-        return False
+def _no_proxy_for(endpoint: str) -> bool:
+    """Whether the lean path can reach ``endpoint``: not when an HTTP proxy is configured for
+    it, which only botocore's session honours."""
     scheme, _, rest = endpoint.partition("://")
     host = rest.split("/", 1)[0]
     proxies = urllib.request.getproxies()

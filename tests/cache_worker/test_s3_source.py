@@ -57,12 +57,10 @@ def test_listing_is_paginated_and_scoped_to_the_prefix(s3_server, s3, bucket):
 
 
 @pytest.mark.parametrize("client", ["lean", "botocore"])
-def test_ranged_reads_return_exact_bytes(s3_server, s3, bucket, monkeypatch, client):
-    if client == "botocore":
-        monkeypatch.setenv("DATAHOARD_S3_CLIENT", "botocore")  # the escape hatch
+def test_ranged_reads_return_exact_bytes(s3_server, s3, bucket, client):
     body = os.urandom(100_000)
     s3.put_object(Bucket=bucket, Key="obj", Body=body)
-    src = source(s3_server, f"s3://{bucket}/")
+    src = source(s3_server, f"s3://{bucket}/", client=client)  # botocore: the escape hatch
     assert (src._getter is None) == (client == "botocore")
     obj = src.stat("obj")
     assert src.read(obj, 0, len(body)) == body
@@ -151,11 +149,10 @@ def test_transient_faults_are_retried_to_the_right_bytes(s3, bucket, proxy, faul
 
 
 @pytest.mark.parametrize("client", ["lean", "botocore"])
-def test_persistent_failure_is_bounded_and_names_the_object(s3, bucket, proxy, monkeypatch, client):
-    if client == "botocore":
-        monkeypatch.setenv("DATAHOARD_S3_CLIENT", "botocore")
+def test_persistent_failure_is_bounded_and_names_the_object(s3, bucket, proxy, client):
     s3.put_object(Bucket=bucket, Key="broken", Body=b"x" * 100)
-    src = S3Source(f"s3://{bucket}/", S3Options(endpoint_url=proxy.endpoint, max_attempts=4))
+    src = S3Source(f"s3://{bucket}/", S3Options(endpoint_url=proxy.endpoint, max_attempts=4,
+                                                         client=client))
     assert (src._getter is None) == (client == "botocore")
     (obj,) = src.list()
     proxy.add(Fault(status=503, s3_code="SlowDown", times=100))
@@ -181,11 +178,10 @@ def test_a_listing_page_is_retried_by_one_loop_only(s3, bucket, proxy):
 @pytest.mark.parametrize("code, status", [("AccessDenied", 403), ("NoSuchKey", 404),
                                           ("PreconditionFailed", 412)])
 @pytest.mark.parametrize("client", ["lean", "botocore"])
-def test_permanent_answers_are_not_retried(s3, bucket, proxy, monkeypatch, client, code, status):
-    if client == "botocore":
-        monkeypatch.setenv("DATAHOARD_S3_CLIENT", "botocore")
+def test_permanent_answers_are_not_retried(s3, bucket, proxy, client, code, status):
     s3.put_object(Bucket=bucket, Key="obj", Body=b"x" * 100)
-    src = S3Source(f"s3://{bucket}/", S3Options(endpoint_url=proxy.endpoint, max_attempts=4))
+    src = S3Source(f"s3://{bucket}/", S3Options(endpoint_url=proxy.endpoint, max_attempts=4,
+                                                client=client))
     (obj,) = src.list()
     proxy.add(Fault(status=status, s3_code=code, times=100))
     with pytest.raises((SourcePermissionDenied, SourceNotFound, SourceChanged)):

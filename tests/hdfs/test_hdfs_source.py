@@ -17,7 +17,6 @@ from datahoard.cache_worker.hdfs import (
     HdfsOptions,
     HdfsSource,
     _classify,
-    options_from_env,
     parse_hdfs_uri,
 )
 from datahoard.cache_worker.source import (
@@ -30,7 +29,8 @@ from datahoard.cache_worker.source import (
     SourceTransientError,
     SourceUnreachable,
 )
-from datahoard.cache_worker.sources import open_source
+from datahoard.cache_worker.settings import SourceSettings
+from datahoard.cache_worker.sources import hdfs_options, open_source
 from tests.conftest import free_port
 from tests.faults import Fault, FaultProxy
 
@@ -63,12 +63,12 @@ def test_parse_uri_rejects(uri):
 
 
 def test_options_from_env_ha_list_and_token():
-    options = options_from_env({
+    options = hdfs_options(SourceSettings.from_env({
         "DATAHOARD_HDFS_USER": "etl",
         "DATAHOARD_HDFS_NAMENODES": "nn1:9870, nn2:9870",
         "DATAHOARD_HDFS_DELEGATION_TOKEN": "tok",
         "DATAHOARD_HDFS_MAX_ATTEMPTS": "2",
-    })
+    }))
     assert options == HdfsOptions(user="etl", delegation_token="tok",
                                   namenodes=("nn1:9870", "nn2:9870"), max_attempts=2)
     parsed = parse_hdfs_uri("hdfs://mycluster/data", options.namenodes)
