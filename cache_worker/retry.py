@@ -25,8 +25,8 @@ runs once per chunk fetch on the hot path, and the sources need the clock and th
 injectable for tests without timing. Measured with ``python -m timeit`` on the 2-core test
 machine under load, per call that succeeds at once: this policy 0.4-0.7 us; tenacity 9.2's
 ``Retrying`` with the same stop/wait/retry 15.8 us (its per-call state objects), against
-about 600 us of client CPU per lean GET (``bench/lean_get.py``). Neither matters much; the dependency did not buy
-anything the twenty lines do not do.
+about 600 us of client CPU per lean GET (``bench/lean_get.py``). Neither cost matters; the
+dependency would buy nothing these twenty lines do not do.
 """
 
 from __future__ import annotations
