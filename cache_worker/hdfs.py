@@ -31,9 +31,9 @@ NameNode and DataNodes send. Each operation (a listing page, a stat, a read with
 check, a checksum) is retried as a whole by :mod:`.retry`'s policy and by nothing else: one
 attempt goes once around the NameNode list, a refused connection or a ``StandbyException``
 moving to the next NameNode at once (failover, not a retry), so ``max_attempts=5`` is at most
-five requests to each NameNode. Each attempt has a total deadline (``request_timeout``: connect, headers and the whole body, the
-DataNode's bytes included, see :mod:`.deadline`), so a NameNode or DataNode that drips its
-answer is cut off like a silent one.
+five requests to each NameNode. Each attempt has a total deadline (``request_timeout``:
+connect, headers and the whole body, the DataNode's bytes included, see :mod:`.deadline`), so
+a NameNode or DataNode that drips its answer is cut off like a silent one.
 """
 
 from __future__ import annotations

@@ -366,6 +366,24 @@ def test_transient_namenode_errors_are_retried(hdfs_cluster, dataset):
         proxy.close()
 
 
+@pytest.mark.integration
+@pytest.mark.parametrize("op", ["OPEN", "GETFILESTATUS"])
+def test_a_persistent_namenode_error_is_max_attempts_requests(hdfs_cluster, dataset, op):
+    """A read is OPEN plus a version check (GETFILESTATUS), retried as a whole: a NameNode that
+    keeps failing either sees ``max_attempts`` requests, not ``max_attempts`` squared."""
+    proxy = FaultProxy(f"http://{hdfs_cluster.http}")
+    try:
+        source = HdfsSource(f"hdfs://{proxy.endpoint.removeprefix('http://')}/ds",
+                            HdfsOptions(user=hdfs_cluster.superuser, max_attempts=3))
+        obj = source.stat("class0/img2.jpg")
+        proxy.add(Fault(status=503, path_contains=f"op={op}", times=100))
+        with pytest.raises(SourceTransientError, match="class0/img2.jpg"):
+            source.read(obj, 0, 100)
+        assert proxy.injected == 3
+    finally:
+        proxy.close()
+
+
 def test_example_dataset_is_a_valid_hdfs_dataset():
     import yaml
 
