@@ -34,8 +34,9 @@ class DeadlineExceeded(TimeoutError):
 class Deadline:
     """One request's time limit; use as a context manager on the thread making the request.
 
-    :meth:`rearm` starts the clock again (botocore calls it before each attempt of one call,
-    see ``s3.py``), so each attempt gets the full time and the attempts bound the total.
+    :meth:`rearm` starts the clock again for another request inside one scope (the next
+    NameNode of an HA list in ``hdfs.py``, botocore's region redirect in ``s3.py``), so each
+    gets the full time; retries are :mod:`.retry`'s, each attempt in a scope of its own.
     """
 
     def __init__(self, seconds: float, what: str = "the request", setting: str = "") -> None:
@@ -43,7 +44,7 @@ class Deadline:
         self.what = what
         self.setting = setting  # the knob that sets ``seconds``, named in the error
         self.expired = False
-        #: How many times the time ran out in this scope (attempts of one botocore call).
+        #: How many times the time ran out in this scope (requests sent again within it).
         self.fired = 0
         self._lock = threading.Lock()
         self._socks: list[socket.socket] = []

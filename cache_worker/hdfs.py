@@ -27,11 +27,13 @@ How each operation maps onto WebHDFS:
    returning bytes of another version. (One NameNode call per 8 MiB chunk or per small file.)
 
 Failures are classified once, in :func:`_classify`, from the ``RemoteException`` JSON body the
-NameNode and DataNodes send. Each call is retried a bounded number of times with jittered
-backoff; a refused connection or a ``StandbyException`` moves to the next NameNode first. Each
-attempt has a total deadline (``request_timeout``: connect, headers and the whole body, the
-DataNode's bytes included, see :mod:`.deadline`), so a NameNode or DataNode that drips its
-answer is cut off like a silent one.
+NameNode and DataNodes send. Each operation (a listing page, a stat, a read with its version
+check, a checksum) is retried as a whole by :mod:`.retry`'s policy and by nothing else: one
+attempt goes once around the NameNode list, a refused connection or a ``StandbyException``
+moving to the next NameNode at once (failover, not a retry), so ``max_attempts=5`` is at most
+five requests to each NameNode. Each attempt has a total deadline (``request_timeout``:
+connect, headers and the whole body, the DataNode's bytes included, see :mod:`.deadline`), so
+a NameNode or DataNode that drips its answer is cut off like a silent one.
 """
 
 from __future__ import annotations
@@ -40,13 +42,10 @@ import getpass
 import hashlib
 import json
 import logging
-import os
 import queue
-import random
 import re
 import threading
-import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TypeVar
 from urllib.parse import quote, urlsplit
@@ -55,6 +54,7 @@ import urllib3
 
 from .integrity import Check, Evidence, parse_hdfs_checksum
 from . import deadline
+from .retry import RetryPolicy
 from .source import (
     RemoteObject,
     Source,
@@ -92,16 +92,19 @@ _CONNECT_ERRORS = (
 
 @dataclass(frozen=True)
 class HdfsOptions:
-    #: Simple-auth user (``user.name``); default ``$HADOOP_USER_NAME``, else the OS user, as the
-    #: Hadoop client does. Ignored when a delegation token is given (the token names the user).
+    #: Simple-auth user (``user.name``); default the login name (``open_source`` passes
+    #: ``$HADOOP_USER_NAME`` first, as the Hadoop client does). Ignored when a delegation token
+    #: is given (the token names the user).
     user: str | None = None
     #: A delegation token for Kerberos-secured clusters: the ``urlString`` WebHDFS's
     #: ``GETDELEGATIONTOKEN`` returns. Not renewed here: it must outlive the mount.
     delegation_token: str | None = None
     #: HA: ``host:port`` of every NameNode, tried in order until the active one answers.
     namenodes: tuple[str, ...] = ()
-    #: Attempts per call, each going once around the namenode list if it has to.
+    #: Attempts per operation, each going once around the namenode list if it has to.
     max_attempts: int = 5
+    #: Seconds after an operation's first attempt past which no new attempt starts.
+    retry_deadline: float | None = 300.0
     #: Directories listed concurrently by :meth:`HdfsSource.list`.
     list_parallelism: int = 8
     connect_timeout: float = 5.0
@@ -199,8 +202,10 @@ class HdfsSource(Source):
         self.target = parse_hdfs_uri(uri, options.namenodes)
         self.endpoint = ",".join(self.target.namenodes)
         self._uri_scheme = uri.partition("://")[0]
-        self.user = options.user or os.environ.get("HADOOP_USER_NAME") or getpass.getuser()
+        self.user = options.user or getpass.getuser()
         self._active = 0  # index into target.namenodes of the last NameNode that answered
+        self._retry = RetryPolicy(max_attempts=options.max_attempts, base_delay=0.05,
+                                  deadline=options.retry_deadline)
         self._http = urllib3.PoolManager(
             # One pool per NameNode and per DataNode read from: enough that a large cluster's
             # DataNodes do not evict each other's kept-alive connections.
@@ -238,7 +243,9 @@ class HdfsSource(Source):
 
     def _namenode_call(self, op: str, key: str, params: dict[str, str] | None = None,
                        *, method: str = "GET") -> urllib3.BaseHTTPResponse:
-        """One WebHDFS call to the active NameNode, with failover and bounded retries.
+        """One attempt of one WebHDFS call: once around the NameNode list, from the one that
+        answered last, until one that is up and active answers. No retries here: the
+        operation calling this is retried as a whole by the policy (:meth:`_retrying`).
 
         Returns the response (status 200 or a redirect) with its body unread, so a 200 OPEN
         from HttpFS can be streamed; raises a classified SourceError otherwise.
@@ -247,57 +254,48 @@ class HdfsSource(Source):
         query = {"op": op, **self._auth, **(params or {})}
         path = "/webhdfs/v1" + quote(self._path(key), safe="/")
         namenodes = self.target.namenodes
-        attempts = max(1, self.options.max_attempts)
         error: SourceError | None = None
-        for attempt in range(1, attempts + 1):
-            for step in range(len(namenodes)):
-                index = (self._active + step) % len(namenodes)
-                endpoint = f"{self.target.scheme}://{namenodes[index]}"
-                limit = deadline.current()
-                if limit is not None:
-                    limit.rearm()  # every attempt gets the whole time
-                try:
-                    response = self._http.request(method, endpoint + path, fields=query,
-                                                  redirect=False, preload_content=False)
-                except _CONNECT_ERRORS as exc:
-                    error = SourceUnreachable(
-                        f"cannot reach NameNode {endpoint} for {what}: {_reason(exc)}")
-                    continue
-                except urllib3.exceptions.HTTPError as exc:
-                    if limit is not None and limit.expired:
-                        error = self._timed_out(f"HDFS {op} of {what} at {endpoint}")
-                    else:
-                        error = SourceTransientError(
-                            f"HDFS call for {what} to {endpoint} failed: {_reason(exc)}")
-                    break
-                if response.status in (200, 307) or 300 <= response.status < 400:
-                    self._active = index
-                    return response
-                body = response.read()
-                response.release_conn()
-                error = _classify(response.status, body, what, endpoint)
-                if isinstance(error, _Failover):
-                    continue
+        for step in range(len(namenodes)):
+            index = (self._active + step) % len(namenodes)
+            endpoint = f"{self.target.scheme}://{namenodes[index]}"
+            limit = deadline.current()
+            if limit is not None:
+                limit.rearm()  # every NameNode gets the whole time
+            try:
+                response = self._http.request(method, endpoint + path, fields=query,
+                                              redirect=False, preload_content=False)
+            except _CONNECT_ERRORS as exc:
+                error = SourceUnreachable(
+                    f"cannot reach NameNode {endpoint} for {what}: {_reason(exc)}")
+                continue
+            except urllib3.exceptions.HTTPError as exc:
+                if limit is not None and limit.expired:
+                    raise self._timed_out(f"HDFS {op} of {what} at {endpoint}") from exc
+                raise SourceTransientError(
+                    f"HDFS call for {what} to {endpoint} failed: {_reason(exc)}") from exc
+            if response.status in (200, 307) or 300 <= response.status < 400:
                 self._active = index
-                if not isinstance(error, SourceTransientError):
-                    raise error
-                break  # transient: back off, then retry this NameNode
-            if attempt < attempts:
-                self._backoff(attempt, what, error)
+                return response
+            body = response.read()
+            response.release_conn()
+            error = _classify(response.status, body, what, endpoint)
+            if isinstance(error, _Failover):
+                continue
+            self._active = index
+            raise error
         assert error is not None
         if isinstance(error, _Failover):
             raise SourceUnreachable(f"no active NameNode among {self.endpoint} for {what}: {error}")
-        if isinstance(error, SourceUnreachable) and len(namenodes) > 1:
+        if len(namenodes) > 1:
             raise SourceUnreachable(f"cannot reach any NameNode of {self.endpoint}: {error}")
         raise error
 
-    def _backoff(self, attempt: int, what: str, error: Exception | None) -> None:
-        delay = min(2.0, 0.05 * 2**attempt) * (0.5 + random.random())
-        log.info("retrying %s after %s (attempt %d/%d)", what, error, attempt,
-                 self.options.max_attempts)
-        time.sleep(delay)
-
     def _json(self, op: str, key: str, params: dict[str, str] | None = None) -> dict:
+        """A NameNode JSON operation, retried as a whole."""
+        return self._retrying(self._where(key), lambda: self._json_once(op, key, params),
+                              gone_is_changed=False)
+
+    def _json_once(self, op: str, key: str, params: dict[str, str] | None = None) -> dict:
         limit = self._deadline()
         with limit:
             response = self._namenode_call(op, key, params)
@@ -409,7 +407,10 @@ class HdfsSource(Source):
             start_after = entries[-1]["pathSuffix"]
 
     def stat(self, key: str) -> RemoteObject:
-        status = self._json("GETFILESTATUS", key)["FileStatus"]
+        return self._retrying(self._where(key), lambda: self._stat_once(key), gone_is_changed=False)
+
+    def _stat_once(self, key: str) -> RemoteObject:
+        status = self._json_once("GETFILESTATUS", key)["FileStatus"]
         if status.get("type") != "FILE":
             raise SourceNotFound(f"not a file: {self._where(key)}")
         return _remote_object(key, status)
@@ -430,21 +431,17 @@ class HdfsSource(Source):
 
         return self._retrying(where, once)
 
-    def _retrying(self, where: str, call: Callable[[], T]) -> T:
-        """``call`` retried as a whole on transient failures, ``max_attempts`` in all; a file
-        gone since the listing is SourceChanged."""
-        attempts = max(1, self.options.max_attempts)
-        for attempt in range(1, attempts + 1):
-            try:
-                return call()
-            except SourceNotFound:
-                raise SourceChanged(
-                    f"{where} was deleted since it was listed; remount with --refresh") from None
-            except SourceTransientError as exc:
-                if attempt == attempts:
-                    raise
-                self._backoff(attempt, where, exc)
-        raise AssertionError("unreachable")
+    def _retrying(self, where: str, call: Callable[[], T], *, gone_is_changed: bool = True) -> T:
+        """``call``, one attempt of an operation, retried as a whole by the policy: the only
+        retry loop on the HDFS path. With ``gone_is_changed``, a file gone since the listing
+        is SourceChanged."""
+        try:
+            return self._retry.call(call, where)
+        except SourceNotFound:
+            if not gone_is_changed:
+                raise
+            raise SourceChanged(
+                f"{where} was deleted since it was listed; remount with --refresh") from None
 
     def _read_once(self, obj: RemoteObject, start: int, length: int, where: str) -> bytes:
         limit = self._deadline()
@@ -501,7 +498,7 @@ class HdfsSource(Source):
         if obj.size == 0:  # nothing that can be wrong but the length, which is checked
             return Evidence(Check("md5", hashlib.md5(b"", usedforsecurity=False).hexdigest(), "its length"))
         doc = self._retrying(where, lambda: self._redirected_json("GETFILECHECKSUM", obj.key, where))
-        status = self._json("GETFILESTATUS", obj.key)["FileStatus"]
+        status = self._retrying(where, lambda: self._json_once("GETFILESTATUS", obj.key))["FileStatus"]
         now = _remote_object(obj.key, status)
         if obj.etag and now.etag != obj.etag:
             raise SourceChanged(f"{where} changed since it was listed (was {obj.etag}, now "
@@ -524,31 +521,13 @@ class HdfsSource(Source):
             raise SourceTransientError(f"HDFS {op} of {where} returned something other than JSON") from exc
 
     def _check_version(self, obj: RemoteObject, where: str) -> None:
-        now = self.stat(obj.key)
+        now = self._stat_once(obj.key)  # part of the read's attempt: not retried on its own
         if obj.etag and now.etag != obj.etag:
             raise SourceChanged(f"{where} changed since it was listed (was {obj.etag}, now "
                                 f"{now.etag}); remount with --refresh")
 
     def close(self) -> None:
         self._http.clear()
-
-
-def options_from_env(environ: Mapping[str, str]) -> HdfsOptions:
-    """The worker's HDFS settings, from the environment (the operator fills it from the Secret).
-
-    ``DATAHOARD_HDFS_USER``, ``DATAHOARD_HDFS_DELEGATION_TOKEN``, ``DATAHOARD_HDFS_NAMENODES``
-    (comma-separated ``host:http-port``, HA), ``DATAHOARD_HDFS_MAX_ATTEMPTS`` (default 5) and
-    ``DATAHOARD_HDFS_REQUEST_TIMEOUT`` (seconds one attempt may take in all, default 60).
-    """
-    namenodes = tuple(n.strip() for n in environ.get("DATAHOARD_HDFS_NAMENODES", "").split(",")
-                      if n.strip())
-    return HdfsOptions(
-        user=environ.get("DATAHOARD_HDFS_USER") or None,
-        delegation_token=environ.get("DATAHOARD_HDFS_DELEGATION_TOKEN") or None,
-        namenodes=namenodes,
-        max_attempts=int(environ.get("DATAHOARD_HDFS_MAX_ATTEMPTS", "5")),
-        request_timeout=float(environ.get("DATAHOARD_HDFS_REQUEST_TIMEOUT", "60")),
-    )
 
 
 def _remote_object(key: str, status: dict) -> RemoteObject:

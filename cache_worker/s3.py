@@ -3,32 +3,29 @@
 Chunk fetches are the hot path, and botocore's request pipeline costs about 3.5 ms of CPU per
 GET in this single Python process, which capped cold reads and warming (bench/ANALYSIS.md).
 So :meth:`S3Source.read` sends its ranged, ETag-pinned GETs with :mod:`.s3_get` (one urllib3
-pool, SigV4 header signing) and owns every retry itself: throttling, 5xx, connection errors,
-timeouts and bodies that break off or fail their checks are retried as a whole with bounded
-backoff, up to ``max_attempts`` in total. ``DATAHOARD_S3_CLIENT=botocore`` (or an HTTP proxy
-configured for the endpoint, which only botocore honours) sends the GETs through botocore as
-before. Every failure is classified once, in :func:`_classify` / :func:`_classify_code`, into
-the source error kinds the worker acts on.
+pool, botocore's SigV4 signer) and ``DATAHOARD_S3_CLIENT=botocore`` (or an HTTP proxy configured
+for the endpoint, which only botocore honours) sends them through botocore as before.
 
-Every request, lean or through botocore, has a total deadline (``request_timeout``: connect,
-headers and the whole body, see :mod:`.deadline`), so a store that drips a byte a second ends a
-chunk fetch, a listing page or a HEAD like a silent one; through botocore each attempt of a call
-gets the full time (the clock restarts on ``before-send``), so a call takes at most
-``max_attempts`` times it, plus backoff.
+Every request, chunk GET, listing page or HEAD, on either path, is retried by one loop only,
+:mod:`.retry`'s policy (``max_attempts``, full-jitter backoff, ``retry_deadline``): botocore's
+own retries are off (``total_max_attempts=1``), so the attempts a person sets are the requests
+the store sees. Throttling, 5xx, connection errors, timeouts and bodies that break off or fail
+their checks are retried as a whole. Every failure is classified once, in :func:`_classify` /
+:func:`_classify_response`, into the source error kinds the worker (and the retry policy) act on.
+
+Every attempt has a total deadline (``request_timeout``: connect, headers and the whole body,
+see :mod:`.deadline`), so a store that drips a byte a second ends a chunk fetch, a listing page
+or a HEAD like a silent one.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
-import os
-import random
 import re
-import time
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
-from urllib.parse import urlsplit
 
 import boto3
 import botocore.config
@@ -45,6 +42,7 @@ from botocore.awsrequest import (
 )
 
 from . import deadline, s3_get
+from .retry import RetryPolicy
 from .integrity import S3_ALGORITHMS, Check, Evidence, verify
 from .source import (
     ChecksumMismatch,
@@ -104,14 +102,22 @@ class S3Options:
     #: Unsigned requests and no credential lookup at all: not the environment, not
     #: ~/.aws, not instance metadata or a web identity (a Dataset's ``credentials: Anonymous``).
     anonymous: bool = False
-    #: Attempts per request, botocore's and our body-level retries alike.
+    #: Attempts per request in all (the one retry loop is :mod:`.retry`'s; botocore's is off).
     max_attempts: int = 5
+    #: Seconds after a request's first attempt past which no new attempt starts.
+    retry_deadline: float | None = 300.0
     connect_timeout: float = 5.0
     read_timeout: float = 30.0
     #: Seconds one attempt of one request may take in all (connect, headers, whole body): an
     #: 8 MiB chunk in 60 s needs 140 KB/s from the store.
     request_timeout: float = 60.0
     max_connections: int = 64
+    #: ``lean``: chunk GETs through :mod:`.s3_get`; ``botocore``: through botocore (the escape
+    #: hatch, ``DATAHOARD_S3_CLIENT``).
+    client: str = "lean"
+    #: ``path``, ``virtual`` or ``auto`` (botocore's choice); None: path-style with an
+    #: ``endpoint_url`` (every S3-compatible store takes it), else auto.
+    addressing_style: str | None = None
 
 
 def parse_s3_uri(uri: str) -> tuple[str, str]:
@@ -145,6 +151,25 @@ def _classify_code(code: str, message: str, what: str, endpoint: str) -> SourceE
     return SourceTransientError(f"S3 error on {what}: {code}: {message}")
 
 
+def _classify_response(status: int, code: str, message: str, what: str, endpoint: str) -> SourceError:
+    """An S3 error answer as one SourceError; transient (retried) only when another attempt
+    can get another answer: 429, 5xx or a throttling/5xx code, not some other 4xx."""
+    error = _classify_code(code, message, what, endpoint)
+    if type(error) is SourceTransientError and not (
+        status in _RETRY_STATUSES or code in _RETRY_CODES
+    ):
+        return SourceError(str(error))
+    return error
+
+
+def _transport_error(exc: BaseException, what: str, endpoint: str) -> SourceError:
+    """A lean GET that got no answer: unreachable before anything was sent, else the transfer
+    broke (reset, timeout, short body); both retried."""
+    if isinstance(exc, s3_get.CONNECT_ERRORS):
+        return SourceUnreachable(f"cannot reach S3 endpoint {endpoint} for {what}: {_reason(exc)}")
+    return SourceTransientError(f"S3 transfer of {what} failed: {_reason(exc)}")
+
+
 def _classify(exc: Exception, what: str, endpoint: str) -> SourceError:
     """Turn a botocore failure into one SourceError with a message a person can act on."""
     if isinstance(exc, SourceError):
@@ -154,7 +179,8 @@ def _classify(exc: Exception, what: str, endpoint: str) -> SourceError:
     if isinstance(exc, botocore.exceptions.ClientError):
         err = exc.response.get("Error", {})
         code = str(err.get("Code", ""))
-        return _classify_code(code, err.get("Message") or code, what, endpoint)
+        status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
+        return _classify_response(status, code, err.get("Message") or code, what, endpoint)
     if isinstance(
         exc,
         botocore.exceptions.EndpointConnectionError | botocore.exceptions.ConnectTimeoutError,
@@ -178,14 +204,17 @@ class S3Source(Source):
         )
         # get_credentials() walks the whole chain, instance metadata included: not when anonymous.
         credentials = None if options.anonymous else session.get_credentials()
+        self._retry = RetryPolicy(max_attempts=options.max_attempts, deadline=options.retry_deadline)
         config = botocore.config.Config(
-            retries={"mode": "standard", "max_attempts": options.max_attempts},
+            # Ours retry (self._retry, around every call): botocore's would multiply them.
+            retries={"mode": "standard", "total_max_attempts": 1},
             connect_timeout=options.connect_timeout,
             read_timeout=options.read_timeout,
             max_pool_connections=options.max_connections,
             # Path-style works with every S3-compatible store (MinIO, Ceph, moto); AWS
             # accepts it too. Virtual-host style is kept for AWS itself.
-            s3={"addressing_style": "path" if options.endpoint_url else "auto"},
+            s3={"addressing_style": options.addressing_style
+                or ("path" if options.endpoint_url else "auto")},
             # The worker checks sizes and MD5s itself; botocore's extra response checksums cost
             # about 0.45 ms of CPU per request (bench/ANALYSIS.md).
             request_checksum_calculation="when_required",
@@ -197,13 +226,11 @@ class S3Source(Source):
         _bound_botocore_requests(self._client)
         self.endpoint = options.endpoint_url or self._client.meta.endpoint_url
         self._getter: s3_get.ObjectGetter | None = None
-        if _lean_gets_apply(self.endpoint):
+        lean = options.client != "botocore" and _no_proxy_for(self.endpoint)
+        target = s3_get.resolve(self._client, self.bucket) if lean else None
+        if target is not None:
             self._getter = s3_get.ObjectGetter(
-                bucket=self.bucket,
-                endpoint_url=self._client.meta.endpoint_url,
-                region=self._client.meta.region_name or "us-east-1",
-                # --endpoint-url (or AWS_ENDPOINT_URL*: a non-AWS host) means path-style.
-                path_style=bool(options.endpoint_url) or not _is_aws(self._client.meta.endpoint_url),
+                target=target,
                 credentials=credentials,  # refreshed per request when refreshable
                 max_connections=options.max_connections,
                 connect_timeout=options.connect_timeout,
@@ -212,9 +239,9 @@ class S3Source(Source):
                 ca_bundle=core.get_config_variable("ca_bundle")
                 or botocore.httpsession.get_cert_path(True),
                 # A bucket in another region than configured: AWS names it in its answer.
-                endpoint_for_region=None if options.endpoint_url else (
-                    lambda region: session.client(
-                        "s3", region_name=region, config=config).meta.endpoint_url
+                target_for_region=None if options.endpoint_url else (
+                    lambda region: s3_get.resolve(
+                        session.client("s3", region_name=region, config=config), self.bucket)
                 ),
             )
 
@@ -222,22 +249,24 @@ class S3Source(Source):
         return f"s3://{self.bucket}/{self.prefix}{key}"
 
     def _call(self, doing: str, what: str, operation: str, **kwargs) -> dict:
-        """One botocore call on ``what``, each attempt bounded by ``request_timeout`` in all."""
+        """One botocore call on ``what``, retried by the policy, each attempt (one request:
+        botocore's retries are off) bounded by ``request_timeout`` in all."""
+        return self._retry.call(lambda: self._call_once(doing, what, operation, kwargs), what)
+
+    def _call_once(self, doing: str, what: str, operation: str, kwargs: dict) -> dict:
         limit = deadline.Deadline(self.options.request_timeout, setting="DATAHOARD_S3_REQUEST_TIMEOUT")
         try:
             with limit:
                 return getattr(self._client, operation)(**kwargs)
         except Exception as exc:  # noqa: BLE001 - classified below
-            attempts = f"{self.options.max_attempts} attempts"
             if limit.fired:  # whatever botocore made of the cut connection: it timed out
                 raise SourceTransientError(
                     f"{doing} {what} timed out: S3 sent no complete answer in "
-                    f"{self.options.request_timeout:g} s (DATAHOARD_S3_REQUEST_TIMEOUT), "
-                    f"{attempts}") from exc
+                    f"{self.options.request_timeout:g} s (DATAHOARD_S3_REQUEST_TIMEOUT)") from exc
             if isinstance(exc, botocore.exceptions.ReadTimeoutError):
                 raise SourceTransientError(
                     f"{doing} {what} timed out: S3 sent nothing for "
-                    f"{self.options.read_timeout:g} s (DATAHOARD_S3_READ_TIMEOUT), {attempts}") from exc
+                    f"{self.options.read_timeout:g} s (DATAHOARD_S3_READ_TIMEOUT)") from exc
             raise _classify(exc, what, self.endpoint) from exc
 
     def list(self) -> Iterator[RemoteObject]:
@@ -273,39 +302,33 @@ class S3Source(Source):
         return self.fetch(obj, start, length).data
 
     def fetch(self, obj: RemoteObject, start: int, length: int) -> Fetched:
-        """Ranged GET pinned to the listed ETag, retried as a whole with bounded backoff.
+        """Ranged GET pinned to the listed ETag, retried as a whole by the policy.
 
         Throttling, 5xx, unreachable endpoints, timeouts, broken or short bodies and checksum
-        mismatches are retried, ``max_attempts`` in total (the lean path has no retries
-        underneath); the error that outlives them names the object. A whole-object GET asks
+        mismatches are retried, ``max_attempts`` in total (nothing retries underneath, on
+        either path); the error that outlives them names the object. A whole-object GET asks
         for the stored checksum (``x-amz-checksum-mode: ENABLED``) and is ``verified`` when
         the MD5 ETag or a FULL_OBJECT checksum matched; ranges never are (S3 sends no checksum
         for a range), the cache checks them through :meth:`evidence`."""
         if length <= 0:
             return Fetched(b"", True)
         where = self._where(obj.key)
-        attempts = max(1, self.options.max_attempts)
-        for attempt in range(1, attempts + 1):
-            try:
-                return self._read_once(obj, start, length, where)
-            except _BODY_ERRORS as exc:
-                error = SourceTransientError(f"S3 transfer of {where} failed: {exc}")
-            except ChecksumMismatch as exc:
-                if self.on_mismatch is not None:
-                    self.on_mismatch(str(exc))
-                error = exc
-            except (SourceTransientError, SourceUnreachable) as exc:  # 5xx, reset, short, MD5
-                error = exc
-            except SourceError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - botocore already retried the request
-                raise _classify(exc, where, self.endpoint) from exc
-            if attempt == attempts:
-                raise error
-            delay = min(2.0, 0.1 * 2**attempt) * (0.5 + random.random())
-            log.info("retrying %s after %s (attempt %d/%d)", where, error, attempt, attempts)
-            time.sleep(delay)
-        raise AssertionError("unreachable")
+        return self._retry.call(lambda: self._fetch_once(obj, start, length, where), where)
+
+    def _fetch_once(self, obj: RemoteObject, start: int, length: int, where: str) -> Fetched:
+        """One attempt; every failure leaves as a classified SourceError."""
+        try:
+            return self._read_once(obj, start, length, where)
+        except _BODY_ERRORS as exc:
+            raise SourceTransientError(f"S3 transfer of {where} failed: {exc}") from exc
+        except ChecksumMismatch as exc:
+            if self.on_mismatch is not None:
+                self.on_mismatch(str(exc))
+            raise
+        except SourceError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - botocore's errors, classified once
+            raise _classify(exc, where, self.endpoint) from exc
 
     def _read_once(self, obj: RemoteObject, start: int, length: int, where: str) -> Fetched:
         if self._getter is None:
@@ -328,22 +351,13 @@ class S3Source(Source):
             headers["if-match"] = f'"{obj.etag}"'
         try:
             response = self._getter.get(self.prefix + obj.key, headers)
-        except s3_get.CONNECT_ERRORS as exc:
-            raise SourceUnreachable(
-                f"cannot reach S3 endpoint {self.endpoint} for {where}: {_reason(exc)}"
-            ) from exc
-        except (urllib3.exceptions.HTTPError, OSError) as exc:  # reset, timeout, short body
-            raise SourceTransientError(f"S3 transfer of {where} failed: {_reason(exc)}") from exc
+        except (urllib3.exceptions.HTTPError, OSError) as exc:
+            raise _transport_error(exc, where, self.endpoint) from exc
         status = response.status
         data = response.data
         if status not in (200, 206):
             code, message = s3_get.parse_error(status, data)
-            error = _classify_code(code, message, where, self.endpoint)
-            if isinstance(error, SourceTransientError) and not (
-                status in _RETRY_STATUSES or code in _RETRY_CODES
-            ):  # some other 4xx: another attempt would get the same answer
-                error = SourceError(str(error))
-            raise error
+            raise _classify_response(status, code, message, where, self.endpoint)
         got_etag = response.headers.get("etag", "").strip('"')
         if obj.etag and got_etag and got_etag != obj.etag:
             raise SourceChanged(f"{where} changed since it was listed; remount with --refresh")
@@ -419,10 +433,8 @@ class S3Source(Source):
         """
         where = self._where(obj.key)
         key = self.prefix + obj.key
-        try:
-            head = self._client.head_object(Bucket=self.bucket, Key=key, ChecksumMode="ENABLED")
-        except Exception as exc:  # noqa: BLE001
-            raise _classify(exc, where, self.endpoint) from exc
+        head = self._call("HEAD of", where, "head_object",
+                          Bucket=self.bucket, Key=key, ChecksumMode="ENABLED")
         etag = head.get("ETag", "").strip('"')
         if obj.etag and etag != obj.etag:
             raise SourceChanged(f"{where} changed since it was listed; remount with --refresh")
@@ -462,11 +474,8 @@ class S3Source(Source):
                     where: str) -> tuple[tuple[int, ...] | None, bool]:
         """(part sizes, guessed) of a multipart object of ``count`` parts, or (None, _)."""
         def part_size(number: int) -> tuple[int, int]:
-            try:
-                head = self._client.head_object(Bucket=self.bucket, Key=self.prefix + obj.key,
-                                                PartNumber=number)
-            except Exception as exc:  # noqa: BLE001
-                raise _classify(exc, where, self.endpoint) from exc
+            head = self._call("HEAD of", where, "head_object",
+                              Bucket=self.bucket, Key=self.prefix + obj.key, PartNumber=number)
             return int(head["ContentLength"]), int(head.get("PartsCount") or count)
 
         first, count = part_size(1)
@@ -504,7 +513,8 @@ class _BoundedHTTPSConnectionPool(AWSHTTPSConnectionPool):
 
 
 def _restart_clock(**_) -> None:
-    """``before-send``: a new attempt of the current call gets the full time again."""
+    """``before-send``: a request botocore sends again within one call (its S3 region
+    redirector, after a 301/400 naming the bucket's region) gets the full time again."""
     limit = deadline.current()
     if limit is not None:
         limit.rearm()
@@ -527,20 +537,13 @@ def _bound_botocore_requests(client) -> None:
     client.meta.events.register("before-send.s3", _restart_clock)
 
 
-def _lean_gets_apply(endpoint: str) -> bool:
-    """Whether chunk GETs take the lean path; botocore is kept when asked for, and when an
-    HTTP proxy is configured for the endpoint (only botocore's session honours proxies)."""
-    if os.environ.get("DATAHOARD_S3_CLIENT", "").strip().lower() == "botocore":
-        return False
+def _no_proxy_for(endpoint: str) -> bool:
+    """Whether the lean path can reach ``endpoint``: not when an HTTP proxy is configured for
+    it, which only botocore's session honours."""
     scheme, _, rest = endpoint.partition("://")
     host = rest.split("/", 1)[0]
     proxies = urllib.request.getproxies()
     return not (proxies.get(scheme) and not urllib.request.proxy_bypass(host))
-
-
-def _is_aws(endpoint_url: str) -> bool:
-    host = (urlsplit(endpoint_url).hostname or "").lower()
-    return host.endswith((".amazonaws.com", ".amazonaws.com.cn"))
 
 
 def _reason(exc: BaseException) -> str:

@@ -38,13 +38,11 @@ def _source(proxy: FaultProxy, uri: str, **opts) -> S3Source:
 
 
 @pytest.mark.parametrize("client", ["lean", "botocore"])
-def test_a_dripping_chunk_get_ends_within_its_deadline(s3, bucket, proxy, monkeypatch, client):
-    if client == "botocore":
-        monkeypatch.setenv("DATAHOARD_S3_CLIENT", "botocore")
+def test_a_dripping_chunk_get_ends_within_its_deadline(s3, bucket, proxy, client):
     body = os.urandom(20_000)
     s3.put_object(Bucket=bucket, Key="ds/drip.bin", Body=body)
     etag = s3.head_object(Bucket=bucket, Key="ds/drip.bin")["ETag"].strip('"')
-    src = _source(proxy, f"s3://{bucket}/ds")
+    src = _source(proxy, f"s3://{bucket}/ds", client=client)
     obj = RemoteObject("drip.bin", len(body), etag, 0.0)
     proxy.add(Fault(drip_rate=_DRIP, path_contains="drip.bin", times=100))
     started = time.monotonic()

@@ -17,10 +17,10 @@ from datahoard.cache_worker.hdfs import (
     HdfsOptions,
     HdfsSource,
     _classify,
-    options_from_env,
     parse_hdfs_uri,
 )
 from datahoard.cache_worker.source import (
+    RemoteObject,
     SourceAuthError,
     SourceChanged,
     SourceError,
@@ -29,7 +29,8 @@ from datahoard.cache_worker.source import (
     SourceTransientError,
     SourceUnreachable,
 )
-from datahoard.cache_worker.sources import open_source
+from datahoard.cache_worker.settings import SourceSettings
+from datahoard.cache_worker.sources import hdfs_options, open_source
 from tests.conftest import free_port
 from tests.faults import Fault, FaultProxy
 
@@ -62,12 +63,12 @@ def test_parse_uri_rejects(uri):
 
 
 def test_options_from_env_ha_list_and_token():
-    options = options_from_env({
+    options = hdfs_options(SourceSettings.from_env({
         "DATAHOARD_HDFS_USER": "etl",
         "DATAHOARD_HDFS_NAMENODES": "nn1:9870, nn2:9870",
         "DATAHOARD_HDFS_DELEGATION_TOKEN": "tok",
         "DATAHOARD_HDFS_MAX_ATTEMPTS": "2",
-    })
+    }))
     assert options == HdfsOptions(user="etl", delegation_token="tok",
                                   namenodes=("nn1:9870", "nn2:9870"), max_attempts=2)
     parsed = parse_hdfs_uri("hdfs://mycluster/data", options.namenodes)
@@ -196,6 +197,28 @@ def test_only_standby_namenodes_is_unreachable(standby):
     source = HdfsSource("hdfs://ns/", HdfsOptions(namenodes=(standby.address,), max_attempts=2))
     with pytest.raises(SourceUnreachable, match="no active NameNode"):
         source.stat("x")
+
+
+RETRIABLE = {"RemoteException": {
+    "exception": "RetriableException", "javaClassName": "org.apache.hadoop.ipc.RetriableException",
+    "message": "NameNode still not started"}}
+
+
+@pytest.mark.parametrize("operation", ["stat", "read", "list", "evidence"])
+def test_a_transient_error_is_retried_by_one_loop_only(operation):
+    """Every operation makes ``max_attempts`` requests to a NameNode that keeps answering
+    "retry later", not ``max_attempts`` squared (a read's retries around the NameNode call's)."""
+    stub = StubNameNode(503, RETRIABLE)
+    source = HdfsSource(f"hdfs://{stub.address}/d", HdfsOptions(user="etl", max_attempts=3))
+    obj = RemoteObject(key="f", size=3, etag="5-3-1000", mtime=1.0)
+    calls = {"stat": lambda: source.stat("f"), "read": lambda: source.read(obj, 0, 3),
+             "list": lambda: list(source.list()), "evidence": lambda: source.evidence(obj)}
+    try:
+        with pytest.raises(SourceTransientError, match="RetriableException: NameNode still not started"):
+            calls[operation]()
+    finally:
+        stub.close()
+    assert len(stub.queries) == 3
 
 
 # -- against the real cluster -------------------------------------------------------------------
@@ -338,6 +361,24 @@ def test_transient_namenode_errors_are_retried(hdfs_cluster, dataset):
                             HdfsOptions(user=hdfs_cluster.superuser, max_attempts=4))
         obj = source.stat("class0/img2.jpg")
         assert source.read(obj, 10, 1000) == dataset["ds"]["class0/img2.jpg"][10:1010]
+        assert proxy.injected == 3
+    finally:
+        proxy.close()
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("op", ["OPEN", "GETFILESTATUS"])
+def test_a_persistent_namenode_error_is_max_attempts_requests(hdfs_cluster, dataset, op):
+    """A read is OPEN plus a version check (GETFILESTATUS), retried as a whole: a NameNode that
+    keeps failing either sees ``max_attempts`` requests, not ``max_attempts`` squared."""
+    proxy = FaultProxy(f"http://{hdfs_cluster.http}")
+    try:
+        source = HdfsSource(f"hdfs://{proxy.endpoint.removeprefix('http://')}/ds",
+                            HdfsOptions(user=hdfs_cluster.superuser, max_attempts=3))
+        obj = source.stat("class0/img2.jpg")
+        proxy.add(Fault(status=503, path_contains=f"op={op}", times=100))
+        with pytest.raises(SourceTransientError, match="class0/img2.jpg"):
+            source.read(obj, 0, 100)
         assert proxy.injected == 3
     finally:
         proxy.close()
