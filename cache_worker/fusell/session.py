@@ -1,0 +1,440 @@
+"""A FUSE server speaking the kernel protocol over ``/dev/fuse`` itself, in Python.
+
+Why not libfuse: its high-level API (what mfusepy binds) cannot give stable node ids, cannot
+serve a connection it did not INIT, and has neither FUSE_NOTIFY_RESEND nor passthrough
+(issue 17). The protocol for a read-only view is small: a dozen opcodes, fixed structs.
+
+Threads: N threads read the one descriptor (poll on it and on a wake-up pipe, then a
+non-blocking read; a thread that loses the race gets EAGAIN and polls again). Not per-thread
+FUSE_DEV_IOC_CLONE descriptors: closing a cloned descriptor ends every request read through it
+with ECONNABORTED (``fuse_dev_release``), so a SIGKILLed worker would fail its in-flight reads;
+on the one shared descriptor, which the holder keeps open, they stay in the processing queue
+for FUSE_NOTIFY_RESEND. The wake-up pipe is what lets :meth:`Session.stop` end the loop
+without closing the descriptor.
+
+Measurements: see the end of this docstring (filled in by bench runs of this module).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import select
+import threading
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from . import abi
+from .connection import Connection, MountError, unmount
+from .model import Attr, ConnInfo, Context, DirItem, Entry, FuseError, Opened, StatFs
+from .state import InitState
+
+__all__ = [
+    "Attr", "Connection", "Context", "ConnInfo", "DirItem", "Entry", "Filesystem", "FuseError",
+    "InitState", "MountError", "Opened", "Session", "StatFs", "Wants", "unmount",
+]
+
+log = logging.getLogger(__name__)
+
+_HDR = abi.IN_HEADER
+_OUT = abi.OUT_HEADER
+_ATTR = abi.ATTR
+_EMPTY = _OUT.size
+_NS = 1_000_000_000
+
+
+class Filesystem:
+    """Subclass and override. Every method not overridden answers ENOSYS (or is a no-op where
+    the kernel expects no answer); the session answers EROFS to every write-type opcode itself.
+    Raise :class:`FuseError` to answer an errno; any other exception becomes EIO."""
+
+    def init(self, info: ConnInfo) -> None:
+        pass
+
+    def destroy(self) -> None:
+        pass
+
+    def lookup(self, ctx: Context, parent: int, name: bytes) -> Entry:
+        raise FuseError(errno.ENOSYS)
+
+    def forget(self, nodeid: int, nlookup: int) -> None:
+        pass
+
+    def getattr(self, ctx: Context, nodeid: int, fh: int | None) -> tuple[Attr, float]:
+        raise FuseError(errno.ENOSYS)
+
+    def readlink(self, ctx: Context, nodeid: int) -> bytes:
+        raise FuseError(errno.ENOSYS)
+
+    def open(self, ctx: Context, nodeid: int, flags: int) -> Opened:
+        raise FuseError(errno.ENOSYS)
+
+    def read(self, ctx: Context, nodeid: int, fh: int, offset: int, size: int) -> bytes | memoryview:
+        raise FuseError(errno.ENOSYS)
+
+    def release(self, ctx: Context, nodeid: int, fh: int, flags: int) -> None:
+        pass
+
+    def opendir(self, ctx: Context, nodeid: int, flags: int) -> Opened:
+        raise FuseError(errno.ENOSYS)
+
+    def readdir(self, ctx: Context, nodeid: int, fh: int, offset: int) -> Iterable[DirItem]:
+        raise FuseError(errno.ENOSYS)
+
+    def releasedir(self, ctx: Context, nodeid: int, fh: int) -> None:
+        pass
+
+    def statfs(self, ctx: Context, nodeid: int) -> StatFs:
+        return StatFs()
+
+    def access(self, ctx: Context, nodeid: int, mask: int) -> None:
+        raise FuseError(errno.ENOSYS)
+
+
+@dataclass
+class Wants:
+    """What the session asks for at INIT (the kernel may grant less; see :class:`InitState`)."""
+
+    max_read: int = 1 << 20
+    max_write: int = 128 * 1024
+    max_readahead: int = 1 << 20
+    max_background: int = 64
+    congestion_threshold: int = 48
+    passthrough: bool = True
+    readdirplus: bool = True
+    readdirplus_auto: bool = False  # True: the kernel chooses plain READDIR when it guesses so
+    parallel_dirops: bool = True
+    entry_timeout: float = 1.0  # defaults a Filesystem may use for its Entry/getattr answers
+    attr_timeout: float = 1.0
+
+
+def _secs(t: float) -> tuple[int, int]:
+    if t <= 0:
+        return 0, 0
+    s = int(t)
+    return s, int((t - s) * _NS)
+
+
+def pack_attr(a: Attr) -> bytes:
+    blocks = a.blocks if a.blocks is not None else (a.size + 511) // 512
+    return _ATTR.pack(
+        a.ino, a.size, blocks,
+        a.atime_ns // _NS, a.mtime_ns // _NS, a.ctime_ns // _NS,
+        a.atime_ns % _NS, a.mtime_ns % _NS, a.ctime_ns % _NS,
+        a.mode, a.nlink, a.uid, a.gid, 0, a.blksize, 0,
+    )
+
+
+def pack_entry(e: Entry) -> bytes:
+    es, ens = _secs(e.entry_timeout)
+    as_, ans = _secs(e.attr_timeout)
+    return abi.ENTRY_OUT_HEAD.pack(e.nodeid, e.generation, es, as_, ens, ans) + pack_attr(e.attr)
+
+
+_NO_ENTRY = abi.ENTRY_OUT_HEAD.pack(0, 0, 0, 0, 0, 0) + bytes(_ATTR.size)
+
+
+class Session:
+    """Serves one :class:`Connection` with a :class:`Filesystem`.
+
+    ``serve()`` blocks until the connection ends (unmounted or aborted: returns "ended") or
+    :meth:`stop` (returns "stopped", descriptor still open, ready to hand over)."""
+
+    def __init__(self, conn: Connection, fs: Filesystem, threads: int = 4,
+                 want: Wants | None = None):
+        self.conn = conn
+        self.fs = fs
+        self.threads = max(1, threads)
+        self.want = want or Wants()
+        self.ready = threading.Event()
+        self._stopping = False
+        self._ended = False
+        self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        self._bufsize = max(self.want.max_write, 8192) + 8192 + 4096
+        self._ops: dict[int, Callable[[Context, memoryview], None]] = {
+            abi.Op.INIT: self._init,
+            abi.Op.LOOKUP: self._lookup,
+            abi.Op.FORGET: self._forget,
+            abi.Op.BATCH_FORGET: self._batch_forget,
+            abi.Op.GETATTR: self._getattr,
+            abi.Op.READLINK: self._readlink,
+            abi.Op.OPEN: self._open,
+            abi.Op.READ: self._read,
+            abi.Op.RELEASE: self._release,
+            abi.Op.OPENDIR: self._opendir,
+            abi.Op.READDIR: self._readdir,
+            abi.Op.READDIRPLUS: self._readdirplus,
+            abi.Op.RELEASEDIR: self._releasedir,
+            abi.Op.STATFS: self._statfs,
+            abi.Op.ACCESS: self._access,
+            abi.Op.INTERRUPT: self._noreply,
+            abi.Op.DESTROY: self._destroy,
+        }
+        for op in abi.WRITE_OPS:
+            self._ops[op] = self._erofs
+        if conn.state is not None:
+            self.ready.set()
+
+    @property
+    def state(self) -> InitState | None:
+        return self.conn.state
+
+    # -- loop -----------------------------------------------------------------------------
+    def serve(self) -> str:
+        fd = self.conn.fd
+        os.set_blocking(fd, False)
+        workers = [threading.Thread(target=self._loop, name=f"fusell-{i}", daemon=True)
+                   for i in range(self.threads)]
+        for t in workers:
+            t.start()
+        for t in workers:
+            t.join()
+        if self._ended:
+            try:
+                self.fs.destroy()
+            except Exception:
+                log.debug("destroy failed", exc_info=True)
+            return "ended"
+        return "stopped"
+
+    def stop(self) -> None:
+        """Take no new request; requests in flight are answered, then ``serve()`` returns."""
+        self._stopping = True
+        try:
+            os.write(self._wake_w, b"x")
+        except BlockingIOError:
+            pass
+
+    def _loop(self) -> None:
+        fd = self.conn.fd
+        buf = bytearray(self._bufsize)
+        view = memoryview(buf)
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        poller.register(self._wake_r, select.POLLIN)
+        readv, dispatch = os.readv, self._dispatch
+        while not self._stopping and not self._ended:
+            events = poller.poll()
+            if any(f == self._wake_r for f, _ in events):
+                return
+            try:
+                n = readv(fd, [buf])
+            except BlockingIOError:
+                continue
+            except OSError as e:
+                if e.errno in (errno.EINTR, errno.ENOENT, errno.EAGAIN):
+                    continue
+                if e.errno != errno.ENODEV:
+                    log.error("reading /dev/fuse failed: %s; ending the session", e)
+                self._ended = True
+                self.stop()
+                return
+            if n < _HDR.size:
+                log.error("short read of %d bytes from /dev/fuse; ignored", n)
+                continue
+            dispatch(view[:n])
+
+    def _dispatch(self, req: memoryview) -> None:
+        _len, opcode, unique, nodeid, uid, gid, pid, _ext, _ = _HDR.unpack_from(req)
+        ctx = Context(unique, nodeid, uid, gid, pid)
+        handler = self._ops.get(opcode)
+        if opcode != abi.Op.INIT and not self.ready.is_set():
+            self._error(unique, errno.EIO)
+            return
+        if handler is None:
+            self._error(unique, errno.ENOSYS)
+            return
+        try:
+            handler(ctx, req[_HDR.size:])
+        except FuseError as e:
+            self._error(unique, e.errno)
+        except Exception:
+            log.debug("handler for opcode %d failed", opcode, exc_info=True)
+            self._error(unique, errno.EIO)
+
+    # -- replies --------------------------------------------------------------------------
+    def _send(self, bufs: list) -> None:
+        try:
+            os.writev(self.conn.fd, bufs)
+        except OSError as e:
+            if e.errno == errno.ENOENT:  # the request was interrupted/aborted meanwhile
+                return
+            if e.errno == errno.ENODEV:
+                self._ended = True
+                self.stop()
+                return
+            log.error("writing a reply to /dev/fuse failed: %s", e)
+
+    def _error(self, unique: int, err: int) -> None:
+        self._send([_OUT.pack(_EMPTY, -err, unique)])
+
+    def _reply(self, unique: int, *parts) -> None:
+        size = _EMPTY
+        for p in parts:
+            size += len(p)
+        self._send([_OUT.pack(size, 0, unique), *parts])
+
+    # -- opcodes --------------------------------------------------------------------------
+    def _init(self, ctx: Context, arg: memoryview) -> None:
+        if len(arg) >= abi.INIT_IN.size:
+            major, minor, max_ra, flags, flags2 = abi.INIT_IN.unpack_from(arg)
+        else:
+            major, minor, max_ra, flags = abi.INIT_IN_OLD.unpack_from(arg)
+            flags2 = 0
+        if major < 7:
+            log.error("kernel FUSE protocol %d.%d is too old", major, minor)
+            raise FuseError(errno.EPROTO)
+        if major > 7:  # the kernel will send INIT again with major 7
+            self._reply(ctx.unique, abi.INIT_OUT.pack(7, abi.KERNEL_MINOR_VERSION, *[0] * 11))
+            return
+        offered = flags | ((flags2 << 32) if flags & abi.Init.INIT_EXT else 0)
+        w = self.want
+        want = (abi.Init.ASYNC_READ | abi.Init.MAX_PAGES | abi.Init.CACHE_SYMLINKS
+                | abi.Init.ASYNC_DIO | abi.Init.INIT_EXT | abi.Init.DIRECT_IO_ALLOW_MMAP)
+        if w.readdirplus:
+            want |= abi.Init.DO_READDIRPLUS
+            if w.readdirplus_auto:
+                want |= abi.Init.READDIRPLUS_AUTO
+        if w.parallel_dirops:
+            want |= abi.Init.PARALLEL_DIROPS
+        if w.passthrough:
+            want |= abi.Init.PASSTHROUGH
+        agreed = int(want) & offered
+        passthrough = bool(agreed & abi.Init.PASSTHROUGH)
+        state = InitState(
+            minor=min(minor, abi.KERNEL_MINOR_VERSION),
+            flags=agreed,
+            max_readahead=min(max_ra, w.max_readahead),
+            max_write=w.max_write,
+            max_pages=max(1, min(w.max_read // 4096, 0xFFFF)),
+            max_background=w.max_background,
+            congestion_threshold=w.congestion_threshold,
+            time_gran=1,
+            passthrough=passthrough,
+            max_stack_depth=1 if passthrough else 0,
+            kernel_minor=minor,
+            kernel_flags=offered,
+        )
+        out = abi.INIT_OUT.pack(
+            7, abi.KERNEL_MINOR_VERSION, state.max_readahead, agreed & 0xFFFFFFFF,
+            state.max_background, state.congestion_threshold, state.max_write, state.time_gran,
+            state.max_pages, 0, agreed >> 32, state.max_stack_depth, 0,
+        )
+        self.conn.state = state
+        self.fs.init(ConnInfo(kernel_minor=minor, kernel_flags=offered, state=state))
+        self._reply(ctx.unique, out)
+        self.ready.set()
+
+    def _noreply(self, ctx: Context, arg: memoryview) -> None:
+        pass
+
+    def _erofs(self, ctx: Context, arg: memoryview) -> None:
+        raise FuseError(errno.EROFS)
+
+    def _destroy(self, ctx: Context, arg: memoryview) -> None:
+        self.fs.destroy()
+        self._reply(ctx.unique)
+
+    def _lookup(self, ctx: Context, arg: memoryview) -> None:
+        name = bytes(arg).split(b"\0", 1)[0]
+        e = self.fs.lookup(ctx, ctx.nodeid, name)
+        self._reply(ctx.unique, pack_entry(e))
+
+    def _forget(self, ctx: Context, arg: memoryview) -> None:
+        (nlookup,) = abi.FORGET_IN.unpack_from(arg)
+        try:
+            self.fs.forget(ctx.nodeid, nlookup)
+        except Exception:
+            log.debug("forget failed", exc_info=True)
+
+    def _batch_forget(self, ctx: Context, arg: memoryview) -> None:
+        count, _ = abi.BATCH_FORGET_IN.unpack_from(arg)
+        off = abi.BATCH_FORGET_IN.size
+        for _i in range(count):
+            nodeid, nlookup = abi.FORGET_ONE.unpack_from(arg, off)
+            off += abi.FORGET_ONE.size
+            try:
+                self.fs.forget(nodeid, nlookup)
+            except Exception:
+                log.debug("forget failed", exc_info=True)
+
+    def _getattr(self, ctx: Context, arg: memoryview) -> None:
+        gflags, _, fh = abi.GETATTR_IN.unpack_from(arg)
+        attr, timeout = self.fs.getattr(ctx, ctx.nodeid, fh if gflags & abi.GETATTR_FH else None)
+        s, ns = _secs(timeout)
+        self._reply(ctx.unique, abi.ATTR_OUT_HEAD.pack(s, ns, 0) + pack_attr(attr))
+
+    def _readlink(self, ctx: Context, arg: memoryview) -> None:
+        self._reply(ctx.unique, self.fs.readlink(ctx, ctx.nodeid))
+
+    def _open_flags(self, o: Opened, isdir: bool) -> int:
+        f = abi.Fopen.NOFLUSH if o.noflush else 0
+        if o.direct_io:
+            f |= abi.Fopen.DIRECT_IO
+        if o.backing_id is not None:
+            # The kernel accepts only FOPEN_PASSTHROUGH_MASK together with PASSTHROUGH.
+            return f | abi.Fopen.PASSTHROUGH
+        if o.keep_cache:
+            f |= abi.Fopen.KEEP_CACHE
+        if isdir and o.cache_dir:
+            f |= abi.Fopen.CACHE_DIR | abi.Fopen.KEEP_CACHE
+        return f
+
+    def _open(self, ctx: Context, arg: memoryview) -> None:
+        flags, _ = abi.OPEN_IN.unpack_from(arg)
+        if flags & os.O_ACCMODE != os.O_RDONLY or flags & os.O_TRUNC:
+            raise FuseError(errno.EROFS)
+        o = self.fs.open(ctx, ctx.nodeid, flags)
+        self._reply(ctx.unique, abi.OPEN_OUT.pack(
+            o.fh, self._open_flags(o, False), o.backing_id or 0))
+
+    def _read(self, ctx: Context, arg: memoryview) -> None:
+        fh, offset, size, *_ = abi.READ_IN.unpack_from(arg)
+        data = self.fs.read(ctx, ctx.nodeid, fh, offset, size)
+        if len(data) > size:
+            data = memoryview(data)[:size]
+        self._reply(ctx.unique, data)
+
+    def _release(self, ctx: Context, arg: memoryview) -> None:
+        fh, flags, _rflags, _owner = abi.RELEASE_IN.unpack_from(arg)
+        self.fs.release(ctx, ctx.nodeid, fh, flags)
+        self._reply(ctx.unique)
+
+    def _opendir(self, ctx: Context, arg: memoryview) -> None:
+        flags, _ = abi.OPEN_IN.unpack_from(arg)
+        o = self.fs.opendir(ctx, ctx.nodeid, flags)
+        self._reply(ctx.unique, abi.OPEN_OUT.pack(o.fh, self._open_flags(o, True), 0))
+
+    def _readdir(self, ctx: Context, arg: memoryview, plus: bool = False) -> None:
+        fh, offset, size, *_ = abi.READ_IN.unpack_from(arg)
+        out = bytearray()
+        for item in self.fs.readdir(ctx, ctx.nodeid, fh, offset):
+            n = len(item.name)
+            rec = abi.dirent_size(n, plus)
+            if len(out) + rec > size:
+                break
+            if plus:
+                out += pack_entry(item.entry) if item.entry is not None else _NO_ENTRY
+            out += abi.DIRENT_HEAD.pack(item.nodeid, item.next_offset, n, (item.mode >> 12) & 0xF)
+            out += item.name
+            out += bytes(-len(out) % 8)
+        self._reply(ctx.unique, out)
+
+    def _readdirplus(self, ctx: Context, arg: memoryview) -> None:
+        self._readdir(ctx, arg, plus=True)
+
+    def _releasedir(self, ctx: Context, arg: memoryview) -> None:
+        fh, *_ = abi.RELEASE_IN.unpack_from(arg)
+        self.fs.releasedir(ctx, ctx.nodeid, fh)
+        self._reply(ctx.unique)
+
+    def _statfs(self, ctx: Context, arg: memoryview) -> None:
+        s = self.fs.statfs(ctx, ctx.nodeid)
+        self._reply(ctx.unique, abi.KSTATFS.pack(
+            s.blocks, s.bfree, s.bavail, s.files, s.ffree, s.bsize, s.namelen, s.frsize))
+
+    def _access(self, ctx: Context, arg: memoryview) -> None:
+        mask, _ = abi.ACCESS_IN.unpack_from(arg)
+        self.fs.access(ctx, ctx.nodeid, mask)
+        self._reply(ctx.unique)
