@@ -21,6 +21,7 @@ threads on a stuck store.
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 import time
@@ -267,6 +268,17 @@ class DatasetCache:
 
     def is_cached(self, obj: RemoteObject) -> bool:
         return all(self.store.contains(c) for c in self.chunks(obj))
+
+    def backing_fd(self, obj: RemoteObject) -> int | None:
+        """A read-only descriptor of the one cache file that holds all of ``obj``, verified, for
+        FUSE passthrough; None when there is no such file (not cached, or in several chunks)."""
+        chunks = self.chunks(obj)
+        if len(chunks) != 1 or not self.store.verify(chunks[0].name):
+            return None
+        try:
+            return os.open(self.store.path(chunks[0].name), os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return None
 
     # -- reads -----------------------------------------------------------------------------
     def read(self, state: ReadState, offset: int, size: int, prepaid: bool = False,

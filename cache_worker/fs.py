@@ -43,7 +43,8 @@ from collections.abc import Iterable
 
 from .counters import Counters
 from .dataset import DatasetCache, ReadState
-from .fusell import Attr, Context, DirItem, Entry, Filesystem, FuseError, Opened, StatFs
+from .fusell.passthrough import BackingTable
+from .fusell.session import Attr, Context, DirItem, Entry, Filesystem, FuseError, Opened, StatFs
 from .index import Index
 from .open_watch import OpenWatch
 from .source import RemoteObject
@@ -70,14 +71,15 @@ _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC
 
 class DatasetFS(Filesystem):
     def __init__(self, index: Index, cache: DatasetCache, counters: Counters, mountpoint: str,
-                 backing=None, passthrough: bool = True) -> None:
+                 backing: BackingTable | None = None) -> None:
         self.index = index
         self.cache = cache
         self.counters = counters
         self.mountpoint = mountpoint
-        #: ``fusell.passthrough.BackingTable`` of this connection, or None (no passthrough).
+        #: The connection's io modes and backing ids (passthrough), or None: no passthrough, and
+        #: then handles are this process's own serials.
         self.backing = backing
-        self.passthrough = passthrough and backing is not None
+        self.passthrough_opens = 0
         self._uid, self._gid = os.getuid(), os.getgid()
         self._dir_time_ns = int(index.summary.built_at * 1e9)
         self._known: dict[int, RemoteObject] = {}
@@ -199,19 +201,23 @@ class DatasetFS(Filesystem):
             # of any file reaches this process again (see serve_opens_in_kernel).
             raise FuseError(errno.ENOSYS)
         obj = self._object(nodeid)
-        if self.passthrough:
-            backing_id = self.backing.open_passthrough(nodeid, lambda: self.cache.backing_fd(obj))
-            if backing_id is not None:
+        small = obj.size <= self.cache.tuning.whole_file_max
+        if self.backing is not None:
+            whole = self.cache.is_cached(obj)
+            choice = self.backing.open(nodeid, (lambda: self.cache.backing_fd(obj)) if whole else None)
+            fh = choice.fh << _SERIAL_SHIFT
+            if choice.backing_id is not None:
                 self.counters.add_unobserved_hit(obj.size)
-                return Opened(fh=(next(self._serial) << _SERIAL_SHIFT) | PREPAID | PASSED,
-                              backing_id=backing_id)
-            self.backing.open_cached(nodeid)
-        if obj.size <= self.cache.tuning.whole_file_max and self.cache.is_cached(obj):
-            # Cached and small, without passthrough: keep the kernel's page cache across opens
+                self.passthrough_opens += 1
+                return Opened(fh=fh | PREPAID | PASSED, backing_id=choice.backing_id)
+        else:
+            whole = small and self.cache.is_cached(obj)
+            fh = next(self._serial) << _SERIAL_SHIFT
+        if small and whole:
+            # Cached and small, not passed through: keep the kernel's page cache across opens
             # and count the file now (reads that still reach us are prepaid).
             self.counters.add_unobserved_hit(obj.size)
-            return Opened(fh=(next(self._serial) << _SERIAL_SHIFT) | PREPAID, keep_cache=True)
-        fh = next(self._serial) << _SERIAL_SHIFT
+            return Opened(fh=fh | PREPAID, keep_cache=True)
         self._handles[(nodeid, fh)] = ReadState(obj)
         return Opened(fh=fh)
 
@@ -235,7 +241,7 @@ class DatasetFS(Filesystem):
     def release(self, ctx: Context, nodeid: int, fh: int, flags: int) -> None:
         self._handles.pop((nodeid, fh), None)
         if self.backing is not None:
-            self.backing.release(nodeid, passthrough=bool(fh & PASSED))
+            self.backing.release(nodeid, fh >> _SERIAL_SHIFT)
 
     # -- serving modes ---------------------------------------------------------------------
     def serve_opens_in_kernel(self) -> None:

@@ -116,7 +116,7 @@ class BackingTable:
     def passthrough_enabled(self) -> bool:
         return bool(self.conn.state and self.conn.state.passthrough)
 
-    def open(self, nodeid: int, backing: Callable[[], int] | None,
+    def open(self, nodeid: int, backing: Callable[[], int | None] | None,
              direct_io: bool = False) -> Choice:
         """Choose how to answer an OPEN of ``nodeid``. ``backing`` returns a fresh descriptor of
         the file's whole, verified cache file (closed here after registering it), or is None
@@ -175,8 +175,10 @@ class BackingTable:
             self._fd = -1
 
     # -- internals ------------------------------------------------------------------------
-    def _register(self, nodeid: int, ino: _Inode, backing: Callable[[], int]) -> int | None:
+    def _register(self, nodeid: int, ino: _Inode, backing: Callable[[], int | None]) -> int | None:
         fd = backing()
+        if fd is None:  # not whole and verified after all
+            return None
         try:
             bid = self.conn.backing_open(fd)
         except OSError as e:
