@@ -316,7 +316,9 @@ def _mount_background(args: argparse.Namespace) -> int:
     if stats_url is None:
         code = _reap_child(child, config.mountpoint, args.source)
         raise CliError(f"the mount process exited ({code}) before the view was ready: {_last_line(log_file)}")
-    print(f"mounted {args.source} at {config.mountpoint} (pid {child.pid}, log {log_file})")
+    record = runtime.lookup(config.mountpoint)
+    worker_pid = record.pid if record is not None else child.pid
+    print(f"mounted {args.source} at {config.mountpoint} (pid {worker_pid}, supervisor {child.pid}, log {log_file})")
     if args.warm and args.wait:
         _wait_for_warming(stats_url)
         if args.direct:
@@ -497,21 +499,44 @@ def _keeper_row(mountpoint: Path) -> str | None:
 
 def _stop_supervisor(mountpoint: Path, deadline: float) -> None:
     """After an umount: the supervisor exits once its worker has; one waiting to restart a
-    worker (back-off) is told to stop. Bounded by ``deadline``; never signals a stranger."""
+    worker (back-off) is told to stop. It holds an flock on its pid file until it has fully
+    exited, so taking that lock is the proof it is gone. Bounded: 2 s (less near ``deadline``)
+    plus the SIGTERM grace."""
+    import fcntl
+
+    path = runtime.supervisor_pidfile(mountpoint)
     try:
-        pid = int(runtime.supervisor_pidfile(mountpoint).read_text())
-    except (OSError, ValueError):
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    except FileNotFoundError:
         return
-    _wait_for_exit(pid, min(2.0, deadline - time.monotonic()))
-    if runtime.alive(pid) and _is_worker(pid):
-        try:
-            os.kill(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            return
-        _wait_for_exit(pid, _TERM_GRACE)
-        if runtime.alive(pid):
-            print(f"datahoard: warning: the mount's supervisor (pid {pid}) is still running; "
-                  f"stop it with kill {pid}", file=sys.stderr)
+
+    def gone(within: float) -> bool:
+        until = time.monotonic() + within
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return True
+            except BlockingIOError:
+                if time.monotonic() >= until:
+                    return False
+                time.sleep(0.05)
+
+    try:
+        if not gone(min(2.0, max(0.5, deadline - time.monotonic()))):
+            pid = runtime._read_pid(fd)
+            if pid is None or not _is_worker(pid):
+                return
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            if not gone(_TERM_GRACE):
+                print(f"datahoard: warning: the mount's supervisor (pid {pid}) is still running; "
+                      f"stop it with kill {pid}", file=sys.stderr)
+                return
+        path.unlink(missing_ok=True)
+    finally:
+        os.close(fd)
 
 
 def _umount(args: argparse.Namespace) -> int:

@@ -24,6 +24,7 @@ before and never restarted.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import logging
 import os
 import signal
@@ -189,18 +190,18 @@ def main(argv: list[str] | None = None) -> int:
     supervisor = Supervisor(args.mountpoint, args.worker, args.max_restarts, args.keeper)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda signum, _frame: supervisor.stop(signum))
+    # Locked for as long as this process lives (the kernel lets go when it has fully exited):
+    # that is how ``datahoard umount`` knows we are gone, with no pid to trust.
     pidfile = runtime.supervisor_pidfile(supervisor.mountpoint)
     pidfile.parent.mkdir(parents=True, exist_ok=True)
-    pidfile.write_text(f"{os.getpid()}\n")
+    held = os.open(pidfile, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    fcntl.flock(held, fcntl.LOCK_EX)
+    os.ftruncate(held, 0)
+    os.pwrite(held, f"{os.getpid()}\n".encode(), 0)
     try:
         return supervisor.run(args.ready_fd, args.lock_fd)
     finally:
         supervisor.close()
-        try:
-            if pidfile.read_text().strip() == str(os.getpid()):
-                pidfile.unlink()
-        except OSError:
-            pass
 
 
 if __name__ == "__main__":

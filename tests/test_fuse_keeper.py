@@ -350,3 +350,39 @@ def test_the_supervisor_does_not_restart_once_the_view_is_unmounted(short_dir, c
     assert proc.wait(60) == 0
     assert len(_starts(short_dir)) == 1
     assert "no longer mounted" in proc.stderr.read()
+
+
+def test_datahoard_mount_restarts_a_killed_worker_and_umount_ends_everything(s3, bucket, mount_dataset):
+    """The real worker under the real CLI. Today's worker does not hand its connection to the
+    keeper yet, so its restart remounts (the old way); what this proves is the supervisor's part:
+    a SIGKILLed worker comes back serving, status shows the keeper, and umount leaves no process
+    and no mount behind."""
+    from datahoard import runtime
+
+    s3.put_object(Bucket=bucket, Key="ds/f", Body=b"hello")
+    m = mount_dataset(bucket, "ds")
+    first = runtime.lookup(m.mountpoint)
+    supervisor = int(runtime.supervisor_pidfile(m.mountpoint).read_text())
+    assert runtime.alive(supervisor) and first.pid != supervisor
+    status = subprocess.run([sys.executable, "-m", "datahoard.cli", "status", str(m.mountpoint)],
+                            capture_output=True, text=True, timeout=60)
+    assert "fuse keeper" in status.stdout and "holds no connection of this mount" in status.stdout, status.stdout
+
+    os.kill(first.pid, signal.SIGKILL)
+    second = wait_for(lambda: (r := runtime.lookup(m.mountpoint)) and r.pid != first.pid and r, 60,
+                      "the supervisor to start a new worker")
+    assert (m.mountpoint / "f").read_bytes() == b"hello"
+    assert runtime.alive(supervisor)
+
+    result = subprocess.run([sys.executable, "-m", "datahoard.cli", "umount", str(m.mountpoint)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert [t for t, _ in _mounts(m.mountpoint)] == []
+    assert not runtime.alive(second.pid) and not runtime.alive(supervisor)
+    assert not runtime.mount_keeper_socket(m.mountpoint).exists()
+
+
+def _mounts(path: Path) -> list[tuple[str, str]]:
+    from .conftest import mounts_at
+
+    return mounts_at(path)
