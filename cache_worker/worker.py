@@ -226,7 +226,7 @@ class Worker:
     def _on_mounted(self) -> None:
         cfg = self.config
         self._record = runtime.MountRecord(
-            mountpoint=str(cfg.mountpoint.resolve()),
+            mountpoint=runtime.canonical_mountpoint(cfg.mountpoint),
             pid=os.getpid(),
             stats_url=self.stats.url,
             source=cfg.source,
@@ -322,6 +322,13 @@ class Worker:
     # -- kernel opens ----------------------------------------------------------------------
     def _kernel_opens_when_cached(self) -> None:
         """Hand opens to the kernel once every file is cached, by warming or by reads (step 5)."""
+        att = self.attachment
+        if self.view is not None and self.view.backing is not None and att is not None and att.conn.state \
+                and att.conn.state.passthrough:
+            # Answering an open with ENOSYS gives up passthrough for the whole connection, and the
+            # two together failed reads with EIO after a handover (seen with the restart test).
+            log.info("opens stay in the worker: passthrough serves cached files")
+            return
         largest = self.index.max_file_size()
         if largest > self.config.tuning.whole_file_max:
             log.info("opens stay in the worker: files of up to %d bytes are counted read by read", largest)
@@ -481,7 +488,7 @@ class Worker:
         if self.config.direct and self._record is not None and not self._handing_over:
             self._unbind()  # only what this worker mounted
         self._let_go_of_connection()
-        runtime.unregister(self.config.mountpoint.resolve(), pid=os.getpid())
+        runtime.unregister(runtime.canonical_mountpoint(self.config.mountpoint), pid=os.getpid())
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None

@@ -93,6 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--no-kernel-opens", dest="kernel_opens", action="store_false",
                    help="keep answering every open in the worker even once the whole dataset is cached "
                         "(by default the kernel then opens files itself and fanotify counts the opens)")
+    m.add_argument("--no-passthrough", dest="passthrough", action="store_false",
+                   help="serve every read through the worker, even of files whole in the cache (by default "
+                        "their opens are answered with FUSE passthrough: the kernel reads the cache file)")
     m.add_argument("--max-restarts", type=_restarts, default=5, metavar="N",
                    help="restart a worker that dies with an error up to N times in a row (default 5; 0: never)")
     m.add_argument("--no-keeper", dest="keeper", action="store_false",
@@ -193,6 +196,8 @@ def _worker_config(args: argparse.Namespace):
         direct=args.direct,
         direct_bind=args.direct_bind,
         kernel_opens=args.kernel_opens,
+        passthrough=args.passthrough,
+        handover=args.keeper,
     )
 
 
@@ -374,7 +379,7 @@ def _stop_child(child: subprocess.Popen, mountpoint: Path, source: str) -> int:
             continue
     if any(m.fstype == "fuse.datahoard" and m.source == f"datahoard:{source}" for m in mounts_at(mountpoint)):
         subprocess.run(["fusermount3", "-uz", str(mountpoint)], capture_output=True)
-    runtime.unregister(mountpoint.resolve(), pid=child.pid)
+    runtime.unregister(runtime.canonical_mountpoint(mountpoint), pid=child.pid)
     return child.returncode if child.returncode is not None else -9
 
 
@@ -474,8 +479,12 @@ def _status(args: argparse.Namespace) -> int:
         rows.append(("skipped keys", f"{stats.skipped_keys} (not valid paths)"))
     if stats.degraded:
         rows.append(("degraded", stats.degraded))
-    if keeper := _keeper_row(args.mountpoint):
-        rows.append(("fuse keeper", keeper))
+    f = stats.fuse
+    rows.append(("passthrough", f"yes: {f.passthrough_opens:,} opens read by the kernel from the cache file"
+                 if f.passthrough else f"no: {f.passthrough_note or 'not in use'}"))
+    rows.append(("restarts", "hidden: a keeper holds the FUSE connection, a worker restart is a pause"
+                 + (" (this worker resumed it)" if f.resumed else "") if f.handover
+                 else f"seen by readers: {f.handover_note or 'no keeper holds the connection'}"))
     if stats.unverified_objects or stats.integrity_mismatches:
         rows.append(("integrity", f"{stats.unverified_objects} objects served unchecked (nothing the store "
                                   f"vouches for), {stats.integrity_mismatches} corrupt fetches dropped"
@@ -484,17 +493,6 @@ def _status(args: argparse.Namespace) -> int:
     for key, value in rows:
         print(f"{key:<{width}}  {value}")
     return 0
-
-
-def _keeper_row(mountpoint: Path) -> str | None:
-    """Whether a FUSE keeper holds this mount's connection: the mount's own supervisor's
-    keeper (standalone), else the node's (CSI plugin). None when neither socket exists."""
-    from . import fuse_keeper
-
-    for path in (runtime.mount_keeper_socket(mountpoint), runtime.keeper_socket()):
-        if path.exists():
-            return fuse_keeper.describe(path, mountpoint)
-    return None
 
 
 def _stop_supervisor(mountpoint: Path, deadline: float) -> None:

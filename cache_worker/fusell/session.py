@@ -250,7 +250,7 @@ class Session:
         except FuseError as e:
             self._error(unique, e.errno)
         except Exception:
-            log.debug("handler for opcode %d failed", opcode, exc_info=True)
+            log.error("handler for opcode %d failed (answered EIO)", opcode, exc_info=True)
             self._error(unique, errno.EIO)
 
     # -- replies --------------------------------------------------------------------------
