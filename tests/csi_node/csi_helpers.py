@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -162,7 +163,8 @@ class RunningPlugin:
     def __init__(self, node: Node, keeper: bool = False, **config) -> None:
         self.node = node
         #: Host the node's FUSE keeper, as ``datahoard csi-node`` does by default.
-        self.keeper_socket = node.host_root / "run" / "keeper" / "keeper.sock" if keeper else None
+        #: Under a short directory: the node's run dir here is deeper than a socket path may be.
+        self.keeper_socket = Path(tempfile.mkdtemp(prefix="dhk-")) / "keeper.sock" if keeper else None
         self.config = NodeConfig(node_id="node-a", host_root=node.host_root,
                                  state_file=node.host_root / "csi-node" / "state.json", **config)
         self.socket = str(node.csi_dir / "csi.sock")
@@ -331,11 +333,13 @@ class PodWorker:
     so the CSI plugin's FUSE keeper), started again after it dies, as the kubelet would."""
 
     def __init__(self, node: Node, source: str, view: Path, cache_dir: Path, endpoint: str,
-                 log_dir: Path | None = None) -> None:
+                 log_dir: Path | None = None, keeper_socket: Path | None = None) -> None:
         self.node, self.source, self.view, self.cache_dir, self.endpoint = node, source, view, cache_dir, endpoint
         self.log_dir = log_dir or cache_dir.parent
         self.extra_args: list[str] = os.environ.get("DH_EXTRA", "").split()
         self.env = {**os.environ, "DATAHOARD_RUN_DIR": str(node.host_root / "run")}
+        if keeper_socket is not None:
+            self.env["DATAHOARD_KEEPER_SOCKET"] = str(keeper_socket)
         self.proc: subprocess.Popen | None = None
         self.logs: list[Path] = []
 

@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 import pytest
-from csi_helpers import PodWorker, RunningPlugin, wait_until
+from csi_helpers import PodWorker, wait_until
 
 from datahoard import names
 from tests.results import record
@@ -126,17 +126,8 @@ def stall(entries: list[dict], moment: float) -> float:
     return min(after) - (max(before) if before else moment)
 
 
-@pytest.fixture
-def keeper_client(node):
-    running = RunningPlugin(node, keeper=True, publish_timeout=3.0, repair_interval=0.5).start()
-    try:
-        yield running.client
-    finally:
-        running.stop()
-
-
-def test_readers_never_see_a_worker_restart(keeper_client, node, s3, bucket, s3_server, tmp_path):
-    client = keeper_client
+def test_readers_never_see_a_worker_restart(keeper_plugin, node, s3, bucket, s3_server, tmp_path):
+    client = keeper_plugin.client
     kills = int(os.environ.get("DATAHOARD_RESTART_CYCLES", "2"))
     graceful = int(os.environ.get("DATAHOARD_GRACEFUL_CYCLES", "1"))
     files = {f"train/c{i % 10}/img{i:04d}.jpg": os.urandom(32_768 + 97 * i) for i in range(150)}
@@ -146,7 +137,7 @@ def test_readers_never_see_a_worker_restart(keeper_client, node, s3, bucket, s3_
     expected.write_text(json.dumps({k: hashlib.sha256(v).hexdigest() for k, v in files.items()}))
 
     worker = PodWorker(node, f"s3://{bucket}/imagenet/", node.view_path(), node.root / "cache", s3_server.endpoint,
-                       log_dir=tmp_path)
+                       log_dir=tmp_path, keeper_socket=keeper_plugin.keeper_socket)
     worker.start()
     readers: list[Reader] = []
     try:
