@@ -43,7 +43,7 @@ MiB = 1 << 20
 @dataclass(frozen=True)
 class Tuning:
     #: Objects up to this size are fetched and stored whole: one request, one file, and the
-    #: unit the kernel page cache accounting (see fuse_view) relies on.
+    #: unit the kernel page cache accounting (see fs.py) relies on.
     whole_file_max: int = 8 * MiB
     #: Larger objects are fetched in chunks of this size: big enough for S3 throughput, small
     #: enough that a random 4 KiB read costs one modest request.
@@ -286,7 +286,7 @@ class DatasetCache:
         """Up to ``size`` bytes of ``state.obj`` at ``offset``, exactly as the source has them.
 
         ``prepaid``: the caller already counted these bytes as served from cache (an open of a
-        file known to be cached, see fuse_view); only bytes that needed the source are counted,
+        file known to be cached, see fs.py); only bytes that needed the source are counted,
         moved from the cache column to the source column.
 
         ``bounded`` (reads on libfuse threads): fetch on a fetcher thread and wait for it at

@@ -9,7 +9,7 @@ order matters:
 4. start the stats endpoint, then the FUSE view; once libfuse reports the mount live, record
    the mount, start warming and tell the caller it is ready;
 5. once every file of a dataset whose files are all at most one chunk is cached (by warming or
-   by reads), the FUSE view hands opens to the kernel (``DatasetView.serve_opens_in_kernel``):
+   by reads), the FUSE view hands opens to the kernel (``DatasetFS.serve_opens_in_kernel``):
    a warm epoch then costs this process nothing, and fanotify keeps the counts;
 6. with ``direct``: once the dataset is fully cached (warming done, or found so at start-up),
    build the direct tree (``tree.py``), pin its chunks, and publish it: the mount record names
@@ -85,7 +85,7 @@ class WorkerConfig:
     #: the CSI node plugin binds the tree into new pods and pods published before stay on FUSE.
     direct_bind: bool = True
     #: Once a dataset of small files is fully cached, let the kernel serve opens (see
-    #: ``DatasetView.serve_opens_in_kernel``).
+    #: ``DatasetFS.serve_opens_in_kernel``).
     kernel_opens: bool = True
     #: Answer opens of files whole in the cache with FUSE passthrough (kernel 6.9+).
     passthrough: bool = True
