@@ -182,7 +182,13 @@ class Session:
 
     # -- loop -----------------------------------------------------------------------------
     def serve(self) -> str:
+        """Serve until the connection ends or :meth:`stop`. On a resumed connection
+        ``fs.init`` is called here with the restored state (no INIT comes)."""
         fd = self.conn.fd
+        if self.ready.is_set() and self.conn.state is not None:
+            st = self.conn.state
+            self.fs.init(ConnInfo(kernel_minor=st.kernel_minor, kernel_flags=st.kernel_flags,
+                                  state=st, extra={"resumed": True}))
         os.set_blocking(fd, False)
         workers = [threading.Thread(target=self._loop, name=f"fusell-{i}", daemon=True)
                    for i in range(self.threads)]
