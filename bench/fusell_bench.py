@@ -163,9 +163,51 @@ def big_read(path: Path) -> float:
     return n / (time.perf_counter() - t0) / 1e6
 
 
+def table_cost(n: int = 20000) -> None:
+    """Microseconds per BackingTable.open+release on a live connection, log on /dev/shm."""
+    sys.path.insert(0, str(MIRROR.parent))
+    from fusell_mirror import Mirror
+
+    from datahoard.cache_worker.fusell.passthrough import BackingTable
+    from datahoard.cache_worker.fusell.session import Connection, Session, unmount
+
+    with tempfile.TemporaryDirectory(dir="/var/tmp") as d, \
+            tempfile.TemporaryDirectory(dir="/dev/shm") as shm:
+        src, mnt = Path(d) / "src", Path(d) / "mnt"
+        src.mkdir()
+        mnt.mkdir()
+        (src / "f").write_bytes(b"x" * 4096)
+        conn = Connection.mount(mnt, fsname="bench", subtype="fusell-test")
+        session = Session(conn, Mirror(str(src)), threads=1)
+        t = threading.Thread(target=session.serve, daemon=True)
+        t.start()
+        session.ready.wait(10)
+        table = BackingTable(Path(shm) / "table", conn)
+        backing = lambda: os.open(src / "f", os.O_RDONLY)  # noqa: E731
+
+        def cycle(label: str, use_backing: bool, hold: bool) -> None:
+            held = table.open(2, backing) if hold else None
+            t0 = time.perf_counter()
+            for _ in range(n):
+                c = table.open(2, backing if use_backing else None)
+                table.release(2, c.fh)
+            us = (time.perf_counter() - t0) / n * 1e6
+            if held:
+                table.release(2, held.fh)
+            print(f"table open+release, {label}: {us:.1f} us", flush=True)
+
+        cycle("caching (no backing)", False, False)
+        cycle("passthrough, id already held by another open", True, True)
+        cycle("passthrough, BACKING_OPEN+CLOSE every time", True, False)
+        table.close()
+        unmount(mnt)
+        t.join(10)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--serve-mfusepy", nargs=2)
+    ap.add_argument("--table-cost", action="store_true")
     ap.add_argument("--files", type=int, default=2000)
     ap.add_argument("--size", type=int, default=110 * 1024)
     ap.add_argument("--big-mib", type=int, default=1024)
@@ -175,6 +217,9 @@ def main() -> None:
     ap.add_argument("--big-kinds", default="local,fusell-passthrough,fusell-python,mfusepy")
     ap.add_argument("--threads", default="4")
     a = ap.parse_args()
+    if a.table_cost:
+        table_cost()
+        return
     if a.serve_mfusepy:
         serve_mfusepy(*a.serve_mfusepy)
         return

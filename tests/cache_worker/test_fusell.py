@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from datahoard.cache_worker.fusell.passthrough import read_log
 from tests.conftest import mounts_at, wait_for
 
 pytestmark = pytest.mark.integration
@@ -242,7 +243,8 @@ def test_a_new_backing_id_per_open_breaks_concurrent_opens(tree, servers):
 
 
 def _table(path: Path) -> list[list[str]]:
-    return [line.split() for line in path.read_text().splitlines()]
+    """The server's BackingTable log as [op, nodeid, fh, kind, backing id] string lists."""
+    return [[op, str(node), str(fh), kind, str(bid)] for op, node, fh, bid, kind in read_log(path)]
 
 
 def test_backing_table_shares_one_id_and_survives_a_restart(tree, servers):
@@ -253,7 +255,7 @@ def test_backing_table_shares_one_id_and_survives_a_restart(tree, servers):
     fd2 = os.open(servers.mnt / "big", os.O_RDONLY)
     opens = [r for r in _table(log) if r[0] == "o"]
     assert [r[3] for r in opens] == ["P", "P"] and opens[0][4] == opens[1][4] != "0"
-    bid = opens[0][4]
+    bid, node = opens[0][4], opens[0][1]
     a.kill()
     a.wait(10)
     servers.resume(tree.src, "--table", str(log), "--resend")
@@ -264,9 +266,10 @@ def test_backing_table_shares_one_id_and_survives_a_restart(tree, servers):
         assert in_thread(lambda fd=fd: os.pread(fd, len(big), 0)) == big
     for fd in (fd1, fd2):
         os.close(fd)
-    assert ["c", opens[0][2], bid] not in _table(log)
+    closed = ["c", node, "0", "", bid]
+    assert closed not in _table(log)
     os.close(fd3)
-    wait_for(lambda: ["c", opens[0][2], bid] in _table(log), 10, "the backing id to be closed")
+    wait_for(lambda: closed in _table(log), 10, "the backing id to be closed")
     # the inode is neutral again: a new open registers a fresh id and reads
     assert in_thread(lambda: read_all(servers.mnt / "big")) == big
 
