@@ -20,7 +20,6 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import select
 import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -150,7 +149,7 @@ class Session:
         self.ready = threading.Event()
         self._stopping = False
         self._ended = False
-        self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        self._workers: list[threading.Thread] = []
         self._bufsize = max(self.want.max_write, 8192) + 8192 + 4096
         self._ops: dict[int, Callable[[Context, memoryview], None]] = {
             abi.Op.INIT: self._init,
@@ -169,6 +168,7 @@ class Session:
             abi.Op.STATFS: self._statfs,
             abi.Op.ACCESS: self._access,
             abi.Op.INTERRUPT: self._noreply,
+            abi.Op.NOTIFY_REPLY: self._noreply,
             abi.Op.DESTROY: self._destroy,
         }
         for op in abi.WRITE_OPS:
@@ -189,12 +189,14 @@ class Session:
             st = self.conn.state
             self.fs.init(ConnInfo(kernel_minor=st.kernel_minor, kernel_flags=st.kernel_flags,
                                   state=st, extra={"resumed": True}))
-        os.set_blocking(fd, False)
-        workers = [threading.Thread(target=self._loop, name=f"fusell-{i}", daemon=True)
-                   for i in range(self.threads)]
-        for t in workers:
+        os.set_blocking(fd, True)
+        self._workers = [threading.Thread(target=self._loop, name=f"fusell-{i}", daemon=True)
+                         for i in range(self.threads)]
+        for t in self._workers:
             t.start()
-        for t in workers:
+        if self._stopping:
+            self._wake_readers()
+        for t in self._workers:
             t.join()
         if self._ended:
             try:
@@ -207,39 +209,46 @@ class Session:
     def stop(self) -> None:
         """Take no new request; requests in flight are answered, then ``serve()`` returns."""
         self._stopping = True
-        try:
-            os.write(self._wake_w, b"x")
-        except BlockingIOError:
-            pass
+        self._wake_readers()
 
     def _loop(self) -> None:
         fd = self.conn.fd
         buf = bytearray(self._bufsize)
         view = memoryview(buf)
-        poller = select.poll()
-        poller.register(fd, select.POLLIN)
-        poller.register(self._wake_r, select.POLLIN)
         readv, dispatch = os.readv, self._dispatch
         while not self._stopping and not self._ended:
-            events = poller.poll()
-            if any(f == self._wake_r for f, _ in events):
-                return
             try:
                 n = readv(fd, [buf])
-            except BlockingIOError:
-                continue
             except OSError as e:
                 if e.errno in (errno.EINTR, errno.ENOENT, errno.EAGAIN):
                     continue
                 if e.errno != errno.ENODEV:
                     log.error("reading /dev/fuse failed: %s; ending the session", e)
-                self._ended = True
-                self.stop()
+                self._ended = True  # the other readers get ENODEV too
                 return
             if n < _HDR.size:
                 log.error("short read of %d bytes from /dev/fuse; ignored", n)
                 continue
             dispatch(view[:n])
+
+    def _wake_readers(self) -> None:
+        """Make each thread blocked in read(2) return, without closing the descriptor: one
+        FUSE_NOTIFY_RETRIEVE of 0 bytes of the root each makes the kernel queue one
+        NOTIFY_REPLY request, which needs no answer. Those no thread takes are left for the
+        next server, which ignores them too."""
+        if self._ended:
+            return
+        msg = abi.OUT_HEADER.pack(
+            abi.OUT_HEADER.size + abi.NOTIFY_RETRIEVE_OUT.size, abi.Notify.RETRIEVE, 0
+        ) + abi.NOTIFY_RETRIEVE_OUT.pack(0, abi.ROOT_ID, 0, 0, 0)
+        for t in self._workers:
+            if t.is_alive():
+                try:
+                    os.write(self.conn.fd, msg)
+                except OSError as e:
+                    if e.errno != errno.ENODEV:
+                        log.error("could not wake the FUSE readers: %s", e)
+                    return
 
     def _dispatch(self, req: memoryview) -> None:
         _len, opcode, unique, nodeid, uid, gid, pid, _ext, _ = _HDR.unpack_from(req)
@@ -268,7 +277,6 @@ class Session:
                 return
             if e.errno == errno.ENODEV:
                 self._ended = True
-                self.stop()
                 return
             log.error("writing a reply to /dev/fuse failed: %s", e)
 
