@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import errno
 import os
-import signal
 import statistics
 import subprocess
 import sys

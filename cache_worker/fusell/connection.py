@@ -18,7 +18,6 @@ import socket
 import struct
 import subprocess
 from collections.abc import Iterable
-from pathlib import Path
 
 from . import abi
 from .state import InitState
