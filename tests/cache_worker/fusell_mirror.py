@@ -103,6 +103,8 @@ class Mirror(Filesystem):
         return fd
 
     def read(self, ctx, nodeid, fh, offset, size):
+        if os.path.basename(self.paths[nodeid]) == "boom":
+            raise RuntimeError("a handler bug: the session must answer EIO and keep serving")
         if self.hold is not None and os.path.basename(self.paths[nodeid]) == self.hold:
             with open(self.hold_signal, "w") as f:
                 f.write(str(offset))

@@ -44,7 +44,10 @@ def tree(tmp_path: Path) -> Tree:
         "sub/b.bin": os.urandom(300_000),
         "sub/deeper/c.bin": os.urandom(5000),
         "big": os.urandom(6 << 20),
+        "boom": b"never served",
     }
+    # enough long names that a listing takes several READDIRPLUS requests
+    files.update({f"many/{i:04d}-{'x' * 60}": bytes([i % 256]) for i in range(300)})
     for rel, body in files.items():
         (src / rel).parent.mkdir(parents=True, exist_ok=True)
         (src / rel).write_bytes(body)
@@ -151,9 +154,12 @@ def test_stat_readdir_and_read_bytes(tree: Tree, servers: Servers):
     servers.mount(tree.src)
     m = servers.mnt
     assert mounts_at(m)[-1][0] == "fuse.fusell-test"
-    assert sorted(os.listdir(m)) == ["a.txt", "big", "empty", "sub"]
+    assert sorted(os.listdir(m)) == ["a.txt", "big", "boom", "empty", "many", "sub"]
+    assert sorted(os.listdir(m / "many")) == sorted(os.listdir(tree.src / "many"))
     assert sorted(os.listdir(m / "sub")) == ["b.bin", "deeper"]
     for rel, body in tree.files.items():
+        if rel == "boom":
+            continue
         st = os.stat(m / rel)
         assert st.st_size == len(body)
         assert st.st_mtime_ns == os.stat(tree.src / rel).st_mtime_ns
@@ -166,6 +172,15 @@ def test_stat_readdir_and_read_bytes(tree: Tree, servers: Servers):
     with pytest.raises(FileNotFoundError):
         os.stat(m / "sub/nope")
     assert os.statvfs(m).f_namemax == 255
+
+
+def test_a_handler_exception_is_eio_and_the_loop_keeps_serving(tree: Tree, servers: Servers):
+    servers.mount(tree.src, "--threads", "1")
+    for _ in range(3):
+        with pytest.raises(OSError) as exc:
+            in_thread(lambda: read_all(servers.mnt / "boom"))
+        assert exc.value.errno == errno.EIO
+        assert in_thread(lambda: read_all(servers.mnt / "a.txt")) == tree.files["a.txt"]
 
 
 def test_every_write_is_answered_erofs_by_the_session(tree: Tree, servers: Servers):
