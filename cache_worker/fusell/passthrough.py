@@ -38,13 +38,16 @@ The rules (read in Linux 6.9-6.18 ``fs/fuse/iomode.c``, ``passthrough.c``, ``bac
    when the backing file's filesystem is stacked deeper than ``max_stack_depth`` allows.
 7. Backing ids live in the connection (``fc->backing_files_map``) until closed or the
    connection ends; a worker restart does not close them, and neither does SIGKILL while a
-   holder keeps the descriptor. The kernel reuses a closed id number for the next BACKING_OPEN.
+   holder keeps the descriptor. Ids are allocated cyclically from 1 (``idr_alloc_cyclic`` in
+   ``fuse_backing_id_alloc``): a closed id's number comes back only after ~2^31 registrations,
+   so a stale id almost always fails the open (ENOENT -> EIO) - but after the wrap it would
+   name another file, so the log must never hold an id the kernel closed.
 
 What :class:`BackingTable` does with that: per nodeid the backing id in use and the open
 handles of each kind; :meth:`BackingTable.open` answers passthrough with the inode's current id
 (registering one only when the inode is neutral), caching when the inode has caching opens.
-It persists every change to an append-only log (a shared mapping of a tmpfs file) **before** the answer that depends on
-it, so a restarted worker reuses the same ids:
+It persists every change to an append-only log (a shared mapping of a tmpfs file) **before**
+the answer that depends on it, so a restarted worker reuses the same ids:
 
 * an open is logged before its reply: a crash after logging but before replying leaves a
   record the kernel never saw (the inode keeps that mode and its id stays open: the safe
@@ -52,8 +55,8 @@ it, so a restarted worker reuses the same ids:
 * handles are unique serials and RELEASE removes one by handle, so a RELEASE the kernel
   resends after a crash is idempotent (a count could be decremented twice);
 * closing an id is logged before the ioctl: a crash between leaves the id open in the kernel,
-  unused (safe); the reverse order could hand out an id the kernel closed and re-issued for
-  another file - wrong bytes.
+  unused (safe); the reverse order could hand out an id the kernel closed (EIO, or after the
+  id numbers wrap, another file's bytes).
 
 Measured cost (``bench/fusell_bench.py --table-cost``, 2 loaded cores): an open+release pair
 costs 6-8 us of Python bookkeeping (two 32-byte records stored into the mapping, no system
