@@ -101,7 +101,9 @@ class Connection:
         try:
             return fcntl.ioctl(self.fd, abi.FUSE_DEV_IOC_BACKING_OPEN, buf, True)
         except OSError as e:
-            hint = " (passthrough not agreed at INIT, or not root)" if e.errno == errno.EPERM else ""
+            hint = ""
+            if e.errno == errno.EPERM:
+                hint = " (passthrough not agreed at INIT, or not root)"
             raise OSError(e.errno, f"FUSE_DEV_IOC_BACKING_OPEN failed{hint}: {e.strerror}") from e
 
     def backing_close(self, backing_id: int) -> None:

@@ -37,7 +37,9 @@ class Filesystem:
     def open(self, ctx: Context, nodeid: int, flags: int) -> Opened:
         raise FuseError(errno.ENOSYS)
 
-    def read(self, ctx: Context, nodeid: int, fh: int, offset: int, size: int) -> bytes | memoryview:
+    def read(
+        self, ctx: Context, nodeid: int, fh: int, offset: int, size: int
+    ) -> bytes | memoryview:
         raise FuseError(errno.ENOSYS)
 
     def release(self, ctx: Context, nodeid: int, fh: int, flags: int) -> None:
