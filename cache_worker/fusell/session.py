@@ -91,6 +91,11 @@ log = logging.getLogger(__name__)
 _HDR = abi.IN_HEADER
 _OUT = abi.OUT_HEADER
 _EMPTY = _OUT.size
+_OP_INIT = int(abi.Op.INIT)
+_NOFLUSH, _DIRECT_IO, _PASSTHROUGH = (
+    int(abi.Fopen.NOFLUSH), int(abi.Fopen.DIRECT_IO), int(abi.Fopen.PASSTHROUGH))
+_KEEP_CACHE, _CACHE_DIR = int(abi.Fopen.KEEP_CACHE), int(abi.Fopen.CACHE_DIR)
+_ACCMODE_OR_TRUNC = os.O_ACCMODE | os.O_TRUNC
 
 
 @dataclass
@@ -149,7 +154,9 @@ class Session:
         }
         for op in abi.WRITE_OPS:
             self._ops[op] = self._erofs
-        if conn.state is not None:
+        self._ops = {int(k): v for k, v in self._ops.items()}
+        self._inited = conn.state is not None  # read per request: cheaper than ready.is_set()
+        if self._inited:
             self.ready.set()
 
     @property
@@ -230,7 +237,7 @@ class Session:
         _len, opcode, unique, nodeid, uid, gid, pid, _ext, _ = _HDR.unpack_from(req)
         ctx = Context(unique, nodeid, uid, gid, pid)
         handler = self._ops.get(opcode)
-        if opcode != abi.Op.INIT and not self.ready.is_set():
+        if not self._inited and opcode != _OP_INIT:
             self._error(unique, errno.EIO)
             return
         if handler is None:
@@ -314,6 +321,7 @@ class Session:
         self.conn.state = state
         self.fs.init(ConnInfo(kernel_minor=minor, kernel_flags=offered, state=state))
         self._reply(ctx.unique, out)
+        self._inited = True
         self.ready.set()
 
     def _noreply(self, ctx: Context, arg: memoryview) -> None:
@@ -359,21 +367,22 @@ class Session:
         self._reply(ctx.unique, self.fs.readlink(ctx, ctx.nodeid))
 
     def _open_flags(self, o: Opened, isdir: bool) -> int:
-        f = abi.Fopen.NOFLUSH if o.noflush else 0
+        # plain ints: IntFlag arithmetic costs a microsecond per open
+        f = _NOFLUSH if o.noflush else 0
         if o.direct_io:
-            f |= abi.Fopen.DIRECT_IO
+            f |= _DIRECT_IO
         if o.backing_id is not None:
             # The kernel accepts only FOPEN_PASSTHROUGH_MASK together with PASSTHROUGH.
-            return f | abi.Fopen.PASSTHROUGH
+            return f | _PASSTHROUGH
         if o.keep_cache:
-            f |= abi.Fopen.KEEP_CACHE
+            f |= _KEEP_CACHE
         if isdir and o.cache_dir:
-            f |= abi.Fopen.CACHE_DIR | abi.Fopen.KEEP_CACHE
+            f |= _CACHE_DIR | _KEEP_CACHE
         return f
 
     def _open(self, ctx: Context, arg: memoryview) -> None:
         flags, _ = abi.OPEN_IN.unpack_from(arg)
-        if flags & os.O_ACCMODE != os.O_RDONLY or flags & os.O_TRUNC:
+        if flags & _ACCMODE_OR_TRUNC:  # O_RDONLY is 0
             raise FuseError(errno.EROFS)
         o = self.fs.open(ctx, ctx.nodeid, flags)
         self._reply(ctx.unique, abi.OPEN_OUT.pack(
