@@ -261,7 +261,8 @@ def _table(path: Path) -> list[list[str]]:
     return [[op, str(node), str(fh), kind, str(bid)] for op, node, fh, bid, kind in read_log(path)]
 
 
-def test_backing_table_shares_one_id_and_survives_a_restart(tree, servers):
+@pytest.mark.parametrize("restart", ["sigkill", "graceful"])
+def test_backing_table_shares_one_id_and_survives_a_restart(tree, servers, restart):
     log = servers.tmp / "backing.log"
     a = servers.mount(tree.src, "--table", str(log), send_fd=True)
     big = tree.files["big"]
@@ -270,9 +271,14 @@ def test_backing_table_shares_one_id_and_survives_a_restart(tree, servers):
     opens = [r for r in _table(log) if r[0] == "o"]
     assert [r[3] for r in opens] == ["P", "P"] and opens[0][4] == opens[1][4] != "0"
     bid, node = opens[0][4], opens[0][1]
-    a.kill()
-    a.wait(10)
-    servers.resume(tree.src, "--table", str(log), "--resend")
+    if restart == "sigkill":
+        a.kill()
+        a.wait(10)
+        servers.resume(tree.src, "--table", str(log), "--resend")
+    else:
+        a.send_signal(signal.SIGTERM)
+        assert a.wait(20) == 0
+        servers.resume(tree.src, "--table", str(log))
     # a third open after the restart must reuse the id the kernel holds for the inode
     fd3 = os.open(servers.mnt / "big", os.O_RDONLY)
     assert [r for r in _table(log) if r[0] == "o"][-1][3:] == ["P", bid]
