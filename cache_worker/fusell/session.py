@@ -4,16 +4,18 @@ Why not libfuse: its high-level API (what mfusepy binds) cannot give stable node
 serve a connection it did not INIT, and has neither FUSE_NOTIFY_RESEND nor passthrough
 (issue 17). The protocol for a read-only view is small: a dozen opcodes, fixed structs.
 
-Threads: N threads block in read(2) on the one descriptor; the kernel wakes one reader per
-request (``fuse_dev_do_read`` waits exclusively). Not per-thread FUSE_DEV_IOC_CLONE
+Threads: N threads wait on the one descriptor, each in its own epoll with the descriptor
+registered EPOLLEXCLUSIVE (a request wakes one idle thread), then read it non-blocking (a
+thread that loses a race gets EAGAIN and waits again). Not per-thread FUSE_DEV_IOC_CLONE
 descriptors: closing a cloned descriptor ends every request read through it with
 ECONNABORTED (``fuse_dev_release``), so a SIGKILLed worker would fail its in-flight reads; on
 the one shared descriptor, which the holder keeps open, they stay in the processing queue for
-FUSE_NOTIFY_RESEND. Not poll(2) + non-blocking reads either: every request then woke every
-thread (server CPU per warm small file 23-32 us with 4 threads against 14-17 us blocking).
-:meth:`Session.stop` wakes the blocked readers without closing the descriptor by sending one
-0-byte FUSE_NOTIFY_RETRIEVE of the root per thread: the kernel queues a NOTIFY_REPLY request
-for each, which needs no answer (any left over are ignored by the next server).
+FUSE_NOTIFY_RESEND. Blocking reads (libfuse's way) cost the same server CPU per request here
+(29-33 us per warm small file against 22-36 us, and plain poll 27-41 us, on a machine loaded
+enough that the three overlap), but a thread blocked in read(2) cannot be woken without a
+request: the one trick, a 0-byte FUSE_NOTIFY_RETRIEVE, is refused (EINVAL) for the root
+directory on 6.18. The epoll also watches a pipe :meth:`Session.stop` writes to, so stop ends
+every thread without closing the descriptor.
 
 Using it (the handler API is :class:`Filesystem`)::
 
@@ -70,6 +72,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import select
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -131,6 +134,7 @@ class Session:
         self._stopping = False
         self._ended = False
         self._workers: list[threading.Thread] = []
+        self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         self._bufsize = max(self.want.max_write, 8192) + 8192 + 4096
         self._ops: dict[int, Callable[[Context, memoryview], None]] = {
             abi.Op.INIT: self._init,
@@ -149,7 +153,7 @@ class Session:
             abi.Op.STATFS: self._statfs,
             abi.Op.ACCESS: self._access,
             abi.Op.INTERRUPT: self._noreply,
-            abi.Op.NOTIFY_REPLY: self._noreply,
+            abi.Op.NOTIFY_REPLY: self._noreply,  # answers a NOTIFY_RETRIEVE; none expected
             abi.Op.DESTROY: self._destroy,
         }
         for op in abi.WRITE_OPS:
@@ -172,13 +176,11 @@ class Session:
             st = self.conn.state
             self.fs.init(ConnInfo(kernel_minor=st.kernel_minor, kernel_flags=st.kernel_flags,
                                   state=st, extra={"resumed": True}))
-        os.set_blocking(fd, True)
+        os.set_blocking(fd, False)
         self._workers = [threading.Thread(target=self._loop, name=f"fusell-{i}", daemon=True)
                          for i in range(self.threads)]
         for t in self._workers:
             t.start()
-        if self._stopping:
-            self._wake_readers()
         for t in self._workers:
             t.join()
         if self._ended:
@@ -192,46 +194,46 @@ class Session:
     def stop(self) -> None:
         """Take no new request; requests in flight are answered, then ``serve()`` returns."""
         self._stopping = True
-        self._wake_readers()
+        self._poke()
 
     def _loop(self) -> None:
         fd = self.conn.fd
         buf = bytearray(self._bufsize)
         view = memoryview(buf)
         readv, dispatch = os.readv, self._dispatch
-        while not self._stopping and not self._ended:
-            try:
-                n = readv(fd, [buf])
-            except OSError as e:
-                if e.errno in (errno.EINTR, errno.ENOENT, errno.EAGAIN):
-                    continue
-                if e.errno != errno.ENODEV:
-                    log.error("reading /dev/fuse failed: %s; ending the session", e)
-                self._ended = True  # the other readers get ENODEV too
-                return
-            if n < _HDR.size:
-                log.error("short read of %d bytes from /dev/fuse; ignored", n)
-                continue
-            dispatch(view[:n])
-
-    def _wake_readers(self) -> None:
-        """Make each thread blocked in read(2) return, without closing the descriptor: one
-        FUSE_NOTIFY_RETRIEVE of 0 bytes of the root each makes the kernel queue one
-        NOTIFY_REPLY request, which needs no answer. Those no thread takes are left for the
-        next server, which ignores them too."""
-        if self._ended:
-            return
-        msg = abi.OUT_HEADER.pack(
-            abi.OUT_HEADER.size + abi.NOTIFY_RETRIEVE_OUT.size, abi.Notify.RETRIEVE, 0
-        ) + abi.NOTIFY_RETRIEVE_OUT.pack(0, abi.ROOT_ID, 0, 0, 0)
-        for t in self._workers:
-            if t.is_alive():
-                try:
-                    os.write(self.conn.fd, msg)
-                except OSError as e:
-                    if e.errno != errno.ENODEV:
-                        log.error("could not wake the FUSE readers: %s", e)
+        # One epoll per thread with the FUSE descriptor registered EPOLLEXCLUSIVE: a request
+        # wakes one idle thread, not all. The wake-up pipe is registered plainly: stop()
+        # wakes every thread.
+        ep = select.epoll()
+        ep.register(fd, select.EPOLLIN | select.EPOLLEXCLUSIVE)
+        ep.register(self._wake_r, select.EPOLLIN)
+        wake = self._wake_r
+        try:
+            while not self._stopping and not self._ended:
+                if any(f == wake for f, _ in ep.poll()):
                     return
+                try:
+                    n = readv(fd, [buf])
+                except OSError as e:
+                    if e.errno in (errno.EINTR, errno.ENOENT, errno.EAGAIN):
+                        continue
+                    if e.errno != errno.ENODEV:
+                        log.error("reading /dev/fuse failed: %s; ending the session", e)
+                    self._ended = True
+                    self._poke()
+                    return
+                if n < _HDR.size:
+                    log.error("short read of %d bytes from /dev/fuse; ignored", n)
+                    continue
+                dispatch(view[:n])
+        finally:
+            ep.close()
+
+    def _poke(self) -> None:
+        try:
+            os.write(self._wake_w, b"x")  # never read: wakes every thread, now and later
+        except BlockingIOError:
+            pass
 
     def _dispatch(self, req: memoryview) -> None:
         _len, opcode, unique, nodeid, uid, gid, pid, _ext, _ = _HDR.unpack_from(req)
@@ -260,6 +262,7 @@ class Session:
                 return
             if e.errno == errno.ENODEV:
                 self._ended = True
+                self._poke()
                 return
             log.error("writing a reply to /dev/fuse failed: %s", e)
 
