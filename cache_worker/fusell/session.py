@@ -38,30 +38,34 @@ EOPNOTSUPP), and to unknown opcodes; INTERRUPT is ignored (the request is answer
 handler returns); a request that arrives again after FUSE_NOTIFY_RESEND has bit 63 set in
 ``unique`` and is answered like any other. ``statfs`` defaults to zeros so ``df`` works.
 
-Measured (bench/fusell_bench.py, 2 vCPU shared with ~8 busy agents, load 6-10, so wall
-clock swings 2-3x between runs; medians of 3 runs, 2,000 x 110 KiB files, stat + open + read
-+ close each, entries cached 1 h, ``keep_cache``; first epoch on a fresh mount -> next epoch,
-files/s, then server CPU per file in the next epoch):
+Measured (bench/fusell_bench.py, 3 runs with the code as committed, 2 vCPU shared with ~8
+busy agents at load 8-11, so wall clock swings 2-3x between runs: medians, ranges in
+brackets). 2,000 x 110 KiB files, stat + open + read + close each, entries cached 1 h,
+``keep_cache``; first epoch on a fresh mount -> next epoch in files/s, then the server's CPU
+per file in the next epoch:
 
-    local ext4                              17-29k -> 13-25k
-    today's binding (mfusepy, libfuse 3.14)  4.7k -> 19.6k     8-19 us/file
-    fusell                                   7.6k -> 16.0k    14-17 us/file
-    fusell, OPEN answered ENOSYS (no_open)   6.6k -> 21.3k     0 us/file
-    fusell + BackingTable passthrough        9.1k -> 14.3k    26-56 us/file
+    local ext4                              15.5k -> 14.5k (10-20k)
+    today's binding (mfusepy, libfuse 3.14)  1.8k -> 13.0k     9-20 us/file
+    fusell                                   3.3k -> 11.3k    16-22 us/file
+    fusell, OPEN answered ENOSYS (no_open)   3.9k -> 10.4k     0 us/file
+    fusell + BackingTable passthrough        9.9k -> 15.4k    31-35 us/file
 
-One open+close round trip (median): mfusepy 11 us, fusell 15 us, no_open 1.6 us, passthrough
-with a backing file registered and closed per open 25 us. fusell handles RELEASE in Python
-too (mfusepy's test mirror has no release callback, libfuse answers it in C), so per request
-the two are close; for small files that are whole, keep_cache or no_open beats passthrough
-(BACKING_OPEN + BACKING_CLOSE per open).
+One open+close round trip (median of 3,000): mfusepy 11-18 us, fusell 16-21 us, no_open
+1.6-1.8 us, passthrough registering and closing a backing file per open 29-34 us. fusell
+answers RELEASE in Python too (the mfusepy mirror has no release callback, libfuse answers
+it in C). First epochs favour fusell (its reads are single writev replies) and passthrough
+most (no READ reaches the server at all).
 
 1 GiB file, one sequential read in 1 MiB calls, MB/s, page cache dropped (fadvise on the
 files involved) -> warm:
 
-    local ext4                              1.3-1.8k -> 3.0-4.4k
-    fusell, FOPEN_PASSTHROUGH               1.2-1.9k -> 2.8-7.1k   (= local: the kernel reads)
-    fusell, every read through Python       0.5-1.6k -> 0.7-1.4k   (no keep_cache, os.pread)
-    mfusepy, keep_cache                     0.8-1.4k -> 1.4-4.9k   (warm = FUSE page cache)
+    local ext4                              1.15k (1.07-1.30k) -> 2.4k (2.4-2.7k)
+    fusell, FOPEN_PASSTHROUGH               1.11k (0.95-1.40k) -> 2.9k (2.5-2.9k)
+    fusell, every read through Python       0.55k (0.55-0.84k) -> 0.75k (0.52-0.86k)
+    mfusepy, keep_cache                     0.66k (0.56-0.70k) -> 1.7k (0.9-1.9k)
+
+(warm mfusepy = the FUSE inode's own page cache; "through Python" has no keep_cache, so
+every byte is an os.pread in the server and a writev of header + data.)
 
 Passthrough reads keep working while the server is SIGSTOPped (tests/cache_worker/
 test_fusell.py), which is also what makes them as fast as local disk.
