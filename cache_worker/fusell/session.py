@@ -195,6 +195,14 @@ class Session:
             return "ended"
         return "stopped"
 
+    def close(self) -> None:
+        """Free the stop pipe once ``serve()`` has returned (the FUSE descriptor is the
+        connection's: see :meth:`Connection.close`)."""
+        for fd in (self._wake_r, self._wake_w):
+            if fd >= 0:
+                os.close(fd)
+        self._wake_r = self._wake_w = -1
+
     def stop(self) -> None:
         """Take no new request; requests in flight are answered, then ``serve()`` returns."""
         self._stopping = True
@@ -234,6 +242,8 @@ class Session:
             ep.close()
 
     def _poke(self) -> None:
+        if self._wake_w < 0:
+            return
         try:
             os.write(self._wake_w, b"x")  # never read: wakes every thread, now and later
         except BlockingIOError:
