@@ -139,7 +139,6 @@ class Session:
         self._ended = False
         self._workers: list[threading.Thread] = []
         self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
-        self._bufsize = max(self.want.max_write, 8192) + 8192 + 4096
         self._ops: dict[int, Callable[[Context, memoryview], None]] = {
             abi.Op.INIT: self._init,
             abi.Op.LOOKUP: self._lookup,
@@ -180,6 +179,10 @@ class Session:
             st = self.conn.state
             self.fs.init(ConnInfo(kernel_minor=st.kernel_minor, kernel_flags=st.kernel_flags,
                                   state=st, extra={"resumed": True}))
+        # The kernel refuses (EINVAL) a read buffer smaller than a WRITE of the max_write that
+        # INIT agreed, which on a resumed connection may differ from this process's Wants.
+        self._bufsize = max(self.conn.state.max_write if self.conn.state else 0,
+                            self.want.max_write, 8192) + 8192 + 4096
         os.set_blocking(fd, False)
         self._workers = [threading.Thread(target=self._loop, name=f"fusell-{i}", daemon=True)
                          for i in range(self.threads)]
