@@ -198,6 +198,8 @@ INIT_IN_OLD = struct.Struct("=IIII")
 INIT_OUT = struct.Struct("=IIIIHHIIHHIIH22x")
 KSTATFS = struct.Struct("=QQQQQIII28x")  # blocks bfree bavail files ffree bsize namelen frsize
 DIRENT_HEAD = struct.Struct("=QQII")  # ino off namelen type
+# notify_unique nodeid offset size padding
+NOTIFY_RETRIEVE_OUT = struct.Struct("=QQQII")
 GETXATTR_IN = struct.Struct("=II")  # size padding
 GETXATTR_OUT = struct.Struct("=II")
 

@@ -15,10 +15,10 @@ import errno
 import fcntl
 import os
 import socket
+import stat
 import struct
 import subprocess
 from collections.abc import Iterable
-from pathlib import Path
 
 from . import abi
 from .state import InitState
@@ -85,9 +85,11 @@ class Connection:
     def resume(cls, fd: int, state: InitState, mountpoint: str | None = None) -> "Connection":
         """Serve a connection another process mounted and INITed (no INIT will come)."""
         try:
-            os.fstat(fd)
+            st = os.fstat(fd)
         except OSError as e:
             raise MountError(f"descriptor {fd} to resume is not open: {e}") from e
+        if not stat.S_ISCHR(st.st_mode) or st.st_rdev != os.makedev(10, 229):
+            raise MountError(f"descriptor {fd} to resume is not /dev/fuse")
         return cls(fd, state, mountpoint)
 
     # -- acting on it ---------------------------------------------------------------------
@@ -99,7 +101,9 @@ class Connection:
         try:
             return fcntl.ioctl(self.fd, abi.FUSE_DEV_IOC_BACKING_OPEN, buf, True)
         except OSError as e:
-            hint = " (passthrough not agreed at INIT, or not root)" if e.errno == errno.EPERM else ""
+            hint = ""
+            if e.errno == errno.EPERM:
+                hint = " (passthrough not agreed at INIT, or not root)"
             raise OSError(e.errno, f"FUSE_DEV_IOC_BACKING_OPEN failed{hint}: {e.strerror}") from e
 
     def backing_close(self, backing_id: int) -> None:
@@ -109,6 +113,9 @@ class Connection:
     def notify_resend(self) -> None:
         """Ask the kernel to queue again every request a previous server read but did not
         answer (FUSE_NOTIFY_RESEND, Linux 6.9+). They come back with bit 63 set in ``unique``."""
+        if self.state is not None and not self.state.kernel_flags & abi.Init.HAS_RESEND:
+            raise OSError(errno.ENOSYS, "this kernel has no FUSE_NOTIFY_RESEND (Linux 6.9+): "
+                          "requests the previous server read stay unanswered")
         os.write(self.fd, abi.OUT_HEADER.pack(abi.OUT_HEADER.size, abi.Notify.RESEND, 0))
 
     def clone_fd(self) -> int:

@@ -4,15 +4,71 @@ Why not libfuse: its high-level API (what mfusepy binds) cannot give stable node
 serve a connection it did not INIT, and has neither FUSE_NOTIFY_RESEND nor passthrough
 (issue 17). The protocol for a read-only view is small: a dozen opcodes, fixed structs.
 
-Threads: N threads read the one descriptor (poll on it and on a wake-up pipe, then a
-non-blocking read; a thread that loses the race gets EAGAIN and polls again). Not per-thread
-FUSE_DEV_IOC_CLONE descriptors: closing a cloned descriptor ends every request read through it
-with ECONNABORTED (``fuse_dev_release``), so a SIGKILLed worker would fail its in-flight reads;
-on the one shared descriptor, which the holder keeps open, they stay in the processing queue
-for FUSE_NOTIFY_RESEND. The wake-up pipe is what lets :meth:`Session.stop` end the loop
-without closing the descriptor.
+Threads: N threads wait on the one descriptor, each in its own epoll with the descriptor
+registered EPOLLEXCLUSIVE (a request wakes one idle thread), then read it non-blocking (a
+thread that loses a race gets EAGAIN and waits again). Not per-thread FUSE_DEV_IOC_CLONE
+descriptors: closing a cloned descriptor ends every request read through it with
+ECONNABORTED (``fuse_dev_release``), so a SIGKILLed worker would fail its in-flight reads; on
+the one shared descriptor, which the holder keeps open, they stay in the processing queue for
+FUSE_NOTIFY_RESEND. Blocking reads (libfuse's way) cost the same server CPU per request here
+(29-33 us per warm small file against 22-36 us, and plain poll 27-41 us, on a machine loaded
+enough that the three overlap), but a thread blocked in read(2) cannot be woken without a
+request: the one trick, a 0-byte FUSE_NOTIFY_RETRIEVE, is refused (EINVAL) for the root
+directory on 6.18. The epoll also watches a pipe :meth:`Session.stop` writes to, so stop ends
+every thread without closing the descriptor.
 
-Measurements: see the end of this docstring (filled in by bench runs of this module).
+Using it (the handler API is :class:`Filesystem`)::
+
+    conn = Connection.mount(mnt, fsname="ds")           # or Connection.resume(fd, state)
+    session = Session(conn, MyView(), threads=4)
+    threading.Thread(target=session.serve).start()
+    session.ready.wait()                                 # INIT answered (at once if resumed)
+    state = conn.state.to_json()                         # hand over with conn.fd
+    conn.notify_resend()                                 # after a resume that followed a crash
+
+Rules a Filesystem must keep (the kernel's, not ours): every Entry returned by LOOKUP or
+READDIRPLUS counts one lookup of its nodeid until FORGET/BATCH_FORGET gives it back; "." and
+".." in readdir carry no Entry; an OPEN answered with FuseError(ENOSYS) switches opens off for
+the whole connection (the kernel opens files itself, never sends OPEN/RELEASE again, and so
+passthrough is off too, see passthrough.py); ``keep_cache`` is dropped from a passthrough
+answer (the kernel refuses the combination with EIO). The session itself answers: EROFS to
+every write-type opcode (and to an OPEN for writing or O_TRUNC), ENOSYS to FLUSH (the kernel
+then stops sending it), to GETXATTR/LISTXATTR (the kernel stops asking; callers get
+EOPNOTSUPP), and to unknown opcodes; INTERRUPT is ignored (the request is answered when its
+handler returns); a request that arrives again after FUSE_NOTIFY_RESEND has bit 63 set in
+``unique`` and is answered like any other. ``statfs`` defaults to zeros so ``df`` works.
+
+Measured (bench/fusell_bench.py, 3 runs with the code as committed, 2 vCPU shared with ~8
+busy agents at load 8-11, so wall clock swings 2-3x between runs: medians, ranges in
+brackets). 2,000 x 110 KiB files, stat + open + read + close each, entries cached 1 h,
+``keep_cache``; first epoch on a fresh mount -> next epoch in files/s, then the server's CPU
+per file in the next epoch:
+
+    local ext4                              15.5k -> 14.5k (10-20k)
+    today's binding (mfusepy, libfuse 3.14)  1.8k -> 13.0k     9-20 us/file
+    fusell                                   3.3k -> 11.3k    16-22 us/file
+    fusell, OPEN answered ENOSYS (no_open)   3.9k -> 10.4k     0 us/file
+    fusell + BackingTable passthrough        9.9k -> 15.4k    31-35 us/file
+
+One open+close round trip (median of 3,000): mfusepy 11-18 us, fusell 16-21 us, no_open
+1.6-1.8 us, passthrough registering and closing a backing file per open 29-34 us. fusell
+answers RELEASE in Python too (the mfusepy mirror has no release callback, libfuse answers
+it in C). First epochs favour fusell (its reads are single writev replies) and passthrough
+most (no READ reaches the server at all).
+
+1 GiB file, one sequential read in 1 MiB calls, MB/s, page cache dropped (fadvise on the
+files involved) -> warm:
+
+    local ext4                              1.15k (1.07-1.30k) -> 2.4k (2.4-2.7k)
+    fusell, FOPEN_PASSTHROUGH               1.11k (0.95-1.40k) -> 2.9k (2.5-2.9k)
+    fusell, every read through Python       0.55k (0.55-0.84k) -> 0.75k (0.52-0.86k)
+    mfusepy, keep_cache                     0.66k (0.56-0.70k) -> 1.7k (0.9-1.9k)
+
+(warm mfusepy = the FUSE inode's own page cache; "through Python" has no keep_cache, so
+every byte is an os.pread in the server and a writev of header + data.)
+
+Passthrough reads keep working while the server is SIGSTOPped (tests/cache_worker/
+test_fusell.py), which is also what makes them as fast as local disk.
 """
 
 from __future__ import annotations
@@ -22,12 +78,14 @@ import logging
 import os
 import select
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from . import abi
 from .connection import Connection, MountError, unmount
+from .filesystem import Filesystem
 from .model import Attr, ConnInfo, Context, DirItem, Entry, FuseError, Opened, StatFs
+from .wire import NO_ENTRY, pack_attr, pack_entry, secs
 from .state import InitState
 
 __all__ = [
@@ -39,57 +97,12 @@ log = logging.getLogger(__name__)
 
 _HDR = abi.IN_HEADER
 _OUT = abi.OUT_HEADER
-_ATTR = abi.ATTR
 _EMPTY = _OUT.size
-_NS = 1_000_000_000
-
-
-class Filesystem:
-    """Subclass and override. Every method not overridden answers ENOSYS (or is a no-op where
-    the kernel expects no answer); the session answers EROFS to every write-type opcode itself.
-    Raise :class:`FuseError` to answer an errno; any other exception becomes EIO."""
-
-    def init(self, info: ConnInfo) -> None:
-        pass
-
-    def destroy(self) -> None:
-        pass
-
-    def lookup(self, ctx: Context, parent: int, name: bytes) -> Entry:
-        raise FuseError(errno.ENOSYS)
-
-    def forget(self, nodeid: int, nlookup: int) -> None:
-        pass
-
-    def getattr(self, ctx: Context, nodeid: int, fh: int | None) -> tuple[Attr, float]:
-        raise FuseError(errno.ENOSYS)
-
-    def readlink(self, ctx: Context, nodeid: int) -> bytes:
-        raise FuseError(errno.ENOSYS)
-
-    def open(self, ctx: Context, nodeid: int, flags: int) -> Opened:
-        raise FuseError(errno.ENOSYS)
-
-    def read(self, ctx: Context, nodeid: int, fh: int, offset: int, size: int) -> bytes | memoryview:
-        raise FuseError(errno.ENOSYS)
-
-    def release(self, ctx: Context, nodeid: int, fh: int, flags: int) -> None:
-        pass
-
-    def opendir(self, ctx: Context, nodeid: int, flags: int) -> Opened:
-        raise FuseError(errno.ENOSYS)
-
-    def readdir(self, ctx: Context, nodeid: int, fh: int, offset: int) -> Iterable[DirItem]:
-        raise FuseError(errno.ENOSYS)
-
-    def releasedir(self, ctx: Context, nodeid: int, fh: int) -> None:
-        pass
-
-    def statfs(self, ctx: Context, nodeid: int) -> StatFs:
-        return StatFs()
-
-    def access(self, ctx: Context, nodeid: int, mask: int) -> None:
-        raise FuseError(errno.ENOSYS)
+_OP_INIT = int(abi.Op.INIT)
+_NOFLUSH, _DIRECT_IO, _PASSTHROUGH = (
+    int(abi.Fopen.NOFLUSH), int(abi.Fopen.DIRECT_IO), int(abi.Fopen.PASSTHROUGH))
+_KEEP_CACHE, _CACHE_DIR = int(abi.Fopen.KEEP_CACHE), int(abi.Fopen.CACHE_DIR)
+_ACCMODE_OR_TRUNC = os.O_ACCMODE | os.O_TRUNC
 
 
 @dataclass
@@ -109,32 +122,6 @@ class Wants:
     attr_timeout: float = 1.0
 
 
-def _secs(t: float) -> tuple[int, int]:
-    if t <= 0:
-        return 0, 0
-    s = int(t)
-    return s, int((t - s) * _NS)
-
-
-def pack_attr(a: Attr) -> bytes:
-    blocks = a.blocks if a.blocks is not None else (a.size + 511) // 512
-    return _ATTR.pack(
-        a.ino, a.size, blocks,
-        a.atime_ns // _NS, a.mtime_ns // _NS, a.ctime_ns // _NS,
-        a.atime_ns % _NS, a.mtime_ns % _NS, a.ctime_ns % _NS,
-        a.mode, a.nlink, a.uid, a.gid, 0, a.blksize, 0,
-    )
-
-
-def pack_entry(e: Entry) -> bytes:
-    es, ens = _secs(e.entry_timeout)
-    as_, ans = _secs(e.attr_timeout)
-    return abi.ENTRY_OUT_HEAD.pack(e.nodeid, e.generation, es, as_, ens, ans) + pack_attr(e.attr)
-
-
-_NO_ENTRY = abi.ENTRY_OUT_HEAD.pack(0, 0, 0, 0, 0, 0) + bytes(_ATTR.size)
-
-
 class Session:
     """Serves one :class:`Connection` with a :class:`Filesystem`.
 
@@ -150,8 +137,8 @@ class Session:
         self.ready = threading.Event()
         self._stopping = False
         self._ended = False
+        self._workers: list[threading.Thread] = []
         self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
-        self._bufsize = max(self.want.max_write, 8192) + 8192 + 4096
         self._ops: dict[int, Callable[[Context, memoryview], None]] = {
             abi.Op.INIT: self._init,
             abi.Op.LOOKUP: self._lookup,
@@ -169,11 +156,14 @@ class Session:
             abi.Op.STATFS: self._statfs,
             abi.Op.ACCESS: self._access,
             abi.Op.INTERRUPT: self._noreply,
+            abi.Op.NOTIFY_REPLY: self._noreply,  # answers a NOTIFY_RETRIEVE; none expected
             abi.Op.DESTROY: self._destroy,
         }
         for op in abi.WRITE_OPS:
             self._ops[op] = self._erofs
-        if conn.state is not None:
+        self._ops = {int(k): v for k, v in self._ops.items()}
+        self._inited = conn.state is not None  # read per request: cheaper than ready.is_set()
+        if self._inited:
             self.ready.set()
 
     @property
@@ -182,13 +172,23 @@ class Session:
 
     # -- loop -----------------------------------------------------------------------------
     def serve(self) -> str:
+        """Serve until the connection ends or :meth:`stop`. On a resumed connection
+        ``fs.init`` is called here with the restored state (no INIT comes)."""
         fd = self.conn.fd
+        if self.ready.is_set() and self.conn.state is not None:
+            st = self.conn.state
+            self.fs.init(ConnInfo(kernel_minor=st.kernel_minor, kernel_flags=st.kernel_flags,
+                                  state=st, extra={"resumed": True}))
+        # The kernel refuses (EINVAL) a read buffer smaller than a WRITE of the max_write that
+        # INIT agreed, which on a resumed connection may differ from this process's Wants.
+        self._bufsize = max(self.conn.state.max_write if self.conn.state else 0,
+                            self.want.max_write, 8192) + 8192 + 4096
         os.set_blocking(fd, False)
-        workers = [threading.Thread(target=self._loop, name=f"fusell-{i}", daemon=True)
-                   for i in range(self.threads)]
-        for t in workers:
+        self._workers = [threading.Thread(target=self._loop, name=f"fusell-{i}", daemon=True)
+                         for i in range(self.threads)]
+        for t in self._workers:
             t.start()
-        for t in workers:
+        for t in self._workers:
             t.join()
         if self._ended:
             try:
@@ -198,48 +198,65 @@ class Session:
             return "ended"
         return "stopped"
 
+    def close(self) -> None:
+        """Free the stop pipe once ``serve()`` has returned (the FUSE descriptor is the
+        connection's: see :meth:`Connection.close`)."""
+        for fd in (self._wake_r, self._wake_w):
+            if fd >= 0:
+                os.close(fd)
+        self._wake_r = self._wake_w = -1
+
     def stop(self) -> None:
         """Take no new request; requests in flight are answered, then ``serve()`` returns."""
         self._stopping = True
-        try:
-            os.write(self._wake_w, b"x")
-        except BlockingIOError:
-            pass
+        self._poke()
 
     def _loop(self) -> None:
         fd = self.conn.fd
         buf = bytearray(self._bufsize)
         view = memoryview(buf)
-        poller = select.poll()
-        poller.register(fd, select.POLLIN)
-        poller.register(self._wake_r, select.POLLIN)
         readv, dispatch = os.readv, self._dispatch
-        while not self._stopping and not self._ended:
-            events = poller.poll()
-            if any(f == self._wake_r for f, _ in events):
-                return
-            try:
-                n = readv(fd, [buf])
-            except BlockingIOError:
-                continue
-            except OSError as e:
-                if e.errno in (errno.EINTR, errno.ENOENT, errno.EAGAIN):
+        # One epoll per thread with the FUSE descriptor registered EPOLLEXCLUSIVE: a request
+        # wakes one idle thread, not all. The wake-up pipe is registered plainly: stop()
+        # wakes every thread.
+        ep = select.epoll()
+        ep.register(fd, select.EPOLLIN | select.EPOLLEXCLUSIVE)
+        ep.register(self._wake_r, select.EPOLLIN)
+        wake = self._wake_r
+        try:
+            while not self._stopping and not self._ended:
+                if any(f == wake for f, _ in ep.poll()):
+                    return
+                try:
+                    n = readv(fd, [buf])
+                except OSError as e:
+                    if e.errno in (errno.EINTR, errno.ENOENT, errno.EAGAIN):
+                        continue
+                    if e.errno != errno.ENODEV:
+                        log.error("reading /dev/fuse failed: %s; ending the session", e)
+                    self._ended = True
+                    self._poke()
+                    return
+                if n < _HDR.size:
+                    log.error("short read of %d bytes from /dev/fuse; ignored", n)
                     continue
-                if e.errno != errno.ENODEV:
-                    log.error("reading /dev/fuse failed: %s; ending the session", e)
-                self._ended = True
-                self.stop()
-                return
-            if n < _HDR.size:
-                log.error("short read of %d bytes from /dev/fuse; ignored", n)
-                continue
-            dispatch(view[:n])
+                dispatch(view[:n])
+        finally:
+            ep.close()
+
+    def _poke(self) -> None:
+        if self._wake_w < 0:
+            return
+        try:
+            os.write(self._wake_w, b"x")  # never read: wakes every thread, now and later
+        except BlockingIOError:
+            pass
 
     def _dispatch(self, req: memoryview) -> None:
         _len, opcode, unique, nodeid, uid, gid, pid, _ext, _ = _HDR.unpack_from(req)
         ctx = Context(unique, nodeid, uid, gid, pid)
         handler = self._ops.get(opcode)
-        if opcode != abi.Op.INIT and not self.ready.is_set():
+        if not self._inited and opcode != _OP_INIT:
             self._error(unique, errno.EIO)
             return
         if handler is None:
@@ -262,7 +279,7 @@ class Session:
                 return
             if e.errno == errno.ENODEV:
                 self._ended = True
-                self.stop()
+                self._poke()
                 return
             log.error("writing a reply to /dev/fuse failed: %s", e)
 
@@ -324,6 +341,7 @@ class Session:
         self.conn.state = state
         self.fs.init(ConnInfo(kernel_minor=minor, kernel_flags=offered, state=state))
         self._reply(ctx.unique, out)
+        self._inited = True
         self.ready.set()
 
     def _noreply(self, ctx: Context, arg: memoryview) -> None:
@@ -362,28 +380,29 @@ class Session:
     def _getattr(self, ctx: Context, arg: memoryview) -> None:
         gflags, _, fh = abi.GETATTR_IN.unpack_from(arg)
         attr, timeout = self.fs.getattr(ctx, ctx.nodeid, fh if gflags & abi.GETATTR_FH else None)
-        s, ns = _secs(timeout)
+        s, ns = secs(timeout)
         self._reply(ctx.unique, abi.ATTR_OUT_HEAD.pack(s, ns, 0) + pack_attr(attr))
 
     def _readlink(self, ctx: Context, arg: memoryview) -> None:
         self._reply(ctx.unique, self.fs.readlink(ctx, ctx.nodeid))
 
     def _open_flags(self, o: Opened, isdir: bool) -> int:
-        f = abi.Fopen.NOFLUSH if o.noflush else 0
+        # plain ints: IntFlag arithmetic costs a microsecond per open
+        f = _NOFLUSH if o.noflush else 0
         if o.direct_io:
-            f |= abi.Fopen.DIRECT_IO
+            f |= _DIRECT_IO
         if o.backing_id is not None:
             # The kernel accepts only FOPEN_PASSTHROUGH_MASK together with PASSTHROUGH.
-            return f | abi.Fopen.PASSTHROUGH
+            return f | _PASSTHROUGH
         if o.keep_cache:
-            f |= abi.Fopen.KEEP_CACHE
+            f |= _KEEP_CACHE
         if isdir and o.cache_dir:
-            f |= abi.Fopen.CACHE_DIR | abi.Fopen.KEEP_CACHE
+            f |= _CACHE_DIR | _KEEP_CACHE
         return f
 
     def _open(self, ctx: Context, arg: memoryview) -> None:
         flags, _ = abi.OPEN_IN.unpack_from(arg)
-        if flags & os.O_ACCMODE != os.O_RDONLY or flags & os.O_TRUNC:
+        if flags & _ACCMODE_OR_TRUNC:  # O_RDONLY is 0
             raise FuseError(errno.EROFS)
         o = self.fs.open(ctx, ctx.nodeid, flags)
         self._reply(ctx.unique, abi.OPEN_OUT.pack(
@@ -415,7 +434,7 @@ class Session:
             if len(out) + rec > size:
                 break
             if plus:
-                out += pack_entry(item.entry) if item.entry is not None else _NO_ENTRY
+                out += pack_entry(item.entry) if item.entry is not None else NO_ENTRY
             out += abi.DIRENT_HEAD.pack(item.nodeid, item.next_offset, n, (item.mode >> 12) & 0xF)
             out += item.name
             out += bytes(-len(out) % 8)

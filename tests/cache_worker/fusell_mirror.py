@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import errno
-import json
 import logging
 import os
 import signal
@@ -104,6 +103,8 @@ class Mirror(Filesystem):
         return fd
 
     def read(self, ctx, nodeid, fh, offset, size):
+        if os.path.basename(self.paths[nodeid]) == "boom":
+            raise RuntimeError("a handler bug: the session must answer EIO and keep serving")
         if self.hold is not None and os.path.basename(self.paths[nodeid]) == self.hold:
             with open(self.hold_signal, "w") as f:
                 f.write(str(offset))
@@ -150,10 +151,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--hold-signal")
     p.add_argument("--threads", type=int, default=4)
     p.add_argument("--timeout", type=float, default=1.0)
+    p.add_argument("--no-keep-cache", action="store_true")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     fs = Mirror(a.source, no_open=a.no_open, hold=a.hold, hold_signal=a.hold_signal,
-                timeout=a.timeout, naive_passthrough=a.naive_passthrough)
+                timeout=a.timeout, naive_passthrough=a.naive_passthrough,
+                keep_cache=not a.no_keep_cache)
     if a.resume_fd is not None:
         conn = Connection.resume(a.resume_fd, InitState.from_json(a.state))
     else:
