@@ -241,6 +241,7 @@ class FuseKeeper:
         self._stopping = threading.Event()
         self._threads: list[threading.Thread] = []
         self._wake_r, self._wake_w = -1, -1
+        self._inode = -1
 
     # lifecycle
     def start(self) -> FuseKeeper:
@@ -264,6 +265,7 @@ class FuseKeeper:
         try:
             listener.bind(str(self.path))
             os.chmod(self.path, 0o600)
+            self._inode = os.lstat(self.path).st_ino
             listener.listen(16)
         except OSError:
             listener.close()
@@ -291,7 +293,8 @@ class FuseKeeper:
                 pass
             self._listener.close()
             try:
-                os.unlink(self.path)
+                if os.lstat(self.path).st_ino == self._inode:  # not a successor's socket
+                    os.unlink(self.path)
             except FileNotFoundError:
                 pass
         self._wake()
