@@ -194,6 +194,45 @@ def test_an_unclaimed_connection_is_let_go_after_the_orphan_timeout(short_dir, c
         wait_for(lambda: not keeper.entries(), 10, "the orphaned entry to be dropped")
 
 
+def test_a_view_detached_while_its_connection_lives_on_is_dropped(keeper, conn, short_dir):
+    """Lazily unmounted while a bind still pins the superblock: the connection has not ended
+    (no POLLERR), but the mountpoint no longer carries it, so no worker may resume it there."""
+    pin = short_dir / "pin"
+    pin.mkdir()
+    assert _libc.mount(conn.mountpoint.encode(), str(pin).encode(), None, 0x1000, None) == 0  # MS_BIND
+    with KeeperClient(keeper.path) as worker:
+        worker.deposit(conn.mountpoint, {}, conn.fd)
+    subprocess.run(["umount", "-l", conn.mountpoint], check=True)
+    assert (str(pin), conn.minor) in fuse_mounts()  # the connection is alive, elsewhere
+    wait_for(lambda: not keeper.entries(), 10, "the keeper to drop the detached view")
+    subprocess.run(["umount", "-l", str(pin)], check=True)
+
+
+def test_entries_are_capped(short_dir, conn):
+    other = mount_fuse(short_dir / "other")
+    try:
+        with FuseKeeper(short_dir / "k3" / "keeper.sock", max_entries=1) as keeper, KeeperClient(keeper.path) as w:
+            w.deposit(conn.mountpoint, {}, conn.fd)
+            with pytest.raises(KeeperError, match="holds 1 connections already"):
+                w.deposit(other.mountpoint, {}, other.fd)
+            w.deposit(conn.mountpoint, {"again": True}, conn.fd)  # replacing its own entry is fine
+    finally:
+        subprocess.run(["umount", "-l", other.mountpoint], capture_output=True)
+        os.close(other.fd)
+
+
+def test_naming_a_held_view_never_waits_for_its_server(conn):
+    """A held connection whose worker is down answers no request: anything that stats the
+    mountpoint waits for the next worker. The mount's lock and record key (what the supervisor
+    and a restarting worker take first) must not. This mount never answers at all (no INIT), so a
+    stat would hang; the child would then be killed at the timeout and the test fail."""
+    code = ("import sys; from datahoard import runtime; m = sys.argv[1]; "
+            "assert runtime.canonical_mountpoint(m) == m; runtime.MountLock(m).release(); "
+            "assert runtime.lookup(m) is None; print('ok')")
+    result = subprocess.run([sys.executable, "-c", code, conn.mountpoint], capture_output=True, text=True, timeout=60)
+    assert result.stdout.strip() == "ok", result.stderr
+
+
 def test_deposit_refuses_what_is_not_a_mounted_fuse_connection(keeper, conn, short_dir):
     with KeeperClient(keeper.path) as worker:
         with open(short_dir / "file", "w") as f, pytest.raises(KeeperError, match="not /dev/fuse"):
