@@ -475,7 +475,7 @@ def _status(args: argparse.Namespace) -> int:
     if stats.degraded:
         rows.append(("degraded", stats.degraded))
     if keeper := _keeper_row(args.mountpoint):
-        rows.append(("fuse keeper", keeper))
+        rows.append(("keeper", keeper))  # short: the column width is the longest key
     if stats.unverified_objects or stats.integrity_mismatches:
         rows.append(("integrity", f"{stats.unverified_objects} objects served unchecked (nothing the store "
                                   f"vouches for), {stats.integrity_mismatches} corrupt fetches dropped"

@@ -405,7 +405,7 @@ def test_datahoard_mount_restarts_a_killed_worker_and_umount_ends_everything(s3,
     assert runtime.alive(supervisor) and first.pid != supervisor
     status = subprocess.run([sys.executable, "-m", "datahoard.cli", "status", str(m.mountpoint)],
                             capture_output=True, text=True, timeout=60)
-    assert "fuse keeper" in status.stdout and "holds no connection of this mount" in status.stdout, status.stdout
+    assert "\nkeeper  " in status.stdout and "holds no connection of this mount" in status.stdout, status.stdout
 
     os.kill(first.pid, signal.SIGKILL)
     second = wait_for(lambda: (r := runtime.lookup(m.mountpoint)) and r.pid != first.pid and r, 60,
