@@ -245,6 +245,23 @@ def test_deposit_refuses_what_is_not_a_mounted_fuse_connection(keeper, conn, sho
     assert keeper.entries() == []
 
 
+def test_clients_are_capped_and_the_refused_one_is_told_why(short_dir):
+    with FuseKeeper(short_dir / "k4" / "keeper.sock", max_clients=1) as keeper, KeeperClient(keeper.path) as first:
+        assert first.entries() == []
+        with pytest.raises(KeeperError, match="serves 1 clients already"), KeeperClient(keeper.path) as second:
+            second.entries()
+        first.close()
+        wait_for(lambda: _entries_or_none(keeper.path) is not None, 10, "the slot to free")
+
+
+def _entries_or_none(path: Path):
+    try:
+        with KeeperClient(path) as client:
+            return client.entries()
+    except KeeperError:
+        return None
+
+
 def test_no_keeper_is_a_clear_error(short_dir):
     with pytest.raises(KeeperUnavailable, match=f"no FUSE keeper runs at {short_dir}/none.sock"):
         KeeperClient(short_dir / "none.sock")
