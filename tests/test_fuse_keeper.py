@@ -333,6 +333,12 @@ FAKE_WORKER = textwrap.dedent("""
         f.write(f"{os.getpid()} {os.environ.get('DATAHOARD_KEEPER_SOCKET', '')} {' '.join(args)}\\n")
     if "--ready-fd" in args:
         os.write(int(args[args.index("--ready-fd") + 1]), b"ready http://x\\n")
+    if os.path.exists(os.path.join(state, "claim")):  # what the real worker will do on start
+        from datahoard.fuse_keeper import KeeperClient, fuse_connection
+        client = KeeperClient()  # $DATAHOARD_KEEPER_SOCKET, set by the supervisor
+        claimed = client.claim(open(os.path.join(state, "claim")).read())
+        with open(os.path.join(state, "claims"), "a") as f:
+            f.write(f"{fuse_connection(claimed.fd) if claimed else None}\\n")
     if os.path.exists(os.path.join(state, "crash")):
         sys.exit(3)
     signal.signal(signal.SIGTERM, lambda *a: sys.exit(0))
@@ -387,6 +393,50 @@ def test_the_supervisor_restarts_a_worker_that_dies_and_holds_the_keeper(short_d
     assert not Path(socket_path).exists()
     for pid in (int(s[0]) for s in _starts(short_dir)):
         assert not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] == "Z"
+
+
+def test_a_worker_restarted_by_the_supervisor_claims_the_held_connection(short_dir, conn):
+    proc, ready_r = _supervise(short_dir, conn.mountpoint, max_restarts=3)
+    try:
+        with os.fdopen(ready_r) as ready:
+            assert ready.readline().startswith("ready")
+        [[first_pid, socket_path, *_]] = _starts(short_dir)
+        # As the worker will once it serves the connection itself: deposit it after mounting.
+        with KeeperClient(socket_path) as worker:
+            worker.deposit(conn.mountpoint, {"major": 7}, conn.fd)
+        (short_dir / "claim").write_text(conn.mountpoint)
+        os.kill(int(first_pid), signal.SIGKILL)
+        wait_for(lambda: (short_dir / "claims").exists(), 30, "the restarted worker to claim")
+        assert (short_dir / "claims").read_text().split() == [str(conn.minor)]
+        with KeeperClient(socket_path) as status:
+            [entry] = status.entries()
+        assert entry.served_by == int(_starts(short_dir)[1][0])
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0, proc.stderr.read()
+
+
+def test_a_holder_that_dies_leaves_the_mount_failing_cleanly(short_dir, peers):
+    """The keeper's process killed while it holds the only descriptor: the connection ends and
+    reads fail with ENOTCONN, as with no keeper; nothing hangs."""
+    conn = mount_fuse(short_dir / "lone")
+    root = short_dir / "host"
+    env = os.environ | {"DATAHOARD_RUN_DIR": str(root / "run")}
+    plugin = subprocess.Popen([sys.executable, "-m", "datahoard.cli", "csi-node", f"--endpoint=unix://{short_dir}/csi.sock",
+                               "--node-id=n1", f"--host-root={root}"], env=env, stderr=subprocess.DEVNULL)
+    try:
+        path = root / "run" / "keeper" / "keeper.sock"
+        wait_for(path.exists, 30, "the plugin's keeper socket")
+        with KeeperClient(path) as worker:
+            worker.deposit(conn.mountpoint, {}, conn.fd)
+        os.close(conn.fd)
+    finally:
+        plugin.kill()
+        plugin.wait(10)
+    with pytest.raises(OSError) as err:
+        os.stat(conn.mountpoint)
+    assert err.value.errno == 107  # ENOTCONN
+    subprocess.run(["umount", "-l", conn.mountpoint], check=True)
 
 
 def test_the_supervisor_gives_up_after_max_restarts(short_dir, conn):
