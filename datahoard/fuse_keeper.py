@@ -241,6 +241,7 @@ class FuseKeeper:
         self._stopping = threading.Event()
         self._threads: list[threading.Thread] = []
         self._wake_r, self._wake_w = -1, -1
+        self._inode = -1
 
     # lifecycle
     def start(self) -> FuseKeeper:
@@ -264,6 +265,7 @@ class FuseKeeper:
         try:
             listener.bind(str(self.path))
             os.chmod(self.path, 0o600)
+            self._inode = os.lstat(self.path).st_ino
             listener.listen(16)
         except OSError:
             listener.close()
@@ -291,7 +293,8 @@ class FuseKeeper:
                 pass
             self._listener.close()
             try:
-                os.unlink(self.path)
+                if os.lstat(self.path).st_ino == self._inode:  # not a successor's socket
+                    os.unlink(self.path)
             except FileNotFoundError:
                 pass
         self._wake()
@@ -345,25 +348,40 @@ class FuseKeeper:
             except OSError:
                 sock.close()
                 continue
-            if uid not in (0, os.geteuid()):
-                log.warning("FUSE keeper: refused pid %d of uid %d", pid, uid)
-                self._reply(sock, _Reply(status="error", message=(
-                    f"uid {uid} may not use the FUSE keeper (only root and uid {os.geteuid()})")))
-                sock.close()
-                continue
             client = _Client(sock, pid, uid)
             with self._lock:
                 full = len(self._clients) >= self.max_clients
                 if not full:
                     self._clients.add(client)
             if full:
-                self._reply(sock, _Reply(status="error", message=(
-                    f"the FUSE keeper serves {self.max_clients} clients already")))
-                sock.close()
+                threading.Thread(target=self._refuse, args=(sock, f"the FUSE keeper serves {self.max_clients} "
+                                 f"clients already"), name="keeper-refuse", daemon=True).start()
                 continue
             threading.Thread(target=self._serve, args=(client,), name=f"keeper-client-{pid}", daemon=True).start()
 
+    @staticmethod
+    def _refuse(sock: socket.socket, message: str) -> None:
+        """Say why, then close only once the client has read it: closing a unix socket with
+        the client's request still unread makes the client's recv fail with ECONNRESET, and it
+        would never see the reason. Bounded: 2 s for the client to read and close."""
+        FuseKeeper._reply(sock, _Reply(status="error", message=message))
+        try:
+            sock.shutdown(socket.SHUT_WR)
+            sock.settimeout(2.0)
+            while sock.recv(MAX_MESSAGE):
+                pass
+        except OSError:
+            pass
+        sock.close()
+
     def _serve(self, client: _Client) -> None:
+        if client.uid not in (0, os.geteuid()):
+            log.warning("FUSE keeper: refused pid %d of uid %d", client.pid, client.uid)
+            with self._lock:
+                self._clients.discard(client)
+            self._refuse(client.sock, f"uid {client.uid} may not use the FUSE keeper "
+                                      f"(only root and uid {os.geteuid()})")
+            return
         try:
             while not self._stopping.is_set():
                 try:

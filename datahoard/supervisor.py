@@ -76,11 +76,13 @@ class Supervisor:
         self.env = dict(os.environ)
         self.stopping = threading.Event()
         self.child: subprocess.Popen | None = None
+        path = runtime.mount_keeper_socket(self.mountpoint)
+        # Set even with no keeper: the worker then finds none there (and mounts afresh) rather
+        # than the node's default socket, which is some other process's business.
+        self.env[runtime.KEEPER_SOCKET_ENV] = str(path)
         if keeper:
-            path = runtime.mount_keeper_socket(self.mountpoint)
             try:
                 self.keeper = FuseKeeper(path).start()
-                self.env[runtime.KEEPER_SOCKET_ENV] = str(path)
             except (KeeperError, OSError) as exc:
                 log.warning("no FUSE keeper for %s (%s): a worker restart will remount", self.mountpoint, exc)
 

@@ -194,6 +194,45 @@ def test_an_unclaimed_connection_is_let_go_after_the_orphan_timeout(short_dir, c
         wait_for(lambda: not keeper.entries(), 10, "the orphaned entry to be dropped")
 
 
+def test_a_view_detached_while_its_connection_lives_on_is_dropped(keeper, conn, short_dir):
+    """Lazily unmounted while a bind still pins the superblock: the connection has not ended
+    (no POLLERR), but the mountpoint no longer carries it, so no worker may resume it there."""
+    pin = short_dir / "pin"
+    pin.mkdir()
+    assert _libc.mount(conn.mountpoint.encode(), str(pin).encode(), None, 0x1000, None) == 0  # MS_BIND
+    with KeeperClient(keeper.path) as worker:
+        worker.deposit(conn.mountpoint, {}, conn.fd)
+    subprocess.run(["umount", "-l", conn.mountpoint], check=True)
+    assert (str(pin), conn.minor) in fuse_mounts()  # the connection is alive, elsewhere
+    wait_for(lambda: not keeper.entries(), 10, "the keeper to drop the detached view")
+    subprocess.run(["umount", "-l", str(pin)], check=True)
+
+
+def test_entries_are_capped(short_dir, conn):
+    other = mount_fuse(short_dir / "other")
+    try:
+        with FuseKeeper(short_dir / "k3" / "keeper.sock", max_entries=1) as keeper, KeeperClient(keeper.path) as w:
+            w.deposit(conn.mountpoint, {}, conn.fd)
+            with pytest.raises(KeeperError, match="holds 1 connections already"):
+                w.deposit(other.mountpoint, {}, other.fd)
+            w.deposit(conn.mountpoint, {"again": True}, conn.fd)  # replacing its own entry is fine
+    finally:
+        subprocess.run(["umount", "-l", other.mountpoint], capture_output=True)
+        os.close(other.fd)
+
+
+def test_naming_a_held_view_never_waits_for_its_server(conn):
+    """A held connection whose worker is down answers no request: anything that stats the
+    mountpoint waits for the next worker. The mount's lock and record key (what the supervisor
+    and a restarting worker take first) must not. This mount never answers at all (no INIT), so a
+    stat would hang; the child would then be killed at the timeout and the test fail."""
+    code = ("import sys; from datahoard import runtime; m = sys.argv[1]; "
+            "assert runtime.canonical_mountpoint(m) == m; runtime.MountLock(m).release(); "
+            "assert runtime.lookup(m) is None; print('ok')")
+    result = subprocess.run([sys.executable, "-c", code, conn.mountpoint], capture_output=True, text=True, timeout=60)
+    assert result.stdout.strip() == "ok", result.stderr
+
+
 def test_deposit_refuses_what_is_not_a_mounted_fuse_connection(keeper, conn, short_dir):
     with KeeperClient(keeper.path) as worker:
         with open(short_dir / "file", "w") as f, pytest.raises(KeeperError, match="not /dev/fuse"):
@@ -204,6 +243,23 @@ def test_deposit_refuses_what_is_not_a_mounted_fuse_connection(keeper, conn, sho
             worker._exchange(__import__("datahoard.fuse_keeper", fromlist=["_Request"])._Request(
                 op="claim", mountpoint="relative/path"))
     assert keeper.entries() == []
+
+
+def test_clients_are_capped_and_the_refused_one_is_told_why(short_dir):
+    with FuseKeeper(short_dir / "k4" / "keeper.sock", max_clients=1) as keeper, KeeperClient(keeper.path) as first:
+        assert first.entries() == []
+        with pytest.raises(KeeperError, match="serves 1 clients already"), KeeperClient(keeper.path) as second:
+            second.entries()
+        first.close()
+        wait_for(lambda: _entries_or_none(keeper.path) is not None, 10, "the slot to free")
+
+
+def _entries_or_none(path: Path):
+    try:
+        with KeeperClient(path) as client:
+            return client.entries()
+    except KeeperError:
+        return None
 
 
 def test_no_keeper_is_a_clear_error(short_dir):
@@ -277,6 +333,12 @@ FAKE_WORKER = textwrap.dedent("""
         f.write(f"{os.getpid()} {os.environ.get('DATAHOARD_KEEPER_SOCKET', '')} {' '.join(args)}\\n")
     if "--ready-fd" in args:
         os.write(int(args[args.index("--ready-fd") + 1]), b"ready http://x\\n")
+    if os.path.exists(os.path.join(state, "claim")):  # what the real worker will do on start
+        from datahoard.fuse_keeper import KeeperClient, fuse_connection
+        client = KeeperClient()  # $DATAHOARD_KEEPER_SOCKET, set by the supervisor
+        claimed = client.claim(open(os.path.join(state, "claim")).read())
+        with open(os.path.join(state, "claims"), "a") as f:
+            f.write(f"{fuse_connection(claimed.fd) if claimed else None}\\n")
     if os.path.exists(os.path.join(state, "crash")):
         sys.exit(3)
     signal.signal(signal.SIGTERM, lambda *a: sys.exit(0))
@@ -333,6 +395,50 @@ def test_the_supervisor_restarts_a_worker_that_dies_and_holds_the_keeper(short_d
         assert not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] == "Z"
 
 
+def test_a_worker_restarted_by_the_supervisor_claims_the_held_connection(short_dir, conn):
+    proc, ready_r = _supervise(short_dir, conn.mountpoint, max_restarts=3)
+    try:
+        with os.fdopen(ready_r) as ready:
+            assert ready.readline().startswith("ready")
+        [[first_pid, socket_path, *_]] = _starts(short_dir)
+        # As the worker will once it serves the connection itself: deposit it after mounting.
+        with KeeperClient(socket_path) as worker:
+            worker.deposit(conn.mountpoint, {"major": 7}, conn.fd)
+        (short_dir / "claim").write_text(conn.mountpoint)
+        os.kill(int(first_pid), signal.SIGKILL)
+        wait_for(lambda: (short_dir / "claims").exists(), 30, "the restarted worker to claim")
+        assert (short_dir / "claims").read_text().split() == [str(conn.minor)]
+        with KeeperClient(socket_path) as status:
+            [entry] = status.entries()
+        assert entry.served_by == int(_starts(short_dir)[1][0])
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0, proc.stderr.read()
+
+
+def test_a_holder_that_dies_leaves_the_mount_failing_cleanly(short_dir, peers):
+    """The keeper's process killed while it holds the only descriptor: the connection ends and
+    reads fail with ENOTCONN, as with no keeper; nothing hangs."""
+    conn = mount_fuse(short_dir / "lone")
+    root = short_dir / "host"
+    env = os.environ | {"DATAHOARD_RUN_DIR": str(root / "run")}
+    plugin = subprocess.Popen([sys.executable, "-m", "datahoard.cli", "csi-node", f"--endpoint=unix://{short_dir}/csi.sock",
+                               "--node-id=n1", f"--host-root={root}"], env=env, stderr=subprocess.DEVNULL)
+    try:
+        path = root / "run" / "keeper" / "keeper.sock"
+        wait_for(path.exists, 30, "the plugin's keeper socket")
+        with KeeperClient(path) as worker:
+            worker.deposit(conn.mountpoint, {}, conn.fd)
+        os.close(conn.fd)
+    finally:
+        plugin.kill()
+        plugin.wait(10)
+    with pytest.raises(OSError) as err:
+        os.stat(conn.mountpoint)
+    assert err.value.errno == 107  # ENOTCONN
+    subprocess.run(["umount", "-l", conn.mountpoint], check=True)
+
+
 def test_the_supervisor_gives_up_after_max_restarts(short_dir, conn):
     (short_dir / "crash").touch()
     proc, ready_r = _supervise(short_dir, conn.mountpoint, max_restarts=2)
@@ -366,7 +472,7 @@ def test_datahoard_mount_restarts_a_killed_worker_and_umount_ends_everything(s3,
     assert runtime.alive(supervisor) and first.pid != supervisor
     status = subprocess.run([sys.executable, "-m", "datahoard.cli", "status", str(m.mountpoint)],
                             capture_output=True, text=True, timeout=60)
-    assert "fuse keeper" in status.stdout and "holds no connection of this mount" in status.stdout, status.stdout
+    assert "\nkeeper  " in status.stdout and "holds no connection of this mount" in status.stdout, status.stdout
 
     os.kill(first.pid, signal.SIGKILL)
     second = wait_for(lambda: (r := runtime.lookup(m.mountpoint)) and r.pid != first.pid and r, 60,

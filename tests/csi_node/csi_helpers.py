@@ -300,7 +300,9 @@ class Worker:
         self.view.mkdir(parents=True, exist_ok=True)
         result = subprocess.run(
             [sys.executable, "-m", "datahoard.cli", "mount", self.source, str(self.view),
-             "--cache-dir", str(self.cache_dir), "--endpoint-url", self.endpoint],
+             "--cache-dir", str(self.cache_dir), "--endpoint-url", self.endpoint,
+             # Stands for a Kubernetes worker: restarts are the test's (kubelet's), not a supervisor's.
+             "--max-restarts", "0"],
             capture_output=True, text=True, timeout=120,
         )
         assert result.returncode == 0, result.stderr
