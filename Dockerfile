@@ -26,7 +26,8 @@ COPY csi_node /src/csi_node
 RUN pip install --no-deps /src && pip check
 
 FROM ${PYTHON_IMAGE}
-# fuse3: libfuse3 (loaded by mfusepy) and fusermount3; util-linux: mount/umount for cleanup jobs.
+# fuse3: fusermount3 (mounts by non-root users; the worker speaks the FUSE protocol itself, see
+# cache_worker/fusell); util-linux: mount/umount for cleanup jobs.
 RUN apt-get update \
     && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
         fuse3=3.14.0-4 libfuse3-3=3.14.0-4 \
@@ -40,7 +41,7 @@ COPY --from=build /opt/datahoard /opt/datahoard
 ENV PATH=/opt/datahoard/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1
-# Smoke test in the runtime stage: the worker's import needs libfuse3 from fuse3 above.
+# Smoke test in the runtime stage: every component imports.
 RUN datahoard --help >/dev/null \
     && kopf --help >/dev/null \
     && python -c "import datahoard.operator.handlers, datahoard.csi_node.server, datahoard.cache_worker.worker" \

@@ -26,16 +26,17 @@ TESTS = {
 }
 
 
-def measure(load_seconds: float, restart_cycles: int) -> dict:
+def measure(load_seconds: float, restart_cycles: int, graceful_cycles: int = 3) -> dict:
     with tempfile.TemporaryDirectory(prefix="datahoard-reliability-") as folder:
         env = {
             **os.environ,
             "DATAHOARD_RESULTS_DIR": folder,
             "DATAHOARD_LOAD_SECONDS": str(load_seconds),
             "DATAHOARD_RESTART_CYCLES": str(restart_cycles),
+            "DATAHOARD_GRACEFUL_CYCLES": str(graceful_cycles),
         }
         # The suite's per-test timeout (pyproject) is sized for CI's short runs.
-        timeout = int(load_seconds + 30 * restart_cycles + 600)
+        timeout = int(load_seconds + 30 * (restart_cycles + graceful_cycles) + 600)
         command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--timeout={timeout}",
                    *TESTS.values()]
         subprocess.run(command, cwd=REPO, env=env, check=True)
@@ -44,7 +45,8 @@ def measure(load_seconds: float, restart_cycles: int) -> dict:
     if missing:
         raise SystemExit(f"the tests passed but recorded no figures for {sorted(missing)}")
     return {
-        "command": f"make reliability (load {load_seconds:.0f} s, {restart_cycles} restarts)",
+        "command": f"make reliability (load {load_seconds:.0f} s, {restart_cycles} SIGKILLs, "
+                   f"{graceful_cycles} graceful restarts)",
         **found,
     }
 
@@ -52,11 +54,12 @@ def measure(load_seconds: float, restart_cycles: int) -> dict:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--load-seconds", type=float, default=300)
-    p.add_argument("--restart-cycles", type=int, default=10)
+    p.add_argument("--restart-cycles", type=int, default=10, help="SIGKILLs of the worker under readers")
+    p.add_argument("--graceful-cycles", type=int, default=3, help="graceful restarts (SIGTERM) under readers")
     p.add_argument("--out", default=str(REPO / "bench"), help="where reliability.json and RESULTS.md are")
     args = p.parse_args(argv)
     out = Path(args.out)
-    figures = measure(args.load_seconds, args.restart_cycles)
+    figures = measure(args.load_seconds, args.restart_cycles, args.graceful_cycles)
     (out / "reliability.json").write_text(json.dumps(figures, indent=2) + "\n")
     results_path = out / "results.json"
     if results_path.exists():

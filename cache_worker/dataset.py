@@ -21,6 +21,7 @@ threads on a stuck store.
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 import time
@@ -42,7 +43,7 @@ MiB = 1 << 20
 @dataclass(frozen=True)
 class Tuning:
     #: Objects up to this size are fetched and stored whole: one request, one file, and the
-    #: unit the kernel page cache accounting (see fuse_view) relies on.
+    #: unit the kernel page cache accounting (see fs.py) relies on.
     whole_file_max: int = 8 * MiB
     #: Larger objects are fetched in chunks of this size: big enough for S3 throughput, small
     #: enough that a random 4 KiB read costs one modest request.
@@ -268,13 +269,24 @@ class DatasetCache:
     def is_cached(self, obj: RemoteObject) -> bool:
         return all(self.store.contains(c) for c in self.chunks(obj))
 
+    def backing_fd(self, obj: RemoteObject) -> int | None:
+        """A read-only descriptor of the one cache file that holds all of ``obj``, verified, for
+        FUSE passthrough; None when there is no such file (not cached, or in several chunks)."""
+        chunks = self.chunks(obj)
+        if len(chunks) != 1 or not self.store.verify(chunks[0].name):
+            return None
+        try:
+            return os.open(self.store.path(chunks[0].name), os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return None
+
     # -- reads -----------------------------------------------------------------------------
     def read(self, state: ReadState, offset: int, size: int, prepaid: bool = False,
              bounded: bool = False) -> bytes:
         """Up to ``size`` bytes of ``state.obj`` at ``offset``, exactly as the source has them.
 
         ``prepaid``: the caller already counted these bytes as served from cache (an open of a
-        file known to be cached, see fuse_view); only bytes that needed the source are counted,
+        file known to be cached, see fs.py); only bytes that needed the source are counted,
         moved from the cache column to the source column.
 
         ``bounded`` (reads on libfuse threads): fetch on a fetcher thread and wait for it at

@@ -27,8 +27,10 @@ from .source import RemoteObject, Source
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+#: 2: files have a rowid, the stable node id the FUSE view gives the kernel (``fs.py``).
+FORMAT_VERSION = 2
 _BATCH = 5000
+_INSERT_FILE = "INSERT INTO files (parent, name, size, mtime, etag) VALUES (?,?,?,?,?)"
 #: Warn about this many bad keys one by one, then only count them.
 _WARN_LIMIT = 20
 
@@ -36,10 +38,10 @@ _SCHEMA = """
 CREATE TABLE meta (k TEXT PRIMARY KEY, v TEXT NOT NULL);
 CREATE TABLE dirs (id INTEGER PRIMARY KEY, parent INTEGER NOT NULL, name TEXT NOT NULL);
 CREATE TABLE files (
-    parent INTEGER NOT NULL, name TEXT NOT NULL,
-    size INTEGER NOT NULL, mtime REAL NOT NULL, etag TEXT NOT NULL,
-    PRIMARY KEY (parent, name)
-) WITHOUT ROWID;
+    id INTEGER PRIMARY KEY, parent INTEGER NOT NULL, name TEXT NOT NULL,
+    size INTEGER NOT NULL, mtime REAL NOT NULL, etag TEXT NOT NULL
+);
+CREATE UNIQUE INDEX files_by_name ON files (parent, name);
 """
 
 
@@ -92,11 +94,11 @@ def build_index(
             parent = _ensure_dir(conn, dirs, path.parents)
             batch.append((parent, path.leaf, obj.size, obj.mtime, obj.etag))
             if len(batch) >= _BATCH:
-                conn.executemany("INSERT INTO files VALUES (?,?,?,?,?)", batch)
+                conn.executemany(_INSERT_FILE, batch)
                 batch.clear()
                 if progress:
                     progress(listed)
-        conn.executemany("INSERT INTO files VALUES (?,?,?,?,?)", batch)
+        conn.executemany(_INSERT_FILE, batch)
         if progress:
             progress(listed)
         shadowed = _drop_shadowed_files(conn)
@@ -233,6 +235,60 @@ class Index:
             yield name, True
         for (name,) in conn.execute("SELECT name FROM files WHERE parent = ?", (dir_id,)):
             yield name, False
+
+    # -- by id: what the FUSE view's node ids are made of (``fs.py``) ------------------------
+    def dir_path(self, dir_id: int) -> str | None:
+        """The path of directory ``dir_id`` ("" for the root, id 1), or None."""
+        return self._dir_paths.get(dir_id)
+
+    def child_dir(self, dir_id: int, name: str) -> int | None:
+        parent = self._dir_paths.get(dir_id)
+        if parent is None:
+            return None
+        return self._dir_ids.get(f"{parent}/{name}" if parent else name)
+
+    def child_file(self, dir_id: int, name: str) -> tuple[int, RemoteObject] | None:
+        """(file id, object) of file ``name`` in directory ``dir_id``."""
+        parent = self._dir_paths.get(dir_id)
+        if parent is None:
+            return None
+        row = self._conn().execute(
+            "SELECT id, size, mtime, etag FROM files WHERE parent = ? AND name = ?", (dir_id, name)
+        ).fetchone()
+        if row is None:
+            return None
+        key = f"{parent}/{name}" if parent else name
+        return row[0], RemoteObject(key=key, size=row[1], etag=row[3], mtime=row[2])
+
+    def file(self, file_id: int) -> RemoteObject | None:
+        row = self._conn().execute(
+            "SELECT parent, name, size, mtime, etag FROM files WHERE id = ?", (file_id,)
+        ).fetchone()
+        if row is None:
+            return None
+        parent = self._dir_paths[row[0]]
+        key = f"{parent}/{row[1]}" if parent else row[1]
+        return RemoteObject(key=key, size=row[2], etag=row[4], mtime=row[3])
+
+    def entries(self, dir_id: int) -> list[tuple[str, bool, int, RemoteObject | None]]:
+        """(name, is_dir, id, object or None) of every entry of directory ``dir_id``, in an order
+        that is the same in every process (directories by id, then files by id): a directory
+        offset the kernel kept across a worker restart still means the same entry."""
+        parent = self._dir_paths.get(dir_id)
+        if parent is None:
+            return []
+        prefix = f"{parent}/" if parent else ""
+        conn = self._conn()
+        out: list[tuple[str, bool, int, RemoteObject | None]] = [
+            (name, True, child, None)
+            for child, name in conn.execute(
+                "SELECT id, name FROM dirs WHERE parent = ? AND id != 1 ORDER BY id", (dir_id,))
+        ]
+        for file_id, name, size, mtime, etag in conn.execute(
+            "SELECT id, name, size, mtime, etag FROM files WHERE parent = ? ORDER BY id", (dir_id,)
+        ):
+            out.append((name, False, file_id, RemoteObject(key=prefix + name, size=size, etag=etag, mtime=mtime)))
+        return out
 
     def walk_files(self) -> Iterator[RemoteObject]:
         """Every file, directory by directory (the order warming uses)."""

@@ -9,7 +9,7 @@ order matters:
 4. start the stats endpoint, then the FUSE view; once libfuse reports the mount live, record
    the mount, start warming and tell the caller it is ready;
 5. once every file of a dataset whose files are all at most one chunk is cached (by warming or
-   by reads), the FUSE view hands opens to the kernel (``DatasetView.serve_opens_in_kernel``):
+   by reads), the FUSE view hands opens to the kernel (``DatasetFS.serve_opens_in_kernel``):
    a warm epoch then costs this process nothing, and fanotify keeps the counts;
 6. with ``direct``: once the dataset is fully cached (warming done, or found so at start-up),
    build the direct tree (``tree.py``), pin its chunks, and publish it: the mount record names
@@ -27,6 +27,7 @@ import fcntl
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import threading
 import time
@@ -36,11 +37,12 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from datahoard import runtime
-from datahoard.stats import DirectStats, RecentStats, WarmingStats, WorkerStats
+from datahoard.stats import DirectStats, FuseStats, RecentStats, WarmingStats, WorkerStats
 
 from .counters import Counters
 from .dataset import DatasetCache, Tuning
-from .fuse_view import DatasetView, mount_options
+from .attach import Attacher, Attachment, deposit, index_identity
+from .fs import MAX_READ, METADATA_TIMEOUT, RESERVE_THREADS, DatasetFS
 from .index import Index, build_index, read_summary
 from .keys import KeyFilter
 from .source import Source, SourceError
@@ -83,8 +85,14 @@ class WorkerConfig:
     #: the CSI node plugin binds the tree into new pods and pods published before stay on FUSE.
     direct_bind: bool = True
     #: Once a dataset of small files is fully cached, let the kernel serve opens (see
-    #: ``DatasetView.serve_opens_in_kernel``).
+    #: ``DatasetFS.serve_opens_in_kernel``).
     kernel_opens: bool = True
+    #: Answer opens of files whole in the cache with FUSE passthrough (kernel 6.9+).
+    passthrough: bool = True
+    #: Keep the FUSE connection with the FUSE keeper, so a restart is a pause, not an error.
+    handover: bool = True
+    #: The keeper's socket (None: ``runtime.keeper_socket()``).
+    keeper_socket: Path | None = None
 
 
 Progress = Callable[[str, int], None]
@@ -144,7 +152,11 @@ class Worker:
         self.trees: DirectTrees | None = None
         self.direct = DirectStats(state="waiting" if config.direct else "off")
         self.serving = "fuse"
-        self.view: DatasetView | None = None
+        self.view: DatasetFS | None = None
+        self.attacher: Attacher | None = None
+        self.attachment: Attachment | None = None
+        self.session = None
+        self._handing_over = False
         self._bound = False
         self._direct_stop = threading.Event()
         self._direct_thread: threading.Thread | None = None
@@ -196,7 +208,10 @@ class Worker:
     def prepare(self) -> None:
         """Everything before the FUSE mount; raises WorkerError / SourceError with a clear message."""
         cfg = self.config
-        _prepare_mountpoint(cfg.mountpoint)
+        # Claim a held connection before anything touches the mountpoint (attach.py).
+        self.attacher = Attacher(cfg.mountpoint, cfg.handover, cfg.keeper_socket)
+        if not self.attacher.resuming:
+            _prepare_mountpoint(cfg.mountpoint)
         self._lock_cache_dir()
         self.counters.persist(cfg.cache_dir)  # continue the counts of the last run (counters.py)
         self.source = open_source(cfg.source, cfg.endpoint_url, cfg.region)
@@ -212,7 +227,7 @@ class Worker:
     def _on_mounted(self) -> None:
         cfg = self.config
         self._record = runtime.MountRecord(
-            mountpoint=str(cfg.mountpoint.resolve()),
+            mountpoint=runtime.canonical_mountpoint(cfg.mountpoint),
             pid=os.getpid(),
             stats_url=self.stats.url,
             source=cfg.source,
@@ -232,26 +247,89 @@ class Worker:
         log.info("serving %s at %s (stats %s)", cfg.source, cfg.mountpoint, self.stats.url)
 
     def serve(self, on_ready: Callable[[], None] | None = None) -> None:
-        """Mount and serve until unmounted or signalled."""
-        from .fusebind import FUSE
+        """Mount (or resume) and serve until unmounted or signalled.
+
+        SIGTERM and SIGINT stop the session. With a keeper holding the connection that is a
+        handover: requests in flight are answered and the mount stays for the next worker.
+        Without one the view is unmounted, as a stop always did.
+        """
+        from .fusell.passthrough import BackingTable
+        from .fusell.session import Session, Wants
+
+        cfg = self.config
+        identity = index_identity(self.index.summary)
+        att = self.attacher.resume(identity)
+        backing_log = cfg.cache_dir / "fuse-backing.log"
+        if att is None:
+            backing_log.unlink(missing_ok=True)  # it belonged to a connection that is gone
+            att = self.attacher.mount(f"datahoard:{cfg.source}", cfg.allow_other)
+        self.attachment = att
+        backing = BackingTable(backing_log, att.conn) if cfg.passthrough else None
+        view = self.view = DatasetFS(self.index, self.cache, self.counters, str(cfg.mountpoint), backing=backing)
+        background = cfg.tuning.max_waiting_reads + RESERVE_THREADS
+        want = Wants(max_read=MAX_READ, max_background=background, congestion_threshold=background * 3 // 4,
+                     passthrough=cfg.passthrough, entry_timeout=METADATA_TIMEOUT, attr_timeout=METADATA_TIMEOUT)
+        session = self.session = Session(att.conn, view, threads=background, want=want)
 
         def mounted() -> None:
+            if not self._wait_until_live(session):
+                return
+            deposit(att, identity)
+            if att.resumed:
+                att.conn.notify_resend()  # what the last worker read but did not answer
             self._on_mounted()
             if on_ready:
                 on_ready()
 
-        view = self.view = DatasetView(self.index, self.cache, self.counters, str(self.config.mountpoint),
-                                       on_ready=mounted)
-        options = mount_options(f"datahoard:{self.config.source}", allow_other=self.config.allow_other,
-                                max_waiting_reads=self.config.tuning.max_waiting_reads)
+        threading.Thread(target=mounted, name="ready", daemon=True).start()
+        previous = {sig: signal.signal(sig, self._on_stop_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
         try:
-            FUSE(view, str(self.config.mountpoint), foreground=True, raw_fi=True, **options)
+            how = session.serve()
+            log.info("the FUSE session %s", "was handed over" if how == "stopped" else "ended")
         finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
             self.shutdown()
+
+    def _wait_until_live(self, session) -> bool:
+        deadline = time.monotonic() + 30
+        while not session.ready.wait(0.05):
+            if time.monotonic() > deadline:
+                log.error("the kernel did not start the FUSE connection at %s", self.config.mountpoint)
+                return False
+        while not os.path.ismount(self.config.mountpoint):
+            if time.monotonic() > deadline:
+                log.error("the FUSE view did not appear at %s", self.config.mountpoint)
+                return False
+            time.sleep(0.01)
+        return True
+
+    def _on_stop_signal(self, signum: int, frame) -> None:
+        att = self.attachment
+        if att is not None and att.handover and self._record is not None:
+            self._handing_over = True
+            log.info("stopping: handing the FUSE connection over to the next worker (the mount stays)")
+        else:
+            log.info("stopping: unmounting %s", self.config.mountpoint)
+            try:
+                from .fusell.session import unmount
+
+                unmount(self.config.mountpoint, lazy=True)
+            except OSError as exc:
+                log.warning("unmounting %s failed: %s", self.config.mountpoint, exc)
+        if self.session is not None:
+            self.session.stop()
 
     # -- kernel opens ----------------------------------------------------------------------
     def _kernel_opens_when_cached(self) -> None:
         """Hand opens to the kernel once every file is cached, by warming or by reads (step 5)."""
+        att = self.attachment
+        if self.view is not None and self.view.backing is not None and att is not None and att.conn.state \
+                and att.conn.state.passthrough:
+            # Answering an open with ENOSYS gives up passthrough for the whole connection, and the
+            # two together failed reads with EIO after a handover (seen with the restart test).
+            log.info("opens stay in the worker: passthrough serves cached files")
+            return
         largest = self.index.max_file_size()
         if largest > self.config.tuning.whole_file_max:
             log.info("opens stay in the worker: files of up to %d bytes are counted read by read", largest)
@@ -408,14 +486,30 @@ class Worker:
         if self.stats:
             self.stats.stop()
             self.stats = None
-        if self.config.direct and self._record is not None:  # only what this worker mounted
-            self._unbind()
-        runtime.unregister(self.config.mountpoint.resolve(), pid=os.getpid())
+        if self.config.direct and self._record is not None and not self._handing_over:
+            self._unbind()  # only what this worker mounted
+        self._let_go_of_connection()
+        runtime.unregister(runtime.canonical_mountpoint(self.config.mountpoint), pid=os.getpid())
         self.counters.stop_persisting()  # the last save, while the cache directory is still ours
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
         log.info("stopped")
+
+    def _let_go_of_connection(self) -> None:
+        """End the lease; after an unmount (not a handover) the keeper lets go of it too."""
+        att, self.attachment = self.attachment, None
+        if self.view is not None and self.view.backing is not None:
+            self.view.backing.close()
+        if att is not None:
+            if att.keeper is not None and not self._handing_over:
+                try:
+                    att.keeper.release(self.config.mountpoint)
+                except Exception as exc:  # noqa: BLE001 - the keeper drops ended connections anyway
+                    log.debug("releasing the connection: %s", exc)
+            att.conn.close()
+        if self.attacher is not None:
+            self.attacher.close()  # the lease (the keeper connection) ends here
 
     # -- reporting -------------------------------------------------------------------------
     def healthy(self) -> bool:
@@ -471,7 +565,31 @@ class Worker:
             kernel_opens=self.view is not None and self.view.kernel_opens,
             direct=self.direct,
             recent=recent,
+            fuse=self._fuse_stats(),
             **counts,
+        )
+
+
+    def _fuse_stats(self) -> FuseStats:
+        att, view = self.attachment, self.view
+        state = att.conn.state if att is not None else None
+        passthrough = bool(view is not None and view.backing is not None and state is not None and state.passthrough)
+        if not self.config.passthrough:
+            why = "off (--no-passthrough)"
+        elif state is not None and not state.passthrough:
+            why = "the kernel does not offer FUSE passthrough (Linux 6.9+ with CONFIG_FUSE_PASSTHROUGH)"
+        else:
+            why = None
+        if view is not None and view.kernel_opens:
+            why = "the kernel opens files itself (a fully cached dataset of small files): no opens to pass through"
+            passthrough = False
+        return FuseStats(
+            passthrough=passthrough,
+            passthrough_note=None if passthrough else why,
+            handover=bool(att is not None and att.handover),
+            handover_note=None if att is None or att.handover else att.note,
+            resumed=bool(att is not None and att.resumed),
+            passthrough_opens=view.passthrough_opens if view is not None else 0,
         )
 
 

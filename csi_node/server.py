@@ -5,6 +5,11 @@ the logging interceptor) and owns the gRPC server; tests start it in-process on 
 socket, and :func:`main` adds the command line and SIGTERM handling. With
 ``--registration-dir`` the plugin also registers itself with the kubelet
 (:mod:`.registration`), in place of the node-driver-registrar sidecar.
+
+The plugin also hosts the node's FUSE keeper (``datahoard/fuse_keeper.py``, on
+``<host root>/run/keeper/keeper.sock``, the run dir workers already share): it is the
+long-lived process on the node, so it holds workers' ``/dev/fuse`` descriptors across their
+restarts. ``--no-fuse-keeper`` (or ``DATAHOARD_FUSE_KEEPER=0``) turns that off.
 """
 
 from __future__ import annotations
@@ -20,7 +25,8 @@ from pathlib import Path
 
 import grpc
 
-from datahoard import names
+from datahoard import names, runtime
+from datahoard.fuse_keeper import FuseKeeper, KeeperError
 
 from . import csi_pb2_grpc
 from .healthz import HealthServer
@@ -77,8 +83,10 @@ def _has_cap_sys_admin() -> bool:
 
 class NodePlugin:
     def __init__(self, config: NodeConfig, mounter: Mounter | None = None,
-                 registration: KubeletRegistration | None = None) -> None:
+                 registration: KubeletRegistration | None = None, keeper: FuseKeeper | None = None) -> None:
         self.config = config
+        #: The node's FUSE keeper, started with the plugin, or None when turned off.
+        self.keeper = keeper
         #: Self-registration with the kubelet, or None when node-driver-registrar does it.
         self.registration = registration
         self.mounter = mounter or LinuxMounter()
@@ -106,6 +114,8 @@ class NodePlugin:
             problems.append("the repair loop has stopped")
         if self.registration is not None:
             problems.extend(self.registration.problems())
+        if self.server is not None and self.keeper is not None and not self.keeper.alive():
+            problems.append("the FUSE keeper has stopped")
         return problems
 
     def start(self, endpoint: str) -> str:
@@ -133,6 +143,12 @@ class NodePlugin:
             "%s node plugin serving on %s (node %s, host root %s, %d published target(s))",
             names.CSI_DRIVER_NAME, path, self.config.node_id, self.config.host_root, len(self.state.all()),
         )
+        if self.keeper is not None:
+            try:
+                self.keeper.start()
+            except (OSError, KeeperError) as exc:
+                self.stop(grace=0)
+                raise OSError(f"FUSE keeper: {exc}") from exc
         if self.registration is not None:
             try:
                 self.registration.start()
@@ -150,6 +166,10 @@ class NodePlugin:
         if self.server is not None:
             self.server.stop(grace).wait()
         self.repair_loop.stop()
+        if self.keeper is not None:
+            # Live workers keep their connections on their own descriptors; a worker that is
+            # down right now loses its mount, as it would with no keeper.
+            self.keeper.stop()
         if self.socket:
             try:
                 os.unlink(self.socket)
@@ -193,6 +213,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--health-port", type=int, default=os.environ.get("DATAHOARD_HEALTH_PORT") or None,
                         help="serve GET /healthz on this port with the Probe RPC's checks, in place of the "
                              "livenessprobe sidecar (default: $DATAHOARD_HEALTH_PORT; unset: not served)")
+    parser.add_argument("--no-fuse-keeper", dest="fuse_keeper", action="store_false",
+                        default=os.environ.get("DATAHOARD_FUSE_KEEPER", "1") not in ("0", "false", "no"),
+                        help="do not hold workers' FUSE connections across their restarts (default: held, "
+                             "on <host-root>/run/keeper/keeper.sock; DATAHOARD_FUSE_KEEPER=0 also turns it off)")
     parser.add_argument("--log-level", default=os.environ.get("LOG_LEVEL", "INFO"),
                         choices=["DEBUG", "INFO", "WARNING", "ERROR"], type=str.upper)
     return parser.parse_args(argv)
@@ -222,7 +246,9 @@ def main(argv: list[str] | None = None) -> int:
                 names.CSI_DRIVER_NAME, args.registration_dir,
                 args.kubelet_registration_path or socket_path(args.endpoint),
                 on_rejected=lambda _reason: stopping.set())
-        plugin = NodePlugin(config, registration=registration)
+        # Where workers look for it: runtime.keeper_socket(), under the run dir set above.
+        keeper = FuseKeeper(runtime.keeper_socket()) if args.fuse_keeper else None
+        plugin = NodePlugin(config, registration=registration, keeper=keeper)
         plugin.start(args.endpoint)
     except (OSError, ValueError) as exc:
         log.error("cannot start: %s", exc)

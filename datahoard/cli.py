@@ -93,6 +93,14 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--no-kernel-opens", dest="kernel_opens", action="store_false",
                    help="keep answering every open in the worker even once the whole dataset is cached "
                         "(by default the kernel then opens files itself and fanotify counts the opens)")
+    m.add_argument("--no-passthrough", dest="passthrough", action="store_false",
+                   help="serve every read through the worker, even of files whole in the cache (by default "
+                        "their opens are answered with FUSE passthrough: the kernel reads the cache file)")
+    m.add_argument("--max-restarts", type=_restarts, default=5, metavar="N",
+                   help="restart a worker that dies with an error up to N times in a row (default 5; 0: never)")
+    m.add_argument("--no-keeper", dest="keeper", action="store_false",
+                   help="do not hold the FUSE connection across worker restarts (a restart then remounts, and "
+                        "readers see errors meanwhile)")
     m.add_argument("--log-file", help=argparse.SUPPRESS)
     m.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     m.add_argument("--lock-fd", type=int, help=argparse.SUPPRESS)  # the parent's MountLock
@@ -109,6 +117,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("csi-node", help="run the CSI node plugin", add_help=False)
     return parser
+
+
+def _restarts(text: str) -> int:
+    if not text.isdigit() or int(text) > 1000:
+        raise argparse.ArgumentTypeError(f"expected a whole number from 0 to 1000, got {text!r}")
+    return int(text)
 
 
 def _seconds(text: str) -> float:
@@ -182,6 +196,8 @@ def _worker_config(args: argparse.Namespace):
         direct=args.direct,
         direct_bind=args.direct_bind,
         kernel_opens=args.kernel_opens,
+        passthrough=args.passthrough,
+        handover=args.keeper,
     )
 
 
@@ -255,6 +271,8 @@ _MOUNT_SILENCE_SECONDS = 600.0
 def _mount_background(args: argparse.Namespace) -> int:
     """Start a foreground worker as a detached child and return once its view is live.
 
+    The child is the mount's supervisor (``datahoard/supervisor.py``): it holds the FUSE keeper
+    and starts the worker, again after a crash; the worker's progress reaches us through it.
     Every wait is bounded: a child that goes quiet for ``DATAHOARD_MOUNT_TIMEOUT`` seconds, or
     does not exit after reporting an error, is stopped (its whole process group) and whatever
     it mounted is detached, so a failed mount leaves nothing mounted or running.
@@ -263,7 +281,10 @@ def _mount_background(args: argparse.Namespace) -> int:
     config.cache_dir.mkdir(parents=True, exist_ok=True)
     log_file = config.cache_dir / "worker.log"
     read_fd, write_fd = os.pipe()
-    argv = [sys.executable, "-m", "datahoard.cli", *_child_args(args, write_fd, log_file)]
+    argv = [sys.executable, "-m", "datahoard.supervisor", "--mountpoint", str(config.mountpoint),
+            "--ready-fd", str(write_fd), "--lock-fd", str(args.mount_lock.fileno()),
+            "--max-restarts", str(args.max_restarts), *([] if args.keeper else ["--no-keeper"]),
+            "--", sys.executable, "-m", "datahoard.cli", *_child_args(args, log_file)]
     with open(log_file, "ab") as log_out:
         child = subprocess.Popen(
             argv,
@@ -300,7 +321,9 @@ def _mount_background(args: argparse.Namespace) -> int:
     if stats_url is None:
         code = _reap_child(child, config.mountpoint, args.source)
         raise CliError(f"the mount process exited ({code}) before the view was ready: {_last_line(log_file)}")
-    print(f"mounted {args.source} at {config.mountpoint} (pid {child.pid}, log {log_file})")
+    record = runtime.lookup(config.mountpoint)
+    worker_pid = record.pid if record is not None else child.pid
+    print(f"mounted {args.source} at {config.mountpoint} (pid {worker_pid}, supervisor {child.pid}, log {log_file})")
     if args.warm and args.wait:
         _wait_for_warming(stats_url)
         if args.direct:
@@ -356,7 +379,7 @@ def _stop_child(child: subprocess.Popen, mountpoint: Path, source: str) -> int:
             continue
     if any(m.fstype == "fuse.datahoard" and m.source == f"datahoard:{source}" for m in mounts_at(mountpoint)):
         subprocess.run(["fusermount3", "-uz", str(mountpoint)], capture_output=True)
-    runtime.unregister(mountpoint.resolve(), pid=child.pid)
+    runtime.unregister(runtime.canonical_mountpoint(mountpoint), pid=child.pid)
     return child.returncode if child.returncode is not None else -9
 
 
@@ -375,11 +398,11 @@ def _wait_for_direct(stats_url: str, timeout: float = 3600) -> None:
         print(f"serving through FUSE; direct tree {d.state}" + (f": {d.message}" if d.message else ""))
 
 
-def _child_args(args: argparse.Namespace, ready_fd: int, log_file: Path) -> list[str]:
-    """The same mount command line, made foreground and told where to report."""
+def _child_args(args: argparse.Namespace, log_file: Path) -> list[str]:
+    """The same mount command line, made foreground; the supervisor adds where to report
+    (``--ready-fd``, first start only) and the mount lock (``--lock-fd``)."""
     argv = [a for a in args.raw_argv if a != "--wait"]
-    return [*argv, "--foreground", "--ready-fd", str(ready_fd), "--log-file", str(log_file),
-            "--lock-fd", str(args.mount_lock.fileno())]
+    return [*argv, "--foreground", "--log-file", str(log_file)]
 
 
 def _last_line(path: Path) -> str:
@@ -456,6 +479,12 @@ def _status(args: argparse.Namespace) -> int:
         rows.append(("skipped keys", f"{stats.skipped_keys} (not valid paths)"))
     if stats.degraded:
         rows.append(("degraded", stats.degraded))
+    f = stats.fuse
+    rows.append(("passthrough", f"yes: {f.passthrough_opens:,} opens read by the kernel from the cache file"
+                 if f.passthrough else f"no: {f.passthrough_note or 'not in use'}"))
+    rows.append(("restarts", "hidden: a keeper holds the FUSE connection, a worker restart is a pause"
+                 + (" (this worker resumed it)" if f.resumed else "") if f.handover
+                 else f"seen by readers: {f.handover_note or 'no keeper holds the connection'}"))
     if stats.unverified_objects or stats.integrity_mismatches:
         rows.append(("integrity", f"{stats.unverified_objects} objects served unchecked (nothing the store "
                                   f"vouches for), {stats.integrity_mismatches} corrupt fetches dropped"
@@ -464,6 +493,48 @@ def _status(args: argparse.Namespace) -> int:
     for key, value in rows:
         print(f"{key:<{width}}  {value}")
     return 0
+
+
+def _stop_supervisor(mountpoint: Path, deadline: float) -> None:
+    """After an umount: the supervisor exits once its worker has; one waiting to restart a
+    worker (back-off) is told to stop. It holds an flock on its pid file until it has fully
+    exited, so taking that lock is the proof it is gone. Bounded: 2 s (less near ``deadline``)
+    plus the SIGTERM grace."""
+    import fcntl
+
+    path = runtime.supervisor_pidfile(mountpoint)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return
+
+    def gone(within: float) -> bool:
+        until = time.monotonic() + within
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return True
+            except BlockingIOError:
+                if time.monotonic() >= until:
+                    return False
+                time.sleep(0.05)
+
+    try:
+        if not gone(min(2.0, max(0.5, deadline - time.monotonic()))):
+            pid = runtime._read_pid(fd)
+            if pid is None or not _is_worker(pid):
+                return
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            if not gone(_TERM_GRACE):
+                print(f"datahoard: warning: the mount's supervisor (pid {pid}) is still running; "
+                      f"stop it with kill {pid}", file=sys.stderr)
+                return
+        path.unlink(missing_ok=True)
+    finally:
+        os.close(fd)
 
 
 def _umount(args: argparse.Namespace) -> int:
@@ -480,8 +551,12 @@ def _umount(args: argparse.Namespace) -> int:
     except runtime.MountBusy as exc:
         raise CliError(f"another datahoard mount or umount of {mountpoint} is in progress ({exc}); wait "
                        f"for it to finish, or stop that process") from None
+    deadline = time.monotonic() + args.timeout
     with lock:
-        return _umount_locked(mountpoint, time.monotonic() + args.timeout, args.timeout)
+        code = _umount_locked(mountpoint, deadline, args.timeout)
+    # Outside the lock: a supervisor that wakes to restart takes it, and then finds no view.
+    _stop_supervisor(mountpoint, deadline)
+    return code
 
 
 def _is_ours(entry) -> bool:

@@ -13,6 +13,7 @@ import os
 import tempfile
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
+from . import runtime
 
 #: Where fusermount3 reads ``user_allow_other`` (a path libfuse compiles in).
 FUSE_CONF = Path("/etc/fuse.conf")
@@ -96,7 +97,7 @@ def check_not_nested(mountpoint: Path, cache_dir: Path) -> None:
     being served, and the first read deadlocks, readers unkillable), nor the view under the
     cache (the view would hide, and be reached through, the cache's own files). Symlinks are
     resolved, so a link cannot smuggle either in."""
-    mnt, cache = os.path.realpath(mountpoint), os.path.realpath(cache_dir)
+    mnt, cache = runtime.canonical_mountpoint(mountpoint), os.path.realpath(cache_dir)
     if _within(cache, mnt):
         raise MountRefused(f"the cache directory {cache_dir} is inside the mountpoint {mountpoint}"
                            + (f" (it resolves to {cache})" if cache != os.path.abspath(cache_dir) else "")

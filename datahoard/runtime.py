@@ -42,9 +42,58 @@ class MountRecord:
     direct_tree: str | None = None
 
 
+def canonical_mountpoint(mountpoint: str | os.PathLike) -> str:
+    """``os.path.realpath(mountpoint)`` without ever stat-ing the mountpoint itself.
+
+    realpath lstat()s every component, and an lstat of a FUSE mount's root waits for the
+    daemon's answer: while the FUSE keeper holds a connection whose worker is restarting, that
+    wait lasts until the new worker serves, so anything that names the mount (its lock, its
+    record, the keeper entry) would hang on it. Only the parent is resolved; ``readlink`` of the
+    last component (which never reaches the daemon: EINVAL for a directory) still follows a
+    symlink named as the mountpoint, so the result equals realpath's.
+    """
+    path = os.path.abspath(os.fspath(mountpoint))
+    parent, name = os.path.split(path)
+    if not name:
+        return path
+    full = os.path.join(os.path.realpath(parent), name)
+    try:
+        os.readlink(full)
+    except OSError:
+        return full
+    return os.path.realpath(full)
+
+
+def _key(mountpoint: str | os.PathLike) -> str:
+    return hashlib.sha256(canonical_mountpoint(mountpoint).encode()).hexdigest()[:24]
+
+
 def _record_path(mountpoint: str | os.PathLike) -> Path:
-    key = hashlib.sha256(os.path.realpath(mountpoint).encode()).hexdigest()[:24]
-    return run_dir() / f"mount-{key}.json"
+    return run_dir() / f"mount-{_key(mountpoint)}.json"
+
+
+#: Environment variable naming the FUSE keeper's socket (datahoard/fuse_keeper.py); the
+#: standalone supervisor sets it for its worker, the node default needs none.
+KEEPER_SOCKET_ENV = "DATAHOARD_KEEPER_SOCKET"
+
+
+def keeper_socket() -> Path:
+    """Where a worker finds the FUSE keeper: ``$DATAHOARD_KEEPER_SOCKET``, else the node's one
+    (``<run dir>/keeper/keeper.sock``, served by the CSI node plugin; in a worker pod the run
+    dir is the same hostPath, ``/var/lib/datahoard/run``)."""
+    if env := os.environ.get(KEEPER_SOCKET_ENV):
+        return Path(env)
+    return run_dir() / "keeper" / "keeper.sock"
+
+
+def mount_keeper_socket(mountpoint: str | os.PathLike) -> Path:
+    """The keeper socket of one standalone mount's supervisor (one keeper per mount there)."""
+    return run_dir() / "keeper" / f"mount-{_key(mountpoint)[:16]}.sock"
+
+
+def supervisor_pidfile(mountpoint: str | os.PathLike) -> Path:
+    """The pid of a standalone mount's supervisor, so ``umount`` can see it gone."""
+    return run_dir() / f"mount-{_key(mountpoint)}.supervisor"
 
 
 def register(record: MountRecord) -> None:

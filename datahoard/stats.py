@@ -49,6 +49,23 @@ class DirectStats(BaseModel):
     message: str | None = Field(default=None, description="why there is no tree (yet), or what went wrong")
 
 
+class FuseStats(BaseModel):
+    """How the view talks to the kernel: what reads cost, and what a worker restart costs readers."""
+
+    passthrough: bool = Field(
+        default=False,
+        description="opens of files whole in the cache are answered with FUSE passthrough: the kernel reads "
+        "the cache file itself, at local-disk speed, even while no worker runs")
+    passthrough_note: str | None = Field(default=None, description="why passthrough is off, if it is")
+    handover: bool = Field(
+        default=False,
+        description="a keeper holds the FUSE connection: a worker restart is a pause for readers, not an error")
+    handover_note: str | None = Field(
+        default=None, description="why restarts are not hidden (then the CSI plugin repairs binds after one)")
+    resumed: bool = Field(default=False, description="this worker took over a connection another worker served")
+    passthrough_opens: int = Field(default=0, description="opens answered with passthrough since start")
+
+
 class WorkerStats(BaseModel):
     source: str
     mountpoint: str
@@ -87,6 +104,7 @@ class WorkerStats(BaseModel):
     )
     direct: DirectStats = Field(default_factory=DirectStats)
     recent: RecentStats = Field(default_factory=RecentStats)
+    fuse: FuseStats = Field(default_factory=FuseStats)
 
     @property
     def served_bytes(self) -> int:

@@ -220,7 +220,7 @@ def converge(ds: Dataset, status: Mapping[str, Any], nodes: list[Mapping[str, An
     """Make the workers, labels and volumes match the spec (blocking API calls).
 
     1. pick nodes; 2. copy credentials; 3. apply the worker DaemonSet (or remove it when no
-    node matches); 4. label exactly the nodes whose worker is Ready; 5. once a worker is
+    node matches); 4. label the nodes whose worker is Ready, unlabel those no longer selected; 5. once a worker is
     Ready, create the PV and the PVC bound to it. Every named object is checked to be this
     Dataset's before it is written or deleted (:class:`Owned`); conflicts go to ObjectsOwned.
     """
@@ -263,7 +263,10 @@ def converge(ds: Dataset, status: Mapping[str, Any], nodes: list[Mapping[str, An
     labelled = set(kube.nodes_with_label(label))
     for node in sorted(ready - labelled):
         kube.patch_node(node, builders.node_label_patch(ds, True))
-    for node in sorted(labelled - ready):
+    # A labelled node stays labelled while it is selected, even while its worker is not ready: a
+    # restarting worker resumes the held FUSE connection (attach.py) and keeps its cache, so new
+    # pods are sent there and wait in NodePublishVolume instead of staying Pending.
+    for node in sorted(labelled - set(selected)):
         kube.patch_node(node, builders.node_label_patch(ds, False))
 
     if ready:

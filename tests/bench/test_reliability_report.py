@@ -15,16 +15,15 @@ def test_recorded_figures_render_into_the_results_section(tmp_path, monkeypatch)
         "capacity_bytes": 24 << 20, "reads": 5000, "reads_per_s": 250.0, "wrong_reads": 0, "errors": 0,
         "worker_peak_rss_bytes": 90 << 20, "hit_ratio": 0.41, "cached_bytes": 20 << 20,
     })
-    outage = {"failed_reads": 3, "errnos": ["ENOTCONN"], "stall_s": 2.5, "kill_to_first_ok_s": 2.4}
     results.record("restart_under_reader", {
-        "cycles": 2, "files": 150, "worker_restart_s": [2.9, 3.1],
-        "readers": {"rslave": {"reads_ok": 900, "reads_failed": 6, "outages": [outage, outage],
-                               "median_stall_s": 2.5, "max_stall_s": 2.5}},
+        "kills": 2, "graceful": 1, "files": 150, "worker_restart_s": [2.9, 3.1, 2.4],
+        "readers": {"rslave": {"reads_ok": 900, "reads_failed": 0, "kill_stall_s": {"median": 1.0, "max": 2.0},
+                               "graceful_stall_s": {"median": 2.4, "max": 2.4}}},
     })
     figures = {"command": "make reliability", **{p.stem: json.loads(p.read_text()) for p in tmp_path.glob("*.json")}}
     text = report.render_reliability(figures)
     assert "| 5,000 | 250 | 0 | 0 | 90 | 0.410 | 20.0 |" in text
-    assert "| rslave | 900 | 6 | ENOTCONN | 2.50 | 2.50 |" in text
+    assert "| rslave | 900 | 0 | 1.00 / 2.00 | 2.40 / 2.40 |" in text
     assert set(reliability.TESTS) == {"load", "restart_under_reader"}
 
 

@@ -170,7 +170,8 @@ def test_restart_reuses_the_tree_and_a_crash_leaves_nothing_mounted(s3, bucket, 
     files = dataset()
     upload(s3, bucket, files)
     cache, mnt = tmp_path / "cache", tmp_path / "mnt"
-    m = mount_dataset(bucket, "ds", "--warm", "--direct", cache_dir=cache, mountpoint=mnt)
+    # --max-restarts 0: the crash below must stay a crash (no supervisor restart).
+    m = mount_dataset(bucket, "ds", "--warm", "--direct", "--max-restarts", "0", cache_dir=cache, mountpoint=mnt)
     first = wait_direct(m)
     tree = Path(first.direct.path)
     inode = os.stat(tree / "labels.txt").st_ino

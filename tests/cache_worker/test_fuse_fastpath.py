@@ -1,60 +1,13 @@
-"""The cheap warm path of the FUSE view: kept thread states for libfuse's threads, and opens of
-files known to be cached that skip the index and the store, without losing a counted byte."""
+"""The cheap warm path of the FUSE view: opens of files known to be cached (passed through, or
+kept in the page cache) that skip the index and the store, without losing a counted byte."""
 
 from __future__ import annotations
 
-import ctypes
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-
-from datahoard.cache_worker.fusebind import keep_thread_state
-
-_api = ctypes.pythonapi
-_api.PyInterpreterState_Get.restype = ctypes.c_void_p
-_api.PyInterpreterState_ThreadHead.restype = ctypes.c_void_p
-_api.PyInterpreterState_ThreadHead.argtypes = [ctypes.c_void_p]
-_api.PyThreadState_Next.restype = ctypes.c_void_p
-_api.PyThreadState_Next.argtypes = [ctypes.c_void_p]
-_api.PyThreadState_Get.restype = ctypes.c_void_p
-_START = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_void_p)
-
-
-def _thread_states() -> set[int]:
-    states = set()
-    state = _api.PyInterpreterState_ThreadHead(_api.PyInterpreterState_Get())
-    while state:
-        states.add(state)
-        state = _api.PyThreadState_Next(state)
-    return states
-
-
-def _state_of_a_foreign_thread(keep: bool) -> int:
-    """Run a ctypes callback on a thread made by C (as libfuse's are); its thread state."""
-    libc = ctypes.CDLL(None)
-    seen = []
-
-    def start(_arg):
-        if keep:
-            keep_thread_state()
-            keep_thread_state()  # idempotent: one extra reference, not two
-        seen.append(_api.PyThreadState_Get())
-        return None
-
-    callback = _START(start)
-    thread = ctypes.c_ulong()
-    assert libc.pthread_create(ctypes.byref(thread), None, callback, None) == 0
-    assert libc.pthread_join(thread, None) == 0
-    return seen[0]
-
-
-def test_a_foreign_threads_state_is_kept_only_when_asked():
-    # Without help, ctypes deletes the state it made for the callback (the cost measured in a
-    # warm epoch: a new state, frame stack and thread-locals per FUSE request).
-    assert _state_of_a_foreign_thread(keep=False) not in _thread_states()
-    assert _state_of_a_foreign_thread(keep=True) in _thread_states()
 
 
 def _wait_for(check, seconds: float = 20.0):

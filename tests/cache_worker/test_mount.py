@@ -295,7 +295,7 @@ def test_dead_worker_mount_is_replaced(s3, bucket, mount_dataset, tmp_path):
     """A worker killed with SIGKILL leaves a dead mount (ENOTCONN); mounting again clears it."""
     put_tree(s3, bucket, {"f": b"payload"})
     cache = tmp_path / "cache"
-    m = mount_dataset(bucket, "ds", cache_dir=cache)
+    m = mount_dataset(bucket, "ds", "--max-restarts", "0", cache_dir=cache)  # no supervisor restart
     os.kill(runtime.lookup(m.mountpoint).pid, 9)
     with pytest.raises(OSError) as info:
         os.listdir(m.mountpoint)

@@ -81,3 +81,13 @@ def plugin(node: Node) -> Iterator[RunningPlugin]:
 def client(plugin: RunningPlugin) -> Client:
     assert plugin.client is not None
     return plugin.client
+
+
+@pytest.fixture
+def keeper_plugin(node: Node) -> Iterator[RunningPlugin]:
+    """The plugin hosting the node's FUSE keeper, as ``datahoard csi-node`` does by default."""
+    running = RunningPlugin(node, keeper=True, publish_timeout=3.0, repair_interval=0.5).start()
+    try:
+        yield running
+    finally:
+        running.stop()

@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -159,8 +160,11 @@ class Client:
 class RunningPlugin:
     """The plugin in this process (so caplog sees its logs), restartable on the same state file."""
 
-    def __init__(self, node: Node, **config) -> None:
+    def __init__(self, node: Node, keeper: bool = False, **config) -> None:
         self.node = node
+        #: Host the node's FUSE keeper, as ``datahoard csi-node`` does by default.
+        #: Under a short directory: the node's run dir here is deeper than a socket path may be.
+        self.keeper_socket = Path(tempfile.mkdtemp(prefix="dhk-")) / "keeper.sock" if keeper else None
         self.config = NodeConfig(node_id="node-a", host_root=node.host_root,
                                  state_file=node.host_root / "csi-node" / "state.json", **config)
         self.socket = str(node.csi_dir / "csi.sock")
@@ -168,7 +172,10 @@ class RunningPlugin:
         self.client: Client | None = None
 
     def start(self) -> RunningPlugin:
-        self.plugin = NodePlugin(self.config)
+        from datahoard.fuse_keeper import FuseKeeper
+
+        keeper = FuseKeeper(self.keeper_socket) if self.keeper_socket else None
+        self.plugin = NodePlugin(self.config, keeper=keeper)
         self.plugin.start(f"unix://{self.socket}")
         self.client = Client(self.socket)
         return self
@@ -293,7 +300,9 @@ class Worker:
         self.view.mkdir(parents=True, exist_ok=True)
         result = subprocess.run(
             [sys.executable, "-m", "datahoard.cli", "mount", self.source, str(self.view),
-             "--cache-dir", str(self.cache_dir), "--endpoint-url", self.endpoint],
+             "--cache-dir", str(self.cache_dir), "--endpoint-url", self.endpoint,
+             # Stands for a Kubernetes worker: restarts are the test's (kubelet's), not a supervisor's.
+             "--max-restarts", "0"],
             capture_output=True, text=True, timeout=120,
         )
         assert result.returncode == 0, result.stderr
@@ -319,6 +328,60 @@ class Worker:
         for pid in self.pids:
             if _alive(pid):
                 os.kill(pid, signal.SIGKILL)
+
+
+class PodWorker:
+    """The cache worker as its pod runs it (``datahoard mount --foreground``, the node's run dir,
+    so the CSI plugin's FUSE keeper), started again after it dies, as the kubelet would."""
+
+    def __init__(self, node: Node, source: str, view: Path, cache_dir: Path, endpoint: str,
+                 log_dir: Path | None = None, keeper_socket: Path | None = None) -> None:
+        self.node, self.source, self.view, self.cache_dir, self.endpoint = node, source, view, cache_dir, endpoint
+        self.log_dir = log_dir or cache_dir.parent
+        self.extra_args: list[str] = os.environ.get("DH_EXTRA", "").split()
+        self.env = {**os.environ, "DATAHOARD_RUN_DIR": str(node.host_root / "run")}
+        if keeper_socket is not None:
+            self.env["DATAHOARD_KEEPER_SOCKET"] = str(keeper_socket)
+        self.proc: subprocess.Popen | None = None
+        self.logs: list[Path] = []
+
+    def start(self, timeout: float = 120) -> PodWorker:
+        self.view.mkdir(parents=True, exist_ok=True)
+        log = self.log_dir / f"worker-{len(self.logs)}.log"
+        self.logs.append(log)
+        with open(log, "w") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "datahoard.cli", "mount", self.source, str(self.view),
+                 "--cache-dir", str(self.cache_dir), "--endpoint-url", self.endpoint, "--foreground",
+                 *self.extra_args],
+                env=self.env, stdout=out, stderr=subprocess.STDOUT)
+        wait_until(self.ready, timeout=timeout, what=f"the worker to serve {self.view} (log {log})")
+        return self
+
+    def ready(self) -> bool:
+        assert self.proc is not None and self.proc.poll() is None, self.logs[-1].read_text()[-3000:]
+        return "INFO datahoard.cache_worker.worker: serving" in self.logs[-1].read_text()
+
+    def problems(self) -> str:
+        """Warnings and errors the workers logged, for a failure message."""
+        return "\n".join(line for log in self.logs for line in log.read_text().splitlines()
+                         if " WARNING " in line or " ERROR " in line)[-4000:]
+
+    def kill(self) -> None:
+        """A crash: SIGKILL. The keeper holds the connection, so requests wait in the kernel."""
+        self.proc.kill()
+        self.proc.wait(30)
+
+    def stop(self) -> None:
+        """A planned restart (the pod deleted, a DaemonSet roll): SIGTERM, which hands over."""
+        self.proc.terminate()
+        assert self.proc.wait(60) == 0, self.logs[-1].read_text()[-3000:]
+
+    def cleanup(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(30)
+        subprocess.run(["umount", "-l", str(self.view)], capture_output=True)
 
 
 def _alive(pid: int) -> bool:
