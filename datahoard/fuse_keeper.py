@@ -279,8 +279,22 @@ class FuseKeeper:
         log.info("FUSE keeper serving on %s", self.path)
         return self
 
+    def problem(self) -> str | None:
+        """Why workers cannot reach this keeper now, or None: its threads ended, or its socket
+        file is gone or replaced (a cleanup of the run dir), so a worker would find no keeper."""
+        if self._stopping.is_set() or not self._threads:
+            return "the FUSE keeper is not running"
+        if not all(t.is_alive() for t in self._threads):
+            return "the FUSE keeper's threads have stopped"
+        try:
+            if os.lstat(self.path).st_ino != self._inode:
+                return f"the FUSE keeper's socket {self.path} was replaced"
+        except FileNotFoundError:
+            return f"the FUSE keeper's socket {self.path} was removed"
+        return None
+
     def alive(self) -> bool:
-        return bool(self._threads) and all(t.is_alive() for t in self._threads) and not self._stopping.is_set()
+        return self.problem() is None
 
     def stop(self) -> None:
         if self._stopping.is_set():

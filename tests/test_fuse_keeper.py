@@ -308,6 +308,26 @@ def test_the_csi_node_plugin_process_holds_connections(short_dir, conn, peers):
         assert plugin.wait(30) == 0, plugin.stderr.read()
 
 
+def test_the_plugin_probe_fails_when_workers_cannot_reach_its_keeper(short_dir):
+    """A socket removed under the keeper (a cleanup of the run dir) leaves workers with no keeper:
+    the plugin's health says so, and its liveness probe restarts it, which serves a new one."""
+    from datahoard.csi_node.node import NodeConfig
+    from datahoard.csi_node.server import NodePlugin
+
+    root = short_dir / "host"
+    root.mkdir()
+    config = NodeConfig(node_id="n1", host_root=root, state_file=root / "state.json")
+    keeper = FuseKeeper(root / "run" / "keeper" / "keeper.sock")
+    plugin = NodePlugin(config, keeper=keeper)
+    plugin.start(f"unix://{short_dir}/csi.sock")
+    try:
+        assert plugin.health() == []
+        keeper.path.unlink()
+        assert plugin.health() == [f"the FUSE keeper's socket {keeper.path} was removed"]
+    finally:
+        plugin.stop(grace=1)
+
+
 def test_the_csi_node_plugin_can_run_without_a_keeper(short_dir):
     root = short_dir / "host"
     env = os.environ | {"DATAHOARD_RUN_DIR": str(root / "run"), "DATAHOARD_FUSE_KEEPER": "0"}
