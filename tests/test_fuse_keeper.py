@@ -161,6 +161,19 @@ def test_a_live_claimant_holds_the_lease_until_it_exits(keeper, conn, peers):
     assert peers.run(*claim_args(keeper.path, conn))["result"] == "ok"
 
 
+def test_a_lease_ends_when_its_connection_closes_not_when_the_keeper_notices(keeper, conn):
+    """A worker restarted at once (or a keeper under load) must not be refused by the lease of
+    the process it replaces: a closed lease socket is an ended lease, even before the keeper's
+    thread has read its EOF. Each round closes and claims again straight away."""
+    with KeeperClient(keeper.path) as worker:
+        worker.deposit(conn.mountpoint, {}, conn.fd)
+    for _ in range(50):
+        with KeeperClient(keeper.path) as worker:
+            claimed = worker.claim(conn.mountpoint)
+            assert claimed is not None
+            os.close(claimed.fd)
+
+
 def test_unmount_drops_the_entry(keeper, conn):
     with KeeperClient(keeper.path) as worker:
         worker.deposit(conn.mountpoint, {}, conn.fd)
