@@ -703,6 +703,15 @@ class KeeperClient:
         reply, _ = self._exchange(_Request(op="list"))
         return reply.entries or []
 
+    def connected(self) -> bool:
+        """Whether the keeper is still at the other end (it closes its side when it stops: a
+        CSI plugin restart). Never blocks: one poll of the socket."""
+        if self._sock is None:
+            return False
+        poller = select.poll()
+        poller.register(self._sock, select.POLLIN | select.POLLHUP | select.POLLERR)
+        return not poller.poll(0)  # the keeper never speaks first: any event means it is gone
+
     def close(self) -> None:
         """Ends the lease: what this client deposited or claimed stays held, claimable."""
         if self._sock is not None:
