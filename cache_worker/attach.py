@@ -133,9 +133,10 @@ class Attacher:
             self.keeper = None
 
 
-def deposit(att: Attachment, identity: str) -> None:
-    """Hand the keeper a duplicate of a fresh connection; on failure, serve without handover."""
-    if att.keeper is None or att.resumed:
+def deposit(att: Attachment, identity: str, again: bool = False) -> None:
+    """Hand the keeper a duplicate of a fresh connection; on failure, serve without handover.
+    ``again``: a new keeper (the old one stopped) gets the connection this worker serves."""
+    if att.keeper is None or (att.resumed and not again):
         return
     try:
         att.keeper.deposit(att.conn.mountpoint, {"init": att.conn.state.to_json(), "index": identity},
@@ -145,3 +146,29 @@ def deposit(att: Attachment, identity: str) -> None:
         att.note = f"the FUSE keeper did not take the connection: {exc}"
         att.keeper.close()
         att.keeper = None
+
+
+#: Seconds between checks that the keeper still holds this worker's connection.
+KEEPER_CHECK_SECONDS = 5.0
+
+
+def keep_deposited(att: Attachment, identity: str, keeper_socket: Path | None, stop) -> None:
+    """While serving: if the keeper goes away (the CSI plugin restarts, its DaemonSet rolls), give
+    the connection to the next keeper as soon as one answers, so the worker's own next restart
+    is still hidden. Without this, one plugin restart would quietly turn handover off."""
+    while not stop.wait(KEEPER_CHECK_SECONDS):
+        if att.keeper is not None and att.keeper.connected():
+            continue
+        if att.keeper is not None:
+            log.warning("the FUSE keeper went away; the connection goes to the next one when it answers")
+            att.keeper.close()
+            att.keeper = None
+            att.note = "the FUSE keeper went away; waiting for it to come back"
+        try:
+            client = KeeperClient(keeper_socket)
+        except KeeperUnavailable:
+            continue
+        att.keeper, att.note = client, None
+        deposit(att, identity, again=True)
+        if att.keeper is not None:
+            log.info("the FUSE keeper is back and holds the connection again")

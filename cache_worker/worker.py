@@ -41,7 +41,7 @@ from datahoard.stats import DirectStats, FuseStats, RecentStats, WarmingStats, W
 
 from .counters import Counters
 from .dataset import DatasetCache, Tuning
-from .attach import Attacher, Attachment, deposit, index_identity
+from .attach import Attacher, Attachment, deposit, index_identity, keep_deposited
 from .fs import MAX_READ, METADATA_TIMEOUT, RESERVE_THREADS, DatasetFS
 from .index import Index, build_index, read_summary
 from .keys import KeyFilter
@@ -277,6 +277,9 @@ class Worker:
             deposit(att, identity)
             if att.resumed:
                 att.conn.notify_resend()  # what the last worker read but did not answer
+            if cfg.handover:
+                threading.Thread(target=keep_deposited, args=(att, identity, cfg.keeper_socket, self._direct_stop),
+                                 name="keeper", daemon=True).start()
             self._on_mounted()
             if on_ready:
                 on_ready()

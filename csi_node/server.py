@@ -114,8 +114,8 @@ class NodePlugin:
             problems.append("the repair loop has stopped")
         if self.registration is not None:
             problems.extend(self.registration.problems())
-        if self.server is not None and self.keeper is not None and not self.keeper.alive():
-            problems.append("the FUSE keeper has stopped")
+        if self.server is not None and self.keeper is not None and (problem := self.keeper.problem()):
+            problems.append(problem)
         return problems
 
     def start(self, endpoint: str) -> str:
@@ -239,6 +239,10 @@ def main(argv: list[str] | None = None) -> int:
         repair_namespaces=args.repair_namespaces,
     )
     stopping = threading.Event()
+    # Before anything starts: a SIGTERM during start-up then stops the plugin cleanly once it is
+    # up (it used to kill it outright, e.g. right after the socket appeared).
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, _frame: stopping.set())
     registration = None
     try:
         if args.registration_dir is not None:
@@ -262,8 +266,6 @@ def main(argv: list[str] | None = None) -> int:
             log.error("cannot start: /healthz on port %d: %s", args.health_port, exc)
             plugin.stop()
             return 1
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda signum, _frame: stopping.set())
     while not stopping.wait(3600):
         pass
     if healthz is not None:

@@ -38,6 +38,11 @@ for the next worker. It identifies a connection by ``fuse_connection`` in the de
 ``/proc/self/fdinfo`` (the minor device number of the mount, Linux 6.x) and the mount by the
 ``0:<minor>`` device in mountinfo.
 
+Cost (measured here, 2 cores under a load average of ~12, Python 3.11, kernel 6.18): connect +
+claim + close 1.6 ms, a claim on an open connection 0.35 ms; the keeper adds nothing to a
+restart's stall that a reader could notice. It is a thread per client (capped) and one watcher
+that polls the held descriptors once a second.
+
 Access: only root and the keeper's own uid (``SO_PEERCRED``), and the socket's directory is
 0700. Bounded: every client exchange has a timeout, the keeper never blocks on a client (a reply
 that does not fit is a dropped client), and entries and clients are capped.
@@ -279,8 +284,22 @@ class FuseKeeper:
         log.info("FUSE keeper serving on %s", self.path)
         return self
 
+    def problem(self) -> str | None:
+        """Why workers cannot reach this keeper now, or None: its threads ended, or its socket
+        file is gone or replaced (a cleanup of the run dir), so a worker would find no keeper."""
+        if self._stopping.is_set() or not self._threads:
+            return "the FUSE keeper is not running"
+        if not all(t.is_alive() for t in self._threads):
+            return "the FUSE keeper's threads have stopped"
+        try:
+            if os.lstat(self.path).st_ino != self._inode:
+                return f"the FUSE keeper's socket {self.path} was replaced"
+        except FileNotFoundError:
+            return f"the FUSE keeper's socket {self.path} was removed"
+        return None
+
     def alive(self) -> bool:
-        return bool(self._threads) and all(t.is_alive() for t in self._threads) and not self._stopping.is_set()
+        return self.problem() is None
 
     def stop(self) -> None:
         if self._stopping.is_set():
@@ -430,6 +449,23 @@ class FuseKeeper:
         except OSError:
             return False
 
+    @staticmethod
+    def _held_by_other(entry: _Entry, client: _Client) -> _Client | None:
+        """The other client whose lease on ``entry`` is live, if any. Called under the lock.
+
+        A lease whose socket the peer has closed counts as ended even before its thread has
+        seen the EOF: a worker restarted at once (or under load) must not be refused by the
+        ghost of the one it replaces. Checked without reading (POLLHUP/POLLRDHUP); the socket
+        cannot be closed meanwhile, since its thread clears the lease under the lock first."""
+        lease = entry.lease
+        if lease is None or lease is client:
+            return None
+        poller = select.poll()
+        poller.register(lease.sock, select.POLLRDHUP)
+        ended = any(ev & (select.POLLHUP | select.POLLRDHUP | select.POLLERR | select.POLLNVAL)
+                    for _, ev in poller.poll(0))
+        return None if ended else lease
+
     # requests
     def _handle(self, client: _Client, data: bytes, fds: list[int]) -> tuple[_Reply, int | None]:
         try:
@@ -468,9 +504,8 @@ class FuseKeeper:
                 f"after mounting, with the mountpoint as /proc/self/mountinfo shows it"))
         with self._lock:
             old = self._entries.get(mountpoint)
-            if old is not None and old.lease is not None and old.lease is not client:
-                return _Reply(status="refused", pid=old.lease.pid,
-                              message=f"{mountpoint} is served by pid {old.lease.pid}")
+            if old is not None and (holder := self._held_by_other(old, client)):
+                return _Reply(status="refused", pid=holder.pid, message=f"{mountpoint} is served by pid {holder.pid}")
             if old is None and len(self._entries) >= self.max_entries:
                 return _Reply(status="error", message=f"the FUSE keeper holds {self.max_entries} connections "
                                                       f"already (its cap)")
@@ -487,9 +522,9 @@ class FuseKeeper:
             entry = self._entries.get(mountpoint)
             if entry is None:
                 return _Reply(status="none", message=f"no FUSE connection of {mountpoint} is held"), None
-            if entry.lease is not None and entry.lease is not client:
-                return _Reply(status="refused", pid=entry.lease.pid,
-                              message=f"{mountpoint} is served by pid {entry.lease.pid}"), None
+            if holder := self._held_by_other(entry, client):
+                return _Reply(status="refused", pid=holder.pid,
+                              message=f"{mountpoint} is served by pid {holder.pid}"), None
             entry.lease, entry.unclaimed_since = client, None
             log.info("FUSE keeper: pid %d claimed %s (connection %s)", client.pid, mountpoint, entry.connection)
             # A duplicate taken under the lock: the watcher may drop (close) the entry's own
@@ -501,9 +536,8 @@ class FuseKeeper:
             entry = self._entries.get(mountpoint)
             if entry is None:
                 return _Reply(status="none", message=f"no FUSE connection of {mountpoint} is held")
-            if entry.lease is not None and entry.lease is not client:
-                return _Reply(status="refused", pid=entry.lease.pid,
-                              message=f"{mountpoint} is served by pid {entry.lease.pid}")
+            if holder := self._held_by_other(entry, client):
+                return _Reply(status="refused", pid=holder.pid, message=f"{mountpoint} is served by pid {holder.pid}")
             del self._entries[mountpoint]
         os.close(entry.fd)
         log.info("FUSE keeper: pid %d released %s", client.pid, mountpoint)
@@ -668,6 +702,15 @@ class KeeperClient:
     def entries(self) -> list[EntryInfo]:
         reply, _ = self._exchange(_Request(op="list"))
         return reply.entries or []
+
+    def connected(self) -> bool:
+        """Whether the keeper is still at the other end (it closes its side when it stops: a
+        CSI plugin restart). Never blocks: one poll of the socket."""
+        if self._sock is None:
+            return False
+        poller = select.poll()
+        poller.register(self._sock, select.POLLIN | select.POLLHUP | select.POLLERR)
+        return not poller.poll(0)  # the keeper never speaks first: any event means it is gone
 
     def close(self) -> None:
         """Ends the lease: what this client deposited or claimed stays held, claimable."""

@@ -161,6 +161,19 @@ def test_a_live_claimant_holds_the_lease_until_it_exits(keeper, conn, peers):
     assert peers.run(*claim_args(keeper.path, conn))["result"] == "ok"
 
 
+def test_a_lease_ends_when_its_connection_closes_not_when_the_keeper_notices(keeper, conn):
+    """A worker restarted at once (or a keeper under load) must not be refused by the lease of
+    the process it replaces: a closed lease socket is an ended lease, even before the keeper's
+    thread has read its EOF. Each round closes and claims again straight away."""
+    with KeeperClient(keeper.path) as worker:
+        worker.deposit(conn.mountpoint, {}, conn.fd)
+    for _ in range(50):
+        with KeeperClient(keeper.path) as worker:
+            claimed = worker.claim(conn.mountpoint)
+            assert claimed is not None
+            os.close(claimed.fd)
+
+
 def test_unmount_drops_the_entry(keeper, conn):
     with KeeperClient(keeper.path) as worker:
         worker.deposit(conn.mountpoint, {}, conn.fd)
@@ -306,6 +319,26 @@ def test_the_csi_node_plugin_process_holds_connections(short_dir, conn, peers):
     finally:
         plugin.send_signal(signal.SIGTERM)
         assert plugin.wait(30) == 0, plugin.stderr.read()
+
+
+def test_the_plugin_probe_fails_when_workers_cannot_reach_its_keeper(short_dir):
+    """A socket removed under the keeper (a cleanup of the run dir) leaves workers with no keeper:
+    the plugin's health says so, and its liveness probe restarts it, which serves a new one."""
+    from datahoard.csi_node.node import NodeConfig
+    from datahoard.csi_node.server import NodePlugin
+
+    root = short_dir / "host"
+    root.mkdir()
+    config = NodeConfig(node_id="n1", host_root=root, state_file=root / "state.json")
+    keeper = FuseKeeper(root / "run" / "keeper" / "keeper.sock")
+    plugin = NodePlugin(config, keeper=keeper)
+    plugin.start(f"unix://{short_dir}/csi.sock")
+    try:
+        assert plugin.health() == []
+        keeper.path.unlink()
+        assert plugin.health() == [f"the FUSE keeper's socket {keeper.path} was removed"]
+    finally:
+        plugin.stop(grace=1)
 
 
 def test_the_csi_node_plugin_can_run_without_a_keeper(short_dir):

@@ -48,7 +48,7 @@ CUSTOM_VALUES: dict[str, Any] = {
                              "limits": {"memory": "8Gi"}},
                "serviceAccount": {"create": False, "name": ""}},
     "csiNode": {"kubeletDir": "/var/snap/microk8s/common/var/lib/kubelet/",
-                "namespaceRepair": False, "logLevel": "DEBUG", "priorityClassName": "",
+                "namespaceRepair": False, "fuseKeeper": False, "logLevel": "DEBUG", "priorityClassName": "",
                 "tolerations": [{"operator": "Exists"}], "maxUnavailable": "10%"},
     "csiDriver": {"create": False},
 }

@@ -216,6 +216,7 @@ def test_csi_node_daemonset_defaults(render) -> None:
     assert mounts["pods-dir"] == {"name": "pods-dir", "mountPath": "/var/lib/kubelet/pods",
                                   "mountPropagation": "Bidirectional"}
     assert mounts["host-root"]["mountPropagation"] == "HostToContainer"
+    assert not any(a.startswith("--no-fuse-keeper") for a in plugin["args"])  # the keeper is on
     assert plugin["livenessProbe"]["httpGet"]["port"] == "healthz"
     assert "--kubelet-registration-path=/var/lib/kubelet/plugins/csi.datahoard.io/csi.sock" in \
         c["node-driver-registrar"]["args"]
@@ -243,6 +244,7 @@ def test_csi_node_daemonset_follows_kubelet_dir_and_host_root(render) -> None:
     assert {"name": "pods-dir", "mountPath": f"{kubelet}/pods",
             "mountPropagation": "Bidirectional"} in c["csi-node"]["volumeMounts"]
     assert "--no-namespace-repair" in c["csi-node"]["args"]
+    assert "--no-fuse-keeper" in c["csi-node"]["args"]
     assert "hostPID" not in ds["spec"]["template"]["spec"]
     assert c["csi-node"]["image"] == "registry.example.com/ml/datahoard:0.1.0-rc1"
 
@@ -276,3 +278,32 @@ def test_operator_metrics_port_is_exposed_and_can_be_turned_off(render) -> None:
     off = container({"operator": {"metricsPort": 0}})
     assert [p["name"] for p in off["ports"]] == ["health"]
     assert env_of(off)["DATAHOARD_METRICS_PORT"] == "0"
+
+
+def test_the_plugin_and_the_workers_see_one_keeper_socket(render) -> None:
+    """The plugin serves the FUSE keeper on <host root>/run/keeper/keeper.sock
+    (runtime.keeper_socket under the run dir the plugin sets); a worker finds it there through
+    its own DATAHOARD_RUN_DIR. Both pods must mount that directory from the same host path, at
+    the same path."""
+    from pathlib import Path
+
+    from datahoard import names
+    from datahoard.api import Dataset
+    from datahoard.operator import builders
+    from datahoard.operator.config import OperatorSettings
+
+    ds = render().find("DaemonSet")
+    plugin = _containers(ds)["csi-node"]
+    host_root = next(m["mountPath"] for m in plugin["volumeMounts"] if m["name"] == "host-root")
+    assert _host_paths(ds)["host-root"] == host_root  # the plugin sees host paths at their own path
+    settings = OperatorSettings(namespace="datahoard-system", host_root=Path(host_root))
+    dataset = Dataset.from_body({"metadata": {"namespace": "ml", "name": "x", "uid": "u", "generation": 1},
+                                 "spec": {"source": {"uri": "s3://bucket/p/"}, "cache": {"capacity": "1Gi"}}})
+    pod = builders.worker_daemonset(dataset, ["n"], settings, None)["spec"]["template"]["spec"]
+    [worker] = pod["containers"]
+    run_dir = str(names.run_dir(Path(host_root)))
+    [run_mount] = [m for m in worker["volumeMounts"] if m["mountPath"] == run_dir]
+    [run_volume] = [v for v in pod["volumes"] if v["name"] == run_mount["name"]]
+    assert run_volume["hostPath"]["path"] == run_dir
+    assert {"name": "DATAHOARD_RUN_DIR", "value": run_dir} in worker["env"]
+    assert run_dir.startswith(host_root + "/")

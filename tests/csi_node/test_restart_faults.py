@@ -133,3 +133,27 @@ def test_with_passthrough_cached_files_are_read_by_the_kernel_even_with_the_work
             f.close()
     finally:
         worker.cleanup()
+
+
+def test_after_a_plugin_restart_the_worker_gives_the_connection_to_the_new_keeper(
+        keeper_plugin, node, s3, bucket, s3_server, tmp_path):
+    source = _dataset(s3, bucket)
+    worker = PodWorker(node, source, node.view_path(), node.root / "cache", s3_server.endpoint, log_dir=tmp_path,
+                       keeper_socket=keeper_plugin.keeper_socket)
+    worker.start()
+    try:
+        _read_all(worker.view)
+        keeper_plugin.restart()  # the plugin's DaemonSet rolls: the old keeper let go of everything
+        wait_until(lambda: "holds the connection again" in worker.logs[-1].read_text(), timeout=30,
+                   what="the worker to deposit its connection with the new keeper")
+        worker.kill()  # now a crash is hidden again
+        outcome: list = []
+        reader = threading.Thread(target=lambda: outcome.append(_errno_of_read(worker.view / "train/img001.jpg")))
+        reader.start()
+        worker.start()
+        reader.join(60)
+        assert outcome == [None], outcome  # the read waited for the next worker instead of failing
+        _read_all(worker.view)
+        assert _status(worker)["fuse"]["resumed"]
+    finally:
+        worker.cleanup()
