@@ -1,6 +1,8 @@
-"""Once warming has cached a dataset of small files, the kernel opens files itself: a warm epoch
-needs no trip to the worker at all (proved by stopping the worker while reading), and fanotify
-keeps the counts exactly what they are when the worker answers opens."""
+"""Without passthrough (``--no-passthrough``, or a kernel before 6.9), once warming has cached a
+dataset of small files, the kernel opens files itself: a warm epoch needs no trip to the worker
+at all (proved by stopping the worker while reading), and fanotify keeps the counts exactly what
+they are when the worker answers opens. With passthrough, opens stay in the worker (answering
+one with ENOSYS would give passthrough up for the whole mount)."""
 
 from __future__ import annotations
 
@@ -54,7 +56,7 @@ def test_a_cached_dataset_is_read_with_the_worker_stopped_and_every_open_counted
     files = _dataset(s3, bucket, [20_000 + 3_001 * i for i in range(30)])
     total = sum(map(len, files.values()))
     want = [hashlib.sha256(body).hexdigest() for body in files.values()]
-    m = mount_dataset(bucket, "ds", "--warm", "--wait")
+    m = mount_dataset(bucket, "ds", "--warm", "--wait", "--no-passthrough")
     assert _wait_for(lambda: m.stats().kernel_opens), "the view did not hand opens to the kernel"
     paths = [m.mountpoint / key for key in files]
 
@@ -89,7 +91,7 @@ def test_a_cached_dataset_is_read_with_the_worker_stopped_and_every_open_counted
 
 def test_a_dataset_cached_by_reading_it_hands_opens_to_the_kernel_too(s3, bucket, mount_dataset):
     files = _dataset(s3, bucket, [10_000 + i for i in range(6)])
-    m = mount_dataset(bucket, "ds")
+    m = mount_dataset(bucket, "ds", "--no-passthrough")
     keys = list(files)
     assert _digests([m.mountpoint / k for k in keys[:-1]]) == [hashlib.sha256(files[k]).hexdigest() for k in keys[:-1]]
     time.sleep(1.5)
@@ -105,7 +107,7 @@ def test_a_dataset_cached_by_reading_it_hands_opens_to_the_kernel_too(s3, bucket
 
 def test_a_dataset_with_files_larger_than_a_chunk_keeps_opens_in_the_worker(s3, bucket, mount_dataset):
     _dataset(s3, bucket, [10_000, 9 << 20])  # the second is larger than one 8 MiB chunk
-    m = mount_dataset(bucket, "ds", "--warm", "--wait")
+    m = mount_dataset(bucket, "ds", "--warm", "--wait", "--no-passthrough")
     time.sleep(1.5)  # the switch is checked every 0.5 s after warming ends
     assert not m.stats().kernel_opens
     assert "files of up to" in (m.cache_dir / "worker.log").read_text()
@@ -119,3 +121,16 @@ def test_no_kernel_opens_keeps_every_open_in_the_worker(s3, bucket, mount_datase
     for key, body in files.items():
         assert (m.mountpoint / key).read_bytes() == body
     assert m.stats().served_from_cache_bytes == sum(map(len, files.values()))
+
+
+def test_with_passthrough_opens_stay_in_the_worker_and_are_passed_through(s3, bucket, mount_dataset):
+    files = _dataset(s3, bucket, [10_000, 20_000])
+    m = mount_dataset(bucket, "ds", "--warm", "--wait")
+    time.sleep(1.5)
+    assert not m.stats().kernel_opens
+    for key, body in files.items():
+        assert (m.mountpoint / key).read_bytes() == body
+    stats = m.stats()
+    assert stats.fuse.passthrough and stats.fuse.passthrough_opens == len(files)
+    assert stats.served_from_cache_bytes == sum(map(len, files.values()))
+    assert "passthrough serves cached files" in (m.cache_dir / "worker.log").read_text()
