@@ -4,7 +4,7 @@ Once every file of the index snapshot is in the cache, the FUSE view only adds c
 and release is a trip through this process. A *direct tree* is the same view as plain files on
 the cache's filesystem, under ``CACHE_DIR/direct/<snapshot id>/``:
 
-* an object of one chunk (up to ``whole_file_max``) is a hard link to its chunk file, so it
+* an object of one chunk (up to ``whole_file_max``) is a hard link to its cache file, so it
   costs no space; the chunk is CRC-verified (``ChunkStore.verify``) before it is linked, and a
   chunk that fails is refetched;
 * a larger object is assembled into one whole file (``copy_file_range`` from its verified
@@ -362,14 +362,14 @@ class DirectTrees:
 
     def _ensure_chunk(self, obj: RemoteObject, chunk: ChunkId) -> None:
         """The chunk is cached and matches its CRC, refetched if it was missing or corrupt."""
-        if self.store.verify(chunk.name):
+        if self.store.verify(chunk):
             return
         log.warning("chunk of %s failed verification or is missing; refetching it", obj.key)
         try:
             self.cache.fill(obj, chunk, background=True)
         except Exception as exc:  # noqa: BLE001 - becomes the tree's reason
             raise TreeError(f"refetching {shown(obj.key)} failed: {exc}") from exc
-        if not self.store.verify(chunk.name):
+        if not self.store.verify(chunk):
             raise TreeError(f"{shown(obj.key)} could not be cached again ({self.cache.counters.degraded or 'cache full?'})")
 
     def _place(self, obj: RemoteObject, tree: Path, fresh: bool) -> bool:
@@ -394,7 +394,7 @@ class DirectTrees:
             os.close(fd)
         elif len(chunks) == 1:
             self._ensure_chunk(obj, chunks[0])
-            os.link(self.store.path(chunks[0].name), out)
+            os.link(self.store.path(chunks[0].object_id), out)
         else:
             for chunk in chunks:
                 self._ensure_chunk(obj, chunk)
@@ -408,17 +408,16 @@ class DirectTrees:
     def _assemble(self, obj: RemoteObject, chunks: list[ChunkId], out: Path) -> None:
         fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, self._file_mode)
         try:
-            for chunk in chunks:
-                src = os.open(self.store.path(chunk.name), os.O_RDONLY)
-                try:
-                    left = os.fstat(src).st_size
-                    while left > 0:
-                        n = os.copy_file_range(src, fd, min(left, _COPY_STEP))
-                        if n == 0:
-                            raise TreeError(f"chunk of {shown(obj.key)} ended early while assembling it")
-                        left -= n
-                finally:
-                    os.close(src)
+            src = os.open(self.store.path(chunks[0].object_id), os.O_RDONLY)
+            try:
+                left = obj.size
+                while left > 0:
+                    n = os.copy_file_range(src, fd, min(left, _COPY_STEP))
+                    if n == 0:
+                        raise TreeError(f"cache file of {shown(obj.key)} ended early while assembling it")
+                    left -= n
+            finally:
+                os.close(src)
             if os.fstat(fd).st_size != obj.size:
                 raise TreeError(f"assembled {shown(obj.key)} has the wrong size")
         finally:
@@ -434,12 +433,11 @@ class DirectTrees:
         if obj.size == 0:
             return True
         if len(chunks) == 1:
-            name = chunks[0].name
             try:
-                same = os.stat(self.store.path(name)).st_ino == st.st_ino
+                same = os.stat(self.store.path(chunks[0].object_id)).st_ino == st.st_ino
             except FileNotFoundError:
                 return False
-            return same and self.store.verify(name)
+            return same and self.store.verify(chunks[0])
         # An assembled file: each piece must match the CRC its chunk was stored with.
         csize = self.cache.chunk_size(obj)
         with open(dest, "rb") as f:
