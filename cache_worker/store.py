@@ -399,7 +399,9 @@ class ChunkStore:
     def _object_lock(self, oid: str, blocking: bool = True) -> Iterator[bool]:
         """One writer of an object file at a time; yields False if not ``blocking`` and busy."""
         with self._object_guard:
-            entry = self._object_locks.setdefault(oid, [threading.Lock(), 0])
+            # Re-entrant: a fill evicting for room may evict other chunks of its own object
+            # (an object larger than the cache, read sequentially), never the one it writes.
+            entry = self._object_locks.setdefault(oid, [threading.RLock(), 0])
             entry[1] += 1
         got = entry[0].acquire(blocking)
         try:
