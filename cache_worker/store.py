@@ -49,12 +49,12 @@ every chunk of it is recorded and verified. Once all of them were verified, the 
 signature and the machine's boot id are recorded in ``chunks.db`` (``objects.verified``): a new
 process trusts that while both match (any write changes the ctime; a reboot, after which the
 page cache may have lost unsynced writes, re-verifies), instead of re-reading a 1 GiB shard to
-CRC it on its first open. Measured on the loaded 2-core test machine (``tests/cache_worker/
-test_object_store.py::test_backing_fd_costs``, printed): a repeated ``backing_fd`` of a small
-cached object costs 10-14 us where the bare ``open``+``fstat``+``close`` costs 7-10 us (a few
-us over the open itself); the first ``backing_fd`` of a 1 GiB object in a new process takes
-about 2 ms with the recorded verification and 1.5-2.5 s without it (page cache warm; CRC of
-128 chunks).
+CRC it on its first open. Measured with ``python -m bench.backing_fd`` on the 2-core test
+machine at a load average of 7-8: a repeated ``backing_fd`` of a small cached object costs
+4-12 us where the bare ``open`` + ``fstat`` + ``close`` of the same file costs 3-10 us (about
+1 us more; paths are built as strings, a ``pathlib.Path`` alone costs 7 us); the first
+``backing_fd`` of a 1 GiB object (128 chunks) in a new process takes 0.4-6 ms with the recorded
+verification and 1.7-2.5 s without it (page cache warm: the CRC of every chunk).
 
 The disk may fill or fail under a running worker (another writer on a shared volume): then
 ``put`` (the ``pwrite``, the ``write`` or the record) raises :class:`CacheFull` and the caller
@@ -204,6 +204,7 @@ class ChunkStore:
         self.dir_mode = 0o700 if private else 0o755
         self.file_mode = 0o600 if private else 0o644
         self._data = root / "data"
+        self._data_s = os.fspath(self._data)
         self._tmp = root / "tmp"
         for path in (root, self._data, self._tmp):
             path.mkdir(mode=self.dir_mode, parents=True, exist_ok=True)
@@ -255,6 +256,11 @@ class ChunkStore:
     # -- paths -----------------------------------------------------------------------------
     def _path(self, oid: str) -> Path:
         return self._data / oid[:2] / oid
+
+    def _file(self, oid: str) -> str:
+        """``_path`` as a string, for the hot paths: a ``Path`` costs 7 us to build and makes
+        ``os.open`` 5x slower (measured on the test machine), more than the open itself."""
+        return f"{self._data_s}/{oid[:2]}/{oid}"
 
     def path(self, object_id: str) -> Path:
         """Where object ``object_id``'s file lives (it may not exist)."""
@@ -425,7 +431,7 @@ class ChunkStore:
 
     def _open(self, oid: str) -> int | None:
         try:
-            return os.open(self._path(oid), os.O_RDONLY | os.O_CLOEXEC)
+            return os.open(self._file(oid), os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:  # not cached, or evicted between a check and this open
             self._trust.pop(oid, None)
             self._forget_missing(oid)
@@ -579,7 +585,7 @@ class ChunkStore:
         reads itself). The caller owns the descriptor. See the module docstring for what is
         trusted and what it costs."""
         try:
-            fd = os.open(self._path(object_id), os.O_RDONLY | os.O_CLOEXEC)
+            fd = os.open(self._file(object_id), os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
             return None
         try:
