@@ -635,7 +635,8 @@ class ChunkStore:
 
     def source_checked(self, object_id: str) -> bool:
         """Whether the source's checksum vouched for the object whole (``mark_checked``)."""
-        row = self._query("SELECT checked FROM objects WHERE oid = ?", (object_id,))
+        with self._lock:  # one connection shared by threads: every use under the lock
+            row = self._query("SELECT checked FROM objects WHERE oid = ?", (object_id,))
         return bool(row and row[0])
 
     def mark_checked(self, object_id: str) -> None:
@@ -1019,5 +1020,8 @@ class ChunkStore:
             self._flush_touches_locked()
 
     def close(self) -> None:
-        self.flush()
-        self._db.close()
+        """Under the lock: a background check still reading (verify.py does not wait for it)
+        then gets an error from the closed record, not a crash of the process in SQLite."""
+        with self._lock:
+            self._flush_touches_locked()
+            self._db.close()
