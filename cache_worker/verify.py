@@ -255,10 +255,21 @@ class Verifier:
             yield data
 
     def _promote(self, obj: RemoteObject, csize: int, wanted: int) -> bytes:
-        """Move every checked chunk of ``obj`` to its real name; the bytes of chunk ``wanted``."""
+        """Move every checked chunk of ``obj`` to its real name; the bytes of chunk ``wanted``.
+
+        When none of the object was cached under its real name (the usual case: a first read),
+        the twin's file is renamed (``ChunkStore.adopt``): no byte is copied. Otherwise the
+        twin's chunks are copied into the real file, which others may be reading."""
         store = self.cache.store
+        chunks = list(self._chunks(obj, csize))
+        if store.adopt(chunks[0][1].object_id, chunks[0][0].object_id):
+            real, _, _, length = chunks[wanted]
+            result = store.read(real, 0, length)
+            if result is None or len(result) != length:
+                raise SourceTransientError(f"cache lost a chunk of {obj.key} while checking it")
+            return result
         result = b""
-        for real, twin, _, length in self._chunks(obj, csize):
+        for real, twin, _, length in chunks:
             data = store.read(twin, 0, length)
             if data is not None:
                 self.cache._put(real, data)

@@ -308,3 +308,24 @@ def test_an_old_one_file_per_chunk_cache_is_migrated_at_start(tmp_path, caplog):
     assert fd is not None and os.pread(fd, 2 * CHUNK, 0) == bodies[f"{large}.0"] + bodies[f"{large}.1"]
     os.close(fd)
     assert store.used_bytes == 5000 + 2 * CHUNK
+
+
+def test_a_checked_twin_becomes_the_real_object_by_rename_not_by_copy(tmp_path):
+    store = ChunkStore(tmp_path, capacity=1 << 30)
+    body = os.urandom(3 * CHUNK)
+    real, twin = "6" * 40, "6" * 40 + "-unverified"
+    twins = put_all(store, twin, body)
+    ino = os.stat(store.path(twin)).st_ino
+    assert store.adopt(twin, real)
+    assert os.stat(store.path(real)).st_ino == ino and not store.path(twin).exists()
+    chunks = chunks_of(real, body)
+    assert not any(store.contains(c) for c in twins) and store.used_bytes == len(body)
+    fd = store.backing_fd(real, chunks)
+    assert fd is not None and os.pread(fd, len(body), 0) == body
+    os.close(fd)
+    store.close()
+    again = ChunkStore(tmp_path, capacity=1 << 30)
+    assert [again.read(c, 0, CHUNK) for c in chunks] == [body[c.offset:c.offset + CHUNK] for c in chunks]
+    # Not when some of the real object is here already: then its chunks are copied (verify.py).
+    put_all(again, twin, body)
+    assert not again.adopt(twin, real) and again.path(twin).exists()
