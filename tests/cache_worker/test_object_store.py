@@ -329,3 +329,40 @@ def test_a_checked_twin_becomes_the_real_object_by_rename_not_by_copy(tmp_path):
     # Not when some of the real object is here already: then its chunks are copied (verify.py).
     put_all(again, twin, body)
     assert not again.adopt(twin, real) and again.path(twin).exists()
+
+
+def test_reads_racing_punches_never_return_punched_zeros(tmp_path):
+    """One thread reads chunks of an incomplete object while another fills and evicts (punches)
+    them over and over: every read is the right bytes or None (read through), never zeros."""
+    import threading
+
+    csize = 64 * KiB
+    store = ChunkStore(tmp_path, capacity=3 * csize)
+    body = os.urandom(8 * csize)
+    oid = "7" * 40
+    chunks = chunks_of(oid, body, csize)
+    stop = threading.Event()
+    wrong: list[int] = []
+    served = [0]
+
+    def reader() -> None:
+        while not stop.is_set():
+            for c in chunks:
+                got = store.read(c, 0, csize)
+                if got is not None:
+                    served[0] += 1
+                    if got != body[c.offset:c.offset + csize]:
+                        wrong.append(c.index)
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    try:
+        for _ in range(300):
+            for c in chunks[:7]:  # the last chunk never comes: the object stays incomplete
+                if not store.contains(c):
+                    store.put(c, body[c.offset:c.offset + csize])
+    finally:
+        stop.set()
+        thread.join()
+    assert wrong == [] and served[0] > 0
+    assert os.stat(store.path(oid)).st_blocks * 512 <= 4 * csize  # punched, not just forgotten
