@@ -18,6 +18,10 @@ with a damaged cache. Three outcomes:
    chunk it lists whose file was evicted since is found missing and read through; a chunk's
    name fixes its bytes, so its CRC in the main file is the right one.
 
+A record from before one file per object lacks ``chunks.pos`` and ``objects``: opened for
+writing it gains them (``_add_pos``); opened read-only it counts as unopenable (an empty
+in-memory record: everything is read through until the disk lets the worker write again).
+
 ``quick_check`` reads every page of the record once, at each start: 1.0-1.7 s for 1,000,000
 chunks (a 137 MB record, an 8 TB cache of 8 MiB chunks) on the loaded 2-core test machine, so
 about 0.1 s for a 100,000-chunk cache; cheap next to a crash loop.
