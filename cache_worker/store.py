@@ -50,11 +50,14 @@ signature and the machine's boot id are recorded in ``chunks.db`` (``objects.ver
 process trusts that while both match (any write changes the ctime; a reboot, after which the
 page cache may have lost unsynced writes, re-verifies), instead of re-reading a 1 GiB shard to
 CRC it on its first open. Measured with ``python -m bench.backing_fd`` on the 2-core test
-machine at a load average of 7-8: a repeated ``backing_fd`` of a small cached object costs
-4-12 us where the bare ``open`` + ``fstat`` + ``close`` of the same file costs 3-10 us (about
-1 us more; paths are built as strings, a ``pathlib.Path`` alone costs 7 us); the first
-``backing_fd`` of a 1 GiB object (128 chunks) in a new process takes 0.4-6 ms with the recorded
-verification and 1.7-2.5 s without it (page cache warm: the CRC of every chunk).
+machine at a load average of 9 (best of 30 rounds of 1,000 calls / median round): a repeated
+``backing_fd`` of a small cached object costs 2.5-2.6 / 5.5-6 us where the bare ``open`` +
+``fstat`` + ``close`` of the same file costs 2.1-2.3 / 3.2-3.3 us, so about 0.4 us over the
+open itself (paths are built as strings: a ``pathlib.Path`` alone costs 7 us, more than the
+open); through ``DatasetCache.backing_fd`` (object id hashed from key, ETag and size) 3.9-4.1 /
+7-8 us. The first ``backing_fd`` of a 1 GiB object (128 chunks) in a new process takes
+0.3-0.7 ms with the recorded verification and 0.9-2.5 s without it (page cache warm: the CRC of
+every chunk; more from a cold disk).
 
 The disk may fill or fail under a running worker (another writer on a shared volume): then
 ``put`` (the ``pwrite``, the ``write`` or the record) raises :class:`CacheFull` and the caller
@@ -584,15 +587,10 @@ class ChunkStore:
         ``chunks`` (all of the object's) is here and verified, else None (the view then serves
         reads itself). The caller owns the descriptor. See the module docstring for what is
         trusted and what it costs."""
+        fd, signature = self._open_backing(object_id)
+        if fd is None or signature is None:
+            return fd
         try:
-            fd = os.open(self._file(object_id), os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
-            return None
-        try:
-            signature = _signature(os.fstat(fd))
-            trust = self._trust.get(object_id)
-            if trust is not None and trust.whole and trust.signature == signature:
-                return fd  # the hot path: an open of a file this process already vouched for
             if self._backing_ok(object_id, chunks, fd, signature):
                 return fd
         except BaseException:
@@ -600,6 +598,32 @@ class ChunkStore:
             raise
         os.close(fd)
         return None
+
+    def trusted_backing_fd(self, object_id: str) -> int | None:
+        """The hot path of :meth:`backing_fd`: a descriptor only if this process already
+        vouched for the whole file as it is now (no record lookup, no list of chunks)."""
+        fd, signature = self._open_backing(object_id)
+        if fd is not None and signature is not None:
+            os.close(fd)
+            return None
+        return fd
+
+    def _open_backing(self, object_id: str) -> tuple[int | None, Signature | None]:
+        """(fd, None) if the file is open and already vouched for; (fd, its signature) if it
+        still has to be checked; (None, None) if it is not here."""
+        try:
+            fd = os.open(self._file(object_id), os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return None, None
+        try:
+            signature = _signature(os.fstat(fd))
+        except BaseException:
+            os.close(fd)
+            raise
+        trust = self._trust.get(object_id)
+        if trust is not None and trust.whole and trust.signature == signature:
+            return fd, None
+        return fd, signature
 
     def _backing_ok(self, oid: str, chunks: list[ChunkId], fd: int, signature: Signature) -> bool:
         with self._lock:
