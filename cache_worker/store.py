@@ -26,7 +26,10 @@ punched, truncated or rewritten in place, because the kernel may hold it open as
 backing file (even across a worker restart: the FUSE connection outlives the worker), and an
 unlinked inode keeps its bytes for whoever has it open. Its space comes back when the last such
 reader closes it; the capacity accounting counts it freed at the unlink. A chunk found corrupt in
-a complete object drops the whole object for the same reason (its refetch makes a new file).
+a complete object drops the whole object for the same reason (its refetch makes a new file):
+the store never writes into a complete file, so one that changed after it was passed through
+was changed by someone else, and a handle the kernel already holds keeps reading that inode,
+as the stray writer left it, until it is closed; every new open gets the refetched file.
 Readers of this process that raced a punch of the range they read see it (a per-object
 counter, bumped before every punch or unlink) and read again, so punched zeros are never served.
 

@@ -39,7 +39,7 @@ import stat
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from .dataset import DatasetCache
@@ -275,10 +275,7 @@ class DirectTrees:
             self._seal_dirs(tmp, dirs)
             info = TreeInfo(id=tree_id, path=str(self.tree_path(tree_id)), files=files, dirs=len(dirs) + 1,
                             bytes=total, assembled_bytes=0, built_at=time.time())
-            manifest = self.root / f"{_BUILDING}{tree_id}.json"
-            with open(os.open(manifest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, self.store.file_mode), "w") as out:
-                out.write(json.dumps(asdict(info)))
-            os.replace(manifest, self._manifest(tree_id))
+            self._write_manifest(info)
             os.rename(tmp, self.tree_path(tree_id))
         except BaseException as exc:
             _rmtree(tmp)
@@ -442,7 +439,16 @@ class DirectTrees:
         self.store.pin(info.id, rows)
         if repaired:
             log.warning("direct tree %s: %d entries were wrong and have been replaced", info.path, repaired)
+        if info.assembled_bytes:  # built before one file per object: its copies are links now
+            self._write_manifest(replace(info, assembled_bytes=0))
+            self.store.release_external(info.assembled_bytes)
         return repaired
+
+    def _write_manifest(self, info: TreeInfo) -> None:
+        manifest = self.root / f"{_BUILDING}{info.id}.json"
+        with open(os.open(manifest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, self.store.file_mode), "w") as out:
+            out.write(json.dumps(asdict(info)))
+        os.replace(manifest, self._manifest(info.id))
 
     def _on_discard(self, name: str) -> None:
         """A chunk failed its check (in a FUSE read): its tree entries must not serve it."""

@@ -265,3 +265,35 @@ def test_a_tree_entry_whose_chunk_rotted_is_relinked_to_right_bytes_on_reuse(s3,
     assert read_all(mnt) == files
     datahoard("umount", str(mnt))
     assert mounts_at(mnt) == []
+
+
+def test_a_tree_built_with_copies_of_large_files_is_relinked_and_its_space_given_back(
+        s3, bucket, mount_dataset, tmp_path):
+    """Trees from before one file per object held copies of large files, counted in their
+    manifest (``assembled_bytes``) against the capacity: reused, they become links and the
+    count goes back to 0."""
+    import json
+    import shutil
+
+    files = {"a.bin": os.urandom(10_000), "shard.tar": os.urandom(17 * MiB)}
+    upload(s3, bucket, files)
+    cache, mnt = tmp_path / "cache", tmp_path / "mnt"
+    m = mount_dataset(bucket, "ds", "--warm", "--direct", cache_dir=cache, mountpoint=mnt)
+    tree = Path(wait_direct(m).direct.path)
+    datahoard("umount", str(mnt))
+    shard = tree / "shard.tar"  # as the older layout built it: a copy, counted in the manifest
+    copy = tmp_path / "copy"
+    shutil.copyfile(shard, copy)
+    os.replace(copy, shard)
+    assert os.stat(shard).st_nlink == 1
+    manifest = cache / "direct" / f"{tree.name}.json"
+    info = json.loads(manifest.read_text())
+    manifest.write_text(json.dumps({**info, "assembled_bytes": len(files["shard.tar"])}))
+
+    m2 = mount_dataset(bucket, "ds", "--direct", cache_dir=cache, mountpoint=mnt)
+    stats = wait_direct(m2)
+    assert stats.direct.state == "ready" and stats.direct.path == str(tree)
+    assert os.stat(shard).st_nlink == 2 and stats.fetched_bytes == 0
+    assert json.loads(manifest.read_text())["assembled_bytes"] == 0
+    assert read_all(mnt) == files
+    datahoard("umount", str(mnt))
