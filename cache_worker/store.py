@@ -486,6 +486,9 @@ class ChunkStore:
         stripe = hash(oid) % _STRIPES
         for _ in range(_READ_TRIES):
             epoch = self._epochs[stripe]
+            if epoch & 1:  # chunks of this stripe are being dropped right now
+                time.sleep(0)
+                continue
             fd = self._open(oid)
             if fd is None:
                 return None
@@ -551,7 +554,7 @@ class ChunkStore:
             actual = zlib.crc32(piece, actual)
             done += len(piece)
         if done != size or actual != crc:
-            if self._epochs[stripe] != epoch:
+            if self._epochs[stripe] != epoch or epoch & 1:
                 return None  # evicted while we read it: not corrupt, just gone
             try:
                 current = os.stat(self._path(oid)).st_ino == _inode(signature)
@@ -926,8 +929,20 @@ class ChunkStore:
                 self.on_discard(vname)
 
     def _drop_files_locked(self, oid: str, victims: list[tuple[str, int, int]], unlink: bool) -> None:
-        """Take chunks off disk once their records are gone; the caller holds the object's lock."""
-        self._epochs[hash(oid) % _STRIPES] += 1
+        """Take chunks off disk once their records are gone; the caller holds the object's lock.
+
+        The stripe's epoch is a sequence lock: odd while chunks are being dropped, bumped again
+        once they are gone. A read that began in either state, or saw the epoch change, reads
+        again: bumping only before the punch let a read that started just after the bump (and
+        still found the chunk trusted) return the punched zeros (caught by the racing test)."""
+        stripe = hash(oid) % _STRIPES
+        self._epochs[stripe] += 1
+        try:
+            self._drop_files_inner_locked(oid, victims, unlink)
+        finally:
+            self._epochs[stripe] += 1
+
+    def _drop_files_inner_locked(self, oid: str, victims: list[tuple[str, int, int]], unlink: bool) -> None:
         trust = self._trust.get(oid)
         if trust is not None:
             trust.whole = False
