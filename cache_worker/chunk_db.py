@@ -18,6 +18,10 @@ with a damaged cache. Three outcomes:
    chunk it lists whose file was evicted since is found missing and read through; a chunk's
    name fixes its bytes, so its CRC in the main file is the right one.
 
+A record from before one file per object lacks ``chunks.pos`` and ``objects``: opened for
+writing it gains them (``_add_pos``); opened read-only it counts as unopenable (an empty
+in-memory record: everything is read through until the disk lets the worker write again).
+
 ``quick_check`` reads every page of the record once, at each start: 1.0-1.7 s for 1,000,000
 chunks (a 137 MB record, an 8 TB cache of 8 MiB chunks) on the loaded 2-core test machine, so
 about 0.1 s for a 100,000-chunk cache; cheap next to a crash loop.
@@ -36,9 +40,16 @@ log = logging.getLogger(__name__)
 
 _SCHEMA = (
     "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;"
+    # ``pos``: where the chunk starts in its object's file (one file per object, see store).
     "CREATE TABLE IF NOT EXISTS chunks (name TEXT PRIMARY KEY, size INTEGER NOT NULL,"
-    " crc INTEGER NOT NULL, used REAL NOT NULL) WITHOUT ROWID;"
+    " crc INTEGER NOT NULL, used REAL NOT NULL, pos INTEGER NOT NULL DEFAULT 0) WITHOUT ROWID;"
     "CREATE INDEX IF NOT EXISTS chunks_used ON chunks (used);"
+    # One row per object file: its size (to tell a complete object, which is only ever evicted
+    # whole, from an incomplete one), whether the source's checksum vouched for it whole
+    # (``checked``: objects too large to check before serving), and the file signature and
+    # boot id under which every chunk of it last matched its CRC (``verified``; store.py).
+    "CREATE TABLE IF NOT EXISTS objects (oid TEXT PRIMARY KEY, size INTEGER NOT NULL,"
+    " checked INTEGER NOT NULL DEFAULT 0, verified TEXT) WITHOUT ROWID;"
     # Chunks hard-linked into a direct tree (cache_worker.tree): never evicted, because
     # evicting a linked chunk frees no space and would make the tree disagree with us.
     "CREATE TABLE IF NOT EXISTS pins (name TEXT NOT NULL, tree TEXT NOT NULL, path TEXT NOT NULL,"
@@ -115,11 +126,21 @@ def _open(path: Path, mode: int) -> sqlite3.Connection:
         rows = conn.execute("PRAGMA quick_check").fetchall()
         if rows != [("ok",)]:
             raise Damaged("; ".join(str(r[0]) for r in rows[:3]))
+        _add_pos(conn)
         conn.executescript(_SCHEMA)
     except BaseException:
         conn.close()
         raise
     return conn
+
+
+def _add_pos(conn: sqlite3.Connection) -> None:
+    """A record of the chunk-file layout (before one file per object) lacks ``pos``: every
+    chunk it lists was at the start of its own file, which is what the default says (the store
+    moves or drops those files at start, ``ChunkStore._migrate``)."""
+    columns = [row[1] for row in conn.execute("PRAGMA table_info(chunks)")]
+    if columns and "pos" not in columns:
+        conn.execute("ALTER TABLE chunks ADD COLUMN pos INTEGER NOT NULL DEFAULT 0")
 
 
 def _open_read_only(path: Path) -> sqlite3.Connection:
@@ -131,7 +152,8 @@ def _open_read_only(path: Path) -> sqlite3.Connection:
         rows = conn.execute("PRAGMA quick_check").fetchall()
         if rows != [("ok",)]:
             raise Damaged("; ".join(str(r[0]) for r in rows[:3]))
-        conn.execute("SELECT name, size, crc FROM chunks LIMIT 1").fetchall()
+        conn.execute("SELECT name, size, crc, pos FROM chunks LIMIT 1").fetchall()
+        conn.execute("SELECT oid, size, checked, verified FROM objects LIMIT 1").fetchall()
         conn.execute("SELECT name, tree, path FROM pins LIMIT 1").fetchall()
     except BaseException:
         conn.close()

@@ -264,21 +264,34 @@ class DatasetCache:
         oid = object_id(obj.key, obj.etag, obj.size)
         size = self.chunk_size(obj)
         count = max(1, -(-obj.size // size))
-        return [ChunkId(oid, i) for i in range(count)]
+        return [ChunkId(oid, i, i * size, obj.size) for i in range(count)]
 
     def is_cached(self, obj: RemoteObject) -> bool:
         return all(self.store.contains(c) for c in self.chunks(obj))
 
     def backing_fd(self, obj: RemoteObject) -> int | None:
-        """A read-only descriptor of the one cache file that holds all of ``obj``, verified, for
-        FUSE passthrough; None when there is no such file (not cached, or in several chunks)."""
+        """A read-only descriptor of ``obj``'s cache file for the kernel to read directly (FUSE
+        passthrough), or None: then the view serves reads itself.
+
+        Only a file whole in the cache, every chunk verified against its CRC
+        (``ChunkStore.backing_fd``), and vouched for by the source's checksum: objects up to
+        ``check_whole_max`` are checked whole before any chunk of them is stored (verify.py);
+        larger ones are served as they arrive and checked once complete, so they are passed
+        through only once that check matched (recorded in ``chunks.db``); until then this
+        queues the check and the view serves them.
+        """
+        if obj.size == 0:
+            return None
+        oid = object_id(obj.key, obj.etag, obj.size)
+        fd = self.store.trusted_backing_fd(oid)  # vouched for (and rule-checked) in this process
+        if fd is not None:
+            return fd
         chunks = self.chunks(obj)
-        if len(chunks) != 1 or not self.store.verify(chunks[0].name):
+        if len(chunks) > 1 and obj.size > self.verifier.check_limit() and not self.store.source_checked(oid):
+            if self.is_cached(obj):
+                self.verifier.queue_check(obj, self.chunk_size(obj))
             return None
-        try:
-            return os.open(self.store.path(chunks[0].name), os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
-            return None
+        return self.store.backing_fd(oid, chunks)
 
     # -- reads -----------------------------------------------------------------------------
     def read(self, state: ReadState, offset: int, size: int, prepaid: bool = False,
@@ -306,7 +319,7 @@ class DatasetCache:
         while pos < end:
             index, within = divmod(pos, csize)
             length = min(end - pos, csize - within)
-            chunk = ChunkId(oid, index)
+            chunk = ChunkId(oid, index, index * csize, obj.size)
             piece = self.store.read(chunk, within, length)
             if piece is not None and len(piece) == length:
                 if index in state.sourced:
@@ -343,7 +356,7 @@ class DatasetCache:
         want = min(last, current + self.tuning.readahead_chunks)
         start = max(current + 1, state.readahead_until)
         for index in range(start, want + 1):
-            chunk = ChunkId(oid, index)
+            chunk = ChunkId(oid, index, index * csize, state.obj.size)
             if chunk.name not in self._inflight and not self.store.contains(chunk):
                 # Marked before the fetch starts: the reader may get there before it ends.
                 state.sourced.add(index)

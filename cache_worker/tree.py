@@ -4,12 +4,10 @@ Once every file of the index snapshot is in the cache, the FUSE view only adds c
 and release is a trip through this process. A *direct tree* is the same view as plain files on
 the cache's filesystem, under ``CACHE_DIR/direct/<snapshot id>/``:
 
-* an object of one chunk (up to ``whole_file_max``) is a hard link to its chunk file, so it
-  costs no space; the chunk is CRC-verified (``ChunkStore.verify``) before it is linked, and a
-  chunk that fails is refetched;
-* a larger object is assembled into one whole file (``copy_file_range`` from its verified
-  chunks); those bytes count against the capacity, and if they do not fit the tree is not
-  built and the reason is reported;
+* every object is a hard link to its cache file (the store keeps one file per object, its
+  chunks at their offsets), so the tree costs no space; every chunk is CRC-verified
+  (``ChunkStore.verify``) before the file is linked, and a chunk that fails is refetched
+  (trees built before that layout held copies of large files: ``TreeInfo.assembled_bytes``);
 * zero-byte objects are empty files, empty directories are included; files are 0444,
   directories 0555 (0400 and 0500 for a private view, one without ``allow_other``: the tree
   is bound over the mountpoint and must refuse whom the view refuses), and mtimes are what the FUSE view shows (the object's for files, the
@@ -40,9 +38,8 @@ import shutil
 import stat
 import threading
 import time
-import zlib
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from .dataset import DatasetCache
@@ -56,7 +53,6 @@ log = logging.getLogger(__name__)
 DIRECT_DIR = "direct"
 _BUILDING = ".building-"
 _PIN_BATCH = 5000
-_COPY_STEP = 64 << 20
 #: Linux PATH_MAX, with the terminating NUL.
 _PATH_MAX = 4096
 #: What the building directory's name adds to the tree's path (``.building-<id>-<pid>``).
@@ -74,7 +70,8 @@ class TreeInfo:
     files: int
     dirs: int
     bytes: int
-    #: Bytes of files assembled from several chunks: the tree's own space in the cache.
+    #: Bytes of files assembled from several chunks: the tree's own space in the cache (0 since
+    #: the store keeps one file per object; kept for trees built before).
     assembled_bytes: int
     built_at: float
 
@@ -265,19 +262,8 @@ class DirectTrees:
         tree_id = self.id
         tmp = self.root / f"{_BUILDING}{tree_id}-{os.getpid()}"
         _rmtree(tmp)
-        assembled = 0
-        reserved = False
         try:
-            files, total, assembled = self._pin_and_check(tree_id, stop)
-            if assembled:
-                if not self.store.reserve_external(assembled):
-                    need = self.store.used_bytes + self.store.external_bytes + assembled
-                    raise TreeError(
-                        f"no room to assemble the files larger than {self.cache.tuning.whole_file_max} bytes: "
-                        f"they need {assembled} more bytes, the cache holds {self.store.used_bytes} of "
-                        f"{self.store.capacity} capacity (a capacity of at least {need} would fit)"
-                    )
-                reserved = True
+            files, total = self._pin_and_check(tree_id, stop)
             tmp.mkdir()
             dirs = self._dir_paths()
             for rel in dirs:
@@ -288,29 +274,24 @@ class DirectTrees:
                 self._place(obj, tmp, fresh=True)
             self._seal_dirs(tmp, dirs)
             info = TreeInfo(id=tree_id, path=str(self.tree_path(tree_id)), files=files, dirs=len(dirs) + 1,
-                            bytes=total, assembled_bytes=assembled, built_at=time.time())
-            manifest = self.root / f"{_BUILDING}{tree_id}.json"
-            with open(os.open(manifest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, self.store.file_mode), "w") as out:
-                out.write(json.dumps(asdict(info)))
-            os.replace(manifest, self._manifest(tree_id))
+                            bytes=total, assembled_bytes=0, built_at=time.time())
+            self._write_manifest(info)
             os.rename(tmp, self.tree_path(tree_id))
         except BaseException as exc:
             _rmtree(tmp)
             self._manifest(tree_id).unlink(missing_ok=True)
             self.store.unpin(tree_id)
-            if reserved:
-                self.store.release_external(assembled)
             if isinstance(exc, TreeError):
                 raise
             if isinstance(exc, OSError):
                 raise TreeError(f"building the direct tree failed: {_os_error(exc)}") from exc
             raise
-        log.info("built direct tree %s: %d files, %d bytes (%d assembled)", info.path, files, total, assembled)
+        log.info("built direct tree %s: %d files, %d bytes", info.path, files, total)
         return info
 
-    def _pin_and_check(self, tree_id: str, stop: threading.Event | None) -> tuple[int, int, int]:
+    def _pin_and_check(self, tree_id: str, stop: threading.Event | None) -> tuple[int, int]:
         """Pin every chunk of the snapshot for this tree; all must be cached."""
-        files = total = assembled = missing = 0
+        files = total = missing = 0
         example = ""
         batch: list[tuple[str, str]] = []
         for obj in self.index.walk_files():
@@ -322,10 +303,7 @@ class DirectTrees:
             total += obj.size
             if obj.size == 0:
                 continue
-            chunks = self.cache.chunks(obj)
-            if len(chunks) > 1:
-                assembled += obj.size
-            for chunk in chunks:
+            for chunk in self.cache.chunks(obj):
                 if not self.store.contains(chunk):
                     missing += 1
                     example = example or obj.key
@@ -338,7 +316,7 @@ class DirectTrees:
         if missing:
             raise TreeError(f"not fully cached yet: {missing} of {files} files are missing from the cache "
                             f"(for example {shown(example)})")
-        return files, total, assembled
+        return files, total
 
     def _check_length(self, tree_id: str, rel: str) -> None:
         """Every path of the tree must fit in PATH_MAX, also while it is being built. The index
@@ -362,14 +340,14 @@ class DirectTrees:
 
     def _ensure_chunk(self, obj: RemoteObject, chunk: ChunkId) -> None:
         """The chunk is cached and matches its CRC, refetched if it was missing or corrupt."""
-        if self.store.verify(chunk.name):
+        if self.store.verify(chunk):
             return
         log.warning("chunk of %s failed verification or is missing; refetching it", obj.key)
         try:
             self.cache.fill(obj, chunk, background=True)
         except Exception as exc:  # noqa: BLE001 - becomes the tree's reason
             raise TreeError(f"refetching {shown(obj.key)} failed: {exc}") from exc
-        if not self.store.verify(chunk.name):
+        if not self.store.verify(chunk):
             raise TreeError(f"{shown(obj.key)} could not be cached again ({self.cache.counters.degraded or 'cache full?'})")
 
     def _place(self, obj: RemoteObject, tree: Path, fresh: bool) -> bool:
@@ -392,37 +370,23 @@ class DirectTrees:
         if obj.size == 0:
             fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, self._file_mode)
             os.close(fd)
-        elif len(chunks) == 1:
-            self._ensure_chunk(obj, chunks[0])
-            os.link(self.store.path(chunks[0].name), out)
         else:
-            for chunk in chunks:
-                self._ensure_chunk(obj, chunk)
-            self._assemble(obj, chunks, out)
+            # A chunk found corrupt drops its whole (complete) object, chunks already ensured
+            # too; their refetch brings them back (checked whole up to check_whole_max).
+            for _ in range(2):
+                for chunk in chunks:
+                    self._ensure_chunk(obj, chunk)
+                if all(self.store.verify(c) for c in chunks):
+                    break
+            else:
+                raise TreeError(f"{shown(obj.key)} could not be cached whole again "
+                                f"({self.cache.counters.degraded or 'cache full?'})")
+            os.link(self.store.path(chunks[0].object_id), out)
         os.chmod(out, self._file_mode)
         os.utime(out, ns=(mtime, mtime))
         if out != dest:
             os.replace(out, dest)
         return True
-
-    def _assemble(self, obj: RemoteObject, chunks: list[ChunkId], out: Path) -> None:
-        fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, self._file_mode)
-        try:
-            for chunk in chunks:
-                src = os.open(self.store.path(chunk.name), os.O_RDONLY)
-                try:
-                    left = os.fstat(src).st_size
-                    while left > 0:
-                        n = os.copy_file_range(src, fd, min(left, _COPY_STEP))
-                        if n == 0:
-                            raise TreeError(f"chunk of {shown(obj.key)} ended early while assembling it")
-                        left -= n
-                finally:
-                    os.close(src)
-            if os.fstat(fd).st_size != obj.size:
-                raise TreeError(f"assembled {shown(obj.key)} has the wrong size")
-        finally:
-            os.close(fd)
 
     def _entry_ok(self, obj: RemoteObject, dest: Path, chunks: list[ChunkId]) -> bool:
         try:
@@ -433,22 +397,12 @@ class DirectTrees:
             return False
         if obj.size == 0:
             return True
-        if len(chunks) == 1:
-            name = chunks[0].name
-            try:
-                same = os.stat(self.store.path(name)).st_ino == st.st_ino
-            except FileNotFoundError:
-                return False
-            return same and self.store.verify(name)
-        # An assembled file: each piece must match the CRC its chunk was stored with.
-        csize = self.cache.chunk_size(obj)
-        with open(dest, "rb") as f:
-            for chunk in chunks:
-                record = self.store.record(chunk.name)
-                piece = f.read(csize)
-                if record is None or len(piece) != record[0] or zlib.crc32(piece) != record[1]:
-                    return False
-        return True
+        try:
+            same = os.stat(self.store.path(chunks[0].object_id)).st_ino == st.st_ino
+        except FileNotFoundError:
+            return False
+        # A copy in a tree built before one file per object is replaced by a link.
+        return same and all(self.store.verify(c) for c in chunks)
 
     # -- reuse and repair -------------------------------------------------------------------
     def verify(self, info: TreeInfo, stop: threading.Event | None = None) -> int:
@@ -485,7 +439,16 @@ class DirectTrees:
         self.store.pin(info.id, rows)
         if repaired:
             log.warning("direct tree %s: %d entries were wrong and have been replaced", info.path, repaired)
+        if info.assembled_bytes:  # built before one file per object: its copies are links now
+            self._write_manifest(replace(info, assembled_bytes=0))
+            self.store.release_external(info.assembled_bytes)
         return repaired
+
+    def _write_manifest(self, info: TreeInfo) -> None:
+        manifest = self.root / f"{_BUILDING}{info.id}.json"
+        with open(os.open(manifest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, self.store.file_mode), "w") as out:
+            out.write(json.dumps(asdict(info)))
+        os.replace(manifest, self._manifest(info.id))
 
     def _on_discard(self, name: str) -> None:
         """A chunk failed its check (in a FUSE read): its tree entries must not serve it."""

@@ -117,12 +117,12 @@ class Verifier:
         evidence = self.evidence(obj)
         if evidence.check is None:
             return self._unchecked(obj, chunk, start, length, demand, evidence.reason)
-        limit = min(self.cache.tuning.check_whole_max, self.cache.store.capacity // 2)
+        limit = self.check_limit()
         if obj.size > limit:
             data = self._unchecked(obj, chunk, start, length, demand,
                                    f"larger than {limit} bytes: served as it arrives, checked "
                                    f"once all of it is cached")
-            self._queue_check(obj, csize, evidence)
+            self.queue_check(obj, csize, evidence)
             return data
         oid = chunk.object_id
         with self._object_lock(oid):
@@ -149,8 +149,13 @@ class Verifier:
                 self._mismatch(obj, evidence, attempt)
             raise self._failed(obj)
 
-    def _queue_check(self, obj: RemoteObject, csize: int, evidence: Evidence) -> None:
-        """At most one queued check per object: a warmed 10 GB object must not queue 1,250."""
+    def check_limit(self) -> int:
+        """Objects larger than this are served before their whole-object check (rule 2)."""
+        return min(self.cache.tuning.check_whole_max, self.cache.store.capacity // 2)
+
+    def queue_check(self, obj: RemoteObject, csize: int, evidence: Evidence | None = None) -> None:
+        """At most one queued check per object: a warmed 10 GB object must not queue 1,250.
+        Without ``evidence`` it is looked up on the checking thread (not the caller's)."""
         oid = object_id(obj.key, obj.etag, obj.size)
         with self._lock:
             if oid in self._check_queued:
@@ -162,14 +167,25 @@ class Verifier:
             with self._lock:
                 self._check_queued.discard(oid)
 
-    def _check_when_complete(self, obj: RemoteObject, csize: int, evidence: Evidence) -> None:
+    def _check_when_complete(self, obj: RemoteObject, csize: int, evidence: Evidence | None) -> None:
         """An object too large to check before serving: once all of it is cached, check it, and
-        drop every chunk of it if it does not match (what was served is already served)."""
+        drop every chunk of it if it does not match (what was served is already served). A
+        match is recorded in the store: from then on the object may be passed through."""
+        oid = object_id(obj.key, obj.etag, obj.size)
         with self._lock:  # a fill from now on queues a new check
-            self._check_queued.discard(object_id(obj.key, obj.etag, obj.size))
+            self._check_queued.discard(oid)
         store = self.cache.store
         chunks = list(self._chunks(obj, csize))
         if not all(store.contains(real) for real, _, _, _ in chunks):
+            return
+        if evidence is None:
+            try:
+                evidence = self.evidence(obj)
+            except Exception as exc:  # noqa: BLE001 - a background check; the next open retries
+                log.warning("checking %s failed: %s", obj.key, exc)
+                return
+        if evidence.check is None:  # nothing can vouch for it: served unchecked all along (rule 4)
+            store.mark_checked(oid)
             return
         with self._object_lock(chunks[0][0].object_id):
             try:
@@ -179,11 +195,13 @@ class Verifier:
             except Exception as exc:  # noqa: BLE001 - a background check; the next fill retries
                 log.warning("checking %s failed: %s", obj.key, exc)
                 return
-            if not ok:
-                for real, _, _, _ in chunks:
-                    if store.contains(real):
-                        store.discard(real.name)
-                self._mismatch(obj, evidence, 1, served=True)
+            if ok:
+                store.mark_checked(oid)
+                return
+            for real, _, _, _ in chunks:
+                if store.contains(real):
+                    store.discard(real.name)
+            self._mismatch(obj, evidence, 1, served=True)
 
     def take_assembled(self, oid: str) -> set[int]:
         """Chunks of ``oid`` just fetched to check their object whole (so the reader
@@ -203,7 +221,7 @@ class Verifier:
         oid = object_id(obj.key, obj.etag, obj.size)
         for index in range(-(-obj.size // csize)):
             start = index * csize
-            yield (ChunkId(oid, index), ChunkId(oid + UNVERIFIED, index), start,
+            yield (ChunkId(oid, index, start, obj.size), ChunkId(oid + UNVERIFIED, index, start, obj.size), start,
                    min(csize, obj.size - start))
 
     def _assemble(self, obj: RemoteObject, csize: int, demand: bool) -> set[int]:
@@ -237,19 +255,31 @@ class Verifier:
             yield data
 
     def _promote(self, obj: RemoteObject, csize: int, wanted: int) -> bytes:
-        """Move every checked chunk of ``obj`` to its real name; the bytes of chunk ``wanted``."""
+        """Move every checked chunk of ``obj`` to its real name; the bytes of chunk ``wanted``.
+
+        When none of the object was cached under its real name (the usual case: a first read),
+        the twin's file is renamed (``ChunkStore.adopt``): no byte is copied. Otherwise the
+        twin's chunks are copied into the real file, which others may be reading."""
         store = self.cache.store
+        chunks = list(self._chunks(obj, csize))
+        if store.adopt(chunks[0][1].object_id, chunks[0][0].object_id):
+            real, _, _, length = chunks[wanted]
+            result = store.read(real, 0, length)
+            if result is None or len(result) != length:
+                raise SourceTransientError(f"cache lost a chunk of {obj.key} while checking it")
+            return result
         result = b""
-        for real, twin, _, length in self._chunks(obj, csize):
+        for real, twin, _, length in chunks:
             data = store.read(twin, 0, length)
             if data is not None:
                 self.cache._put(real, data)
-                store.discard(twin.name)
             elif real.index == wanted:
                 data = store.read(real, 0, length)
             if real.index == wanted:
                 result = data
-        if len(result) != min(csize, obj.size - wanted * csize):
+        # After every copy: the unverified twin is one file, dropped whole once complete.
+        self._drop_unverified(obj, csize)
+        if result is None or len(result) != min(csize, obj.size - wanted * csize):
             raise SourceTransientError(f"cache lost a chunk of {obj.key} while checking it")
         return result
 

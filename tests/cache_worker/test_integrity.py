@@ -243,3 +243,42 @@ def test_mount_never_serves_corrupt_bytes_of_a_large_object(s3, plain, bucket, m
     mismatches = [line for line in metrics.splitlines() if line.startswith("datahoard_integrity_mismatches_total")]
     assert mismatches and float(mismatches[0].split()[-1]) == stats.integrity_mismatches
     assert any(line.startswith("datahoard_unverified_objects") and line.endswith(" 0.0") for line in metrics.splitlines())
+
+
+def _backing_bytes(stack: Stack, key: str) -> bytes | None:
+    fd = stack.cache.backing_fd(stack.objects[key])
+    if fd is None:
+        return None
+    try:
+        return os.pread(fd, stack.objects[key].size + 1, 0)
+    finally:
+        os.close(fd)
+
+
+def test_a_backing_file_is_handed_out_only_for_an_object_the_store_vouched_for(s3, plain, bucket, proxy, tmp_path):
+    """Passthrough (``DatasetCache.backing_fd``) never hands the kernel bytes nothing checked:
+    an object up to ``check_whole_max`` is checked whole before it is cached, so it passes
+    through once whole; a larger one only once its background check matched, recorded so a
+    new process passes it through at once; a wrong one is never passed through."""
+    files = _objects(s3, plain, bucket, "large.bin", "small.bin")
+    stack = Stack(f"s3://{bucket}/ds", proxy.endpoint, tmp_path / "cache",
+                  Tuning(whole_file_max=1 * MiB, chunk_size=1 * MiB, check_whole_max=2 * MiB))
+    assert _backing_bytes(stack, "small.bin") is None  # not cached
+    assert stack.read("small.bin") == files["small.bin"]
+    assert _backing_bytes(stack, "small.bin") == files["small.bin"]
+    proxy.add(Fault(path_contains="large.bin", flip=8, flip_at=1000, times=1))
+    stack.read("large.bin")  # served as it arrives; wrong in one chunk
+    deadline = time.monotonic() + 60
+    while stack.counters.integrity_mismatches == 0 and time.monotonic() < deadline:
+        assert _backing_bytes(stack, "large.bin") is None  # never before the check
+        time.sleep(0.05)
+    assert stack.counters.integrity_mismatches == 1 and _backing_bytes(stack, "large.bin") is None
+    assert stack.read("large.bin") == files["large.bin"]  # fetched again; the check runs once complete
+    deadline = time.monotonic() + 60
+    while _backing_bytes(stack, "large.bin") is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _backing_bytes(stack, "large.bin") == files["large.bin"]
+    stack.restart(proxy.endpoint)
+    proxy.add(Fault(status=500, path_contains="large.bin", times=1000))
+    assert _backing_bytes(stack, "large.bin") == files["large.bin"]  # the match was recorded
+    assert stack.counters.fetched == 0

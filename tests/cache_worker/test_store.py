@@ -28,7 +28,7 @@ def test_corrupt_chunk_is_dropped_not_served(tmp_path):
     store = ChunkStore(tmp_path, capacity=1 << 20)
     store.put(chunk(1), b"A" * 1000)
     store.close()
-    path = next((tmp_path / "data").rglob(chunk(1).name))
+    path = next((tmp_path / "data").rglob(chunk(1).object_id))
     with open(path, "r+b") as f:
         f.seek(500)
         f.write(b"B")
@@ -43,7 +43,7 @@ def test_truncated_chunk_is_dropped(tmp_path):
     store = ChunkStore(tmp_path, capacity=1 << 20)
     store.put(chunk(1), b"A" * 1000)
     store.close()
-    path = next((tmp_path / "data").rglob(chunk(1).name))
+    path = next((tmp_path / "data").rglob(chunk(1).object_id))
     os.truncate(path, 10)
     again = ChunkStore(tmp_path, capacity=1 << 20)
     assert again.read(chunk(1), 0, 10) is None
