@@ -11,7 +11,10 @@ Steps (every mount, server and namespace is torn down in ``finally`` blocks):
    readers' concurrency); Datahoard (cold/warm; pre-warmed with ``--warm`` then page cache
    dropped; warming throughput); "datahoard direct" (``--warm --direct``: cold epoch through
    FUSE, then, once the worker serves its tree of hard links with no FUSE hop, the warm epoch
-   and a pre-warmed one); rclone ``--vfs-cache-mode full``; s3fs ``use_cache``;
+   and a pre-warmed one); "datahoard kernel opens" (``--no-passthrough`` on a fully cached
+   small-file set); rclone ``--vfs-cache-mode full``; s3fs ``use_cache``. Every Datahoard
+   workload also runs a *dropped* epoch: fully cached, page cache dropped before each try, paired
+   with local-disk tries that start the same way (issue 17's targets);
 3. metadata at 10k..1M objects (bench/metadata.py);
 4. ``results.json`` (every figure and the named targets) and ``RESULTS.md`` (bench/report.py).
 """
@@ -60,23 +63,31 @@ class Bench:
     # -- one epoch -------------------------------------------------------------------------
     def epoch(self, workload: str, system: str, kind: str, root: str, plan, pid: int = 0,
               s3conf: dict | None = None, strip: str = "", repeats: int = 1,
-              paired: bool = False) -> readers.EpochResult:
-        """One epoch; with ``repeats`` (warm epochs only: they leave no state behind) the best
-        of that many, because other work on a shared 2-core machine slows short epochs a lot.
+              paired: bool = False, dropped: bool = False) -> readers.EpochResult:
+        """One epoch; with ``repeats`` (epochs over a fully cached system only: they leave no
+        state behind) the best of that many, because other work on a shared 2-core machine slows
+        short epochs a lot.
 
-        ``paired``: before each try, the same operations are read from the local-disk copy
-        (page cache warm), so the ratio to local disk compares epochs run under the same
-        load: the local figure measured once at the start of a run moved 1.5x between runs."""
+        ``paired``: before each try, the same operations are read from the local-disk copy, so
+        the ratio to local disk compares epochs run under the same load: the local figure
+        measured once at the start of a run moved 1.5x between runs. ``dropped``: the page cache
+        is dropped before every try, local and system alike (issue 17's "page cache dropped":
+        a fully cached dataset read from the cache disk, not RAM); without it both read with
+        the page cache warm."""
         local_plan = plan
         if strip:
             plan = [[(op[0], op[1][len(strip):], *op[2:]) for op in ops] for ops in plan]
         tries, local_tries = [], []
-        if paired:  # bring the local copy's pages in first
+        if paired and not dropped:  # bring the local copy's pages in first
             readers.run_epoch(str(self.work / "local"), local_plan, self.scale.epoch_cap)
         for _ in range(repeats):
             if paired:
+                if dropped:
+                    readers.drop_caches()
                 local = readers.run_epoch(str(self.work / "local"), local_plan, self.scale.epoch_cap)
                 local_tries.append(local.ops / local.seconds if local.seconds else 0.0)
+            if dropped:
+                readers.drop_caches()
             cpu0 = readers.process_tree_cpu(pid) if pid else 0.0
             res = readers.run_epoch(root, plan, self.scale.epoch_cap, s3conf)
             daemon_cpu = (readers.process_tree_cpu(pid) - cpu0) if pid else 0.0
@@ -94,7 +105,7 @@ class Bench:
             "p99_ms": readers.percentile(res.latencies, 0.99) * 1000,
             "reader_cpu_s": round(res.reader_cpu, 2), "daemon_cpu_s": round(daemon_cpu, 2),
             "cpu_s_per_gb": (res.reader_cpu + daemon_cpu) / gb if gb else None,
-            "readers": len(plan), "errors": res.errors[:3],
+            "readers": len(plan), "errors": res.errors[:3], "page_cache": "dropped" if dropped else "warm",
             "all_ops_per_s": [round(t[0], 1) for t in tries],
         }
         if pid:
@@ -119,7 +130,11 @@ class Bench:
                 ("random", readers.split(self.random_ops, n))]
 
     def cold_warm(self, system: str, root: str, pid: int = 0, peers: bool = False, strip: str = "",
-                  only: tuple[str, ...] = (), before_warm=None, paired: tuple[str, ...] = ()) -> None:
+                  only: tuple[str, ...] = (), before_warm=None, paired: tuple[str, ...] = (),
+                  dropped: tuple[str, ...] = ()) -> None:
+        """Cold then warm epochs per workload; for the workloads in ``dropped``, then the same
+        operations again with the page cache dropped before each try (a "dropped" epoch, paired
+        with local-disk epochs that also start with the page cache dropped)."""
         for workload, plan in self.workloads(peers):
             if only and workload not in only:
                 continue
@@ -133,6 +148,9 @@ class Bench:
                 before_warm(workload)
             self.epoch(workload, system, "warm", root, cold.done, pid, strip=strip, repeats=self.scale.warm_repeats,
                        paired=workload in paired)
+            if workload in dropped:
+                self.epoch(workload, system, "dropped", root, cold.done, pid, strip=strip,
+                           repeats=self.scale.warm_repeats, paired=True, dropped=True)
 
     # -- systems ---------------------------------------------------------------------------
     def local(self) -> None:
@@ -162,10 +180,14 @@ class Bench:
 
     def datahoard(self, remote: RemoteStore) -> None:
         """Two mounts, as a user makes one Dataset per data set: the ImageNet-like prefix (small
-        files: once its cold epoch has cached every file, the worker hands opens to the kernel,
-        and the warm epoch starts when it has) and the whole bucket for shards and random reads."""
+        files) and the whole bucket for shards and random reads. Once the cold epoch has cached
+        a file whole, its opens are answered with FUSE passthrough (the kernel reads the cache
+        file); without passthrough, a fully cached small-file set switches to kernel opens, and
+        the warm epoch starts when it has. Every workload then also runs a "dropped" epoch: the
+        fully cached dataset read from the cache disk (issue 17's page-cache-dropped targets)."""
         os.environ.update(remote.env())
         self.extra["datahoard_stats_after_cold_warm"] = {}
+        everything = ("imagenet", "shards", "random")
         for prefix, workloads in (("imagenet/", ("imagenet",)), ("", ("shards", "random"))):
             tag = prefix.strip("/") or "bucket"
             cache, mnt = self.work / f"dh-{tag}-cache", self.work / f"dh-{tag}-mnt"
@@ -174,10 +196,9 @@ class Bench:
             try:
                 if not prefix:
                     self.extra["datahoard_mount_with_listing_s"] = view.mount_seconds
-                # Only the small-file set can switch; the bucket holds files larger than a chunk.
-                wait = (lambda w, view=view: self._await_kernel_opens(view, f"{w}_after_cold")) if prefix else None
+                wait = lambda w, view=view: self._await_serving(view, f"{w}_after_cold")  # noqa: E731
                 self.cold_warm("datahoard", str(mnt), view.pid, strip=prefix, only=workloads, before_warm=wait,
-                               paired=("imagenet",))
+                               paired=everything, dropped=everything)
                 stats = view.stats()
                 self.extra["datahoard_stats_after_cold_warm"][tag] = json.loads(stats.model_dump_json())
             finally:
@@ -185,19 +206,25 @@ class Bench:
                 shutil.rmtree(cache, ignore_errors=True)
         self.prewarmed(remote)
 
-    def _await_kernel_opens(self, view: Datahoard, what: str, timeout: float = 60) -> None:
-        """Wait for the worker to serve opens from the kernel (a dataset of small files, fully
-        cached); how long that took goes to results.json, and None when it did not happen."""
+    def _await_serving(self, view: Datahoard, what: str, timeout: float = 60) -> None:
+        """Record how the worker serves the cached dataset: passthrough (at once), or kernel
+        opens (a fully cached small-file set without passthrough: wait for the switch, and say
+        how long it took); None when neither happened within ``timeout``."""
         start = time.monotonic()
-        waited = None
+        how, waited = None, None
         while time.monotonic() - start < timeout:
             stats = view.stats()
-            if stats.kernel_opens:
+            if stats.kernel_opens or stats.fuse.passthrough:
+                how = "kernel opens" if stats.kernel_opens else "passthrough"
                 waited = round(time.monotonic() - start, 2)
                 break
+            if not stats.fuse.passthrough and not what.startswith("imagenet"):
+                break  # no passthrough, and kernel opens never apply to a set with large files
             time.sleep(0.2)
-        self.extra.setdefault("kernel_opens_after_s", {})[what] = waited
-        log(f"kernel opens ({what}): " + (f"after {waited} s" if waited is not None else "not used"))
+        self.extra.setdefault("serving_after", {})[what] = {"how": how, "after_s": waited}
+        if how == "kernel opens":
+            self.extra.setdefault("kernel_opens_after_s", {})[what] = waited
+        log(f"serving ({what}): " + (f"{how} after {waited} s" if how else "worker reads (no passthrough, no kernel opens)"))
 
     def prewarmed(self, remote: RemoteStore) -> None:
         cache, mnt = self.work / "dhw-cache", self.work / "dhw-mnt"
@@ -223,7 +250,7 @@ class Bench:
             }
             log(f"warming: {w.files_done} files {w.bytes_done / 1e6:.0f} MB in {seconds:.1f} s "
                 f"= {w.bytes_done / 1e6 / seconds:.1f} MB/s ({w.state})")
-            self._await_kernel_opens(view, "imagenet_after_warming")
+            self._await_serving(view, "imagenet_after_warming")
             plan = readers.split(self.imagenet, self.scale.readers)
             readers.drop_caches()
             first = self.epoch("imagenet", "datahoard", "pre-warmed", str(mnt), plan, view.pid, strip="imagenet/")
@@ -236,8 +263,30 @@ class Bench:
         view = Datahoard(f"s3://{BUCKET}/imagenet/", mnt, cache, remote.endpoint)
         self.extra["datahoard_remount_indexed_s"] = view.mount_seconds
         view.close()
+        self.kernel_opens(remote, cache, mnt)
         shutil.rmtree(cache, ignore_errors=True)
         self.direct(remote)
+
+    def kernel_opens(self, remote: RemoteStore, cache: Path, mnt: Path) -> None:
+        """``--no-passthrough`` on the same, fully cached, small-file cache: the worker hands
+        opens to the kernel (counted by fanotify), the mode passthrough replaced for small files.
+        Its dropped and warm epochs, each paired with local disk, against passthrough's."""
+        readers.drop_caches()
+        system = "datahoard kernel opens"
+        try:
+            view = Datahoard(f"s3://{BUCKET}/imagenet/", mnt, cache, remote.endpoint, extra=("--no-passthrough",))
+        except MountError as exc:
+            self.extra["skipped"][system] = str(exc)
+            return
+        try:
+            self._await_serving(view, "imagenet_no_passthrough")
+            plan = readers.split(self.imagenet, self.scale.readers)
+            first = self.epoch("imagenet", system, "dropped", str(mnt), plan, view.pid, strip="imagenet/",
+                               repeats=self.scale.warm_repeats, paired=True, dropped=True)
+            self.epoch("imagenet", system, "warm", str(mnt), first.done, view.pid, strip="imagenet/",
+                       repeats=self.scale.warm_repeats, paired=True)
+        finally:
+            view.close()
 
     def direct(self, remote: RemoteStore) -> None:
         """``datahoard mount --warm --direct``: the cold epoch goes through FUSE while warming
@@ -264,6 +313,8 @@ class Bench:
                        repeats=self.scale.warm_repeats, paired=True)
             readers.drop_caches()
             self.epoch("imagenet", system, "pre-warmed", str(mnt), plan, view.pid, strip="imagenet/")
+            self.epoch("imagenet", system, "dropped", str(mnt), plan, view.pid, strip="imagenet/",
+                       repeats=self.scale.warm_repeats, paired=True, dropped=True)
         finally:
             view.close()
             shutil.rmtree(cache, ignore_errors=True)
