@@ -172,6 +172,14 @@ def read_summary(path: Path) -> IndexSummary | None:
         return None
 
 
+#: SQLite page cache per connection, KiB. Every FUSE session thread (80 by default) gets its
+#: own connection, and SQLite's default cache is 2 MiB each: a walk of a 1M-object view grew the
+#: worker by 215 MB (bench/RESULTS.md, 2026-12-06; probe: entries() of 1,001 directories of
+#: 1,000 files from 80 threads +165 MB, from 1 thread +3 MB). At 256 KiB: +44 MB. The index is
+#: immutable and its pages stay in the kernel's page cache, so a miss here is a pread.
+PAGE_CACHE_KIB = 256
+
+
 class Index:
     """Read-only lookups over a built snapshot; safe to use from many threads."""
 
@@ -193,9 +201,11 @@ class Index:
         self._dir_paths = names
 
     def _conn(self) -> sqlite3.Connection:
+        """This thread's connection, with a small page cache (:data:`PAGE_CACHE_KIB`)."""
         conn = getattr(self._local, "conn", None)
         if conn is None:
             conn = sqlite3.connect(self._uri, uri=True, check_same_thread=False)
+            conn.execute(f"PRAGMA cache_size = -{PAGE_CACHE_KIB}")
             self._local.conn = conn
         return conn
 

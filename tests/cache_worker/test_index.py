@@ -1,5 +1,9 @@
 """Index building rules, on an in-memory listing (the S3 listing itself is tested over HTTP)."""
 
+import json
+import subprocess
+import sys
+
 from datahoard.cache_worker.index import DirEntry, Index, build_index, read_summary
 from datahoard.cache_worker.keys import KeyFilter
 from datahoard.cache_worker.source import RemoteObject, Source
@@ -72,3 +76,48 @@ def test_summary_persists_and_rebuild_is_atomic(tmp_path):
     assert read_summary(tmp_path / "missing.db") is None
     (tmp_path / "junk.db").write_bytes(b"not sqlite")
     assert read_summary(tmp_path / "junk.db") is None
+
+
+_MANY_THREADS = """
+import json, sys, threading
+from pathlib import Path
+from datahoard.cache_worker.index import Index, build_index
+from datahoard.cache_worker.source import RemoteObject
+
+class Listing:
+    uri = "mem://rss/"
+    def list(self):
+        for i in range(200_000):
+            d, f = divmod(i, 1000)
+            yield RemoteObject(f"train/n{d:08d}/n{d:08d}_{f:07d}.JPEG", 110_000, f"{i:032x}", 1.7e9)
+    def close(self):
+        pass
+
+def rss():
+    return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmRSS"))
+
+path = Path(sys.argv[1])
+build_index(Listing(), path)
+index = Index(path)
+train = index.child_dir(1, "train")
+ids = [index.child_dir(train, f"n{d:08d}") for d in range(200)]
+before = rss()
+def read(k):
+    for i in range(k, k + 25):
+        index.entries(ids[i % len(ids)])
+threads = [threading.Thread(target=read, args=(k * 5,)) for k in range(40)]
+[t.start() for t in threads]
+[t.join() for t in threads]
+print(json.dumps({"growth": rss() - before}))
+"""
+
+
+def test_many_threads_reading_the_index_stay_small(tmp_path):
+    """The view reads the index from every FUSE thread (80 by default), each with its own SQLite
+    connection: with SQLite's default 2 MiB page cache per connection a walk of a large view grew
+    the worker by ~2 MiB per thread (40 threads here: 77 MB; with the bounded cache 26 MB)."""
+    done = subprocess.run([sys.executable, "-c", _MANY_THREADS, str(tmp_path / "index.db")],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    growth = json.loads(done.stdout)["growth"]
+    assert growth < 50e6, f"40 threads reading a 200,000-file index grew the process by {growth / 1e6:.0f} MB"
