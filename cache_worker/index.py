@@ -173,10 +173,11 @@ def read_summary(path: Path) -> IndexSummary | None:
 
 
 #: SQLite page cache per connection, KiB. Every FUSE session thread (80 by default) gets its
-#: own connection, and SQLite's default cache is 2 MiB each: a walk of a 1M-object view grew the
-#: worker by 215 MB (bench/RESULTS.md, 2026-12-06; probe: entries() of 1,001 directories of
-#: 1,000 files from 80 threads +165 MB, from 1 thread +3 MB). At 256 KiB: +44 MB. The index is
-#: immutable and its pages stay in the kernel's page cache, so a miss here is a pread.
+#: own connection, and SQLite's default cache is 2 MiB each, up to 160 MiB in all (probe:
+#: entries() of 1,001 directories of 1,000 files from 80 threads +165 MB, from 1 thread +3 MB;
+#: at 256 KiB +44 MB). In the real worker a walk of a 1M-object view grew it by 215 MB before
+#: and 190 MB after this (bench/ANALYSIS.md, 2026-12-06): the rest has another cause. The index
+#: is immutable and its pages stay in the kernel's page cache, so a miss here is a pread.
 PAGE_CACHE_KIB = 256
 
 
