@@ -94,7 +94,9 @@ def test_job_reads_and_verifies_every_file_twice(dataset: Kube) -> None:
         assert pod["spec"]["nodeName"] == kube.node
 
 
-def test_pytorchjob_reads_through_the_pvc(dataset: Kube) -> None:
+@pytest.fixture(scope="module")
+def training_operator(dataset: Kube) -> Kube:
+    """The Kubeflow training-operator v1.8.1, built from its Go module, running in the cluster."""
     kube = dataset
     built = subprocess.run([str(REPO / "tests/tools/build-training-operator.sh"), str(TOOLS_DIR),
                             kube.kubectl], check=True, capture_output=True, text=True, timeout=1800).stdout.strip()
@@ -102,16 +104,108 @@ def test_pytorchjob_reads_through_the_pvc(dataset: Kube) -> None:
                    check=True, capture_output=True, timeout=300)
     kube("apply", "--server-side", "-f", f"{built}/standalone.yaml", timeout=180)
     kube("-n", "kubeflow", "rollout", "status", "deploy/training-operator", "--timeout=300s", timeout=320)
+    return kube
+
+
+def run_pytorchjob(kube: Kube, manifest: str, name: str) -> str:
+    # The validating webhook may refuse for a moment after the Deployment is available.
+    eventually(lambda: kube.apply(manifest, namespace=NS), 120, "the PyTorchJob to be accepted", interval=5)
+    try:
+        eventually(lambda: kube("get", "-n", NS, "pytorchjob", name, "-o",
+                                'jsonpath={.status.conditions[?(@.type=="Succeeded")].status}') == "True",
+                   600, f"the PyTorchJob {name} to succeed")
+    finally:
+        logs = kube.logs("-n", NS, f"{name}-master-0")
+        print(f"{name}-master-0:", logs[-2000:])
+    return logs
+
+
+def test_pytorchjob_reads_through_the_pvc(training_operator: Kube) -> None:
+    kube = training_operator
     # Master only: there is no cluster DNS here, so a Worker could not resolve MASTER_ADDR.
     manifest = local_image((REPO / "examples" / "pytorchjob.yaml").read_text())
     manifest = manifest[:manifest.index("    Worker:")]
-    # The validating webhook may refuse for a moment after the Deployment is available.
-    eventually(lambda: kube.apply(manifest, namespace=NS), 120, "the PyTorchJob to be accepted", interval=5)
-    eventually(lambda: kube("get", "-n", NS, "pytorchjob", "read-imagenet", "-o",
-                            'jsonpath={.status.conditions[?(@.type=="Succeeded")].status}') == "True",
-               600, "the PyTorchJob to succeed")
-    logs = kube.logs("-n", NS, "read-imagenet-master-0")
+    logs = run_pytorchjob(kube, manifest, "read-imagenet")
     assert f"rank 0 on {kube.node}: verified {FILES} files" in logs, logs
+
+
+#: A training loop's input side, for real: torch.utils.data.DataLoader with worker processes
+#: over a map-style Dataset of the files under /data, two shuffled epochs, every byte checked.
+TORCH_LOADER = """
+import hashlib, os, sys
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+class Files(Dataset):
+    def __init__(self, root):
+        self.paths = sorted(os.path.join(d, n) for d, _, names in os.walk(root) for n in names)
+    def __len__(self):
+        return len(self.paths)
+    def __getitem__(self, i):
+        with open(self.paths[i], "rb") as f:
+            data = f.read()
+        head, _, body = data.partition(b"\\n")
+        return torch.tensor(len(data)), torch.tensor(head[7:].decode() == hashlib.sha256(body).hexdigest())
+
+loader = DataLoader(Files("/data"), batch_size=8, shuffle=True, num_workers=2)
+for epoch in (1, 2):
+    files = good = size = 0
+    for sizes, ok in loader:
+        files, good, size = files + len(ok), good + int(ok.sum()), size + int(sizes.sum())
+    if files == 0 or good != files:
+        sys.exit(f"epoch {epoch}: {files - good} of {files} files with wrong contents")
+    print(f"epoch {epoch}: torch {torch.__version__} DataLoader(num_workers=2) verified {files} files, "
+          f"{size} bytes", flush=True)
+"""
+
+
+def torch_pytorchjob(torch_dir: str) -> str:
+    return f"""
+apiVersion: kubeflow.org/v1
+kind: PyTorchJob
+metadata: {{name: torch-loader}}
+spec:
+  runPolicy: {{cleanPodPolicy: None, backoffLimit: 0}}
+  pytorchReplicaSpecs:
+    Master:
+      replicas: 1
+      restartPolicy: Never
+      template:
+        spec:
+          tolerations: [{{key: nvidia.com/gpu, operator: Exists, effect: NoSchedule}}]
+          containers:
+            - name: pytorch
+              image: {IMAGE}
+              imagePullPolicy: Never
+              command: ["python3", "-c", {json.dumps(TORCH_LOADER)}]
+              env: [{{name: PYTHONPATH, value: /opt/torch}}]
+              resources:
+                requests: {{cpu: 100m, memory: 256Mi}}
+                limits: {{nvidia.com/gpu: 1, memory: 2Gi}}
+              volumeMounts:
+                - {{name: data, mountPath: /data, readOnly: true}}
+                - {{name: torch, mountPath: /opt/torch, readOnly: true}}
+          volumes:
+            - name: data
+              persistentVolumeClaim: {{claimName: imagenet, readOnly: true}}
+            - name: torch
+              hostPath: {{path: {torch_dir}, type: Directory}}
+"""
+
+
+def test_pytorchjob_with_a_torch_dataloader(training_operator: Kube) -> None:
+    """A PyTorchJob whose pod runs torch.utils.data.DataLoader (2 worker processes, 2 epochs)
+    over the PVC. torch (PyPI's wheel, installed once by tests/tools/build-torch.sh) is mounted
+    from the host rather than baked into the image: see that script for why and what it costs."""
+    kube = training_operator
+    torch_dir = subprocess.run([str(REPO / "tests/tools/build-torch.sh"), str(TOOLS_DIR)], check=True,
+                               capture_output=True, text=True, timeout=1800).stdout.strip()
+    try:
+        logs = run_pytorchjob(kube, torch_pytorchjob(torch_dir), "torch-loader")
+    finally:
+        kube("delete", "pytorchjob", "torch-loader", "-n", NS, "--wait=true", check=False, timeout=180)
+    for epoch in (1, 2):
+        assert f"epoch {epoch}: torch 2." in logs and f"verified {FILES} files" in logs, logs
 
 
 def test_get_datasets_shows_the_real_hit_ratio(dataset: Kube) -> None:
