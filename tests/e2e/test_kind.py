@@ -158,12 +158,11 @@ def test_e2e_on_the_local_cluster() -> None:
     missing = missing_prerequisites()
     if missing:
         pytest.skip(f"e2e on the local cluster: {missing}")
-    env = {**os.environ, "TOOLS_DIR": str(TOOLS_DIR)}
+    env = {**os.environ, "TOOLS_DIR": str(TOOLS_DIR), "E2E_TRAINING_OPERATOR": "1"}
     if subprocess.run([str(CLUSTER_SH), "status"], env=env, timeout=60).returncode == 0:
         pytest.skip("the one-node cluster is up already (make cluster, or the node tier): "
                     "run.sh would meet its Helm release; take it down with make cluster-down")
-    result = subprocess.run(["make", "-s", "e2e", "E2E_PROVIDER=local", "E2E_TRAINING_OPERATOR=1",
-                             f"PY={sys.executable}"], cwd=REPO, env=env, capture_output=True,
+    result = subprocess.run(["make", "-s", "e2e", "E2E_PROVIDER=local", f"PY={sys.executable}"], cwd=REPO, env=env, capture_output=True,
                             text=True, timeout=3500)
     print(result.stderr[-6000:])
     assert result.returncode == 0, f"e2e/run.sh (local) failed:\n{result.stdout[-3000:]}\n{result.stderr[-8000:]}"
