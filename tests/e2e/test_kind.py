@@ -162,8 +162,8 @@ def test_e2e_on_the_local_cluster() -> None:
     if subprocess.run([str(CLUSTER_SH), "status"], env=env, timeout=60).returncode == 0:
         pytest.skip("the one-node cluster is up already (make cluster, or the node tier): "
                     "run.sh would meet its Helm release; take it down with make cluster-down")
-    result = subprocess.run(["make", "-s", "e2e", "E2E_PROVIDER=local", f"PY={sys.executable}"], cwd=REPO, env=env, capture_output=True,
-                            text=True, timeout=3500)
+    result = subprocess.run(["make", "-s", "e2e", "E2E_PROVIDER=local", f"PY={sys.executable}"], cwd=REPO,
+                            env=env, capture_output=True, text=True, timeout=3500)
     print(result.stderr[-6000:])
     assert result.returncode == 0, f"e2e/run.sh (local) failed:\n{result.stdout[-3000:]}\n{result.stderr[-8000:]}"
     assert "e2e passed" in result.stderr
