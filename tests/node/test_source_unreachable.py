@@ -45,11 +45,12 @@ def mounts_under(path: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def namespace(release: Kube) -> Iterator[str]:
+def cluster(release: Kube) -> Iterator[Kube]:
+    """The namespace NS with examples/s3-secret.yaml in it (the credentials are never used)."""
     kube = release
     kube("create", "namespace", NS)
     kube("apply", "-n", NS, "-f", str(REPO / "examples" / "s3-secret.yaml"))
-    yield NS
+    yield kube
     kube("delete", "datasets", "--all", "-n", NS, "--wait=true", check=False, timeout=300)
     kube("delete", "namespace", NS, "--wait=true", check=False, timeout=300)
 
@@ -69,8 +70,8 @@ def worker_logs(kube: Kube, name: str) -> str:
 
 
 @pytest.mark.parametrize("how", sorted(ENDPOINTS))
-def test_unreachable_source_is_reported_and_cleaned_up(namespace: str, how: str) -> None:
-    kube = Kube.from_env()
+def test_unreachable_source_is_reported_and_cleaned_up(cluster: Kube, how: str) -> None:
+    kube = cluster
     name = f"nowhere-{how}"
     endpoint = ENDPOINTS[how]
     kube.apply(dataset_manifest(name, endpoint, kube.node), namespace=NS)
@@ -118,8 +119,8 @@ def test_unreachable_source_is_reported_and_cleaned_up(namespace: str, how: str)
     "terminationMessagePolicy FallbackToLogsOnError on the worker container, and the operator "
     "copying containerStatuses[].lastState.terminated.message (or waiting.reason CrashLoopBackOff) "
     "into WorkersReady with a reason in PROBLEMS (so it becomes a Warning Event)"))
-def test_unreachable_source_condition_says_why(namespace: str) -> None:
-    kube = Kube.from_env()
+def test_unreachable_source_condition_says_why(cluster: Kube) -> None:
+    kube = cluster
     name = "nowhere-why"
     endpoint = ENDPOINTS["refused"]
     kube.apply(dataset_manifest(name, endpoint, kube.node), namespace=NS)
