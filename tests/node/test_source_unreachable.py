@@ -133,6 +133,8 @@ def test_unreachable_source_condition_says_why(cluster: Kube) -> None:
             hits = [t for t in texts if ENDPOINTS["refused"].split("//")[1] in t or "refused" in t.lower()]
             return hits or None
 
-        print(eventually(says_why, BOUND, "a condition or Warning Event naming the unreachable source"))
+        # The worker fails within a second or two of starting (see the test above): 90 s is
+        # several crash-loop rounds and operator passes.
+        print(eventually(says_why, 90, "a condition or Warning Event naming the unreachable source"))
     finally:
         kube("delete", "dataset", name, "-n", NS, "--wait=true", check=False, timeout=BOUND)
