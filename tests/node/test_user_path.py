@@ -431,11 +431,15 @@ def test_worker_pod_deleted_under_a_running_reader_job(dataset: Kube) -> None:
                180, "the Dataset Ready again")
 
 
+#: The scheduler's words for a node the PV's node affinity excludes (v1.34; before, "conflict").
+AFFINITY_REASONS = ("didn't match PersistentVolume's node affinity", "volume node affinity conflict")
+
+
 def test_a_pod_lands_only_where_the_cache_is(dataset: Kube) -> None:
     """The PV is pinned to nodes carrying the Dataset's label, which the operator puts only on
     nodes whose worker is Ready. With one node, placement shows in time: while the Dataset's
-    nodeSelector keeps the cache off the node, a pod using the PVC stays Pending with the
-    scheduler's volume-node-affinity reason; once the cache is back there, the pod runs there."""
+    nodeSelector keeps the cache off the node, a pod using the PVC stays Pending because the
+    node does not match the PV's node affinity; once the cache is back there, the pod runs there."""
     kube = dataset
     label = f"dataset.datahoard.io/{NS}.imagenet"
     pv = kube.json("pv", kube("get", "-n", NS, "pvc", "imagenet", "-o", "jsonpath={.spec.volumeName}"))
@@ -450,8 +454,8 @@ def test_a_pod_lands_only_where_the_cache_is(dataset: Kube) -> None:
         kube.apply(READER_POD.replace("long-reader", pod), namespace=NS)
         events = eventually(lambda: [e for e in kube.json("events", "-n", NS)["items"]
                                      if e["involvedObject"]["name"] == pod and e["reason"] == "FailedScheduling"
-                                     and "volume node affinity conflict" in e.get("message", "")],
-                            120, "FailedScheduling with the volume node affinity conflict")
+                                     and any(why in e.get("message", "") for why in AFFINITY_REASONS)],
+                            120, "FailedScheduling because of the PV's node affinity")
         print("scheduler:", events[0]["message"])
         assert kube("get", "pod", "-n", NS, pod, "-o", "jsonpath={.status.phase}") == "Pending"
         kube("patch", "dataset", "imagenet", "-n", NS, "--type=json", "-p",
