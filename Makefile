@@ -56,9 +56,12 @@ hdfs-minicluster:
 helm:
 	@tests/tools/build-helm.sh "$(TOOLS_DIR)"
 
-# The whole path on a kind cluster (needs Docker and kind): image, chart, in-cluster S3, Jobs.
-e2e:
-	HELM="$$(tests/tools/build-helm.sh "$(TOOLS_DIR)")" e2e/run.sh
+# The whole path on a real cluster (e2e/run.sh): image, chart, S3, the example Jobs. On kind when
+# a Docker engine answers (GitHub Actions), else on this machine's one-node cluster
+# (tests/node/cluster.sh, E2E_PROVIDER=local). `make test` runs both where they can run.
+E2E_PROVIDER ?= $(shell docker info >/dev/null 2>&1 && echo kind || echo local)
+e2e: $(if $(filter local,$(E2E_PROVIDER)),venv node-tools helm)
+	E2E_PROVIDER=$(E2E_PROVIDER) PYTHON="$(abspath $(PY))" HELM="$$(tests/tools/build-helm.sh "$(TOOLS_DIR)")" e2e/run.sh
 
 # The benchmark (bench/README.md): MinIO behind a slow link vs local disk, boto3, rclone, s3fs.
 # Full run ~25 min, writes bench/RESULTS.md and bench/results.json; `make bench BENCH_ARGS=--quick`

@@ -129,16 +129,27 @@ class Verifier:
             data = self.cache.store.read(chunk, 0, length)  # checked and stored while we waited
             if data is not None and len(data) == length:
                 return data
-            for attempt in range(1, ATTEMPTS + 1):
+            attempt = lost = 0
+            chunk_count = -(-obj.size // csize)
+            while attempt < ATTEMPTS:
                 try:
                     fetched = self._assemble(obj, csize, demand)
                     ok = self._matches(obj, evidence, lambda: self._pieces(obj, csize))
                 except _Lost:
+                    # A chunk kept under its real name was gone or corrupt when read back (it is
+                    # dropped then): fetch it on the next round. Not a mismatch, so it does not
+                    # spend an attempt, but bounded: each chunk can be lost once per attempt.
+                    lost += 1
+                    if lost > chunk_count * ATTEMPTS:
+                        raise SourceTransientError(
+                            f"reading {obj.key}: its cached chunks kept changing while it was checked "
+                            f"({lost} times); it is read from the source again next time") from None
                     continue
                 except CacheFull as exc:
                     self._drop_unverified(obj, csize)
                     return self._unchecked(obj, chunk, start, length, demand,
                                            f"no room to hold it whole for its check ({exc})")
+                attempt += 1
                 if ok:
                     with self._lock:
                         self._assembled[oid] = fetched

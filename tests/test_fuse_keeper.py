@@ -492,10 +492,9 @@ def test_the_supervisor_does_not_restart_once_the_view_is_unmounted(short_dir, c
 
 
 def test_datahoard_mount_restarts_a_killed_worker_and_umount_ends_everything(s3, bucket, mount_dataset):
-    """The real worker under the real CLI. Today's worker does not hand its connection to the
-    keeper yet, so its restart remounts (the old way); what this proves is the supervisor's part:
-    a SIGKILLed worker comes back serving, status shows the keeper, and umount leaves no process
-    and no mount behind."""
+    """The real worker under the real CLI: a SIGKILLed worker comes back serving the same
+    connection (resumed from the supervisor's keeper), status says restarts are hidden, and
+    umount leaves no process, no mount and no keeper socket behind."""
     from datahoard import runtime
 
     s3.put_object(Bucket=bucket, Key="ds/f", Body=b"hello")
@@ -505,13 +504,14 @@ def test_datahoard_mount_restarts_a_killed_worker_and_umount_ends_everything(s3,
     assert runtime.alive(supervisor) and first.pid != supervisor
     status = subprocess.run([sys.executable, "-m", "datahoard.cli", "status", str(m.mountpoint)],
                             capture_output=True, text=True, timeout=60)
-    assert "\nkeeper  " in status.stdout and "holds no connection of this mount" in status.stdout, status.stdout
+    assert "hidden: a keeper holds the FUSE connection" in status.stdout, status.stdout
 
     os.kill(first.pid, signal.SIGKILL)
     second = wait_for(lambda: (r := runtime.lookup(m.mountpoint)) and r.pid != first.pid and r, 60,
                       "the supervisor to start a new worker")
     assert (m.mountpoint / "f").read_bytes() == b"hello"
     assert runtime.alive(supervisor)
+    assert m.stats().fuse.resumed  # the same connection, not a remount
 
     result = subprocess.run([sys.executable, "-m", "datahoard.cli", "umount", str(m.mountpoint)],
                             capture_output=True, text=True, timeout=120)

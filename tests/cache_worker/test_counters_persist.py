@@ -50,8 +50,11 @@ def test_counters_continue_after_unmount_and_after_sigkill(s3, bucket, mount_dat
     pid = runtime.lookup(mnt).pid
     os.kill(pid, signal.SIGKILL)
     wait_for(lambda: not runtime.alive(pid), what="the worker to die")
-    m = mount_dataset(bucket, "ds", cache_dir=cache, mountpoint=mnt)
+    # The mount's supervisor starts the next worker, which resumes the held connection.
+    wait_for(lambda: (r := runtime.lookup(mnt)) is not None and r.pid != pid, timeout=60,
+             what="the supervisor to restart the worker")
     revived = m.stats()
+    assert revived.fuse.resumed
     assert revived.served_from_source_bytes == len(a) + len(b)
     assert revived.served_from_cache_bytes == len(a)
     # The recent window continues across restarts too: everything above happened within it.

@@ -146,6 +146,31 @@ def test_kind_e2e() -> None:
     subprocess.run(["make", "-s", "e2e"], cwd=REPO, check=True, timeout=3600)
 
 
+@pytest.mark.e2e
+@pytest.mark.node
+@pytest.mark.timeout(3600)
+def test_e2e_on_the_local_cluster() -> None:
+    """e2e/run.sh, the script GitHub Actions runs on kind, on the real one-node cluster
+    (E2E_PROVIDER=local: tests/node/cluster.sh, no Docker), with the training operator built
+    from its Go module. It brings the cluster up and takes it down, leaving nothing behind."""
+    from tests.node.nodekube import CLUSTER_SH, TOOLS_DIR, missing_prerequisites
+
+    missing = missing_prerequisites()
+    if missing:
+        pytest.skip(f"e2e on the local cluster: {missing}")
+    env = {**os.environ, "TOOLS_DIR": str(TOOLS_DIR), "E2E_TRAINING_OPERATOR": "1"}
+    if subprocess.run([str(CLUSTER_SH), "status"], env=env, timeout=60).returncode == 0:
+        pytest.skip("the one-node cluster is up already (make cluster, or the node tier): "
+                    "run.sh would meet its Helm release; take it down with make cluster-down")
+    result = subprocess.run(["make", "-s", "e2e", "E2E_PROVIDER=local", f"PY={sys.executable}"], cwd=REPO,
+                            env=env, capture_output=True, text=True, timeout=3500)
+    print(result.stderr[-6000:])
+    assert result.returncode == 0, f"e2e/run.sh (local) failed:\n{result.stdout[-3000:]}\n{result.stderr[-8000:]}"
+    assert "e2e passed" in result.stderr
+    assert subprocess.run([str(CLUSTER_SH), "status"], env=env, timeout=60).returncode != 0, \
+        "run.sh left the cluster it started up"
+
+
 def test_pytorchjob_ranks_meet_at_the_end(tmp_path: Path) -> None:
     """The PyTorchJob's master waits for its worker (so the worker's init container can still
     resolve it), as with torch.distributed; both verify the files."""

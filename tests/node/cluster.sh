@@ -203,7 +203,7 @@ import_images() {
     # containerd's root survives down (only --purge deletes it): a tarball already imported, by
     # its resolved name (the product image's carries its build-context hash), is not read again.
     local tar real stamp
-    for tar in "$IMAGES"/pause.tar "$IMAGES"/datahoard.tar "$IMAGES"/livenessprobe.tar "$@"; do
+    for tar in "$IMAGES"/pause.tar "$IMAGES"/datahoard.tar "$@"; do
         real="$(readlink -f "$tar")"
         stamp="$NODE_DIR/containerd-root/.imported-$(basename "$real")-$(stat -c %Y "$real")"
         [[ -f "$stamp" ]] && continue

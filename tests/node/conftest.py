@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -19,23 +18,12 @@ from collections.abc import Iterator
 import boto3
 import pytest
 
-from nodekube import CLUSTER_SH, HOST_IP, REPO, TOOLS_DIR, Kube
+from nodekube import CLUSTER_SH, HOST_IP, REPO, TOOLS_DIR, Kube, missing_prerequisites
 from tests.conftest import S3Server, free_port
 
 
-def _missing() -> str | None:
-    if os.geteuid() != 0:
-        return "needs root (containerd, runc, the pod bridge)"
-    missing = [t for t in ("containerd", "runc", "buildah", "umoci", "skopeo", "socat") if not shutil.which(t)]
-    if missing or not os.path.exists("/usr/lib/cni/bridge"):
-        return f"{', '.join(missing) or 'CNI plugins'} not installed: run `make node-sysdeps`"
-    if not os.path.exists("/dev/fuse"):
-        return "needs /dev/fuse (the cache workers mount FUSE views)"
-    return None
-
-
 def pytest_collection_modifyitems(config, items):
-    reason = _missing()
+    reason = missing_prerequisites()
     for item in items:
         if "tests/node/" in str(item.fspath) and item.fspath.basename != "test_scripts.py":
             item.add_marker(pytest.mark.node)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import time
 from collections.abc import Callable
@@ -16,6 +17,19 @@ CLUSTER_SH = REPO / "tests" / "node" / "cluster.sh"
 TOOLS_DIR = Path(os.environ.get("TOOLS_DIR", Path.home() / ".cache" / "datahoard-tools"))
 HOST_IP = "10.244.0.1"   # the host's address on the pod bridge (cluster.sh)
 T = TypeVar("T")
+
+
+def missing_prerequisites() -> str | None:
+    """Why the one-node cluster cannot run here (None when it can): what the node tier and the
+    e2e on the local provider skip with."""
+    if os.geteuid() != 0:
+        return "needs root (containerd, runc, the pod bridge)"
+    missing = [t for t in ("containerd", "runc", "buildah", "umoci", "skopeo", "socat") if not shutil.which(t)]
+    if missing or not os.path.exists("/usr/lib/cni/bridge"):
+        return f"{', '.join(missing) or 'CNI plugins'} not installed: run `make node-sysdeps`"
+    if not os.path.exists("/dev/fuse"):
+        return "needs /dev/fuse (the cache workers mount FUSE views)"
+    return None
 
 
 def eventually(check: Callable[[], T | None], timeout: float, what: str, interval: float = 2.0) -> T:

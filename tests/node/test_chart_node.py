@@ -56,7 +56,19 @@ def test_csi_plugin_runs_and_is_registered_with_the_kubelet(release: Kube) -> No
     ds = kube.json("ds", "-n", SYSTEM_NS, "-l", "app.kubernetes.io/component=csi-node")["items"][0]
     assert ds["status"]["numberReady"] == ds["status"]["desiredNumberScheduled"] == 1, ds["status"]
     containers = [c["name"] for c in ds["spec"]["template"]["spec"]["containers"]]
-    assert "node-driver-registrar" not in containers, containers   # registration: kubelet
+    assert containers == ["csi-node"], containers   # registration: kubelet; no livenessprobe sidecar
+    # The kubelet's liveness probe is answered by the plugin itself (--health-port).
+    pod = kube.json("pods", "-n", SYSTEM_NS, "-l", "app.kubernetes.io/component=csi-node")["items"][0]
+    plugin = pod["spec"]["containers"][0]
+    assert plugin["livenessProbe"]["httpGet"]["path"] == "/healthz", plugin
+    assert any(a.startswith("--health-port=") for a in plugin["args"]), plugin["args"]
+    status = pod["status"]["containerStatuses"][0]
+    assert status["ready"] and status["restartCount"] == 0, status
+    port = plugin["ports"][0]["containerPort"]
+    answer = kube("exec", "-n", SYSTEM_NS, pod["metadata"]["name"], "-c", "csi-node", "--", "python", "-c",
+                  f"import urllib.request; r = urllib.request.urlopen('http://127.0.0.1:{port}/healthz', "
+                  "timeout=10); print(r.status)")
+    assert answer.strip() == "200", answer
     drivers = eventually(lambda: kube("get", "csinode", kube.node, "-o",
                                       "jsonpath={.spec.drivers[*].name}").split(),
                          120, "the kubelet to list the driver in its CSINode")

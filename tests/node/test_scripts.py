@@ -9,7 +9,8 @@ import pytest
 from nodekube import REPO
 
 SCRIPTS = [REPO / "tests/node/cluster.sh", *sorted((REPO / "tests/tools").glob("build-node*.sh")),
-           REPO / "tests/tools/build-training-operator.sh", REPO / "tests/tools/buildah-base.sh"]
+           REPO / "tests/tools/build-training-operator.sh", REPO / "tests/tools/buildah-base.sh",
+           REPO / "tests/tools/build-torch.sh"]
 
 
 @pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck is not installed")

@@ -7,9 +7,6 @@
 #                  check-image-buildah.sh uses too. Nothing restates the Dockerfile, so the
 #                  cluster's image cannot drift from it; the tarball is keyed by a hash of the
 #                  Dockerfile and its build context and rebuilt when either changes.
-#   livenessprobe.tar  localhost/csi-livenessprobe:standin - the product image plus
-#                  tests/node/livenessprobe.py, standing in for the kubernetes-csi livenessprobe
-#                  sidecar, which no registry here serves (see that file).
 #
 # Usage: build-node-images.sh TOOLS_DIR   -> prints the directory holding the tarballs.
 # Needs root, gcc, umoci, skopeo, buildah, debootstrap (make node-sysdeps).
@@ -28,10 +25,8 @@ flock 9
 WORK="$(mktemp -d /tmp/datahoard-node-images.XXXXXX)"
 BUILDAH=(buildah --root "$STORE/storage" --runroot "$WORK/runroot" --storage-driver vfs)
 export BUILDAH_ISOLATION=chroot
-CONTAINERS=()
 IMAGE=localhost/datahoard:dev
 cleanup() {
-    for c in "${CONTAINERS[@]}"; do "${BUILDAH[@]}" rm "$c" >/dev/null 2>&1 || true; done
     "${BUILDAH[@]}" rmi -f "$IMAGE" >/dev/null 2>&1 || true
     rm -rf "$WORK"
 }
@@ -70,7 +65,7 @@ fi
 
 # 2. The product image: the Dockerfile, as written.
 CONTEXT=(Dockerfile .dockerignore pyproject.toml README.md requirements.lock datahoard operator cache_worker csi_node)
-KEY="$(cd "$REPO" && find "${CONTEXT[@]}" tests/node/livenessprobe.py -type f ! -name '*.pyc' ! -path '*__pycache__*' -print0 \
+KEY="$(cd "$REPO" && find "${CONTEXT[@]}" -type f ! -name '*.pyc' ! -path '*__pycache__*' -print0 \
     | sort -z | xargs -0 sha256sum | sha256sum | cut -c1-16)"
 if [[ ! -f "$OUT/datahoard-$KEY.tar" ]]; then
     T0=$SECONDS
@@ -82,19 +77,9 @@ if [[ ! -f "$OUT/datahoard-$KEY.tar" ]]; then
         --build-arg PYTHON_IMAGE="$BASE" -t "$IMAGE" -f "$REPO/Dockerfile" "$REPO" >"$WORK/bud.log" 2>&1 \
         || { tail -30 "$WORK/bud.log" >&2; exit 1; }
     "${BUILDAH[@]}" push -q "$IMAGE" "docker-archive:$OUT/datahoard.tar.tmp:$IMAGE" >&2
-    c="$("${BUILDAH[@]}" from "$IMAGE")"
-    CONTAINERS+=("$c")
-    "${BUILDAH[@]}" copy "$c" "$REPO/tests/node/livenessprobe.py" /usr/local/lib/livenessprobe.py >/dev/null
-    "${BUILDAH[@]}" config --entrypoint '["/opt/datahoard/bin/python", "/usr/local/lib/livenessprobe.py"]' --cmd '' "$c"
-    "${BUILDAH[@]}" commit -q "$c" localhost/csi-livenessprobe:standin >/dev/null
-    "${BUILDAH[@]}" push -q localhost/csi-livenessprobe:standin \
-        "docker-archive:$OUT/livenessprobe.tar.tmp:localhost/csi-livenessprobe:standin" >&2
-    "${BUILDAH[@]}" rmi -f localhost/csi-livenessprobe:standin >/dev/null 2>&1 || true
-    rm -f "$OUT"/datahoard-*.tar "$OUT"/livenessprobe-*.tar
+    rm -f "$OUT"/datahoard-*.tar "$OUT"/livenessprobe-*.tar "$OUT"/livenessprobe.tar
     mv "$OUT/datahoard.tar.tmp" "$OUT/datahoard-$KEY.tar"
-    mv "$OUT/livenessprobe.tar.tmp" "$OUT/livenessprobe-$KEY.tar"
     log "product image built in $((SECONDS - T0)) s"
 fi
 ln -sfn "datahoard-$KEY.tar" "$OUT/datahoard.tar"
-ln -sfn "livenessprobe-$KEY.tar" "$OUT/livenessprobe.tar"
 echo "$OUT"
