@@ -87,8 +87,13 @@ class WorkerConfig:
     #: Once a dataset of small files is fully cached, let the kernel serve opens (see
     #: ``DatasetFS.serve_opens_in_kernel``).
     kernel_opens: bool = True
-    #: Answer opens of files whole in the cache with FUSE passthrough (kernel 6.9+).
-    passthrough: bool = True
+    #: Answer opens of files whole in the cache with FUSE passthrough (kernel 6.9+): "on", "off",
+    #: or "auto": only for a dataset with a file larger than one chunk. Measured (bench/RESULTS.md):
+    #: for small files passthrough's open and release, answered in Python, cost 0.10-0.14 of local
+    #: disk on warm epochs, where keep_cache and then kernel opens give about 0.5 (and the two
+    #: cannot share a connection: answering an open ENOSYS gives passthrough up); for shards it
+    #: is 0.9-1.4 of local disk against 0.03 through the worker.
+    passthrough: str = "auto"
     #: Keep the FUSE connection with the FUSE keeper, so a restart is a pause, not an error.
     handover: bool = True
     #: The keeper's socket (None: ``runtime.keeper_socket()``).
@@ -264,11 +269,11 @@ class Worker:
             backing_log.unlink(missing_ok=True)  # it belonged to a connection that is gone
             att = self.attacher.mount(f"datahoard:{cfg.source}", cfg.allow_other)
         self.attachment = att
-        backing = BackingTable(backing_log, att.conn) if cfg.passthrough else None
+        backing = BackingTable(backing_log, att.conn) if self._use_passthrough() else None
         view = self.view = DatasetFS(self.index, self.cache, self.counters, str(cfg.mountpoint), backing=backing)
         background = cfg.tuning.max_waiting_reads + RESERVE_THREADS
         want = Wants(max_read=MAX_READ, max_background=background, congestion_threshold=background * 3 // 4,
-                     passthrough=cfg.passthrough, entry_timeout=METADATA_TIMEOUT, attr_timeout=METADATA_TIMEOUT)
+                     passthrough=cfg.passthrough != "off", entry_timeout=METADATA_TIMEOUT, attr_timeout=METADATA_TIMEOUT)
         session = self.session = Session(att.conn, view, threads=background, want=want)
 
         def mounted() -> None:
@@ -293,6 +298,13 @@ class Worker:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
             self.shutdown()
+
+    def _use_passthrough(self) -> bool:
+        cfg = self.config
+        if cfg.passthrough == "auto":
+            self._large_files = self.index.max_file_size() > cfg.tuning.whole_file_max
+            return self._large_files
+        return cfg.passthrough == "on"
 
     def _wait_until_live(self, session) -> bool:
         deadline = time.monotonic() + 30
@@ -577,8 +589,11 @@ class Worker:
         att, view = self.attachment, self.view
         state = att.conn.state if att is not None else None
         passthrough = bool(view is not None and view.backing is not None and state is not None and state.passthrough)
-        if not self.config.passthrough:
+        if self.config.passthrough == "off":
             why = "off (--no-passthrough)"
+        elif self.config.passthrough == "auto" and not getattr(self, "_large_files", True):
+            why = ("every file fits in one chunk: served from the page cache, and once all are cached the kernel "
+                   "opens them itself (faster for small files; --passthrough forces it)")
         elif state is not None and not state.passthrough:
             why = "the kernel does not offer FUSE passthrough (Linux 6.9+ with CONFIG_FUSE_PASSTHROUGH)"
         else:

@@ -93,9 +93,12 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--no-kernel-opens", dest="kernel_opens", action="store_false",
                    help="keep answering every open in the worker even once the whole dataset is cached "
                         "(by default the kernel then opens files itself and fanotify counts the opens)")
-    m.add_argument("--no-passthrough", dest="passthrough", action="store_false",
-                   help="serve every read through the worker, even of files whole in the cache (by default "
-                        "their opens are answered with FUSE passthrough: the kernel reads the cache file)")
+    m.add_argument("--passthrough", dest="passthrough", action="store_const", const="on", default="auto",
+                   help="answer opens of files whole in the cache with FUSE passthrough even when every file "
+                        "fits in one chunk (by default only datasets with larger files use it: small files are "
+                        "faster from the page cache, and once all are cached the kernel opens them itself)")
+    m.add_argument("--no-passthrough", dest="passthrough", action="store_const", const="off",
+                   help="serve every read through the worker, even of files whole in the cache")
     m.add_argument("--max-restarts", type=_restarts, default=5, metavar="N",
                    help="restart a worker that dies with an error up to N times in a row (default 5; 0: never)")
     m.add_argument("--no-keeper", dest="keeper", action="store_false",

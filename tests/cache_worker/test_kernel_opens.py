@@ -1,5 +1,5 @@
-"""Without passthrough (``--no-passthrough``, or a kernel before 6.9), once warming has cached a
-dataset of small files, the kernel opens files itself: a warm epoch needs no trip to the worker
+"""Without passthrough (the default for a dataset whose every file fits in one chunk, and
+``--no-passthrough``), once warming has cached a dataset of small files, the kernel opens files itself: a warm epoch needs no trip to the worker
 at all (proved by stopping the worker while reading), and fanotify keeps the counts exactly what
 they are when the worker answers opens. With passthrough, opens stay in the worker (answering
 one with ENOSYS would give passthrough up for the whole mount)."""
@@ -125,7 +125,7 @@ def test_no_kernel_opens_keeps_every_open_in_the_worker(s3, bucket, mount_datase
 
 def test_with_passthrough_opens_stay_in_the_worker_and_are_passed_through(s3, bucket, mount_dataset):
     files = _dataset(s3, bucket, [10_000, 20_000])
-    m = mount_dataset(bucket, "ds", "--warm", "--wait")
+    m = mount_dataset(bucket, "ds", "--warm", "--wait", "--passthrough")  # forced: small files
     time.sleep(1.5)
     assert not m.stats().kernel_opens
     for key, body in files.items():
@@ -134,3 +134,20 @@ def test_with_passthrough_opens_stay_in_the_worker_and_are_passed_through(s3, bu
     assert stats.fuse.passthrough and stats.fuse.passthrough_opens == len(files)
     assert stats.served_from_cache_bytes == sum(map(len, files.values()))
     assert "passthrough serves cached files" in (m.cache_dir / "worker.log").read_text()
+
+
+def test_by_default_a_small_file_dataset_gets_kernel_opens_not_passthrough(s3, bucket, mount_dataset):
+    files = _dataset(s3, bucket, [10_000, 20_000])
+    m = mount_dataset(bucket, "ds", "--warm", "--wait")
+
+    def switched():
+        return m.stats().kernel_opens
+
+    deadline = time.monotonic() + 30
+    while not switched() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    stats = m.stats()
+    assert stats.kernel_opens and not stats.fuse.passthrough, stats.fuse
+    assert "every file fits in one chunk" in stats.fuse.passthrough_note
+    for key, body in files.items():
+        assert (m.mountpoint / key).read_bytes() == body

@@ -102,6 +102,7 @@ def test_without_passthrough_reads_go_through_the_worker_and_status_says_so(work
 
 
 def test_with_passthrough_cached_files_are_read_by_the_kernel_even_with_the_worker_stopped(worker):
+    worker.extra_args = ["--passthrough"]  # forced: by default only datasets with large files use it
     worker.start()
     _read_all(worker.view)  # fetched and cached whole
     handles = {key: open(worker.view / key, "rb", buffering=0) for key in FILES}  # passed through
