@@ -57,7 +57,7 @@ def test_a_cache_disk_filled_by_another_writer_reads_through_says_why_and_recove
     files["large.bin"] = os.urandom(20 * MiB + 12345)  # three chunks: ranged reads
     _put(s3, bucket, files)
     keys = sorted(files)
-    m = mount_dataset(bucket, "ds", "--capacity", "1Gi",
+    m = mount_dataset(bucket, "ds", "--capacity", "1Gi", "--passthrough",
                       cache_dir=small_tmpfs / "cache")
     cached = keys[:10]
     for key in cached:
