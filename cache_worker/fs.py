@@ -136,8 +136,6 @@ class DatasetFS(Filesystem):
             return self._entry(child, self._dir_attr(child))
         found = self.index.child_file(parent, text)
         if found is None:
-            if self.index.dir_path(parent) is None:
-                raise FuseError(errno.ENOENT)
             raise FuseError(errno.ENOENT)
         nodeid = FILE_BASE + found[0]
         self._remember(nodeid, found[1])
