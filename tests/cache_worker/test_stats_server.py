@@ -22,6 +22,22 @@ def threads(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/task"))
 
 
+def settled_threads(pid: int, timeout: float = 60) -> int:
+    """The worker's thread count once it has stopped changing for a second: `datahoard mount`
+    returns when the view answers, and on a loaded machine the rest of the FUSE threads may
+    still be starting then (67 of 86 were up in one CI run)."""
+    deadline = time.monotonic() + timeout
+    last, since = threads(pid), time.monotonic()
+    while time.monotonic() < deadline:
+        time.sleep(0.1)
+        now = threads(pid)
+        if now != last:
+            last, since = now, time.monotonic()
+        elif time.monotonic() - since >= 1:
+            return now
+    raise AssertionError(f"the worker's thread count did not settle in {timeout} s (last {last})")
+
+
 def open_idle(host: str, port: int, n: int) -> list[socket.socket]:
     out = []
     for _ in range(n):
@@ -39,7 +55,7 @@ def test_idle_connections_hold_no_threads_and_stats_still_answers(s3, bucket, mo
     url = urlsplit(record.stats_url)
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, IDLE + 512)), hard))
-    before = threads(record.pid)
+    before = settled_threads(record.pid)
     idle = open_idle(url.hostname, url.port, IDLE)
     try:
         # Some have sent part of a request and stalled (slowloris), the rest nothing.

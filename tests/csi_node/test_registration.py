@@ -237,25 +237,52 @@ def test_probe_fails_when_the_registration_socket_is_gone(tmp_path: Path, reg_di
 # -- `datahoard csi-node` with self-registration ---------------------------------------------------
 
 class PluginProcess:
+    """The node plugin as its own process; its log is collected as it comes, so a test can wait
+    for a line (the kubelet's NotifyRegistrationStatus arrives after the watcher's RegisterPlugin
+    returns, so "register" seen by the watcher does not yet mean "registered" logged)."""
+
     def __init__(self, tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> None:
         (tmp_path / "root").mkdir(exist_ok=True)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "datahoard.cli", "csi-node", "--host-root", str(tmp_path / "root"),
              "--node-id", "gpu-node-7", *args],
             env={**os.environ, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.lines: list[str] = []
+        self._reader = threading.Thread(target=self._collect, daemon=True)
+        self._reader.start()
+
+    def _collect(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.append(line)
+
+    @property
+    def output(self) -> str:
+        return "".join(self.lines)
 
     def wait_for(self, path: Path) -> None:
         wait_until(lambda: path.is_socket() or self.proc.poll() is not None, timeout=60, what=str(path))
         if self.proc.poll() is not None:
-            raise AssertionError(f"plugin exited {self.proc.returncode}:\n{self.proc.communicate()[0]}")
+            self._reader.join(30)
+            raise AssertionError(f"plugin exited {self.proc.returncode}:\n{self.output}")
+
+    def wait_for_line(self, text: str, timeout: float = 60) -> None:
+        wait_until(lambda: text in self.output or self.proc.poll() is not None, timeout=timeout,
+                   what=f"{text!r} in the plugin's log")
+        if text not in self.output:
+            self._reader.join(30)
+            raise AssertionError(f"plugin exited {self.proc.returncode} before {text!r}:\n{self.output}")
 
     def finish(self, timeout: float = 60) -> str:
-        return self.proc.communicate(timeout=timeout)[0]
+        self.proc.wait(timeout)
+        self._reader.join(timeout)
+        return self.output
 
     def kill(self) -> None:
         if self.proc.poll() is None:
             self.proc.kill()
-            self.proc.communicate(timeout=30)
+            self.proc.wait(30)
+        self._reader.join(30)
 
 
 @pytest.fixture
@@ -442,6 +469,7 @@ def test_the_kubelets_plugin_watcher_registers_and_deregisters_the_plugin(tmp_pa
         DRIVER, str(csi_sock), ["1.0.0"], "")
     registered = watcher.next("register")
     assert (registered["name"], registered["node_id"], registered["error"]) == (DRIVER, "gpu-node-7", "")
+    plugin.wait_for_line("registered with the kubelet")
     plugin.proc.send_signal(signal.SIGTERM)
     assert watcher.next("deregister")["name"] == DRIVER
     output = plugin.finish()
