@@ -317,20 +317,25 @@ def test_operator_with_the_charts_rbac_reconciles_a_dataset(
     print(f"RARELY_USED entries used in this run: {sorted(RARELY_USED.keys() & calls)}")
 
 
-def test_admission_policy_holds_the_operator_to_its_own_labels_and_volumes(
-        plane: AuditedControlPlane, api: kubernetes.client.ApiClient, installed: Rendered,
-        tmp_path: Path) -> None:
-    """RBAC grants `patch nodes` and `create persistentvolumes` whole; the chart's
-    ValidatingAdmissionPolicy lets the operator's ServiceAccount change only its
-    dataset.datahoard.io/* node labels and create only csi.datahoard.io PVs."""
+def operator_client(plane: AuditedControlPlane, installed: Rendered, tmp_path: Path) -> kubernetes.client.CoreV1Api:
+    """A client that authenticates as the chart's operator ServiceAccount (a real token), so
+    the API server applies that account's RBAC and admission policies."""
     sa = installed.find("ServiceAccount", "datahoard-operator")["metadata"]["name"]
     token = plane.kubectl("create", "token", sa, "-n", NAMESPACE, "--duration", "1h").stdout.strip()
     config = yaml.safe_load(plane.kubeconfig.read_text())
     config["users"] = [{"name": "admin", "user": {"token": token}}]
     kubeconfig = tmp_path / "operator-kubeconfig"
     kubeconfig.write_text(yaml.safe_dump(config))
-    as_operator = kubernetes.client.CoreV1Api(
-        kubernetes.config.new_client_from_config(config_file=str(kubeconfig)))
+    return kubernetes.client.CoreV1Api(kubernetes.config.new_client_from_config(config_file=str(kubeconfig)))
+
+
+def test_admission_policy_holds_the_operator_to_its_own_labels_and_volumes(
+        plane: AuditedControlPlane, api: kubernetes.client.ApiClient, installed: Rendered,
+        tmp_path: Path) -> None:
+    """RBAC grants `patch nodes` and `create persistentvolumes` whole; the chart's
+    ValidatingAdmissionPolicy lets the operator's ServiceAccount change only its
+    dataset.datahoard.io/* node labels and create only csi.datahoard.io PVs."""
+    as_operator = operator_client(plane, installed, tmp_path)
     node = f"vap-{uuid.uuid4().hex[:6]}"
     make_node(api, node, gpus=1)
 
@@ -376,14 +381,7 @@ def test_admission_policy_lets_the_operator_only_remove_its_own_gate(
         tmp_path: Path) -> None:
     """RBAC grants `patch pods` whole (a pod's image, labels, tolerations); the policy lets the
     operator's ServiceAccount remove the datahoard.io/warm scheduling gate and nothing else."""
-    sa = installed.find("ServiceAccount", "datahoard-operator")["metadata"]["name"]
-    token = plane.kubectl("create", "token", sa, "-n", NAMESPACE, "--duration", "1h").stdout.strip()
-    config = yaml.safe_load(plane.kubeconfig.read_text())
-    config["users"] = [{"name": "admin", "user": {"token": token}}]
-    kubeconfig = tmp_path / "operator-kubeconfig"
-    kubeconfig.write_text(yaml.safe_dump(config))
-    as_operator = kubernetes.client.CoreV1Api(
-        kubernetes.config.new_client_from_config(config_file=str(kubeconfig)))
+    as_operator = operator_client(plane, installed, tmp_path)
     ns = f"gate-{uuid.uuid4().hex[:6]}"
     plane.kubectl("create", "namespace", ns)
     kubernetes.client.CoreV1Api(api).create_namespaced_pod(ns, {
