@@ -26,6 +26,10 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .consumers import ConsumerTable
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +87,8 @@ class Counters:
     #: (wall time, served from cache, served from source), oldest first, for the recent ratio.
     samples: deque = field(default_factory=deque, repr=False)
     _saver: "CounterSaver | None" = field(default=None, repr=False)
+    #: Served bytes per reading pod (consumers.py), when attribution is on; fed outside the lock.
+    consumers: "ConsumerTable | None" = field(default=None, repr=False)
 
     # -- persistence -----------------------------------------------------------------------
     def persist(self, cache_dir: Path, interval: float = SAVE_INTERVAL) -> None:
@@ -125,7 +131,10 @@ class Counters:
         source = max(0, self.served_from_source - start[2])
         return max(0.0, now - start[0]), cache, cache + source
 
-    def add_read(self, from_cache: int, from_source: int) -> None:
+    def add_read(self, from_cache: int, from_source: int, pid: int = 0) -> None:
+        """A read served to process ``pid`` (the FUSE request's; 0: unknown)."""
+        if self.consumers is not None:
+            self.consumers.add(pid, from_cache, from_source)
         with self.lock:
             self.served_from_cache += from_cache
             self.served_from_source += from_source
@@ -134,14 +143,18 @@ class Counters:
             else:
                 self.hits += 1
 
-    def add_unobserved_hit(self, nbytes: int) -> None:
+    def add_unobserved_hit(self, nbytes: int, pid: int = 0) -> None:
         """A cached file opened with the kernel page cache kept: counted whole, up front."""
+        if self.consumers is not None:
+            self.consumers.add(pid, nbytes, 0)
         with self.lock:
             self.served_from_cache += nbytes
 
-    def add_prepaid_read(self, from_source: int) -> None:
+    def add_prepaid_read(self, from_source: int, pid: int = 0) -> None:
         """A read of bytes counted up front (``add_unobserved_hit``) that reached us after all:
         bytes it had to fetch were not hits, so they move to the source column."""
+        if self.consumers is not None and from_source:
+            self.consumers.add(pid, -from_source, from_source)
         with self.lock:
             self.served_from_cache -= from_source
             self.served_from_source += from_source

@@ -295,7 +295,7 @@ class DatasetCache:
 
     # -- reads -----------------------------------------------------------------------------
     def read(self, state: ReadState, offset: int, size: int, prepaid: bool = False,
-             bounded: bool = False) -> bytes:
+             bounded: bool = False, pid: int = 0) -> bytes:
         """Up to ``size`` bytes of ``state.obj`` at ``offset``, exactly as the source has them.
 
         ``prepaid``: the caller already counted these bytes as served from cache (an open of a
@@ -305,6 +305,8 @@ class DatasetCache:
         ``bounded`` (reads on libfuse threads): fetch on a fetcher thread and wait for it at
         most ``read_wait`` seconds in all; raise SourceBusy instead of waiting when
         ``max_waiting_reads`` reads already wait on the source.
+
+        ``pid``: the reading process (the FUSE request's), to whom the bytes are counted.
         """
         obj = state.obj
         end = min(offset + size, obj.size)
@@ -342,9 +344,9 @@ class DatasetCache:
             pieces.append(piece)
             pos += length
         if prepaid:
-            self.counters.add_prepaid_read(from_source)
+            self.counters.add_prepaid_read(from_source, pid)
         else:
-            self.counters.add_read(from_cache, from_source)
+            self.counters.add_read(from_cache, from_source, pid)
         if offset == state.next_offset and obj.size > csize:
             self._schedule_readahead(state, end, csize, oid)
         state.next_offset = end

@@ -205,7 +205,7 @@ class DatasetFS(Filesystem):
             choice = self.backing.open(nodeid, (lambda: self.cache.backing_fd(obj)) if whole else None)
             fh = choice.fh << _SERIAL_SHIFT
             if choice.backing_id is not None:
-                self.counters.add_unobserved_hit(obj.size)
+                self.counters.add_unobserved_hit(obj.size, ctx.pid)
                 self.passthrough_opens += 1
                 return Opened(fh=fh | PREPAID | PASSED, backing_id=choice.backing_id)
         else:
@@ -214,7 +214,7 @@ class DatasetFS(Filesystem):
         if small and whole:
             # Cached and small, not passed through: keep the kernel's page cache across opens
             # and count the file now (reads that still reach us are prepaid).
-            self.counters.add_unobserved_hit(obj.size)
+            self.counters.add_unobserved_hit(obj.size, ctx.pid)
             return Opened(fh=fh | PREPAID, keep_cache=True)
         self._handles[(nodeid, fh)] = ReadState(obj)
         return Opened(fh=fh)
@@ -228,7 +228,7 @@ class DatasetFS(Filesystem):
             if not prepaid:
                 self._handles[(nodeid, fh)] = state
         try:
-            return self.cache.read(state, offset, size, prepaid=prepaid, bounded=True)
+            return self.cache.read(state, offset, size, prepaid=prepaid, bounded=True, pid=ctx.pid)
         except Exception as exc:  # noqa: BLE001 - any failure is EIO, never wrong bytes
             message = f"read of {state.obj.key} failed: {exc}"
             log.error(message)

@@ -68,10 +68,11 @@ def _check(result: int, what: str) -> int:
 
 
 class OpenWatch:
-    """Calls ``on_open(nbytes)`` with the sizes of the files opened on ``path``'s filesystem,
-    summed over a batch of opens."""
+    """Calls ``on_open(nbytes, pid)`` with the sizes of the files opened on ``path``'s
+    filesystem, summed over a batch of opens per opening process (for per-pod attribution,
+    consumers.py)."""
 
-    def __init__(self, path: str, on_open: Callable[[int], None]) -> None:
+    def __init__(self, path: str, on_open: Callable[[int, int], None]) -> None:
         self._path = path
         self._on_open = on_open
         self._fd = -1
@@ -117,9 +118,10 @@ class OpenWatch:
 
     def _count(self, buf: bytes) -> int:
         """Count one batch of events with one call of ``on_open``: this runs for every open."""
-        counted = nbytes = pos = 0
+        counted = pos = 0
+        by_pid: dict[int, int] = {}
         while pos + _EVENT.size <= len(buf):
-            event_len, _vers, _res, _meta_len, mask, fd, _pid = _EVENT.unpack_from(buf, pos)
+            event_len, _vers, _res, _meta_len, mask, fd, pid = _EVENT.unpack_from(buf, pos)
             pos += event_len
             if mask & _FAN_Q_OVERFLOW:  # cannot happen with an unlimited queue; said if it does
                 log.warning("fanotify queue overflowed: some opens were not counted")
@@ -128,12 +130,12 @@ class OpenWatch:
             # Only files are reported (no FAN_ONDIR) and the view has nothing but regular files
             # and directories; the size is where the end is (the kernel has the attributes).
             try:
-                nbytes += os.lseek(fd, 0, os.SEEK_END)
+                by_pid[pid] = by_pid.get(pid, 0) + os.lseek(fd, 0, os.SEEK_END)
                 counted += 1
             finally:
                 os.close(fd)
-        if counted:
-            self._on_open(nbytes)
+        for pid, nbytes in by_pid.items():
+            self._on_open(nbytes, pid)
         return counted
 
     def stop(self) -> None:

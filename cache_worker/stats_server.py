@@ -75,6 +75,15 @@ class _StatsCollector:
         yield gauge("warm_bytes_per_second", "warming rate", s.warming.bytes_per_second)
         yield gauge("serving_direct", "1 while new opens are served from the direct tree (no FUSE hop; "
                     "such reads are not counted in served bytes or the hit ratio)", 1.0 if s.serving == "direct" else 0.0)
+        consumers = CounterMetricFamily(
+            "datahoard_consumer_served_bytes",
+            "bytes served to each consumer (pod) since the worker started: the top 20 by bytes, the rest summed "
+            "as pod=\"other\" (which can fall when a consumer enters the top 20; the sum over pods never does)",
+            labels=[*labels, "namespace", "pod", "origin"])
+        for c in s.consumers:
+            consumers.add_metric([*value, c.namespace, c.pod, "cache"], c.served_from_cache_bytes)
+            consumers.add_metric([*value, c.namespace, c.pod, "source"], c.served_from_source_bytes)
+        yield consumers
         yield gauge("direct_tree_files", "files in the direct tree", s.direct.files)
         yield gauge("direct_tree_bytes", "bytes of the dataset in the direct tree", s.direct.bytes)
         yield gauge("direct_tree_assembled_bytes", "bytes of large files the direct tree assembled (own space)",

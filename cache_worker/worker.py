@@ -37,8 +37,9 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from datahoard import runtime
-from datahoard.stats import DirectStats, FuseStats, RecentStats, WarmingStats, WorkerStats
+from datahoard.stats import ConsumerStats, DirectStats, FuseStats, RecentStats, WarmingStats, WorkerStats
 
+from .consumers import ConsumerTable, PodNames
 from .counters import Counters
 from .dataset import DatasetCache, Tuning
 from .attach import Attacher, Attachment, deposit, index_identity, keep_deposited
@@ -98,6 +99,8 @@ class WorkerConfig:
     handover: bool = True
     #: The keeper's socket (None: ``runtime.keeper_socket()``).
     keeper_socket: Path | None = None
+    #: Pod name records of this dataset, written by the CSI node plugin (consumers.py).
+    consumers_dir: Path | None = None
 
 
 Progress = Callable[[str, int], None]
@@ -146,6 +149,7 @@ class Worker:
         self.config = config
         self._progress = progress or (lambda what, n: None)
         self.counters = Counters()
+        self.counters.consumers = ConsumerTable(names=PodNames(config.consumers_dir))
         self.ready = threading.Event()
         self._lock_fd: int | None = None
         self.source: Source | None = None
@@ -581,9 +585,16 @@ class Worker:
             direct=self.direct,
             recent=recent,
             fuse=self._fuse_stats(),
+            consumers=self._consumer_stats(),
             **counts,
         )
 
+
+    def _consumer_stats(self) -> list[ConsumerStats]:
+        table = self.counters.consumers
+        return [ConsumerStats(namespace=c.namespace, pod=c.pod, served_from_cache_bytes=c.from_cache,
+                              served_from_source_bytes=c.from_source)
+                for c in (table.snapshot() if table is not None else [])]
 
     def _fuse_stats(self) -> FuseStats:
         att, view = self.attachment, self.view

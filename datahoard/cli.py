@@ -104,6 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--no-keeper", dest="keeper", action="store_false",
                    help="do not hold the FUSE connection across worker restarts (a restart then remounts, and "
                         "readers see errors meanwhile)")
+    m.add_argument("--consumers-dir", type=Path, metavar="DIR",
+                   help="where the CSI node plugin records the pods this dataset is published to, so served "
+                        "bytes are shown per pod by name (Kubernetes; without it pods are shown by UID)")
     m.add_argument("--log-file", help=argparse.SUPPRESS)
     m.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     m.add_argument("--lock-fd", type=int, help=argparse.SUPPRESS)  # the parent's MountLock
@@ -201,6 +204,7 @@ def _worker_config(args: argparse.Namespace):
         kernel_opens=args.kernel_opens,
         passthrough=args.passthrough,
         handover=args.keeper,
+        consumers_dir=args.consumers_dir,
     )
 
 

@@ -53,6 +53,12 @@ def cache_dir(namespace: str, name: str, root: Path | None = None) -> Path:
     return (root or host_root()) / "cache" / namespace / name
 
 
+def consumers_dir(namespace: str, name: str, root: Path | None = None) -> Path:
+    """Where the CSI node plugin records the pods a Dataset is published to (one file per
+    target), for that Dataset's worker alone: it mounts this directory and no other's."""
+    return (root or host_root()) / "consumers" / namespace / name
+
+
 def run_dir(root: Path | None = None) -> Path:
     """Where workers on a node record their mounts (``datahoard.runtime``), so that the CSI
     node plugin, in another pod, finds a view's worker and its stats endpoint."""

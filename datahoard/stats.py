@@ -66,6 +66,25 @@ class FuseStats(BaseModel):
     passthrough_opens: int = Field(default=0, description="opens answered with passthrough since start")
 
 
+class ConsumerStats(BaseModel):
+    """Bytes one consumer read through the view: a pod (``namespace``/``pod``), the ``host``
+    (a process in no pod), ``unattributed`` (the worker cannot see the reader's pid) or
+    ``other`` (every consumer beyond the top 20, folded: see cache_worker/consumers.py)."""
+
+    namespace: str = Field(default="", description="the pod's namespace; empty for host, unattributed, other")
+    pod: str = Field(description="the pod's name (its UID when the CSI plugin did not record it)")
+    served_from_cache_bytes: int = 0
+    served_from_source_bytes: int = 0
+
+    @property
+    def served_bytes(self) -> int:
+        return self.served_from_cache_bytes + self.served_from_source_bytes
+
+    @property
+    def hit_ratio(self) -> float | None:
+        return self.served_from_cache_bytes / self.served_bytes if self.served_bytes else None
+
+
 class WorkerStats(BaseModel):
     source: str
     mountpoint: str
@@ -105,6 +124,9 @@ class WorkerStats(BaseModel):
     direct: DirectStats = Field(default_factory=DirectStats)
     recent: RecentStats = Field(default_factory=RecentStats)
     fuse: FuseStats = Field(default_factory=FuseStats)
+    consumers: list[ConsumerStats] = Field(
+        default_factory=list,
+        description="served bytes per consumer since the worker started: the top 20 by bytes, then 'other'")
 
     @property
     def served_bytes(self) -> int:
