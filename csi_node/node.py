@@ -22,7 +22,7 @@ import grpc
 
 from datahoard import names
 
-from . import csi_pb2, csi_pb2_grpc, usage, validation
+from . import consumers, csi_pb2, csi_pb2_grpc, usage, validation
 from .errors import AlreadyExists, CsiError, FailedPrecondition, InvalidArgument, NotFound, rpc
 from .mounter import Health, Mounter
 from .recovery import Repairer, Status
@@ -92,6 +92,8 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         params = validation.publish_params(request, self.config.host_root)
         with self.locks.hold(params.target_path, "NodePublishVolume", params.volume_id):
             self._publish(params)
+            consumers.record(self.config.host_root, params.view.namespace, params.view.name,
+                             params.target_path, request.volume_context)
         return csi_pb2.NodePublishVolumeResponse()
 
     def _publish(self, p: PublishParams) -> None:
@@ -179,8 +181,26 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         vol = validation.volume_id(request.volume_id)
         target = validation.path(request.target_path, "target_path", vol)
         with self.locks.hold(target, "NodeUnpublishVolume", vol):
+            dataset = self._dataset_of(vol, target)
             self._unpublish(vol, target)
+            if dataset is not None:
+                consumers.forget(self.config.host_root, *dataset, target)
         return csi_pb2.NodeUnpublishVolumeResponse()
+
+    def _dataset_of(self, vol: str, target: str) -> tuple[str, str] | None:
+        """The Dataset published at ``target``: from its record's view (right for inline volumes
+        too), else from the volume handle."""
+        existing = self.state.get(target)
+        if existing is not None:
+            view = Path(self._stats_view(existing.view_path))
+            parts = view.relative_to(self.config.host_root / "mnt").parts if view.is_relative_to(
+                self.config.host_root / "mnt") else ()
+            if len(parts) == 2:
+                return parts[0], parts[1]
+        try:
+            return names.parse_volume_handle(vol)
+        except ValueError:
+            return None
 
     def _unpublish(self, vol: str, target: str) -> None:
         """Detach every layer at the target, remove the directory, forget the record.
