@@ -1,0 +1,96 @@
+"""Per-pod attribution through a real FUSE mount: two reader processes, each moved into a cgroup
+named as kubelet names pod cgroups (one per driver), read different files; ``/stats`` and
+``/metrics`` give each pod its own bytes, by the names the CSI plugin's records give them."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import urllib.request
+import uuid
+from pathlib import Path
+
+import pytest
+
+from datahoard import runtime
+from datahoard.csi_node import consumers as records
+from tests.conftest import wait_for
+
+pytestmark = pytest.mark.integration
+
+UID_A = str(uuid.uuid4())
+UID_B = str(uuid.uuid4())
+
+
+def cgroup2_root() -> Path | None:
+    """Where the unified (v2) hierarchy is mounted: /sys/fs/cgroup, or .../unified on hybrid nodes."""
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            left, _, right = line.partition(" - ")
+            if right.split()[0] == "cgroup2":
+                return Path(left.split()[4])
+    return None
+
+
+@pytest.fixture
+def pod_cgroups():
+    """Two pod cgroups under a test-private parent (kubelet's own kubepods, if any, is never
+    touched): cgroupfs form for pod A, systemd form for pod B."""
+    root = cgroup2_root()
+    if root is None or not os.access(root, os.W_OK):
+        pytest.skip("needs a writable cgroup v2 hierarchy (root)")
+    parent = root / f"datahoard-test-{uuid.uuid4().hex[:8]}"
+    a = parent / "kubepods" / "besteffort" / f"pod{UID_A}"
+    b = (parent / "kubepods.slice" / "kubepods-besteffort.slice"
+         / f"kubepods-besteffort-pod{UID_B.replace('-', '_')}.slice")
+    a.mkdir(parents=True)
+    b.mkdir(parents=True)
+    try:
+        yield a, b
+    finally:
+        for d in sorted((p for p in parent.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
+            d.rmdir()
+        parent.rmdir()
+
+
+def read_in(cgroup: Path, path: Path) -> bytes:
+    """Read ``path`` with a process that first moves itself into ``cgroup``, as a container's are."""
+    script = 'echo $$ > "$1/cgroup.procs" && exec cat "$2"'
+    return subprocess.run(["sh", "-c", script, "sh", str(cgroup), str(path)], check=True,
+                          capture_output=True, timeout=60).stdout
+
+
+def test_two_pods_reading_through_fuse_get_their_own_bytes(s3, bucket, mount_dataset, tmp_path, pod_cgroups):
+    cg_a, cg_b = pod_cgroups
+    a, b = os.urandom(300_000), os.urandom(700_000)
+    s3.put_object(Bucket=bucket, Key="ds/a.bin", Body=a)
+    s3.put_object(Bucket=bucket, Key="ds/b.bin", Body=b)
+    host_root = tmp_path / "host"
+    # What the CSI plugin writes at NodePublishVolume for each pod (csi_node/consumers.py).
+    records.record(host_root, "ml", "imagenet", "/pods/a/mount", {
+        records.POD_UID: UID_A, records.POD_NAMESPACE: "team-a", records.POD_NAME: "trainer-0"})
+    records.record(host_root, "ml", "imagenet", "/pods/b/mount", {
+        records.POD_UID: UID_B, records.POD_NAMESPACE: "team-b", records.POD_NAME: "eval-0"})
+    directory = records.record_path(host_root, "ml", "imagenet", "x").parent
+    m = mount_dataset(bucket, "ds", "--consumers-dir", str(directory))
+
+    assert read_in(cg_a, m.mountpoint / "a.bin") == a  # a miss: from the source
+    assert read_in(cg_a, m.mountpoint / "a.bin") == a  # a hit
+    assert read_in(cg_b, m.mountpoint / "b.bin") == b  # a miss
+    assert (m.mountpoint / "b.bin").read_bytes() == b  # the host (this process), a hit
+
+    stats = m.stats()
+    got = {(c.namespace, c.pod): (c.served_from_cache_bytes, c.served_from_source_bytes) for c in stats.consumers}
+    assert got == {
+        ("team-a", "trainer-0"): (len(a), len(a)),
+        ("team-b", "eval-0"): (0, len(b)),
+        ("", "host"): (len(b), 0),
+    }
+    assert sum(sum(v) for v in got.values()) == stats.served_bytes
+
+    record = runtime.lookup(m.mountpoint)
+    metrics = urllib.request.urlopen(record.stats_url.rstrip("/") + "/metrics", timeout=10).read().decode()
+    line = next(l for l in metrics.splitlines()
+                if l.startswith("datahoard_consumer_served_bytes_total{") and 'pod="trainer-0"' in l
+                and 'origin="cache"' in l)
+    assert 'namespace="team-a"' in line and float(line.rsplit(" ", 1)[1]) == len(a)
