@@ -104,6 +104,8 @@ def worker_command(ds: Dataset, settings: OperatorSettings) -> list[str]:
         str(names.mount_dir(ds.namespace, ds.name, settings.host_root)),
         "--cache-dir", str(names.cache_dir(ds.namespace, ds.name, settings.host_root)),
         "--capacity", ds.spec.cache.capacity,
+        # The CSI plugin's records of the pods this Dataset is published to (per-pod hit ratio).
+        "--consumers-dir", str(names.consumers_dir(ds.namespace, ds.name, settings.host_root)),
     ]
     if ds.spec.warm.policy == "Eager":
         cmd.append("--warm")
@@ -192,6 +194,8 @@ def _worker_container(ds: Dataset, settings: OperatorSettings, with_secret: bool
             {"name": "mnt", "mountPath": mnt_root, "mountPropagation": "Bidirectional"},
             {"name": "cache", "mountPath": cache},
             {"name": "run", "mountPath": str(names.run_dir(settings.host_root))},
+            {"name": "consumers", "readOnly": True,
+             "mountPath": str(names.consumers_dir(ds.namespace, ds.name, settings.host_root))},
         ],
         "env": env,
     }
@@ -234,7 +238,14 @@ def worker_daemonset(ds: Dataset, nodes: list[str], settings: OperatorSettings,
             cache_volume,
             {"name": "run", "hostPath": {"path": str(names.run_dir(settings.host_root)),
                                          "type": "DirectoryOrCreate"}},
+            # This Dataset's pod records only: no worker sees another tenant's pods.
+            {"name": "consumers", "hostPath": {
+                "path": str(names.consumers_dir(ds.namespace, ds.name, settings.host_root)),
+                "type": "DirectoryOrCreate"}},
         ],
+        # FUSE names a reader by its pid in the worker's pid namespace: without the host's, every
+        # pod's pid is 0 and the per-pod hit ratio cannot attribute anything (consumers.py).
+        "hostPID": True,
     }
     if settings.worker_service_account:
         pod_spec["serviceAccountName"] = settings.worker_service_account
@@ -323,14 +334,15 @@ def cleanup_job_name(ds: Dataset, node: str) -> str:
 
 
 def cleanup_job(ds: Dataset, node: str, settings: OperatorSettings) -> Manifest:
-    """A one-shot pod on ``node`` that removes the Dataset's cache and mount directories.
+    """A one-shot pod on ``node`` that removes the Dataset's cache, mount and pod-record directories.
 
     Runs after the workers are gone. A worker that crashed can leave a dead FUSE mount behind, so
     the script lazily unmounts first; Bidirectional propagation makes that unmount reach the host.
     """
     mnt = names.mount_dir(ds.namespace, ds.name, settings.host_root)
     cache = names.cache_dir(ds.namespace, ds.name, settings.host_root)
-    script = (f'umount -l "{mnt}" 2>/dev/null; rm -rf -- "{cache}"; rmdir -- "{mnt}" 2>/dev/null; '
+    consumers = names.consumers_dir(ds.namespace, ds.name, settings.host_root)
+    script = (f'umount -l "{mnt}" 2>/dev/null; rm -rf -- "{cache}" "{consumers}"; rmdir -- "{mnt}" 2>/dev/null; '
               "exit 0")
     root = str(settings.host_root)
     return {

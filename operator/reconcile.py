@@ -22,6 +22,7 @@ from datahoard.api import Dataset, error_summary
 
 from . import builders, metrics, ownership, placement, policy
 from .collect import collect
+from .consumers import consumers_status
 from .config import OperatorSettings
 from .kube import Kube
 from .status import WorkerPod, capacity_problem, degraded_reasons, set_condition, stale_nodes, summarize
@@ -332,6 +333,7 @@ async def reconcile(body: Mapping[str, Any], nodes: list[Mapping[str, Any]], kub
     metrics.STATS_SECONDS.observe(time.monotonic() - started)
     metrics.STATS_FAILURES.inc(sum(isinstance(s, str) for s in stats.values()))
     out = summarize(ds, state.selected, on_selected, stats, status, state.conditions.time)
+    out["consumers"] = consumers_status(stats, status)
     stats_conditions(ds, state.conditions, out, stats, settings.namespace)
 
     not_ready = [n for n in state.selected if not any(p.node == n and p.ready for p in on_selected)]

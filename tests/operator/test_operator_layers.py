@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 OPERATOR = Path(__file__).resolve().parents[2] / "operator"
-PURE = {"builders", "placement", "status", "config", "ownership", "gate"}
+PURE = {"builders", "placement", "status", "config", "ownership", "gate", "consumers"}
 IO_LIBS = {"kubernetes", "kopf", "aiohttp", "urllib3", "requests", "asyncio"}
 
 
