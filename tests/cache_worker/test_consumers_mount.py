@@ -5,16 +5,14 @@ named as kubelet names pod cgroups (one per driver), read different files; ``/st
 from __future__ import annotations
 
 import os
-import subprocess
 import urllib.request
 import uuid
-from pathlib import Path
 
 import pytest
 
 from datahoard import runtime
 from datahoard.csi_node import consumers as records
-from tests.conftest import wait_for
+from tests.cgroups import pod_cgroups, read_in
 
 pytestmark = pytest.mark.integration
 
@@ -22,46 +20,14 @@ UID_A = str(uuid.uuid4())
 UID_B = str(uuid.uuid4())
 
 
-def cgroup2_root() -> Path | None:
-    """Where the unified (v2) hierarchy is mounted: /sys/fs/cgroup, or .../unified on hybrid nodes."""
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            left, _, right = line.partition(" - ")
-            if right.split()[0] == "cgroup2":
-                return Path(left.split()[4])
-    return None
-
-
 @pytest.fixture
-def pod_cgroups():
-    """Two pod cgroups under a test-private parent (kubelet's own kubepods, if any, is never
-    touched): cgroupfs form for pod A, systemd form for pod B."""
-    root = cgroup2_root()
-    if root is None or not os.access(root, os.W_OK):
-        pytest.skip("needs a writable cgroup v2 hierarchy (root)")
-    parent = root / f"datahoard-test-{uuid.uuid4().hex[:8]}"
-    a = parent / "kubepods" / "besteffort" / f"pod{UID_A}"
-    b = (parent / "kubepods.slice" / "kubepods-besteffort.slice"
-         / f"kubepods-besteffort-pod{UID_B.replace('-', '_')}.slice")
-    a.mkdir(parents=True)
-    b.mkdir(parents=True)
-    try:
-        yield a, b
-    finally:
-        for d in sorted((p for p in parent.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
-            d.rmdir()
-        parent.rmdir()
+def cgroups():
+    with pod_cgroups(UID_A, UID_B) as both:
+        yield both
 
 
-def read_in(cgroup: Path, path: Path) -> bytes:
-    """Read ``path`` with a process that first moves itself into ``cgroup``, as a container's are."""
-    script = 'echo $$ > "$1/cgroup.procs" && exec cat "$2"'
-    return subprocess.run(["sh", "-c", script, "sh", str(cgroup), str(path)], check=True,
-                          capture_output=True, timeout=60).stdout
-
-
-def test_two_pods_reading_through_fuse_get_their_own_bytes(s3, bucket, mount_dataset, tmp_path, pod_cgroups):
-    cg_a, cg_b = pod_cgroups
+def test_two_pods_reading_through_fuse_get_their_own_bytes(s3, bucket, mount_dataset, tmp_path, cgroups):
+    cg_a, cg_b = cgroups
     a, b = os.urandom(300_000), os.urandom(700_000)
     s3.put_object(Bucket=bucket, Key="ds/a.bin", Body=a)
     s3.put_object(Bucket=bucket, Key="ds/b.bin", Body=b)
