@@ -24,6 +24,11 @@ look at ``/proc`` (a pid cannot be freed and handed to a new process in another 
 second on a machine with ``pid_max`` in the millions; a short-lived process whose pid is gone
 keeps its last answer).
 
+The counts are saved with the worker's counters (``counters.json``, names included: a pod's
+record goes when it is unpublished), so a restart continues them. Measured on the loaded 2-core
+test machine: ``Counters.add_read`` costs 9 us without attribution and 15 us with it (the
+trusted-pid path); the first read of a new process costs about 75 us more (two /proc reads).
+
 **Bounded cardinality.** :class:`ConsumerTable` tracks at most :data:`TRACKED` consumers exactly
 (beyond that the one with the fewest bytes is folded, permanently, into ``other``) and exports
 the top :data:`TOP_N` (20) by bytes served; every other consumer is summed into one ``other``
@@ -158,11 +163,17 @@ class PodNames:
         self.directory = directory
         self._names: dict[str, tuple[str, str]] = {}
         self._scanned = 0.0
+        self._lock = threading.Lock()  # the stats handler and the counters' saver both ask
 
     def get(self, uid: str) -> tuple[str, str] | None:
-        if uid not in self._names and self.directory is not None and time.monotonic() - self._scanned > 1.0:
-            self._scan()
-        return self._names.get(uid)
+        with self._lock:
+            if uid not in self._names and self.directory is not None and time.monotonic() - self._scanned > 1.0:
+                self._scan()
+            return self._names.get(uid)
+
+    def remember(self, uid: str, namespace: str, name: str) -> None:
+        with self._lock:
+            self._names.setdefault(uid, (namespace, name))
 
     def _scan(self) -> None:
         self._scanned = time.monotonic()
@@ -250,6 +261,30 @@ class ConsumerTable:
         if rest.bytes:
             out.append(ConsumerUsage("", OTHER, rest.from_cache, rest.from_source))
         return out
+
+    def dump(self) -> dict:
+        """The counts as plain data, names included (a pod's record is gone once it is
+        unpublished), for ``counters.json``: a worker restart continues them."""
+        with self._lock:
+            items = list(self._usage.items())
+            folded = [self._folded.from_cache, self._folded.from_source]
+        return {"tracked": [[c.uid, c.kind, *self.label(c), u.from_cache, u.from_source] for c, u in items],
+                "folded": folded}
+
+    def load(self, data: dict) -> None:
+        """Continue from :meth:`dump`'s data; raises ValueError/TypeError/KeyError when it is not."""
+        rows = [(str(uid), str(kind), str(ns), str(pod), int(cache), int(source))
+                for uid, kind, ns, pod, cache, source in data["tracked"]]
+        folded = [int(v) for v in data["folded"]]
+        if len(folded) != 2 or min([*folded, *(min(r[4], r[5]) for r in rows)] or [0]) < 0:
+            raise ValueError("consumer counts must be whole numbers >= 0")
+        with self._lock:
+            for uid, kind, ns, pod, cache, source in rows[: self.tracked]:
+                consumer = Consumer(uid, kind)
+                if kind == "pod" and ns:
+                    self.names.remember(uid, ns, pod)
+                self._usage[consumer] = Usage(cache, source)
+            self._folded = Usage(*folded)
 
     def label(self, consumer: Consumer) -> tuple[str, str]:
         """(namespace, pod) as exported: a pod's names, its UID if unknown, or ("", kind)."""

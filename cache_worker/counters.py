@@ -205,6 +205,7 @@ class CounterSaver:
             if not all(isinstance(v, int) and v >= 0 for v in counts.values()):
                 raise ValueError("counts must be whole numbers >= 0")
             samples = [(float(t), int(c), int(s)) for t, c, s in data.get("samples", [])]
+            consumers = data.get("consumers")
         except FileNotFoundError:
             return
         except (OSError, ValueError, TypeError, KeyError) as exc:
@@ -220,6 +221,11 @@ class CounterSaver:
             for key, value in counts.items():
                 setattr(self.counters, key, value)
             self.counters.samples.extend(s for s in samples if s[1] <= counts.get("served_from_cache", 0))
+        if consumers is not None and self.counters.consumers is not None:
+            try:
+                self.counters.consumers.load(consumers)
+            except (ValueError, TypeError, KeyError) as exc:
+                log.warning("per-consumer counts in %s are unreadable (%s): counting them from zero", self.path, exc)
         log.info("continuing the counters saved at %s (%d bytes served so far)", data.get("saved_at"),
                  counts.get("served_from_cache", 0) + counts.get("served_from_source", 0))
 
@@ -246,6 +252,8 @@ class CounterSaver:
             data = {"format": _FORMAT, "saved_at": now,
                     "counters": {k: getattr(self.counters, k) for k in PERSISTED},
                     "samples": list(self.counters.samples)}
+        if self.counters.consumers is not None:
+            data["consumers"] = self.counters.consumers.dump()
         try:
             fd, tmp = tempfile.mkstemp(prefix=".counters.", dir=self.path.parent)
             try:

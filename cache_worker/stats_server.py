@@ -77,7 +77,7 @@ class _StatsCollector:
                     "such reads are not counted in served bytes or the hit ratio)", 1.0 if s.serving == "direct" else 0.0)
         consumers = CounterMetricFamily(
             "datahoard_consumer_served_bytes",
-            "bytes served to each consumer (pod) since the worker started: the top 20 by bytes, the rest summed "
+            "bytes served to each consumer (pod): the top 20 by bytes, the rest summed "
             "as pod=\"other\" (which can fall when a consumer enters the top 20; the sum over pods never does)",
             labels=[*labels, "namespace", "pod", "origin"])
         for c in s.consumers:

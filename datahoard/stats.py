@@ -126,7 +126,7 @@ class WorkerStats(BaseModel):
     fuse: FuseStats = Field(default_factory=FuseStats)
     consumers: list[ConsumerStats] = Field(
         default_factory=list,
-        description="served bytes per consumer since the worker started: the top 20 by bytes, then 'other'")
+        description="served bytes per consumer over the cache directory's life: the top 20 by bytes, then 'other'")
 
     @property
     def served_bytes(self) -> int:

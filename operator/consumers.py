@@ -6,8 +6,8 @@ answered this collection and keeps the top :data:`TOP` by bytes. ``other`` is no
 is left out (it mixes different pods on different nodes). When no worker answered, the last list
 is kept (``status.stale`` says the figures are old), as every other figure is.
 
-Per-consumer counts start with the worker (they are not persisted as the Dataset's counters
-are), so a worker restart lowers a pod's bytes: the list says who reads now, not who read ever.
+Workers save per-consumer counts with their other counters, so a restart continues them; a
+new cache directory (a ``Memory`` cache's tmpfs goes with its pod) starts them afresh.
 """
 
 from __future__ import annotations

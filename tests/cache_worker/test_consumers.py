@@ -178,3 +178,44 @@ def test_names_come_from_this_datasets_records_only(tmp_path):
     table = ConsumerTable(Pids(), PodNames(mine))
     table.add(9, 5, 0)
     assert [(c.namespace, c.pod) for c in table.snapshot()] == [("", "uid-9")]
+
+
+def test_counts_and_names_survive_a_restart(tmp_path):
+    from cache_worker.counters import CounterSaver
+
+    records = tmp_path / "records"
+    records.mkdir()
+    (records / "a.json").write_text(json.dumps({"uid": "uid-2", "namespace": "team-a", "name": "trainer-0"}))
+    before = Counters()
+    before.consumers = ConsumerTable(Pids(), PodNames(records), top_n=1, tracked=2)
+    before.add_read(100, 50, pid=2)
+    before.add_read(7, 0, pid=3)
+    before.add_read(1, 0, pid=4)  # the table is full: uid-3 (7 bytes) is folded into other
+    CounterSaver(before, tmp_path / "counters.json", 5).save()
+    (records / "a.json").unlink()  # the pod was unpublished meanwhile
+
+    after = Counters()
+    after.consumers = ConsumerTable(Pids(), PodNames(records), top_n=1, tracked=2)
+    CounterSaver(after, tmp_path / "counters.json", 5).load()
+    assert after.consumers.snapshot() == before.consumers.snapshot()
+    assert after.consumers.snapshot()[0].pod == "trainer-0"
+    after.add_read(0, 10, pid=2)
+    assert after.consumers.snapshot()[0].from_source == 60
+
+
+def test_damaged_consumer_counts_start_afresh_and_the_rest_is_kept(tmp_path):
+    from cache_worker.counters import CounterSaver
+
+    path = tmp_path / "counters.json"
+    c = Counters()
+    c.consumers = ConsumerTable(Pids())
+    c.add_read(5, 5, pid=2)
+    CounterSaver(c, path, 5).save()
+    data = json.loads(path.read_text())
+    data["consumers"]["tracked"][0][4] = -3
+    path.write_text(json.dumps(data))
+    again = Counters()
+    again.consumers = ConsumerTable(Pids())
+    CounterSaver(again, path, 5).load()
+    assert (again.served_from_cache, again.served_from_source) == (5, 5)
+    assert again.consumers.snapshot() == []
