@@ -13,6 +13,7 @@ import pytest
 from datahoard import runtime
 from datahoard.csi_node import consumers as records
 from tests.cgroups import pod_cgroups, read_in
+from tests.conftest import wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -60,3 +61,31 @@ def test_two_pods_reading_through_fuse_get_their_own_bytes(s3, bucket, mount_dat
                 if l.startswith("datahoard_consumer_served_bytes_total{") and 'pod="trainer-0"' in l
                 and 'origin="cache"' in l)
     assert 'namespace="team-a"' in line and float(line.rsplit(" ", 1)[1]) == len(a)
+
+
+def test_kernel_opens_are_attributed_by_fanotifys_pid(s3, bucket, mount_dataset, tmp_path, cgroups):
+    """A cached dataset of small files: the kernel opens files itself, fanotify counts each open
+    whole, and names the opener's pid, so the bytes still go to the right pod."""
+    cg_a, cg_b = cgroups
+    files = {f"img{i}.jpg": os.urandom(10_000 + i) for i in range(6)}
+    for key, body in files.items():
+        s3.put_object(Bucket=bucket, Key=f"ds/{key}", Body=body)
+    host_root = tmp_path / "host"
+    records.record(host_root, "ml", "imagenet", "/pods/a/mount", {
+        records.POD_UID: UID_A, records.POD_NAMESPACE: "team-a", records.POD_NAME: "trainer-0"})
+    directory = records.record_path(host_root, "ml", "imagenet", "x").parent
+    m = mount_dataset(bucket, "ds", "--warm", "--wait", "--no-passthrough", "--consumers-dir", str(directory))
+    wait_for(lambda: m.stats().kernel_opens, what="the view handing opens to the kernel")
+
+    first, second = list(files)[:3], list(files)[3:]
+    for key in first:
+        assert read_in(cg_a, m.mountpoint / key) == files[key]
+    for key in second:
+        assert read_in(cg_b, m.mountpoint / key) == files[key]
+    stats = m.stats()
+    assert stats.kernel_opens
+    got = {(c.namespace, c.pod): (c.served_from_cache_bytes, c.served_from_source_bytes) for c in stats.consumers}
+    assert got == {
+        ("team-a", "trainer-0"): (sum(len(files[k]) for k in first), 0),
+        ("", UID_B): (sum(len(files[k]) for k in second), 0),  # no record of pod B: shown by UID
+    }
