@@ -470,6 +470,11 @@ def _status(args: argparse.Namespace) -> int:
                     + (f" ({w.message})" if w.message else "")),
         ("errors", f"{stats.errors}" + (f" (last: {stats.last_error})" if stats.last_error else "")),
     ]
+    if stats.consumers:
+        rows.append(("readers", ", ".join(
+            f"{c.namespace + '/' if c.namespace else ''}{c.pod} {format_size(c.served_bytes)}"
+            + (f" (hit {c.hit_ratio:.3f})" if c.hit_ratio is not None else "") for c in stats.consumers[:3])
+            + (f" and {len(stats.consumers) - 3} more" if len(stats.consumers) > 3 else "")))
     if stats.kernel_opens:
         rows.append(("kernel opens", "yes: the dataset is cached and the kernel opens files itself (still counted)"))
     d = stats.direct

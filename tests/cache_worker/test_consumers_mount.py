@@ -13,7 +13,7 @@ import pytest
 from datahoard import runtime
 from datahoard.csi_node import consumers as records
 from tests.cgroups import pod_cgroups, read_in
-from tests.conftest import wait_for
+from tests.conftest import datahoard, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -54,6 +54,9 @@ def test_two_pods_reading_through_fuse_get_their_own_bytes(s3, bucket, mount_dat
         ("", "host"): (len(b), 0),
     }
     assert sum(sum(v) for v in got.values()) == stats.served_bytes
+    shown = datahoard("status", str(m.mountpoint)).stdout
+    readers = next(line for line in shown.splitlines() if line.startswith("readers"))
+    assert "team-a/trainer-0" in readers and "(hit 0.500)" in readers and "team-b/eval-0" in readers
 
     record = runtime.lookup(m.mountpoint)
     metrics = urllib.request.urlopen(record.stats_url.rstrip("/") + "/metrics", timeout=10).read().decode()
