@@ -117,7 +117,8 @@ class OpenWatch:
         return counted
 
     def _count(self, buf: bytes) -> int:
-        """Count one batch of events with one call of ``on_open``: this runs for every open."""
+        """Count one batch of events with one call of ``on_open`` per opening process: this runs
+        for every open."""
         counted = pos = 0
         by_pid: dict[int, int] = {}
         while pos + _EVENT.size <= len(buf):
