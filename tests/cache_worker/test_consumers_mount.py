@@ -13,7 +13,7 @@ import pytest
 from datahoard import runtime
 from datahoard.csi_node import consumers as records
 from tests.cgroups import pod_cgroups, read_in
-from tests.conftest import datahoard, wait_for
+from tests.conftest import datahoard, unmount, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -64,6 +64,14 @@ def test_two_pods_reading_through_fuse_get_their_own_bytes(s3, bucket, mount_dat
                 if l.startswith("datahoard_consumer_served_bytes_total{") and 'pod="trainer-0"' in l
                 and 'origin="cache"' in l)
     assert 'namespace="team-a"' in line and float(line.rsplit(" ", 1)[1]) == len(a)
+
+    # A restart continues the counts, names included, though pod A has been unpublished since.
+    records.forget(host_root, "ml", "imagenet", "/pods/a/mount")
+    unmount(m)
+    m = mount_dataset(bucket, "ds", "--consumers-dir", str(directory), cache_dir=m.cache_dir,
+                      mountpoint=m.mountpoint)
+    assert {(c.namespace, c.pod): (c.served_from_cache_bytes, c.served_from_source_bytes)
+            for c in m.stats().consumers} == got
 
 
 def test_kernel_opens_are_attributed_by_fanotifys_pid(s3, bucket, mount_dataset, tmp_path, cgroups):
