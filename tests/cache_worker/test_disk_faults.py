@@ -93,6 +93,47 @@ def test_a_cache_disk_filled_by_another_writer_reads_through_says_why_and_recove
     assert stats.errors == 0 and stats.degraded is None, (stats.last_error, stats.degraded)
 
 
+@pytest.mark.integration
+def test_warming_on_a_disk_another_writer_filled_finishes_the_job_once_room_is_back(
+        s3, bucket, mount_dataset, small_tmpfs):
+    """Warming that meets a full disk reads through and ends with files missing; once the disk
+    has room again (and nobody reads), the worker notices and warms the rest."""
+    files = {f"f{i:02d}.bin": os.urandom(400_000 + i) for i in range(30)}
+    _put(s3, bucket, files)
+    total = sum(len(b) for b in files.values())
+    st = os.statvfs(small_tmpfs)
+    subprocess.run(["fallocate", "-l", str(st.f_bavail * st.f_frsize - 3 * MiB), str(small_tmpfs / "filler")],
+                   check=True)  # 3 MiB left: the record opens, a quarter of the dataset fits
+    m = mount_dataset(bucket, "ds", "--capacity", "1Gi", "--warm", "--wait", cache_dir=small_tmpfs / "cache")
+    stats = _wait_for(lambda: (s := m.stats()).warming.state != "running" and s, "warming to end")
+    assert stats.warming.state == "done" and stats.cached_bytes < total / 2, stats
+    (small_tmpfs / "filler").unlink()
+    stats = _wait_for(lambda: (s := m.stats()).cached_bytes == total and s.degraded is None and s,
+                      "the rest warmed with no reads", limit=30)
+    assert stats.errors == 0, stats.last_error
+    for key, body in files.items():
+        assert (m.mountpoint / key).read_bytes() == body, key
+
+
+def test_a_store_finds_room_again_without_a_fill(small_tmpfs):
+    """``recheck_room``: no room, no change; room, caching resumes and recency kept meanwhile is
+    written."""
+    store = ChunkStore(small_tmpfs / "chunks", capacity=1 << 30)
+    kept = ChunkId("a" * 40, 0)
+    store.put(kept, b"k" * 100_000)
+    _fill(small_tmpfs / "filler")
+    with pytest.raises(CacheFull):
+        store.put(ChunkId("b" * 40, 0), os.urandom(5 * MiB))
+    assert store.problem and "full" in store.problem
+    assert store.recheck_room() is False and store.problem
+    (small_tmpfs / "filler").unlink()
+    assert store.recheck_room() is True and store.problem is None
+    assert store.recheck_room() is False  # nothing to recover from
+    store.put(ChunkId("c" * 40, 0), b"fresh")
+    assert store.read(ChunkId("c" * 40, 0), 0, 5) == b"fresh"
+    store.close()
+
+
 # -- a private view has a private cache --------------------------------------------------------
 def _as_nobody_can_read(path: Path) -> bool:
     """Whether an unprivileged user (nobody) can read ``path``."""
