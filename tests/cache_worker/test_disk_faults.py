@@ -60,6 +60,7 @@ def test_a_cache_disk_filled_by_another_writer_reads_through_says_why_and_recove
     keys = sorted(files)
     m = mount_dataset(bucket, "ds", "--capacity", "1Gi", passthrough,
                       cache_dir=small_tmpfs / "cache")
+    assert m.stats().fuse.passthrough == (passthrough == "--passthrough")
     cached = keys[:10]
     for key in cached:
         assert (m.mountpoint / key).read_bytes() == files[key]
@@ -111,6 +112,8 @@ def test_warming_on_a_disk_another_writer_filled_finishes_the_job_once_room_is_b
     stats = _wait_for(lambda: (s := m.stats()).cached_bytes == total and s.degraded is None and s,
                       "the rest warmed with no reads", limit=30)
     assert stats.errors == 0, stats.last_error
+    # Every file is small and now cached: the kernel takes over the opens, as on any other mount.
+    _wait_for(lambda: m.stats().kernel_opens, "the kernel to serve opens", limit=10)
     for key, body in files.items():
         assert (m.mountpoint / key).read_bytes() == body, key
 
