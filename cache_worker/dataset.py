@@ -476,6 +476,16 @@ class DatasetCache:
         except CacheFull as exc:
             self.counters.set_degraded(f"reading through without caching: {exc}")
 
+    def recheck_room(self) -> bool:
+        """Clear ``degraded`` once the store finds room again on its own (``ChunkStore.recheck_room``);
+        True if it just did. The files read through meanwhile are cached when next read (their
+        opens are not answered from the page cache: only opens of cached files keep it)."""
+        if not self.store.recheck_room():
+            return False
+        if self.counters.degraded:
+            self.counters.set_degraded(None)
+        return True
+
     def close(self) -> None:
         self._readahead.close()
         self._fetchers.close()

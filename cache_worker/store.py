@@ -440,6 +440,44 @@ class ChunkStore:
             return False
         return st.f_bavail * st.f_frsize >= min(_ROOM_MAX, st.f_blocks * st.f_frsize * _ROOM_FRACTION)
 
+    def recheck_room(self) -> bool:
+        """While fills read through for want of space: look for room now, without waiting for a
+        fill; True if caching resumes with this call.
+
+        Recovery used to be noticed only by a fill (or a recency flush) made after the retry
+        interval. A reader makes none once the kernel answers its reads itself (page cache with
+        ``keep_cache``, passthrough, kernel opens), or when its few fills fell inside that
+        interval: ``degraded`` then stayed set for good and nothing retried (issue 17). So the
+        worker calls this every second: statvfs first (free), then one small write, because a
+        disk that fails writes (EIO) may still report free space."""
+        if self._full is None or self._read_through or not self._room_again():
+            return False
+        probe = self._tmp / f"room.{threading.get_ident()}"
+        try:
+            fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, self.file_mode)
+            try:
+                os.write(fd, bytes(4096))
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            self._write_failed("checking for room", exc)
+            return False
+        finally:
+            probe.unlink(missing_ok=True)
+        with self._lock:
+            if self._full is None:
+                return False
+            self._full_retry_at = 0.0
+            self._flush_touches_locked()  # recency kept while full; clears _full if it is written
+            if self._full_retry_at:  # the record refused it (_write_failed): still no room
+                return False
+            if self._full is not None:  # nothing to flush: the probe decides
+                log.info("cache disk at %s has room again; caching resumes", self.root)
+                self._full = None
+            if self._gone:
+                self._retry_gone_locked()
+            return True
+
     @contextmanager
     def _object_lock(self, oid: str, blocking: bool = True) -> Iterator[bool]:
         """One writer of an object file at a time; yields False if not ``blocking`` and busy."""

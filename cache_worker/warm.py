@@ -41,6 +41,9 @@ class Warmer:
     def start(self) -> None:
         progress = self.counters.warm
         progress.state = "running"
+        # Counted afresh: a mount warms again once a full cache disk has room (worker.py).
+        progress.files_done = progress.bytes_done = progress.fetched = 0
+        progress.finished, progress.message = None, None
         progress.files_total = self.index.files
         progress.bytes_total = self.index.total_bytes
         progress.started = time.monotonic()

@@ -57,6 +57,8 @@ log = logging.getLogger(__name__)
 
 #: How long a new worker waits for the previous owner of its cache directory to exit.
 _LOCK_WAIT_SECONDS = 10.0
+#: How often a worker whose cache disk filled looks for room again (a statvfs while full).
+_ROOM_CHECK_SECONDS = 1.0
 
 
 class WorkerError(Exception):
@@ -252,6 +254,7 @@ class Worker:
             self._direct_thread.start()
         if cfg.kernel_opens:
             threading.Thread(target=self._kernel_opens_when_cached, name="kernel-opens", daemon=True).start()
+        threading.Thread(target=self._watch_for_room, name="cache-room", daemon=True).start()
         self.ready.set()
         log.info("serving %s at %s (stats %s)", cfg.source, cfg.mountpoint, self.stats.url)
 
@@ -369,6 +372,20 @@ class Worker:
                 return
             log.info("the dataset is cached: the kernel serves opens now (counted with fanotify)")
             return
+
+    def _watch_for_room(self) -> None:
+        """While the cache disk is full, look for room every second (``ChunkStore.recheck_room``):
+        once the kernel answers reads itself, no fill comes to notice it (issue 17). Warming that
+        ran meanwhile read what it could not store through and ended: warm again, for the rest."""
+        while not self._direct_stop.wait(_ROOM_CHECK_SECONDS):
+            cache = self.cache
+            if cache is None or not cache.recheck_room():
+                continue
+            if self.config.warm and self.warmer is not None and self.counters.warm.state != "running" \
+                    and not self._direct_stop.is_set():
+                log.info("warming again: the cache disk has room for what it could not take before")
+                self.warmer = Warmer(self.index, cache, self.counters, self.config.tuning.warm_parallelism)
+                self.warmer.start()
 
     # -- direct tree -----------------------------------------------------------------------
     def _set_direct(self, state: str, message: str | None = None, info: TreeInfo | None = None) -> None:

@@ -51,14 +51,16 @@ def _fill(path: Path) -> None:
 
 
 @pytest.mark.integration
+@pytest.mark.parametrize("passthrough", ["--passthrough", "--no-passthrough"], ids=["passthrough", "page-cache"])
 def test_a_cache_disk_filled_by_another_writer_reads_through_says_why_and_recovers(
-        s3, bucket, mount_dataset, small_tmpfs):
+        s3, bucket, mount_dataset, small_tmpfs, passthrough):
     files = {f"d{i % 3}/f{i:02d}.bin": os.urandom(150_000 + i * 1000) for i in range(40)}
     files["large.bin"] = os.urandom(20 * MiB + 12345)  # three chunks: ranged reads
     _put(s3, bucket, files)
     keys = sorted(files)
-    m = mount_dataset(bucket, "ds", "--capacity", "1Gi", "--passthrough",
+    m = mount_dataset(bucket, "ds", "--capacity", "1Gi", passthrough,
                       cache_dir=small_tmpfs / "cache")
+    assert m.stats().fuse.passthrough == (passthrough == "--passthrough")
     cached = keys[:10]
     for key in cached:
         assert (m.mountpoint / key).read_bytes() == files[key]
@@ -80,12 +82,59 @@ def test_a_cache_disk_filled_by_another_writer_reads_through_says_why_and_recove
     assert "degraded" in status and "full" in status, status
 
     (small_tmpfs / "filler").unlink()
-    # Space is back: new fills are cached again and the condition clears.
-    for key in keys:
+    # Space is back, and that is noticed with no read reaching the worker: the kernel answers
+    # the reads of cached files itself (page cache or passthrough), so recovery must not wait
+    # for a fill (it used to, and a reader that made none before the retry window left
+    # `degraded` set for good).
+    _wait_for(lambda: m.stats().degraded is None, "degraded to clear with no reads", limit=10)
+    for key in keys:  # what the full disk could not take is cached now, as it is read
         assert (m.mountpoint / key).read_bytes() == files[key], key
-    stats = _wait_for(lambda: (s := m.stats()).degraded is None and s, "degraded to clear")
+    total = sum(len(b) for b in files.values())
+    stats = _wait_for(lambda: (s := m.stats()).cached_bytes == total and s, "every file cached", limit=10)
+    assert stats.errors == 0 and stats.degraded is None, (stats.last_error, stats.degraded)
+
+
+@pytest.mark.integration
+def test_warming_on_a_disk_another_writer_filled_finishes_the_job_once_room_is_back(
+        s3, bucket, mount_dataset, small_tmpfs):
+    """Warming that meets a full disk reads through and ends with files missing; once the disk
+    has room again (and nobody reads), the worker notices and warms the rest."""
+    files = {f"f{i:02d}.bin": os.urandom(400_000 + i) for i in range(30)}
+    _put(s3, bucket, files)
+    total = sum(len(b) for b in files.values())
+    st = os.statvfs(small_tmpfs)
+    subprocess.run(["fallocate", "-l", str(st.f_bavail * st.f_frsize - 3 * MiB), str(small_tmpfs / "filler")],
+                   check=True)  # 3 MiB left: the record opens, a quarter of the dataset fits
+    m = mount_dataset(bucket, "ds", "--capacity", "1Gi", "--warm", "--wait", cache_dir=small_tmpfs / "cache")
+    stats = _wait_for(lambda: (s := m.stats()).warming.state != "running" and s, "warming to end")
+    assert stats.warming.state == "done" and stats.cached_bytes < total / 2, stats
+    (small_tmpfs / "filler").unlink()
+    stats = _wait_for(lambda: (s := m.stats()).cached_bytes == total and s.degraded is None and s,
+                      "the rest warmed with no reads", limit=30)
     assert stats.errors == 0, stats.last_error
-    assert stats.cached_bytes > 20 * MiB
+    # Every file is small and now cached: the kernel takes over the opens, as on any other mount.
+    _wait_for(lambda: m.stats().kernel_opens, "the kernel to serve opens", limit=10)
+    for key, body in files.items():
+        assert (m.mountpoint / key).read_bytes() == body, key
+
+
+def test_a_store_finds_room_again_without_a_fill(small_tmpfs):
+    """``recheck_room``: no room, no change; room, caching resumes and recency kept meanwhile is
+    written."""
+    store = ChunkStore(small_tmpfs / "chunks", capacity=1 << 30)
+    kept = ChunkId("a" * 40, 0)
+    store.put(kept, b"k" * 100_000)
+    _fill(small_tmpfs / "filler")
+    with pytest.raises(CacheFull):
+        store.put(ChunkId("b" * 40, 0), os.urandom(5 * MiB))
+    assert store.problem and "full" in store.problem
+    assert store.recheck_room() is False and store.problem
+    (small_tmpfs / "filler").unlink()
+    assert store.recheck_room() is True and store.problem is None
+    assert store.recheck_room() is False  # nothing to recover from
+    store.put(ChunkId("c" * 40, 0), b"fresh")
+    assert store.read(ChunkId("c" * 40, 0), 0, 5) == b"fresh"
+    store.close()
 
 
 # -- a private view has a private cache --------------------------------------------------------
