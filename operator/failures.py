@@ -58,19 +58,19 @@ def worker_failure(pod: Mapping[str, Any], container: str = "worker") -> str | N
     A container that exited (now, or before its last restart) gives its termination message's
     last line, or its exit reason and code and where to read its log; one the kubelet cannot
     start (image pull, a missing Secret key) gives the kubelet's reason and message. A worker
-    still starting, or running and ready, gives None.
+    still starting, running and ready, stopped cleanly (exit 0) or being deleted gives None.
     """
     status = _container(pod, container)
-    if status is None or status.get("ready"):
-        return None
+    if status is None or status.get("ready") or (pod.get("metadata") or {}).get("deletionTimestamp"):
+        return None  # a pod on its way out (a rollout, a node drained) stops as it should
     state, last = status.get("state") or {}, status.get("lastState") or {}
     restarts = int(status.get("restartCount") or 0)
     waiting = state.get("waiting") or {}
     if waiting.get("reason") and waiting["reason"] not in _STARTING:
         return _trim(f"worker cannot start: {waiting['reason']}: {waiting.get('message') or ''}".rstrip(": "))
     ended = state.get("terminated") or last.get("terminated")
-    if not ended:
-        return None
+    if not ended or ended.get("exitCode") == 0:
+        return None  # exit 0 is a clean stop (its view was unmounted), not a failure
     why = last_line(ended.get("message") or "")
     if ended.get("reason") == "OOMKilled":
         # The log's tail says nothing about it; the limit is what to change.

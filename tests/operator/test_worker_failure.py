@@ -101,6 +101,15 @@ def test_a_starting_or_ready_worker_has_no_failure(state: dict, last: dict | Non
     assert WorkerPod.from_pod(pod(state, last, restarts=1 if last else 0, ready=ready)).failure is None
 
 
+def test_a_clean_exit_or_a_pod_being_deleted_is_no_failure() -> None:
+    # A rolling update or a drained node stops the worker on purpose; its exit is no problem.
+    clean = pod({"terminated": {"exitCode": 0, "reason": "Completed", "message": ""}})
+    assert failures.worker_failure(clean) is None
+    deleting = crash_looping(REFUSED)
+    deleting["metadata"]["deletionTimestamp"] = "2026-12-06T02:31:07Z"
+    assert failures.worker_failure(deleting) is None
+
+
 def test_a_pod_without_container_statuses_yet() -> None:
     p = pod({})
     del p["status"]["containerStatuses"]
