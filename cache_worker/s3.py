@@ -185,8 +185,26 @@ def _classify(exc: Exception, what: str, endpoint: str) -> SourceError:
         exc,
         botocore.exceptions.EndpointConnectionError | botocore.exceptions.ConnectTimeoutError,
     ):
-        return SourceUnreachable(f"cannot reach S3 endpoint {endpoint} for {what}: {exc}")
+        return SourceUnreachable(f"cannot reach S3 endpoint {endpoint} for {what}: "
+                                 f"{_unreachable_reason(exc)}")
     return SourceTransientError(f"S3 transfer of {what} failed: {exc}")
+
+
+def _unreachable_reason(exc: BaseException) -> str:
+    """Why botocore made no connection, in the words a person acts on ("connection refused",
+    "connect timed out", "name or service not known"): its own message only repeats the
+    request URL, and this text ends up in the Dataset's WorkersReady condition."""
+    if isinstance(exc, botocore.exceptions.ConnectTimeoutError):
+        return "connect timed out"
+    kwargs = getattr(exc, "kwargs", None)
+    cause: BaseException | None = kwargs.get("error") if isinstance(kwargs, dict) else None
+    for _ in range(5):
+        if cause is None:
+            break
+        if isinstance(cause, OSError) and cause.strerror:
+            return cause.strerror[:1].lower() + cause.strerror[1:]
+        cause = cause.__cause__ or cause.__context__
+    return str(exc)
 
 
 class S3Source(Source):

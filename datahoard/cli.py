@@ -27,6 +27,12 @@ log = logging.getLogger("datahoard")
 _UMOUNT_TIMEOUT = 30.0
 #: And after SIGTERM.
 _TERM_GRACE = 5.0
+#: Where a fatal error is also written, when set: the operator points it at the worker
+#: container's terminationMessagePath, so the kubelet puts the error in the pod's status and the
+#: operator can copy it into the Dataset's WorkersReady condition (issue 14).
+TERMINATION_LOG_ENV = "DATAHOARD_TERMINATION_LOG"
+#: The kubelet keeps at most 4 KiB of a termination message; one line needs far less.
+_TERMINATION_MESSAGE_BYTES = 1024
 
 
 def _default_cache_dir(source: str) -> Path:
@@ -671,6 +677,19 @@ def _wait_for_exit(pid: int, timeout: float) -> None:
 
 
 # -- entry point ---------------------------------------------------------------------------
+def _fatal(message: str) -> int:
+    """One line on stderr and, in a pod, the termination message; exit code 1."""
+    print(f"datahoard: error: {message}", file=sys.stderr)
+    path = os.environ.get(TERMINATION_LOG_ENV)
+    if path:
+        text = message.encode()[:_TERMINATION_MESSAGE_BYTES].decode(errors="ignore")
+        try:
+            Path(path).write_text(text + "\n")
+        except OSError as exc:  # the error itself is on stderr already
+            log.debug("cannot write the termination message to %s: %s", path, exc)
+    return 1
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["csi-node"]:
@@ -693,12 +712,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "umount":
             return _umount(args)
     except (CliError, MountRefused) as exc:
-        print(f"datahoard: error: {exc}", file=sys.stderr)
-        return 1
+        return _fatal(str(exc))
     except OSError as exc:  # the machine said no (permissions, a full disk, ...): one line too
         log.debug("details", exc_info=True)
-        print(f"datahoard: error: {exc}", file=sys.stderr)
-        return 1
+        return _fatal(str(exc))
     except KeyboardInterrupt:
         return 130
     raise AssertionError(args.command)

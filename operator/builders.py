@@ -31,6 +31,9 @@ WORKER_CONTAINER = "worker"
 #: The worker's credentials mode, set from spec.source.credentials (see cache_worker/sources.py).
 CREDENTIALS_ENV = "DATAHOARD_SOURCE_CREDENTIALS"
 CREDENTIALS_VALUES = {"Anonymous": "anonymous", "Secret": "secret", "NodeIdentity": "node-identity"}
+#: Where the worker writes its fatal error (datahoard/cli.py reads the path from
+#: DATAHOARD_TERMINATION_LOG); the kubelet copies it into the container's status.
+TERMINATION_LOG = "/dev/termination-log"
 
 
 @dataclass(frozen=True)
@@ -152,6 +155,7 @@ def _worker_container(ds: Dataset, settings: OperatorSettings, with_secret: bool
         # Mount records go where the CSI node plugin looks for them, with an address it can reach.
         {"name": "DATAHOARD_RUN_DIR", "value": str(names.run_dir(settings.host_root))},
         {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
+        {"name": "DATAHOARD_TERMINATION_LOG", "value": TERMINATION_LOG},
     ]
     # How the worker's source authenticates (cache_worker/sources.py reads this): only
     # NodeIdentity may use the default credential chain, so only it may reach instance metadata.
@@ -198,6 +202,11 @@ def _worker_container(ds: Dataset, settings: OperatorSettings, with_secret: bool
              "mountPath": str(names.consumers_dir(ds.namespace, ds.name, settings.host_root))},
         ],
         "env": env,
+        # A worker that cannot start (source unreachable, credentials refused) says why in its
+        # termination message; the log's tail stands in when it died before writing one. The
+        # operator copies it into WorkersReady (status.worker_failure).
+        "terminationMessagePath": TERMINATION_LOG,
+        "terminationMessagePolicy": "FallbackToLogsOnError",
     }
     return container
 

@@ -42,7 +42,8 @@ CACHED = "Cached"
 #: Others (waiting for a worker, workers still starting) are normal progress.
 PROBLEMS = {"InvalidSpec", "NoMatchingNodes", "SecretNotFound", "SecretKeyMissing", "Degraded",
             "APIError", "NameConflict", "NodeIdentityForbidden", "EndpointForbidden",
-            "NamespaceNotServed", "PlacementForbidden", "StaleStats", "AllStale", "CapacityBound"}
+            "NamespaceNotServed", "PlacementForbidden", "StaleStats", "AllStale", "CapacityBound",
+            "WorkerFailing"}
 
 
 def now() -> str:
@@ -337,13 +338,17 @@ async def reconcile(body: Mapping[str, Any], nodes: list[Mapping[str, Any]], kub
     stats_conditions(ds, state.conditions, out, stats, settings.namespace)
 
     not_ready = [n for n in state.selected if not any(p.node == n and p.ready for p in on_selected)]
-    problems = degraded_reasons(stats) + [f"{n}: worker not ready" for n in not_ready]
+    # A worker that exited says why (its termination message): that, not "not ready".
+    failing = {p.node: p.failure for p in on_selected if p.failure and p.node in not_ready}
+    problems = degraded_reasons(stats) + [f"{n}: {failing.get(n) or 'worker not ready'}"
+                                          for n in not_ready]
     if state.selected and not problems:
         state.conditions.set(WORKERS_READY, True, "AllReady",
                              f"{len(state.selected)}/{len(state.selected)} cache workers ready")
     elif state.selected:
-        state.conditions.set(WORKERS_READY, False, "Degraded" if out["phase"] == "Degraded"
-                             else "NotReady", "; ".join(problems[:10]))
+        reason = ("WorkerFailing" if failing else "Degraded" if out["phase"] == "Degraded"
+                  else "NotReady")
+        state.conditions.set(WORKERS_READY, False, reason, "; ".join(problems[:10]))
     out.update(observedGeneration=ds.generation, cacheNodes=state.cache_nodes,
                conditions=state.conditions.items)
     return out

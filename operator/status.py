@@ -13,6 +13,8 @@ from typing import Any
 from datahoard.api import Dataset, format_bytes
 from datahoard.stats import WorkerStats
 
+from .failures import worker_failure
+
 
 @dataclass(frozen=True)
 class WorkerPod:
@@ -23,6 +25,8 @@ class WorkerPod:
     ip: str | None
     running: bool
     ready: bool
+    #: Why the worker does not come up, from its container status (None: nothing says so).
+    failure: str | None = None
 
     @classmethod
     def from_pod(cls, pod: Mapping[str, Any]) -> "WorkerPod":
@@ -35,6 +39,7 @@ class WorkerPod:
             ip=status.get("podIP"),
             running=status.get("phase") == "Running",
             ready=ready and status.get("phase") == "Running" and not pod["metadata"].get("deletionTimestamp"),
+            failure=None if ready else worker_failure(pod),
         )
 
 

@@ -258,6 +258,21 @@ def test_mount_errors_are_one_clear_line(s3_server, bucket, tmp_path, uri_bucket
     assert not os.path.ismount(tmp_path / "mnt")
 
 
+def test_a_fatal_error_is_also_the_termination_message(tmp_path):
+    """In a pod the operator sets DATAHOARD_TERMINATION_LOG to the container's
+    terminationMessagePath; the kubelet keeps at most 4 KiB of it, the worker writes 1 KiB."""
+    term = tmp_path / "termination-log"
+    prefix = "p" * 2000  # the source URI is in the message: long enough to be cut
+    result = datahoard("mount", f"s3://b/{prefix}", str(tmp_path / "mnt"), "--cache-dir",
+                       str(tmp_path / "c"), "--endpoint-url", "http://127.0.0.1:9", check=False,
+                       env={"DATAHOARD_TERMINATION_LOG": str(term), "DATAHOARD_S3_MAX_ATTEMPTS": "1"})
+    assert result.returncode == 1
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith("datahoard: error: cannot reach S3 endpoint http://127.0.0.1:9"), result.stderr
+    written = term.read_text()
+    assert len(written.encode()) == 1025 and written == line.removeprefix("datahoard: error: ")[:1024] + "\n"
+
+
 def test_cli_usage_errors(tmp_path):
     result = datahoard("mount", "s3://b/x", str(tmp_path), "--capacity", "lots", check=False)
     assert result.returncode == 2 and "not a size: 'lots'" in result.stderr
