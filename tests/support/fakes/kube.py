@@ -17,7 +17,7 @@ What it keeps from the API server:
   StorageObjectInUseProtection), PVCs and PVs get no protection finalizers;
 * an API failure is one ``kopf.TemporaryError`` with the wrapper's message.
 
-Test-side helpers (:meth:`FakeKube.add`, :meth:`FakeKube.get`, :meth:`FakeKube.fail_next`)
+Test-side helpers (:meth:`FakeKube.add`, ``get``, ``update``, ``remove``, ``fail_next``)
 stand in for kubectl and for an API server that stops answering.
 """
 
@@ -164,6 +164,19 @@ class FakeKube:
             if obj["metadata"].get("deletionTimestamp"):
                 del self._objects[key]
                 self._applied.pop(key, None)
+
+    def update(self, kind: str, name: str, namespace: str | None, patch: Obj) -> None:
+        """Merge-patch a stored object as a user would (kubectl patch --type merge)."""
+        with self._lock:
+            key = self._key(kind, name, namespace)
+            self._replace(key, self._objects[key], _merge(self._objects[key], patch))
+
+    def remove(self, kind: str, name: str, namespace: str | None = None) -> None:
+        """The object goes, as when its controller deletes it (a pod exiting, say)."""
+        with self._lock:
+            key = self._key(kind, name, namespace)
+            self._objects.pop(key, None)
+            self._applied.pop(key, None)
 
     def fail_next(self, times: int = 1) -> None:
         """The next ``times`` calls find the API server unreachable."""
