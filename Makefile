@@ -29,8 +29,11 @@ venv: $(VENV)/.installed
 test: sysdeps venv envtest hdfs-minicluster node-sysdeps node-tools helm
 	$(PY) -m pytest -q
 
+# No root, FUSE, network or Go: the cache core, the view, the CSI node service and the operator
+# run against the in-memory fakes of tests/support/fakes (each checked against the real thing
+# by a contract test in the integration/cluster tiers).
 unit: venv
-	$(PY) -m pytest -q -m "not integration and not cluster and not e2e and not node"
+	$(PY) -m pytest -q -m "not integration and not cluster and not e2e and not node and not chart"
 
 demo: sysdeps venv
 	$(PY) -m datahoard.demo
