@@ -11,6 +11,10 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import signal
+import subprocess
+import sys
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,9 +22,58 @@ from pathlib import Path
 import pytest
 
 from datahoard.csi_node.mounter import Health, LinuxMounter, Mounter, top_mounts
-from tests.support.fakes.mounter import FakeMounter
+from tests.support.fakes.mounter import FakeFilesystem, FakeMounter
+
+TINYFUSE = Path(__file__).resolve().parent / "tinyfuse.py"
 
 _libc = ctypes.CDLL(None, use_errno=True)
+FUSE_MISSING = None if os.path.exists("/dev/fuse") and os.geteuid() == 0 else "needs root and /dev/fuse"
+
+
+class Daemon:
+    """A FUSE daemon serving a view: it can crash (kill) or get stuck (pause)."""
+
+    def kill(self) -> None: ...
+    def pause(self) -> None: ...
+    def resume(self) -> None: ...
+
+
+class FakeDaemon(Daemon):
+    def __init__(self, fs: FakeFilesystem) -> None:
+        self.fs = fs
+
+    def kill(self) -> None:
+        self.fs.die()
+
+    def pause(self) -> None:
+        self.fs.hang()
+
+    def resume(self) -> None:
+        self.fs.revive()
+
+
+class TinyFuse(Daemon):
+    """tests/csi_node/tinyfuse.py, a FUSE filesystem of another make than the worker's."""
+
+    def __init__(self, source: Path, path: str, mounter: LinuxMounter) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-W", "ignore", str(TINYFUSE), str(source), path],
+                                     env=dict(os.environ, FUSE_LIBRARY_NAME="fuse3"),
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 30
+        while not any(m.fstype.startswith("fuse") for m in mounter.mounts_at(path)):
+            assert self.proc.poll() is None and time.monotonic() < deadline, "tinyfuse did not mount"
+            time.sleep(0.05)
+
+    def kill(self) -> None:  # SIGKILL: the kernel aborts the connection
+        self.proc.send_signal(signal.SIGCONT)
+        self.proc.kill()
+        self.proc.wait(10)
+
+    def pause(self) -> None:  # SIGSTOP: requests wait in the kernel without an answer
+        self.proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        self.proc.send_signal(signal.SIGCONT)
 
 
 @dataclass
@@ -28,7 +81,9 @@ class Machine:
     mounter: Mounter
     #: mount_filesystem(path) -> None: a new filesystem at ``path``, as a worker mounts its view.
     mount_filesystem: Callable[[str], None]
-    made: list[str] = field(default_factory=list)
+    #: start_fuse(path) -> Daemon: a FUSE filesystem at ``path`` whose daemon a test controls.
+    start_fuse: Callable[[str], Daemon]
+    daemons: list[Daemon] = field(default_factory=list)
 
 
 def _real_tmpfs(path: str) -> None:
@@ -41,12 +96,26 @@ def _real_tmpfs(path: str) -> None:
 def machine(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Machine]:
     if request.param == "fake":
         fake = FakeMounter()
-        m = Machine(fake, lambda path: fake.mount_filesystem(path, fstype="tmpfs", source="tmpfs"))
+        m = Machine(fake, lambda path: fake.mount_filesystem(path, fstype="tmpfs", source="tmpfs"),
+                    lambda path: FakeDaemon(fake.mount_filesystem(path)))
     else:
-        m = Machine(LinuxMounter(), _real_tmpfs)
+        if FUSE_MISSING:
+            pytest.skip(FUSE_MISSING)
+        files = tmp_path / "files"
+        files.mkdir()
+        (files / "hello").write_text("hello")
+        linux = LinuxMounter()
+        m = Machine(linux, _real_tmpfs, lambda path: TinyFuse(files, path, linux))
+    start = m.start_fuse
+    m.start_fuse = lambda path: m.daemons.append(start(path)) or m.daemons[-1]
     yield m
-    for path in sorted((str(p) for p in tmp_path.rglob("*") if p.is_dir()), key=len, reverse=True):
-        m.mounter.unmount_all(path)
+    for daemon in m.daemons:
+        daemon.resume()
+        daemon.kill()
+    if isinstance(m.mounter, LinuxMounter):  # from mountinfo: a stat of a dead mount fails
+        left = {e.mountpoint for e in m.mounter.mounts() if e.mountpoint.startswith(f"{tmp_path}/")}
+        for path in sorted(left, key=len, reverse=True):
+            m.mounter.unmount_all(path)
 
 
 @pytest.fixture
@@ -164,3 +233,36 @@ def test_probes_of_plain_and_missing_paths(machine, tmp_path):
     assert machine.mounter.probe(str(tmp_path / "missing"), 5).health is Health.MISSING
     probe = machine.mounter.probe(str(tmp_path), 5)
     assert probe.health is Health.OK and probe.device == os.stat(tmp_path).st_dev
+
+
+def test_a_dead_fuse_daemon_disconnects_the_view_and_every_bind_of_it(machine, tmp_path):
+    view, target = tmp_path / "fuse", tmp_path / "target"
+    view.mkdir()
+    target.mkdir()
+    daemon = machine.start_fuse(str(view))
+    machine.mounter.bind_readonly(str(view), str(target), [])
+    alive = machine.mounter.probe(str(target), 5)
+    assert alive.health is Health.OK
+    daemon.kill()
+    for path in (view, target):
+        probe = machine.mounter.probe(str(path), 5)
+        assert probe.health is Health.DISCONNECTED and probe.device is None
+    assert len(machine.mounter.mounts_at(str(target))) == 1  # still listed: mountinfo, not stat
+    # What a restarted worker and the repair do: a fresh view, a bind stacked over the dead one.
+    machine.mounter.unmount_all(str(view))
+    machine.start_fuse(str(view))
+    machine.mounter.bind_readonly(str(view), str(target), [])
+    fresh = machine.mounter.probe(str(target), 5)
+    assert fresh.health is Health.OK and fresh.device != alive.device
+    assert len(machine.mounter.mounts_at(str(target))) == 2
+
+
+def test_a_stuck_fuse_daemon_makes_the_probe_hung_not_the_caller(machine, tmp_path):
+    view = tmp_path / "fuse"
+    view.mkdir()
+    daemon = machine.start_fuse(str(view))
+    daemon.pause()
+    probe = machine.mounter.probe(str(view), 0.5)
+    assert probe.health is Health.HUNG
+    assert machine.mounter.mounts_at(str(view))  # mountinfo still answers
+    daemon.resume()
