@@ -1,6 +1,7 @@
 # Everything a fresh machine needs is set up by the targets that need it:
 #   make demo   - the main job: a local S3 server, `datahoard mount`, two passes, the hit ratio
-#   make test   - the whole test suite (unit, integration, cluster and node tiers)
+#   make test   - the whole test suite (unit, integration, cluster, chart and node tiers)
+#   make unit   - the tier that needs no root, FUSE, network or Go (in-memory fakes, tests/support)
 #   make cluster - a real one-node Kubernetes cluster on this machine (make cluster-down stops it)
 SHELL := /bin/bash
 PYTHON ?= python3
