@@ -13,7 +13,9 @@ import pytest
 
 from datahoard.cache_worker.integrity import verify
 from datahoard.cache_worker.s3 import S3Options, S3Source
-from datahoard.cache_worker.source import RemoteObject, Source, SourceChanged, SourceNotFound
+from datahoard.cache_worker.source import (ChecksumMismatch, RemoteObject, Source, SourceChanged,
+                                           SourceNotFound, SourceTransientError)
+from tests.faults import Fault, FaultProxy
 from tests.support.fakes.source import FakeS3, FakeSource
 
 MiB = 1 << 20
@@ -21,12 +23,15 @@ MiB = 1 << 20
 
 @dataclass
 class World:
-    """One store as a test sees it: write objects into it, read them through a Source."""
+    """One store as a test sees it: write objects into it, read them through a Source, and
+    break the way between them (a proxy that answers 503 or flips bytes of a body)."""
 
     bucket: str
     put: Callable[..., None]  # put(key, data, part_size=None)
     delete: Callable[[str], None]
-    source: Callable[[str], Source]  # source(uri)
+    source: Callable[[str], Source]  # source(uri), 2 attempts per request
+    fail_next: Callable[[str, int], None]  # fail_next(key, times): 503 SlowDown
+    corrupt_next: Callable[[str, int], None]  # corrupt_next(key, times): one byte flipped
 
 
 def _fake_world() -> World:
@@ -36,7 +41,9 @@ def _fake_world() -> World:
     return World(bucket,
                  put=lambda key, data, part_size=None: store.put(bucket, key, data, part_size),
                  delete=lambda key: store.delete(bucket, key),
-                 source=lambda uri: FakeSource(store, uri, max_attempts=2))
+                 source=lambda uri: FakeSource(store, uri, max_attempts=2),
+                 fail_next=lambda key, times: store.fail_next(bucket, key, times),
+                 corrupt_next=lambda key, times: store.corrupt_next(bucket, key, times))
 
 
 def _s3_world(request: pytest.FixtureRequest) -> World:
@@ -58,8 +65,26 @@ def _s3_world(request: pytest.FixtureRequest) -> World:
         client.complete_multipart_upload(Bucket=bucket, Key=key, UploadId=upload,
                                          MultipartUpload={"Parts": parts})
 
+    proxy = FaultProxy(server.endpoint)  # GETs go through it; its HEADs lack Content-Length
+    request.addfinalizer(proxy.close)
+
+    class ThroughProxy(S3Source):
+        def __init__(self, uri: str) -> None:
+            super().__init__(uri, S3Options(endpoint_url=server.endpoint, max_attempts=2))
+            self._reader = S3Source(uri, S3Options(endpoint_url=proxy.endpoint, max_attempts=2))
+
+        def fetch(self, obj, start, length):
+            self._reader.on_mismatch = self.on_mismatch
+            return self._reader.fetch(obj, start, length)
+
+        def read(self, obj, start, length):
+            return self.fetch(obj, start, length).data
+
     return World(bucket, put=put, delete=lambda key: client.delete_object(Bucket=bucket, Key=key),
-                 source=lambda uri: S3Source(uri, S3Options(endpoint_url=server.endpoint, max_attempts=2)))
+                 source=ThroughProxy,
+                 fail_next=lambda key, times: proxy.add(Fault(status=503, s3_code="SlowDown",
+                                                              path_contains=key, times=times)),
+                 corrupt_next=lambda key, times: proxy.add(Fault(flip=1, path_contains=key, times=times)))
 
 
 @pytest.fixture(params=["fake", pytest.param("s3", marks=pytest.mark.integration)])
@@ -159,3 +184,42 @@ def test_a_made_up_object_is_not_found(world):
     src = world.source(f"s3://{world.bucket}/")
     with pytest.raises(SourceNotFound):
         src.read(RemoteObject(key="gone", size=10, etag="0" * 32, mtime=0.0), 0, 10)
+
+
+def test_a_transient_failure_is_retried_and_one_that_persists_names_the_object(world):
+    data = b"retry me" * 100
+    world.put("obj", data)
+    src = world.source(f"s3://{world.bucket}/")
+    obj = src.stat("obj")
+    world.fail_next("obj", 1)
+    assert src.read(obj, 0, obj.size) == data
+    world.fail_next("obj", 2)
+    with pytest.raises(SourceTransientError, match=f"s3://{world.bucket}/obj: SlowDown"):
+        src.read(obj, 10, 20)
+
+
+def test_a_whole_read_corrupted_in_transit_is_caught_reported_and_retried(world):
+    data = bytes(range(256)) * 8
+    world.put("obj", data)
+    src = world.source(f"s3://{world.bucket}/")
+    seen: list[str] = []
+    src.on_mismatch = seen.append
+    obj = src.stat("obj")
+    world.corrupt_next("obj", 1)
+    assert src.fetch(obj, 0, obj.size) == src.fetch(obj, 0, obj.size)  # right, both times
+    assert src.read(obj, 0, obj.size) == data
+    assert len(seen) == 1 and "checksum mismatch" in seen[0]
+    world.corrupt_next("obj", 2)
+    with pytest.raises(ChecksumMismatch, match=f"checksum mismatch reading s3://{world.bucket}/obj"):
+        src.read(obj, 0, obj.size)
+
+
+def test_a_range_corrupted_in_transit_arrives_as_it_is_unverified(world):
+    """S3 sends no checksum for a range: the cache must check such bytes itself."""
+    data = bytes(range(256)) * 8
+    world.put("obj", data)
+    src = world.source(f"s3://{world.bucket}/")
+    obj = src.stat("obj")
+    world.corrupt_next("obj", 1)
+    got = src.fetch(obj, 100, 50)
+    assert got.verified is False and len(got.data) == 50 and got.data != data[100:150]
