@@ -14,8 +14,10 @@ import pytest
 from datahoard.cache_worker.integrity import verify
 from datahoard.cache_worker.s3 import S3Options, S3Source
 from datahoard.cache_worker.source import (ChecksumMismatch, RemoteObject, Source, SourceChanged,
-                                           SourceNotFound, SourceTransientError)
+                                           SourceNotFound, SourceTransientError, SourceUnreachable)
 from tests.faults import Fault, FaultProxy
+from tests.conftest import free_port
+from tests.support.fakes.source import ENDPOINT as fake_endpoint
 from tests.support.fakes.source import FakeS3, FakeSource
 
 MiB = 1 << 20
@@ -31,6 +33,8 @@ class World:
     delete: Callable[[str], None]
     source: Callable[[str], Source]  # source(uri), 2 attempts per request
     fail_next: Callable[[str, int], None]  # fail_next(key, times): 503 SlowDown
+    #: unreachable(uri) -> a Source whose endpoint refuses connections, and the endpoint's name.
+    unreachable: Callable[[str], tuple[Source, str]]
     corrupt_next: Callable[[str, int], None]  # corrupt_next(key, times): one byte flipped
 
 
@@ -43,7 +47,9 @@ def _fake_world() -> World:
                  delete=lambda key: store.delete(bucket, key),
                  source=lambda uri: FakeSource(store, uri, max_attempts=2),
                  fail_next=lambda key, times: store.fail_next(bucket, key, times),
-                 corrupt_next=lambda key, times: store.corrupt_next(bucket, key, times))
+                 corrupt_next=lambda key, times: store.corrupt_next(bucket, key, times),
+                 unreachable=lambda uri: (FakeSource(FakeS3(reachable=False), uri, max_attempts=2),
+                                          fake_endpoint))
 
 
 def _s3_world(request: pytest.FixtureRequest) -> World:
@@ -84,7 +90,13 @@ def _s3_world(request: pytest.FixtureRequest) -> World:
                  source=ThroughProxy,
                  fail_next=lambda key, times: proxy.add(Fault(status=503, s3_code="SlowDown",
                                                               path_contains=key, times=times)),
-                 corrupt_next=lambda key, times: proxy.add(Fault(flip=1, path_contains=key, times=times)))
+                 corrupt_next=lambda key, times: proxy.add(Fault(flip=1, path_contains=key, times=times)),
+                 unreachable=closed_endpoint)
+
+
+def closed_endpoint(uri: str) -> tuple[Source, str]:
+    endpoint = f"http://127.0.0.1:{free_port()}"
+    return S3Source(uri, S3Options(endpoint_url=endpoint, max_attempts=2)), endpoint
 
 
 @pytest.fixture(params=["fake", pytest.param("s3", marks=pytest.mark.integration)])
@@ -223,3 +235,12 @@ def test_a_range_corrupted_in_transit_arrives_as_it_is_unverified(world):
     world.corrupt_next("obj", 1)
     got = src.fetch(obj, 100, 50)
     assert got.verified is False and len(got.data) == 50 and got.data != data[100:150]
+
+
+def test_an_unreachable_endpoint_is_named_in_every_call(world):
+    src, endpoint = world.unreachable("s3://b/p")
+    obj = RemoteObject(key="k", size=10, etag="", mtime=0.0)
+    with pytest.raises(SourceUnreachable, match=f"cannot reach S3 endpoint {endpoint}"):
+        list(src.list())
+    with pytest.raises(SourceUnreachable, match=f"cannot reach S3 endpoint {endpoint} for s3://b/p/k"):
+        src.read(obj, 0, 10)

@@ -14,7 +14,8 @@ that reads it (:class:`FakeSource`), keeping the contract :class:`S3Source` keep
   all, then raised; permanent ones never are. No sleeping: retries are immediate.
 
 The store side lets a test do what S3 or the network would: put, overwrite and delete objects,
-corrupt the next responses in transit, fail the next requests; :attr:`FakeS3.requests` records
+corrupt the next responses in transit, fail the next requests, refuse every connection
+(``reachable=False``); :attr:`FakeS3.requests` records
 every request, so a test can tell a hit (no GET) from a miss.
 """
 
@@ -85,6 +86,8 @@ class FakeS3:
 
     buckets: dict[str, dict[str, StoredObject]] = field(default_factory=dict)
     requests: list[Request] = field(default_factory=list)
+    #: False: the endpoint refuses connections (every request is SourceUnreachable).
+    reachable: bool = True
     _faults: dict[tuple[str, str], _Faults] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -128,6 +131,9 @@ class FakeS3:
 
     # -- the server side -----------------------------------------------------------------------
     def _bucket(self, bucket: str, where: str) -> dict[str, StoredObject]:
+        if not self.reachable:
+            raise SourceUnreachable(f"cannot reach S3 endpoint {ENDPOINT} for {where}: "
+                                    "connection refused")
         found = self.buckets.get(bucket)
         if found is None:
             raise SourceNotFound(f"bucket does not exist: {where} (endpoint {ENDPOINT})")
@@ -152,6 +158,7 @@ class FakeS3:
         """One GET of ``[start, start + length)``; raises what the answer means."""
         with self._lock:
             self.requests.append(Request("GET", bucket, key, start, length))
+            self._bucket(bucket, where)  # reachable at all?
             faults = self._faults.get((bucket, key))
             if faults is not None and faults.fail:
                 faults.fail -= 1
