@@ -226,3 +226,39 @@ def test_an_unreachable_api_server_is_a_temporary_error(api):
     kube = api.unreachable()
     with pytest.raises(kopf.TemporaryError, match="Kubernetes API unreachable during nodes_with_label"):
         kube.nodes_with_label("x")
+
+
+#: Every kind the operator could ask about; the real Kube dispatches on some of them per method.
+CANDIDATE_KINDS = ("PersistentVolume", "PersistentVolumeClaim", "DaemonSet", "Secret", "Job",
+                   "ConfigMap", "NetworkPolicy", "Pod", "Node", "Service")
+
+
+def _taken(call) -> bool:
+    """Whether the Kube method took the kind: refused kinds raise KeyError/ValueError before any
+    request; taken ones reach the (unreachable) server or the fake."""
+    try:
+        call()
+    except (KeyError, ValueError):
+        return False
+    except kopf.TemporaryError:
+        return True
+    return True
+
+
+@pytest.mark.parametrize("kind", CANDIDATE_KINDS)
+def test_the_fake_takes_the_kinds_kube_takes(kind):
+    """No server needed: the real Kube refuses an unknown kind before sending anything."""
+    config = kubernetes.client.Configuration()
+    config.host = f"https://127.0.0.1:{free_port()}"
+    config.retries = 0
+    real, fake = Kube(kubernetes.client.ApiClient(config)), FakeKube(namespaces=("ns",))
+    manifest = {"kind": kind, "metadata": {"name": "x", "namespace": "ns"}}
+    for method, call in {
+        "read": lambda k: k.read(kind, "x", "ns"),
+        "apply": lambda k: k.apply(manifest),
+        "create": lambda k: k.create(manifest),
+        "delete": lambda k: k.delete(kind, "x", "ns"),
+    }.items():
+        assert _taken(lambda: call(fake)) == _taken(lambda: call(real)), (
+            f"Kube.{method} {'takes' if _taken(lambda: call(real)) else 'refuses'} {kind}, the "
+            f"fake does not: update FakeKube.{method.upper()}_KINDS")

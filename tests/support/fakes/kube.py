@@ -34,10 +34,11 @@ import kopf
 
 Obj = dict[str, Any]
 
-NAMESPACED = {"Pod", "Secret", "DaemonSet", "PersistentVolumeClaim", "Job"}
+NAMESPACED = {"Pod", "Secret", "DaemonSet", "PersistentVolumeClaim", "Job", "ConfigMap",
+              "NetworkPolicy"}
 _API_VERSIONS = {"Pod": "v1", "Secret": "v1", "Node": "v1", "PersistentVolume": "v1",
                  "PersistentVolumeClaim": "v1", "Namespace": "v1", "DaemonSet": "apps/v1",
-                 "Job": "batch/v1"}
+                 "Job": "batch/v1", "ConfigMap": "v1", "NetworkPolicy": "networking.k8s.io/v1"}
 
 
 class ApiError(Exception):
@@ -127,6 +128,13 @@ def _selects(selector: str, labels: dict[str, str]) -> bool:
 class FakeKube:
     """The :class:`Kube` interface over an in-memory API server; thread-safe."""
 
+    #: The kinds each method of the real Kube dispatches on (anything else: KeyError for read,
+    #: ValueError for the writes). Kept equal to Kube's by test_the_fake_takes_the_kinds_kube_takes.
+    READ_KINDS = ("PersistentVolume", "PersistentVolumeClaim", "DaemonSet", "Secret")
+    APPLY_KINDS = ("DaemonSet", "Secret")
+    CREATE_KINDS = ("PersistentVolume", "PersistentVolumeClaim", "Job")
+    DELETE_KINDS = ("PersistentVolume", "PersistentVolumeClaim", "DaemonSet", "Secret")
+
     def __init__(self, namespaces: tuple[str, ...] = ("default",)) -> None:
         self._objects: dict[tuple[str, str, str], Obj] = {}
         self._applied: dict[tuple[str, str, str], Obj] = {}
@@ -211,19 +219,20 @@ class FakeKube:
             return sorted(users)
 
     def read(self, kind: str, name: str, namespace: str | None = None) -> Obj | None:
-        if kind not in ("PersistentVolume", "PersistentVolumeClaim", "DaemonSet", "Secret"):
+        if kind not in self.READ_KINDS:
             raise KeyError(kind)
         with self._call("read", kind):
             found = self._objects.get(self._key(kind, name, namespace))
             if found is None:
                 return None
             out = copy.deepcopy(found)
-            out.pop("data", None)
+            if kind == "Secret":
+                out.pop("data", None)  # as Kube: values are never needed for an ownership check
             return out
 
     def apply(self, manifest: Obj) -> None:
         kind = manifest["kind"]
-        if kind not in ("DaemonSet", "Secret"):
+        if kind not in self.APPLY_KINDS:
             raise ValueError(f"apply() does not handle {kind}")
         with self._call("apply", kind):
             meta = manifest["metadata"]
@@ -239,7 +248,7 @@ class FakeKube:
 
     def create(self, manifest: Obj) -> bool:
         kind = manifest["kind"]
-        if kind not in ("PersistentVolume", "PersistentVolumeClaim", "Job"):
+        if kind not in self.CREATE_KINDS:
             raise ValueError(f"create() does not handle {kind}")
         with self._call("create", kind):
             meta = manifest["metadata"]
@@ -249,7 +258,7 @@ class FakeKube:
             return True
 
     def delete(self, kind: str, name: str, namespace: str | None = None, uid: str | None = None) -> None:
-        if kind not in ("PersistentVolume", "PersistentVolumeClaim", "DaemonSet", "Secret"):
+        if kind not in self.DELETE_KINDS:
             raise ValueError(f"delete() does not handle {kind}")
         with self._call("delete", kind):
             key = self._key(kind, name, namespace)
