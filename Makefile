@@ -1,6 +1,7 @@
 # Everything a fresh machine needs is set up by the targets that need it:
 #   make demo   - the main job: a local S3 server, `datahoard mount`, two passes, the hit ratio
-#   make test   - the whole test suite (unit, integration, cluster and node tiers)
+#   make test   - the whole test suite (unit, integration, cluster, chart and node tiers)
+#   make unit   - the tier that needs no root, FUSE, network or Go (in-memory fakes, tests/support)
 #   make cluster - a real one-node Kubernetes cluster on this machine (make cluster-down stops it)
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -29,8 +30,11 @@ venv: $(VENV)/.installed
 test: sysdeps venv envtest hdfs-minicluster node-sysdeps node-tools helm
 	$(PY) -m pytest -q
 
+# No root, FUSE, network or Go: the cache core, the view, the CSI node service and the operator
+# run against the in-memory fakes of tests/support/fakes (each checked against the real thing
+# by a contract test in the integration/cluster tiers).
 unit: venv
-	$(PY) -m pytest -q -m "not integration and not cluster and not e2e and not node"
+	$(PY) -m pytest -q -m "not integration and not cluster and not e2e and not node and not chart"
 
 demo: sysdeps venv
 	$(PY) -m datahoard.demo

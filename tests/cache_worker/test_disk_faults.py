@@ -240,6 +240,7 @@ def test_a_damaged_record_is_moved_aside_and_the_cache_starts_empty(tmp_path, da
     again.close()
 
 
+@pytest.mark.integration  # chattr +i: needs root (CAP_LINUX_IMMUTABLE)
 def test_a_record_that_cannot_be_replaced_still_serves_reads_through(tmp_path):
     """The damaged record cannot be moved aside (its directory is read-only, as for a non-root
     worker on a cache it does not own): the store opens in memory and refuses to cache."""

@@ -247,6 +247,7 @@ def small_tmpfs(tmp_path):
     subprocess.run(["umount", "-l", str(path)], check=False)
 
 
+@pytest.mark.integration  # mounts a tmpfs: needs root
 def test_a_disk_that_fills_during_the_layout_is_cache_full_and_serves_nothing_wrong(small_tmpfs):
     store = ChunkStore(small_tmpfs / "chunks", capacity=1 << 30)
     body = os.urandom(16 * CHUNK)

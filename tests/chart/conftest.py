@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -47,6 +48,17 @@ def audited_plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AuditedC
         yield plane
     finally:
         plane.stop()
+
+
+_HERE = Path(__file__).resolve().parent
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Every test here that needs helm (built from Go by `make helm`) is in the ``chart`` tier,
+    so `make unit` (``not chart``) needs no Go; the pure checks of chart files stay unit."""
+    for item in items:
+        if "helm" in getattr(item, "fixturenames", ()) and _HERE in Path(item.path).resolve().parents:
+            item.add_marker(pytest.mark.chart)
 
 
 def pytest_configure(config: pytest.Config) -> None:

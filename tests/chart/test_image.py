@@ -106,6 +106,7 @@ def test_entrypoint_dispatch(tmp_path: Path, argv: list[str], expected: str) -> 
     assert out.stdout.strip() == expected
 
 
+@pytest.mark.chart  # pip fetches every pinned wheel: network, minutes
 @pytest.mark.skipif(_buildah_missing() is None,
                     reason="covered by test_dockerfile_builds_and_runs_with_buildah (buildah is installed)")
 def test_pinned_set_installs_from_wheels_and_is_whole(tmp_path: Path) -> None:
@@ -129,6 +130,7 @@ def test_pinned_set_installs_from_wheels_and_is_whole(tmp_path: Path) -> None:
                           timeout=60).returncode == 0
 
 
+@pytest.mark.chart  # builds the image: root, network, minutes
 @pytest.mark.skipif(_buildah_missing() is not None, reason=f"image build without Docker: {_buildah_missing()}")
 @pytest.mark.timeout(1800)
 def test_dockerfile_builds_and_runs_with_buildah(s3_server, s3, bucket) -> None:
