@@ -5,9 +5,9 @@ A view is *live* when something is mounted there and the filesystem answers; an 
 is never published, because a pod would then see an empty dataset instead of an error.
 
 A worker started with ``--direct`` also builds a *direct tree* once the dataset is fully
-cached: the same files as plain read-only files under its cache directory,
-named in its mount record when ready; ``datahoard.tree_layout`` is that layout, shared with the
-worker. New publishes bind that tree instead of the FUSE view (:func:`ready_tree`); a tree is
+cached: the same files as plain read-only files under its cache directory, laid out as
+``datahoard.tree_layout`` says (the worker writes that layout, the plugin reads it) and named
+in its mount record when ready. New publishes bind that tree instead of the FUSE view (:func:`ready_tree`); a tree is
 accepted only inside that Dataset's own cache directory, with its manifest, so a record can
 never make the plugin bind another host directory. While a target binds a tree, a reference
 file (``tree_layout.add_ref``) tells the worker not to delete it.

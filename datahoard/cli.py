@@ -367,8 +367,6 @@ def _reap_child(child: subprocess.Popen, mountpoint: Path, source: str, timeout:
 
 def _stop_child(child: subprocess.Popen, mountpoint: Path, source: str) -> int:
     """Stop a mount process and its process group, then detach a view it left mounted."""
-    import signal
-
     for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 10)):
         try:
             os.killpg(child.pid, sig)
