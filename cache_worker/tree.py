@@ -14,9 +14,11 @@ the cache's filesystem, under ``CACHE_DIR/direct/<snapshot id>/``:
   snapshot's for directories). Paths come from the index, which only admits keys that are
   safe paths; every path is checked again here, so nothing can land outside the tree.
 
-The tree is built in ``direct/.building-<id>-<pid>`` and renamed into place after its manifest
-(``direct/<id>.json``) is written, so a crash leaves a building directory, discarded at the
-next start, never a half tree under a published name. Chunks linked into a tree are *pinned*
+The layout on disk (``direct/<id>``, ``<id>.json``, ``<id>.refs/``) is the contract with the CSI
+node plugin and lives in ``datahoard.tree_layout``; binding a tree over the mountpoint is
+``tree_bind.py``. The tree is built in ``direct/.building-<id>-<pid>`` and renamed into place
+after its manifest (``direct/<id>.json``) is written, so a crash leaves a building directory,
+discarded at the next start, never a half tree under a published name. Chunks linked into a tree are *pinned*
 in the store: eviction skips them (evicting a linked chunk would free nothing).
 
 A tree may be bind-mounted into pods, so it is never deleted while anything may reference it:
@@ -42,6 +44,9 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+from datahoard import tree_layout
+from datahoard.mounts import MountEntry, read_mountinfo
+
 from .dataset import DatasetCache
 from .index import Index
 from .keys import shown
@@ -50,8 +55,6 @@ from .store import ChunkId
 
 log = logging.getLogger(__name__)
 
-DIRECT_DIR = "direct"
-_BUILDING = ".building-"
 _PIN_BATCH = 5000
 #: Linux PATH_MAX, with the terminating NUL.
 _PATH_MAX = 4096
@@ -79,7 +82,7 @@ class TreeInfo:
 def snapshot_id(index: Index) -> str:
     """Names one listing snapshot: a new listing (``--refresh``) gets a new tree."""
     summary = {f: getattr(index.summary, f) for f in index.summary.__slots__}
-    return hashlib.sha256(json.dumps(summary, sort_keys=True).encode()).hexdigest()[:16]
+    return hashlib.sha256(json.dumps(summary, sort_keys=True).encode()).hexdigest()[:tree_layout.ID_DIGITS]
 
 
 def _safe_parts(rel: str) -> list[str]:
@@ -116,34 +119,23 @@ def _rmtree(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
-def _mount_roots() -> list[tuple[str, str]]:
-    """(root, source) of every mount this process can see (its own and pid 1's tables)."""
-    seen: list[tuple[str, str]] = []
+def _mount_tables() -> list[MountEntry]:
+    """Every mount this process can see: its own table and pid 1's (a tree bound into a pod
+    shows in the host's table, not in a worker container's)."""
+    seen: list[MountEntry] = []
     for table in ("/proc/self/mountinfo", "/proc/1/mountinfo"):
         try:
-            with open(table) as f:
-                text = f.read()
+            seen += read_mountinfo(table)
         except OSError:
             continue
-        for line in text.splitlines():
-            left, sep, right = line.partition(" - ")
-            if not sep:
-                continue
-            fields = left.split(" ")
-            rest = right.split(" ")
-            seen.append((_unescape(fields[3]), _unescape(rest[1]) if len(rest) > 1 else ""))
     return seen
-
-
-def _unescape(field: str) -> str:
-    return field.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n").replace("\\134", "\\")
 
 
 class DirectTrees:
     """Builds, verifies, repairs and removes the direct trees of one cache directory."""
 
     def __init__(self, cache_dir: Path, index: Index, cache: DatasetCache) -> None:
-        self.root = cache_dir / DIRECT_DIR
+        self.root = tree_layout.direct_dir(cache_dir)
         self.index = index
         self.cache = cache
         self.store = cache.store
@@ -162,24 +154,13 @@ class DirectTrees:
         return self.root / tree_id
 
     def _manifest(self, tree_id: str) -> Path:
-        return self.root / f"{tree_id}.json"
+        return tree_layout.manifest_path(self.tree_path(tree_id))
 
     def refs_dir(self, tree_id: str) -> Path:
-        return self.root / f"{tree_id}.refs"
+        return tree_layout.refs_dir(self.tree_path(tree_id))
 
     def _trees_on_disk(self) -> set[str]:
-        ids = set()
-        for entry in os.scandir(self.root):
-            name = entry.name
-            if name.startswith("."):
-                continue
-            if name.endswith(".json"):
-                ids.add(name[:-5])
-            elif name.endswith(".refs"):
-                ids.add(name[:-5])
-            elif entry.is_dir(follow_symlinks=False):
-                ids.add(name)
-        return ids
+        return tree_layout.tree_ids_on_disk(self.root)
 
     def load(self, tree_id: str) -> TreeInfo | None:
         """A complete tree on disk (directory and manifest), or None."""
@@ -194,7 +175,7 @@ class DirectTrees:
         """Discard what a crash left (half-built trees), count the space of complete trees,
         drop pins of trees that are gone, and remove old trees nothing references."""
         for entry in os.scandir(self.root):
-            if entry.name.startswith(_BUILDING):
+            if entry.name.startswith(tree_layout.BUILDING_PREFIX):
                 log.info("discarding the half-built direct tree %s", entry.name)
                 if entry.is_dir(follow_symlinks=False):
                     _rmtree(Path(entry.path))
@@ -213,18 +194,14 @@ class DirectTrees:
         self.remove_unused()
 
     def _referenced(self, tree_id: str) -> bool:
-        refs = self.refs_dir(tree_id)
-        try:
-            if any(refs.iterdir()):
-                return True
-        except OSError:
-            pass
-        suffix = f"/{DIRECT_DIR}/{tree_id}"
-        path = str(self.tree_path(tree_id))
-        for root, source in _mount_roots():
-            if root.endswith(suffix) or f"{suffix}/" in root or source == path or source.startswith(path + "/"):
-                return True
-        return False
+        """A CSI reference file, or a mount of the tree (or of a directory in it) anywhere."""
+        path = self.tree_path(tree_id)
+        if tree_layout.has_refs(path):
+            return True
+        suffix = f"/{tree_layout.DIRECT_DIR}/{tree_id}"
+        inside = f"{path}/"
+        return any(m.root.endswith(suffix) or f"{suffix}/" in m.root or m.source == str(path)
+                   or m.source.startswith(inside) for m in _mount_tables())
 
     def remove_unused(self) -> list[str]:
         """Remove trees of other snapshots that no mount references; returns their ids."""
@@ -260,7 +237,7 @@ class DirectTrees:
     def build(self, stop: threading.Event | None = None) -> TreeInfo:
         """Build the tree of the current snapshot; raises TreeError (nothing left behind)."""
         tree_id = self.id
-        tmp = self.root / f"{_BUILDING}{tree_id}-{os.getpid()}"
+        tmp = tree_layout.building_path(self.root, tree_id, os.getpid())
         _rmtree(tmp)
         try:
             files, total = self._pin_and_check(tree_id, stop)
@@ -445,7 +422,7 @@ class DirectTrees:
         return repaired
 
     def _write_manifest(self, info: TreeInfo) -> None:
-        manifest = self.root / f"{_BUILDING}{info.id}.json"
+        manifest = self.root / f"{tree_layout.BUILDING_PREFIX}{info.id}.json"
         with open(os.open(manifest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, self.store.file_mode), "w") as out:
             out.write(json.dumps(asdict(info)))
         os.replace(manifest, self._manifest(info.id))
@@ -484,48 +461,6 @@ class DirectTrees:
         log.info("relinked %s in the direct tree", rel)
 
 
-# -- the tree's bind over a mountpoint ---------------------------------------------------------
-def mounts_at(path: Path):
-    from datahoard.csi_node.mounter import LinuxMounter
-
-    return LinuxMounter().mounts_at(str(path))
+__all__ = ["DirectTrees", "TreeError", "TreeInfo", "snapshot_id"]
 
 
-def detach(path: Path) -> None:
-    from datahoard.csi_node.mounter import MNT_DETACH, _libc
-
-    if _libc.umount2(str(path).encode(), MNT_DETACH) != 0:
-        import ctypes
-
-        err = ctypes.get_errno()
-        raise OSError(err, f"unmount: {os.strerror(err)}", str(path))
-
-
-def _top_is_tree_bind(path: Path) -> bool:
-    from datahoard.csi_node.mounter import top_mounts
-
-    top = top_mounts(mounts_at(path))
-    return bool(top) and not top[-1].fstype.startswith("fuse") and is_tree_root(top[-1].root)
-
-
-def clear_tree_binds(mountpoint: Path) -> int:
-    """Detach direct-tree binds stacked on ``mountpoint`` (left by a crash); returns how many."""
-    removed = 0
-    try:
-        while removed < 64 and _top_is_tree_bind(mountpoint):
-            detach(mountpoint)
-            removed += 1
-    except OSError as exc:
-        log.warning("cannot remove the direct tree's bind at %s: %s", mountpoint, exc)
-    if removed:
-        log.info("removed %d direct tree bind(s) from %s", removed, mountpoint)
-    return removed
-
-
-def is_tree_root(root: str) -> bool:
-    """Whether a mountinfo root names a direct tree (``.../direct/<16 hex>``)."""
-    head, _, tail = root.rstrip("/").rpartition("/")
-    return head.endswith("/" + DIRECT_DIR) and len(tail) == 16 and all(c in "0123456789abcdef" for c in tail)
-
-
-__all__ = ["DirectTrees", "TreeError", "TreeInfo", "snapshot_id", "is_tree_root", "clear_tree_binds"]

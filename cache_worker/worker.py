@@ -37,6 +37,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from datahoard import runtime
+from datahoard.mounts import bind_readonly, detach, mounts_at
 from datahoard.stats import ConsumerStats, DirectStats, FuseStats, RecentStats, WarmingStats, WorkerStats
 
 from .consumers import ConsumerTable, PodNames
@@ -50,7 +51,9 @@ from .source import Source, SourceError
 from .sources import open_source
 from .stats_server import StatsServer
 from .store import ChunkStore
-from .tree import DirectTrees, TreeError, TreeInfo, _top_is_tree_bind, clear_tree_binds, detach, mounts_at
+from .tree import DirectTrees, TreeError, TreeInfo
+from .tree_bind import clear_tree_binds
+from .tree_bind import top_is_tree_bind as _top_is_tree_bind
 from .warm import Warmer
 
 log = logging.getLogger(__name__)
@@ -463,9 +466,7 @@ class Worker:
         message = None
         if cfg.direct_bind:
             try:
-                from datahoard.csi_node.mounter import LinuxMounter
-
-                LinuxMounter().bind_readonly(info.path, str(cfg.mountpoint), [])
+                bind_readonly(info.path, cfg.mountpoint, [])
                 self._bound = True
             except OSError as exc:
                 message = f"the tree is ready but could not be bound over {cfg.mountpoint}: {exc}"

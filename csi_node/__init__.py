@@ -2,8 +2,8 @@
 
 Modules, one job each: ``csi.proto`` and ``pluginregistration.proto`` with their committed stubs
 (``genproto`` regenerates and checks them), ``errors`` (the exception-to-status decorator),
-``validation`` (request checks with the spec's codes), ``mounter`` (mount syscalls, /proc/self/mountinfo,
-bounded probes), ``views`` (finding a live FUSE view), ``state`` (published targets, persisted),
+``validation`` (request checks with the spec's codes), ``mounter`` (the mount interface over
+``datahoard.mounts``, bounded probes), ``views`` (finding a live FUSE view), ``state`` (published targets, persisted),
 ``volume_lock`` (per-target try-lock), ``recovery`` (re-binding targets after a worker
 restart), ``inject`` and ``nsmount`` (repairing dead copies in other mount namespaces),
 ``usage`` (volume stats), ``identity`` and ``node`` (the two CSI services),

@@ -23,8 +23,10 @@ import subprocess
 import sys
 from dataclasses import dataclass
 
+from datahoard.mounts import MountEntry, read_mountinfo, top_mounts
+
 from . import nsmount
-from .mounter import Health, MountEntry, Mounter, parse_mountinfo, top_mounts
+from .mounter import Health, Mounter
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +64,7 @@ def find_stale_copies(dead_devices: set[str]) -> list[StaleCopy]:
     copies = []
     for ns, pid in _namespaces(own).items():
         try:
-            with open(f"/proc/{pid}/mountinfo") as f:
-                entries = parse_mountinfo(f.read())
+            entries = read_mountinfo(f"/proc/{pid}/mountinfo")
         except OSError:
             continue
         copies += [StaleCopy(pid, ns, e.mountpoint, e.root) for e in top_mounts(entries) if e.device in dead_devices]
@@ -94,8 +95,7 @@ def repair_own_namespace(mounter: Mounter, dead_devices: set[str], view_path: st
 
 
 def _own_entries() -> list[MountEntry]:
-    with open("/proc/self/mountinfo") as f:
-        return parse_mountinfo(f.read())
+    return read_mountinfo()
 
 
 def repair_other_namespaces(dead_devices: set[str], view_path: str) -> int:

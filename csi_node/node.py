@@ -20,7 +20,7 @@ from pathlib import Path
 
 import grpc
 
-from datahoard import names
+from datahoard import names, tree_layout
 
 from . import consumers, csi_pb2, csi_pb2_grpc, usage, validation
 from .errors import AlreadyExists, CsiError, FailedPrecondition, InvalidArgument, NotFound, rpc
@@ -28,7 +28,7 @@ from .mounter import Health, Mounter
 from .recovery import Repairer, Status
 from .state import PublishedTarget, StateStore
 from .validation import MULTI_TARGET_MODES, PublishParams
-from .views import add_tree_ref, check_view, drop_tree_ref, ready_tree, tree_id, view_of_tree, wait_live
+from .views import check_view, ready_tree, view_of_tree, wait_live
 from .volume_lock import TargetLocks
 
 log = logging.getLogger(__name__)
@@ -133,20 +133,20 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         source = tree or p.view.path
         _make_target(p.target_path, where)
         if tree:
-            add_tree_ref(tree, p.target_path)  # before the bind: the worker must never delete it under us
+            tree_layout.add_ref(tree, p.target_path)  # before the bind: the worker must never delete it under us
             wanted = replace(wanted, view_path=tree)
         try:
             self.mounter.bind_readonly(source, p.target_path, list(p.mount_flags))
         except OSError:
             if tree:
-                drop_tree_ref(tree, p.target_path)
+                tree_layout.drop_ref(tree, p.target_path)
             raise
         try:
             self.state.put(wanted)
         except OSError:
             self.mounter.unmount_all(p.target_path)
             if tree:
-                drop_tree_ref(tree, p.target_path)
+                tree_layout.drop_ref(tree, p.target_path)
             raise
         if tree:
             log.info("published %s from the direct tree %s (no FUSE hop)", where, tree)
@@ -155,8 +155,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
 
     def _is_tree_of(self, path: str, p: PublishParams) -> bool:
         """Whether *path* is a direct tree in the cache of the Dataset *p* publishes."""
-        direct = os.path.realpath(names.cache_dir(p.view.namespace, p.view.name, self.config.host_root) / "direct")
-        return tree_id(path) is not None and os.path.dirname(path) == direct
+        return tree_layout.in_cache(path, names.cache_dir(p.view.namespace, p.view.name, self.config.host_root))
 
     def _adopt_or_refuse(self, p: PublishParams) -> None:
         """A mount we have no record of (state file lost): keep it only if it shows our view."""
@@ -169,8 +168,8 @@ class NodeService(csi_pb2_grpc.NodeServicer):
             return
         tree = ready_tree(p.view, self.config.host_root)
         top = self.mounter.mounts_at(p.target_path)
-        if tree and target.health is Health.OK and top and top[-1].root.endswith(f"/direct/{tree_id(tree)}"):
-            add_tree_ref(tree, p.target_path)
+        if tree and target.health is Health.OK and top and tree_layout.tree_id(top[-1].root) == tree_layout.tree_id(tree):
+            tree_layout.add_ref(tree, p.target_path)
             self.state.put(replace(p.record(), view_path=tree))
             log.info("adopted existing mount of %s (direct tree %s)", where, tree)
             return
@@ -227,8 +226,8 @@ class NodeService(csi_pb2_grpc.NodeServicer):
                 ) from None
             raise
         self.state.remove(target)
-        if existing is not None and tree_id(existing.view_path) is not None:
-            drop_tree_ref(existing.view_path, target)
+        if existing is not None and tree_layout.tree_id(existing.view_path) is not None:
+            tree_layout.drop_ref(existing.view_path, target)
         log.info("unpublished volume %s at %s (%d mount layer(s) detached)", vol, target, layers)
 
     @rpc
@@ -259,7 +258,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
 
     def _stats_view(self, view_path: str) -> str:
         """The worker's stats are keyed by its FUSE view, also for targets bound to its tree."""
-        if tree_id(view_path) is not None:
+        if tree_layout.tree_id(view_path) is not None:
             return view_of_tree(view_path, self.config.host_root) or view_path
         return view_path
 

@@ -29,7 +29,9 @@ import threading
 from dataclasses import dataclass
 
 from . import inject
-from .mounter import Health, Mounter, Probe, top_mounts
+from datahoard.mounts import top_mounts
+
+from .mounter import Health, Mounter, Probe
 from .state import PublishedTarget, StateStore
 from .views import check_view
 from .volume_lock import REPAIR, TargetLocks

@@ -19,6 +19,7 @@ import logging
 import os
 from collections.abc import Callable
 
+from datahoard import runtime
 from datahoard.stats import WorkerStats
 
 from . import csi_pb2
@@ -34,10 +35,6 @@ StatsLookup = Callable[[str], "WorkerStats | None"]
 
 def worker_stats(view_path: str) -> WorkerStats | None:
     """The stats of the worker serving *view_path*, or None when it cannot be reached."""
-    try:
-        from datahoard import runtime
-    except ImportError:  # pragma: no cover - only while the cache worker is absent
-        return None
     # No pid check: in Kubernetes the worker runs in another pid namespace; a dead worker shows
     # up as a failed HTTP request instead.
     record = runtime.lookup(view_path, check_alive=False)

@@ -11,9 +11,10 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from datahoard.mounts import MOUNT_FLAG_BITS, canonical
+
 from . import csi_pb2
 from .errors import FailedPrecondition, InvalidArgument
-from .mounter import MOUNT_FLAG_BITS, canonical
 from .state import PublishedTarget
 from .views import ViewRef, resolve_view
 

@@ -5,17 +5,16 @@ A view is *live* when something is mounted there and the filesystem answers; an 
 is never published, because a pod would then see an empty dataset instead of an error.
 
 A worker started with ``--direct`` also builds a *direct tree* once the dataset is fully
-cached: the same files as plain read-only files under its cache directory,
-``names.cache_dir(namespace, name)/direct/<snapshot id>``, named in its mount record when ready.
-New publishes bind that tree instead of the FUSE view (:func:`ready_tree`); a tree is accepted
-only inside that Dataset's own cache directory, with its manifest, so a record can never make
-the plugin bind another host directory. While a target binds a tree, a reference file
-``direct/<id>.refs/<hash of target>`` tells the worker not to delete it.
+cached: the same files as plain read-only files under its cache directory, laid out as
+``datahoard.tree_layout`` says (the worker writes that layout, the plugin reads it) and named
+in its mount record when ready. New publishes bind that tree instead of the FUSE view (:func:`ready_tree`); a tree is
+accepted only inside that Dataset's own cache directory, with its manifest, so a record can
+never make the plugin bind another host directory. While a target binds a tree, a reference
+file (``tree_layout.add_ref``) tells the worker not to delete it.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import re
@@ -25,15 +24,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from datahoard import names
+from datahoard import names, runtime, tree_layout
+from datahoard.mounts import canonical
 
 from .errors import InvalidArgument, NotFound, Unavailable
-from .mounter import Health, Mounter, Probe, canonical
+from .mounter import Health, Mounter, Probe
 
 log = logging.getLogger(__name__)
-
-#: A direct tree's directory name: the 16 hex digits of its snapshot id.
-_TREE_ID = re.compile(r"^[0-9a-f]{16}$")
 
 #: Kubernetes namespaces are DNS labels and Dataset names DNS subdomains; checking this keeps
 #: "..", "/" and friends out of the host path built from them.
@@ -92,68 +89,28 @@ def resolve_view(volume_id: str, volume_context: Mapping[str, str], host_root: P
     return ViewRef(ns, name, canonical(path))
 
 
-def tree_id(path: str) -> str | None:
-    """The snapshot id if *path* has the shape of a direct tree (``.../direct/<id>``)."""
-    head, _, tail = path.rstrip("/").rpartition("/")
-    return tail if head.endswith("/direct") and _TREE_ID.match(tail) else None
-
-
 def ready_tree(view: ViewRef, host_root: Path) -> str | None:
     """The direct tree the Dataset's worker reports ready, or None (then the FUSE view is bound).
 
     Accepted only as ``<cache_dir(ns, name)>/direct/<id>``, resolved, a directory, with the
     manifest the worker writes just before publishing it.
     """
-    try:
-        from datahoard import runtime
-    except ImportError:  # pragma: no cover
-        return None
     record = runtime.lookup(view.path, check_alive=False)
-    if record is None or not getattr(record, "direct_tree", None):
+    if record is None or not record.direct_tree:
         return None
-    direct = os.path.realpath(names.cache_dir(view.namespace, view.name, host_root) / "direct")
     tree = os.path.realpath(record.direct_tree)
-    tid = tree_id(tree)
-    if tid is None or os.path.dirname(tree) != direct:
+    cache = names.cache_dir(view.namespace, view.name, host_root)
+    if not tree_layout.in_cache(tree, cache):
         log.warning("ignoring direct tree %r of %s/%s: not inside %s", record.direct_tree, view.namespace,
-                    view.name, direct)
+                    view.name, tree_layout.direct_dir(cache))
         return None
-    if not os.path.isdir(tree) or not os.path.isfile(os.path.join(direct, f"{tid}.json")):
-        return None
-    return tree
+    return tree if tree_layout.is_complete(tree) else None
 
 
 def view_of_tree(tree: str, host_root: Path) -> str | None:
     """The FUSE view of the Dataset whose cache holds *tree* (for the worker's stats)."""
-    cache_root = os.path.join(os.path.realpath(host_root / "cache"), "")
-    if tree_id(tree) is None or not tree.startswith(cache_root):
-        return None
-    parts = tree[len(cache_root):].split("/")
-    if len(parts) != 4:
-        return None
-    return str(names.mount_dir(parts[0], parts[1], host_root))
-
-
-def _ref_path(tree: str, target: str) -> str:
-    digest = hashlib.sha256(target.encode()).hexdigest()[:24]
-    return os.path.join(f"{tree}.refs", digest)
-
-
-def add_tree_ref(tree: str, target: str) -> None:
-    """Tell the worker that *target* binds *tree*: it must not delete the tree."""
-    path = _ref_path(tree, target)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        f.write(target + "\n")
-    os.replace(tmp, path)
-
-
-def drop_tree_ref(tree: str, target: str) -> None:
-    try:
-        os.unlink(_ref_path(tree, target))
-    except FileNotFoundError:
-        pass
+    owner = tree_layout.dataset_of_tree(tree, host_root)
+    return str(names.mount_dir(*owner, host_root)) if owner else None
 
 
 def check_view(mounter: Mounter, path: str, probe_timeout: float) -> Probe:
@@ -161,7 +118,7 @@ def check_view(mounter: Mounter, path: str, probe_timeout: float) -> Probe:
 
     A direct tree is a plain directory: it is live when it answers.
     """
-    if tree_id(path) is not None and os.path.isdir(path):
+    if tree_layout.tree_id(path) is not None and os.path.isdir(path):
         return mounter.probe(path, probe_timeout)
     # mountinfo first: a stat of a mount point goes to its filesystem, which may hang.
     if not mounter.mounts_at(path):

@@ -16,42 +16,27 @@ validation, as the API server prunes them from structural schemas.
 from __future__ import annotations
 
 import re
-from decimal import Decimal, InvalidOperation
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StringConstraints, field_validator, model_validator
 
-from . import names
+from . import names, units
+from .units import QUANTITY_RE  # one of the CRD's regexes below, kept beside its parser
 
 # The same regexes as the CRD's x-kubernetes-validations (without the ^...$ anchors).
 URI_RE = r"(s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/[^ ]*)?|(s?webhdfs|hdfs)://[A-Za-z0-9.-]+(:[0-9]{1,5})?(/[^ ]*)?)"
 ENDPOINT_RE = r"https?://[A-Za-z0-9.-]+(:[0-9]{1,5})?(/[^ ]*)?"
 REGION_RE = r"[a-z0-9-]+"
 SECRET_NAME_RE = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*"
-QUANTITY_RE = r"[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|Pi|k|M|G|T|P)?"
 
 #: Smallest cache the schema allows: below this a worker cannot hold even a small index.
 MIN_CAPACITY_BYTES = 1024 * 1024
 
-_SUFFIX = {
-    "": 1,
-    "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15,
-    "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50,
-}
-
 
 def quantity_bytes(text: str) -> int:
-    """Bytes in a Kubernetes quantity of the restricted form the CRD accepts (``200Gi``)."""
-    match = re.fullmatch(r"([0-9]+(?:\.[0-9]+)?)([A-Za-z]*)", text)
-    if not match or match.group(2) not in _SUFFIX:
-        raise ValueError(f"{text!r} is not a size such as 500Mi, 200Gi or 2Ti")
-    try:
-        number = Decimal(match.group(1))
-    except InvalidOperation as exc:  # pragma: no cover - the regex already rules this out
-        raise ValueError(f"{text!r} is not a number") from exc
-    # Kubernetes rounds fractional quantities up to a whole byte.
-    value = number * _SUFFIX[match.group(2)]
-    return int(value) + (0 if value == int(value) else 1)
+    """Bytes in a Kubernetes quantity of the restricted form the CRD accepts (``200Gi``),
+    a fraction of a byte rounded up as Kubernetes does (``datahoard.units``)."""
+    return units.parse_size(text, strict=True)
 
 
 def format_bytes(count: int) -> str:
@@ -194,8 +179,7 @@ class Warm(_Model):
     def _bandwidth(cls, value: str) -> str:
         _check(QUANTITY_RE, "must be bytes per second as a quantity such as 50Mi or 1Gi")(value)
         # The CRD compares the exact quantity (0.5 is refused), not the rounded-up bytes.
-        number, suffix = re.fullmatch(r"([0-9.]+)([A-Za-z]*)", value).groups()
-        if Decimal(number) * _SUFFIX[suffix] < 1:
+        if units.exact_size(value, strict=True) < 1:
             raise ValueError("must be at least 1 byte per second")
         return value
 

@@ -16,8 +16,9 @@ import sys
 import time
 from pathlib import Path
 
-from . import mount_checks, runtime
+from . import mount_checks, runtime, tree_layout
 from .mount_checks import MountRefused
+from .mounts import MountEntry, mounts_at, top_mounts
 from .stats import WorkerStats
 from .units import format_size, parse_positive_size
 
@@ -376,10 +377,6 @@ def _reap_child(child: subprocess.Popen, mountpoint: Path, source: str, timeout:
 
 def _stop_child(child: subprocess.Popen, mountpoint: Path, source: str) -> int:
     """Stop a mount process and its process group, then detach a view it left mounted."""
-    import signal
-
-    from datahoard.cache_worker.tree import mounts_at
-
     for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 10)):
         try:
             os.killpg(child.pid, sig)
@@ -577,16 +574,13 @@ def _umount(args: argparse.Namespace) -> int:
     return code
 
 
-def _is_ours(entry) -> bool:
+def _is_ours(entry: MountEntry) -> bool:
     """A datahoard FUSE view, or a direct tree's bind (``CACHE/direct/<id>``) stacked on one."""
-    from datahoard.cache_worker.tree import is_tree_root
-
-    return entry.fstype == "fuse.datahoard" or is_tree_root(entry.root)
+    return entry.fstype == "fuse.datahoard" or tree_layout.tree_id(entry.root) is not None
 
 
 def _umount_locked(mountpoint: Path, deadline: float, timeout: float) -> int:
-    from datahoard.cache_worker.tree import clear_tree_binds, mounts_at
-    from datahoard.csi_node.mounter import top_mounts
+    from datahoard.cache_worker.tree_bind import clear_tree_binds
 
     record = runtime.lookup(mountpoint)
     entries = mounts_at(mountpoint)

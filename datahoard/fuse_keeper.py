@@ -64,6 +64,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from .mounts import read_mountinfo
+
 log = logging.getLogger(__name__)
 
 #: Largest message either side sends or accepts (the INIT state is a few hundred bytes).
@@ -155,36 +157,10 @@ def fuse_connection(fd: int) -> int | None:
     return None
 
 
-def _unescape(text: str) -> str:
-    """mountinfo writes space, tab, newline and backslash in paths as octal escapes."""
-    if "\\" not in text:
-        return text
-    out, i = [], 0
-    while i < len(text):
-        digits = text[i + 1 : i + 4]
-        if text[i] == "\\" and len(digits) == 3 and digits.isdigit():
-            out.append(chr(int(digits, 8)))
-            i += 4
-        else:
-            out.append(text[i])
-            i += 1
-    return "".join(out)
-
-
 def fuse_mounts() -> set[tuple[str, int]]:
     """(mountpoint, minor device) of every FUSE mount this process can see."""
-    found = set()
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            left, _, right = line.partition(" - ")
-            fields = left.split()
-            fstype = right.split(" ", 1)[0]
-            if len(fields) < 5 or not fstype.startswith("fuse"):
-                continue
-            major, _, minor = fields[2].partition(":")
-            if major == "0" and minor.isdigit():
-                found.add((_unescape(fields[4]), int(minor)))
-    return found
+    return {(m.mountpoint, m.anonymous_minor) for m in read_mountinfo()
+            if m.fstype.startswith("fuse") and m.anonymous_minor is not None}
 
 
 def _peer(sock: socket.socket) -> tuple[int, int]:

@@ -48,9 +48,14 @@ def mount_dir(namespace: str, name: str, root: Path | None = None) -> Path:
     return (root or host_root()) / "mnt" / namespace / name
 
 
+def cache_root(root: Path | None = None) -> Path:
+    """Where the node-local caches of all Datasets live on a node."""
+    return (root or host_root()) / "cache"
+
+
 def cache_dir(namespace: str, name: str, root: Path | None = None) -> Path:
     """Where a Dataset's node-local cache lives on a node."""
-    return (root or host_root()) / "cache" / namespace / name
+    return cache_root(root) / namespace / name
 
 
 def consumers_dir(namespace: str, name: str, root: Path | None = None) -> Path:

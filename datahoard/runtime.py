@@ -17,6 +17,7 @@ import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from .mounts import canonical
 from .stats import WorkerStats
 
 
@@ -48,15 +49,12 @@ def canonical_mountpoint(mountpoint: str | os.PathLike) -> str:
     realpath lstat()s every component, and an lstat of a FUSE mount's root waits for the
     daemon's answer: while the FUSE keeper holds a connection whose worker is restarting, that
     wait lasts until the new worker serves, so anything that names the mount (its lock, its
-    record, the keeper entry) would hang on it. Only the parent is resolved; ``readlink`` of the
-    last component (which never reaches the daemon: EINVAL for a directory) still follows a
-    symlink named as the mountpoint, so the result equals realpath's.
+    record, the keeper entry) would hang on it. Only the parent is resolved
+    (``mounts.canonical``); ``readlink`` of the last component (which never reaches the daemon:
+    EINVAL for a directory) still follows a symlink named as the mountpoint, so the result
+    equals realpath's.
     """
-    path = os.path.abspath(os.fspath(mountpoint))
-    parent, name = os.path.split(path)
-    if not name:
-        return path
-    full = os.path.join(os.path.realpath(parent), name)
+    full = canonical(mountpoint)
     try:
         os.readlink(full)
     except OSError:

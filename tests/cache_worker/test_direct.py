@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from datahoard.mounts import bind_readonly, unmount_all
 from tests.conftest import datahoard, mounts_at, wait_for
 
 pytestmark = pytest.mark.integration
@@ -212,9 +213,7 @@ def test_a_refresh_keeps_the_old_tree_while_something_binds_it(s3, bucket, mount
     old = Path(wait_direct(m).direct.path)
     pod = tmp_path / "pod"  # stands for a pod that was published the old tree
     pod.mkdir()
-    from datahoard.csi_node.mounter import LinuxMounter
-
-    LinuxMounter().bind_readonly(str(old), str(pod), [])
+    bind_readonly(old, pod, [])
     try:
         datahoard("umount", str(mnt))
         upload(s3, bucket, {"b.bin": b"two" * 1000})
@@ -225,7 +224,7 @@ def test_a_refresh_keeps_the_old_tree_while_something_binds_it(s3, bucket, mount
         assert (pod / "a.bin").read_bytes() == b"one" * 1000
         datahoard("umount", str(mnt))
     finally:
-        LinuxMounter().unmount_all(str(pod))
+        unmount_all(pod)
     m3 = mount_dataset(bucket, "ds", "--direct", cache_dir=cache, mountpoint=mnt)
     assert wait_direct(m3).direct.path == str(new)
     wait_for(lambda: not old.exists(), what="the unused old tree to be removed")

@@ -21,9 +21,10 @@ import grpc
 
 from datahoard import names
 from datahoard.csi_node import csi_pb2, csi_pb2_grpc
-from datahoard.csi_node.mounter import MNT_DETACH, LinuxMounter, canonical
+from datahoard.csi_node.mounter import LinuxMounter
 from datahoard.csi_node.node import NodeConfig
 from datahoard.csi_node.server import NodePlugin
+from datahoard.mounts import MNT_DETACH, canonical
 
 HERE = Path(__file__).resolve().parent
 TINYFUSE = HERE / "tinyfuse.py"

@@ -10,7 +10,6 @@ from datahoard import names
 from datahoard.csi_node import csi_pb2, genproto, validation
 from datahoard.csi_node.errors import Aborted, FailedPrecondition, InvalidArgument
 from datahoard.csi_node.logging_interceptor import REDACTED, redact
-from datahoard.csi_node.mounter import MS_NOEXEC, MS_NODEV, MS_NOSUID, MS_RDONLY, flags_for, parse_mountinfo
 from datahoard.csi_node.server import socket_path
 from datahoard.csi_node.state import PublishedTarget, StateStore
 from datahoard.csi_node.views import resolve_view
@@ -30,22 +29,6 @@ def test_proto_field_numbers_follow_the_spec():
     assert csi_pb2.NodeServiceCapability.RPC.VOLUME_CONDITION == 4
     assert csi_pb2.VolumeCondition.DESCRIPTOR.fields_by_name["message"].number == 2
     assert csi_pb2.DESCRIPTOR.package == "csi.v1"
-
-
-def test_mountinfo_parsing_unescapes_paths_and_keeps_propagation():
-    text = (
-        "27 1 254:0 / / rw,relatime shared:1 - ext4 /dev/vda rw\n"
-        "43 27 0:40 / /var/lib/kubelet/pods/x/my\\040vol ro,nosuid,nodev shared:2 master:7 - fuse.dh dh ro,allow_other\n"
-    )
-    root, vol = parse_mountinfo(text)
-    assert root.mountpoint == "/" and root.optional == ("shared:1",)
-    assert vol.mountpoint == "/var/lib/kubelet/pods/x/my vol"
-    assert vol.fstype == "fuse.dh" and vol.readonly and vol.optional == ("shared:2", "master:7")
-
-
-def test_bind_flags_are_always_read_only_nosuid_nodev():
-    assert flags_for([]) == MS_RDONLY | MS_NOSUID | MS_NODEV
-    assert flags_for(["noexec"]) & MS_NOEXEC
 
 
 def test_redaction_masks_secrets_and_mount_flags():
@@ -157,15 +140,3 @@ def test_an_rpc_waits_for_a_running_repair_instead_of_aborting():
     locks.release("/t")
     thread.join(10)
     assert acquired.is_set()
-
-
-def test_top_mounts_are_the_uncovered_layers():
-    from datahoard.csi_node.mounter import top_mounts
-
-    text = (
-        "27 1 254:0 / / rw - ext4 /dev/vda rw\n"
-        "50 27 0:40 / /pods/a/mount ro shared:2 - fuse.datahoard dh ro\n"  # dead layer
-        "51 50 0:41 / /pods/a/mount ro shared:3 - fuse.datahoard dh ro\n"  # repair on top of it
-        "52 27 0:41 /train /pods/a/sub ro - fuse.datahoard dh ro\n"
-    )
-    assert [m.mount_id for m in top_mounts(parse_mountinfo(text))] == [27, 51, 52]
