@@ -176,11 +176,13 @@ def bind_readonly(source: str | os.PathLike, target: str | os.PathLike, mount_fl
     Two steps, because the kernel ignores MS_RDONLY on the initial MS_BIND:
     1. ``mount(source, target, MS_BIND)`` stacks a bind of the source on the target.
     2. ``mount(NULL, target, MS_REMOUNT|MS_BIND|MS_RDONLY|...)`` makes that bind read-only.
-    If step 2 fails, step 1 is undone, so a writable bind never stays behind.
+    If step 2 fails, step 1 is undone, so a writable bind never stays behind; the flags are
+    looked up before step 1, so an unknown one (KeyError) binds nothing at all.
     """
+    flags = flags_for(mount_flags)
     src, tgt = os.fsencode(source), canonical(target).encode()
     _check(_libc.mount(src, tgt, None, MS_BIND, None), f"bind {os.fspath(source)}", os.fspath(target))
-    rc = _libc.mount(None, tgt, None, MS_REMOUNT | MS_BIND | flags_for(mount_flags), None)
+    rc = _libc.mount(None, tgt, None, MS_REMOUNT | MS_BIND | flags, None)
     if rc != 0:
         err = ctypes.get_errno()
         _libc.umount2(tgt, MNT_DETACH)

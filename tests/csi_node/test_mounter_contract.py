@@ -23,10 +23,7 @@ import pytest
 
 from datahoard.csi_node.mounter import Health, LinuxMounter, Mounter
 
-try:  # the mount table's one home once issue 16 part 1 (datahoard/mounts.py) is merged
-    from datahoard.mounts import top_mounts
-except ImportError:  # until then (drop this branch after that merge)
-    from datahoard.csi_node.mounter import top_mounts
+from datahoard.mounts import top_mounts
 from tests.support.fakes.mounter import FakeFilesystem, FakeMounter
 
 TINYFUSE = Path(__file__).resolve().parent / "tinyfuse.py"
@@ -218,15 +215,9 @@ def test_a_directory_binds_only_onto_a_directory(machine, tmp_path, view):
     assert machine.mounter.mounts_at(str(target)) == []
 
 
-def test_an_unknown_flag_mounts_nothing(machine, tmp_path, view, request):
-    if isinstance(machine.mounter, LinuxMounter):
-        # Found by this suite: LinuxMounter.bind_readonly binds (step 1) before it looks the
-        # flags up (step 2), so an unknown flag leaves a *writable* bind behind. Unreachable
-        # through NodePublishVolume (validation refuses the flag first); to be fixed where
-        # bind_readonly lives by computing flags_for() before the bind. strict: an XPASS says
-        # the fix landed and this mark goes.
-        request.applymarker(pytest.mark.xfail(strict=True, reason="LinuxMounter binds before "
-                                              "checking the flags (a writable bind stays)"))
+def test_an_unknown_flag_mounts_nothing(machine, tmp_path, view):
+    # Found by this suite: the real bind_readonly used to bind before it looked the flags up,
+    # so an unknown flag left a *writable* bind behind.
     target = tmp_path / "target"
     target.mkdir()
     with pytest.raises(KeyError):

@@ -33,11 +33,7 @@ from dataclasses import dataclass, field, replace
 
 from datahoard.csi_node.mounter import Health, Probe
 
-try:  # the mount table's one home once issue 16 part 1 (datahoard/mounts.py) is merged
-    from datahoard.mounts import MOUNT_FLAG_BITS, MountEntry, canonical, flags_for, parse_mountinfo
-except ImportError:  # until then (drop this branch after that merge)
-    from datahoard.csi_node.mounter import (MOUNT_FLAG_BITS, MountEntry, canonical, flags_for,
-                                            parse_mountinfo)
+from datahoard.mounts import MOUNT_FLAG_BITS, MountEntry, canonical, flags_for, parse_mountinfo
 
 _DEVICES = itertools.count(4000)
 
