@@ -39,15 +39,15 @@ into the top 20 (its bytes move to its own series).
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import re
 import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
+
+from datahoard import pod_records
 
 log = logging.getLogger(__name__)
 
@@ -156,7 +156,7 @@ class PidResolver:
 
 class PodNames:
     """Pod UID -> (namespace, name), from the files the CSI node plugin writes for this Dataset
-    (``<dir>/*.json``: ``{"uid", "namespace", "name"}``). A name once seen is kept after its
+    (:mod:`datahoard.pod_records`). A name once seen is kept after its
     file goes (the pod unpublished: its bytes still need a name)."""
 
     def __init__(self, directory: Path | None) -> None:
@@ -177,18 +177,8 @@ class PodNames:
 
     def _scan(self) -> None:
         self._scanned = time.monotonic()
-        try:
-            entries = list(os.scandir(self.directory))
-        except OSError:
-            return
-        for entry in entries:
-            if not entry.name.endswith(".json"):
-                continue
-            try:
-                data = json.loads(Path(entry.path).read_text())
-                self._names[str(data["uid"])] = (str(data["namespace"]), str(data["name"]))
-            except (OSError, ValueError, KeyError, TypeError):
-                continue  # being written, or not ours: the next scan sees it whole
+        for pod in pod_records.read_all(self.directory):
+            self._names[pod.uid] = (pod.namespace, pod.name)
         while len(self._names) > 4 * TRACKED:  # bounded too: oldest first
             self._names.pop(next(iter(self._names)))
 

@@ -2,10 +2,8 @@
 
 The worker sees a reader's pod UID (its cgroup) but not the pod's namespace and name; kubelet
 hands those to this plugin on NodePublishVolume because the CSIDriver says ``podInfoOnMount:
-true`` (``csi.storage.k8s.io/pod.*`` in volume_context). So each publish leaves one small file,
-``names.consumers_dir(<dataset ns>, <dataset name>) / <sha256 of the target>[:16].json`` holding
-``{"uid", "namespace", "name", "target"}``, and NodeUnpublishVolume removes it (the file is
-named by the target because the unpublish request names nothing else).
+true`` (``csi.storage.k8s.io/pod.*`` in volume_context). So each publish leaves one record
+(the file contract is :mod:`datahoard.pod_records`) and NodeUnpublishVolume removes it.
 
 The directory is per Dataset and mounted into that Dataset's worker alone, so one tenant's pods
 are never visible to another Dataset's worker. A record that cannot be written is logged and the
@@ -15,16 +13,12 @@ read, so a pod's bytes keep their name after it is unpublished.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-import os
 import re
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
-from datahoard import names
+from datahoard import names, pod_records
 
 log = logging.getLogger(__name__)
 
@@ -37,11 +31,6 @@ _NAME = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
 _UID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$|^[0-9a-f]{32}$")
 
 
-def record_path(host_root: Path, namespace: str, name: str, target: str) -> Path:
-    digest = hashlib.sha256(target.encode()).hexdigest()[:16]
-    return names.consumers_dir(namespace, name, host_root) / f"{digest}.json"
-
-
 def record(host_root: Path, namespace: str, name: str, target: str, context: Mapping[str, str]) -> Path | None:
     """Record the pod of a publish of Dataset ``namespace/name`` at ``target`` (atomically);
     None when volume_context carries no (valid) pod, e.g. a CSIDriver without podInfoOnMount."""
@@ -52,27 +41,18 @@ def record(host_root: Path, namespace: str, name: str, target: str, context: Map
             log.warning("publish of %s/%s at %s: pod info in volume_context is not a pod (%s); its reads "
                         "will be shown by UID", namespace, name, target, pod)
         return None
-    path = record_path(host_root, namespace, name, target)
+    directory = names.consumers_dir(namespace, name, host_root)
     try:
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".pod.", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w") as out:
-                json.dump({**pod, "target": target}, out)
-            os.replace(tmp, path)
-        except BaseException:
-            os.unlink(tmp)
-            raise
+        return pod_records.write(directory, target, pod_records.PodRecord(pod["uid"], pod["namespace"], pod["name"]))
     except OSError as exc:
         log.warning("cannot record pod %s/%s for %s/%s in %s: %s (its reads will be shown by UID)",
-                    pod["namespace"], pod["name"], namespace, name, path.parent, exc)
+                    pod["namespace"], pod["name"], namespace, name, directory, exc)
         return None
-    return path
 
 
 def forget(host_root: Path, namespace: str, name: str, target: str) -> None:
     """Remove the record of the publish at ``target`` (none is fine: unpublish is idempotent)."""
     try:
-        record_path(host_root, namespace, name, target).unlink(missing_ok=True)
+        pod_records.forget(names.consumers_dir(namespace, name, host_root), target)
     except OSError as exc:
         log.warning("cannot remove the pod record of %s/%s at %s: %s", namespace, name, target, exc)

@@ -10,8 +10,10 @@ import uuid
 
 import pytest
 
-from datahoard import runtime
-from datahoard.csi_node import consumers as records
+from datahoard import names, runtime
+from datahoard.pod_records import PodRecord
+from datahoard.pod_records import forget as forget_pod
+from datahoard.pod_records import write as record_pod
 from tests.cgroups import pod_cgroups, read_in
 from tests.conftest import datahoard, unmount, wait_for
 
@@ -32,13 +34,10 @@ def test_two_pods_reading_through_fuse_get_their_own_bytes(s3, bucket, mount_dat
     a, b = os.urandom(300_000), os.urandom(700_000)
     s3.put_object(Bucket=bucket, Key="ds/a.bin", Body=a)
     s3.put_object(Bucket=bucket, Key="ds/b.bin", Body=b)
-    host_root = tmp_path / "host"
-    # What the CSI plugin writes at NodePublishVolume for each pod (csi_node/consumers.py).
-    records.record(host_root, "ml", "imagenet", "/pods/a/mount", {
-        records.POD_UID: UID_A, records.POD_NAMESPACE: "team-a", records.POD_NAME: "trainer-0"})
-    records.record(host_root, "ml", "imagenet", "/pods/b/mount", {
-        records.POD_UID: UID_B, records.POD_NAMESPACE: "team-b", records.POD_NAME: "eval-0"})
-    directory = records.record_path(host_root, "ml", "imagenet", "x").parent
+    directory = names.consumers_dir("ml", "imagenet", tmp_path / "host")
+    # What the CSI plugin writes at NodePublishVolume for each pod (datahoard/pod_records.py).
+    record_pod(directory, "/pods/a/mount", PodRecord(UID_A, "team-a", "trainer-0"))
+    record_pod(directory, "/pods/b/mount", PodRecord(UID_B, "team-b", "eval-0"))
     m = mount_dataset(bucket, "ds", "--consumers-dir", str(directory))
 
     assert read_in(cg_a, m.mountpoint / "a.bin") == a  # a miss: from the source
@@ -66,7 +65,7 @@ def test_two_pods_reading_through_fuse_get_their_own_bytes(s3, bucket, mount_dat
     assert 'namespace="team-a"' in line and float(line.rsplit(" ", 1)[1]) == len(a)
 
     # A restart continues the counts, names included, though pod A has been unpublished since.
-    records.forget(host_root, "ml", "imagenet", "/pods/a/mount")
+    forget_pod(directory, "/pods/a/mount")
     unmount(m)
     m = mount_dataset(bucket, "ds", "--consumers-dir", str(directory), cache_dir=m.cache_dir,
                       mountpoint=m.mountpoint)
@@ -81,10 +80,8 @@ def test_kernel_opens_are_attributed_by_fanotifys_pid(s3, bucket, mount_dataset,
     files = {f"img{i}.jpg": os.urandom(10_000 + i) for i in range(6)}
     for key, body in files.items():
         s3.put_object(Bucket=bucket, Key=f"ds/{key}", Body=body)
-    host_root = tmp_path / "host"
-    records.record(host_root, "ml", "imagenet", "/pods/a/mount", {
-        records.POD_UID: UID_A, records.POD_NAMESPACE: "team-a", records.POD_NAME: "trainer-0"})
-    directory = records.record_path(host_root, "ml", "imagenet", "x").parent
+    directory = names.consumers_dir("ml", "imagenet", tmp_path / "host")
+    record_pod(directory, "/pods/a/mount", PodRecord(UID_A, "team-a", "trainer-0"))
     m = mount_dataset(bucket, "ds", "--warm", "--wait", "--no-passthrough", "--consumers-dir", str(directory))
     wait_for(lambda: m.stats().kernel_opens, what="the view handing opens to the kernel")
 
