@@ -18,7 +18,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,6 +54,9 @@ class IndexSummary:
     skipped_keys: int
     shadowed_files: int
     built_at: float
+    #: The id of the snapshot (snapshot.py) the index was built from; None: an index of an
+    #: older worker, listed directly (it is listed again, into a snapshot).
+    snapshot: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +71,21 @@ def build_index(
     progress: Callable[[int], None] | None = None,
 ) -> IndexSummary:
     """List ``source`` into a fresh snapshot at ``dest``; returns what it holds."""
+    return build_index_from(source.list(), source.uri, dest, key_filter, progress)
+
+
+def build_index_from(
+    objects: Iterable[RemoteObject],
+    source_uri: str,
+    dest: Path,
+    key_filter: KeyFilter = KeyFilter(),
+    progress: Callable[[int], None] | None = None,
+    snapshot: str | None = None,
+) -> IndexSummary:
+    """Index ``objects`` (a listing of ``source_uri``) at ``dest``; returns what it holds.
+
+    Nothing is kept unless ``objects`` is consumed to its end without an exception (a snapshot
+    checks its hash on its last step): the scratch file is removed."""
     tmp = dest.with_name(dest.name + ".building")
     tmp.unlink(missing_ok=True)
     conn = sqlite3.connect(tmp)
@@ -77,7 +95,7 @@ def build_index(
         conn.execute("INSERT INTO dirs VALUES (1, 0, '')")
         batch: list[tuple] = []
         listed = skipped = 0
-        for obj in source.list():
+        for obj in objects:
             listed += 1
             path = key_to_path(obj.key)
             if path is None:
@@ -106,21 +124,25 @@ def build_index(
             log.warning("skipped %d object keys that cannot be paths in all", skipped)
         files, total = conn.execute("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM files").fetchone()
         summary = IndexSummary(
-            source=source.uri,
+            source=source_uri,
             filter={"include": list(key_filter.include), "exclude": list(key_filter.exclude)},
             files=files,
             total_bytes=total,
             skipped_keys=skipped,
             shadowed_files=shadowed,
             built_at=time.time(),
+            snapshot=snapshot,
         )
         conn.executemany(
             "INSERT INTO meta VALUES (?, ?)",
             [("version", str(FORMAT_VERSION)), ("summary", json.dumps(_asdict(summary)))],
         )
         conn.commit()
-    finally:
+    except BaseException:
         conn.close()
+        tmp.unlink(missing_ok=True)
+        raise
+    conn.close()
     os.replace(tmp, dest)
     return summary
 
