@@ -127,6 +127,8 @@ class Kube:
                 name, namespace, _request_timeout=REQUEST_TIMEOUT),
             "Secret": lambda: self.core.read_namespaced_secret(
                 name, namespace, _request_timeout=REQUEST_TIMEOUT),
+            "ConfigMap": lambda: self.core.read_namespaced_config_map(
+                name, namespace, _request_timeout=REQUEST_TIMEOUT),
         }[kind]
         try:
             obj = read()
@@ -136,7 +138,8 @@ class Kube:
             raise
         out = self._dict(obj)
         out.setdefault("kind", kind)
-        out.pop("data", None)  # a Secret's values are never needed for an ownership check
+        if kind == "Secret":
+            out.pop("data", None)  # a Secret's values are never needed for an ownership check
         return out
 
     # -- writes --------------------------------------------------------------------------------
@@ -152,6 +155,8 @@ class Kube:
             self.apps.patch_namespaced_daemon_set(meta["name"], meta["namespace"], manifest, **kwargs)
         elif kind == "Secret":
             self.core.patch_namespaced_secret(meta["name"], meta["namespace"], manifest, **kwargs)
+        elif kind == "ConfigMap":
+            self.core.patch_namespaced_config_map(meta["name"], meta["namespace"], manifest, **kwargs)
         else:
             raise ValueError(f"apply() does not handle {kind}")
 
@@ -198,6 +203,12 @@ class Kube:
             elif kind == "Secret":
                 self.core.delete_namespaced_secret(name, namespace, body=opts,
                                                    _request_timeout=REQUEST_TIMEOUT)
+            elif kind == "ConfigMap":
+                self.core.delete_namespaced_config_map(name, namespace, body=opts,
+                                                       _request_timeout=REQUEST_TIMEOUT)
+            elif kind == "Pod":
+                self.core.delete_namespaced_pod(name, namespace, body=opts,
+                                                _request_timeout=REQUEST_TIMEOUT)
             else:
                 raise ValueError(f"delete() does not handle {kind}")
         except ApiException as exc:
