@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -35,10 +36,10 @@ def measure(n: int, work: Path) -> dict:
 
     uri = f"s3://bench/snap-{n}/"
     lister, joiner = work / "lister", work / "joiner"
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     sid, path, count = snapshot.write(SyntheticSource(uri, n).list(), uri, lister)
     row: dict = {"objects": count, "snapshot_seconds": time.perf_counter() - start,
-                 "snapshot_bytes": path.stat().st_size}
+                 "snapshot_cpu_seconds": time.process_time() - cpu, "snapshot_bytes": path.stat().st_size}
     server = StatsServer(("127.0.0.1", 0), lambda: None, lambda: True,
                          snapshot_file=lambda i: path if i == sid else None)
     server.start()
@@ -48,12 +49,14 @@ def measure(n: int, work: Path) -> dict:
         row["fetch_seconds"] = time.perf_counter() - start
     finally:
         server.stop()
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     summary = build_index_from(snapshot.read(got, sid, uri), uri, joiner / "index.db", snapshot=sid)
     row["index_seconds"] = time.perf_counter() - start
+    row["index_cpu_seconds"] = time.process_time() - cpu
     assert summary.files == n
     row["index_bytes"] = (joiner / "index.db").stat().st_size
     row["joiner_total_seconds"] = row["fetch_seconds"] + row["index_seconds"]
+    row["load_average"] = os.getloadavg()[0]
     return row
 
 
