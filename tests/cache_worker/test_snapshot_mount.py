@@ -4,6 +4,7 @@ listing under the id is refused with nothing cached from it."""
 
 from __future__ import annotations
 
+import errno
 import os
 
 import pytest
@@ -59,3 +60,20 @@ def test_a_tampered_snapshot_is_refused_and_nothing_is_cached(s3, bucket, mount_
     assert f"cannot get snapshot {sid} from any peer: {peer}/snapshot/{sid}: refused, it hashes to" in result.stderr
     assert not os.path.ismount(tmp_path / "joiner")
     assert not list(cache.glob("snapshot*")) and not (cache / "index.db").exists()
+
+
+def test_a_mount_from_a_snapshot_reads_objects_as_listed_or_not_at_all(s3, bucket, mount_dataset):
+    """Today's pinning holds for a snapshot that came from a peer: reads are conditional on the
+    snapshot's ETag, so an object replaced after the listing is EIO, never the new bytes."""
+    s3.put_object(Bucket=bucket, Key="ds/kept.bin", Body=b"listed")
+    s3.put_object(Bucket=bucket, Key="ds/swapped.bin", Body=b"listed version")
+    first = mount_dataset(bucket, "ds")
+    sid = first.stats().snapshot
+    s3.put_object(Bucket=bucket, Key="ds/swapped.bin", Body=b"replaced after the snapshot")
+    second = mount_dataset(bucket, "ds", "--snapshot-id", sid, "--snapshot-from",
+                           runtime.lookup(first.mountpoint).stats_url)
+    assert open(second.mountpoint / "kept.bin", "rb").read() == b"listed"
+    assert os.stat(second.mountpoint / "swapped.bin").st_size == len(b"listed version")
+    with pytest.raises(OSError) as exc:
+        open(second.mountpoint / "swapped.bin", "rb").read()
+    assert exc.value.errno == errno.EIO
