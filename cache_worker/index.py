@@ -28,9 +28,10 @@ from .source import RemoteObject, Source
 log = logging.getLogger(__name__)
 
 #: 2: files have a rowid, the stable node id the FUSE view gives the kernel (``fs.py``).
-FORMAT_VERSION = 2
+#: 3: files have the listed version (an S3 versionId), and the index names its snapshot.
+FORMAT_VERSION = 3
 _BATCH = 5000
-_INSERT_FILE = "INSERT INTO files (parent, name, size, mtime, etag) VALUES (?,?,?,?,?)"
+_INSERT_FILE = "INSERT INTO files (parent, name, size, mtime, etag, version) VALUES (?,?,?,?,?,?)"
 #: Warn about this many bad keys one by one, then only count them.
 _WARN_LIMIT = 20
 
@@ -39,7 +40,7 @@ CREATE TABLE meta (k TEXT PRIMARY KEY, v TEXT NOT NULL);
 CREATE TABLE dirs (id INTEGER PRIMARY KEY, parent INTEGER NOT NULL, name TEXT NOT NULL);
 CREATE TABLE files (
     id INTEGER PRIMARY KEY, parent INTEGER NOT NULL, name TEXT NOT NULL,
-    size INTEGER NOT NULL, mtime REAL NOT NULL, etag TEXT NOT NULL
+    size INTEGER NOT NULL, mtime REAL NOT NULL, etag TEXT NOT NULL, version TEXT NOT NULL
 );
 CREATE UNIQUE INDEX files_by_name ON files (parent, name);
 """
@@ -110,7 +111,7 @@ def build_index_from(
             if not key_filter(obj.key):
                 continue
             parent = _ensure_dir(conn, dirs, path.parents)
-            batch.append((parent, path.leaf, obj.size, obj.mtime, obj.etag))
+            batch.append((parent, path.leaf, obj.size, obj.mtime, obj.etag, obj.version))
             if len(batch) >= _BATCH:
                 conn.executemany(_INSERT_FILE, batch)
                 batch.clear()
@@ -254,11 +255,11 @@ class Index:
         if parent_id is None:
             return None
         row = self._conn().execute(
-            "SELECT size, mtime, etag FROM files WHERE parent = ? AND name = ?", (parent_id, name)
+            "SELECT size, mtime, etag, version FROM files WHERE parent = ? AND name = ?", (parent_id, name)
         ).fetchone()
         if row is None:
             return None
-        return RemoteObject(key=path, size=row[0], etag=row[2], mtime=row[1])
+        return RemoteObject(key=path, size=row[0], etag=row[2], mtime=row[1], version=row[3])
 
     def listdir(self, path: str) -> Iterator[tuple[str, bool]]:
         """(name, is_dir) for every entry of directory ``path``."""
@@ -286,22 +287,22 @@ class Index:
         if parent is None:
             return None
         row = self._conn().execute(
-            "SELECT id, size, mtime, etag FROM files WHERE parent = ? AND name = ?", (dir_id, name)
+            "SELECT id, size, mtime, etag, version FROM files WHERE parent = ? AND name = ?", (dir_id, name)
         ).fetchone()
         if row is None:
             return None
         key = f"{parent}/{name}" if parent else name
-        return row[0], RemoteObject(key=key, size=row[1], etag=row[3], mtime=row[2])
+        return row[0], RemoteObject(key=key, size=row[1], etag=row[3], mtime=row[2], version=row[4])
 
     def file(self, file_id: int) -> RemoteObject | None:
         row = self._conn().execute(
-            "SELECT parent, name, size, mtime, etag FROM files WHERE id = ?", (file_id,)
+            "SELECT parent, name, size, mtime, etag, version FROM files WHERE id = ?", (file_id,)
         ).fetchone()
         if row is None:
             return None
         parent = self._dir_paths[row[0]]
         key = f"{parent}/{row[1]}" if parent else row[1]
-        return RemoteObject(key=key, size=row[2], etag=row[4], mtime=row[3])
+        return RemoteObject(key=key, size=row[2], etag=row[4], mtime=row[3], version=row[5])
 
     def entries(self, dir_id: int) -> list[tuple[str, bool, int, RemoteObject | None]]:
         """(name, is_dir, id, object or None) of every entry of directory ``dir_id``, in an order
@@ -317,21 +318,21 @@ class Index:
             for child, name in conn.execute(
                 "SELECT id, name FROM dirs WHERE parent = ? AND id != 1 ORDER BY id", (dir_id,))
         ]
-        for file_id, name, size, mtime, etag in conn.execute(
-            "SELECT id, name, size, mtime, etag FROM files WHERE parent = ? ORDER BY id", (dir_id,)
+        for file_id, name, size, mtime, etag, version in conn.execute(
+            "SELECT id, name, size, mtime, etag, version FROM files WHERE parent = ? ORDER BY id", (dir_id,)
         ):
-            out.append((name, False, file_id, RemoteObject(key=prefix + name, size=size, etag=etag, mtime=mtime)))
+            out.append((name, False, file_id, RemoteObject(prefix + name, size, etag, mtime, version)))
         return out
 
     def walk_files(self) -> Iterator[RemoteObject]:
         """Every file, directory by directory (the order warming uses)."""
         conn = sqlite3.connect(self._uri, uri=True)
         try:
-            for parent, name, size, mtime, etag in conn.execute(
-                "SELECT parent, name, size, mtime, etag FROM files ORDER BY parent, name"
+            for parent, name, size, mtime, etag, version in conn.execute(
+                "SELECT parent, name, size, mtime, etag, version FROM files ORDER BY parent, name"
             ):
                 dir_path = self._dir_paths[parent]
                 key = f"{dir_path}/{name}" if dir_path else name
-                yield RemoteObject(key=key, size=size, etag=etag, mtime=mtime)
+                yield RemoteObject(key, size, etag, mtime, version)
         finally:
             conn.close()

@@ -70,7 +70,7 @@ class Entry:
     mtime: float
 
     def object(self) -> RemoteObject:
-        return RemoteObject(key=self.key, size=self.size, etag=self.etag, mtime=self.mtime)
+        return RemoteObject(self.key, self.size, self.etag, self.mtime, self.version)
 
 
 def file_name(snapshot_id: str) -> str:
@@ -112,7 +112,7 @@ def write(objects: Iterable[RemoteObject], source: str, directory: Path,
         batch: list[tuple] = []
         count = 0
         for obj in objects:
-            batch.append((obj.key, obj.size, obj.etag, getattr(obj, "version", "") or "", obj.mtime))
+            batch.append((obj.key, obj.size, obj.etag, obj.version, obj.mtime))
             if len(batch) >= 5000:
                 conn.executemany("INSERT INTO l VALUES (?,?,?,?,?)", batch)
                 count += len(batch)
@@ -195,8 +195,8 @@ def read(path: Path, snapshot_id: str, source: str) -> Iterator[RemoteObject]:
                     continue
             # A raw newline never occurs inside a line (JSON escapes it), so the lines of a
             # chunk are one JSON array: one parse per chunk instead of one per object (4x faster).
-            for key, size, etag, _version, mtime in json.loads(b"[" + body.replace(b"\n", b",") + b"]"):
-                yield RemoteObject(key, size, etag, mtime)
+            for key, size, etag, version, mtime in json.loads(b"[" + body.replace(b"\n", b",") + b"]"):
+                yield RemoteObject(key, size, etag, mtime, version)
     except (zlib.error, EOFError, ValueError, TypeError) as exc:
         raise SnapshotError(f"snapshot {path.name} is corrupt: {exc}") from None
     if pending or header is None:

@@ -77,3 +77,27 @@ def test_a_mount_from_a_snapshot_reads_objects_as_listed_or_not_at_all(s3, bucke
     with pytest.raises(OSError) as exc:
         open(second.mountpoint / "swapped.bin", "rb").read()
     assert exc.value.errno == errno.EIO
+
+
+@pytest.mark.parametrize("client", ["lean", "botocore"])
+def test_a_versioned_bucket_is_read_by_version_so_a_replaced_object_still_reads_as_listed(
+        s3, bucket, mount_dataset, client):
+    env = {"DATAHOARD_S3_CLIENT": client}
+    s3.put_bucket_versioning(Bucket=bucket, VersioningConfiguration={"Status": "Enabled"})
+    s3.put_object(Bucket=bucket, Key="ds/swapped.bin", Body=b"listed version")
+    s3.put_object(Bucket=bucket, Key="ds/gone.bin", Body=b"deleted before the listing")
+    s3.delete_object(Bucket=bucket, Key="ds/gone.bin")  # a delete marker: not in the view
+    first = mount_dataset(bucket, "ds", env=env)
+    assert os.listdir(first.mountpoint) == ["swapped.bin"]
+    sid = first.stats().snapshot
+    import gzip
+
+    text = gzip.decompress((first.cache_dir / snapshot.file_name(sid)).read_bytes()).decode()
+    listed = s3.list_object_versions(Bucket=bucket, Prefix="ds/swapped.bin")["Versions"][0]["VersionId"]
+    assert f'"{listed}"' in text  # the snapshot pins the versionId
+    s3.put_object(Bucket=bucket, Key="ds/swapped.bin", Body=b"replaced after the snapshot")
+    assert open(first.mountpoint / "swapped.bin", "rb").read() == b"listed version"
+    second = mount_dataset(bucket, "ds", "--snapshot-id", sid, "--snapshot-from",
+                           runtime.lookup(first.mountpoint).stats_url, env=env)
+    assert open(second.mountpoint / "swapped.bin", "rb").read() == b"listed version"
+    assert second.stats().errors == 0
