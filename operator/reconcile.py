@@ -380,9 +380,10 @@ def stats_conditions(ds: Dataset, conds: Conditions, out: Mapping[str, Any],
 def snapshot_step(ds: Dataset, status: Mapping[str, Any], pods: list[WorkerPod], stats: Mapping[str, Any],
                   out: dict[str, Any], conds: Conditions, kube: Kube, settings: OperatorSettings) -> None:
     """status.snapshot and SnapshotShared (operator/snapshots.py)."""
-    plan, cond = snapshots.apply(ds, status.get("snapshot"), pods, stats, out["nodes"], kube, Owned(ds, kube),
+    plan, cond = snapshots.apply(ds, status, pods, stats, out["nodes"], conds.time, kube, Owned(ds, kube),
                                  settings)
     out["snapshot"] = plan.snapshot  # None removes it (merge patch)
+    out["snapshotUnheldSince"] = plan.unheld_since
     if cond is not None:
         conds.set(snapshots.SNAPSHOT_SHARED, *cond)
 

@@ -16,9 +16,11 @@ and reports the id in its stats. The operator records the first id reported in
   new one, which starts with the ConfigMap's id. Until it reports the chosen id the
   ``SnapshotShared`` condition is False and names it. Workers that report no id (older images)
   are left alone.
-* If the chosen snapshot is held by no ready worker and no worker is ready at all (every cache
-  lost, e.g. ``medium: Memory`` after a full restart), it is forgotten: status.snapshot and the
-  ConfigMap are cleared, the next worker lists afresh and its id becomes the snapshot.
+* If no worker is ready (so none can hand the snapshot out) for :data:`FORGET_AFTER` seconds in
+  a row (``status.snapshotUnheldSince`` says since when), the snapshot is forgotten: every cache
+  may be lost (``medium: Memory`` after a full restart) and the workers then fail, unable to
+  fetch it. status.snapshot and the ConfigMap are cleared, the next worker lists afresh and its
+  id becomes the snapshot. A worker restart (seconds) does not forget it, even on one node.
 
 When several workers report ids in the same collection before one is recorded, the id most
 nodes serve wins, ties broken by the alphabetically first node (deterministic across operator
@@ -27,6 +29,7 @@ restarts).
 
 from __future__ import annotations
 
+import datetime
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -40,10 +43,13 @@ from .config import OperatorSettings
 from .status import WorkerPod
 
 SNAPSHOT_SHARED = "SnapshotShared"
+TIME_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
 ID_KEY = "DATAHOARD_SNAPSHOT_ID"
 FROM_KEY = "DATAHOARD_SNAPSHOT_FROM"
 #: Peers listed in the ConfigMap; the worker tries them in order.
 MAX_PEERS = 5
+#: Seconds without a ready worker after which the snapshot is forgotten (module doc).
+FORGET_AFTER = 300.0
 
 
 def config_map_name(ds: Dataset) -> str:
@@ -80,6 +86,8 @@ class Plan:
     mismatched: list[tuple[str, str]]
     #: Pods to delete so that they start on ``snapshot``.
     restart: list[WorkerPod]
+    #: Since when no worker has been ready to hand ``snapshot`` out (status.snapshotUnheldSince).
+    unheld_since: str | None = None
 
 
 def choose(recorded: str | None, stats: Mapping[str, WorkerStats | str]) -> str | None:
@@ -95,25 +103,38 @@ def choose(recorded: str | None, stats: Mapping[str, WorkerStats | str]) -> str 
     return next(sid for sid in reported.values() if counts[sid] == best)
 
 
+def _seconds_between(since: str, now: str) -> float:
+    parse = lambda t: datetime.datetime.strptime(t, TIME_FORMAT)  # noqa: E731
+    return (parse(now) - parse(since)).total_seconds()
+
+
 def plan(recorded: str | None, pods: list[WorkerPod], stats: Mapping[str, WorkerStats | str],
-         port: int) -> Plan:
+         port: int, now: str, unheld_since: str | None = None) -> Plan:
+    """``now`` and ``unheld_since`` are status timestamps (:data:`TIME_FORMAT`)."""
     chosen = choose(recorded, stats)
     good = {n: s for n, s in stats.items() if isinstance(s, WorkerStats)}
     by_node = {p.node: p for p in pods}
     holders = sorted(n for n, s in good.items() if s.snapshot == chosen and n in by_node and by_node[n].ready)
+    since = None
     if chosen and not holders and not any(p.ready for p in pods) and pods:
-        return Plan(None, [], [], [])  # nobody can hand it out: forget it (module doc)
+        since = unheld_since or now
+        if _seconds_between(since, now) >= FORGET_AFTER:
+            return Plan(None, [], [], [])  # nobody could hand it out for long: forget it
     peers = [stats_url(by_node[n], port) for n in holders if by_node[n].ip][:MAX_PEERS]
     mismatched = sorted((n, s.snapshot) for n, s in good.items()
                         if chosen and s.snapshot and s.snapshot != chosen)
     restart = [by_node[n] for n, _ in mismatched if n in by_node]
-    return Plan(chosen, peers, mismatched, restart)
+    return Plan(chosen, peers, mismatched, restart, since)
 
 
 def condition(p: Plan, nodes: list[Mapping[str, Any]]) -> tuple[bool, str, str] | None:
     """(ok, reason, message) for SnapshotShared, or None before any worker reported one."""
     if not p.snapshot:
         return None
+    if p.unheld_since:
+        return (False, "NoHolder", f"no worker is ready to hand snapshot {p.snapshot[:12]} to new workers "
+                f"since {p.unheld_since}; it is forgotten {FORGET_AFTER:g} s after that and the source is "
+                "listed again")
     if p.mismatched:
         shown = ", ".join(f"{n} serves {sid[:12]}" for n, sid in p.mismatched[:10])
         return (False, "SnapshotMismatch",
@@ -125,12 +146,12 @@ def condition(p: Plan, nodes: list[Mapping[str, Any]]) -> tuple[bool, str, str] 
                "; no ready worker holds it now to hand it to a node that joins"))
 
 
-def apply(ds: Dataset, recorded: str | None, pods: list[WorkerPod], stats: Mapping[str, WorkerStats | str],
-          nodes: list[Mapping[str, Any]], kube: Any, owned: Any, settings: OperatorSettings
+def apply(ds: Dataset, status: Mapping[str, Any], pods: list[WorkerPod], stats: Mapping[str, WorkerStats | str],
+          nodes: list[Mapping[str, Any]], now: str, kube: Any, owned: Any, settings: OperatorSettings
           ) -> tuple[Plan, tuple[bool, str, str] | None]:
     """Record the snapshot, keep the ConfigMap current, restart mismatched workers (blocking
     API calls). Returns the plan and the SnapshotShared condition (None: not yet known)."""
-    p = plan(recorded, pods, stats, settings.stats_port)
+    p = plan(status.get("snapshot"), pods, stats, settings.stats_port, now, status.get("snapshotUnheldSince"))
     name = config_map_name(ds)
     mine, current = owned.mine("ConfigMap", name, settings.namespace)
     if not mine:

@@ -8,6 +8,7 @@ from datahoard.operator.status import WorkerPod
 from datahoard.stats import WarmingStats, WorkerStats
 
 A, B, C = "a" * 64, "b" * 64, "c" * 64
+T0 = "2026-12-06T10:00:00Z"
 
 
 def st(snapshot: str | None) -> WorkerStats:
@@ -31,7 +32,7 @@ def test_the_first_reported_id_is_chosen_and_then_kept():
 
 def test_peers_are_ready_holders_and_the_others_are_restarted():
     pods = [pod("n1", "10.0.0.1"), pod("n2", "fd00::2"), pod("n3", "10.0.0.3"), pod("n4", "10.0.0.4", ready=False)]
-    p = snapshots.plan(A, pods, {"n1": st(A), "n2": st(A), "n3": st(B), "n4": "refused"}, 9100)
+    p = snapshots.plan(A, pods, {"n1": st(A), "n2": st(A), "n3": st(B), "n4": "refused"}, 9100, T0)
     assert p.snapshot == A
     assert p.peers == ["http://10.0.0.1:9100", "http://[fd00::2]:9100"]
     assert p.mismatched == [("n3", B)] and [x.name for x in p.restart] == ["w-n3"]
@@ -40,22 +41,32 @@ def test_peers_are_ready_holders_and_the_others_are_restarted():
 
 
 def test_a_worker_without_snapshots_is_not_restarted():
-    p = snapshots.plan(A, [pod("n1", "10.0.0.1"), pod("n2", "10.0.0.2")], {"n1": st(A), "n2": st(None)}, 1)
+    p = snapshots.plan(A, [pod("n1", "10.0.0.1"), pod("n2", "10.0.0.2")], {"n1": st(A), "n2": st(None)}, 1, T0)
     assert p.mismatched == [] and p.restart == []
     nodes = [{"name": "n1", "snapshot": A, "stale": False}, {"name": "n2", "stale": False}]
     assert snapshots.condition(p, nodes) == (True, "OneSnapshot",
                                              f"1 node(s) serve snapshot {A[:12]}; peers for nodes that join: 1")
 
 
-def test_a_snapshot_nobody_can_hand_out_is_forgotten():
-    # Every worker is down (their caches were lost): the next listing becomes the snapshot.
-    p = snapshots.plan(A, [pod("n1", "10.0.0.1", ready=False)], {}, 1)
-    assert (p.snapshot, p.peers) == (None, [])
+def test_a_snapshot_nobody_can_hand_out_is_forgotten_after_five_minutes():
+    down = [pod("n1", "10.0.0.1", ready=False)]
+    # A restart (not ready for a moment) only starts the clock; the condition says so.
+    p = snapshots.plan(A, down, {}, 1, T0)
+    assert (p.snapshot, p.unheld_since) == (A, T0)
+    ok, reason, message = snapshots.condition(p, [])
+    assert (ok, reason) == (False, "NoHolder") and f"since {T0}" in message
+    assert snapshots.plan(A, down, {}, 1, "2026-12-06T10:04:59Z", T0).snapshot == A
+    # Five minutes without a ready worker (every cache lost): the next listing becomes it.
+    p = snapshots.plan(A, down, {}, 1, "2026-12-06T10:05:00Z", T0)
+    assert (p.snapshot, p.peers, p.unheld_since) == (None, [], None)
     assert snapshots.condition(p, []) is None
+    # A worker ready again stops the clock.
+    p = snapshots.plan(A, [pod("n1", "10.0.0.1")], {"n1": st(A)}, 1, "2026-12-06T10:04:00Z", T0)
+    assert (p.snapshot, p.unheld_since, p.peers) == (A, None, ["http://10.0.0.1:1"])
     # A ready worker that serves another one is restarted only once someone holds the chosen
-    # one (apply() deletes pods only with peers): it is not forgotten while a worker is ready.
-    p = snapshots.plan(A, [pod("n1", "10.0.0.1")], {"n1": st(C)}, 1)
-    assert p.snapshot == A and p.peers == [] and p.mismatched == [("n1", C)]
+    # one (apply() deletes pods only with peers); the snapshot is not forgotten meanwhile.
+    p = snapshots.plan(A, [pod("n1", "10.0.0.1")], {"n1": st(C)}, 1, T0)
+    assert p.snapshot == A and p.peers == [] and p.mismatched == [("n1", C)] and p.unheld_since is None
 
 
 def test_the_config_map_carries_id_and_peers_and_the_worker_reads_it_optionally():
