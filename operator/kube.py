@@ -72,6 +72,7 @@ class Kube:
         self.core = kubernetes.client.CoreV1Api(client)
         self.apps = kubernetes.client.AppsV1Api(client)
         self.batch = kubernetes.client.BatchV1Api(client)
+        self.networking = kubernetes.client.NetworkingV1Api(client)
 
     def _dict(self, obj: Any) -> Obj:
         return self.client.sanitize_for_serialization(obj)
@@ -129,6 +130,8 @@ class Kube:
                 name, namespace, _request_timeout=REQUEST_TIMEOUT),
             "ConfigMap": lambda: self.core.read_namespaced_config_map(
                 name, namespace, _request_timeout=REQUEST_TIMEOUT),
+            "NetworkPolicy": lambda: self.networking.read_namespaced_network_policy(
+                name, namespace, _request_timeout=REQUEST_TIMEOUT),
         }[kind]
         try:
             obj = read()
@@ -157,6 +160,8 @@ class Kube:
             self.core.patch_namespaced_secret(meta["name"], meta["namespace"], manifest, **kwargs)
         elif kind == "ConfigMap":
             self.core.patch_namespaced_config_map(meta["name"], meta["namespace"], manifest, **kwargs)
+        elif kind == "NetworkPolicy":
+            self.networking.patch_namespaced_network_policy(meta["name"], meta["namespace"], manifest, **kwargs)
         else:
             raise ValueError(f"apply() does not handle {kind}")
 
@@ -206,6 +211,9 @@ class Kube:
             elif kind == "ConfigMap":
                 self.core.delete_namespaced_config_map(name, namespace, body=opts,
                                                        _request_timeout=REQUEST_TIMEOUT)
+            elif kind == "NetworkPolicy":
+                self.networking.delete_namespaced_network_policy(name, namespace, body=opts,
+                                                                 _request_timeout=REQUEST_TIMEOUT)
             elif kind == "Pod":
                 self.core.delete_namespaced_pod(name, namespace, body=opts,
                                                 _request_timeout=REQUEST_TIMEOUT)

@@ -438,3 +438,4 @@ def finalize(body: Mapping[str, Any], kube: Kube, settings: OperatorSettings) ->
     owned.delete("Secret", workers, settings.namespace, quiet=True)
     owned.delete("Secret", legacy, settings.namespace, legacy=legacy, quiet=True)
     owned.delete("ConfigMap", snapshots.config_map_name(ds), settings.namespace, quiet=True)
+    owned.delete("NetworkPolicy", snapshots.peer_policy_name(ds), settings.namespace, quiet=True)

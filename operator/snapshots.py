@@ -22,6 +22,11 @@ and reports the id in its stats. The operator records the first id reported in
   fetch it. status.snapshot and the ConfigMap are cleared, the next worker lists afresh and its
   id becomes the snapshot. A worker restart (seconds) does not forget it, even on one node.
 
+Where the chart's NetworkPolicy admits only the operator, the CSI plugin and scrapers to a
+worker's stats port, a NetworkPolicy per Dataset (``<worker DaemonSet>-peers``, with
+``peer_network_policy``) adds its own workers: a worker can fetch its Dataset's snapshot from a
+peer, never another Dataset's (the endpoint names a tenant's bucket and objects).
+
 When several workers report ids in the same collection before one is recorded, the id most
 nodes serve wins, ties broken by the alphabetically first node (deterministic across operator
 restarts).
@@ -69,6 +74,22 @@ def config_map(ds: Dataset, settings: OperatorSettings, snapshot: str | None, pe
     return {"apiVersion": "v1", "kind": "ConfigMap",
             "metadata": builders._metadata(ds, config_map_name(ds), "cache-worker", settings.namespace),
             "data": data}
+
+
+def peer_policy_name(ds: Dataset) -> str:
+    return f"{builders.dataset_key(ds)}-peers"
+
+
+def peer_policy(ds: Dataset, settings: OperatorSettings) -> dict[str, Any]:
+    """Ingress to this Dataset's workers' stats port from this Dataset's workers (added to what
+    the chart's policy admits: NetworkPolicies are a union)."""
+    workers = {"matchLabels": {builders.DATASET_LABEL: builders.dataset_key(ds),
+                               builders.COMPONENT_LABEL: "cache-worker"}}
+    return {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+            "metadata": builders._metadata(ds, peer_policy_name(ds), "cache-worker", settings.namespace),
+            "spec": {"podSelector": workers, "policyTypes": ["Ingress"],
+                     "ingress": [{"from": [{"podSelector": workers}],
+                                  "ports": [{"protocol": "TCP", "port": settings.stats_port}]}]}}
 
 
 def stats_url(pod: WorkerPod, port: int) -> str:
@@ -165,6 +186,11 @@ def apply(ds: Dataset, status: Mapping[str, Any], pods: list[WorkerPod], stats: 
     if current is None or have.get(ID_KEY) != wanted["data"].get(ID_KEY) or (
             p.snapshot and not keep_peers and have.get(FROM_KEY) != wanted["data"].get(FROM_KEY)):
         kube.apply(wanted)
+    if settings.peer_network_policy:
+        policy = peer_policy(ds, settings)
+        ours, existing = owned.mine("NetworkPolicy", peer_policy_name(ds), settings.namespace)
+        if ours and (existing is None or (existing.get("spec") or {}).get("ingress") != policy["spec"]["ingress"]):
+            kube.apply(policy)
     if p.snapshot and p.peers:  # a restarted worker can fetch it: restart the ones that differ
         for pod in p.restart:
             kube.delete("Pod", pod.name, settings.namespace)

@@ -11,6 +11,7 @@ import signal
 from pathlib import Path
 from typing import Any
 
+import kubernetes
 import pytest
 
 from datahoard import names
@@ -43,6 +44,7 @@ def mount_of(node_root: Path, namespace: str) -> Path:
     return names.mount_dir(namespace, "imagenet", node_root)
 
 
+@pytest.mark.operator_env(DATAHOARD_PEER_NETWORK_POLICY="true")
 def test_a_late_node_gets_the_first_snapshot_and_a_stray_one_is_restarted_onto_it(
         cluster: Cluster, operator: OperatorProcess, kubelet: Kubelet, node_names: dict[str, str],
         namespace: str, operator_env: dict[str, str], s3_server: Any, s3: Any, bucket: str,
@@ -79,6 +81,11 @@ def test_a_late_node_gets_the_first_snapshot_and_a_stray_one_is_restarted_onto_i
         return status
 
     eventually(recorded, what="status.snapshot and the ConfigMap")
+    # Its workers may reach each other's stats port (the chart's policy admits no other worker).
+    policy = kubernetes.client.NetworkingV1Api(cluster.api).read_namespaced_network_policy(f"{cm_name}-peers", SYSTEM)
+    assert policy.spec.pod_selector.match_labels == policy.spec.ingress[0]._from[0].pod_selector.match_labels == {
+        "datahoard.io/dataset": cm_name, "app.kubernetes.io/component": "cache-worker"}
+    assert policy.spec.ingress[0].ports[0].port == int(port)
     wide = cluster.plane.kubectl("get", "datasets", "-n", namespace, "-o", "wide").stdout
     assert first in wide
 

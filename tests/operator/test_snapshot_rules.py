@@ -83,3 +83,19 @@ def test_the_config_map_carries_id_and_peers_and_the_worker_reads_it_optionally(
     assert snapshots.config_map(ds, settings, None, [])["data"] == {}
     env = snapshots.worker_env(ds)
     assert [e["valueFrom"]["configMapKeyRef"]["optional"] for e in env] == [True, True]
+
+
+def test_the_peer_policy_admits_only_this_datasets_workers_to_their_stats_port():
+    from datahoard.api import Dataset
+    from datahoard.operator.config import OperatorSettings
+
+    ds = Dataset.from_body({"metadata": {"namespace": "ml", "name": "d", "uid": "u1", "generation": 1},
+                            "spec": {"source": {"uri": "s3://bucket/x"}}})
+    settings = OperatorSettings(namespace="datahoard-system", stats_port=9470)
+    policy = snapshots.peer_policy(ds, settings)
+    workers = {"matchLabels": {"datahoard.io/dataset": snapshots.config_map_name(ds),
+                               "app.kubernetes.io/component": "cache-worker"}}
+    assert policy["metadata"]["name"] == snapshots.config_map_name(ds) + "-peers"
+    assert policy["spec"] == {"podSelector": workers, "policyTypes": ["Ingress"],
+                              "ingress": [{"from": [{"podSelector": workers}],
+                                           "ports": [{"protocol": "TCP", "port": 9470}]}]}
