@@ -1,4 +1,5 @@
-"""The listing snapshot: every file of the view with its size, ETag and mtime.
+"""The index: every file of the view with its size, ETag, version and mtime, built from a
+listing snapshot (snapshot.py).
 
 Stored as SQLite in the cache directory so that a restart mounts at once, without listing the
 source again (``--refresh`` forces a new listing), and so that memory does not grow with the

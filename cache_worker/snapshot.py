@@ -40,7 +40,6 @@ import urllib.error
 import urllib.request
 import zlib
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 from .source import RemoteObject
@@ -57,20 +56,6 @@ _READ = 1 << 20
 
 class SnapshotError(Exception):
     """A snapshot cannot be used; the message says which and why."""
-
-
-@dataclass(frozen=True, slots=True)
-class Entry:
-    """One listed object as the snapshot holds it."""
-
-    key: str
-    size: int
-    etag: str
-    version: str
-    mtime: float
-
-    def object(self) -> RemoteObject:
-        return RemoteObject(self.key, self.size, self.etag, self.mtime, self.version)
 
 
 def file_name(snapshot_id: str) -> str:
