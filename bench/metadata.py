@@ -6,8 +6,9 @@ Putting a million objects into MinIO through the slow link would take most of an
 1. **listing the store**: timed for real on the ImageNet prefix through the slow link (pages of
    1000 keys per round trip), and reported per 1000 objects; for larger sizes it is that
    measured page rate times the number of pages (S3 lists sequentially, one page per request);
-2. **building the index from a listing**: the worker's own ``build_index`` fed by a synthetic
-   source that yields ``n`` listing entries at once (key, size, ETag, mtime), as S3 would;
+2. **building the index from a listing**: the worker's own path, a snapshot of a synthetic
+   listing of ``n`` entries (key, size, ETag, mtime, as S3 would yield them) and the index built
+   from it (``cache_worker/snapshot.py``, ``build_index_from``);
 3. **mounting an indexed dataset**: ``datahoard mount`` for real, over that index in the cache
    directory (the worker reuses an index whose source URI matches, as after a restart); the
    source is a real, empty MinIO prefix;
@@ -62,13 +63,18 @@ def list_rate(client, bucket: str, prefix: str) -> dict:
 
 
 def measure(n: int, work: Path, endpoint: str, list_page_seconds: float, walk_cap: float) -> dict:
-    from datahoard.cache_worker.index import build_index
+    from datahoard.cache_worker import snapshot
+    from datahoard.cache_worker.index import build_index_from
 
     source_uri = f"s3://bench/meta-{n}/"
     cache_dir, mnt = work / f"meta-{n}-cache", work / f"meta-{n}-mnt"
     cache_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    summary = build_index(SyntheticSource(source_uri, n), cache_dir / "index.db")
+    # As the worker does (worker._open_index): listing -> snapshot file -> index; a mount reuses
+    # an index only together with its snapshot file.
+    sid, path, _ = snapshot.write(SyntheticSource(source_uri, n).list(), source_uri, cache_dir)
+    summary = build_index_from(snapshot.read(path, sid, source_uri), source_uri, cache_dir / "index.db",
+                               snapshot=sid)
     build = time.perf_counter() - start
     row = {"objects": n, "index_build_seconds": build, "index_bytes": (cache_dir / "index.db").stat().st_size,
            "listing_seconds_estimated": -(-n // 1000) * list_page_seconds}

@@ -1,4 +1,5 @@
-"""The listing snapshot: every file of the view with its size, ETag and mtime.
+"""The index: every file of the view with its size, ETag, version and mtime, built from a
+listing snapshot (snapshot.py).
 
 Stored as SQLite in the cache directory so that a restart mounts at once, without listing the
 source again (``--refresh`` forces a new listing), and so that memory does not grow with the
@@ -18,7 +19,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,9 +29,10 @@ from .source import RemoteObject, Source
 log = logging.getLogger(__name__)
 
 #: 2: files have a rowid, the stable node id the FUSE view gives the kernel (``fs.py``).
-FORMAT_VERSION = 2
+#: 3: files have the listed version (an S3 versionId), and the index names its snapshot.
+FORMAT_VERSION = 3
 _BATCH = 5000
-_INSERT_FILE = "INSERT INTO files (parent, name, size, mtime, etag) VALUES (?,?,?,?,?)"
+_INSERT_FILE = "INSERT INTO files (parent, name, size, mtime, etag, version) VALUES (?,?,?,?,?,?)"
 #: Warn about this many bad keys one by one, then only count them.
 _WARN_LIMIT = 20
 
@@ -39,7 +41,7 @@ CREATE TABLE meta (k TEXT PRIMARY KEY, v TEXT NOT NULL);
 CREATE TABLE dirs (id INTEGER PRIMARY KEY, parent INTEGER NOT NULL, name TEXT NOT NULL);
 CREATE TABLE files (
     id INTEGER PRIMARY KEY, parent INTEGER NOT NULL, name TEXT NOT NULL,
-    size INTEGER NOT NULL, mtime REAL NOT NULL, etag TEXT NOT NULL
+    size INTEGER NOT NULL, mtime REAL NOT NULL, etag TEXT NOT NULL, version TEXT NOT NULL
 );
 CREATE UNIQUE INDEX files_by_name ON files (parent, name);
 """
@@ -54,6 +56,9 @@ class IndexSummary:
     skipped_keys: int
     shadowed_files: int
     built_at: float
+    #: The id of the snapshot (snapshot.py) the index was built from; None: an index of an
+    #: older worker, listed directly (it is listed again, into a snapshot).
+    snapshot: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +73,21 @@ def build_index(
     progress: Callable[[int], None] | None = None,
 ) -> IndexSummary:
     """List ``source`` into a fresh snapshot at ``dest``; returns what it holds."""
+    return build_index_from(source.list(), source.uri, dest, key_filter, progress)
+
+
+def build_index_from(
+    objects: Iterable[RemoteObject],
+    source_uri: str,
+    dest: Path,
+    key_filter: KeyFilter = KeyFilter(),
+    progress: Callable[[int], None] | None = None,
+    snapshot: str | None = None,
+) -> IndexSummary:
+    """Index ``objects`` (a listing of ``source_uri``) at ``dest``; returns what it holds.
+
+    Nothing is kept unless ``objects`` is consumed to its end without an exception (a snapshot
+    checks its hash on its last step): the scratch file is removed."""
     tmp = dest.with_name(dest.name + ".building")
     tmp.unlink(missing_ok=True)
     conn = sqlite3.connect(tmp)
@@ -77,7 +97,7 @@ def build_index(
         conn.execute("INSERT INTO dirs VALUES (1, 0, '')")
         batch: list[tuple] = []
         listed = skipped = 0
-        for obj in source.list():
+        for obj in objects:
             listed += 1
             path = key_to_path(obj.key)
             if path is None:
@@ -92,7 +112,7 @@ def build_index(
             if not key_filter(obj.key):
                 continue
             parent = _ensure_dir(conn, dirs, path.parents)
-            batch.append((parent, path.leaf, obj.size, obj.mtime, obj.etag))
+            batch.append((parent, path.leaf, obj.size, obj.mtime, obj.etag, obj.version))
             if len(batch) >= _BATCH:
                 conn.executemany(_INSERT_FILE, batch)
                 batch.clear()
@@ -106,21 +126,25 @@ def build_index(
             log.warning("skipped %d object keys that cannot be paths in all", skipped)
         files, total = conn.execute("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM files").fetchone()
         summary = IndexSummary(
-            source=source.uri,
+            source=source_uri,
             filter={"include": list(key_filter.include), "exclude": list(key_filter.exclude)},
             files=files,
             total_bytes=total,
             skipped_keys=skipped,
             shadowed_files=shadowed,
             built_at=time.time(),
+            snapshot=snapshot,
         )
         conn.executemany(
             "INSERT INTO meta VALUES (?, ?)",
             [("version", str(FORMAT_VERSION)), ("summary", json.dumps(_asdict(summary)))],
         )
         conn.commit()
-    finally:
+    except BaseException:
         conn.close()
+        tmp.unlink(missing_ok=True)
+        raise
+    conn.close()
     os.replace(tmp, dest)
     return summary
 
@@ -232,11 +256,11 @@ class Index:
         if parent_id is None:
             return None
         row = self._conn().execute(
-            "SELECT size, mtime, etag FROM files WHERE parent = ? AND name = ?", (parent_id, name)
+            "SELECT size, mtime, etag, version FROM files WHERE parent = ? AND name = ?", (parent_id, name)
         ).fetchone()
         if row is None:
             return None
-        return RemoteObject(key=path, size=row[0], etag=row[2], mtime=row[1])
+        return RemoteObject(key=path, size=row[0], etag=row[2], mtime=row[1], version=row[3])
 
     def listdir(self, path: str) -> Iterator[tuple[str, bool]]:
         """(name, is_dir) for every entry of directory ``path``."""
@@ -264,22 +288,22 @@ class Index:
         if parent is None:
             return None
         row = self._conn().execute(
-            "SELECT id, size, mtime, etag FROM files WHERE parent = ? AND name = ?", (dir_id, name)
+            "SELECT id, size, mtime, etag, version FROM files WHERE parent = ? AND name = ?", (dir_id, name)
         ).fetchone()
         if row is None:
             return None
         key = f"{parent}/{name}" if parent else name
-        return row[0], RemoteObject(key=key, size=row[1], etag=row[3], mtime=row[2])
+        return row[0], RemoteObject(key=key, size=row[1], etag=row[3], mtime=row[2], version=row[4])
 
     def file(self, file_id: int) -> RemoteObject | None:
         row = self._conn().execute(
-            "SELECT parent, name, size, mtime, etag FROM files WHERE id = ?", (file_id,)
+            "SELECT parent, name, size, mtime, etag, version FROM files WHERE id = ?", (file_id,)
         ).fetchone()
         if row is None:
             return None
         parent = self._dir_paths[row[0]]
         key = f"{parent}/{row[1]}" if parent else row[1]
-        return RemoteObject(key=key, size=row[2], etag=row[4], mtime=row[3])
+        return RemoteObject(key=key, size=row[2], etag=row[4], mtime=row[3], version=row[5])
 
     def entries(self, dir_id: int) -> list[tuple[str, bool, int, RemoteObject | None]]:
         """(name, is_dir, id, object or None) of every entry of directory ``dir_id``, in an order
@@ -295,21 +319,21 @@ class Index:
             for child, name in conn.execute(
                 "SELECT id, name FROM dirs WHERE parent = ? AND id != 1 ORDER BY id", (dir_id,))
         ]
-        for file_id, name, size, mtime, etag in conn.execute(
-            "SELECT id, name, size, mtime, etag FROM files WHERE parent = ? ORDER BY id", (dir_id,)
+        for file_id, name, size, mtime, etag, version in conn.execute(
+            "SELECT id, name, size, mtime, etag, version FROM files WHERE parent = ? ORDER BY id", (dir_id,)
         ):
-            out.append((name, False, file_id, RemoteObject(key=prefix + name, size=size, etag=etag, mtime=mtime)))
+            out.append((name, False, file_id, RemoteObject(prefix + name, size, etag, mtime, version)))
         return out
 
     def walk_files(self) -> Iterator[RemoteObject]:
         """Every file, directory by directory (the order warming uses)."""
         conn = sqlite3.connect(self._uri, uri=True)
         try:
-            for parent, name, size, mtime, etag in conn.execute(
-                "SELECT parent, name, size, mtime, etag FROM files ORDER BY parent, name"
+            for parent, name, size, mtime, etag, version in conn.execute(
+                "SELECT parent, name, size, mtime, etag, version FROM files ORDER BY parent, name"
             ):
                 dir_path = self._dir_paths[parent]
                 key = f"{dir_path}/{name}" if dir_path else name
-                yield RemoteObject(key=key, size=size, etag=etag, mtime=mtime)
+                yield RemoteObject(key, size, etag, mtime, version)
         finally:
             conn.close()

@@ -35,12 +35,16 @@ def key_to_path(key: str) -> KeyPath | None:
 
     A key ending in ``/`` is a directory marker (what consoles create for empty "folders").
     """
-    if not key or key.startswith("/") or "\x00" in key or len(key.encode("utf-8", "surrogateescape")) > _KEY_MAX:
+    # A character is at most 4 bytes in UTF-8: only long strings need encoding to be measured
+    # (the encodes were a third of the time of indexing a million keys).
+    if not key or key.startswith("/") or "\x00" in key or (
+            len(key) * 4 > _KEY_MAX and len(key.encode("utf-8", "surrogateescape")) > _KEY_MAX):
         return None
     is_dir = key.endswith("/")
     parts = key[:-1].split("/") if is_dir else key.split("/")
     for part in parts:
-        if part in ("", ".", "..") or len(part.encode("utf-8", "surrogateescape")) > _NAME_MAX:
+        if part in ("", ".", "..") or (
+                len(part) * 4 > _NAME_MAX and len(part.encode("utf-8", "surrogateescape")) > _NAME_MAX):
             return None
     if is_dir:
         return KeyPath(tuple(parts), None)
@@ -92,6 +96,8 @@ class KeyFilter:
     exclude: tuple[str, ...] = ()
 
     def __call__(self, path: str) -> bool:
+        if not self.include and not self.exclude:
+            return True
         if self.include and not any(_glob_regex(p).match(path) for p in self.include):
             return False
         return not any(_glob_regex(p).match(path) for p in self.exclude)

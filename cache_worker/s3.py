@@ -74,7 +74,7 @@ _AUTH_CODES = {
 }
 _DENIED_CODES = {"AccessDenied", "AllAccessDisabled", "403"}
 _MISSING_CODES = {"NoSuchBucket", "NoSuchKey", "404", "NotFound"}
-_CHANGED_CODES = {"PreconditionFailed", "412"}
+_CHANGED_CODES = {"PreconditionFailed", "412", "NoSuchVersion"}
 #: Worth another attempt (botocore's standard retry mode retries the same).
 _RETRY_STATUSES = {429, 500, 502, 503, 504}
 _RETRY_CODES = {
@@ -288,6 +288,32 @@ class S3Source(Source):
             raise _classify(exc, what, self.endpoint) from exc
 
     def list(self) -> Iterator[RemoteObject]:
+        """Every current object, with its versionId when the bucket keeps versions.
+
+        A versioned bucket (versioning Enabled or Suspended) is listed with ListObjectVersions,
+        keeping the latest version of each key that is not deleted: reads then ask for that
+        version, so an object overwritten after the listing is still served as listed. Without
+        permission to ask (``s3:GetBucketVersioning``, ``s3:ListBucketVersions``) or versions,
+        it is ListObjectsV2 and reads are pinned by ETag only."""
+        if self._versioned():
+            yield from self._list_versions()
+        else:
+            yield from self._list_objects()
+
+    def _versioned(self) -> bool:
+        try:
+            answer = self._call("asking whether versions are kept for", self._where(), "get_bucket_versioning",
+                                Bucket=self.bucket)
+        except (SourcePermissionDenied, SourceAuthError, SourceNotFound) as exc:
+            log.info("listing %s without versions: %s", self._where(), exc)
+            return False
+        except SourceError as exc:
+            if "NotImplemented" in str(exc) or "MethodNotAllowed" in str(exc):
+                return False
+            raise
+        return answer.get("Status") in ("Enabled", "Suspended")
+
+    def _list_objects(self) -> Iterator[RemoteObject]:
         """ListObjectsV2 page by page, each page (each of its attempts) within the deadline."""
         token: str | None = None
         while True:
@@ -305,6 +331,31 @@ class S3Source(Source):
             token = page.get("NextContinuationToken")
             if not page.get("IsTruncated") or not token:
                 return
+
+    def _list_versions(self) -> Iterator[RemoteObject]:
+        """ListObjectVersions page by page: the latest version of every key (a key whose latest
+        version is a delete marker is deleted). Version "null" (written while versioning was
+        off or suspended) cannot be told from a later overwrite of it: read by ETag only."""
+        markers: dict[str, str] = {}
+        while True:
+            kwargs = {"Bucket": self.bucket, "Prefix": self.prefix, **markers}
+            page = self._call("listing", self._where(), "list_object_versions", **kwargs)
+            for item in page.get("Versions", ()):
+                if not item.get("IsLatest"):
+                    continue
+                version = item.get("VersionId") or ""
+                yield RemoteObject(
+                    key=item["Key"][len(self.prefix) :],
+                    size=int(item["Size"]),
+                    etag=item.get("ETag", "").strip('"'),
+                    mtime=item["LastModified"].timestamp(),
+                    version="" if version == "null" else version,
+                )
+            if not page.get("IsTruncated"):
+                return
+            markers = {"KeyMarker": page.get("NextKeyMarker", "")}
+            if page.get("NextVersionIdMarker"):
+                markers["VersionIdMarker"] = page["NextVersionIdMarker"]
 
     def stat(self, key: str) -> RemoteObject:
         head = self._call("HEAD of", self._where(key), "head_object",
@@ -368,7 +419,7 @@ class S3Source(Source):
         if obj.etag:
             headers["if-match"] = f'"{obj.etag}"'
         try:
-            response = self._getter.get(self.prefix + obj.key, headers)
+            response = self._getter.get(self.prefix + obj.key, headers, version=obj.version)
         except (urllib3.exceptions.HTTPError, OSError) as exc:
             raise _transport_error(exc, where, self.endpoint) from exc
         status = response.status
@@ -412,6 +463,8 @@ class S3Source(Source):
             kwargs["ChecksumMode"] = "ENABLED"
         if obj.etag:
             kwargs["IfMatch"] = f'"{obj.etag}"'
+        if obj.version:
+            kwargs["VersionId"] = obj.version
         response = self._client.get_object(**kwargs)
         body = response["Body"]
         try:
@@ -452,7 +505,7 @@ class S3Source(Source):
         where = self._where(obj.key)
         key = self.prefix + obj.key
         head = self._call("HEAD of", where, "head_object",
-                          Bucket=self.bucket, Key=key, ChecksumMode="ENABLED")
+                          Bucket=self.bucket, Key=key, ChecksumMode="ENABLED", **self._version_of(obj))
         etag = head.get("ETag", "").strip('"')
         if obj.etag and etag != obj.etag:
             raise SourceChanged(f"{where} changed since it was listed; remount with --refresh")
@@ -493,7 +546,8 @@ class S3Source(Source):
         """(part sizes, guessed) of a multipart object of ``count`` parts, or (None, _)."""
         def part_size(number: int) -> tuple[int, int]:
             head = self._call("HEAD of", where, "head_object",
-                              Bucket=self.bucket, Key=self.prefix + obj.key, PartNumber=number)
+                              Bucket=self.bucket, Key=self.prefix + obj.key, PartNumber=number,
+                              **self._version_of(obj))
             return int(head["ContentLength"]), int(head.get("PartsCount") or count)
 
         first, count = part_size(1)
@@ -507,6 +561,10 @@ class S3Source(Source):
             return None, False
         sizes = (first,) + tuple(part_size(n)[0] for n in range(2, count + 1))
         return (sizes, False) if sum(sizes) == obj.size else (None, False)
+
+    @staticmethod
+    def _version_of(obj: RemoteObject) -> dict[str, str]:
+        return {"VersionId": obj.version} if obj.version else {}
 
     def close(self) -> None:
         if self._getter is not None:

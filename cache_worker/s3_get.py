@@ -172,8 +172,9 @@ class ObjectGetter:
         return self.target.region
 
     # -- the request --------------------------------------------------------------------------
-    def get(self, key: str, headers: dict[str, str]) -> urllib3.BaseHTTPResponse:
-        """GET ``key`` with extra ``headers`` (lower-case names: ``range``, ``if-match``).
+    def get(self, key: str, headers: dict[str, str], version: str = "") -> urllib3.BaseHTTPResponse:
+        """GET ``key`` (its ``version``, a versionId, if given) with extra ``headers``
+        (lower-case names: ``range``, ``if-match``).
 
         Returns the response, body read (raw, never content-decoded), connection released.
         Raises urllib3's exceptions for transport failures, and
@@ -182,19 +183,21 @@ class ObjectGetter:
         once: the target is resolved again for that region and used for this and every later
         request, as botocore's region redirector does.
         """
-        response = self._send(key, headers)
+        response = self._send(key, headers, version)
         if response.status in (301, 307, 400) and self._target_for_region is not None:
             region = response.headers.get("x-amz-bucket-region")
             if region and region != self.target.region:
                 target = self._target_for_region(region)
                 if target is not None:
                     self._use(target)
-                    response = self._send(key, headers)
+                    response = self._send(key, headers, version)
         return response
 
-    def _send(self, key: str, extra: dict[str, str]) -> urllib3.BaseHTTPResponse:
+    def _send(self, key: str, extra: dict[str, str], version: str = "") -> urllib3.BaseHTTPResponse:
         pool, base, host_header, prefix, target = self._state
         path = prefix + quote(key, safe="/~")
+        if version:
+            path += "?versionId=" + quote(version, safe="~")
         headers = {"host": host_header, **extra}
         creds = self._credentials.get_frozen_credentials() if self._credentials else None
         if target.signed and creds is not None and creds.access_key and creds.secret_key:

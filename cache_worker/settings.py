@@ -66,6 +66,23 @@ class SourceSettings(BaseSettings):
     hdfs_retry_deadline: Seconds = 300.0
     hdfs_request_timeout: Seconds = 60.0
 
+    # -- snapshot (snapshot.py) ------------------------------------------------------------
+    #: Serve this snapshot (its id, 64 hex digits) instead of listing the source; the operator
+    #: sets it once a Dataset has one. ``--snapshot-id`` wins over it.
+    snapshot_id: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")] | None = None
+    #: Stats URLs of peers that hold it (``http://host:port``), comma-separated, tried in order.
+    snapshot_from: Annotated[tuple[str, ...], NoDecode] = ()
+
+    @field_validator("snapshot_from", mode="before")
+    @classmethod
+    def _urls(cls, value: object) -> object:
+        if isinstance(value, str):
+            value = tuple(u.strip() for u in value.split(",") if u.strip())
+        for url in value or ():
+            if not isinstance(url, str) or not url.startswith(("http://", "https://")):
+                raise ValueError(f"{url!r} is not an http(s):// URL of a worker's stats endpoint")
+        return value
+
     @field_validator("source_credentials", "s3_client", "s3_addressing_style", mode="before")
     @classmethod
     def _lower(cls, value: object) -> object:

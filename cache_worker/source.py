@@ -23,6 +23,10 @@ class RemoteObject:
     size: int
     etag: str
     mtime: float
+    #: The version listed, where reads can ask for it: an S3 versionId from a versioned bucket
+    #: (reads then get exactly that version, even after the key is overwritten); "" otherwise
+    #: (reads are pinned by ETag only; HDFS's ETag already is its version string).
+    version: str = ""
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,5 +1,6 @@
-"""HTTP endpoint of a worker: ``/stats`` (JSON, the shared model), ``/metrics`` (Prometheus)
-and ``/healthz`` (200 while the FUSE view is live).
+"""HTTP endpoint of a worker: ``/stats`` (JSON, the shared model), ``/metrics`` (Prometheus),
+``/healthz`` (200 while the FUSE view is live) and ``/snapshot/<id>`` (the listing snapshot the
+worker serves, gzip, for peers that join later: cache_worker/snapshot.py).
 
 A handful of scrapes a minute, but any pod (or user) that can reach the port can open
 connections: what each one may hold is bounded (see :class:`StatsServer`).
@@ -17,6 +18,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler
+from pathlib import Path
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -113,6 +115,18 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
+    def send_file(self, path: Path, ctype: str, timeout: float) -> None:
+        """A file as it is on disk (the kernel copies it: ``sendfile``), within ``timeout``."""
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            self.send_response(200)
+            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(size))
+            self.end_headers()
+            self.wfile.flush()
+            self.connection.settimeout(timeout)
+            self.connection.sendfile(f)
+
     def log_message(self, fmt: str, *args) -> None:
         log.debug("stats %s", fmt % args)
 
@@ -147,8 +161,12 @@ class StatsServer:
     MAX_QUEUED = 32
     WRITE_TIMEOUT = 10.0
 
+    #: Seconds to send a whole snapshot file (tens of MB for a million objects).
+    SNAPSHOT_WRITE_TIMEOUT = 300.0
+
     def __init__(
-        self, address: tuple[str, int], snapshot: Callable[[], WorkerStats], healthy: Callable[[], bool]
+        self, address: tuple[str, int], snapshot: Callable[[], WorkerStats], healthy: Callable[[], bool],
+        snapshot_file: Callable[[str], Path | None] | None = None,
     ) -> None:
         registry = CollectorRegistry(auto_describe=False)
         registry.register(_StatsCollector(snapshot))
@@ -158,6 +176,12 @@ class StatsServer:
                 handler.send_body(200, "application/json", snapshot().model_dump_json().encode())
             elif path == "/metrics":
                 handler.send_body(200, CONTENT_TYPE_LATEST, generate_latest(registry))
+            elif path.startswith("/snapshot/") and snapshot_file is not None:
+                file = snapshot_file(path.removeprefix("/snapshot/"))
+                if file is None:
+                    handler.send_body(404, "text/plain", b"this worker does not hold that snapshot\n")
+                else:
+                    handler.send_file(file, "application/gzip", self.SNAPSHOT_WRITE_TIMEOUT)
             elif path == "/healthz":
                 ok = healthy()
                 handler.send_body(200 if ok else 503, "text/plain", b"ok\n" if ok else b"not mounted\n")

@@ -45,8 +45,10 @@ from .counters import Counters
 from .dataset import DatasetCache, Tuning
 from .attach import Attacher, Attachment, deposit, index_identity, keep_deposited
 from .fs import MAX_READ, METADATA_TIMEOUT, RESERVE_THREADS, DatasetFS
-from .index import Index, build_index, read_summary
+from . import snapshot
+from .index import Index, IndexSummary, build_index_from, read_summary
 from .keys import KeyFilter
+from .settings import SourceSettings
 from .source import Source, SourceError
 from .sources import open_source
 from .stats_server import StatsServer
@@ -106,6 +108,11 @@ class WorkerConfig:
     keeper_socket: Path | None = None
     #: Pod name records of this dataset, written by the CSI node plugin (consumers.py).
     consumers_dir: Path | None = None
+    #: Serve this snapshot (snapshot.py) instead of listing the source: reuse it if the cache
+    #: directory holds it, else fetch it from ``snapshot_from`` (peers' stats URLs). None: the
+    #: environment's ``DATAHOARD_SNAPSHOT_ID``/``DATAHOARD_SNAPSHOT_FROM``, else list.
+    snapshot_id: str | None = None
+    snapshot_from: tuple[str, ...] = ()
 
 
 Progress = Callable[[str, int], None]
@@ -199,25 +206,84 @@ class Worker:
         self._lock_fd = fd
 
     def _open_index(self) -> Index:
+        """The index to serve: reused, built from the snapshot asked for, or listed afresh.
+
+        Whatever its origin, the index is built from a snapshot file (snapshot.py) by the same
+        code, so two workers with the same snapshot id serve the same view."""
         cfg = self.config
         path = cfg.cache_dir / "index.db"
         key_filter = KeyFilter(tuple(cfg.include), tuple(cfg.exclude))
         summary = read_summary(path)
         wanted_filter = {"include": list(key_filter.include), "exclude": list(key_filter.exclude)}
-        if cfg.refresh or summary is None or summary.source != cfg.source or summary.filter != wanted_filter:
-            reason = "asked to" if cfg.refresh else "no index yet" if summary is None else "source changed"
-            log.info("listing %s (%s)", cfg.source, reason)
-            summary = build_index(self.source, path, key_filter, lambda n: self._progress("listed", n))
-            log.info(
-                "indexed %d files, %d bytes (%d keys skipped, %d hidden by directories)",
-                summary.files, summary.total_bytes, summary.skipped_keys, summary.shadowed_files,
-            )
+        env = SourceSettings.from_env()
+        wanted = cfg.snapshot_id or env.snapshot_id
+        peers = cfg.snapshot_from or env.snapshot_from
+        if wanted and cfg.refresh:
+            raise WorkerError("--refresh lists the source again, --snapshot-id serves a given snapshot: "
+                              "ask for one or the other")
+        usable = (summary is not None and summary.source == cfg.source and summary.filter == wanted_filter
+                  and summary.snapshot is not None
+                  and (cfg.cache_dir / snapshot.file_name(summary.snapshot)).exists())
+        if wanted:
+            snapshot.check_id(wanted)
+            if usable and summary.snapshot == wanted:
+                log.info("reusing the index of snapshot %s (%d files)", wanted, summary.files)
+            else:
+                summary = self._index_snapshot(wanted, peers, path, key_filter)
+        elif usable and not cfg.refresh:
+            log.info("reusing the index of snapshot %s (%d files, built at %s)", summary.snapshot,
+                     summary.files, summary.built_at)
         else:
-            log.info("reusing the index of %d files built at %s", summary.files, summary.built_at)
+            reason = ("asked to" if cfg.refresh else "no index yet" if summary is None
+                      else "the index predates snapshots" if summary.snapshot is None else "source changed")
+            log.info("listing %s (%s)", cfg.source, reason)
+            snap_id, _, listed = snapshot.write(self.source.list(), cfg.source, cfg.cache_dir,
+                                                lambda n: self._progress("listed", n))
+            log.info("listed %d objects: snapshot %s", listed, snap_id)
+            summary = self._build(snap_id, path, key_filter)
+        snapshot.remove_others(cfg.cache_dir, summary.snapshot or "")
         if problem := _empty_view_problem(cfg, summary):
             path.unlink(missing_ok=True)  # list again next time: the objects may be there by then
             raise WorkerError(problem)
         return Index(path)
+
+    def _index_snapshot(self, snap_id: str, peers: tuple[str, ...], path: Path,
+                        key_filter: KeyFilter) -> IndexSummary:
+        """Index snapshot ``snap_id``: from the cache directory if it is there, else a peer."""
+        cfg = self.config
+        if not (cfg.cache_dir / snapshot.file_name(snap_id)).exists():
+            if not peers:
+                raise WorkerError(f"snapshot {snap_id} is not in {cfg.cache_dir} and no peer was given "
+                                  "to fetch it from (--snapshot-from URL)")
+            log.info("fetching snapshot %s from %s", snap_id, ", ".join(peers))
+            try:
+                snapshot.fetch(peers, snap_id, cfg.cache_dir)
+            except snapshot.SnapshotError as exc:
+                raise WorkerError(str(exc)) from None
+        return self._build(snap_id, path, key_filter)
+
+    def _build(self, snap_id: str, path: Path, key_filter: KeyFilter) -> IndexSummary:
+        cfg = self.config
+        file = cfg.cache_dir / snapshot.file_name(snap_id)
+        try:
+            summary = build_index_from(snapshot.read(file, snap_id, cfg.source), cfg.source, path,
+                                       key_filter, snapshot=snap_id)
+        except snapshot.SnapshotError as exc:
+            file.unlink(missing_ok=True)
+            raise WorkerError(str(exc)) from None
+        log.info(
+            "indexed %d files, %d bytes (%d keys skipped, %d hidden by directories) from snapshot %s",
+            summary.files, summary.total_bytes, summary.skipped_keys, summary.shadowed_files, snap_id,
+        )
+        return summary
+
+    def snapshot_file(self, snap_id: str) -> Path | None:
+        """The file of the snapshot this worker serves, if ``snap_id`` names it."""
+        current = self.index.summary.snapshot if self.index else None
+        if current is None or snap_id != current:
+            return None
+        file = self.config.cache_dir / snapshot.file_name(current)
+        return file if file.exists() else None
 
     def prepare(self) -> None:
         """Everything before the FUSE mount; raises WorkerError / SourceError with a clear message."""
@@ -235,7 +301,8 @@ class Worker:
         self.cache = DatasetCache(self.source, self.store, self.counters, cfg.tuning)
         if cfg.direct:
             self.trees = DirectTrees(cfg.cache_dir, self.index, self.cache)
-        self.stats = StatsServer((cfg.stats_host, cfg.stats_port), self.snapshot, self.healthy)
+        self.stats = StatsServer((cfg.stats_host, cfg.stats_port), self.snapshot, self.healthy,
+                                 snapshot_file=self.snapshot_file)
         self.stats.start()
 
     def _on_mounted(self) -> None:
@@ -597,6 +664,7 @@ class Worker:
             cached_bytes=store.used_bytes if store else 0,
             capacity_bytes=store.capacity if store else 0,
             skipped_keys=self.index.summary.skipped_keys if self.index else 0,
+            snapshot=self.index.summary.snapshot if self.index else None,
             warming=warming,
             serving=self.serving,
             kernel_opens=self.view is not None and self.view.kernel_opens,

@@ -81,6 +81,12 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--endpoint-url", help="S3-compatible endpoint, e.g. http://minio:9000")
     m.add_argument("--region")
     m.add_argument("--refresh", action="store_true", help="list the source again instead of reusing the index")
+    m.add_argument("--snapshot-id", type=_snapshot_id, metavar="ID",
+                   help="serve this listing snapshot (as `datahoard status` shows it) instead of listing the source "
+                        "(env DATAHOARD_SNAPSHOT_ID)")
+    m.add_argument("--snapshot-from", action="append", default=[], metavar="URL",
+                   help="stats URL of a mount that holds it, e.g. http://10.0.0.5:9100 (repeatable; tried in order; "
+                        "env DATAHOARD_SNAPSHOT_FROM, comma-separated)")
     m.add_argument("--parallelism", type=mount_checks.parallelism, default=16,
                    help=f"parallel fetches while warming, 1 to {mount_checks.MAX_PARALLELISM} (default 16)")
     m.add_argument("--bandwidth-limit", type=_size, metavar="BYTES_PER_S", help="cap warming traffic, e.g. 100M")
@@ -130,6 +136,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("csi-node", help="run the CSI node plugin", add_help=False)
     return parser
+
+
+def _snapshot_id(text: str) -> str:
+    text = text.strip().lower()
+    if len(text) != 64 or any(c not in "0123456789abcdef" for c in text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a snapshot id (64 hex digits, as `datahoard status` "
+                                         "shows it)")
+    return text
 
 
 def _restarts(text: str) -> int:
@@ -200,6 +214,8 @@ def _worker_config(args: argparse.Namespace):
         endpoint_url=args.endpoint_url,
         region=args.region,
         refresh=args.refresh,
+        snapshot_id=args.snapshot_id,
+        snapshot_from=tuple(args.snapshot_from),
         tuning=Tuning(warm_parallelism=args.parallelism, warm_bandwidth=args.bandwidth_limit,
                       **read_limits_from_env(os.environ)),
         stats_host=args.stats_addr[0],
@@ -465,6 +481,7 @@ def _status(args: argparse.Namespace) -> int:
         ("mountpoint", stats.mountpoint),
         ("ready", "yes" if stats.ready else "no"),
         ("files", f"{stats.files:,}"),
+        ("snapshot", stats.snapshot or "none (a worker older than snapshots)"),
         ("total", format_size(stats.total_bytes)),
         ("cached", f"{format_size(stats.cached_bytes)} ({stats.cached_fraction:.1%}) of {format_size(stats.capacity_bytes)} capacity"),
         ("served", f"{format_size(stats.served_from_cache_bytes)} from cache, {format_size(stats.served_from_source_bytes)} from source"),

@@ -99,6 +99,10 @@ class WorkerStats(BaseModel):
     hits: int = Field(description="reads answered from the cache (count)")
     misses: int = Field(description="reads that needed the source (count)")
     skipped_keys: int = Field(description="object keys that cannot be paths and were left out")
+    snapshot: str | None = Field(
+        default=None,
+        description="id of the listing snapshot served (sha256 of its canonical form, cache_worker/snapshot.py): "
+        "workers with equal ids serve the same file set; the worker serves it at GET /snapshot/<id>")
     errors: int
     last_error: str | None = None
     degraded: str | None = Field(default=None, description="why the cache is degraded, if it is")

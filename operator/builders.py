@@ -163,6 +163,10 @@ def _worker_container(ds: Dataset, settings: OperatorSettings, with_secret: bool
     env.append({"name": CREDENTIALS_ENV, "value": CREDENTIALS_VALUES[mode]})
     if mode != "NodeIdentity":
         env.append({"name": "AWS_EC2_METADATA_DISABLED", "value": "true"})
+    # The Dataset's snapshot and peers that hold it, from a ConfigMap (operator/snapshots.py).
+    from .snapshots import worker_env
+
+    env += worker_env(ds)
     if with_secret:
         keys = secret_keys(ds)
         for key in keys.all:

@@ -66,6 +66,11 @@ class OperatorSettings(BaseSettings):
     dataset_namespaces: list[str] = Field(
         default=[], description="Namespaces whose Datasets are served ([] = all); the chart "
         "then grants Secret reads in these namespaces only")
+    peer_network_policy: bool = Field(
+        default=False, description="Make a NetworkPolicy per Dataset letting its workers reach each "
+        "other's stats port (to fetch the Dataset's listing snapshot). On where the chart's worker "
+        "NetworkPolicy is (it admits only the operator, the CSI plugin and scrapers): off otherwise, "
+        "since a policy selecting the workers would shut out everything else")
     # Requests keep the scheduler honest; no CPU limit, because throttling a FUSE server stalls
     # every reader. The memory limit leaves headroom over the page-cache-free working set.
     worker_cpu_request: str = "250m"

@@ -72,6 +72,7 @@ class Kube:
         self.core = kubernetes.client.CoreV1Api(client)
         self.apps = kubernetes.client.AppsV1Api(client)
         self.batch = kubernetes.client.BatchV1Api(client)
+        self.networking = kubernetes.client.NetworkingV1Api(client)
 
     def _dict(self, obj: Any) -> Obj:
         return self.client.sanitize_for_serialization(obj)
@@ -127,6 +128,10 @@ class Kube:
                 name, namespace, _request_timeout=REQUEST_TIMEOUT),
             "Secret": lambda: self.core.read_namespaced_secret(
                 name, namespace, _request_timeout=REQUEST_TIMEOUT),
+            "ConfigMap": lambda: self.core.read_namespaced_config_map(
+                name, namespace, _request_timeout=REQUEST_TIMEOUT),
+            "NetworkPolicy": lambda: self.networking.read_namespaced_network_policy(
+                name, namespace, _request_timeout=REQUEST_TIMEOUT),
         }[kind]
         try:
             obj = read()
@@ -136,7 +141,8 @@ class Kube:
             raise
         out = self._dict(obj)
         out.setdefault("kind", kind)
-        out.pop("data", None)  # a Secret's values are never needed for an ownership check
+        if kind == "Secret":
+            out.pop("data", None)  # a Secret's values are never needed for an ownership check
         return out
 
     # -- writes --------------------------------------------------------------------------------
@@ -152,6 +158,10 @@ class Kube:
             self.apps.patch_namespaced_daemon_set(meta["name"], meta["namespace"], manifest, **kwargs)
         elif kind == "Secret":
             self.core.patch_namespaced_secret(meta["name"], meta["namespace"], manifest, **kwargs)
+        elif kind == "ConfigMap":
+            self.core.patch_namespaced_config_map(meta["name"], meta["namespace"], manifest, **kwargs)
+        elif kind == "NetworkPolicy":
+            self.networking.patch_namespaced_network_policy(meta["name"], meta["namespace"], manifest, **kwargs)
         else:
             raise ValueError(f"apply() does not handle {kind}")
 
@@ -198,6 +208,15 @@ class Kube:
             elif kind == "Secret":
                 self.core.delete_namespaced_secret(name, namespace, body=opts,
                                                    _request_timeout=REQUEST_TIMEOUT)
+            elif kind == "ConfigMap":
+                self.core.delete_namespaced_config_map(name, namespace, body=opts,
+                                                       _request_timeout=REQUEST_TIMEOUT)
+            elif kind == "NetworkPolicy":
+                self.networking.delete_namespaced_network_policy(name, namespace, body=opts,
+                                                                 _request_timeout=REQUEST_TIMEOUT)
+            elif kind == "Pod":
+                self.core.delete_namespaced_pod(name, namespace, body=opts,
+                                                _request_timeout=REQUEST_TIMEOUT)
             else:
                 raise ValueError(f"delete() does not handle {kind}")
         except ApiException as exc:

@@ -20,7 +20,7 @@ import pydantic
 from datahoard import names
 from datahoard.api import Dataset, error_summary
 
-from . import builders, metrics, ownership, placement, policy
+from . import builders, metrics, ownership, placement, policy, snapshots
 from .collect import collect
 from .consumers import consumers_status
 from .config import OperatorSettings
@@ -336,6 +336,7 @@ async def reconcile(body: Mapping[str, Any], nodes: list[Mapping[str, Any]], kub
     out = summarize(ds, state.selected, on_selected, stats, status, state.conditions.time)
     out["consumers"] = consumers_status(stats, status)
     stats_conditions(ds, state.conditions, out, stats, settings.namespace)
+    await asyncio.to_thread(snapshot_step, ds, status, on_selected, stats, out, state.conditions, kube, settings)
 
     not_ready = [n for n in state.selected if not any(p.node == n and p.ready for p in on_selected)]
     # A worker that exited says why (its termination message): that, not "not ready".
@@ -381,6 +382,17 @@ def stats_conditions(ds: Dataset, conds: Conditions, out: Mapping[str, Any],
         conds.set(CACHED, False, "CapacityBound", problem)
     elif ds.spec.warm.policy == "Eager" and any(s for s in stats.values() if not isinstance(s, str)):
         conds.set(CACHED, True, "Fits", f"the dataset fits the cache capacity {ds.spec.cache.capacity}")
+
+
+def snapshot_step(ds: Dataset, status: Mapping[str, Any], pods: list[WorkerPod], stats: Mapping[str, Any],
+                  out: dict[str, Any], conds: Conditions, kube: Kube, settings: OperatorSettings) -> None:
+    """status.snapshot and SnapshotShared (operator/snapshots.py)."""
+    plan, cond = snapshots.apply(ds, status, pods, stats, out["nodes"], conds.time, kube, Owned(ds, kube),
+                                 settings)
+    out["snapshot"] = plan.snapshot  # None removes it (merge patch)
+    out["snapshotUnheldSince"] = plan.unheld_since
+    if cond is not None:
+        conds.set(snapshots.SNAPSHOT_SHARED, *cond)
 
 
 @dataclass
@@ -432,3 +444,5 @@ def finalize(body: Mapping[str, Any], kube: Kube, settings: OperatorSettings) ->
         kube.create(builders.cleanup_job(ds, node, settings))
     owned.delete("Secret", workers, settings.namespace, quiet=True)
     owned.delete("Secret", legacy, settings.namespace, legacy=legacy, quiet=True)
+    owned.delete("ConfigMap", snapshots.config_map_name(ds), settings.namespace, quiet=True)
+    owned.delete("NetworkPolicy", snapshots.peer_policy_name(ds), settings.namespace, quiet=True)

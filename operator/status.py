@@ -66,7 +66,7 @@ def set_condition(conditions: Iterable[Mapping[str, Any]], type_: str, ok: bool,
 #: Figures a node entry carries; a node whose worker does not answer keeps its last ones.
 FIGURES = ("files", "totalBytes", "cachedBytes", "capacityBytes", "hits", "misses", "servedBytes",
            "servedFromCacheBytes", "recentServedBytes", "recentFromCacheBytes", "serving", "warming",
-           "counterBase", "lastSeen")
+           "counterBase", "lastSeen", "snapshot")
 #: Lifetime counters: they only grow. A worker that reports less than it did lost its counts
 #: (a new cache directory, an old worker without saved counters); the old counts become a base.
 COUNTERS = ("servedBytes", "servedFromCacheBytes", "hits", "misses")
@@ -125,6 +125,8 @@ def _fresh_figures(st: WorkerStats, old: Mapping[str, Any], now: str) -> dict[st
                capacityBytes=st.capacity_bytes, recentServedBytes=st.recent.served_bytes,
                recentFromCacheBytes=st.recent.served_from_cache_bytes, serving=st.serving,
                warming=warming_entry(st), lastSeen=now)
+    if st.snapshot:
+        out["snapshot"] = st.snapshot
     return out
 
 

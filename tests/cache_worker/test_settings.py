@@ -101,3 +101,15 @@ def test_the_scheme_picks_the_source():
     assert isinstance(open_source("s3://bucket/x", endpoint_url="http://127.0.0.1:1", env={}), S3Source)
     with pytest.raises(SourceError, match="unsupported source 'gs://b/x'"):
         open_source("gs://b/x", env={})
+
+
+def test_snapshot_variables():
+    sid = "ab" * 32
+    got = SourceSettings.from_env({"DATAHOARD_SNAPSHOT_ID": sid,
+                                   "DATAHOARD_SNAPSHOT_FROM": "http://10.0.0.1:9470, http://[fd00::1]:9470,"})
+    assert got.snapshot_id == sid and got.snapshot_from == ("http://10.0.0.1:9470", "http://[fd00::1]:9470")
+    assert SourceSettings.from_env({"DATAHOARD_SNAPSHOT_ID": "", "DATAHOARD_SNAPSHOT_FROM": ""}).snapshot_id is None
+    with pytest.raises(SourceError, match=r"DATAHOARD_SNAPSHOT_ID='abc': String should match pattern"):
+        SourceSettings.from_env({"DATAHOARD_SNAPSHOT_ID": "abc"})
+    with pytest.raises(SourceError, match=r"DATAHOARD_SNAPSHOT_FROM=.*'ftp://x' is not an http\(s\):// URL"):
+        SourceSettings.from_env({"DATAHOARD_SNAPSHOT_FROM": "ftp://x"})

@@ -159,7 +159,9 @@ def test_chart_defaults_are_the_operators_defaults(render, monkeypatch) -> None:
         if key.startswith("DATAHOARD_"):
             monkeypatch.setenv(key, value)
     from_chart = OperatorSettings()
-    install_specific = {"worker_image", "worker_service_account"}
+    # peer_network_policy follows networkPolicy.enabled: the operator alone must not isolate
+    # workers with a policy when no chart policy admits the operator to them.
+    install_specific = {"worker_image", "worker_service_account", "peer_network_policy"}
     differ = {name: (getattr(defaults, name), getattr(from_chart, name))
               for name in OperatorSettings.model_fields
               if name not in install_specific and getattr(defaults, name) != getattr(from_chart, name)}

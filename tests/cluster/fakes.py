@@ -82,9 +82,23 @@ class Kubelet:
                             "lastTransitionTime": _now()}]}})
 
     def container_env(self, namespace: str, container: dict[str, Any]) -> dict[str, str]:
-        """Resolve secretKeyRef env vars the way kubelet does."""
+        """Resolve secretKeyRef and configMapKeyRef env vars the way kubelet does (at each
+        container start)."""
         env = {}
         for var in container.get("env") or []:
+            cm_ref = (var.get("valueFrom") or {}).get("configMapKeyRef")
+            if cm_ref is not None:
+                try:
+                    data = self.core.read_namespaced_config_map(cm_ref["name"], namespace).data or {}
+                except kubernetes.client.ApiException as exc:
+                    if exc.status != 404 or not cm_ref.get("optional"):
+                        raise
+                    data = {}
+                if cm_ref["key"] in data:
+                    env[var["name"]] = data[cm_ref["key"]]
+                elif not cm_ref.get("optional"):
+                    raise AssertionError(f"kubelet: ConfigMap {cm_ref['name']} has no key {cm_ref['key']}")
+                continue
             ref = (var.get("valueFrom") or {}).get("secretKeyRef")
             if ref is None:
                 env[var["name"]] = var.get("value", "")

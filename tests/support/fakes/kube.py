@@ -130,10 +130,12 @@ class FakeKube:
 
     #: The kinds each method of the real Kube dispatches on (anything else: KeyError for read,
     #: ValueError for the writes). Kept equal to Kube's by test_the_fake_takes_the_kinds_kube_takes.
-    READ_KINDS = ("PersistentVolume", "PersistentVolumeClaim", "DaemonSet", "Secret")
-    APPLY_KINDS = ("DaemonSet", "Secret")
+    READ_KINDS = ("PersistentVolume", "PersistentVolumeClaim", "DaemonSet", "Secret", "ConfigMap",
+                  "NetworkPolicy")
+    APPLY_KINDS = ("DaemonSet", "Secret", "ConfigMap", "NetworkPolicy")
     CREATE_KINDS = ("PersistentVolume", "PersistentVolumeClaim", "Job")
-    DELETE_KINDS = ("PersistentVolume", "PersistentVolumeClaim", "DaemonSet", "Secret")
+    DELETE_KINDS = ("PersistentVolume", "PersistentVolumeClaim", "DaemonSet", "Secret", "ConfigMap",
+                    "NetworkPolicy", "Pod")
 
     def __init__(self, namespaces: tuple[str, ...] = ("default",)) -> None:
         self._objects: dict[tuple[str, str, str], Obj] = {}
