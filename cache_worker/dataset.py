@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 
 from .counters import Counters
 from .source import Fetched, RemoteObject, Source, SourceError
-from .store import CacheFull, ChunkId, ChunkStore, object_id
+from .store import CacheFull, ChunkId, ChunkStore, chunk_of, object_id
 from .verify import Verifier
 
 log = logging.getLogger(__name__)
@@ -264,7 +264,7 @@ class DatasetCache:
         oid = object_id(obj.key, obj.etag, obj.size)
         size = self.chunk_size(obj)
         count = max(1, -(-obj.size // size))
-        return [ChunkId(oid, i, i * size, obj.size) for i in range(count)]
+        return [chunk_of(oid, obj.size, i, size) for i in range(count)]
 
     def is_cached(self, obj: RemoteObject) -> bool:
         return all(self.store.contains(c) for c in self.chunks(obj))
@@ -321,7 +321,7 @@ class DatasetCache:
         while pos < end:
             index, within = divmod(pos, csize)
             length = min(end - pos, csize - within)
-            chunk = ChunkId(oid, index, index * csize, obj.size)
+            chunk = chunk_of(oid, obj.size, index, csize)
             piece = self.store.read(chunk, within, length)
             if piece is not None and len(piece) == length:
                 if index in state.sourced:
@@ -358,7 +358,7 @@ class DatasetCache:
         want = min(last, current + self.tuning.readahead_chunks)
         start = max(current + 1, state.readahead_until)
         for index in range(start, want + 1):
-            chunk = ChunkId(oid, index, index * csize, state.obj.size)
+            chunk = chunk_of(oid, state.obj.size, index, csize)
             if chunk.name not in self._inflight and not self.store.contains(chunk):
                 # Marked before the fetch starts: the reader may get there before it ends.
                 state.sourced.add(index)

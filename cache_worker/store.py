@@ -167,14 +167,23 @@ class CorruptChunk(Exception):
 class ChunkId:
     object_id: str
     index: int
-    #: Where the chunk starts in its object's file, and the object's size (0: the object is
-    #: this one chunk). Not part of the identity: the name fixes them.
+    #: Where the chunk starts in its object's file, the object's size (0: the object is this
+    #: one chunk) and the chunk's own size (0: not said). Not part of the identity: the name
+    #: fixes them for one chunk size, and a cached chunk whose record disagrees with a stated
+    #: size was cut with another chunk size (see ``_read_chunk``).
     offset: int = field(default=0, compare=False)
     object_size: int = field(default=0, compare=False)
+    size: int = field(default=0, compare=False)
 
     @property
     def name(self) -> str:
         return f"{self.object_id}.{self.index}"
+
+
+def chunk_of(oid: str, object_size: int, index: int, chunk_size: int) -> ChunkId:
+    """Chunk ``index`` of an object of ``object_size`` bytes cut in chunks of ``chunk_size``."""
+    start = index * chunk_size
+    return ChunkId(oid, index, start, object_size, max(0, min(chunk_size, object_size - start)))
 
 
 def object_id(key: str, etag: str, size: int) -> str:
@@ -553,6 +562,15 @@ class ChunkStore:
                         if self._epochs[stripe] != epoch:
                             continue  # raced an eviction of this object
                         return None
+                if chunk.size and where != (chunk.offset, chunk.size):
+                    # Cut with another chunk size (a cache from a release with other tuning):
+                    # its record's range is not this chunk's, and serving it by name would
+                    # give the bytes of that other range. Refetched under today's geometry.
+                    log.warning("cached chunk %s covers [%d, %d), not [%d, %d) (cut with another chunk size); "
+                                "dropping it and refetching", chunk.name, where[0], where[0] + where[1],
+                                chunk.offset, chunk.offset + chunk.size)
+                    self.discard(chunk.name)
+                    return None
                 data = os.pread(fd, min(length, max(0, where[1] - offset)), where[0] + offset)
             finally:
                 os.close(fd)

@@ -232,8 +232,9 @@ class Verifier:
         oid = object_id(obj.key, obj.etag, obj.size)
         for index in range(-(-obj.size // csize)):
             start = index * csize
-            yield (ChunkId(oid, index, start, obj.size), ChunkId(oid + UNVERIFIED, index, start, obj.size), start,
-                   min(csize, obj.size - start))
+            length = min(csize, obj.size - start)
+            yield (ChunkId(oid, index, start, obj.size, length), ChunkId(oid + UNVERIFIED, index, start, obj.size, length),
+                   start, length)
 
     def _assemble(self, obj: RemoteObject, csize: int, demand: bool) -> set[int]:
         """Fetch every chunk of ``obj`` neither cached nor waiting, into its unverified name;

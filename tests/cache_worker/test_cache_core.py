@@ -195,3 +195,24 @@ def test_a_cached_file_changed_on_disk_is_caught_and_fetched_again(make_rig):
     assert os.path.getsize(path) == 2000
     assert rig.read(obj) == data
     assert len(rig.s3.gets("a.bin")) == 2
+
+
+def test_a_cache_cut_with_another_chunk_size_never_serves_a_chunk_at_the_wrong_offset(tmp_path):
+    """A chunk's record says where it sits in its object's file. A cache written with one chunk
+    size and read with another (an upgrade that changes the tuning) names chunk ``n`` for two
+    different ranges: served by name it would give the bytes of the old range."""
+    s3 = FakeS3()
+    s3.create_bucket(BUCKET)
+    data = blob(8 * CHUNK, seed=9)
+    s3.put(BUCKET, "large.bin", data)
+    caches = []
+    for chunk_size in (CHUNK, 2 * CHUNK):
+        source = FakeSource(s3, f"s3://{BUCKET}/", max_attempts=3)
+        store = ChunkStore(tmp_path / "cache", 1 << 20)
+        cache = DatasetCache(source, store, Counters(), Tuning(whole_file_max=CHUNK, chunk_size=chunk_size))
+        caches.append((cache, store))
+        obj = source.stat("large.bin")
+        for offset in (0, CHUNK, 3 * CHUNK, 5 * CHUNK + 7):
+            assert cache.read(ReadState(obj), offset, CHUNK) == data[offset:offset + CHUNK], (chunk_size, offset)
+        cache.close()
+        store.close()
