@@ -22,8 +22,8 @@ from datahoard import names
 from . import metrics
 from .config import OperatorSettings
 from .kube import Kube, load_client
-from .reconcile import (DELETION_BLOCKED, PROBLEMS, RECONCILED, Blocked, Conditions, finalize,
-                        reconcile)
+from .reconcile import (DELETION_BLOCKED, PROBLEMS, RECONCILED, SPEC_VALID, Blocked, Conditions,
+                        finalize, reconcile)
 
 #: Read once at import: the timer interval is fixed when the handler is registered.
 CONFIG = OperatorSettings()
@@ -119,7 +119,9 @@ async def reconcile_timer(body: kopf.Body, status: kopf.Status, patch: kopf.Patc
         raise
     conds = Conditions(new.get("conditions") or [], body["metadata"].get("generation", 0))
     conds.set(RECONCILED, True, "Reconciled", "workers, labels and volumes match the spec")
-    if new.get("phase") != "Failed":
+    # An invalid spec was not reconciled (nothing was touched); a Dataset Failed because its
+    # workers fail was.
+    if not any(c.get("type") == SPEC_VALID and c.get("status") == "False" for c in new.get("conditions") or []):
         new["conditions"] = conds.items
     for key, value in new.items():
         patch.status[key] = value

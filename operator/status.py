@@ -245,16 +245,23 @@ def capacity_problem(ds: Dataset, stats: Mapping[str, WorkerStats | str]) -> str
 def phase(ds: Dataset, selected: list[str], pods: Mapping[str, WorkerPod],
           stats: Mapping[str, WorkerStats | str], old_nodes: Mapping[str, Any]) -> str:
     """Pending -> Listing -> Warming -> Ready, or Degraded when something that worked broke (or
-    an Eager Dataset does not fit its cache)."""
+    an Eager Dataset does not fit its cache, or a worker fails while others serve), or Failed
+    while every worker there is fails (a source it cannot list, a credential the store refuses:
+    WorkersReady says why). Failed is not for good: the next pass after a worker gets up moves
+    it on. Shown as Listing instead, a crash-looping Dataset looked busy, not broken."""
     ready = [n for n in selected if n in pods and pods[n].ready]
     # A node whose worker answered before (it has a lastSeen) and is not ready now: lost.
     lost = [n for n in selected if n not in ready and (old_nodes.get(n) or {}).get("lastSeen")]
+    present = [n for n in selected if n in pods]
+    failing = [n for n in present if pods[n].failure]
     if not ready:
-        if lost:
+        if present and len(failing) == len(present):
+            return "Failed"
+        if lost or failing:
             return "Degraded"
-        return "Listing" if any(pods[n].running for n in selected if n in pods) else "Pending"
+        return "Listing" if any(pods[n].running for n in present) else "Pending"
     good = {n: s for n, s in stats.items() if isinstance(s, WorkerStats)}
-    if lost or len(good) < len(ready) or any(s.degraded for s in good.values()) or any(
+    if lost or failing or len(good) < len(ready) or any(s.degraded for s in good.values()) or any(
             s.warming.state == "failed" for s in good.values()):
         return "Degraded"
     if len(ready) < len(selected) or any(not s.ready for s in good.values()):

@@ -114,4 +114,5 @@ def test_a_crash_looping_worker_says_why_on_the_dataset(
     eventually(lambda: any(t == "Warning" and r == "WorkerFailing" and expected in m
                            for t, r, m in cluster.events(namespace, "nowhere")),
                what="a Warning Event naming the failure")
-    assert cluster.status(namespace, "nowhere").get("phase") != "Ready"
+    # Its only worker fails: the Dataset is Failed (not Listing, as if busy), until it gets up.
+    assert cluster.status(namespace, "nowhere").get("phase") == "Failed"

@@ -61,8 +61,8 @@ def stats(cached: int, from_cache: int, from_source: int, state: str = "done", *
                        warming=WarmingStats(state=state), **kw)
 
 
-def pod(n: str, ready: bool = True) -> WorkerPod:
-    return WorkerPod(name=f"w-{n}", node=n, ip="10.0.0.1", running=True, ready=ready)
+def pod(n: str, ready: bool = True, failure: str | None = None) -> WorkerPod:
+    return WorkerPod(name=f"w-{n}", node=n, ip="10.0.0.1", running=True, ready=ready, failure=failure)
 
 
 def test_summary_uses_least_filled_node_and_bytes_weighted_hit_ratio() -> None:
@@ -103,6 +103,19 @@ def test_phases() -> None:
     assert phase(d, ["a", "b"], both, {"a": stats(1, 0, 0)}, {"b": {"lastSeen": "T"}}) == "Degraded"
     # ... also when it was the only one, and for as long as it stays away.
     assert phase(d, ["b"], {"b": pod("b", ready=False)}, {}, {"b": {"lastSeen": "T"}}) == "Degraded"
+
+
+def test_a_dataset_whose_every_worker_fails_is_failed_and_one_failing_worker_degrades_it() -> None:
+    d = ds()
+    refused = "cannot reach S3 endpoint http://10.0.0.9:9000 for s3://b/p/: connection refused"
+    crashing = {"a": pod("a", ready=False, failure=refused), "b": pod("b", ready=False, failure=refused)}
+    assert phase(d, ["a", "b"], crashing, {}, {}) == "Failed"
+    # One still starting (no failure yet): not every worker fails, but one does.
+    assert phase(d, ["a", "b"], {**crashing, "b": pod("b", ready=False)}, {}, {}) == "Degraded"
+    # One serving: the Dataset is usable there, and degraded.
+    assert phase(d, ["a", "b"], {**crashing, "b": pod("b")}, {"b": stats(1, 0, 0)}, {}) == "Degraded"
+    # The worker gets up: the next pass moves on.
+    assert phase(d, ["a"], {"a": pod("a")}, {"a": stats(1, 0, 0)}, {}) == "Ready"
 
 
 def test_condition_transition_time_moves_only_on_status_change() -> None:
