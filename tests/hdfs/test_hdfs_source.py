@@ -12,13 +12,8 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
-from datahoard.cache_worker.hdfs import (
-    DEFAULT_HTTP_PORT,
-    HdfsOptions,
-    HdfsSource,
-    _classify,
-    parse_hdfs_uri,
-)
+from datahoard.cache_worker.hdfs import HdfsOptions, HdfsSource
+from datahoard.cache_worker.webhdfs import DEFAULT_HTTP_PORT, _classify, parse_hdfs_uri
 from datahoard.cache_worker.source import (
     RemoteObject,
     SourceAuthError,
