@@ -27,7 +27,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from datahoard.fuse_keeper import KeeperClient, KeeperError, KeeperRefused, KeeperUnavailable
+from datahoard.keeper_client import KeeperClient
+from datahoard.keeper_protocol import KeeperError, KeeperRefused, KeeperUnavailable
 
 from .fusell.session import Connection, InitState, unmount
 from .index import IndexSummary
