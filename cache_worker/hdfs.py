@@ -1,7 +1,8 @@
 """HDFS as a :class:`~.source.Source`: what listing, stat, reads and checksums mean over WebHDFS.
 
-The WebHDFS calls themselves (URIs, NameNode failover, error classification, deadlines) are
-:mod:`.webhdfs`'s; this module decides which calls make an operation and retries each whole.
+The WebHDFS calls themselves (NameNode failover, error classification, deadlines) are
+:mod:`.webhdfs`'s, the URI and the options :mod:`.hdfs_uri`'s; this module decides which calls
+make an operation and retries each whole.
 
 How each operation maps onto WebHDFS:
 
@@ -47,7 +48,8 @@ from .source import (
     SourceNotFound,
     SourceTransientError,
 )
-from .webhdfs import HdfsOptions, WebHdfs
+from .hdfs_uri import HdfsOptions
+from .webhdfs import WebHdfs
 
 __all__ = ["HdfsOptions", "HdfsSource"]
 

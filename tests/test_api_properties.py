@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from datahoard import api
-from datahoard.cache_worker.webhdfs import parse_hdfs_uri
+from datahoard.cache_worker.hdfs_uri import parse_hdfs_uri
 from datahoard.cache_worker.s3_client import parse_s3_uri
 
 _bucket = st.from_regex(r"[a-z0-9][a-z0-9.-]{1,20}[a-z0-9]", fullmatch=True)
