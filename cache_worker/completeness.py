@@ -79,8 +79,12 @@ class Completeness:
         """Wait until the state found at start-up is known (tests, and status right after start)."""
         return self._decided.wait(timeout)
 
-    def start(self) -> None:
+    def attach(self) -> None:
+        """Hear the store's changes (``start`` does this; tests that ``settle`` by hand too)."""
         self._store.on_change = self._on_change
+
+    def start(self) -> None:
+        self.attach()
         self._thread = threading.Thread(target=self._run, name="completeness", daemon=True)
         self._thread.start()
 
@@ -101,21 +105,32 @@ class Completeness:
                         self._cond.wait()  # no timeout: only a change of the store wakes it
                     if self._stopped:
                         return
-                    self._woken = False
-                full = self._check()
-                if full is None:
-                    continue
-                self._decided.set()
-                if full != self._full:
-                    self._full = full
-                    log.info("the dataset is %s", "fully cached" if full else "no longer fully cached")
-                    for listener in list(self._listeners):
-                        try:
-                            listener(full)
-                        except Exception:  # noqa: BLE001 - one listener must not silence the others
-                            log.exception("a fully-cached listener failed")
+                self.settle()
         except Exception:  # noqa: BLE001 - reported; serving goes on without the event
             log.exception("watching for a fully cached dataset failed")
+
+    def settle(self) -> None:
+        """Decide on every change reported so far, calling listeners on a change of state.
+
+        The thread's body; tests call it directly (with the thread not started) to see each
+        decision without waiting for a thread."""
+        while True:
+            with self._cond:
+                if not self._woken:
+                    return
+                self._woken = False
+            full = self._check()
+            if full is None:
+                continue
+            self._decided.set()
+            if full != self._full:
+                self._full = full
+                log.info("the dataset is %s", "fully cached" if full else "no longer fully cached")
+                for listener in list(self._listeners):
+                    try:
+                        listener(full)
+                    except Exception:  # noqa: BLE001 - one listener must not silence the others
+                        log.exception("a fully-cached listener failed")
 
     def _check(self) -> bool | None:
         """Is every chunk of the dataset cached? None: the answer went stale while looking."""
