@@ -26,13 +26,9 @@ Which of fuse, kernel opens and direct serves the mount is the state machine in 
 
 from __future__ import annotations
 
-import errno
-import fcntl
 import logging
 import os
-import shutil
 import signal
-import subprocess
 import threading
 import time
 from collections.abc import Callable
@@ -43,6 +39,8 @@ from datahoard.mounts import mounts_at
 from datahoard.stats import DirectStats, WorkerStats
 
 from .attach import Attacher, Attachment, deposit, index_identity, keep_deposited
+from .cache_room import RoomWatch
+from .claims import default_capacity, lock_cache_dir, prepare_mountpoint
 from .completeness import Completeness
 from .consumers import ConsumerTable, PodNames
 from .counters import Counters
@@ -51,45 +49,18 @@ from .direct_mode import DirectServing
 from .fs import MAX_READ, METADATA_TIMEOUT, RESERVE_THREADS, DatasetFS
 from .index import Index
 from .index_open import open_index, snapshot_file
-from .serving import Event, ServingMode, kernel_opens_refusal, stop_plan, use_passthrough
+from .kernel_opens import KernelOpens
+from .serving import ServingMode, stop_plan, use_passthrough
 from .source import Source, SourceError
 from .sources import open_source
 from .stats_server import StatsServer
 from .store import ChunkStore
 from .tree import DirectTrees
-from .tree_bind import clear_tree_binds
 from .warm import Warmer
 from .worker_config import Progress, WorkerConfig, WorkerError
 from .worker_stats import worker_stats
 
 log = logging.getLogger(__name__)
-
-#: How long a new worker waits for the previous owner of its cache directory to exit.
-_LOCK_WAIT_SECONDS = 10.0
-#: How often a worker whose cache disk filled looks for room again (a statvfs while full).
-_ROOM_CHECK_SECONDS = 1.0
-
-
-def _prepare_mountpoint(mountpoint: Path) -> None:
-    """Create the mountpoint, clearing a dead FUSE mount left by a crashed worker."""
-    clear_tree_binds(mountpoint)
-    try:
-        mountpoint.mkdir(parents=True, exist_ok=True)
-        os.listdir(mountpoint)
-    except OSError as exc:
-        if exc.errno in (errno.ENOTCONN, errno.ECONNABORTED):  # the last worker died mounted
-            log.warning("clearing the dead mount at %s", mountpoint)
-            subprocess.run(["fusermount3", "-uz", str(mountpoint)], check=False)
-        else:
-            raise WorkerError(f"cannot use mountpoint {mountpoint}: {exc.strerror}") from exc
-    if os.path.ismount(mountpoint):
-        raise WorkerError(f"{mountpoint} is already a mount point; unmount it first")
-
-
-def _default_capacity(cache_dir: Path, used: int) -> int:
-    """90% of what the cache could grow into on its filesystem."""
-    return int((shutil.disk_usage(cache_dir).free + used) * 0.9)
-
 
 class Worker:
     def __init__(self, config: WorkerConfig, progress: Progress | None = None) -> None:
@@ -123,40 +94,19 @@ class Worker:
         self._record: runtime.MountRecord | None = None
 
     # -- steps -----------------------------------------------------------------------------
-    def _lock_cache_dir(self) -> None:
-        cfg = self.config
-        cfg.cache_dir.mkdir(parents=True, exist_ok=True)
-        if not cfg.allow_other:  # the cache holds the view's bytes: as private as the view
-            os.chmod(cfg.cache_dir, 0o700)
-        fd = os.open(cfg.cache_dir / "lock", os.O_RDWR | os.O_CREAT, 0o600)
-        # A worker that was just unmounted may still be shutting down: give it a moment.
-        deadline = time.monotonic() + _LOCK_WAIT_SECONDS
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    os.close(fd)
-                    raise WorkerError(
-                        f"cache directory {cfg.cache_dir} is in use by another datahoard mount"
-                    ) from None
-                time.sleep(0.1)
-        self._lock_fd = fd
-
     def prepare(self) -> None:
         """Everything before the FUSE mount; raises WorkerError / SourceError with a clear message."""
         cfg = self.config
         # Claim a held connection before anything touches the mountpoint (attach.py).
         self.attacher = Attacher(cfg.mountpoint, cfg.handover, cfg.keeper_socket)
         if not self.attacher.resuming:
-            _prepare_mountpoint(cfg.mountpoint)
-        self._lock_cache_dir()
+            prepare_mountpoint(cfg.mountpoint)
+        self._lock_fd = lock_cache_dir(cfg.cache_dir, cfg.allow_other)
         self.counters.persist(cfg.cache_dir)  # continue the counts of the last run (counters.py)
         self.source = open_source(cfg.source, cfg.endpoint_url, cfg.region)
         self.index = open_index(cfg, self.source, self._progress)
         self.store = ChunkStore(cfg.cache_dir / "chunks", capacity=1 << 62, private=not cfg.allow_other)
-        self.store.capacity = cfg.capacity or _default_capacity(cfg.cache_dir, self.store.used_bytes)
+        self.store.capacity = cfg.capacity or default_capacity(cfg.cache_dir, self.store.used_bytes)
         self.cache = DatasetCache(self.source, self.store, self.counters, cfg.tuning)
         self.completeness = Completeness(self.index, self.cache)
         if cfg.direct:
@@ -186,7 +136,7 @@ class Worker:
             self.direct.start()
         self._plan_kernel_opens()
         self.completeness.start()
-        threading.Thread(target=self._watch_for_room, name="cache-room", daemon=True).start()
+        RoomWatch(self.cache, self._stop, self._warm_again).start()
         self.ready.set()
         log.info("serving %s at %s (stats %s)", cfg.source, cfg.mountpoint, self.stats.url)
 
@@ -274,30 +224,12 @@ class Worker:
 
     # -- events --------------------------------------------------------------------------
     def _plan_kernel_opens(self) -> None:
-        """Hand opens to the kernel on the "fully cached" event (step 5), unless a rule of
-        ``serving.kernel_opens_refusal`` keeps them in the worker."""
-        att = self.attachment
-        passthrough_live = bool(self.view is not None and self.view.backing is not None and att is not None
+        att, cfg = self.attachment, self.config
+        passthrough_live = bool(self.view.backing is not None and att is not None
                                 and att.conn.state and att.conn.state.passthrough)
-        why = kernel_opens_refusal(self.config.kernel_opens, passthrough_live, self.index.max_file_size(),
-                                   self.config.tuning.whole_file_max)
-        if why is not None:
-            if self.config.kernel_opens:
-                log.info("opens stay in the worker: %s", why)
-            return
-        self.completeness.subscribe(self._on_fully_cached)
-
-    def _on_fully_cached(self, full: bool) -> None:
-        """The completeness thread's event: switch kernel opens on (once; see serving.py)."""
-        if not full or self._stop.is_set() or not self.mode.allows(Event.FULLY_CACHED) or self.view is None:
-            return
-        try:
-            self.view.serve_opens_in_kernel()
-        except OSError as exc:
-            log.info("opens stay in the worker: %s", exc)
-            return
-        self.mode.apply(Event.FULLY_CACHED)
-        log.info("the dataset is cached: the kernel serves opens now (counted with fanotify)")
+        KernelOpens(self.view, self.mode, self._stop).plan(
+            self.completeness, cfg.kernel_opens, passthrough_live, self.index.max_file_size(),
+            cfg.tuning.whole_file_max)
 
     def _warming(self) -> bool:
         return self.warmer is not None and self.counters.warm.state == "running"
@@ -308,21 +240,12 @@ class Worker:
             self._record = runtime.MountRecord(**{**self._record.__dict__, "direct_tree": path})
             runtime.register(self._record)
 
-    def _watch_for_room(self) -> None:
-        """While the cache disk is full, look for room every second (``ChunkStore.recheck_room``):
-        once the kernel answers reads itself, no fill comes to notice it (issue 17). Warming that
-        ran meanwhile read what it could not store through and ended: warm again, for the rest.
-
-        The one timed loop left here: a full disk frees space without telling this process."""
-        while not self._stop.wait(_ROOM_CHECK_SECONDS):
-            cache = self.cache
-            if cache is None or not cache.recheck_room():
-                continue
-            if self.config.warm and self.warmer is not None and self.counters.warm.state != "running" \
-                    and not self._stop.is_set():
-                log.info("warming again: the cache disk has room for what it could not take before")
-                self.warmer = Warmer(self.index, cache, self.counters, self.config.tuning.warm_parallelism)
-                self.warmer.start()
+    def _warm_again(self) -> None:
+        """The cache disk has room again (cache_room.py): warm what could not be stored."""
+        if self.config.warm and self.warmer is not None and self.counters.warm.state != "running":
+            log.info("warming again: the cache disk has room for what it could not take before")
+            self.warmer = Warmer(self.index, self.cache, self.counters, self.config.tuning.warm_parallelism)
+            self.warmer.start()
 
     def shutdown(self) -> None:
         log.info("shutting down")
