@@ -144,8 +144,11 @@ class Completeness:
             self._stale = False
             added, self._added = self._added, set()
         if walk:
-            missing = {c.name for obj in self._index.walk_files()
-                       for c in self._cache.chunks(obj) if not self._store.contains(c)}
+            missing = set()
+            for obj in self._index.walk_files():
+                if self._stopped:  # shutting down: the store is about to close
+                    return None
+                missing.update(c.name for c in self._cache.chunks(obj) if not self._store.contains(c))
         else:
             missing = self._missing - added
         with self._cond:

@@ -62,6 +62,7 @@ from .worker_stats import worker_stats
 
 log = logging.getLogger(__name__)
 
+
 class Worker:
     def __init__(self, config: WorkerConfig, progress: Progress | None = None) -> None:
         self.config = config
@@ -129,13 +130,13 @@ class Worker:
             log_file=cfg.log_file,
         )
         runtime.register(self._record)
+        self._plan_kernel_opens()
+        self.completeness.start()
         if cfg.warm:
             self.warmer = Warmer(self.index, self.cache, self.counters, cfg.tuning.warm_parallelism)
             self.warmer.start()
         if self.direct is not None:
             self.direct.start()
-        self._plan_kernel_opens()
-        self.completeness.start()
         RoomWatch(self.cache, self._stop, self._warm_again).start()
         self.ready.set()
         log.info("serving %s at %s (stats %s)", cfg.source, cfg.mountpoint, self.stats.url)
