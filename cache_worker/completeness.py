@@ -6,7 +6,8 @@ Before this, two threads of the worker polled every second and walked the whole 
 chunks (``ChunkStore.on_change``, called under the store's lock, so the callback only records
 the names and wakes this module's thread), and this thread decides:
 
-- while the store holds fewer bytes than the dataset, it cannot be complete: nothing to walk;
+- while the store holds fewer bytes than the dataset, it cannot be complete: nothing to walk,
+  and a fill does not even wake the thread (a warm-up costs a lock and a comparison per chunk);
 - once it holds as many, one walk of the index collects the chunks still missing; from then on
   each newly cached chunk is crossed off that set, so the walk is not repeated per fill (the
   walk costs about as much as the old poll; it now runs once, not once a second);
@@ -38,6 +39,7 @@ class Completeness:
         self._index = index
         self._cache = cache
         self._store = cache.store
+        self._total = index.total_bytes
         self._cond = threading.Condition()
         self._woken = True  # the first pass decides the state found at start-up
         self._stopped = False
@@ -47,6 +49,8 @@ class Completeness:
         self._stale = True
         #: Chunks of the dataset not cached, as of the last walk minus those added since.
         self._missing: set[str] | None = None
+        #: The thread is walking the index: every chunk cached meanwhile must be crossed off.
+        self._walking = False
         self._listeners: list[Listener] = []
         self._full = False
         self._decided = threading.Event()
@@ -54,10 +58,26 @@ class Completeness:
 
     # -- the store's side (under its lock: record and wake, nothing else) --------------------
     def _on_change(self, names: Iterable[str], added: bool) -> None:
+        """Only what can change the answer wakes the thread: while the store holds fewer bytes
+        than the dataset (the whole of a warm-up) a fill costs this lock and a comparison, not
+        a thread switch per chunk."""
         with self._cond:
             if added:
+                if self._full:
+                    return  # still full
+                if self._walking:
+                    pass  # the walk may have seen any chunk missing: keep every name
+                elif self._missing is None or self._stale:
+                    if self._store.used_bytes < self._total:
+                        return  # cannot be complete yet
+                else:
+                    names = [n for n in names if n in self._missing]
+                    if not names:
+                        return  # not one the dataset lacks (another object, a leftover)
                 self._added.update(names)
             else:
+                if not self._full and self._missing is None:
+                    return  # not full, and the next look walks anyway
                 self._stale = True
             self._woken = True
             self._cond.notify()
@@ -134,7 +154,7 @@ class Completeness:
 
     def _check(self) -> bool | None:
         """Is every chunk of the dataset cached? None: the answer went stale while looking."""
-        if self._store.used_bytes < self._index.total_bytes:  # cheap test first
+        if self._store.used_bytes < self._total:  # cheap test first
             with self._cond:
                 self._added.clear()
                 self._missing = None
@@ -142,16 +162,20 @@ class Completeness:
         with self._cond:
             walk = self._stale or self._missing is None
             self._stale = False
+            self._walking = walk
             added, self._added = self._added, set()
         if walk:
             missing = set()
             for obj in self._index.walk_files():
                 if self._stopped:  # shutting down: the store is about to close
+                    with self._cond:
+                        self._walking = False
                     return None
                 missing.update(c.name for c in self._cache.chunks(obj) if not self._store.contains(c))
         else:
             missing = self._missing - added
         with self._cond:
+            self._walking = False
             if self._stale:  # a chunk left while walking: look again
                 self._woken = True
                 return None
