@@ -30,7 +30,6 @@ import logging
 import os
 import signal
 import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -38,7 +37,7 @@ from datahoard import runtime
 from datahoard.mounts import mounts_at
 from datahoard.stats import DirectStats, WorkerStats
 
-from .attach import Attacher, Attachment, deposit, index_identity, keep_deposited
+from .attach import Attacher, Attachment, deposit, index_identity, keep_deposited, wait_until_live
 from .cache_room import RoomWatch
 from .claims import default_capacity, lock_cache_dir, prepare_mountpoint
 from .completeness import Completeness
@@ -167,7 +166,7 @@ class Worker:
         session = self.session = Session(att.conn, view, threads=background, want=want)
 
         def mounted() -> None:
-            if not self._wait_until_live(session):
+            if not wait_until_live(session, cfg.mountpoint):
                 return
             deposit(att, identity)
             if att.resumed:
@@ -193,19 +192,6 @@ class Worker:
         cfg = self.config
         self.large_files = self.index.max_file_size() > cfg.tuning.whole_file_max
         return use_passthrough(cfg.passthrough, self.index.max_file_size(), cfg.tuning.whole_file_max)
-
-    def _wait_until_live(self, session) -> bool:
-        deadline = time.monotonic() + 30
-        while not session.ready.wait(0.05):
-            if time.monotonic() > deadline:
-                log.error("the kernel did not start the FUSE connection at %s", self.config.mountpoint)
-                return False
-        while not os.path.ismount(self.config.mountpoint):
-            if time.monotonic() > deadline:
-                log.error("the FUSE view did not appear at %s", self.config.mountpoint)
-                return False
-            time.sleep(0.01)
-        return True
 
     def _on_stop_signal(self, signum: int, frame) -> None:
         att = self.attachment
@@ -295,7 +281,7 @@ class Worker:
     def healthy(self) -> bool:
         if not self.ready.is_set():
             return False
-        if self.direct is not None and self.direct.bound:  # a bind of a tree on the same filesystem is invisible to ismount
+        if self.direct is not None and self.direct.bound:  # a bind on the same filesystem: ismount misses it
             return bool(mounts_at(self.config.mountpoint))
         return os.path.ismount(self.config.mountpoint)
 
