@@ -116,9 +116,9 @@ def test_a_store_smaller_than_the_dataset_never_walks_the_index(rig, monkeypatch
     assert walks == [] and rig.events == []
 
 
-def test_the_thread_reports_the_event_without_a_poll(rig):
-    """Started, the watch hears the store: the event arrives when the last chunk is cached
-    (the wait is only a bound for a broken build; nothing here sleeps a poll interval)."""
+def test_the_started_watch_reports_the_event_on_its_thread(rig):
+    """Started, the watch hears the store on its own thread: the event arrives once the last
+    chunk is cached (the wait is only a bound for a broken build)."""
     got = threading.Event()
     rig.watch.subscribe(lambda full: full and got.set())
     rig.watch.start()
