@@ -140,8 +140,11 @@ class DirectServing:
                 log.error(message)
         self._publish(info.path)
         self._set("ready", message, info)
-        if message is None:
+        if message is None and self._mode.allows(Event.TREE_BOUND):
             self._mode.apply(Event.TREE_BOUND)
+        elif message is None:  # a second bind over our own: the mode is already direct
+            log.warning("the direct tree was bound again over %s (serving mode %s)", self._mountpoint,
+                        self._mode.mode.value)
         log.info("serving %s from the direct tree %s", self._source, info.path)
 
     def _check_bind(self) -> None:
