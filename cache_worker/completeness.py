@@ -172,6 +172,8 @@ class Completeness:
                     with self._cond:
                         self._walking = False
                     return None
+                if obj.size == 0:
+                    continue  # nothing to cache: a read of it stores nothing, the kernel needs no data
                 missing.update(c.name for c in self._cache.chunks(obj) if not self._store.contains(c))
         else:
             missing = self._missing - added

@@ -41,9 +41,8 @@ class Rig:
     events: list[bool] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        # "empty" is never read: a read of it stores nothing, and it needs nothing cached.
         self.objects = {o.key: o for o in self.index.walk_files()}
-        # An empty file is cached by warming (a read of it stores nothing): as the warmer does.
-        self.cache.fill(self.objects["empty"], self.cache.chunks(self.objects["empty"])[0], background=False)
 
     def read(self, key: str) -> None:
         obj = self.objects[key]
