@@ -127,8 +127,10 @@ class PidResolver:
         try:
             key = (pid, start_time((self.proc / str(pid) / "stat").read_bytes()))
         except (OSError, ValueError, IndexError):
-            # Gone already: its last answer if there is one, else the host (not a pod we know).
-            return seen[1] if seen is not None else HOST_CONSUMER
+            # Gone already (fanotify's events come after the open: a short-lived opener may
+            # have exited): its last answer if there is one, else unattributed. Not the host:
+            # nothing says it was not in a pod.
+            return seen[1] if seen is not None else UNATTRIBUTED_CONSUMER
         with self._lock:
             consumer = self._lru.get(key)
             if consumer is not None:
@@ -149,7 +151,7 @@ class PidResolver:
         try:
             text = (self.proc / str(pid) / "cgroup").read_text()
         except OSError:
-            return HOST_CONSUMER
+            return UNATTRIBUTED_CONSUMER  # exited between its stat and its cgroup
         uid = pod_uid_from_cgroup(text)
         return Consumer(uid) if uid else HOST_CONSUMER
 

@@ -49,3 +49,20 @@ def read_in(cgroup: Path, path: Path) -> bytes:
     script = 'echo $$ > "$1/cgroup.procs" && exec cat "$2"'
     return subprocess.run(["sh", "-c", script, "sh", str(cgroup), str(path)], check=True,
                           capture_output=True, timeout=60).stdout
+
+
+@contextlib.contextmanager
+def reading_in(cgroup: Path, path: Path) -> Iterator[bytes]:
+    """Like :func:`read_in`, but the reader stays alive (as a DataLoader worker does) until the
+    block ends: an open the kernel handles is reported by fanotify after the fact, and a reader
+    that has exited by then can no longer be looked up."""
+    # The shell opens the file itself (fd 3), so the opener is the process that lives on.
+    script = 'echo $$ > "$1/cgroup.procs" && exec 3<"$2" && cat <&3 && exec sleep 300 >&- 3<&-'
+    proc = subprocess.Popen(["sh", "-c", script, "sh", str(cgroup), str(path)], stdout=subprocess.PIPE)
+    try:
+        assert proc.stdout is not None
+        data = proc.stdout.read()
+        yield data
+    finally:
+        proc.kill()
+        proc.wait(30)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from cache_worker.consumers import (
-    HOST_CONSUMER, OTHER, UNATTRIBUTED, Consumer, ConsumerTable, PidResolver, PodNames,
+    HOST_CONSUMER, OTHER, UNATTRIBUTED, UNATTRIBUTED_CONSUMER, Consumer, ConsumerTable, PidResolver, PodNames,
     pod_uid_from_cgroup, start_time,
 )
 from cache_worker.counters import Counters
@@ -118,7 +118,7 @@ def test_exited_and_unknown_pids(tmp_path):
     proc, clock = Proc(tmp_path), Clock()
     resolver = PidResolver(tmp_path, clock)
     assert resolver.resolve(0).kind == UNATTRIBUTED
-    assert resolver.resolve(999) == HOST_CONSUMER  # never seen, already gone
+    assert resolver.resolve(999) == UNATTRIBUTED_CONSUMER  # never seen, already gone: not "host"
     proc.process(8, started=1, cgroup=CGROUPFS_V1)
     assert resolver.resolve(8) == Consumer(UID)
     proc.exit(8)

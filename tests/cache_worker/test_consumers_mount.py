@@ -4,6 +4,7 @@ named as kubelet names pod cgroups (one per driver), read different files; ``/st
 
 from __future__ import annotations
 
+import contextlib
 import os
 import urllib.request
 import uuid
@@ -14,7 +15,7 @@ from datahoard import names, runtime
 from datahoard.pod_records import PodRecord
 from datahoard.pod_records import forget as forget_pod
 from datahoard.pod_records import write as record_pod
-from tests.cgroups import pod_cgroups, read_in
+from tests.cgroups import pod_cgroups, read_in, reading_in
 from tests.conftest import datahoard, unmount, wait_for
 
 pytestmark = pytest.mark.integration
@@ -43,6 +44,9 @@ def test_two_pods_reading_through_fuse_get_their_own_bytes(s3, bucket, mount_dat
     assert read_in(cg_a, m.mountpoint / "a.bin") == a  # a miss: from the source
     assert read_in(cg_a, m.mountpoint / "a.bin") == a  # a hit
     assert read_in(cg_b, m.mountpoint / "b.bin") == b  # a miss
+    # Everything is cached now, so the view hands opens to the kernel; an open racing that
+    # switch may be counted twice (fs.serve_opens_in_kernel): let it happen first.
+    wait_for(lambda: m.stats().kernel_opens, what="the view handing opens to the kernel")
     assert (m.mountpoint / "b.bin").read_bytes() == b  # the host (this process), a hit
 
     stats = m.stats()
@@ -86,14 +90,19 @@ def test_kernel_opens_are_attributed_by_fanotifys_pid(s3, bucket, mount_dataset,
     wait_for(lambda: m.stats().kernel_opens, what="the view handing opens to the kernel")
 
     first, second = list(files)[:3], list(files)[3:]
-    for key in first:
-        assert read_in(cg_a, m.mountpoint / key) == files[key]
-    for key in second:
-        assert read_in(cg_b, m.mountpoint / key) == files[key]
-    stats = m.stats()
-    assert stats.kernel_opens
-    got = {(c.namespace, c.pod): (c.served_from_cache_bytes, c.served_from_source_bytes) for c in stats.consumers}
-    assert got == {
+    expected = {
         ("team-a", "trainer-0"): (sum(len(files[k]) for k in first), 0),
         ("", UID_B): (sum(len(files[k]) for k in second), 0),  # no record of pod B: shown by UID
     }
+
+    def attributed() -> dict | None:
+        got = {(c.namespace, c.pod): (c.served_from_cache_bytes, c.served_from_source_bytes)
+               for c in m.stats().consumers}
+        return got if got == expected else None
+
+    with contextlib.ExitStack() as readers:  # alive until their opens are counted, as a trainer is
+        for cgroup, keys in ((cg_a, first), (cg_b, second)):
+            for key in keys:
+                assert readers.enter_context(reading_in(cgroup, m.mountpoint / key)) == files[key]
+        assert m.stats().kernel_opens
+        wait_for(attributed, what=f"fanotify's opens attributed as {expected}")
