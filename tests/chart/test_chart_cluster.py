@@ -38,6 +38,8 @@ RARELY_USED = {
     # checks `create` inside the request (no separate audit event), so it is needed.
     ("apps", "daemonsets", "create"): "apply-create",
     ("", "secrets", "create"): "apply-create",
+    ("", "configmaps", "create"): "apply-create (the snapshot ConfigMap)",
+    ("networking.k8s.io", "networkpolicies", "create"): "apply-create (the per-Dataset peer policy)",
     # Single reads not seen in one pass; kept for error and idempotency paths (409 on create,
     # re-reads after a conflict). Candidates for review by the operator's owners.
     ("", "persistentvolumeclaims", "get"): "error path",
@@ -55,6 +57,8 @@ RARELY_USED = {
     ("apiextensions.k8s.io", "customresourcedefinitions", "get"): "kopf lists/watches only",
     ("", "events", "patch"): "kopf creates Events",
     ("", "pods", "watch"): "pods are listed per reconcile",
+    ("", "pods", "delete"): "restarts a worker that listed another snapshot onto the Dataset's "
+                            "(tests/cluster/test_snapshot_cluster.py)",
     ("", "pods", "patch"): "removes the datahoard.io/warm scheduling gate, from gated pods only "
                            "(tests/cluster/test_gate.py)",
 }
