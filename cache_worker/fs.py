@@ -215,6 +215,7 @@ class DatasetFS(Filesystem):
             choice = self.backing.open(nodeid, lambda: self.cache.backing_fd(obj))
             fh = choice.fh << _SERIAL_SHIFT
             if choice.backing_id is not None:
+                self.cache.touch(obj)
                 self.counters.add_unobserved_hit(obj.size)
                 self.passthrough_opens += 1
                 return Opened(fh=fh | PREPAID | PASSED, backing_id=choice.backing_id)

@@ -1052,6 +1052,14 @@ class ChunkStore:
             self.external_bytes = max(0, self.external_bytes - size)
             self._space_freed.notify_all()
 
+    def touch(self, names: Iterable[str]) -> None:
+        """Mark chunks used now, for reads this process never sees (passthrough): without it a
+        passed-through file kept its fill time and LRU was FIFO for every file the kernel read."""
+        now = time.time()
+        with self._lock:
+            for name in names:
+                self._touched[name] = now
+
     def _touch(self, name: str) -> None:
         now = time.time()
         with self._lock:

@@ -92,3 +92,27 @@ def test_small_file_evicted_from_the_store_is_served_from_the_page_cache(s3, buc
     stats = _wait_for(settled) or m.stats()
     assert stats.fetched_bytes == len(a) + len(b), "a was fetched again though the kernel held it"
     assert (stats.served_from_source_bytes, stats.served_from_cache_bytes) == (len(a) + len(b), len(a))
+
+
+def _cached_bodies(cache_dir) -> set[bytes]:
+    return {p.read_bytes() for p in (cache_dir / "chunks" / "data").rglob("*") if p.is_file()}
+
+
+@pytest.mark.integration
+def test_passed_through_open_counts_as_use_for_eviction(s3, bucket, mount_dataset):
+    """The kernel reads a passed-through file without us, so its open must refresh the file's
+    place in the LRU order; otherwise eviction was first in, first out for every such file."""
+    a, b, c = (os.urandom(100_000) for _ in range(3))
+    for key, body in {"a": a, "b": b, "c": c}.items():
+        s3.put_object(Bucket=bucket, Key="ds/" + key, Body=body)
+    m = mount_dataset(bucket, "ds", "--capacity", "250000", "--passthrough")
+    assert (m.mountpoint / "a").read_bytes() == a  # miss: stored first
+    time.sleep(0.05)
+    assert (m.mountpoint / "b").read_bytes() == b  # miss: stored second
+    time.sleep(0.05)
+    assert (m.mountpoint / "a").read_bytes() == a  # passed through: a is now the newest use
+    assert m.stats().fuse.passthrough_opens == 1
+    time.sleep(0.05)
+    assert (m.mountpoint / "c").read_bytes() == c  # miss: room for it evicts the oldest use, b
+    assert _wait_for(lambda: m.stats().cached_bytes == len(a) + len(c))
+    assert _cached_bodies(m.cache_dir) == {a, c}
