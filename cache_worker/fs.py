@@ -37,6 +37,7 @@ import errno
 import itertools
 import logging
 import os
+import queue
 import stat
 import threading
 from collections.abc import Iterable
@@ -48,6 +49,7 @@ from .fusell.session import Attr, Context, DirItem, Entry, Filesystem, FuseError
 from .index import Index
 from .open_watch import OpenWatch
 from .source import RemoteObject
+from .store import ChunkStore, object_id
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +94,17 @@ class DatasetFS(Filesystem):
         #: test (24 MiB cache, 64 MB of data) fell from 3,074 to 357-672 reads/s and its hit
         #: ratio from 0.977 to 0.746 (bench/ANALYSIS.md, 2026-12-06 p-hot).
         self._paged: set[int] = set()
+        #: Passthrough: the cache file each backing id was registered for, (object id, signature)
+        #: by node id, and back; ids of evicted files are closed by a thread (``_close_gone``).
+        self._backed: dict[int, tuple[str, int]] = {}
+        self._backed_oids: dict[str, int] = {}
+        self._gone: queue.SimpleQueue[str | None] = queue.SimpleQueue()
+        self._gone_thread: threading.Thread | None = None
+        if backing is not None:
+            backing.on_close = self._backing_closed
+            cache.store.on_object_gone = self._object_gone
+            self._gone_thread = threading.Thread(target=self._close_gone, name="backing-gone", daemon=True)
+            self._gone_thread.start()
         #: Read state by (node id, handle): keyed by the node too, so a handle number a previous
         #: worker also gave out (still open in the kernel) can only ever mean the same file.
         self._handles: dict[tuple[int, int], ReadState] = {}
@@ -211,8 +224,10 @@ class DatasetFS(Filesystem):
         small = obj.size <= self.cache.tuning.whole_file_max
         if self.backing is not None:
             # backing_fd checks the file itself (None unless whole and verified): no index query
-            # first. It is called only when the inode has no backing id yet.
-            choice = self.backing.open(nodeid, lambda: self.cache.backing_fd(obj))
+            # first. It is called only when the inode has no backing id yet; a kept id is
+            # reused while its file is unchanged (still_backing: one stat).
+            choice = self.backing.open(nodeid, lambda: self._backing_fd(nodeid, obj),
+                                       still=lambda: self._still_backing(nodeid))
             fh = choice.fh << _SERIAL_SHIFT
             if choice.backing_id is not None:
                 self.cache.touch(obj)
@@ -232,6 +247,39 @@ class DatasetFS(Filesystem):
             self._page(nodeid)
         self._handles[(nodeid, fh)] = ReadState(obj)
         return Opened(fh=fh)
+
+    # -- backing ids kept across opens (fusell/passthrough.py) ----------------------------
+    def _backing_fd(self, nodeid: int, obj: RemoteObject) -> int | None:
+        """The cache file to register for ``nodeid``, remembering which file it was."""
+        fd = self.cache.backing_fd(obj)
+        if fd is not None:
+            oid = object_id(obj.key, obj.etag, obj.size)
+            self._backed[nodeid] = (oid, ChunkStore.signature_of(fd))
+            self._backed_oids[oid] = nodeid
+        return fd
+
+    def _still_backing(self, nodeid: int) -> bool:
+        entry = self._backed.get(nodeid)
+        return entry is not None and self.cache.store.still_backing(*entry)
+
+    def _backing_closed(self, nodeid: int) -> None:
+        """The table closed ``nodeid``'s id (under its lock: dictionary updates only)."""
+        entry = self._backed.pop(nodeid, None)
+        if entry is not None and self._backed_oids.get(entry[0]) == nodeid:
+            del self._backed_oids[entry[0]]
+
+    def _object_gone(self, oid: str) -> None:
+        """The store unlinked ``oid``'s file (under its lock): close a kept id for it soon."""
+        if oid in self._backed_oids:
+            self._gone.put(oid)
+
+    def _close_gone(self) -> None:
+        """Closes the ids of files the store evicted, off the store's lock (the table's lock is
+        taken before the store's in ``open``). Until it does, the kernel keeps the file's space."""
+        while (oid := self._gone.get()) is not None:
+            nodeid = self._backed_oids.get(oid)
+            if nodeid is not None:
+                self.backing.drop(nodeid)
 
     def _page(self, nodeid: int) -> None:
         """Remember a small file opened for the page cache (see ``_paged``)."""
@@ -285,5 +333,7 @@ class DatasetFS(Filesystem):
             self._open_watch.drain()
 
     def destroy(self) -> None:
+        if self._gone_thread is not None:
+            self._gone.put(None)
         if self._open_watch is not None:
             self._open_watch.stop()

@@ -116,3 +116,50 @@ def test_passed_through_open_counts_as_use_for_eviction(s3, bucket, mount_datase
     assert (m.mountpoint / "c").read_bytes() == c  # miss: room for it evicts the oldest use, b
     assert _wait_for(lambda: m.stats().cached_bytes == len(a) + len(c))
     assert _cached_bodies(m.cache_dir) == {a, c}
+
+
+def _backing_records(m, nodeid: int) -> list[str]:
+    from datahoard.cache_worker.fusell.passthrough import read_log
+
+    return [op for op, node, _, _, _ in read_log(m.cache_dir / "fuse-backing.log") if node == nodeid and op in "bc"]
+
+
+@pytest.mark.integration
+def test_a_backing_id_is_kept_across_opens_and_closed_when_the_store_evicts_its_file(s3, bucket, mount_dataset):
+    """Registering the cache file with the kernel (and closing it at the last release) was most
+    of a passed-through open's cost; one id now serves every open while the file is unchanged,
+    and is closed when the store evicts the file, so the kernel lets go of its space."""
+    a, b = os.urandom(100_000), os.urandom(100_000)
+    s3.put_object(Bucket=bucket, Key="ds/a", Body=a)
+    s3.put_object(Bucket=bucket, Key="ds/b", Body=b)
+    m = mount_dataset(bucket, "ds", "--capacity", "150000", "--passthrough")
+    path_a = m.mountpoint / "a"
+    assert path_a.read_bytes() == a  # miss
+    for _ in range(3):
+        assert path_a.read_bytes() == a  # passed through
+    assert m.stats().fuse.passthrough_opens == 3
+    node = os.stat(path_a).st_ino
+    assert _backing_records(m, node) == ["b"], "one registration for three opens, kept open"
+    assert (m.mountpoint / "b").read_bytes() == b  # evicts a
+    assert _wait_for(lambda: _backing_records(m, node) == ["b", "c"]), _backing_records(m, node)
+
+
+@pytest.mark.integration
+def test_a_cache_file_changed_behind_a_kept_backing_id_is_not_passed_through(s3, bucket, mount_dataset):
+    """A kept id still names the file as it was registered; the next open sees the change (its
+    signature) and the file is checked again, so a stray writer's bytes are never read."""
+    a = os.urandom(100_000)
+    s3.put_object(Bucket=bucket, Key="ds/a", Body=a)
+    m = mount_dataset(bucket, "ds", "--passthrough")
+    path_a = m.mountpoint / "a"
+    assert path_a.read_bytes() == a  # miss
+    assert path_a.read_bytes() == a  # passed through: the id is kept after this release
+    (cached,) = [p for p in (m.cache_dir / "chunks" / "data").rglob("*") if p.is_file()]
+    with open(cached, "r+b") as f:  # a stray writer, same size
+        f.seek(4096)
+        f.write(os.urandom(4096))
+    with open(path_a, "rb", buffering=0) as f:
+        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+        assert f.read() == a
+    assert path_a.read_bytes() == a
+    assert m.stats().errors == 0
