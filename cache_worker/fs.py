@@ -68,6 +68,10 @@ PASSED = 2
 _SERIAL_SHIFT = 2
 #: Bound on remembered objects (node id -> object), about 200 bytes each.
 _KNOWN_MAX = 1 << 16
+#: Backing ids kept registered after their file's last release (fusell/passthrough.py): each
+#: holds the kernel's reference to one cache file (no descriptor of ours) until the file is
+#: evicted or changed, or more recently released ones push it out.
+KEPT_BACKING_IDS = 4096
 #: Bound on remembered small files opened for the page cache (``_paged``), about 60 bytes each.
 _PAGED_MAX = 1 << 16
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC
@@ -101,6 +105,7 @@ class DatasetFS(Filesystem):
         self._gone: queue.SimpleQueue[str | None] = queue.SimpleQueue()
         self._gone_thread: threading.Thread | None = None
         if backing is not None:
+            backing.retain = KEPT_BACKING_IDS
             backing.on_close = self._backing_closed
             cache.store.on_object_gone = self._object_gone
             self._gone_thread = threading.Thread(target=self._close_gone, name="backing-gone", daemon=True)

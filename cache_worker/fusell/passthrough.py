@@ -58,8 +58,8 @@ the answer that depends on it, so a restarted worker reuses the same ids:
   unused (safe); the reverse order could hand out an id the kernel closed (EIO, or after the
   id numbers wrap, another file's bytes).
 
-**Ids are kept after the last release** (up to ``retain`` inodes, least recently released
-closed first): a loader opens each file once per epoch, so closing the id at every last release
+**Ids are kept after the last release** when the owner sets ``retain`` (the view keeps up to
+4096, least recently released closed first; with 0 an id is closed at its last release): a loader opens each file once per epoch, so closing the id at every last release
 made every open pay the registration again. A kept id holds the kernel's reference to the cache
 file, so whoever owns the file must say when it changes or goes: the next open of an inode with
 a kept id and no passthrough open asks ``still()`` (the view: is the cache file still the
@@ -142,11 +142,12 @@ class BackingTable:
 
     SIZE = 1 << 20  # records of 32 bytes: compacted when full
 
-    def __init__(self, path: str | os.PathLike, conn: Connection, retain: int = 4096,
+    def __init__(self, path: str | os.PathLike, conn: Connection, retain: int = 0,
                  on_close: Callable[[int], None] | None = None):
         self.path = Path(path)
         self.conn = conn
-        #: Inodes whose id is kept after their last passthrough release (module docstring).
+        #: Inodes whose id is kept after their last passthrough release (module docstring); 0:
+        #: closed at the last release. Only for an owner that passes ``still`` to ``open``.
         self.retain = retain
         self._retained: OrderedDict[int, None] = OrderedDict()
         #: Inodes whose file went while passthrough opens still used their id: closed at the last.
