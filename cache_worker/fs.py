@@ -201,7 +201,11 @@ class DatasetFS(Filesystem):
             name, child, mode = items[position]
             yield DirItem(name=name, nodeid=child, mode=mode, next_offset=position + 1)
 
-    def releasedir(self, ctx: Context, nodeid: int, fh: int, flags: int) -> None:
+    def releasedir(self, ctx: Context, nodeid: int, fh: int) -> None:
+        # The session's signature (fusell.filesystem): with an extra ``flags`` parameter every
+        # RELEASEDIR failed (a TypeError answered EIO, which the kernel ignores) and each
+        # directory's entries stayed here: a walk of 1M files grew the worker by 190 MB
+        # (196-220 B per indexed file, bench/ANALYSIS.md).
         self._dir_handles.pop((nodeid, fh), None)
 
     def statfs(self, ctx: Context, nodeid: int) -> StatFs:
