@@ -92,7 +92,7 @@ class DatasetFS(Filesystem):
         self._dir_time_ns = int(index.summary.built_at * 1e9)
         self._known: dict[int, RemoteObject] = {}
         #: Small files opened for the kernel's page cache (not passed through) in this process,
-        #: once the cache held them (at open, or after the read that filled it). Their next open
+        #: forgotten at a release while the store cannot take files (full disk). Their next open
         #: keeps the page cache even after the store evicted them: the data is immutable, so
         #: pages the kernel still holds are right, and serving them is a hit.
         #: Dropping them at open (no ``keep_cache``) made RAM useless as a second tier: the load
@@ -253,6 +253,8 @@ class DatasetFS(Filesystem):
             self._page(nodeid)
             self.counters.add_unobserved_hit(obj.size)
             return Opened(fh=fh | PREPAID, keep_cache=True)
+        if small:  # read through this view: its pages may be kept from the next open on
+            self._page(nodeid)
         self._handles[(nodeid, fh)] = ReadState(obj)
         return Opened(fh=fh)
 
@@ -315,14 +317,12 @@ class DatasetFS(Filesystem):
             raise FuseError(errno.EIO) from exc
 
     def release(self, ctx: Context, nodeid: int, fh: int, flags: int) -> None:
-        state = self._handles.pop((nodeid, fh), None)
-        if (state is not None and state.obj.size <= self.cache.tuning.whole_file_max
-                and self.cache.store.problem is None):
-            # Read through this view and stored (it may be evicted already: the 24 MiB load
-            # test lost half its gain when this asked is_cached): the kernel's copy may be kept
-            # from here on (see _paged). Not while the store cannot take files (a full disk):
-            # the next open must reach the worker again, so that it is cached once there is room.
-            self._page(nodeid)
+        self._handles.pop((nodeid, fh), None)
+        if self.cache.store.problem is not None:
+            # The store cannot take files (a full disk): whatever this open read may not be
+            # cached, so the next open must reach the worker again, to cache it once there is
+            # room (see _paged).
+            self._paged.discard(nodeid)
         if self.backing is not None:
             self.backing.release(nodeid, fh >> _SERIAL_SHIFT)
 

@@ -163,3 +163,29 @@ def test_a_cache_file_changed_behind_a_kept_backing_id_is_not_passed_through(s3,
         assert f.read() == a
     assert path_a.read_bytes() == a
     assert m.stats().errors == 0
+
+
+@pytest.mark.integration
+def test_a_file_read_through_a_full_disk_is_cached_when_read_again_with_room(s3, bucket, mount_dataset, tmp_path):
+    """The page cache is kept only for files the store took: one read through a full disk must
+    reach the worker on its next open, or it would not be cached once there is room."""
+    import subprocess
+
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(disk)], check=True)
+    try:
+        a = os.urandom(300_000)
+        s3.put_object(Bucket=bucket, Key="ds/a", Body=a)
+        m = mount_dataset(bucket, "ds", "--capacity", "1Gi", cache_dir=disk / "cache")
+        filler = disk / "filler"
+        result = subprocess.run(["dd", "if=/dev/zero", f"of={filler}", "bs=4k"], capture_output=True, text=True)
+        assert "No space left" in result.stderr, result.stderr
+        assert (m.mountpoint / "a").read_bytes() == a  # read through: the disk takes nothing
+        assert m.stats().cached_bytes == 0
+        filler.unlink()
+        time.sleep(1.2)  # past the store's retry window after a failed fill
+        assert (m.mountpoint / "a").read_bytes() == a
+        assert _wait_for(lambda: m.stats().cached_bytes == len(a)), m.stats()
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
