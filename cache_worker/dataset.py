@@ -269,6 +269,12 @@ class DatasetCache:
     def is_cached(self, obj: RemoteObject) -> bool:
         return all(self.store.contains(c) for c in self.chunks(obj))
 
+    def touch(self, obj: RemoteObject) -> None:
+        """``obj`` was opened for the kernel to read without us (passthrough): it is in use."""
+        oid = object_id(obj.key, obj.etag, obj.size)
+        count = max(1, -(-obj.size // self.chunk_size(obj)))
+        self.store.touch(f"{oid}.{i}" for i in range(count))
+
     def backing_fd(self, obj: RemoteObject) -> int | None:
         """A read-only descriptor of ``obj``'s cache file for the kernel to read directly (FUSE
         passthrough), or None: then the view serves reads itself.

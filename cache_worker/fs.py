@@ -37,6 +37,7 @@ import errno
 import itertools
 import logging
 import os
+import queue
 import stat
 import threading
 from collections.abc import Iterable
@@ -48,6 +49,7 @@ from .fusell.session import Attr, Context, DirItem, Entry, Filesystem, FuseError
 from .index import Index
 from .open_watch import OpenWatch
 from .source import RemoteObject
+from .store import ChunkStore, object_id
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +68,12 @@ PASSED = 2
 _SERIAL_SHIFT = 2
 #: Bound on remembered objects (node id -> object), about 200 bytes each.
 _KNOWN_MAX = 1 << 16
+#: Backing ids kept registered after their file's last release (fusell/passthrough.py): each
+#: holds the kernel's reference to one cache file (no descriptor of ours) until the file is
+#: evicted or changed, or more recently released ones push it out.
+KEPT_BACKING_IDS = 4096
+#: Bound on remembered small files opened for the page cache (``_paged``), about 60 bytes each.
+_PAGED_MAX = 1 << 16
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC
 
 
@@ -83,6 +91,26 @@ class DatasetFS(Filesystem):
         self._uid, self._gid = os.getuid(), os.getgid()
         self._dir_time_ns = int(index.summary.built_at * 1e9)
         self._known: dict[int, RemoteObject] = {}
+        #: Small files opened for the kernel's page cache (not passed through) in this process,
+        #: forgotten at a release while the store cannot take files (full disk). Their next open
+        #: keeps the page cache even after the store evicted them: the data is immutable, so
+        #: pages the kernel still holds are right, and serving them is a hit.
+        #: Dropping them at open (no ``keep_cache``) made RAM useless as a second tier: the load
+        #: test (24 MiB cache, 64 MB of data) fell from 3,074 to 357-672 reads/s and its hit
+        #: ratio from 0.977 to 0.746 (bench/ANALYSIS.md, 2026-12-06 p-hot).
+        self._paged: set[int] = set()
+        #: Passthrough: the cache file each backing id was registered for, (object id, signature)
+        #: by node id, and back; ids of evicted files are closed by a thread (``_close_gone``).
+        self._backed: dict[int, tuple[str, int]] = {}
+        self._backed_oids: dict[str, int] = {}
+        self._gone: queue.SimpleQueue[str | None] = queue.SimpleQueue()
+        self._gone_thread: threading.Thread | None = None
+        if backing is not None:
+            backing.retain = KEPT_BACKING_IDS
+            backing.on_close = self._backing_closed
+            cache.store.on_object_gone = self._object_gone
+            self._gone_thread = threading.Thread(target=self._close_gone, name="backing-gone", daemon=True)
+            self._gone_thread.start()
         #: Read state by (node id, handle): keyed by the node too, so a handle number a previous
         #: worker also gave out (still open in the kernel) can only ever mean the same file.
         self._handles: dict[tuple[int, int], ReadState] = {}
@@ -174,7 +202,11 @@ class DatasetFS(Filesystem):
             name, child, mode = items[position]
             yield DirItem(name=name, nodeid=child, mode=mode, next_offset=position + 1)
 
-    def releasedir(self, ctx: Context, nodeid: int, fh: int, flags: int) -> None:
+    def releasedir(self, ctx: Context, nodeid: int, fh: int) -> None:
+        # The session's signature (fusell.filesystem): with an extra ``flags`` parameter every
+        # RELEASEDIR failed (a TypeError answered EIO, which the kernel ignores) and each
+        # directory's entries stayed here: a walk of 1M files grew the worker by 190 MB
+        # (196-220 B per indexed file, bench/ANALYSIS.md).
         self._dir_handles.pop((nodeid, fh), None)
 
     def statfs(self, ctx: Context, nodeid: int) -> StatFs:
@@ -201,23 +233,71 @@ class DatasetFS(Filesystem):
         obj = self._object(nodeid)
         small = obj.size <= self.cache.tuning.whole_file_max
         if self.backing is not None:
-            whole = self.cache.is_cached(obj)
-            choice = self.backing.open(nodeid, (lambda: self.cache.backing_fd(obj)) if whole else None)
+            # backing_fd checks the file itself (None unless whole and verified): no index query
+            # first. It is called only when the inode has no backing id yet; a kept id is
+            # reused while its file is unchanged (still_backing: one stat).
+            choice = self.backing.open(nodeid, lambda: self._backing_fd(nodeid, obj),
+                                       still=lambda: self._still_backing(nodeid))
             fh = choice.fh << _SERIAL_SHIFT
             if choice.backing_id is not None:
+                self.cache.touch(obj)
                 self.counters.add_unobserved_hit(obj.size, ctx.pid)
                 self.passthrough_opens += 1
                 return Opened(fh=fh | PREPAID | PASSED, backing_id=choice.backing_id)
         else:
-            whole = small and self.cache.is_cached(obj)
             fh = next(self._serial) << _SERIAL_SHIFT
-        if small and whole:
-            # Cached and small, not passed through: keep the kernel's page cache across opens
-            # and count the file now (reads that still reach us are prepaid).
+        if small and (nodeid in self._paged or self.cache.is_cached(obj)):
+            # Small, and whole in the cache or read through this view before: keep the kernel's
+            # page cache across opens and count the file now (reads that still reach us are
+            # prepaid: bytes they must fetch move to the source column).
+            self._page(nodeid)
             self.counters.add_unobserved_hit(obj.size, ctx.pid)
             return Opened(fh=fh | PREPAID, keep_cache=True)
+        if small:  # read through this view: its pages may be kept from the next open on
+            self._page(nodeid)
         self._handles[(nodeid, fh)] = ReadState(obj)
         return Opened(fh=fh)
+
+    # -- backing ids kept across opens (fusell/passthrough.py) ----------------------------
+    def _backing_fd(self, nodeid: int, obj: RemoteObject) -> int | None:
+        """The cache file to register for ``nodeid``, remembering which file it was."""
+        fd = self.cache.backing_fd(obj)
+        if fd is not None:
+            oid = object_id(obj.key, obj.etag, obj.size)
+            self._backed[nodeid] = (oid, ChunkStore.signature_of(fd))
+            self._backed_oids[oid] = nodeid
+        return fd
+
+    def _still_backing(self, nodeid: int) -> bool:
+        entry = self._backed.get(nodeid)
+        return entry is not None and self.cache.store.still_backing(*entry)
+
+    def _backing_closed(self, nodeid: int) -> None:
+        """The table closed ``nodeid``'s id (under its lock: dictionary updates only)."""
+        entry = self._backed.pop(nodeid, None)
+        if entry is not None and self._backed_oids.get(entry[0]) == nodeid:
+            del self._backed_oids[entry[0]]
+
+    def _object_gone(self, oid: str) -> None:
+        """The store unlinked ``oid``'s file (under its lock): close a kept id for it soon."""
+        if oid in self._backed_oids:
+            self._gone.put(oid)
+
+    def _close_gone(self) -> None:
+        """Closes the ids of files the store evicted, off the store's lock (the table's lock is
+        taken before the store's in ``open``). Until it does, the kernel keeps the file's space."""
+        while (oid := self._gone.get()) is not None:
+            nodeid = self._backed_oids.get(oid)
+            if nodeid is not None:
+                self.backing.drop(nodeid)
+
+    def _page(self, nodeid: int) -> None:
+        """Remember a small file opened for the page cache (see ``_paged``)."""
+        paged = self._paged
+        if nodeid not in paged:
+            if len(paged) >= _PAGED_MAX:
+                paged.clear()
+            paged.add(nodeid)
 
     def read(self, ctx: Context, nodeid: int, fh: int, offset: int, size: int) -> bytes:
         prepaid = fh == 0 or bool(fh & PREPAID)
@@ -238,6 +318,11 @@ class DatasetFS(Filesystem):
 
     def release(self, ctx: Context, nodeid: int, fh: int, flags: int) -> None:
         self._handles.pop((nodeid, fh), None)
+        if self.cache.store.problem is not None:
+            # The store cannot take files (a full disk): whatever this open read may not be
+            # cached, so the next open must reach the worker again, to cache it once there is
+            # room (see _paged).
+            self._paged.discard(nodeid)
         if self.backing is not None:
             self.backing.release(nodeid, fh >> _SERIAL_SHIFT)
 
@@ -263,5 +348,7 @@ class DatasetFS(Filesystem):
             self._open_watch.drain()
 
     def destroy(self) -> None:
+        if self._gone_thread is not None:
+            self._gone.put(None)
         if self._open_watch is not None:
             self._open_watch.stop()

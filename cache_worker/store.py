@@ -285,6 +285,10 @@ class ChunkStore:
         #: cached chunks changes, under the store's lock: it must be quick and must not call
         #: into the store (completeness.py turns it into the "fully cached" event).
         self.on_change: Callable[[Iterable[str], bool], None] | None = None
+        #: Told an object's id when its file is unlinked (evicted, dropped), under the store's
+        #: lock: the view closes a backing id it kept for the file (fs.py), so the kernel lets
+        #: go of it. Must not block or take other locks.
+        self.on_object_gone: Callable[[str], None] | None = None
         self._touched: dict[str, float] = {}
         self._last_flush = time.monotonic()
         #: Per object file: the chunks this process checked against their CRC, under which
@@ -722,6 +726,22 @@ class ChunkStore:
             return None
         return fd
 
+    def still_backing(self, object_id: str, signature: Signature) -> bool:
+        """Whether the object's file is still the whole, verified one that had ``signature``
+        when it was handed out by :meth:`backing_fd` (a ``stat``, no descriptor, no lock): the
+        view's check before it reuses a backing id it kept for that file."""
+        trust = self._trust.get(object_id)
+        if trust is None or not trust.whole or trust.signature != signature:
+            return False
+        try:
+            return _signature(os.stat(self._file(object_id))) == signature
+        except OSError:
+            return False
+
+    @staticmethod
+    def signature_of(fd: int) -> Signature:
+        return _signature(os.fstat(fd))
+
     def _open_backing(self, object_id: str) -> tuple[int | None, Signature | None]:
         """(fd, None) if the file is open and already vouched for; (fd, its signature) if it
         still has to be checked; (None, None) if it is not here."""
@@ -1032,6 +1052,8 @@ class ChunkStore:
             self._trust.pop(oid, None)
             self._drop_object_row_locked(oid)
             self._path(oid).unlink(missing_ok=True)
+            if self.on_object_gone is not None:
+                self.on_object_gone(oid)
             return
         try:
             fd = os.open(self._path(oid), os.O_WRONLY | os.O_CLOEXEC)
@@ -1118,6 +1140,14 @@ class ChunkStore:
         with self._lock:
             self.external_bytes = max(0, self.external_bytes - size)
             self._space_freed.notify_all()
+
+    def touch(self, names: Iterable[str]) -> None:
+        """Mark chunks used now, for reads this process never sees (passthrough): without it a
+        passed-through file kept its fill time and LRU was FIFO for every file the kernel read."""
+        now = time.time()
+        with self._lock:
+            for name in names:
+                self._touched[name] = now
 
     def _touch(self, name: str) -> None:
         now = time.time()

@@ -58,11 +58,21 @@ the answer that depends on it, so a restarted worker reuses the same ids:
   unused (safe); the reverse order could hand out an id the kernel closed (EIO, or after the
   id numbers wrap, another file's bytes).
 
+**Ids are kept after the last release** when the owner sets ``retain`` (the view keeps up to
+4096, least recently released closed first; with 0 an id is closed at its last release): a loader opens each file once per epoch, so closing the id at every last release
+made every open pay the registration again. A kept id holds the kernel's reference to the cache
+file, so whoever owns the file must say when it changes or goes: the next open of an inode with
+a kept id and no passthrough open asks ``still()`` (the view: is the cache file still the
+verified one that was registered?) and closes the id if not; :meth:`BackingTable.drop` closes
+it at once when the store evicts the file (its space comes back only when the kernel lets go).
+A restarted worker closes every kept id at start (``_close_unused``), as before: the log and its
+crash rules are unchanged, a kept id is just a ``b`` record without its ``c`` yet.
+
 Measured cost (``bench/fusell_bench.py --table-cost``, 2 loaded cores): an open+release pair
 costs 6-8 us of Python bookkeeping (two 32-byte records stored into the mapping, no system
 call; with two ``os.write`` calls per pair instead it was 13-22 us), 8-15 us measured on a
 live connection; an open that must register the backing file (os.open, BACKING_OPEN, and at
-its release BACKING_CLOSE) 40-49 us.
+its release BACKING_CLOSE) 40-49 us: the cost every small-file open paid before ids were kept.
 """
 
 from __future__ import annotations
@@ -72,6 +82,7 @@ import logging
 import mmap
 import os
 import threading
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -131,9 +142,18 @@ class BackingTable:
 
     SIZE = 1 << 20  # records of 32 bytes: compacted when full
 
-    def __init__(self, path: str | os.PathLike, conn: Connection):
+    def __init__(self, path: str | os.PathLike, conn: Connection, retain: int = 0,
+                 on_close: Callable[[int], None] | None = None):
         self.path = Path(path)
         self.conn = conn
+        #: Inodes whose id is kept after their last passthrough release (module docstring); 0:
+        #: closed at the last release. Only for an owner that passes ``still`` to ``open``.
+        self.retain = retain
+        self._retained: OrderedDict[int, None] = OrderedDict()
+        #: Inodes whose file went while passthrough opens still used their id: closed at the last.
+        self._doomed: set[int] = set()
+        #: Told the node id whenever an id is closed (called under the table's lock).
+        self.on_close = on_close
         self._lock = threading.Lock()
         self._inodes: dict[int, _Inode] = {}
         self._fh_node: dict[int, int] = {}
@@ -150,17 +170,23 @@ class BackingTable:
         return bool(self.conn.state and self.conn.state.passthrough)
 
     def open(self, nodeid: int, backing: Callable[[], int | None] | None,
-             direct_io: bool = False) -> Choice:
+             direct_io: bool = False, still: Callable[[], bool] | None = None) -> Choice:
         """Choose how to answer an OPEN of ``nodeid``. ``backing`` returns a fresh descriptor of
         the file's whole, verified cache file (closed here after registering it), or is None
         when the file cannot be passed through now. ``direct_io``: the caller wants an open
-        that takes no io mode (rule 4) when not passing through."""
+        that takes no io mode (rule 4) when not passing through. ``still``: whether the file a
+        kept id was registered for is still the one to serve (without it, a kept id is closed
+        and the file registered again)."""
         with self._lock:
             ino = self._inodes.get(nodeid)
             if ino is None:
                 ino = self._inodes[nodeid] = _Inode()
             fh = self._next_fh
             self._next_fh += 1
+            if ino.backing_id is not None and not ino.passthrough:  # kept after its last release
+                self._retained.pop(nodeid, None)
+                if still is None or not still():
+                    self._close(nodeid, ino)
             if ino.backing_id is not None:
                 kind, bid = PASSTHROUGH, ino.backing_id
             elif backing is not None and not ino.caching and self.passthrough_enabled:
@@ -184,9 +210,35 @@ class BackingTable:
             self._log("r", node, fh, 0)
             ino.remove(fh)
             if ino.backing_id is not None and not ino.passthrough:
-                self._close(node, ino)
+                if self.retain > 0 and node not in self._doomed:
+                    self._retained[node] = None
+                    self._retained.move_to_end(node)
+                    while len(self._retained) > self.retain:
+                        self._drop_locked(next(iter(self._retained)))
+                else:
+                    self._close(node, ino)
             if not ino.fhs and ino.backing_id is None:
                 del self._inodes[node]
+
+    def drop(self, nodeid: int) -> None:
+        """The inode's cache file went (evicted, replaced): close a kept id now, so the kernel
+        lets go of the file. An id still in use by passthrough opens is closed at their last
+        release instead (they keep reading the file they opened)."""
+        with self._lock:
+            ino = self._inodes.get(nodeid)
+            if ino is not None and ino.backing_id is not None and ino.passthrough:
+                self._doomed.add(nodeid)
+            else:
+                self._drop_locked(nodeid)
+
+    def _drop_locked(self, nodeid: int) -> None:
+        self._retained.pop(nodeid, None)
+        ino = self._inodes.get(nodeid)
+        if ino is None or ino.backing_id is None or ino.passthrough:
+            return
+        self._close(nodeid, ino)
+        if not ino.fhs:
+            del self._inodes[nodeid]
 
     def mode(self, nodeid: int) -> tuple[int | None, int, int]:
         """(backing id, passthrough opens, caching opens) of an inode, e.g. for eviction."""
@@ -228,6 +280,9 @@ class BackingTable:
         bid = ino.backing_id
         self._log("c", nodeid, 0, bid)  # before the ioctl: never reuse an id the kernel closed
         ino.backing_id = None
+        self._doomed.discard(nodeid)
+        if self.on_close is not None:
+            self.on_close(nodeid)
         try:
             self.conn.backing_close(bid)
         except OSError as e:
