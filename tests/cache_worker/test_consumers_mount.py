@@ -14,8 +14,9 @@ from datahoard import names, runtime
 from datahoard.pod_records import PodRecord
 from datahoard.pod_records import forget as forget_pod
 from datahoard.pod_records import write as record_pod
-from tests.cgroups import pod_cgroups, read_in
-from tests.conftest import datahoard, unmount, wait_for
+from tests.support.cgroups import pod_cgroups, read_in
+from tests.support.mounts import datahoard, unmount
+from tests.support.polling import eventually
 
 pytestmark = pytest.mark.integration
 
@@ -83,7 +84,7 @@ def test_kernel_opens_are_attributed_by_fanotifys_pid(s3, bucket, mount_dataset,
     directory = names.consumers_dir("ml", "imagenet", tmp_path / "host")
     record_pod(directory, "/pods/a/mount", PodRecord(UID_A, "team-a", "trainer-0"))
     m = mount_dataset(bucket, "ds", "--warm", "--wait", "--no-passthrough", "--consumers-dir", str(directory))
-    wait_for(lambda: m.stats().kernel_opens, what="the view handing opens to the kernel")
+    eventually(lambda: m.stats().kernel_opens, what="the view handing opens to the kernel")
 
     first, second = list(files)[:3], list(files)[3:]
     for key in first:

@@ -4,20 +4,11 @@ kept in the page cache) that skip the index and the store, without losing a coun
 from __future__ import annotations
 
 import os
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-
-def _wait_for(check, seconds: float = 20.0):
-    """Poll the counters until ``check`` holds (or give up after ``seconds``)."""
-    deadline = time.monotonic() + seconds
-    while True:
-        value = check()
-        if value or time.monotonic() > deadline:
-            return value
-        time.sleep(0.05)
+from tests.support.polling import eventually
 
 
 @pytest.mark.integration
@@ -32,17 +23,17 @@ def test_concurrent_warm_opens_count_every_byte(s3, bucket, mount_dataset):
         return (m.mountpoint / name).read_bytes() == bodies[name]
 
     assert all(map(read, bodies))  # misses: every file fetched once
-    assert _wait_for(lambda: m.stats().served_from_source_bytes == total)
+    eventually(lambda: m.stats().served_from_source_bytes == total, 20, "every miss counted")
     epochs = 3
     with ThreadPoolExecutor(8) as pool:  # opens of cached files from many threads at once
         assert all(pool.map(read, list(bodies) * epochs))
 
     def settled():
         stats = m.stats()
-        return stats if stats.served_from_cache_bytes == epochs * total else None
+        assert (stats.served_from_source_bytes, stats.served_from_cache_bytes) == (total, epochs * total)
+        return stats
 
-    stats = _wait_for(settled) or m.stats()
-    assert (stats.served_from_source_bytes, stats.served_from_cache_bytes) == (total, epochs * total)
+    eventually(settled, 20)
 
 
 @pytest.mark.integration
@@ -55,7 +46,7 @@ def test_kept_file_evicted_since_is_fetched_again_and_counted_once(s3, bucket, m
     assert path_a.read_bytes() == a  # miss
     assert path_a.read_bytes() == a  # cached: remembered as a file whose opens keep the page cache
     assert (m.mountpoint / "b").read_bytes() == b  # miss; evicts a (the capacity holds one file)
-    assert _wait_for(lambda: m.stats().served_from_cache_bytes == len(a))
+    eventually(lambda: m.stats().served_from_cache_bytes == len(a), 20, "the hit counted")
     # This open still takes the remembered path (keep the page cache); drop the kernel's copy
     # of a so that the bytes are asked for: they come from the source again, and count once.
     with open(path_a, "rb", buffering=0) as f:
@@ -64,7 +55,7 @@ def test_kept_file_evicted_since_is_fetched_again_and_counted_once(s3, bucket, m
 
     def settled():
         stats = m.stats()
-        return stats if stats.served_from_source_bytes == 2 * len(a) + len(b) else None
+        assert (stats.served_from_source_bytes, stats.served_from_cache_bytes) == (2 * len(a) + len(b), len(a))
+        return stats
 
-    stats = _wait_for(settled) or m.stats()
-    assert (stats.served_from_source_bytes, stats.served_from_cache_bytes) == (2 * len(a) + len(b), len(a))
+    eventually(settled, 20)
