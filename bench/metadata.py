@@ -70,7 +70,7 @@ def measure(n: int, work: Path, endpoint: str, list_page_seconds: float, walk_ca
     cache_dir, mnt = work / f"meta-{n}-cache", work / f"meta-{n}-mnt"
     cache_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    # As the worker does (worker._open_index): listing -> snapshot file -> index; a mount reuses
+    # As the worker does (index_open.open_index): listing -> snapshot file -> index; a mount reuses
     # an index only together with its snapshot file.
     sid, path, _ = snapshot.write(SyntheticSource(source_uri, n).list(), source_uri, cache_dir)
     summary = build_index_from(snapshot.read(path, sid, source_uri), source_uri, cache_dir / "index.db",

@@ -9,7 +9,7 @@ Measured with the worker's own code over a real HTTP endpoint, on this machine:
 2. **fetch**: a joining worker downloads it from the lister's stats endpoint
    (``StatsServer``'s ``GET /snapshot/<id>``, sendfile) and verifies its hash — ``snapshot.fetch``;
 3. **index**: it builds its index from the file, checking the hash again as it reads —
-   ``build_index_from(snapshot.read(...))``, what ``Worker._open_index`` runs.
+   ``build_index_from(snapshot.read(...))``, what ``index_open.open_index`` runs.
 
 Fetch + index is what a node that joins later waits for before mounting; listing a million
 objects from S3 instead costs about 1000 sequential pages (minutes: bench/ANALYSIS.md).

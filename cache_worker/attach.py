@@ -27,7 +27,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from datahoard.fuse_keeper import KeeperClient, KeeperError, KeeperRefused, KeeperUnavailable
+from datahoard.keeper_client import KeeperClient
+from datahoard.keeper_protocol import KeeperError, KeeperRefused, KeeperUnavailable
 
 from .fusell.session import Connection, InitState, unmount
 from .index import IndexSummary
@@ -172,3 +173,19 @@ def keep_deposited(att: Attachment, identity: str, keeper_socket: Path | None, s
         deposit(att, identity, again=True)
         if att.keeper is not None:
             log.info("the FUSE keeper is back and holds the connection again")
+
+
+def wait_until_live(session, mountpoint: Path, timeout: float = 30.0) -> bool:
+    """Wait (bounded) until the kernel started the session and the view is mounted; False
+    (logged) if either did not happen."""
+    deadline = time.monotonic() + timeout
+    while not session.ready.wait(0.05):
+        if time.monotonic() > deadline:
+            log.error("the kernel did not start the FUSE connection at %s", mountpoint)
+            return False
+    while not os.path.ismount(mountpoint):
+        if time.monotonic() > deadline:
+            log.error("the FUSE view did not appear at %s", mountpoint)
+            return False
+        time.sleep(0.01)
+    return True

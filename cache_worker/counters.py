@@ -13,6 +13,26 @@ The same saver thread samples the served-byte counters each interval (wall-clock
 samples survive a restart too) for the *recent* hit ratio: bytes served in the last
 :data:`RECENT_WINDOW` seconds, which shows what the current epoch sees rather than the lifetime
 average that a long history pins in place.
+
+**Hit accounting: the rules, all here.** Every served byte is counted exactly once, in one of two
+columns (from cache, from source), and attributed to the reading pod (consumers.py). Other
+modules only report events, through these methods; none keeps a count of its own:
+
+- a read the worker answers (``DatasetCache.read``): bytes already in the store are from cache,
+  bytes fetched for this reader (by this read or its read-ahead) are from source; one
+  ``add_read`` per request, a hit if nothing came from the source, else a miss;
+- an open the kernel will answer without us (``DatasetFS.open``: passthrough of a file whole in
+  the cache, or ``keep_cache`` of a cached file of at most one chunk): the whole file is counted
+  from cache at open (``add_unobserved_hit``) and the handle is marked prepaid; a passed-through
+  open of a large file thus counts the whole file, however little is read (README says so);
+- a prepaid handle's read that reaches us after all (the kernel dropped its copy):
+  ``add_prepaid_read`` counts nothing again for cached bytes and moves fetched bytes from the
+  cache column to the source column;
+- an open the kernel made itself (kernel opens, serving.py): fanotify reports it
+  (open_watch.py) and it is counted as the FUSE view's open would have been
+  (``add_unobserved_hit``); a stats snapshot drains the queue first, so the copy is current;
+- reads through a direct tree never reach the worker and are not counted (``serving`` shows
+  direct, README says so).
 """
 
 from __future__ import annotations

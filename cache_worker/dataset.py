@@ -307,6 +307,7 @@ class DatasetCache:
         ``max_waiting_reads`` reads already wait on the source.
 
         ``pid``: the reading process (the FUSE request's), to whom the bytes are counted.
+        The accounting rules are in counters.py's docstring.
         """
         obj = state.obj
         end = min(offset + size, obj.size)

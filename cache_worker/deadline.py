@@ -35,7 +35,7 @@ class Deadline:
     """One request's time limit; use as a context manager on the thread making the request.
 
     :meth:`rearm` starts the clock again for another request inside one scope (the next
-    NameNode of an HA list in ``hdfs.py``, botocore's region redirect in ``s3.py``), so each
+    NameNode of an HA list in ``webhdfs.py``, botocore's region redirect in ``s3_client.py``), so each
     gets the full time; retries are :mod:`.retry`'s, each attempt in a scope of its own.
     """
 

@@ -1,11 +1,8 @@
-"""HDFS through WebHDFS, the NameNode's REST API: no JVM and no native client in the worker.
+"""HDFS as a :class:`~.source.Source`: what listing, stat, reads and checksums mean over WebHDFS.
 
-URIs: ``hdfs://namenode[:port]/path`` and ``webhdfs://namenode[:port]/path`` name the NameNode's
-*HTTP* address (default port 9870, Hadoop 3's ``dfs.namenode.http-address``; Hadoop 2 used
-50070, so give it explicitly there); ``swebhdfs://`` is the same over HTTPS (default 9871). The
-RPC port of ``fs.defaultFS`` (8020) does not speak HTTP: a URI naming it gets an error that says
-so. With an HA namenode list (:class:`HdfsOptions.namenodes`), the URI's authority is only a
-name (the nameservice) and requests go to whichever listed NameNode is active.
+The WebHDFS calls themselves (NameNode failover, error classification, deadlines) are
+:mod:`.webhdfs`'s, the URI and the options :mod:`.hdfs_uri`'s; this module decides which calls
+make an operation and retries each whole.
 
 How each operation maps onto WebHDFS:
 
@@ -26,296 +23,56 @@ How each operation maps onto WebHDFS:
    before that check changes one of the three, and the read raises SourceChanged instead of
    returning bytes of another version. (One NameNode call per 8 MiB chunk or per small file.)
 
-Failures are classified once, in :func:`_classify`, from the ``RemoteException`` JSON body the
-NameNode and DataNodes send. Each operation (a listing page, a stat, a read with its version
-check, a checksum) is retried as a whole by :mod:`.retry`'s policy and by nothing else: one
-attempt goes once around the NameNode list, a refused connection or a ``StandbyException``
-moving to the next NameNode at once (failover, not a retry), so ``max_attempts=5`` is at most
-five requests to each NameNode. Each attempt has a total deadline (``request_timeout``:
-connect, headers and the whole body, the DataNode's bytes included, see :mod:`.deadline`), so
-a NameNode or DataNode that drips its answer is cut off like a silent one.
+Each operation (a listing page, a stat, a read with its version check, a checksum) is retried
+as a whole by :mod:`.retry`'s policy and by nothing else: one attempt goes once around the
+NameNode list (:meth:`.webhdfs.WebHdfs.namenode_call`), so ``max_attempts=5`` is at most five
+requests to each NameNode.
 """
 
 from __future__ import annotations
 
-import getpass
 import hashlib
-import json
 import logging
 import queue
-import re
 import threading
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from typing import TypeVar
-from urllib.parse import quote, urlsplit
-
-import urllib3
 
 from .integrity import Check, Evidence, parse_hdfs_checksum
-from . import deadline
 from .retry import RetryPolicy
 from .source import (
     RemoteObject,
     Source,
-    SourceAuthError,
     SourceChanged,
     SourceError,
     SourceNotFound,
-    SourcePermissionDenied,
     SourceTransientError,
-    SourceUnreachable,
 )
+from .hdfs_uri import HdfsOptions
+from .webhdfs import WebHdfs
+
+__all__ = ["HdfsOptions", "HdfsSource"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-
-#: Hadoop 3's NameNode HTTP(S) ports (``dfs.namenode.http-address`` / ``https-address``).
-DEFAULT_HTTP_PORT = 9870
-DEFAULT_HTTPS_PORT = 9871
-SCHEMES = ("hdfs", "webhdfs", "swebhdfs")
-
-_NOT_FOUND = {"FileNotFoundException"}
-_DENIED = {"AccessControlException"}
-_AUTH = {"InvalidToken", "AuthenticationException", "SecurityException", "AuthorizationException"}
-#: The NameNode is there but cannot serve this now: another NameNode, or a later try, may.
-_FAILOVER = {"StandbyException", "ObserverRetryOnActiveException"}
-_RETRIABLE = {"RetriableException", "SafeModeException", "IOException", "ConnectException",
-              "SocketTimeoutException", "EOFException"}
 _DONE = object()  # end of a listing
-_CONNECT_ERRORS = (
-    urllib3.exceptions.NewConnectionError,
-    urllib3.exceptions.ConnectTimeoutError,
-    urllib3.exceptions.NameResolutionError,
-)
-
-
-@dataclass(frozen=True)
-class HdfsOptions:
-    #: Simple-auth user (``user.name``); default the login name (``open_source`` passes
-    #: ``$HADOOP_USER_NAME`` first, as the Hadoop client does). Ignored when a delegation token
-    #: is given (the token names the user).
-    user: str | None = None
-    #: A delegation token for Kerberos-secured clusters: the ``urlString`` WebHDFS's
-    #: ``GETDELEGATIONTOKEN`` returns. Not renewed here: it must outlive the mount.
-    delegation_token: str | None = None
-    #: HA: ``host:port`` of every NameNode, tried in order until the active one answers.
-    namenodes: tuple[str, ...] = ()
-    #: Attempts per operation, each going once around the namenode list if it has to.
-    max_attempts: int = 5
-    #: Seconds after an operation's first attempt past which no new attempt starts.
-    retry_deadline: float | None = 300.0
-    #: Directories listed concurrently by :meth:`HdfsSource.list`.
-    list_parallelism: int = 8
-    connect_timeout: float = 5.0
-    read_timeout: float = 30.0
-    #: Seconds one attempt may take in all (NameNode call, redirect, DataNode body).
-    request_timeout: float = 60.0
-    max_connections: int = 64
-
-
-@dataclass(frozen=True)
-class HdfsUri:
-    scheme: str  # http or https
-    authority: str  # host[:port] as written; the nameservice name with an HA list
-    namenodes: tuple[str, ...]  # host:port to talk to
-    path: str  # absolute, no trailing slash except the root "/"
-
-
-def parse_hdfs_uri(uri: str, namenodes: tuple[str, ...] = ()) -> HdfsUri:
-    """``hdfs://nn:9870/data/train/`` -> http, namenodes ``("nn:9870",)``, path ``/data/train``."""
-    parts = urlsplit(uri)
-    if parts.scheme not in SCHEMES or not parts.netloc:
-        raise SourceError(
-            f"not an HDFS URI: {uri!r} (expected hdfs://namenode[:http-port]/path, "
-            f"webhdfs:// or swebhdfs://)"
-        )
-    if parts.query or parts.fragment or parts.username:
-        raise SourceError(f"HDFS URI {uri!r} must not carry a query, fragment or user; "
-                          f"set the user with DATAHOARD_HDFS_USER")
-    https = parts.scheme == "swebhdfs"
-    try:
-        port = parts.port
-    except ValueError:
-        raise SourceError(f"invalid port in {uri!r}") from None
-    host = parts.hostname or ""
-    if not re.fullmatch(r"[A-Za-z0-9._-]+", host):
-        raise SourceError(f"invalid namenode host {host!r} in {uri!r}")
-    path = "/" + parts.path.strip("/")
-    if not namenodes:
-        default = DEFAULT_HTTPS_PORT if https else DEFAULT_HTTP_PORT
-        namenodes = (f"{host}:{port or default}",)
-    for nn in namenodes:
-        if not re.fullmatch(r"[A-Za-z0-9._-]+:[0-9]{1,5}", nn):
-            raise SourceError(f"invalid namenode address {nn!r}: expected host:http-port")
-    return HdfsUri("https" if https else "http", parts.netloc, tuple(namenodes), path)
-
-
-def _remote_exception(body: bytes) -> tuple[str, str]:
-    """(exception class, message) of a WebHDFS error body; ("", text) if it is not JSON."""
-    try:
-        remote = json.loads(body)["RemoteException"]
-        return str(remote.get("exception", "")), str(remote.get("message", ""))
-    except (ValueError, KeyError, TypeError, AttributeError):
-        text = body.decode("utf-8", "replace").strip()
-        return "", text[:300]
-
-
-class _Failover(SourceError):
-    """This NameNode cannot serve the call (unreachable or standby): try the next one."""
-
-
-def _classify(status: int, body: bytes, what: str, endpoint: str) -> SourceError:
-    """One SourceError, with a message a person can act on, for a failed WebHDFS response."""
-    exception, message = _remote_exception(body)
-    message = message or f"HTTP {status}"
-    if exception in _FAILOVER:
-        return _Failover(f"NameNode {endpoint} is not active: {message}")
-    if exception in _NOT_FOUND:
-        return SourceNotFound(f"not found: {what}")
-    if exception in _DENIED:
-        return SourcePermissionDenied(f"permission denied on {what}: {message}")
-    if exception in _AUTH or status == 401:
-        return SourceAuthError(
-            f"HDFS rejected the credentials for {what} (endpoint {endpoint}): {message}; "
-            f"a Kerberos cluster needs DATAHOARD_HDFS_DELEGATION_TOKEN, and tokens expire"
-        )
-    if "Hadoop IPC port" in message:
-        return SourceError(
-            f"{endpoint} is a Hadoop RPC port, not WebHDFS (reading {what}): use the NameNode's "
-            f"HTTP port (dfs.namenode.http-address, default {DEFAULT_HTTP_PORT}), e.g. "
-            f"hdfs://namenode:{DEFAULT_HTTP_PORT}/path")
-    if status == 404:
-        return SourceError(f"{endpoint} serves no WebHDFS at /webhdfs/v1 (dfs.webhdfs.enabled "
-                           f"false, or not the NameNode's HTTP port?) reading {what}: {message}")
-    if exception in _RETRIABLE or status >= 500 or status == 429:
-        return SourceTransientError(f"HDFS error on {what}: {exception or status}: {message}")
-    if status == 403:
-        return SourcePermissionDenied(f"permission denied on {what}: {exception}: {message}")
-    return SourceError(f"HDFS refused the request for {what}: {exception or status}: {message}")
 
 
 class HdfsSource(Source):
     def __init__(self, uri: str, options: HdfsOptions | None = None) -> None:
         self.uri = uri
         self.options = options = options or HdfsOptions()
-        self.target = parse_hdfs_uri(uri, options.namenodes)
-        self.endpoint = ",".join(self.target.namenodes)
-        self._uri_scheme = uri.partition("://")[0]
-        self.user = options.user or getpass.getuser()
-        self._active = 0  # index into target.namenodes of the last NameNode that answered
+        self._client = WebHdfs(uri, options)
         self._retry = RetryPolicy(max_attempts=options.max_attempts, base_delay=0.05,
                                   deadline=options.retry_deadline)
-        self._http = urllib3.PoolManager(
-            # One pool per NameNode and per DataNode read from: enough that a large cluster's
-            # DataNodes do not evict each other's kept-alive connections.
-            num_pools=256,
-            maxsize=options.max_connections,
-            block=False,
-            retries=False,  # every retry decision is ours (failover, backoff, classification)
-            timeout=urllib3.Timeout(connect=options.connect_timeout, read=options.read_timeout),
-        )
-        self._http.pool_classes_by_scheme = deadline.POOL_CLASSES  # cut by the deadline watchdog
-        self._auth = (
-            {"delegation": options.delegation_token} if options.delegation_token
-            else {"user.name": self.user}
-        )
-        if options.delegation_token:
-            _redact_tokens_in_urllib3_logs()
-
-    # -- naming -------------------------------------------------------------------------------
-    def _path(self, key: str = "") -> str:
-        base = self.target.path.rstrip("/")
-        return f"{base}/{key}" if key else (base or "/")
 
     def _where(self, key: str = "") -> str:
-        return f"{self._uri_scheme}://{self.target.authority}{self._path(key)}"
-
-    # -- the one place requests are made ------------------------------------------------------
-    def _deadline(self) -> deadline.Deadline:
-        """The scope of one WebHDFS operation; each NameNode attempt restarts its clock."""
-        return deadline.Deadline(self.options.request_timeout, setting="DATAHOARD_HDFS_REQUEST_TIMEOUT")
-
-    def _timed_out(self, doing: str) -> SourceTransientError:
-        return SourceTransientError(
-            f"{doing} timed out: no complete answer in {self.options.request_timeout:g} s "
-            f"(DATAHOARD_HDFS_REQUEST_TIMEOUT)")
-
-    def _namenode_call(self, op: str, key: str, params: dict[str, str] | None = None,
-                       *, method: str = "GET") -> urllib3.BaseHTTPResponse:
-        """One attempt of one WebHDFS call: once around the NameNode list, from the one that
-        answered last, until one that is up and active answers. No retries here: the
-        operation calling this is retried as a whole by the policy (:meth:`_retrying`).
-
-        Returns the response (status 200 or a redirect) with its body unread, so a 200 OPEN
-        from HttpFS can be streamed; raises a classified SourceError otherwise.
-        """
-        what = self._where(key)
-        query = {"op": op, **self._auth, **(params or {})}
-        path = "/webhdfs/v1" + quote(self._path(key), safe="/")
-        namenodes = self.target.namenodes
-        error: SourceError | None = None
-        for step in range(len(namenodes)):
-            index = (self._active + step) % len(namenodes)
-            endpoint = f"{self.target.scheme}://{namenodes[index]}"
-            limit = deadline.current()
-            if limit is not None:
-                limit.rearm()  # every NameNode gets the whole time
-            try:
-                response = self._http.request(method, endpoint + path, fields=query,
-                                              redirect=False, preload_content=False)
-            except _CONNECT_ERRORS as exc:
-                error = SourceUnreachable(
-                    f"cannot reach NameNode {endpoint} for {what}: {_reason(exc)}")
-                continue
-            except urllib3.exceptions.HTTPError as exc:
-                if limit is not None and limit.expired:
-                    raise self._timed_out(f"HDFS {op} of {what} at {endpoint}") from exc
-                raise SourceTransientError(
-                    f"HDFS call for {what} to {endpoint} failed: {_reason(exc)}") from exc
-            if response.status in (200, 307) or 300 <= response.status < 400:
-                self._active = index
-                return response
-            body = response.read()
-            response.release_conn()
-            error = _classify(response.status, body, what, endpoint)
-            if isinstance(error, _Failover):
-                continue
-            self._active = index
-            raise error
-        assert error is not None
-        if isinstance(error, _Failover):
-            raise SourceUnreachable(f"no active NameNode among {self.endpoint} for {what}: {error}")
-        if len(namenodes) > 1:
-            raise SourceUnreachable(f"cannot reach any NameNode of {self.endpoint}: {error}")
-        raise error
+        return self._client.where(key)
 
     def _json(self, op: str, key: str, params: dict[str, str] | None = None) -> dict:
         """A NameNode JSON operation, retried as a whole."""
-        return self._retrying(self._where(key), lambda: self._json_once(op, key, params),
+        return self._retrying(self._where(key), lambda: self._client.json(op, key, params),
                               gone_is_changed=False)
-
-    def _json_once(self, op: str, key: str, params: dict[str, str] | None = None) -> dict:
-        limit = self._deadline()
-        with limit:
-            response = self._namenode_call(op, key, params)
-            try:
-                body = response.read()
-            except (urllib3.exceptions.HTTPError, OSError) as exc:
-                if limit.expired:
-                    raise self._timed_out(f"HDFS {op} of {self._where(key)}") from exc
-                raise SourceTransientError(f"HDFS {op} of {self._where(key)} failed: {exc}") from exc
-            finally:
-                response.release_conn()
-            if limit.expired:  # cut at the very end: the body may be short
-                raise self._timed_out(f"HDFS {op} of {self._where(key)}")
-        if response.status != 200:
-            raise SourceError(f"unexpected HTTP {response.status} for {op} on {self._where(key)}")
-        try:
-            return json.loads(body)
-        except ValueError as exc:
-            raise SourceTransientError(
-                f"HDFS {op} of {self._where(key)} returned something other than JSON") from exc
 
     # -- Source -------------------------------------------------------------------------------
     def list(self) -> Iterator[RemoteObject]:
@@ -410,7 +167,7 @@ class HdfsSource(Source):
         return self._retrying(self._where(key), lambda: self._stat_once(key), gone_is_changed=False)
 
     def _stat_once(self, key: str) -> RemoteObject:
-        status = self._json_once("GETFILESTATUS", key)["FileStatus"]
+        status = self._client.json("GETFILESTATUS", key)["FileStatus"]
         if status.get("type") != "FILE":
             raise SourceNotFound(f"not a file: {self._where(key)}")
         return _remote_object(key, status)
@@ -444,50 +201,20 @@ class HdfsSource(Source):
                 f"{where} was deleted since it was listed; remount with --refresh") from None
 
     def _read_once(self, obj: RemoteObject, start: int, length: int, where: str) -> bytes:
-        limit = self._deadline()
+        limit = self._client.deadline()
         with limit:
             try:
                 data = self._open_and_read(obj, start, length, where)
             except SourceTransientError:
                 if limit.expired:
-                    raise self._timed_out(f"HDFS read of {where}") from None
+                    raise self._client.timed_out(f"HDFS read of {where}") from None
                 raise
             if limit.expired:  # cut at the very end: the body may be short
-                raise self._timed_out(f"HDFS read of {where}")
+                raise self._client.timed_out(f"HDFS read of {where}")
             return data
 
     def _open_and_read(self, obj: RemoteObject, start: int, length: int, where: str) -> bytes:
-        return self._redirected("OPEN", obj.key, where, {"offset": str(start), "length": str(length)})
-
-    def _redirected(self, op: str, key: str, where: str, params: dict | None = None) -> bytes:
-        """The body of ``op``, which the NameNode may hand to a DataNode with a 307 (HttpFS: 200)."""
-        response = self._namenode_call(op, key, params)
-        if response.status != 200:
-            location = response.headers.get("Location")
-            response.drain_conn()
-            response.release_conn()
-            if not location:
-                raise SourceError(f"NameNode answered {op} of {where} with HTTP "
-                                  f"{response.status} and no Location")
-            datanode = urlsplit(location).netloc
-            try:
-                response = self._http.request("GET", location, redirect=False,
-                                              preload_content=False)
-            except urllib3.exceptions.HTTPError as exc:
-                raise SourceTransientError(
-                    f"{op} of {where} from DataNode {datanode} failed: {_reason(exc)} (the NameNode "
-                    f"sends clients to the DataNodes' registered addresses, which must be "
-                    f"reachable from here)") from exc
-            if response.status != 200:
-                body = response.read()
-                response.release_conn()
-                raise _classify(response.status, body, where, f"DataNode {datanode}")
-        try:
-            return response.read()
-        except (urllib3.exceptions.HTTPError, OSError) as exc:
-            raise SourceTransientError(f"HDFS {op} of {where} failed: {_reason(exc)}") from exc
-        finally:
-            response.release_conn()
+        return self._client.redirected("OPEN", obj.key, where, {"offset": str(start), "length": str(length)})
 
     def evidence(self, obj: RemoteObject, exact: bool = False) -> Evidence:
         """HDFS's MD5-of-MD5-of-CRC file checksum of ``obj`` and its block size.
@@ -497,8 +224,8 @@ class HdfsSource(Source):
         where = self._where(obj.key)
         if obj.size == 0:  # nothing that can be wrong but the length, which is checked
             return Evidence(Check("md5", hashlib.md5(b"", usedforsecurity=False).hexdigest(), "its length"))
-        doc = self._retrying(where, lambda: self._redirected_json("GETFILECHECKSUM", obj.key, where))
-        status = self._retrying(where, lambda: self._json_once("GETFILESTATUS", obj.key))["FileStatus"]
+        doc = self._retrying(where, lambda: self._client.redirected_json("GETFILECHECKSUM", obj.key, where))
+        status = self._retrying(where, lambda: self._client.json("GETFILESTATUS", obj.key))["FileStatus"]
         now = _remote_object(obj.key, status)
         if obj.etag and now.etag != obj.etag:
             raise SourceChanged(f"{where} changed since it was listed (was {obj.etag}, now "
@@ -512,14 +239,6 @@ class HdfsSource(Source):
         return Evidence(Check(kind, md5, f"HDFS's {doc['FileChecksum']['algorithm']} file checksum",
                               block_size=block_size, bytes_per_crc=per_crc))
 
-    def _redirected_json(self, op: str, key: str, where: str) -> dict:
-        """A JSON answer that the NameNode may hand to a DataNode (see _redirected)."""
-        body = self._redirected(op, key, where)
-        try:
-            return json.loads(body)
-        except ValueError as exc:
-            raise SourceTransientError(f"HDFS {op} of {where} returned something other than JSON") from exc
-
     def _check_version(self, obj: RemoteObject, where: str) -> None:
         now = self._stat_once(obj.key)  # part of the read's attempt: not retried on its own
         if obj.etag and now.etag != obj.etag:
@@ -527,7 +246,7 @@ class HdfsSource(Source):
                                 f"{now.etag}); remount with --refresh")
 
     def close(self) -> None:
-        self._http.clear()
+        self._client.close()
 
 
 def _remote_object(key: str, status: dict) -> RemoteObject:
@@ -539,27 +258,3 @@ def _remote_object(key: str, status: dict) -> RemoteObject:
         etag=f"{status.get('fileId', 0)}-{length}-{mtime_ms}",
         mtime=mtime_ms / 1000.0,
     )
-
-
-class _RedactTokens(logging.Filter):
-    """urllib3 logs every request's URL at DEBUG (``-vv``); WebHDFS carries the token in it."""
-
-    _TOKEN = re.compile(r"(delegation=)[^&\s\"]+")
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        if "delegation=" in message:
-            record.msg, record.args = self._TOKEN.sub(r"\1<redacted>", message), ()
-        return True
-
-
-def _redact_tokens_in_urllib3_logs() -> None:
-    logger = logging.getLogger("urllib3.connectionpool")
-    if not any(isinstance(f, _RedactTokens) for f in logger.filters):
-        logger.addFilter(_RedactTokens())
-
-
-def _reason(exc: Exception) -> str:
-    """urllib3 wraps the interesting part (refused, DNS, timeout) a level or two down."""
-    reason = getattr(exc, "reason", None) or exc
-    return str(reason)

@@ -16,7 +16,8 @@ second in-kernel open and no FUSE request. fanotify needs ``CAP_SYS_ADMIN``; wit
 :meth:`OpenWatch.start` raises OSError and the view keeps answering opens itself.
 
 Events are queued during the reader's ``open`` system call, so :meth:`OpenWatch.drain` before a
-stats snapshot makes the count as current as a synchronous one.
+stats snapshot makes the count as current as a synchronous one. What an open counts is
+decided with the other hit-accounting rules, in counters.py.
 """
 
 from __future__ import annotations

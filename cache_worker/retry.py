@@ -1,8 +1,8 @@
 """The one retry policy for requests to a source: S3 (lean and botocore paths) and WebHDFS.
 
 Every request to a store is retried by exactly one loop, this one, so the attempt count a person
-sets is the number of requests the store sees (botocore's own retries are off, ``s3.py``; the
-HDFS client makes one pass over its NameNodes per attempt, ``hdfs.py``). Before this module there
+sets is the number of requests the store sees (botocore's own retries are off, ``s3_client.py``; the
+HDFS client makes one pass over its NameNodes per attempt, ``webhdfs.py``). Before this module there
 were three loops with three backoffs, nested on HDFS so that ``max_attempts=5`` could mean 25
 requests, and botocore's retries ran inside ours.
 

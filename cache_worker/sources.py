@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from . import hdfs
+from . import hdfs, hdfs_uri
 from .s3 import S3Options, S3Source
 from .settings import SourceSettings
 from .source import Source, SourceAuthError, SourceError
 
-SCHEMES = ("s3", *hdfs.SCHEMES)
+SCHEMES = ("s3", *hdfs_uri.SCHEMES)
 
 #: The variable that says how a worker authenticates (see :data:`.settings.CredentialsMode`).
 CREDENTIALS_ENV = "DATAHOARD_SOURCE_CREDENTIALS"

@@ -281,6 +281,10 @@ class ChunkStore:
         #: Called with a chunk's name when it was found corrupt and dropped (the tree unlinks
         #: its entry and relinks a refetched copy).
         self.on_discard: Callable[[str], None] | None = None
+        #: Called with (chunk names, True: now cached / False: no longer) whenever the set of
+        #: cached chunks changes, under the store's lock: it must be quick and must not call
+        #: into the store (completeness.py turns it into the "fully cached" event).
+        self.on_change: Callable[[Iterable[str], bool], None] | None = None
         self._touched: dict[str, float] = {}
         self._last_flush = time.monotonic()
         #: Per object file: the chunks this process checked against their CRC, under which
@@ -683,6 +687,8 @@ class ChunkStore:
                 self._gone.add(name)
         self.used_bytes -= size
         self._touched.pop(name, None)
+        if self.on_change is not None:
+            self.on_change((name,), False)
 
     def _complete_locked(self, oid: str, rows: list[tuple[str, int, int]]) -> bool:
         """Every byte of the object is recorded (its file may be a backing file)."""
@@ -814,6 +820,9 @@ class ChunkStore:
             for name, _, _ in rows:
                 if name in self._touched:
                     self._touched[target + name[len(source):]] = self._touched.pop(name)
+            if self.on_change is not None:
+                self.on_change([n for n, _, _ in rows], False)
+                self.on_change([target + n[len(source):] for n, _, _ in rows], True)
             self._epochs[hash(source) % _STRIPES] += 2  # even: a change done (see _drop_files_locked)
             trust = self._trust.pop(source, None)
             self._path(target).parent.mkdir(mode=self.dir_mode, exist_ok=True)
@@ -942,6 +951,8 @@ class ChunkStore:
                 raise CacheFull(self._full or self._record_problem or str(exc)) from exc
             self._gone.discard(name)
             self.used_bytes += size - (previous[0] if previous else 0)
+            if self.on_change is not None:
+                self.on_change((name,), True)
             self._reserved -= size
             self._space_freed.notify_all()
             if self._full is not None and self._room_again():
@@ -1197,6 +1208,8 @@ class ChunkStore:
                 self._write_failed("evicting", exc)
                 return
             self.used_bytes -= freed
+            if self.on_change is not None and victims:
+                self.on_change(victims, False)
             for oid, (rows, chosen, _) in plans.items():
                 if not chosen:
                     continue

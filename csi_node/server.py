@@ -26,7 +26,8 @@ from pathlib import Path
 import grpc
 
 from datahoard import names, runtime
-from datahoard.fuse_keeper import FuseKeeper, KeeperError
+from datahoard.fuse_keeper import FuseKeeper
+from datahoard.keeper_protocol import KeeperError
 
 from . import csi_pb2_grpc
 from .healthz import HealthServer

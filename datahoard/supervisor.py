@@ -35,7 +35,9 @@ import time
 from pathlib import Path
 
 from . import runtime
-from .fuse_keeper import FuseKeeper, KeeperError, fuse_mounts
+from .fuse_fds import fuse_mounts
+from .fuse_keeper import FuseKeeper
+from .keeper_protocol import KeeperError
 
 log = logging.getLogger("datahoard.supervisor")
 

@@ -22,7 +22,9 @@ import struct
 import sys
 
 import datahoard.runtime  # noqa: F401  (imported while still root, see --as-uid)
-from datahoard.fuse_keeper import KeeperClient, KeeperError, KeeperRefused, fuse_connection
+from datahoard.fuse_fds import fuse_connection
+from datahoard.keeper_client import KeeperClient
+from datahoard.keeper_protocol import KeeperError, KeeperRefused
 
 _KCMP = {"x86_64": 312, "aarch64": 272}[platform.machine()]
 _KCMP_FILE = 0

@@ -8,8 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from datahoard import api
-from datahoard.cache_worker.hdfs import parse_hdfs_uri
-from datahoard.cache_worker.s3 import parse_s3_uri
+from datahoard.cache_worker.hdfs_uri import parse_hdfs_uri
+from datahoard.cache_worker.s3_client import parse_s3_uri
 
 _bucket = st.from_regex(r"[a-z0-9][a-z0-9.-]{1,20}[a-z0-9]", fullmatch=True)
 _path = st.text(st.characters(blacklist_characters=" \x00", blacklist_categories=("Cs",)), max_size=30)

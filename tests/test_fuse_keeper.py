@@ -23,7 +23,10 @@ from pathlib import Path
 
 import pytest
 
-from datahoard.fuse_keeper import FuseKeeper, KeeperClient, KeeperError, KeeperUnavailable, fuse_mounts
+from datahoard.fuse_fds import fuse_mounts
+from datahoard.fuse_keeper import FuseKeeper
+from datahoard.keeper_client import KeeperClient
+from datahoard.keeper_protocol import KeeperError, KeeperUnavailable
 from tests.support.polling import eventually
 
 pytestmark = pytest.mark.integration
@@ -252,7 +255,7 @@ def test_deposit_refuses_what_is_not_a_mounted_fuse_connection(keeper, conn, sho
         with pytest.raises(KeeperError, match="carries no FUSE mount of this connection"):
             worker.deposit(short_dir, {}, conn.fd)
         with pytest.raises(KeeperError, match="absolute path"):
-            worker._exchange(__import__("datahoard.fuse_keeper", fromlist=["_Request"])._Request(
+            worker._exchange(__import__("datahoard.keeper_protocol", fromlist=["Request"]).Request(
                 op="claim", mountpoint="relative/path"))
     assert keeper.entries() == []
 
@@ -366,7 +369,8 @@ FAKE_WORKER = textwrap.dedent("""
     if "--ready-fd" in args:
         os.write(int(args[args.index("--ready-fd") + 1]), b"ready http://x\\n")
     if os.path.exists(os.path.join(state, "claim")):  # what the real worker will do on start
-        from datahoard.fuse_keeper import KeeperClient, fuse_connection
+        from datahoard.fuse_fds import fuse_connection
+        from datahoard.keeper_client import KeeperClient
         client = KeeperClient()  # $DATAHOARD_KEEPER_SOCKET, set by the supervisor
         claimed = client.claim(open(os.path.join(state, "claim")).read())
         with open(os.path.join(state, "claims"), "a") as f:

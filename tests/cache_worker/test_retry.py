@@ -7,7 +7,7 @@ import pytest
 import urllib3
 
 from datahoard.cache_worker.retry import RetryPolicy, retryable
-from datahoard.cache_worker.s3 import _classify_response
+from datahoard.cache_worker.s3_errors import classify_response as _classify_response
 from datahoard.cache_worker.source import (
     ChecksumMismatch,
     SourceAuthError,
@@ -155,14 +155,14 @@ def test_a_checksum_failure_in_transit_is_retried():
     ids=["reset", "read-timeout", "os-reset"],
 )
 def test_a_broken_connection_is_retried(exc):
-    from datahoard.cache_worker.s3 import _transport_error
+    from datahoard.cache_worker.s3_errors import transport_error as _transport_error
 
     error = _transport_error(exc, "s3://b/k", "http://s3")
     assert retryable(error) and "s3://b/k" in str(error)
 
 
 def test_an_unreachable_endpoint_is_retried():
-    from datahoard.cache_worker.s3 import _transport_error
+    from datahoard.cache_worker.s3_errors import transport_error as _transport_error
 
     exc = urllib3.exceptions.NewConnectionError(None, "Connection refused")
     error = _transport_error(exc, "s3://b/k", "http://s3")

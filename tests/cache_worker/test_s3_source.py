@@ -12,7 +12,8 @@ import time
 
 import pytest
 
-from datahoard.cache_worker.s3 import S3Options, S3Source, parse_s3_uri
+from datahoard.cache_worker.s3 import S3Options, S3Source
+from datahoard.cache_worker.s3_client import parse_s3_uri
 from datahoard.cache_worker.source import (
     RemoteObject,
     SourceAuthError,

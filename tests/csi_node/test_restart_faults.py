@@ -66,6 +66,10 @@ def test_a_second_worker_for_a_served_mountpoint_is_refused(worker, node, s3_ser
 
 
 def test_when_the_keeper_dies_the_mount_fails_cleanly_and_the_next_worker_remounts(worker, keeper_plugin):
+    # Reading every file caches the dataset, and kernel opens then let the kernel answer opens
+    # and page-cached reads without the connection, dead or alive (the switch used to come up
+    # to a second later, from a poller, after this test had killed the worker).
+    worker.extra_args = ["--no-kernel-opens"]
     worker.start()
     _read_all(worker.view)
     keeper_plugin.stop()  # the plugin (and its keeper) goes; the worker's own descriptor remains

@@ -12,13 +12,9 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
-from datahoard.cache_worker.hdfs import (
-    DEFAULT_HTTP_PORT,
-    HdfsOptions,
-    HdfsSource,
-    _classify,
-    parse_hdfs_uri,
-)
+from datahoard.cache_worker.hdfs import HdfsOptions, HdfsSource
+from datahoard.cache_worker.hdfs_uri import DEFAULT_HTTP_PORT, parse_hdfs_uri
+from datahoard.cache_worker.webhdfs import _classify
 from datahoard.cache_worker.source import (
     RemoteObject,
     SourceAuthError,

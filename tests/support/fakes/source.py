@@ -29,7 +29,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from datahoard.cache_worker.integrity import Check, Evidence
-from datahoard.cache_worker.s3 import parse_s3_uri
+from datahoard.cache_worker.s3_client import parse_s3_uri
 from datahoard.cache_worker.source import (
     ChecksumMismatch,
     Fetched,

@@ -1,0 +1,179 @@
+"""Serving from a direct tree (step 6 of ``worker.run``): reuse or build the tree once the
+dataset is fully cached, publish it (mount record, bind over the mountpoint), keep it whole
+(relink chunks found corrupt, drop unused trees), and notice when its bind is taken off.
+
+The tree's own progress is ``DirectStats.state``: waiting, verifying, building, ready, failed
+(off without ``direct``). Binding it or losing the bind moves the serving mode (serving.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from datahoard.mounts import bind_readonly, detach, mounts_at
+from datahoard.stats import DirectStats
+
+from .counters import Counters
+from .index import Index
+from .serving import Event, ServingMode
+from .store import ChunkStore
+from .tree import DirectTrees, TreeError, TreeInfo
+from .tree_bind import clear_tree_binds
+from .tree_bind import top_is_tree_bind as _top_is_tree_bind
+
+log = logging.getLogger(__name__)
+
+#: How often the loop looks at the tree's repairs and its bind.
+_TICK_SECONDS = 0.2
+#: How often trees no mount uses any more are removed.
+_CLEANUP_SECONDS = 30.0
+
+
+class DirectServing:
+    """The direct-tree thread of one worker and what it reports."""
+
+    def __init__(self, source: str, mountpoint: Path, bind: bool, trees: DirectTrees, store: ChunkStore,
+                 index: Index, counters: Counters, mode: ServingMode, stop: threading.Event,
+                 warming: Callable[[], bool], publish: Callable[[str], None]) -> None:
+        self._source, self._mountpoint, self._bind = source, mountpoint, bind
+        self.trees, self._store, self._index, self._counters = trees, store, index, counters
+        self._mode, self._stop = mode, stop
+        #: True while a warmer of this worker is running (no build until it is done).
+        self._warming = warming
+        #: Record the tree's path in the mount record (the CSI node plugin binds it into pods).
+        self._publish = publish
+        self.stats = DirectStats(state="waiting")
+        self.bound = False
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="direct", daemon=True)
+        self._thread.start()
+
+    def join(self, timeout: float) -> None:
+        if self._thread is not None:
+            self._thread.join(timeout=timeout)
+
+    def _set(self, state: str, message: str | None = None, info: TreeInfo | None = None) -> None:
+        if info is not None:
+            self.stats = DirectStats(state=state, path=info.path, files=info.files, bytes=info.bytes,
+                                     assembled_bytes=info.assembled_bytes, message=message)
+        else:
+            self.stats = DirectStats(state=state, message=message)
+
+    def _should_build(self, last_attempt: tuple | None) -> tuple | None:
+        """The reason to try a build now (also the key that stops retrying the same state)."""
+        w = self._counters.warm
+        if self._warming():
+            return None
+        key = (w.state, w.files_done, self._store.used_bytes)
+        if key == last_attempt:
+            return None
+        complete = w.state == "done" and w.files_done == w.files_total
+        if complete or self._store.used_bytes >= self._index.total_bytes:
+            return key
+        return None
+
+    def _loop(self) -> None:
+        trees, stop = self.trees, self._stop
+        try:
+            trees.recover()
+            info = trees.load(trees.id)
+            if info is not None:
+                self._set("verifying", "checking the tree left by the last run against the cache")
+                try:
+                    trees.verify(info, stop)
+                    self._ready(info)
+                except TreeError as exc:
+                    log.error("the direct tree %s cannot be reused: %s", info.path, exc)
+                    self._set("failed", f"the tree of the last run cannot be reused: {exc}")
+                    trees.discard_current()  # unless a mount still holds it; a later build replaces it
+            last_attempt: tuple | None = None
+            last_cleanup = last_bind_check = time.monotonic()
+            while not stop.wait(_TICK_SECONDS):
+                if self.bound and time.monotonic() - last_bind_check > 1:
+                    last_bind_check = time.monotonic()
+                    self._check_bind()
+                if trees.current is None:
+                    key = self._should_build(last_attempt)
+                    if key is not None:
+                        last_attempt = key
+                        self._set("building")
+                        try:
+                            self._ready(trees.build(stop))
+                        except TreeError as exc:
+                            if stop.is_set():
+                                return
+                            log.warning("no direct tree: %s", exc)
+                            self._set("failed", str(exc))
+                    elif self.stats.state == "waiting" and self.stats.message is None:
+                        self._set("waiting", "serving through FUSE until the whole dataset is cached")
+                for rel in trees.pending_repairs():
+                    try:
+                        trees.repair(rel)
+                    except (OSError, TreeError) as exc:
+                        message = f"direct tree: cannot relink {rel}: {exc}"
+                        log.error(message)
+                        self._counters.add_error(message)
+                if time.monotonic() - last_cleanup > _CLEANUP_SECONDS:
+                    last_cleanup = time.monotonic()
+                    trees.remove_unused()
+        except Exception as exc:  # noqa: BLE001 - reported; the FUSE view keeps serving
+            log.exception("direct tree management failed")
+            self._set("failed", f"internal error: {exc}")
+
+    def _ready(self, info: TreeInfo) -> None:
+        """Publish a complete, verified tree: record it, and bind it over the mountpoint."""
+        self.trees.current = info
+        message = None
+        if self._bind:
+            try:
+                bind_readonly(info.path, self._mountpoint, [])
+                self.bound = True
+            except OSError as exc:
+                message = f"the tree is ready but could not be bound over {self._mountpoint}: {exc}"
+                log.error(message)
+        self._publish(info.path)
+        self._set("ready", message, info)
+        if message is None and self._mode.allows(Event.TREE_BOUND):
+            self._mode.apply(Event.TREE_BOUND)
+        elif message is None:  # a second bind over our own: the mode is already direct
+            log.warning("the direct tree was bound again over %s (serving mode %s)", self._mountpoint,
+                        self._mode.mode.value)
+        log.info("serving %s from the direct tree %s", self._source, info.path)
+
+    def _check_bind(self) -> None:
+        """The tree's bind was taken off the mountpoint (``umount``, ``fusermount3 -u``): that
+        asks for an unmount, so unmount the FUSE view underneath as well, and stop."""
+        mountpoint = self._mountpoint
+        if _top_is_tree_bind(mountpoint):
+            return
+        self.bound = False
+        self._mode.apply(Event.TREE_UNBOUND)
+        log.info("the direct tree's bind was removed from %s; unmounting the FUSE view too", mountpoint)
+        if subprocess.run(["fusermount3", "-u", str(mountpoint)], capture_output=True).returncode:
+            subprocess.run(["fusermount3", "-uz", str(mountpoint)], capture_output=True)
+
+    def unbind(self) -> None:
+        """Remove the tree's bind (and, behind it, a FUSE view libfuse could not unmount)."""
+        mountpoint = self._mountpoint
+        clear_tree_binds(mountpoint)
+        self.bound = False
+        self._mode.apply(Event.TREE_UNBOUND)
+        # libfuse unmounts the *top* mount at exit: if that was the tree's bind, the FUSE view
+        # itself is still there, dead. It is ours; detach it.
+        for entry in mounts_at(mountpoint):
+            if entry.fstype == "fuse.datahoard" and entry.source == f"datahoard:{self._source}":
+                try:
+                    detach(mountpoint)
+                except OSError as exc:
+                    log.warning("cannot detach the FUSE view at %s: %s", mountpoint, exc)
+                break
+
+
+__all__ = ["DirectServing"]

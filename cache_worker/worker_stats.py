@@ -1,0 +1,106 @@
+"""The worker's stats copy: one consistent ``WorkerStats`` from the worker's parts, for the
+stats endpoint (stats_server.py), ``datahoard status`` and the operator.
+
+Only copies: the counts' rules live in counters.py (see its docstring), the serving mode in
+serving.py."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from datahoard.stats import ConsumerStats, FuseStats, RecentStats, WarmingStats, WorkerStats
+
+from .counters import Counters
+
+if TYPE_CHECKING:
+    from .worker import Worker
+
+
+def worker_stats(w: Worker) -> WorkerStats:
+    if w.view is not None:
+        w.view.drain_opens()  # opens the kernel made (fanotify) are counted before the copy
+    c = w.counters
+    store, index = w.store, w.index
+    with c.lock:
+        s = c.warm
+        warming = WarmingStats(
+            state=s.state,
+            files_total=s.files_total,
+            files_done=s.files_done,
+            bytes_total=s.bytes_total,
+            bytes_done=s.bytes_done,
+            bytes_per_second=s.rate(),
+            message=s.message,
+        )
+        counts = dict(
+            served_from_cache_bytes=c.served_from_cache,
+            served_from_source_bytes=c.served_from_source,
+            fetched_bytes=c.fetched,
+            hits=c.hits,
+            misses=c.misses,
+            errors=c.errors,
+            last_error=c.last_error,
+            degraded=c.degraded or (store.problem if store else None),
+            unverified_objects=c.unverified_objects,
+            integrity_mismatches=c.integrity_mismatches,
+            last_mismatch=c.last_mismatch,
+        )
+        window, recent_cache, recent_served = c.recent()
+    recent = RecentStats(window_seconds=window, served_from_cache_bytes=recent_cache,
+                         served_bytes=recent_served)
+    mode = w.mode.mode
+    return WorkerStats(
+        source=w.config.source,
+        mountpoint=str(w.config.mountpoint),
+        ready=w.healthy(),
+        files=index.files if index else 0,
+        total_bytes=index.total_bytes if index else 0,
+        cached_bytes=store.used_bytes if store else 0,
+        capacity_bytes=store.capacity if store else 0,
+        skipped_keys=index.summary.skipped_keys if index else 0,
+        snapshot=index.summary.snapshot if index else None,
+        warming=warming,
+        serving=mode.serving,
+        kernel_opens=mode.kernel_opens,
+        direct=w.direct_stats(),
+        recent=recent,
+        fuse=_fuse_stats(w),
+        consumers=_consumer_stats(c),
+        **counts,
+    )
+
+
+def _consumer_stats(counters: Counters) -> list[ConsumerStats]:
+    table = counters.consumers
+    return [ConsumerStats(namespace=c.namespace, pod=c.pod, served_from_cache_bytes=c.from_cache,
+                          served_from_source_bytes=c.from_source)
+            for c in (table.snapshot() if table is not None else [])]
+
+
+def _fuse_stats(w: Worker) -> FuseStats:
+    att, view, cfg = w.attachment, w.view, w.config
+    state = att.conn.state if att is not None else None
+    passthrough = bool(view is not None and view.backing is not None and state is not None and state.passthrough)
+    if cfg.passthrough == "off":
+        why = "off (--no-passthrough)"
+    elif cfg.passthrough == "auto" and not w.large_files:
+        why = ("every file fits in one chunk: served from the page cache, and once all are cached the kernel "
+               "opens them itself (faster for small files; --passthrough forces it)")
+    elif state is not None and not state.passthrough:
+        why = "the kernel does not offer FUSE passthrough (Linux 6.9+ with CONFIG_FUSE_PASSTHROUGH)"
+    else:
+        why = None
+    if w.mode.mode.kernel_opens:
+        why = "the kernel opens files itself (a fully cached dataset of small files): no opens to pass through"
+        passthrough = False
+    return FuseStats(
+        passthrough=passthrough,
+        passthrough_note=None if passthrough else why,
+        handover=bool(att is not None and att.handover),
+        handover_note=None if att is None or att.handover else att.note,
+        resumed=bool(att is not None and att.resumed),
+        passthrough_opens=view.passthrough_opens if view is not None else 0,
+    )
+
+
+__all__ = ["worker_stats"]

@@ -1,0 +1,69 @@
+"""What ``datahoard mount`` shows while a mount starts and warms: a spinner with the objects
+listed so far, the warming progress bar (``--warm --wait``) and, with ``--direct``, whether the
+direct tree ended up served. On a terminal only; plain lines otherwise.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+from . import runtime
+from .cli_args import CliError
+from .units import format_size
+
+
+class ListingProgress:
+    """A spinner with the number of objects listed so far, on a terminal only."""
+
+    def __init__(self) -> None:
+        self._status = None
+        if sys.stderr.isatty():
+            from rich.console import Console
+
+            self._status = Console(stderr=True).status("listing the source...")
+            self._status.start()
+
+    def update(self, n: int) -> None:
+        if self._status:
+            self._status.update(f"listing the source: {n:,} objects")
+
+    def close(self) -> None:
+        if self._status:
+            self._status.stop()
+            self._status = None
+
+
+def wait_for_direct(stats_url: str, timeout: float = 3600) -> None:
+    """With --warm --wait --direct: return once the tree is served, or say why it is not."""
+    deadline = time.monotonic() + timeout
+    while True:
+        stats = runtime.fetch_stats(stats_url)
+        d = stats.direct
+        if d.state in ("ready", "failed") or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    if stats.serving == "direct":
+        print(f"serving from the direct tree {d.path} (no FUSE hop)")
+    else:
+        print(f"serving through FUSE; direct tree {d.state}" + (f": {d.message}" if d.message else ""))
+
+
+def wait_for_warming(stats_url: str) -> None:
+    from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
+
+    with Progress(
+        "[progress.description]{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+        transient=False, disable=not sys.stderr.isatty(),
+    ) as bar:
+        task = bar.add_task("warming", total=None)
+        while True:
+            stats = runtime.fetch_stats(stats_url)
+            w = stats.warming
+            bar.update(task, total=w.bytes_total, completed=w.bytes_done)
+            if w.state not in ("running", "idle"):
+                break
+            time.sleep(0.5)
+    if w.state == "failed":
+        raise CliError(f"warming failed: {w.message or stats.last_error or w.state}")
+    print(f"warmed {w.files_done} of {w.files_total} files ({format_size(stats.cached_bytes)} cached)")
