@@ -35,7 +35,7 @@ def main() -> None:
     args = parser.parse_args()
     server = None
     if args.endpoint is None:
-        from tests.conftest import start_moto
+        from tests.support.s3server import start_moto
 
         server = start_moto()
         args.endpoint = server.endpoint

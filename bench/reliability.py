@@ -2,7 +2,7 @@
 
 Runs the load test (64 reader threads, warming and eviction) and the worker-restart-under-readers
 test with longer durations than CI gives them, collects the figures each test records
-(tests/results.py), writes them to ``bench/reliability.json`` and regenerates ``RESULTS.md``
+(tests/support/results.py), writes them to ``bench/reliability.json`` and regenerates ``RESULTS.md``
 from that and ``results.json``. The tests assert the guarantees either way; this only makes
 them run longer and keeps what they measured.
 """

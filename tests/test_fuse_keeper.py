@@ -27,8 +27,7 @@ from datahoard.fuse_fds import fuse_mounts
 from datahoard.fuse_keeper import FuseKeeper
 from datahoard.keeper_client import KeeperClient
 from datahoard.keeper_protocol import KeeperError, KeeperUnavailable
-
-from .conftest import wait_for
+from tests.support.polling import eventually
 
 pytestmark = pytest.mark.integration
 
@@ -138,7 +137,7 @@ def test_deposit_then_claim_in_another_process_hands_over_the_same_connection(ke
     # The worker dies without a word: the keeper still holds the connection, claimable.
     depositor.kill()
     depositor.wait(10)
-    wait_for(lambda: keeper.entries()[0].served_by is None, 10, "the lease to end")
+    eventually(lambda: keeper.entries()[0].served_by is None, 10, "the lease to end")
     claimed = peers.run(*claim_args(keeper.path, conn))
     assert claimed["result"] == "ok", claimed
     assert claimed["state"] == {"major": 7, "minor": 40, "max_write": 131072}
@@ -160,7 +159,7 @@ def test_a_live_claimant_holds_the_lease_until_it_exits(keeper, conn, peers):
         other.deposit(conn.mountpoint, {}, conn.fd)
     first.stdin.close()
     first.wait(10)
-    wait_for(lambda: keeper.entries()[0].served_by is None, 10, "the lease to end")
+    eventually(lambda: keeper.entries()[0].served_by is None, 10, "the lease to end")
     assert peers.run(*claim_args(keeper.path, conn))["result"] == "ok"
 
 
@@ -182,7 +181,7 @@ def test_unmount_drops_the_entry(keeper, conn):
         worker.deposit(conn.mountpoint, {}, conn.fd)
     assert [e.connection for e in keeper.entries()] == [conn.minor]
     subprocess.run(["umount", "-l", conn.mountpoint], check=True)
-    wait_for(lambda: not keeper.entries(), 10, "the keeper to drop the ended connection")
+    eventually(lambda: not keeper.entries(), 10, "the keeper to drop the ended connection")
     with KeeperClient(keeper.path) as worker:
         assert worker.claim(conn.mountpoint) is None
 
@@ -207,7 +206,7 @@ def test_an_unclaimed_connection_is_let_go_after_the_orphan_timeout(short_dir, c
         with KeeperClient(keeper.path) as worker:
             worker.deposit(conn.mountpoint, {}, conn.fd)
             assert keeper.entries()  # held while the worker's lease lasts, however long
-        wait_for(lambda: not keeper.entries(), 10, "the orphaned entry to be dropped")
+        eventually(lambda: not keeper.entries(), 10, "the orphaned entry to be dropped")
 
 
 def test_a_view_detached_while_its_connection_lives_on_is_dropped(keeper, conn, short_dir):
@@ -220,7 +219,7 @@ def test_a_view_detached_while_its_connection_lives_on_is_dropped(keeper, conn, 
         worker.deposit(conn.mountpoint, {}, conn.fd)
     subprocess.run(["umount", "-l", conn.mountpoint], check=True)
     assert (str(pin), conn.minor) in fuse_mounts()  # the connection is alive, elsewhere
-    wait_for(lambda: not keeper.entries(), 10, "the keeper to drop the detached view")
+    eventually(lambda: not keeper.entries(), 10, "the keeper to drop the detached view")
     subprocess.run(["umount", "-l", str(pin)], check=True)
 
 
@@ -267,7 +266,7 @@ def test_clients_are_capped_and_the_refused_one_is_told_why(short_dir):
         with pytest.raises(KeeperError, match="serves 1 clients already"), KeeperClient(keeper.path) as second:
             second.entries()
         first.close()
-        wait_for(lambda: _entries_or_none(keeper.path) is not None, 10, "the slot to free")
+        eventually(lambda: _entries_or_none(keeper.path) is not None, 10, "the slot to free")
 
 
 def _entries_or_none(path: Path):
@@ -309,7 +308,7 @@ def test_the_csi_node_plugin_process_holds_connections(short_dir, conn, peers):
                                "--node-id=n1", f"--host-root={root}"], env=env, stderr=subprocess.PIPE, text=True)
     try:
         path = root / "run" / "keeper" / "keeper.sock"  # where workers look: runtime.keeper_socket()
-        wait_for(path.exists, 30, "the plugin's keeper socket")
+        eventually(path.exists, 30, "the plugin's keeper socket")
         depositor = peers.start("deposit", str(path), conn.mountpoint, str(conn.fd), pass_fds=(conn.fd,))
         assert peers.answer(depositor)["result"] == "ok"
         depositor.kill()
@@ -350,7 +349,7 @@ def test_the_csi_node_plugin_can_run_without_a_keeper(short_dir):
     plugin = subprocess.Popen([sys.executable, "-m", "datahoard.cli", "csi-node", f"--endpoint=unix://{short_dir}/csi.sock",
                                "--node-id=n1", f"--host-root={root}"], env=env, stderr=subprocess.PIPE, text=True)
     try:
-        wait_for((short_dir / "csi.sock").exists, 30, "the plugin's CSI socket")
+        eventually((short_dir / "csi.sock").exists, 30, "the plugin's CSI socket")
         assert not (root / "run" / "keeper" / "keeper.sock").exists()
     finally:
         plugin.send_signal(signal.SIGTERM)
@@ -410,9 +409,9 @@ def test_the_supervisor_restarts_a_worker_that_dies_and_holds_the_keeper(short_d
     try:
         with os.fdopen(ready_r) as ready:
             assert ready.readline().startswith("ready")  # forwarded from the first worker
-        wait_for(lambda: len(_starts(short_dir)) >= 2, 30, "a restart")
+        eventually(lambda: len(_starts(short_dir)) >= 2, 30, "a restart")
         (short_dir / "crash").unlink()
-        wait_for(lambda: len(_starts(short_dir)) >= 3 or proc.poll() is not None, 30, "a worker that stays up")
+        eventually(lambda: len(_starts(short_dir)) >= 3 or proc.poll() is not None, 30, "a worker that stays up")
         starts = _starts(short_dir)
         assert proc.poll() is None, proc.stderr.read()
         # The first start carried the readiness pipe; restarts take the mount lock themselves.
@@ -443,7 +442,7 @@ def test_a_worker_restarted_by_the_supervisor_claims_the_held_connection(short_d
             worker.deposit(conn.mountpoint, {"major": 7}, conn.fd)
         (short_dir / "claim").write_text(conn.mountpoint)
         os.kill(int(first_pid), signal.SIGKILL)
-        wait_for(lambda: (short_dir / "claims").exists(), 30, "the restarted worker to claim")
+        eventually(lambda: (short_dir / "claims").exists(), 30, "the restarted worker to claim")
         assert (short_dir / "claims").read_text().split() == [str(conn.minor)]
         with KeeperClient(socket_path) as status:
             [entry] = status.entries()
@@ -463,7 +462,7 @@ def test_a_holder_that_dies_leaves_the_mount_failing_cleanly(short_dir, peers):
                                "--node-id=n1", f"--host-root={root}"], env=env, stderr=subprocess.DEVNULL)
     try:
         path = root / "run" / "keeper" / "keeper.sock"
-        wait_for(path.exists, 30, "the plugin's keeper socket")
+        eventually(path.exists, 30, "the plugin's keeper socket")
         with KeeperClient(path) as worker:
             worker.deposit(conn.mountpoint, {}, conn.fd)
         os.close(conn.fd)
@@ -511,7 +510,7 @@ def test_datahoard_mount_restarts_a_killed_worker_and_umount_ends_everything(s3,
     assert "hidden: a keeper holds the FUSE connection" in status.stdout, status.stdout
 
     os.kill(first.pid, signal.SIGKILL)
-    second = wait_for(lambda: (r := runtime.lookup(m.mountpoint)) and r.pid != first.pid and r, 60,
+    second = eventually(lambda: (r := runtime.lookup(m.mountpoint)) and r.pid != first.pid and r, 60,
                       "the supervisor to start a new worker")
     assert (m.mountpoint / "f").read_bytes() == b"hello"
     assert runtime.alive(supervisor)
@@ -526,6 +525,6 @@ def test_datahoard_mount_restarts_a_killed_worker_and_umount_ends_everything(s3,
 
 
 def _mounts(path: Path) -> list[tuple[str, str]]:
-    from .conftest import mounts_at
+    from tests.support.mounts import mounts_at
 
     return mounts_at(path)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 
 from bench import reliability, report
-from tests import results
+
+from tests.support import results
 
 
 def test_recorded_figures_render_into_the_results_section(tmp_path, monkeypatch):

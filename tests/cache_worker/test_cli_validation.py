@@ -13,11 +13,10 @@ from pathlib import Path
 import pytest
 
 from datahoard import runtime
-from tests.conftest import datahoard, force_unmount, mounts_at, wait_for
+from tests.support.mounts import datahoard, force_unmount, mounts_at
+from tests.support.polling import eventually
 
 pytestmark = pytest.mark.integration
-
-
 
 
 def one_error_line(result: subprocess.CompletedProcess, code: int = 1) -> str:
@@ -102,7 +101,7 @@ def test_umount_does_not_exit_0_while_the_worker_runs(s3, bucket, mount_dataset)
     finally:
         os.kill(pid, signal.SIGCONT)
     # SIGCONT delivers the SIGTERM umount sent: the worker goes.
-    wait_for(lambda: not runtime.alive(pid), what="the worker to exit")
+    eventually(lambda: not runtime.alive(pid), what="the worker to exit")
     assert not os.path.ismount(m.mountpoint)
 
 
@@ -121,7 +120,7 @@ def test_umount_stops_a_worker_that_outlives_its_view_and_says_so(s3, bucket, mo
     umount = subprocess.Popen([sys.executable, "-m", "datahoard.cli", "umount", str(m.mountpoint), "--timeout", "1"],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        wait_for(lambda: sigterm_pending(record.pid), what="umount to send SIGTERM")
+        eventually(lambda: sigterm_pending(record.pid), what="umount to send SIGTERM")
     finally:
         os.kill(record.pid, signal.SIGCONT)
     _, err = umount.communicate(timeout=60)

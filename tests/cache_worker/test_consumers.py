@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from cache_worker.consumers import (
+from datahoard.cache_worker.consumers import (
     HOST_CONSUMER, OTHER, UNATTRIBUTED, UNATTRIBUTED_CONSUMER, Consumer, ConsumerTable, PidResolver, PodNames,
     pod_uid_from_cgroup, start_time,
 )
-from cache_worker.counters import Counters
+from datahoard.cache_worker.counters import Counters
 
 UID = "3b1e6e42-8c7e-4c83-9d4f-0a9e1f5c2b7d"
 SYSTEMD_UID = UID.replace("-", "_")
@@ -181,7 +181,7 @@ def test_names_come_from_this_datasets_records_only(tmp_path):
 
 
 def test_counts_and_names_survive_a_restart(tmp_path):
-    from cache_worker.counters import CounterSaver
+    from datahoard.cache_worker.counters import CounterSaver
 
     records = tmp_path / "records"
     records.mkdir()
@@ -204,7 +204,7 @@ def test_counts_and_names_survive_a_restart(tmp_path):
 
 
 def test_damaged_consumer_counts_start_afresh_and_the_rest_is_kept(tmp_path):
-    from cache_worker.counters import CounterSaver
+    from datahoard.cache_worker.counters import CounterSaver
 
     path = tmp_path / "counters.json"
     c = Counters()

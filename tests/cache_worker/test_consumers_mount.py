@@ -15,8 +15,9 @@ from datahoard import names, runtime
 from datahoard.pod_records import PodRecord
 from datahoard.pod_records import forget as forget_pod
 from datahoard.pod_records import write as record_pod
-from tests.cgroups import pod_cgroups, read_in, reading_in
-from tests.conftest import datahoard, unmount, wait_for
+from tests.support.cgroups import pod_cgroups, read_in, reading_in
+from tests.support.mounts import datahoard, unmount
+from tests.support.polling import eventually
 
 pytestmark = pytest.mark.integration
 
@@ -46,7 +47,7 @@ def test_two_pods_reading_through_fuse_get_their_own_bytes(s3, bucket, mount_dat
     assert read_in(cg_b, m.mountpoint / "b.bin") == b  # a miss
     # Everything is cached now, so the view hands opens to the kernel; an open racing that
     # switch may be counted twice (fs.serve_opens_in_kernel): let it happen first.
-    wait_for(lambda: m.stats().kernel_opens, what="the view handing opens to the kernel")
+    eventually(lambda: m.stats().kernel_opens, what="the view handing opens to the kernel")
     assert (m.mountpoint / "b.bin").read_bytes() == b  # the host (this process), a hit
 
     stats = m.stats()
@@ -87,7 +88,7 @@ def test_kernel_opens_are_attributed_by_fanotifys_pid(s3, bucket, mount_dataset,
     directory = names.consumers_dir("ml", "imagenet", tmp_path / "host")
     record_pod(directory, "/pods/a/mount", PodRecord(UID_A, "team-a", "trainer-0"))
     m = mount_dataset(bucket, "ds", "--warm", "--wait", "--no-passthrough", "--consumers-dir", str(directory))
-    wait_for(lambda: m.stats().kernel_opens, what="the view handing opens to the kernel")
+    eventually(lambda: m.stats().kernel_opens, what="the view handing opens to the kernel")
 
     first, second = list(files)[:3], list(files)[3:]
     expected = {
@@ -105,4 +106,4 @@ def test_kernel_opens_are_attributed_by_fanotifys_pid(s3, bucket, mount_dataset,
             for key in keys:
                 assert readers.enter_context(reading_in(cgroup, m.mountpoint / key)) == files[key]
         assert m.stats().kernel_opens
-        wait_for(attributed, what=f"fanotify's opens attributed as {expected}")
+        eventually(attributed, what=f"fanotify's opens attributed as {expected}")

@@ -10,8 +10,9 @@ import signal
 
 import pytest
 
-from cache_worker.counters import RECENT_WINDOW, Counters, CounterSaver
-from tests.conftest import unmount, wait_for
+from datahoard.cache_worker.counters import RECENT_WINDOW, Counters, CounterSaver
+from tests.support.mounts import unmount
+from tests.support.polling import eventually
 
 
 def put(s3, bucket: str, files: dict[str, bytes]) -> None:
@@ -45,13 +46,13 @@ def test_counters_continue_after_unmount_and_after_sigkill(s3, bucket, mount_dat
 
     # SIGKILL: what the last save held survives (a save comes every few seconds).
     saved = cache / "counters.json"
-    wait_for(lambda: json.loads(saved.read_text())["counters"]["served_from_source"] == len(a) + len(b),
+    eventually(lambda: json.loads(saved.read_text())["counters"]["served_from_source"] == len(a) + len(b),
              timeout=30, what="the counters to be saved")
     pid = runtime.lookup(mnt).pid
     os.kill(pid, signal.SIGKILL)
-    wait_for(lambda: not runtime.alive(pid), what="the worker to die")
+    eventually(lambda: not runtime.alive(pid), what="the worker to die")
     # The mount's supervisor starts the next worker, which resumes the held connection.
-    wait_for(lambda: (r := runtime.lookup(mnt)) is not None and r.pid != pid, timeout=60,
+    eventually(lambda: (r := runtime.lookup(mnt)) is not None and r.pid != pid, timeout=60,
              what="the supervisor to restart the worker")
     revived = m.stats()
     assert revived.fuse.resumed
@@ -105,7 +106,7 @@ def test_recent_ratio_covers_the_last_window_only():
 
 
 def test_a_failing_save_is_logged_once_and_serving_goes_on(tmp_path, caplog):
-    caplog.set_level(logging.INFO, logger="cache_worker.counters")
+    caplog.set_level(logging.INFO, logger="datahoard.cache_worker.counters")
     c = Counters()
     c.add_read(from_cache=5, from_source=0)
     gone = tmp_path / "gone"

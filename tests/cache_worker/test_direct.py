@@ -16,18 +16,17 @@ from pathlib import Path
 import pytest
 
 from datahoard.mounts import bind_readonly, unmount_all
-from tests.conftest import datahoard, mounts_at, wait_for
+from tests.support.mounts import datahoard, mounts_at
+from tests.support.polling import eventually
 
 pytestmark = pytest.mark.integration
 
 MiB = 1 << 20
 
 
-
 def anything_mounted_under(path: Path) -> list[str]:
     with open("/proc/self/mountinfo") as f:
         return [line.split()[4] for line in f if line.split()[4].startswith(str(path))]
-
 
 
 def upload(s3, bucket: str, files: dict[str, bytes], prefix: str = "ds/") -> None:
@@ -44,7 +43,7 @@ def dataset() -> dict[str, bytes]:
 
 
 def wait_direct(m, state: str = "ready"):
-    return wait_for(lambda: (s := m.stats()).direct.state in (state, "failed") and s, what=f"direct {state}")
+    return eventually(lambda: (s := m.stats()).direct.state in (state, "failed") and s, what=f"direct {state}")
 
 
 def read_all(root: Path) -> dict[str, bytes]:
@@ -189,11 +188,11 @@ def test_restart_reuses_the_tree_and_a_crash_leaves_nothing_mounted(s3, bucket, 
     # The counters continue after a restart from their last save: wait for the one with the
     # warming's bytes, so that "nothing fetched since" is exact.
     saved = cache / "counters.json"
-    wait_for(lambda: saved.exists() and json.loads(saved.read_text())["counters"]["fetched"] == fetched,
+    eventually(lambda: saved.exists() and json.loads(saved.read_text())["counters"]["fetched"] == fetched,
              timeout=30,
              what="the counters to be saved")
     os.kill(pid, signal.SIGKILL)
-    wait_for(lambda: not runtime.alive(pid), what="the worker to die")
+    eventually(lambda: not runtime.alive(pid), what="the worker to die")
 
     m2 = mount_dataset(bucket, "ds", "--direct", cache_dir=cache, mountpoint=mnt)
     stats = wait_direct(m2)
@@ -227,7 +226,7 @@ def test_a_refresh_keeps_the_old_tree_while_something_binds_it(s3, bucket, mount
         unmount_all(pod)
     m3 = mount_dataset(bucket, "ds", "--direct", cache_dir=cache, mountpoint=mnt)
     assert wait_direct(m3).direct.path == str(new)
-    wait_for(lambda: not old.exists(), what="the unused old tree to be removed")
+    eventually(lambda: not old.exists(), what="the unused old tree to be removed")
 
 
 def test_fusermount_on_the_mountpoint_unmounts_both_layers(s3, bucket, mount_dataset):
@@ -240,7 +239,7 @@ def test_fusermount_on_the_mountpoint_unmounts_both_layers(s3, bucket, mount_dat
 
     pid = runtime.lookup(m.mountpoint).pid
     subprocess.run(["fusermount3", "-u", str(m.mountpoint)], check=True)
-    wait_for(lambda: not runtime.alive(pid), what="the worker to exit")
+    eventually(lambda: not runtime.alive(pid), what="the worker to exit")
     assert mounts_at(m.mountpoint) == []
 
 

@@ -7,13 +7,13 @@ from __future__ import annotations
 import os
 import stat
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 
 from datahoard.cache_worker.store import CacheFull, ChunkId, ChunkStore
-from tests.conftest import datahoard
+from tests.support.mounts import datahoard
+from tests.support.polling import eventually
 
 MiB = 1 << 20
 
@@ -21,16 +21,6 @@ MiB = 1 << 20
 def _put(s3, bucket, files):
     for key, body in files.items():
         s3.put_object(Bucket=bucket, Key="ds/" + key, Body=body)
-
-
-def _wait_for(predicate, what: str, limit: float = 60.0):
-    deadline = time.monotonic() + limit
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    pytest.fail(f"gave up after {limit} s waiting for {what}")
 
 
 @pytest.fixture
@@ -86,11 +76,11 @@ def test_a_cache_disk_filled_by_another_writer_reads_through_says_why_and_recove
     # the reads of cached files itself (page cache or passthrough), so recovery must not wait
     # for a fill (it used to, and a reader that made none before the retry window left
     # `degraded` set for good).
-    _wait_for(lambda: m.stats().degraded is None, "degraded to clear with no reads", limit=10)
+    eventually(lambda: m.stats().degraded is None, 10, "degraded to clear with no reads")
     for key in keys:  # what the full disk could not take is cached now, as it is read
         assert (m.mountpoint / key).read_bytes() == files[key], key
     total = sum(len(b) for b in files.values())
-    stats = _wait_for(lambda: (s := m.stats()).cached_bytes == total and s, "every file cached", limit=10)
+    stats = eventually(lambda: (s := m.stats()).cached_bytes == total and s, 10, "every file cached")
     assert stats.errors == 0 and stats.degraded is None, (stats.last_error, stats.degraded)
 
 
@@ -106,14 +96,14 @@ def test_warming_on_a_disk_another_writer_filled_finishes_the_job_once_room_is_b
     subprocess.run(["fallocate", "-l", str(st.f_bavail * st.f_frsize - 3 * MiB), str(small_tmpfs / "filler")],
                    check=True)  # 3 MiB left: the record opens, a quarter of the dataset fits
     m = mount_dataset(bucket, "ds", "--capacity", "1Gi", "--warm", "--wait", cache_dir=small_tmpfs / "cache")
-    stats = _wait_for(lambda: (s := m.stats()).warming.state != "running" and s, "warming to end")
+    stats = eventually(lambda: (s := m.stats()).warming.state != "running" and s, what="warming to end")
     assert stats.warming.state == "done" and stats.cached_bytes < total / 2, stats
     (small_tmpfs / "filler").unlink()
-    stats = _wait_for(lambda: (s := m.stats()).cached_bytes == total and s.degraded is None and s,
-                      "the rest warmed with no reads", limit=30)
+    stats = eventually(lambda: (s := m.stats()).cached_bytes == total and s.degraded is None and s,
+                       30, "the rest warmed with no reads")
     assert stats.errors == 0, stats.last_error
     # Every file is small and now cached: the kernel takes over the opens, as on any other mount.
-    _wait_for(lambda: m.stats().kernel_opens, "the kernel to serve opens", limit=10)
+    eventually(lambda: m.stats().kernel_opens, 10, "the kernel to serve opens")
     for key, body in files.items():
         assert (m.mountpoint / key).read_bytes() == body, key
 
@@ -166,7 +156,7 @@ def test_the_cache_is_as_private_as_the_view(s3, bucket, open_dir, mount_dataset
     extra = () if allow_other else ("--no-allow-other",)
     m = mount_dataset(bucket, "ds", "--direct", "--warm", "--wait", *extra,
                       cache_dir=open_dir / "cache", mountpoint=open_dir / "mnt")
-    stats = _wait_for(lambda: (s := m.stats()).direct.state in ("ready", "failed") and s, "the direct tree")
+    stats = eventually(lambda: (s := m.stats()).direct.state in ("ready", "failed") and s, what="the direct tree")
     assert stats.direct.state == "ready", stats.direct.message
     chunk = next(p for p in (m.cache_dir / "chunks" / "data").rglob("*") if p.is_file())
     tree_file = Path(stats.direct.path) / "a" / "small.bin"
@@ -350,7 +340,7 @@ def test_a_key_longer_than_path_max_is_skipped_and_counted_not_fatal_to_the_dire
     files = {"a/one.bin": os.urandom(10_000), "two.bin": os.urandom(20_000), long_key: b"unreachable"}
     _put(s3, bucket, files)
     m = mount_dataset(bucket, "ds", "--direct", "--warm", "--wait")
-    stats = _wait_for(lambda: (s := m.stats()).direct.state in ("ready", "failed") and s, "the direct tree")
+    stats = eventually(lambda: (s := m.stats()).direct.state in ("ready", "failed") and s, what="the direct tree")
     assert stats.direct.state == "ready", (stats.direct.message or "")[:300]
     assert stats.skipped_keys == 1 and stats.files == 2
     assert sorted(os.listdir(m.mountpoint)) == ["a", "two.bin"]

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from tests.faults import Fault, FaultProxy
+from tests.support.faults import Fault, FaultProxy
 
 pytestmark = pytest.mark.integration
 

@@ -9,15 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-
-def _wait_for(check, seconds: float = 20.0):
-    """Poll the counters until ``check`` holds (or give up after ``seconds``)."""
-    deadline = time.monotonic() + seconds
-    while True:
-        value = check()
-        if value or time.monotonic() > deadline:
-            return value
-        time.sleep(0.05)
+from tests.support.polling import eventually
 
 
 @pytest.mark.integration
@@ -32,17 +24,17 @@ def test_concurrent_warm_opens_count_every_byte(s3, bucket, mount_dataset):
         return (m.mountpoint / name).read_bytes() == bodies[name]
 
     assert all(map(read, bodies))  # misses: every file fetched once
-    assert _wait_for(lambda: m.stats().served_from_source_bytes == total)
+    eventually(lambda: m.stats().served_from_source_bytes == total, 20, "every miss counted")
     epochs = 3
     with ThreadPoolExecutor(8) as pool:  # opens of cached files from many threads at once
         assert all(pool.map(read, list(bodies) * epochs))
 
     def settled():
         stats = m.stats()
-        return stats if stats.served_from_cache_bytes == epochs * total else None
+        assert (stats.served_from_source_bytes, stats.served_from_cache_bytes) == (total, epochs * total)
+        return stats
 
-    stats = _wait_for(settled) or m.stats()
-    assert (stats.served_from_source_bytes, stats.served_from_cache_bytes) == (total, epochs * total)
+    eventually(settled, 20)
 
 
 @pytest.mark.integration
@@ -55,7 +47,7 @@ def test_kept_file_evicted_since_is_fetched_again_and_counted_once(s3, bucket, m
     assert path_a.read_bytes() == a  # miss
     assert path_a.read_bytes() == a  # cached: remembered as a file whose opens keep the page cache
     assert (m.mountpoint / "b").read_bytes() == b  # miss; evicts a (the capacity holds one file)
-    assert _wait_for(lambda: m.stats().served_from_cache_bytes == len(a))
+    eventually(lambda: m.stats().served_from_cache_bytes == len(a), 20, "the hit counted")
     # This open still takes the remembered path (keep the page cache); drop the kernel's copy
     # of a so that the bytes are asked for: they come from the source again, and count once.
     with open(path_a, "rb", buffering=0) as f:
@@ -64,10 +56,10 @@ def test_kept_file_evicted_since_is_fetched_again_and_counted_once(s3, bucket, m
 
     def settled():
         stats = m.stats()
-        return stats if stats.served_from_source_bytes == 2 * len(a) + len(b) else None
+        assert (stats.served_from_source_bytes, stats.served_from_cache_bytes) == (2 * len(a) + len(b), len(a))
+        return stats
 
-    stats = _wait_for(settled) or m.stats()
-    assert (stats.served_from_source_bytes, stats.served_from_cache_bytes) == (2 * len(a) + len(b), len(a))
+    eventually(settled, 20)
 
 
 @pytest.mark.integration
@@ -82,14 +74,14 @@ def test_small_file_evicted_from_the_store_is_served_from_the_page_cache(s3, buc
     m = mount_dataset(bucket, "ds", "--capacity", "150000", *mode)
     assert (m.mountpoint / "a").read_bytes() == a  # miss: read through the view, into the page cache
     assert (m.mountpoint / "b").read_bytes() == b  # miss; evicts a (the capacity holds one file)
-    assert _wait_for(lambda: m.stats().cached_bytes == len(b))
+    eventually(lambda: m.stats().cached_bytes == len(b), 20)
     assert (m.mountpoint / "a").read_bytes() == a  # the kernel still has a's pages
 
     def settled():
         stats = m.stats()
         return stats if stats.served_from_cache_bytes == len(a) else None
 
-    stats = _wait_for(settled) or m.stats()
+    stats = eventually(settled, 20)
     assert stats.fetched_bytes == len(a) + len(b), "a was fetched again though the kernel held it"
     assert (stats.served_from_source_bytes, stats.served_from_cache_bytes) == (len(a) + len(b), len(a))
 
@@ -114,7 +106,7 @@ def test_passed_through_open_counts_as_use_for_eviction(s3, bucket, mount_datase
     assert m.stats().fuse.passthrough_opens == 1
     time.sleep(0.05)
     assert (m.mountpoint / "c").read_bytes() == c  # miss: room for it evicts the oldest use, b
-    assert _wait_for(lambda: m.stats().cached_bytes == len(a) + len(c))
+    eventually(lambda: m.stats().cached_bytes == len(a) + len(c), 20)
     assert _cached_bodies(m.cache_dir) == {a, c}
 
 
@@ -141,7 +133,7 @@ def test_a_backing_id_is_kept_across_opens_and_closed_when_the_store_evicts_its_
     node = os.stat(path_a).st_ino
     assert _backing_records(m, node) == ["b"], "one registration for three opens, kept open"
     assert (m.mountpoint / "b").read_bytes() == b  # evicts a
-    assert _wait_for(lambda: _backing_records(m, node) == ["b", "c"]), _backing_records(m, node)
+    eventually(lambda: _backing_records(m, node) == ["b", "c"], 20)
 
 
 @pytest.mark.integration
@@ -186,6 +178,6 @@ def test_a_file_read_through_a_full_disk_is_cached_when_read_again_with_room(s3,
         filler.unlink()
         time.sleep(1.2)  # past the store's retry window after a failed fill
         assert (m.mountpoint / "a").read_bytes() == a
-        assert _wait_for(lambda: m.stats().cached_bytes == len(a)), m.stats()
+        eventually(lambda: m.stats().cached_bytes == len(a), 20)
     finally:
         subprocess.run(["umount", "-l", str(disk)], check=False)

@@ -21,7 +21,8 @@ from pathlib import Path
 import pytest
 
 from datahoard.cache_worker.fusell.passthrough import read_log
-from tests.conftest import mounts_at, wait_for
+from tests.support.mounts import mounts_at
+from tests.support.polling import eventually
 
 pytestmark = pytest.mark.integration
 
@@ -289,7 +290,7 @@ def test_backing_table_shares_one_id_and_survives_a_restart(tree, servers, resta
     closed = ["c", node, "0", "", bid]
     assert closed not in _table(log)
     os.close(fd3)
-    wait_for(lambda: closed in _table(log), 10, "the backing id to be closed")
+    eventually(lambda: closed in _table(log), 10, "the backing id to be closed")
     # the inode is neutral again: a new open registers a fresh id and reads
     assert in_thread(lambda: read_all(servers.mnt / "big")) == big
 
@@ -309,7 +310,7 @@ def test_sigkill_mid_read_is_invisible_after_resume_and_resend(tree, servers):
 
     t = threading.Thread(target=blocked_reader, daemon=True)
     t.start()
-    wait_for(signal_file.exists, 20, "the held read to reach the handler")
+    eventually(signal_file.exists, 20, "the held read to reach the handler")
     assert t.is_alive()
     a.kill()
     a.wait(10)
@@ -352,13 +353,13 @@ def test_graceful_handover_loses_no_read(tree, servers):
     threads = [threading.Thread(target=reader, daemon=True) for _ in range(4)]
     for t in threads:
         t.start()
-    wait_for(lambda: stats["reads"] > 50, 20, "reads before the handover")
+    eventually(lambda: stats["reads"] > 50, 20, "reads before the handover")
     a.send_signal(signal.SIGTERM)
     assert a.wait(20) == 0
     assert "SERVE-RETURNED stopped" in a.stdout.read()
     before = stats["reads"]
     servers.resume(tree.src)
-    wait_for(lambda: stats["reads"] > before + 50, 20, "reads after the handover")
+    eventually(lambda: stats["reads"] > before + 50, 20, "reads after the handover")
     stop.set()
     for t in threads:
         t.join(20)

@@ -26,8 +26,8 @@ from datahoard.cache_worker.s3 import S3Options, S3Source
 from datahoard.cache_worker.source import SourceError
 from datahoard.cache_worker.store import ChunkStore
 from datahoard import runtime
-from tests.conftest import datahoard
-from tests.faults import Fault, FaultProxy
+from tests.support.faults import Fault, FaultProxy
+from tests.support.mounts import datahoard
 
 pytestmark = pytest.mark.integration
 

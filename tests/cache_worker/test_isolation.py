@@ -8,7 +8,7 @@ import urllib.request
 import pytest
 
 from datahoard import runtime
-from tests.conftest import datahoard, force_unmount
+from tests.support.mounts import datahoard, force_unmount
 
 pytestmark = pytest.mark.integration
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from datahoard import runtime
+from tests.support.polling import eventually
 
 pytestmark = pytest.mark.integration
 
@@ -38,13 +39,6 @@ def _digests(paths: list[Path], timeout: float = 30) -> list[str]:
     return result.stdout.split()
 
 
-def _wait_for(check, seconds: float = 20.0):
-    deadline = time.monotonic() + seconds
-    while not (value := check()) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return value
-
-
 def _dataset(s3, bucket: str, sizes: list[int]) -> dict[str, bytes]:
     files = {f"class{i % 3}/img{i:03d}.jpg": os.urandom(size) for i, size in enumerate(sizes)}
     for key, body in files.items():
@@ -57,7 +51,7 @@ def test_a_cached_dataset_is_read_with_the_worker_stopped_and_every_open_counted
     total = sum(map(len, files.values()))
     want = [hashlib.sha256(body).hexdigest() for body in files.values()]
     m = mount_dataset(bucket, "ds", "--warm", "--wait", "--no-passthrough")
-    assert _wait_for(lambda: m.stats().kernel_opens), "the view did not hand opens to the kernel"
+    eventually(lambda: m.stats().kernel_opens, 20, "the view to hand opens to the kernel")
     paths = [m.mountpoint / key for key in files]
 
     assert _digests(paths) == want  # first epoch: the kernel asks the worker for the bytes
@@ -97,7 +91,7 @@ def test_a_dataset_cached_by_reading_it_hands_opens_to_the_kernel_too(s3, bucket
     time.sleep(1.5)
     assert not m.stats().kernel_opens  # one file is still only in the source
     assert (m.mountpoint / keys[-1]).read_bytes() == files[keys[-1]]
-    assert _wait_for(lambda: m.stats().kernel_opens)
+    eventually(lambda: m.stats().kernel_opens, 20, "the view to hand opens to the kernel")
     for key, body in files.items():
         assert (m.mountpoint / key).read_bytes() == body
     total = sum(map(len, files.values()))

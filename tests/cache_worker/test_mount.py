@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from datahoard import runtime
-from tests.conftest import datahoard, force_unmount, unmount
+from tests.support.mounts import datahoard, force_unmount, unmount
 
 pytestmark = pytest.mark.integration
 
@@ -221,7 +221,7 @@ def test_corrupt_cache_file_is_refetched_after_restart(s3, bucket, mount_dataset
 
 
 def test_source_down_gives_eio_for_misses_and_cached_data_still_reads(s3_server, mount_dataset, tmp_path):
-    from tests.conftest import start_moto
+    from tests.support.s3server import start_moto
 
     server = start_moto()
     try:

@@ -13,8 +13,8 @@ import time
 import pytest
 
 from datahoard import runtime
-from tests.conftest import force_unmount
-from tests.results import record
+from tests.support.mounts import force_unmount
+from tests.support.results import record
 
 pytestmark = pytest.mark.integration
 

@@ -1,7 +1,7 @@
 """The S3 source against a real S3 server over HTTP (moto in server mode).
 
 Reads go through the lean GET path (:mod:`cache_worker.s3_get`); listing and HEAD through
-botocore. Faults come from the fault-injecting proxy of ``tests/faults.py``.
+botocore. Faults come from the fault-injecting proxy of ``tests/support/faults.py``.
 """
 
 from __future__ import annotations
@@ -24,8 +24,9 @@ from datahoard.cache_worker.source import (
     SourceTransientError,
     SourceUnreachable,
 )
-from tests.conftest import free_port, start_moto
-from tests.faults import Fault, FaultProxy
+from tests.support.faults import Fault, FaultProxy
+from tests.support.ports import free_port
+from tests.support.s3server import start_moto
 
 pytestmark = pytest.mark.integration
 

@@ -16,7 +16,8 @@ import pytest
 
 from datahoard.cache_worker.s3 import S3Options, S3Source
 from datahoard.cache_worker.source import RemoteObject, SourceTransientError
-from tests.faults import Fault, FaultProxy
+from tests.support.faults import Fault, FaultProxy
+from tests.support.polling import eventually
 
 pytestmark = pytest.mark.integration
 
@@ -119,14 +120,6 @@ def _drop_page_cache(path) -> None:
         os.close(fd)
 
 
-def _wait_for(condition, limit: float, what: str) -> None:
-    deadline = time.monotonic() + limit
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"{what} did not happen in {limit} s")
-        time.sleep(0.05)
-
-
 #: Fetches that stay stuck for minutes, and readers that would wait for them as long.
 _STUCK_ENV = {"DATAHOARD_S3_READ_TIMEOUT": str(_SILENCE), "DATAHOARD_S3_REQUEST_TIMEOUT": str(_SILENCE),
               "DATAHOARD_READ_WAIT": str(_SILENCE)}
@@ -155,7 +148,7 @@ def test_metadata_and_cache_hits_are_answered_while_fetches_are_stuck(s3, bucket
                for i in range(stuck)]
     try:
         # At least libfuse's default thread count (before the fix, only that many got through).
-        _wait_for(lambda: proxy.injected >= 10, 60, "10 fetches stuck on the store")
+        eventually(lambda: proxy.injected >= 10, 60, "10 fetches stuck on the store")
         time.sleep(2)  # let the other stuck reads settle on their libfuse threads
         assert all(r.poll() is None for r in readers), "the stuck reads should still be waiting"
         # Each of these waited 145 s and more before the fix; 10 s is generous on a loaded machine.
@@ -235,7 +228,7 @@ def test_a_slow_listing_makes_mount_fail_clearly(s3, bucket, proxy, tmp_path, fa
     import signal
     import subprocess
 
-    from tests.conftest import datahoard, force_unmount
+    from tests.support.mounts import datahoard, force_unmount
 
     s3.put_object(Bucket=bucket, Key="ds/a", Body=b"x")
     proxy.add(fault)

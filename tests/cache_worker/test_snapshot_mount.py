@@ -11,7 +11,7 @@ import pytest
 
 from datahoard import runtime
 from datahoard.cache_worker import snapshot
-from tests.conftest import datahoard
+from tests.support.mounts import datahoard
 
 pytestmark = pytest.mark.integration
 

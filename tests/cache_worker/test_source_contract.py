@@ -15,10 +15,9 @@ from datahoard.cache_worker.integrity import verify
 from datahoard.cache_worker.s3 import S3Options, S3Source
 from datahoard.cache_worker.source import (ChecksumMismatch, RemoteObject, Source, SourceChanged,
                                            SourceNotFound, SourceTransientError, SourceUnreachable)
-from tests.faults import Fault, FaultProxy
-from tests.conftest import free_port
-from tests.support.fakes.source import ENDPOINT as fake_endpoint
-from tests.support.fakes.source import FakeS3, FakeSource
+from tests.support.fakes.source import ENDPOINT as fake_endpoint, FakeS3, FakeSource
+from tests.support.faults import Fault, FaultProxy
+from tests.support.ports import free_port
 
 MiB = 1 << 20
 

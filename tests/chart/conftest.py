@@ -1,5 +1,5 @@
 """Fixtures for the chart tests: a helm binary (built once from its Go module by `make helm`),
-`helm template` rendering, and the audited control plane (see chartlib)."""
+`helm template` rendering, and the audited control plane (see tests/support/chart.py)."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ from typing import Any
 import pytest
 import yaml
 
-from chartlib import (CHART, NAMESPACE, RELEASE, REPO, AuditedControlPlane, Rendered, run_helm,
-                      values_file)
-from envtest import assets_dir
+from tests.support.chart import (CHART, NAMESPACE, RELEASE, REPO, AuditedControlPlane, Rendered, run_helm,
+                                 values_file)
+from tests.support.envtest import assets_dir
 
 
 @pytest.fixture(scope="session")

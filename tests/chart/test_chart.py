@@ -11,10 +11,9 @@ from typing import Any
 import pytest
 import yaml
 
-from chartlib import CHART, CUSTOM_VALUES, NAMESPACE, REPO, run_helm, values_file
-
 from datahoard import names
 from datahoard.operator.config import OperatorSettings
+from tests.support.chart import CHART, CUSTOM_VALUES, NAMESPACE, REPO, run_helm, values_file
 
 # The first test of a session may build helm (~5 min on 2 cores with a cold Go cache).
 pytestmark = pytest.mark.timeout(1800)

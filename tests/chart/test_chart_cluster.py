@@ -19,11 +19,12 @@ import kubernetes
 import pytest
 import yaml
 
-from chartlib import (CHART, CUSTOM_VALUES, NAMESPACE, RELEASE, REPO, AuditedControlPlane,
-                      Rendered, run_helm)
 from datahoard import names
-from envtest import eventually, free_port
-from fakes import Kubelet, make_node
+from tests.support.chart import (CHART, CUSTOM_VALUES, NAMESPACE, RELEASE, REPO, AuditedControlPlane,
+                                 Rendered, run_helm)
+from tests.support.kubelet import Kubelet, make_node
+from tests.support.polling import eventually
+from tests.support.ports import free_port
 
 # The first test of a session may build helm (~5 min on 2 cores with a cold Go cache).
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(1800)]

@@ -11,11 +11,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from chartlib import CHART, NAMESPACE, run_helm, values_file
 
 from datahoard import names
 from datahoard.csi_node.registration import socket_name
 from datahoard.csi_node.server import parse_args, socket_path
+from tests.support.chart import CHART, NAMESPACE, run_helm, values_file
 
 # The first test of a session may build helm (~5 min on 2 cores with a cold Go cache).
 pytestmark = pytest.mark.timeout(1800)

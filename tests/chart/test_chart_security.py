@@ -7,9 +7,8 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from chartlib import CHART, NAMESPACE
-
 from datahoard.operator.config import OperatorSettings
+from tests.support.chart import CHART, NAMESPACE
 
 pytestmark = pytest.mark.timeout(1800)
 
@@ -111,7 +110,7 @@ def test_admission_policy_binds_the_operator_only(render) -> None:
     ({"networkPolicy": {"linkLocalAllowed": ["169.254.169.254/32"]}}, "linkLocalAllowed"),
 ])
 def test_schema_rejects_bad_security_values(helm, tmp_path, bad, message) -> None:
-    from chartlib import run_helm, values_file
+    from tests.support.chart import run_helm, values_file
 
     result = run_helm(helm, "template", "x", str(CHART), "--values", str(values_file(tmp_path, bad)),
                       check=False)

@@ -16,7 +16,7 @@ import pytest
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-from chartlib import REPO
+from tests.support.chart import REPO
 
 DOCKERFILE = (REPO / "Dockerfile").read_text()
 LOCK = REPO / "requirements.lock"

@@ -11,11 +11,13 @@ import kubernetes
 import pytest
 import yaml
 
-from envtest import REPO, ControlPlane, assets_dir, eventually, free_port
-from fakes import Kubelet, OperatorProcess, make_node
+from tests.support.cluster import Cluster
+from tests.support.envtest import REPO, ControlPlane, assets_dir
+from tests.support.kubelet import Kubelet, OperatorProcess, make_node
+from tests.support.polling import eventually
+from tests.support.ports import free_port
 
 CRD_PATH = REPO / "crds" / "datasets.datahoard.io.yaml"
-
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -155,3 +157,8 @@ def operator(crd: Path, operator_kubeconfig: Path, operator_env: dict[str, str],
     op.stop()
     tail = [line[:400] for line in op.output().splitlines()[-60:]]
     print("---- operator log (tail) ----\n" + "\n".join(tail))
+
+
+@pytest.fixture
+def cluster(api_client: kubernetes.client.ApiClient, control_plane: ControlPlane) -> Cluster:
+    return Cluster(api_client, control_plane)

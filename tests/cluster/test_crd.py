@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from datahoard import api, names
-from envtest import REPO, ControlPlane
+from tests.support.envtest import REPO, ControlPlane
 
 pytestmark = pytest.mark.cluster
 

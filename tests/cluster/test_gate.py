@@ -19,12 +19,13 @@ from typing import Any
 
 import pytest
 import yaml
-from envtest import REPO, eventually
-from fakes import Kubelet, OperatorProcess
-from test_operator import Cluster, cluster  # noqa: F401 - the fixture is used by name
 
 from datahoard import names
 from datahoard.stats import WarmingStats, WorkerStats
+from tests.support.cluster import Cluster
+from tests.support.envtest import REPO
+from tests.support.kubelet import Kubelet, OperatorProcess
+from tests.support.polling import eventually
 
 pytestmark = pytest.mark.cluster
 SYSTEM = names.SYSTEM_NAMESPACE
@@ -245,7 +246,6 @@ def test_a_gate_that_can_never_lift_says_why_in_an_event(
     eventually(lambda: gates(cluster, namespace, "too-big") == [OTHER_GATE],
                what="the gate lifted once the capacity suffices and the cache is full")
     assert operator.alive()
-
 
 
 def test_the_gate_patch_is_pinned_to_the_pod_it_was_decided_for(cluster: Cluster,

@@ -16,8 +16,8 @@ import kubernetes
 import pytest
 
 from datahoard.operator.kube import Kube
-from envtest import free_port
 from tests.support.fakes.kube import FakeKube
+from tests.support.ports import free_port
 
 Obj = dict[str, Any]
 

@@ -10,11 +10,11 @@ import threading
 from pathlib import Path
 
 import pytest
-from envtest import eventually
-from fakes import Kubelet, OperatorProcess
-from test_operator import Cluster, cluster  # noqa: F401 - the fixture is used by name
 
 from datahoard import names
+from tests.support.cluster import Cluster
+from tests.support.kubelet import Kubelet, OperatorProcess
+from tests.support.polling import eventually
 
 pytestmark = pytest.mark.cluster
 SYSTEM = names.SYSTEM_NAMESPACE

@@ -13,10 +13,10 @@ import pytest
 
 from datahoard import names
 from datahoard.csi_node import consumers as records
-from envtest import eventually
-from fakes import Kubelet, OperatorProcess
-from test_operator import Cluster, cluster  # noqa: F401 - the fixture is used by name
-from tests.cgroups import pod_cgroups, read_in
+from tests.support.cgroups import pod_cgroups, read_in
+from tests.support.cluster import Cluster
+from tests.support.kubelet import Kubelet, OperatorProcess
+from tests.support.polling import eventually
 
 pytestmark = pytest.mark.cluster
 SYSTEM = names.SYSTEM_NAMESPACE

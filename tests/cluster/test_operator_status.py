@@ -12,9 +12,10 @@ from typing import Any
 import pytest
 
 from datahoard import names
-from envtest import eventually, free_port
-from fakes import Kubelet, OperatorProcess
-from test_operator import Cluster, cluster, worker_stats  # noqa: F401 - the fixture is used by name
+from tests.support.cluster import Cluster, worker_stats
+from tests.support.kubelet import Kubelet, OperatorProcess
+from tests.support.polling import eventually
+from tests.support.ports import free_port
 
 pytestmark = pytest.mark.cluster
 SYSTEM = names.SYSTEM_NAMESPACE

@@ -8,18 +8,17 @@ other's intact, and objects that are not a Dataset's own are refused with a cond
 from __future__ import annotations
 
 import base64
-import sys
 import uuid
 from pathlib import Path
 from typing import Any
 
 import kubernetes
 import pytest
-from envtest import eventually
-from fakes import Kubelet, OperatorProcess, make_node
-from test_operator import Cluster, cluster  # noqa: F401 - the fixture is used by name
 
 from datahoard import names
+from tests.support.cluster import Cluster
+from tests.support.kubelet import Kubelet, OperatorProcess, make_node
+from tests.support.polling import eventually
 
 pytestmark = pytest.mark.cluster
 SYSTEM = names.SYSTEM_NAMESPACE
@@ -296,8 +295,7 @@ def test_a_worker_without_a_secret_never_asks_the_metadata_service(
     """The whole path: the operator's DaemonSet for a Dataset without secretRef, its worker run
     for real with the env that DaemonSet gives it, on a "node" whose metadata service hands out
     the node's role to whoever asks. The worker reads the public bucket and never asks."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "operator"))
-    from test_worker_credentials import FakeMetadata  # the same fake the unit tier uses
+    from tests.support.metadata import FakeMetadata  # the same fake the unit tier uses
 
     import threading
     from http.server import ThreadingHTTPServer

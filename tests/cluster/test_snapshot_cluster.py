@@ -15,9 +15,9 @@ import kubernetes
 import pytest
 
 from datahoard import names
-from envtest import eventually
-from fakes import Kubelet, OperatorProcess
-from test_operator import Cluster, cluster, worker_stats  # noqa: F401 - the fixture is used by name
+from tests.support.cluster import Cluster, worker_stats
+from tests.support.kubelet import Kubelet, OperatorProcess
+from tests.support.polling import eventually
 
 pytestmark = [pytest.mark.cluster, pytest.mark.integration]  # real FUSE workers
 SYSTEM = names.SYSTEM_NAMESPACE

@@ -21,10 +21,11 @@ from typing import Any
 import pytest
 
 from datahoard import names
-from envtest import eventually, free_port
-from fakes import Kubelet, OperatorProcess
-from test_operator import Cluster, cluster  # noqa: F401 - the fixture is used by name
-from tests.conftest import S3Server, start_moto
+from tests.support.cluster import Cluster
+from tests.support.kubelet import Kubelet, OperatorProcess
+from tests.support.polling import eventually
+from tests.support.ports import free_port
+from tests.support.s3server import S3Server, start_moto
 
 pytestmark = pytest.mark.cluster
 SYSTEM = names.SYSTEM_NAMESPACE

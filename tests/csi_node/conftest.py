@@ -16,7 +16,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from csi_helpers import HERE, Client, Node, RunningPlugin, TinyView, detach_under
+
+from tests.support.csi import HERE, Client, Node, RunningPlugin, TinyView, detach_under
 
 _libc = ctypes.CDLL(None, use_errno=True)
 

@@ -12,8 +12,7 @@ import pytest
 from datahoard import names
 from datahoard.cache_worker.consumers import ConsumerTable, Consumer, PidResolver, PodNames
 from datahoard.csi_node.consumers import POD_NAME, POD_NAMESPACE, POD_UID
-
-from csi_helpers import Client
+from tests.support.csi import Client
 
 pytestmark = pytest.mark.integration
 

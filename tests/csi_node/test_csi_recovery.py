@@ -15,9 +15,10 @@ import subprocess
 
 import grpc
 import pytest
-from csi_helpers import Client, Container, RunningPlugin, TinyView, wait_until
 
 from datahoard.csi_node.mounter import Health, LinuxMounter
+from tests.support.csi import Client, Container, RunningPlugin, TinyView
+from tests.support.polling import eventually
 
 pytestmark = pytest.mark.integration
 
@@ -47,7 +48,7 @@ def test_worker_restart_is_repaired_and_a_host_to_container_pod_keeps_working(cl
         assert stats.volume_condition.abnormal and "disconnected" in stats.volume_condition.message
 
         tiny_view.restart()
-        wait_until(lambda: target_serves(target), what="the repair loop to re-bind the target")
+        eventually(lambda: target_serves(target), what="the repair loop to re-bind the target")
 
         # After the repair: new opens work in the running container, no pod restart...
         assert app.read("labels.txt") == "cat\ndog\n"
@@ -67,7 +68,7 @@ def test_pod_without_mount_propagation_is_repaired_in_its_own_namespace(client: 
         tiny_view.kill()
         assert app.try_read("labels.txt")["errno"] in DISCONNECTED
         tiny_view.restart()
-        wait_until(lambda: app.try_read("labels.txt")["ok"], what="the container's copy to be repaired")
+        eventually(lambda: app.try_read("labels.txt")["ok"], what="the container's copy to be repaired")
         assert app.read("train/a.jpg") == "A" * 1000
         assert not app.pread("train/a.jpg")["ok"]  # opened before the crash: stays dead
         top = [line for line in app.mountinfo() if str(app.dir) in line][-1]
@@ -82,7 +83,7 @@ def test_without_namespace_repair_a_pod_without_propagation_keeps_the_dead_mount
         with Container(node, target, propagation="rprivate") as app:
             tiny_view.kill()
             tiny_view.restart()
-            wait_until(lambda: target_serves(target), what="the repair loop to re-bind the target")
+            eventually(lambda: target_serves(target), what="the repair loop to re-bind the target")
             assert app.try_read("labels.txt")["errno"] in DISCONNECTED  # nothing else will repair it
         with Container(node, target, propagation="rprivate", name="restarted") as app:  # a new pod
             assert app.read("labels.txt") == "cat\ndog\n"
@@ -102,7 +103,7 @@ def test_subpath_mounts_are_repaired_on_the_node_and_in_the_pod(client: Client, 
         assert app.read("a.jpg") == "A" * 1000
         tiny_view.kill()
         tiny_view.restart()
-        wait_until(lambda: app.try_read("a.jpg")["ok"], what="the subPath copy in the pod to be repaired")
+        eventually(lambda: app.try_read("a.jpg")["ok"], what="the subPath copy in the pod to be repaired")
         assert (subpath / "a.jpg").read_bytes() == b"A" * 1000  # and the node's own subPath bind
     client.unpublish(target)
 
@@ -131,7 +132,7 @@ def test_plugin_restart_keeps_published_volumes_and_repairs_what_broke_meanwhile
         assert not target_serves(target)
 
         plugin.start()  # same state file: the startup pass repairs the target
-        wait_until(lambda: target_serves(target), what="the restarted plugin to repair the target")
+        eventually(lambda: target_serves(target), what="the restarted plugin to repair the target")
         assert app.read("labels.txt") == "cat\ndog\n"
         plugin.client.publish(target)  # kubelet's retry of an identical publish: OK
         assert not plugin.client.stats(target).volume_condition.abnormal
@@ -145,7 +146,7 @@ def test_unpublish_detaches_every_repair_layer(client: Client, node, tiny_view):
     for _ in range(2):
         tiny_view.kill()
         tiny_view.restart()
-        wait_until(lambda: target_serves(target), what="repair")
+        eventually(lambda: target_serves(target), what="repair")
     assert len(LinuxMounter().mounts_at(target)) == 3  # the original bind and one per restart
     client.unpublish(target)
     assert not LinuxMounter().mounts_at(target) and not os.path.exists(target)
@@ -171,7 +172,7 @@ def test_record_of_a_target_that_disappeared_is_forgotten(plugin: RunningPlugin,
     os.rmdir(target)
     assert plugin.plugin is not None
     state = plugin.plugin.state
-    wait_until(lambda: state.get(target) is None, what="the repair loop to drop the record")
+    eventually(lambda: state.get(target) is None, what="the repair loop to drop the record")
     assert not os.path.exists(target)  # not recreated
 
 
@@ -193,7 +194,7 @@ def test_a_stuck_worker_is_reported_not_repaired(node, tiny_view: TinyView):
             assert info.value.code() == grpc.StatusCode.UNAVAILABLE
         finally:
             tiny_view.resume()
-        wait_until(lambda: not running.client.stats(target).volume_condition.abnormal, what="the worker to answer again")
+        eventually(lambda: not running.client.stats(target).volume_condition.abnormal, what="the worker to answer again")
         assert target_serves(target)
     finally:
         running.stop()

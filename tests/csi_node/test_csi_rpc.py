@@ -13,8 +13,7 @@ import pytest
 from datahoard import names
 from datahoard.csi_node import csi_pb2
 from datahoard.csi_node.mounter import LinuxMounter
-
-from csi_helpers import Client, Mode, RunningPlugin, TinyView
+from tests.support.csi import Client, Mode, RunningPlugin, TinyView
 
 pytestmark = pytest.mark.integration
 

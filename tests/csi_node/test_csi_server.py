@@ -10,9 +10,9 @@ import sys
 from pathlib import Path
 
 import grpc
-from csi_helpers import wait_until
 
 from datahoard.csi_node import csi_pb2, csi_pb2_grpc
+from tests.support.polling import eventually
 
 
 def run_plugin(tmp_path: Path, *args: str, env: dict[str, str]) -> subprocess.Popen:
@@ -27,7 +27,7 @@ def test_env_configured_plugin_serves_and_stops_on_sigterm(tmp_path: Path):
     (tmp_path / "root").mkdir()
     proc = run_plugin(tmp_path, env={"CSI_ENDPOINT": f"unix://{sock}", "NODE_NAME": "gpu-node-7"})
     try:
-        wait_until(lambda: sock.exists() or proc.poll() is not None, what="the plugin socket")
+        eventually(lambda: sock.exists() or proc.poll() is not None, what="the plugin socket")
         with grpc.insecure_channel(f"unix://{sock}") as channel:
             info = csi_pb2_grpc.NodeStub(channel).NodeGetInfo(csi_pb2.NodeGetInfoRequest(), timeout=10)
             assert info.node_id == "gpu-node-7"
@@ -49,7 +49,7 @@ def test_flags_override_env(tmp_path: Path):
     proc = run_plugin(tmp_path, "--endpoint", f"unix://{sock}", "--node-id", "from-flag",
                       env={"CSI_ENDPOINT": f"unix://{tmp_path}/env.sock", "NODE_NAME": "from-env"})
     try:
-        wait_until(lambda: sock.exists() or proc.poll() is not None, what="the plugin socket")
+        eventually(lambda: sock.exists() or proc.poll() is not None, what="the plugin socket")
         with grpc.insecure_channel(f"unix://{sock}") as channel:
             assert csi_pb2_grpc.NodeStub(channel).NodeGetInfo(csi_pb2.NodeGetInfoRequest(), timeout=10).node_id == "from-flag"
         assert not (tmp_path / "env.sock").exists()

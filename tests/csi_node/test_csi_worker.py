@@ -10,10 +10,11 @@ import os
 from collections.abc import Iterator
 
 import pytest
-from csi_helpers import Client, Container, RunningPlugin, Worker, wait_until
 
 from datahoard import names
 from datahoard.csi_node import csi_pb2
+from tests.support.csi import Client, Container, RunningPlugin, Worker
+from tests.support.polling import eventually
 
 pytestmark = pytest.mark.integration
 
@@ -79,10 +80,10 @@ def test_worker_crash_and_restart_under_a_running_pod(client: Client, node, work
         assert client.stats(target).volume_condition.abnormal
 
         worker.start()
-        wait_until(lambda: serves(target), what="the plugin to re-bind the restarted worker's view")
+        eventually(lambda: serves(target), what="the plugin to re-bind the restarted worker's view")
         assert app.read("labels.txt") == LABELS.decode()  # same pod, same container: works again
         # Without mount propagation the plugin repairs the copy inside the container's namespace.
-        wait_until(lambda: plain.try_read("labels.txt")["ok"], what="the private copy to be repaired")
+        eventually(lambda: plain.try_read("labels.txt")["ok"], what="the private copy to be repaired")
         assert app.read("train/n01/a.jpg") == IMAGE.decode("latin-1")
         # A descriptor opened before the crash stays on the dead connection (only pages already
         # in the kernel's page cache would still read).
@@ -102,7 +103,7 @@ def test_plugin_restart_keeps_volumes_and_repairs_a_worker_restart_it_missed(plu
         plugin.stop()
         worker.restart()  # while the plugin is down
         plugin.start()
-        wait_until(lambda: serves(target), what="the restarted plugin to repair the target")
+        eventually(lambda: serves(target), what="the restarted plugin to repair the target")
         assert app.read("labels.txt") == LABELS.decode()
     plugin.client.unpublish(target)
     assert not os.path.exists(target)

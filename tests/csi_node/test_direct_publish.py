@@ -12,10 +12,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from csi_helpers import Client, wait_until
 
 from datahoard import names, runtime
 from datahoard.csi_node import csi_pb2
+from tests.support.csi import Client
+from tests.support.polling import eventually
 
 pytestmark = pytest.mark.integration
 
@@ -92,7 +93,7 @@ def test_publish_binds_the_direct_tree_once_ready(client: Client, node, direct_w
     client.publish(early, context=CONTEXT)
     assert top_mount(early)[0] == "fuse.datahoard"
 
-    wait_until(lambda: direct_worker.stats().direct.state == "ready", timeout=30, what="the direct tree")
+    eventually(lambda: direct_worker.stats().direct.state == "ready", timeout=30, what="the direct tree")
     stats = direct_worker.stats()
     assert stats.serving == "direct"
     tree = stats.direct.path
@@ -129,7 +130,7 @@ def test_publish_binds_the_direct_tree_once_ready(client: Client, node, direct_w
 
 def test_plugin_restart_keeps_a_tree_publish_healthy(plugin, node, direct_worker: DirectWorker):
     direct_worker.start()
-    wait_until(lambda: direct_worker.stats().direct.state == "ready", timeout=30, what="the direct tree")
+    eventually(lambda: direct_worker.stats().direct.state == "ready", timeout=30, what="the direct tree")
     target = node.target()
     plugin.client.publish(target, context=CONTEXT)
     assert not top_mount(target)[0].startswith("fuse")

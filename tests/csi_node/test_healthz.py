@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -15,11 +14,12 @@ from pathlib import Path
 
 import grpc
 import pytest
-from csi_helpers import wait_until
 
 from datahoard import names
 from datahoard.csi_node import csi_pb2, csi_pb2_grpc
 from datahoard.csi_node.healthz import HealthServer
+from tests.support.polling import eventually
+from tests.support.ports import free_port
 
 
 def get(port: int, path: str = "/healthz") -> tuple[int, str]:
@@ -28,12 +28,6 @@ def get(port: int, path: str = "/healthz") -> tuple[int, str]:
             return resp.status, resp.read().decode()
     except urllib.error.HTTPError as err:
         return err.code, err.read().decode()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.parametrize("problems, code, body", [
@@ -78,7 +72,7 @@ def test_plugin_serves_healthz_with_the_probes_verdict(tmp_path: Path) -> None:
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     reg_sock = reg_dir / f"{names.CSI_DRIVER_NAME}-reg.sock"
     try:
-        wait_until(lambda: reg_sock.exists() or proc.poll() is not None, timeout=60, what="the plugin")
+        eventually(lambda: reg_sock.exists() or proc.poll() is not None, timeout=60, what="the plugin")
         assert proc.poll() is None, proc.communicate()[0]
 
         def probe() -> tuple[bool, str]:

@@ -27,7 +27,6 @@ from pathlib import Path
 
 import grpc
 import pytest
-from csi_helpers import HERE, wait_until
 
 from datahoard import names
 from datahoard.csi_node import csi_pb2, csi_pb2_grpc, genproto
@@ -35,6 +34,8 @@ from datahoard.csi_node import pluginregistration_pb2 as pb
 from datahoard.csi_node.node import NodeConfig
 from datahoard.csi_node.registration import KubeletRegistration, socket_name
 from datahoard.csi_node.server import NodePlugin
+from tests.support.csi import HERE
+from tests.support.polling import eventually
 
 DRIVER = names.CSI_DRIVER_NAME
 #: The method names the kubelet's Go client sends (k8s.io/kubelet api_grpc.pb.go).
@@ -261,13 +262,13 @@ class PluginProcess:
         return "".join(self.lines)
 
     def wait_for(self, path: Path) -> None:
-        wait_until(lambda: path.is_socket() or self.proc.poll() is not None, timeout=60, what=str(path))
+        eventually(lambda: path.is_socket() or self.proc.poll() is not None, timeout=60, what=str(path))
         if self.proc.poll() is not None:
             self._reader.join(30)
             raise AssertionError(f"plugin exited {self.proc.returncode}:\n{self.output}")
 
     def wait_for_line(self, text: str, timeout: float = 60) -> None:
-        wait_until(lambda: text in self.output or self.proc.poll() is not None, timeout=timeout,
+        eventually(lambda: text in self.output or self.proc.poll() is not None, timeout=timeout,
                    what=f"{text!r} in the plugin's log")
         if text not in self.output:
             self._reader.join(30)

@@ -17,7 +17,9 @@ import sys
 import threading
 
 import pytest
-from csi_helpers import PodWorker, wait_until
+
+from tests.support.csi import PodWorker
+from tests.support.polling import eventually
 
 pytestmark = pytest.mark.integration
 
@@ -126,7 +128,7 @@ def test_after_a_plugin_restart_the_worker_gives_the_connection_to_the_new_keepe
     worker.start()
     _read_all(worker.view)
     keeper_plugin.restart()  # the plugin's DaemonSet rolls: the old keeper let go of everything
-    wait_until(lambda: "holds the connection again" in worker.logs[-1].read_text(), timeout=30,
+    eventually(lambda: "holds the connection again" in worker.logs[-1].read_text(), timeout=30,
                what="the worker to deposit its connection with the new keeper")
     worker.kill()  # now a crash is hidden again
     outcome: list = []

@@ -28,10 +28,11 @@ import time
 from pathlib import Path
 
 import pytest
-from csi_helpers import PodWorker, wait_until
 
 from datahoard import names
-from tests.results import record
+from tests.support.csi import PodWorker
+from tests.support.polling import eventually
+from tests.support.results import record
 
 pytestmark = pytest.mark.integration
 
@@ -149,7 +150,7 @@ def test_readers_never_see_a_worker_restart(keeper_plugin, node, s3, bucket, s3_
             HeldReader(node, target, "held", expected),
         ]
         begun = time.monotonic()
-        wait_until(lambda: all(r.succeeded_after(begun) for r in readers), what="the readers to start reading")
+        eventually(lambda: all(r.succeeded_after(begun) for r in readers), what="the readers to start reading")
         restarts: list[tuple[str, float, float]] = []
         for how in ["kill"] * kills + ["graceful"] * graceful:
             time.sleep(1.0)  # steady reading before the restart
@@ -157,7 +158,7 @@ def test_readers_never_see_a_worker_restart(keeper_plugin, node, s3, bucket, s3_
             worker.kill() if how == "kill" else worker.stop()
             worker.start()  # as the kubelet would, without its restart back-off
             restarts.append((how, moment, time.monotonic() - moment))
-            wait_until(lambda: all(r.succeeded_after(moment) for r in readers), timeout=60,
+            eventually(lambda: all(r.succeeded_after(moment) for r in readers), timeout=60,
                        what="every reader to read again after the restart")
         time.sleep(1.0)
         stats = subprocess.run([sys.executable, "-m", "datahoard.cli", "status", "--json", str(worker.view)],

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -14,6 +13,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+
+from tests.support.ports import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 E2E = REPO / "e2e"
@@ -153,7 +154,7 @@ def test_e2e_on_the_local_cluster() -> None:
     """e2e/run.sh, the script GitHub Actions runs on kind, on the real one-node cluster
     (E2E_PROVIDER=local: tests/node/cluster.sh, no Docker), with the training operator built
     from its Go module. It brings the cluster up and takes it down, leaving nothing behind."""
-    from tests.node.nodekube import CLUSTER_SH, TOOLS_DIR, missing_prerequisites
+    from tests.support.nodekube import CLUSTER_SH, TOOLS_DIR, missing_prerequisites
 
     missing = missing_prerequisites()
     if missing:
@@ -178,9 +179,7 @@ def test_pytorchjob_ranks_meet_at_the_end(tmp_path: Path) -> None:
     root.mkdir()
     (root / "a.JPEG").write_bytes(b"plain file\n")
     code = _reader("pytorchjob.yaml").replace('"/data"', repr(str(root)))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     env = {**os.environ, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
     master = subprocess.Popen([sys.executable, "-c", code], env={**env, "RANK": "0"},
                               stdout=subprocess.PIPE, text=True)

@@ -22,9 +22,8 @@ from datahoard.cache_worker.hdfs import HdfsOptions, HdfsSource
 from datahoard.cache_worker.integrity import verify
 from datahoard.cache_worker.source import SourceError
 from datahoard.cache_worker.store import ChunkStore
-from tests.faults import Fault, FaultProxy
-
-from .conftest import BLOCK_SIZE, HdfsCluster
+from tests.support.faults import Fault, FaultProxy
+from tests.support.hdfs import BLOCK_SIZE, HdfsCluster
 
 pytestmark = pytest.mark.integration
 

@@ -8,7 +8,7 @@ import random
 
 import pytest
 
-from tests.conftest import datahoard
+from tests.support.mounts import datahoard
 
 from .data import MANY_SUB, MANY_TOP, OTHER
 
@@ -103,7 +103,7 @@ def test_unreadable_file_is_eio_and_names_the_cause(hdfs_cluster, dataset, mount
 
 
 def test_unreachable_namenode_is_one_clear_line(tmp_path):
-    from tests.conftest import free_port
+    from tests.support.ports import free_port
 
     port = free_port()
     result = datahoard("mount", f"hdfs://127.0.0.1:{port}/x", str(tmp_path / "mnt"),

@@ -9,7 +9,7 @@ import pytest
 
 from datahoard.cache_worker.hdfs import HdfsOptions, HdfsSource
 from datahoard.cache_worker.source import SourceTransientError
-from tests.faults import Fault, FaultProxy
+from tests.support.faults import Fault, FaultProxy
 
 pytestmark = pytest.mark.integration
 

@@ -27,10 +27,10 @@ from datahoard.cache_worker.source import (
 )
 from datahoard.cache_worker.settings import SourceSettings
 from datahoard.cache_worker.sources import hdfs_options, open_source
-from tests.conftest import free_port
-from tests.faults import Fault, FaultProxy
+from tests.support.faults import Fault, FaultProxy
+from tests.support.hdfs import BLOCK_SIZE, LS_LIMIT, HdfsCluster
+from tests.support.ports import free_port
 
-from .conftest import BLOCK_SIZE, LS_LIMIT, HdfsCluster
 from .data import MANY_SUB, MANY_TOP, OTHER, OWNER
 
 
@@ -384,7 +384,7 @@ def test_example_dataset_is_a_valid_hdfs_dataset():
     import yaml
 
     from datahoard.api import Dataset
-    from tests.hdfs.conftest import REPO
+    from tests.support.hdfs import REPO
 
     doc = yaml.safe_load((REPO / "examples" / "dataset-hdfs.yaml").read_text())
     ds = Dataset.from_body({**doc, "metadata": {**doc["metadata"], "namespace": "ml"}})

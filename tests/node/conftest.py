@@ -18,8 +18,10 @@ from collections.abc import Iterator
 import boto3
 import pytest
 
-from nodekube import CLUSTER_SH, HOST_IP, REPO, TOOLS_DIR, Kube, missing_prerequisites
-from tests.conftest import S3Server, free_port
+from tests.support.nodekube import (CLUSTER_SH, HOST_IP, NODE_DIR, REPO, SYSTEM_NS, TOOLS_DIR, Kube,
+                                    missing_prerequisites)
+from tests.support.ports import free_port
+from tests.support.s3server import S3Server
 
 
 def pytest_collection_modifyitems(config, items):
@@ -98,8 +100,6 @@ def dataset_bucket(bridge_s3: S3Server) -> dict[str, int]:
 
 
 RELEASE = "datahoard"
-SYSTEM_NS = "datahoard-system"
-NODE_DIR = os.environ.get("NODE_DIR", "/var/lib/datahoard-node")
 
 
 @pytest.fixture(scope="session")

@@ -5,8 +5,8 @@ kubelet has registered it (pluginregistration.v1, csiNode.registration=kubelet).
 from __future__ import annotations
 
 import pytest
-from conftest import SYSTEM_NS
-from nodekube import Kube, eventually
+
+from tests.support.nodekube import SYSTEM_NS, Kube, eventually
 
 pytestmark = [pytest.mark.node, pytest.mark.timeout(1800)]
 

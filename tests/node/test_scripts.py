@@ -6,7 +6,8 @@ import shutil
 import subprocess
 
 import pytest
-from nodekube import REPO
+
+from tests.support.nodekube import REPO
 
 SCRIPTS = [REPO / "tests/node/cluster.sh", *sorted((REPO / "tests/tools").glob("build-node*.sh")),
            REPO / "tests/tools/build-training-operator.sh", REPO / "tests/tools/buildah-base.sh",

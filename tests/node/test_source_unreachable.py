@@ -16,10 +16,10 @@ from collections.abc import Iterator
 
 import boto3
 import pytest
-from conftest import NODE_DIR, SYSTEM_NS
-from nodekube import HOST_IP, REPO, Kube, eventually
 
-from tests.conftest import S3Server, free_port
+from tests.support.nodekube import HOST_IP, NODE_DIR, REPO, SYSTEM_NS, Kube, eventually
+from tests.support.ports import free_port
+from tests.support.s3server import S3Server
 
 pytestmark = [pytest.mark.node, pytest.mark.timeout(900)]
 

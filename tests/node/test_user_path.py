@@ -14,8 +14,8 @@ import time
 from collections.abc import Callable, Iterator
 
 import pytest
-from conftest import NODE_DIR, SYSTEM_NS
-from nodekube import REPO, TOOLS_DIR, Kube, eventually
+
+from tests.support.nodekube import NODE_DIR, REPO, SYSTEM_NS, TOOLS_DIR, Kube, eventually
 
 pytestmark = [pytest.mark.node, pytest.mark.timeout(1800)]
 

@@ -4,24 +4,18 @@ and failures reported per node instead of raised."""
 from __future__ import annotations
 
 import asyncio
-import socket
 
 from aiohttp import web
 
 from datahoard.operator.collect import collect
 from datahoard.operator.status import WorkerPod
 from datahoard.stats import WarmingStats, WorkerStats
+from tests.support.ports import free_port
 
 STATS = WorkerStats(source="s3://b/x", mountpoint="/m", ready=True, files=1, total_bytes=10,
                     cached_bytes=5, capacity_bytes=100, served_from_cache_bytes=3,
                     served_from_source_bytes=1, fetched_bytes=5, hits=1, misses=1, skipped_keys=0,
                     errors=0, warming=WarmingStats(state="done"))
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 async def serve(handler) -> tuple[web.AppRunner, int]:

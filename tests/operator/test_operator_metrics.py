@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import socket
 import urllib.request
 
 from prometheus_client.parser import text_string_to_metric_families
 
 from datahoard.operator import metrics
+from tests.support.ports import free_port
 
 
 def scrape(port: int) -> dict[tuple[str, tuple], float]:
@@ -18,9 +18,7 @@ def scrape(port: int) -> dict[tuple[str, tuple], float]:
 
 
 def test_datasets_by_phase_every_phase_exported_and_deleted_ones_gone() -> None:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     metrics.serve(port, host="127.0.0.1")
     metrics.DATASETS.set("ml/a", "Ready")
     metrics.DATASETS.set("ml/b", "Ready")

@@ -6,10 +6,9 @@ anyone who asks. Anonymous and Secret workers never ask; only NodeIdentity does.
 
 from __future__ import annotations
 
-import json
 import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -18,41 +17,9 @@ from datahoard.api import Dataset
 from datahoard.cache_worker.sources import open_source
 from datahoard.operator import builders
 from datahoard.operator.config import OperatorSettings
+from tests.support.metadata import FakeMetadata
 
 SETTINGS = OperatorSettings(namespace="datahoard-system", host_root=Path("/var/lib/datahoard"))
-ROLE = "node-role"
-
-
-class FakeMetadata(BaseHTTPRequestHandler):
-    """IMDSv1/v2 as botocore's InstanceMetadataFetcher speaks it, counting every request."""
-
-    requests: list[str] = []
-
-    def _send(self, body: str, status: int = 200) -> None:
-        data = body.encode()
-        self.send_response(status)
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def do_PUT(self) -> None:  # noqa: N802 - http.server's naming
-        self.requests.append(f"PUT {self.path}")
-        self._send("token")
-
-    def do_GET(self) -> None:  # noqa: N802
-        self.requests.append(f"GET {self.path}")
-        base = "/latest/meta-data/iam/security-credentials/"
-        if self.path == base:
-            self._send(ROLE)
-        elif self.path == base + ROLE:
-            self._send(json.dumps({"Code": "Success", "AccessKeyId": "NODEKEY",
-                                   "SecretAccessKey": "nodesecret", "Token": "nodetoken",
-                                   "Expiration": "2099-01-01T00:00:00Z"}))
-        else:
-            self._send("", 404)
-
-    def log_message(self, *_: object) -> None:
-        pass
 
 
 @pytest.fixture

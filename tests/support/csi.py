@@ -1,7 +1,7 @@
 """Helpers for the CSI node plugin tests: a scratch node, FUSE views, a CSI client, the
 plugin in-process, and a simulated container (its own mount namespace) that reads the volume.
 
-Imported by conftest.py and the tests (a module name unique across the test tree).
+Imported by tests/csi_node/conftest.py and the tests there.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,8 +24,10 @@ from datahoard.csi_node.mounter import LinuxMounter
 from datahoard.csi_node.node import NodeConfig
 from datahoard.csi_node.server import NodePlugin
 from datahoard.mounts import MNT_DETACH, canonical
+from tests.support.polling import eventually
 
-HERE = Path(__file__).resolve().parent
+#: tests/csi_node: the tier these helpers serve, and tinyfuse.py, run as a script.
+HERE = Path(__file__).resolve().parents[1] / "csi_node"
 TINYFUSE = HERE / "tinyfuse.py"
 Mode = csi_pb2.VolumeCapability.AccessMode
 
@@ -46,18 +47,6 @@ def detach_under(root: str, include_root: bool = False) -> None:
             return
         for point in sorted(points, key=lambda p: p.count("/"), reverse=True):
             _libc.umount2(point.encode(), MNT_DETACH)
-
-
-def wait_until(predicate, timeout: float = 20.0, what: str = "condition") -> None:
-    """Poll for an *event* (a mount appearing, a process being ready); fails after *timeout*.
-
-    Used only to wait for something to happen, never to assert how fast it happens.
-    """
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 @dataclass
@@ -96,7 +85,7 @@ class TinyView:
                                      env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self.node.procs.append(self.proc)
         mounter = LinuxMounter()
-        wait_until(lambda: any(m.fstype.startswith("fuse") for m in mounter.mounts_at(str(self.path)))
+        eventually(lambda: any(m.fstype.startswith("fuse") for m in mounter.mounts_at(str(self.path)))
                    or self.proc.poll() is not None, what=f"FUSE view at {self.path}")
         assert self.proc.poll() is None, "tinyfuse exited"
         return self
@@ -191,8 +180,6 @@ class RunningPlugin:
     def restart(self) -> None:
         self.stop()
         self.start()
-
-
 
 
 # An "application" running in a container: a line-oriented command loop, so a test can make it
@@ -319,7 +306,7 @@ class Worker:
     def kill(self) -> None:
         """A crash: SIGKILL, so the kernel aborts the FUSE connection."""
         os.kill(self.pid, signal.SIGKILL)
-        wait_until(lambda: not _alive(self.pid), what=f"worker {self.pid} to die")
+        eventually(lambda: not _alive(self.pid), what=f"worker {self.pid} to die")
 
     def restart(self) -> None:
         self.kill()
@@ -356,7 +343,7 @@ class PodWorker:
                  "--cache-dir", str(self.cache_dir), "--endpoint-url", self.endpoint, "--foreground",
                  *self.extra_args],
                 env=self.env, stdout=out, stderr=subprocess.STDOUT)
-        wait_until(self.ready, timeout=timeout, what=f"the worker to serve {self.view} (log {log})")
+        eventually(self.ready, timeout=timeout, what=f"the worker to serve {self.view} (log {log})")
         return self
 
     def ready(self) -> bool:

@@ -23,7 +23,8 @@ from typing import Any
 
 import kubernetes
 
-from envtest import REPO, eventually
+from tests.support.envtest import REPO
+from tests.support.polling import eventually
 
 GPU = "nvidia.com/gpu"
 

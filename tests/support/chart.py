@@ -1,10 +1,9 @@
 """Shared helpers of the chart tests: paths, values, `helm` runs, and a control plane with an
 audit log so a test can see exactly which API calls the operator made under the chart's
-ServiceAccount. (A module of its own, not conftest.py: several test folders have a conftest
-module, and only one of them can be imported by that name.)
+ServiceAccount.
 
-The control plane and the fakes come from tests/cluster, so the chart is checked against the same
-real kube-apiserver (RBAC on) as the operator itself.
+The control plane and the kubelet stand-in are the cluster tier's (tests/support), so the chart
+is checked against the same real kube-apiserver (RBAC on) as the operator itself.
 """
 
 from __future__ import annotations
@@ -12,18 +11,16 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from tests.support.envtest import ControlPlane
+
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "charts" / "datahoard"
-sys.path.insert(0, str(REPO / "tests" / "cluster"))
-
-from envtest import ControlPlane  # noqa: E402
 
 RELEASE = "datahoard"
 NAMESPACE = "datahoard-system"

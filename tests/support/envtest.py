@@ -12,7 +12,6 @@ so the API server enforces the same rules as a real cluster.
 from __future__ import annotations
 
 import os
-import socket
 import ssl
 import subprocess
 import time
@@ -22,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
+
+from tests.support.ports import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 ADMIN_TOKEN = "datahoard-envtest-admin"
@@ -41,12 +42,6 @@ def assets_dir() -> Path:
         stdout=subprocess.PIPE, text=True,
     ).stdout.strip().splitlines()[-1]
     return Path(out)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @dataclass
@@ -177,25 +172,3 @@ class ControlPlane:
             [str(self.assets / "kubectl"), "--kubeconfig", str(self.kubeconfig), *args],
             input=input, capture_output=True, text=True, check=check, timeout=60,
         )
-
-
-def eventually(check, timeout: float = 60.0, interval: float = 0.25, what: str = "condition"):
-    """Poll ``check`` until it returns a truthy value (returned) or raises no AssertionError.
-
-    Cluster tests wait on controllers running in other processes; a generous deadline keeps them
-    free of timing assumptions while a failure still ends with the last assertion's message.
-    """
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            result = check()
-            if result:
-                return result
-            last: BaseException | None = None
-        except AssertionError as exc:
-            last = exc
-        if time.monotonic() > deadline:
-            if last is not None:
-                raise last
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)

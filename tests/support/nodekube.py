@@ -1,22 +1,26 @@
-"""kubectl against the one-node cluster, and bounded waits: what the node-tier tests share."""
+"""kubectl against the one-node cluster (tests/node), and its bounded waits: what the node-tier
+tests and the e2e on the local provider share."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
 import subprocess
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
+
+from tests.support import polling
 
 REPO = Path(__file__).resolve().parents[2]
 CLUSTER_SH = REPO / "tests" / "node" / "cluster.sh"
+#: The node's root on this machine (cluster.sh) and the namespace the chart installs into.
+NODE_DIR = os.environ.get("NODE_DIR", "/var/lib/datahoard-node")
+SYSTEM_NS = "datahoard-system"
 TOOLS_DIR = Path(os.environ.get("TOOLS_DIR", Path.home() / ".cache" / "datahoard-tools"))
 HOST_IP = "10.244.0.1"   # the host's address on the pod bridge (cluster.sh)
-T = TypeVar("T")
 
 
 def missing_prerequisites() -> str | None:
@@ -32,21 +36,9 @@ def missing_prerequisites() -> str | None:
     return None
 
 
-def eventually(check: Callable[[], T | None], timeout: float, what: str, interval: float = 2.0) -> T:
-    """Poll until check() returns something truthy; fail with `what` and the last value after timeout."""
-    deadline = time.monotonic() + timeout
-    last: object = None
-    while True:
-        try:
-            value = check()
-            if value:
-                return value
-            last = value
-        except subprocess.CalledProcessError as exc:   # kubectl failed: retry, keep its words
-            last = exc.stderr
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what} (last: {last!r})")
-        time.sleep(interval)
+#: The node tier's pace: each check runs kubectl against a real cluster on a 2-core machine, so
+#: it polls every 2 s (a call may pass ``interval``), and a kubectl that fails is retried.
+eventually = functools.partial(polling.eventually, interval=2.0)
 
 
 @dataclass
