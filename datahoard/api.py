@@ -25,8 +25,9 @@ from .units import QUANTITY_RE  # one of the CRD's regexes below, kept beside it
 
 # The same regexes as the CRD's x-kubernetes-validations (without the ^...$ anchors).
 #: A TCP port, 1-65535 (a 5-digit pattern let 70000 through to the worker, which refused it).
-#: Spelled out in each pattern because the CRD copies them whole into CEL rules.
-URI_RE = r"(s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/[^ ]*)?|(s?webhdfs|hdfs)://[A-Za-z0-9.-]+(:(6553[0-5]|655[0-2][0-9]|65[0-4][0-9]{2}|6[0-4][0-9]{3}|[1-5][0-9]{4}|[1-9][0-9]{0,3}))?(/[^ ]*)?)"
+#: Spelled out in each pattern because the CRD copies them whole into CEL rules. An HDFS path
+#: has no '?' or '#' (the worker refuses a query or fragment); an S3 prefix may (keys can).
+URI_RE = r"(s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/[^ ]*)?|(s?webhdfs|hdfs)://[A-Za-z0-9.-]+(:(6553[0-5]|655[0-2][0-9]|65[0-4][0-9]{2}|6[0-4][0-9]{3}|[1-5][0-9]{4}|[1-9][0-9]{0,3}))?(/[^ ?#]*)?)"
 ENDPOINT_RE = r"https?://[A-Za-z0-9.-]+(:(6553[0-5]|655[0-2][0-9]|65[0-4][0-9]{2}|6[0-4][0-9]{3}|[1-5][0-9]{4}|[1-9][0-9]{0,3}))?(/[^ ]*)?"
 REGION_RE = r"[a-z0-9-]+"
 SECRET_NAME_RE = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*"
