@@ -19,13 +19,12 @@ from pathlib import Path
 import pytest
 
 from datahoard.cache_worker.completeness import Completeness
-from datahoard.cache_worker.counters import Counters
 from datahoard.cache_worker.dataset import DatasetCache, ReadState, Tuning
-from datahoard.cache_worker.index import Index, build_index
+from datahoard.cache_worker.index import Index
 from datahoard.cache_worker.serving import (BadTransition, Event, Mode, ServingMode, kernel_opens_refusal,
                                             stop_plan, use_passthrough)
 from datahoard.cache_worker.store import ChunkStore, chunk_of, object_id
-from tests.support.fakes.source import FakeS3, FakeSource
+from tests.support.fakes.dataset import fake_dataset
 
 CHUNK = 4096
 BUCKET = "data"
@@ -55,23 +54,13 @@ class Rig:
 
 @pytest.fixture
 def rig(tmp_path: Path) -> Iterator[Rig]:
-    s3 = FakeS3()
-    s3.create_bucket(BUCKET)
-    for key, data in FILES.items():
-        s3.put(BUCKET, key, data)
-    source = FakeSource(s3, f"s3://{BUCKET}/")
-    build_index(source, tmp_path / "index.db")
-    index = Index(tmp_path / "index.db")
-    store = ChunkStore(tmp_path / "cache", 1 << 20)
-    cache = DatasetCache(source, store, Counters(), Tuning(whole_file_max=CHUNK, chunk_size=CHUNK))
-    watch = Completeness(index, cache)
-    made = Rig(index, store, cache, watch)
-    watch.subscribe(made.events.append)
-    watch.attach()
-    yield made
-    watch.stop()
-    cache.close()
-    store.close()
+    with fake_dataset(tmp_path, FILES, Tuning(whole_file_max=CHUNK, chunk_size=CHUNK), BUCKET) as d:
+        watch = Completeness(d.index, d.cache)
+        made = Rig(d.index, d.store, d.cache, watch)
+        watch.subscribe(made.events.append)
+        watch.attach()
+        yield made
+        watch.stop()
 
 
 def test_the_last_missing_chunk_cached_makes_the_dataset_fully_cached(rig):

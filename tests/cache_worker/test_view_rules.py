@@ -23,9 +23,9 @@ from datahoard.cache_worker.counters import Counters
 from datahoard.cache_worker.dataset import DatasetCache, Tuning
 from datahoard.cache_worker.fs import FILE_BASE, PREPAID, DatasetFS
 from datahoard.cache_worker.fusell.session import Context, FuseError
-from datahoard.cache_worker.index import Index, build_index
 from datahoard.cache_worker.store import ChunkStore
-from tests.support.fakes.source import FakeS3, FakeSource
+from tests.support.fakes.dataset import fake_dataset
+from tests.support.fakes.source import FakeS3
 
 CHUNK = 4096
 BUCKET = "view"
@@ -76,21 +76,9 @@ def fuse_errno(call) -> int:
 
 @pytest.fixture
 def view(tmp_path: Path) -> Iterator[View]:
-    s3 = FakeS3()
-    s3.create_bucket(BUCKET)
-    for key, data in FILES.items():
-        s3.put(BUCKET, key, data)
-    source = FakeSource(s3, f"s3://{BUCKET}/")
-    build_index(source, tmp_path / "index.db")
-    index = Index(tmp_path / "index.db")
-    store = ChunkStore(tmp_path / "cache", 1 << 20)
-    counters = Counters()
-    cache = DatasetCache(source, store, counters, Tuning(whole_file_max=CHUNK, chunk_size=CHUNK,
-                                                         read_wait=60))
-    fs = DatasetFS(index, cache, counters, str(tmp_path / "mnt"))
-    yield View(fs, s3, counters, store, cache)
-    cache.close()
-    store.close()
+    with fake_dataset(tmp_path, FILES, Tuning(whole_file_max=CHUNK, chunk_size=CHUNK, read_wait=60), BUCKET) as d:
+        fs = DatasetFS(d.index, d.cache, d.counters, str(tmp_path / "mnt"))
+        yield View(fs, d.s3, d.counters, d.store, d.cache)
 
 
 def test_names_resolve_to_directories_and_read_only_files(view):
@@ -136,7 +124,7 @@ def test_readdir_lists_every_entry_and_resumes_at_an_offset(view):
     assert stat.S_ISDIR(names[b"dir"].mode) and stat.S_ISREG(names[b"big.bin"].mode)
     rest = list(view.fs.readdir(CTX, ROOT, opened.fh, 3))
     assert rest == items[3:]
-    view.fs.releasedir(CTX, ROOT, opened.fh, 0)
+    view.fs.releasedir(CTX, ROOT, opened.fh)  # as the session calls it
     assert view.fs.statfs(CTX, ROOT).files == 3
 
 

@@ -34,13 +34,8 @@ def test_workers_volumes_and_real_hit_ratio(cluster: Cluster, operator: Operator
     gpu_a, gpu_b = node_names["gpu-a"], node_names["gpu-b"]
     s3.put_object(Bucket=bucket, Key="train/a.bin", Body=os.urandom(100_000))
     s3.put_object(Bucket=bucket, Key="train/b.bin", Body=os.urandom(50_000))
-    cluster.core.create_namespaced_secret(namespace, {
-        "metadata": {"name": "s3-creds"},
-        "stringData": {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}})
-    cluster.apply_dataset(namespace, "imagenet", {
-        "source": {"uri": f"s3://{bucket}/train/", "endpoint": s3_server.endpoint,
-                   "region": "us-east-1", "secretRef": {"name": "s3-creds"}},
-        "cache": {"capacity": "1Gi"}, "warm": {"policy": "OnDemand"}})
+    cluster.apply_s3_dataset(namespace, "imagenet", f"s3://{bucket}/train/", s3_server.endpoint,
+                             cache={"capacity": "1Gi"}, warm={"policy": "OnDemand"})
 
     # 1. Workers for exactly the GPU nodes, credentials copied; no volume before a worker is ready.
     ds = eventually(lambda: cluster.daemonset(namespace, "imagenet"), what="the worker DaemonSet")

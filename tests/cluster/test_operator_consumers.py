@@ -31,13 +31,8 @@ def test_status_lists_the_pods_that_read(cluster: Cluster, operator: OperatorPro
     a, b = os.urandom(200_000), os.urandom(80_000)
     s3.put_object(Bucket=bucket, Key="train/a.bin", Body=a)
     s3.put_object(Bucket=bucket, Key="train/b.bin", Body=b)
-    cluster.core.create_namespaced_secret(namespace, {
-        "metadata": {"name": "s3-creds"},
-        "stringData": {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}})
-    cluster.apply_dataset(namespace, "imagenet", {
-        "source": {"uri": f"s3://{bucket}/train/", "endpoint": s3_server.endpoint,
-                   "region": "us-east-1", "secretRef": {"name": "s3-creds"}},
-        "cache": {"capacity": "1Gi"}, "warm": {"policy": "OnDemand"}})  # reads fill the cache
+    cluster.apply_s3_dataset(namespace, "imagenet", f"s3://{bucket}/train/", s3_server.endpoint,
+                             cache={"capacity": "1Gi"}, warm={"policy": "OnDemand"})  # reads fill the cache
     ds = eventually(lambda: cluster.daemonset(namespace, "imagenet"), what="the worker DaemonSet")
     host_root = Path(operator_env["DATAHOARD_HOST_ROOT"])
     spec = ds["spec"]["template"]["spec"]

@@ -68,13 +68,8 @@ def test_stale_nodes_restarts_columns_events_and_metrics(
     files = {"a.bin": os.urandom(100_000), "b.bin": os.urandom(50_000)}
     for key, body in files.items():
         s3.put_object(Bucket=bucket, Key=f"train/{key}", Body=body)
-    cluster.core.create_namespaced_secret(namespace, {
-        "metadata": {"name": "s3-creds"},
-        "stringData": {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}})
-    cluster.apply_dataset(namespace, "imagenet", {
-        "source": {"uri": f"s3://{bucket}/train/", "endpoint": s3_server.endpoint,
-                   "region": "us-east-1", "secretRef": {"name": "s3-creds"}},
-        "cache": {"capacity": "1Gi"}, "warm": {"policy": "Eager", "bandwidthLimit": "100Mi"}})
+    cluster.apply_s3_dataset(namespace, "imagenet", f"s3://{bucket}/train/", s3_server.endpoint,
+                             cache={"capacity": "1Gi"}, warm={"policy": "Eager", "bandwidthLimit": "100Mi"})
 
     # The bandwidth cap reaches the worker's command line, in bytes per second.
     ds = eventually(lambda: cluster.daemonset(namespace, "imagenet"), what="the worker DaemonSet")

@@ -33,6 +33,16 @@ class Cluster:
                                    "metadata": {"name": name, "namespace": namespace}, "spec": spec})
         self.plane.kubectl("apply", "-f", "-", input=manifest)
 
+    def apply_s3_dataset(self, namespace: str, name: str, uri: str, endpoint: str, **spec: Any) -> None:
+        """A Dataset reading ``uri`` at ``endpoint`` with the test store's keys in a Secret
+        ``s3-creds``; ``spec`` adds or replaces top-level spec fields (cache, warm, ...)."""
+        self.core.create_namespaced_secret(namespace, {
+            "metadata": {"name": "s3-creds"},
+            "stringData": {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}})
+        self.apply_dataset(namespace, name, {
+            "source": {"uri": uri, "endpoint": endpoint, "region": "us-east-1", "secretRef": {"name": "s3-creds"}},
+            **spec})
+
     def dataset(self, namespace: str, name: str) -> dict[str, Any] | None:
         try:
             return self.custom.get_namespaced_custom_object(names.GROUP, names.VERSION, namespace,
