@@ -1,5 +1,6 @@
 """Serving from a direct tree (step 6 of ``worker.run``): reuse or build the tree once the
-dataset is fully cached, publish it (mount record, bind over the mountpoint), keep it whole
+dataset is fully cached (the completeness event, the same one that turns on kernel opens: one
+answer to "is everything cached?"), publish it (mount record, bind over the mountpoint), keep it whole
 (relink chunks found corrupt, drop unused trees), and notice when its bind is taken off.
 
 The tree's own progress is ``DirectStats.state``: waiting, verifying, building, ready, failed
@@ -18,8 +19,8 @@ from pathlib import Path
 from datahoard.mounts import bind_readonly, detach, mounts_at
 from datahoard.stats import DirectStats
 
+from .completeness import Completeness
 from .counters import Counters
-from .index import Index
 from .serving import Event, ServingMode
 from .store import ChunkStore
 from .tree import DirectTrees, TreeError, TreeInfo
@@ -38,10 +39,14 @@ class DirectServing:
     """The direct-tree thread of one worker and what it reports."""
 
     def __init__(self, source: str, mountpoint: Path, bind: bool, trees: DirectTrees, store: ChunkStore,
-                 index: Index, counters: Counters, mode: ServingMode, stop: threading.Event,
+                 completeness: Completeness, counters: Counters, mode: ServingMode, stop: threading.Event,
                  warming: Callable[[], bool], publish: Callable[[str], None]) -> None:
         self._source, self._mountpoint, self._bind = source, mountpoint, bind
-        self.trees, self._store, self._index, self._counters = trees, store, index, counters
+        self.trees, self._store, self._counters = trees, store, counters
+        #: Bumped each time the dataset becomes fully cached: a build that failed is tried
+        #: again only after the cache changed and became whole again.
+        self._fully_cached = 0
+        completeness.subscribe(self._on_fully_cached)
         self._mode, self._stop = mode, stop
         #: True while a warmer of this worker is running (no build until it is done).
         self._warming = warming
@@ -66,18 +71,15 @@ class DirectServing:
         else:
             self.stats = DirectStats(state=state, message=message)
 
-    def _should_build(self, last_attempt: tuple | None) -> tuple | None:
+    def _on_fully_cached(self, full: bool) -> None:
+        if full:
+            self._fully_cached += 1
+
+    def _should_build(self, last_attempt: int | None) -> int | None:
         """The reason to try a build now (also the key that stops retrying the same state)."""
-        w = self._counters.warm
-        if self._warming():
+        if self._warming() or not self._fully_cached or self._fully_cached == last_attempt:
             return None
-        key = (w.state, w.files_done, self._store.used_bytes)
-        if key == last_attempt:
-            return None
-        complete = w.state == "done" and w.files_done == w.files_total
-        if complete or self._store.used_bytes >= self._index.total_bytes:
-            return key
-        return None
+        return self._fully_cached
 
     def _loop(self) -> None:
         trees, stop = self.trees, self._stop
@@ -93,7 +95,7 @@ class DirectServing:
                     log.error("the direct tree %s cannot be reused: %s", info.path, exc)
                     self._set("failed", f"the tree of the last run cannot be reused: {exc}")
                     trees.discard_current()  # unless a mount still holds it; a later build replaces it
-            last_attempt: tuple | None = None
+            last_attempt: int | None = None
             last_cleanup = last_bind_check = time.monotonic()
             while not stop.wait(_TICK_SECONDS):
                 if self.bound and time.monotonic() - last_bind_check > 1:

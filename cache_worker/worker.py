@@ -112,7 +112,7 @@ class Worker:
         if cfg.direct:
             self.trees = DirectTrees(cfg.cache_dir, self.index, self.cache)
             self.direct = DirectServing(cfg.source, cfg.mountpoint, cfg.direct_bind, self.trees, self.store,
-                                        self.index, self.counters, self.mode, self._stop,
+                                        self.completeness, self.counters, self.mode, self._stop,
                                         warming=self._warming, publish=self._publish_tree)
         self.stats = StatsServer((cfg.stats_host, cfg.stats_port), self.snapshot, self.healthy,
                                  snapshot_file=self.snapshot_file)
