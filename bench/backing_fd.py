@@ -1,4 +1,4 @@
-"""What ``ChunkStore.backing_fd`` costs (the figures in cache_worker/store.py's docstring).
+"""What ``ChunkStore.backing_fd`` costs (the figures in cache_worker/store_backing.py's docstring).
 
     python -m bench.backing_fd [DIR]
 

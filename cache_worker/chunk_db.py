@@ -47,7 +47,7 @@ _SCHEMA = (
     # One row per object file: its size (to tell a complete object, which is only ever evicted
     # whole, from an incomplete one), whether the source's checksum vouched for it whole
     # (``checked``: objects too large to check before serving), and the file signature and
-    # boot id under which every chunk of it last matched its CRC (``verified``; store.py).
+    # boot id under which every chunk of it last matched its CRC (``verified``; store_backing.py).
     "CREATE TABLE IF NOT EXISTS objects (oid TEXT PRIMARY KEY, size INTEGER NOT NULL,"
     " checked INTEGER NOT NULL DEFAULT 0, verified TEXT) WITHOUT ROWID;"
     # Chunks hard-linked into a direct tree (cache_worker.tree): never evicted, because
