@@ -1,5 +1,4 @@
-"""What the chunk store raises to its callers.
-"""
+"""What the chunk store raises to its callers."""
 
 from __future__ import annotations
 

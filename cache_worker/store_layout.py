@@ -23,7 +23,7 @@ class ChunkId:
     #: Where the chunk starts in its object's file, the object's size (0: the object is this
     #: one chunk) and the chunk's own size (0: not said). Not part of the identity: the name
     #: fixes them for one chunk size, and a cached chunk whose record disagrees with a stated
-    #: size was cut with another chunk size (see ``_read_chunk``).
+    #: size was cut with another chunk size (see ``_read_chunk`` in store_read.py).
     offset: int = field(default=0, compare=False)
     object_size: int = field(default=0, compare=False)
     size: int = field(default=0, compare=False)
