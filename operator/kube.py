@@ -186,6 +186,16 @@ class Kube:
             raise
         return True
 
+    #: Namespaced kinds delete() takes: (API group client attribute, its delete method).
+    _NAMESPACED_DELETE = {
+        "PersistentVolumeClaim": ("core", "delete_namespaced_persistent_volume_claim"),
+        "DaemonSet": ("apps", "delete_namespaced_daemon_set"),
+        "Secret": ("core", "delete_namespaced_secret"),
+        "ConfigMap": ("core", "delete_namespaced_config_map"),
+        "NetworkPolicy": ("networking", "delete_namespaced_network_policy"),
+        "Pod": ("core", "delete_namespaced_pod"),
+    }
+
     @_api_call
     def delete(self, kind: str, name: str, namespace: str | None = None,
                uid: str | None = None) -> None:
@@ -197,28 +207,13 @@ class Kube:
             propagation_policy="Background",
             preconditions=kubernetes.client.V1Preconditions(uid=uid) if uid else None)
         try:
-            if kind == "PersistentVolume":
+            if kind == "PersistentVolume":  # the one cluster-scoped kind
                 self.core.delete_persistent_volume(name, body=opts, _request_timeout=REQUEST_TIMEOUT)
-            elif kind == "PersistentVolumeClaim":
-                self.core.delete_namespaced_persistent_volume_claim(
-                    name, namespace, body=opts, _request_timeout=REQUEST_TIMEOUT)
-            elif kind == "DaemonSet":
-                self.apps.delete_namespaced_daemon_set(name, namespace, body=opts,
-                                                       _request_timeout=REQUEST_TIMEOUT)
-            elif kind == "Secret":
-                self.core.delete_namespaced_secret(name, namespace, body=opts,
-                                                   _request_timeout=REQUEST_TIMEOUT)
-            elif kind == "ConfigMap":
-                self.core.delete_namespaced_config_map(name, namespace, body=opts,
-                                                       _request_timeout=REQUEST_TIMEOUT)
-            elif kind == "NetworkPolicy":
-                self.networking.delete_namespaced_network_policy(name, namespace, body=opts,
-                                                                 _request_timeout=REQUEST_TIMEOUT)
-            elif kind == "Pod":
-                self.core.delete_namespaced_pod(name, namespace, body=opts,
-                                                _request_timeout=REQUEST_TIMEOUT)
             else:
-                raise ValueError(f"delete() does not handle {kind}")
+                api, method = self._NAMESPACED_DELETE.get(kind, (None, ""))
+                if api is None:
+                    raise ValueError(f"delete() does not handle {kind}")
+                getattr(getattr(self, api), method)(name, namespace, body=opts, _request_timeout=REQUEST_TIMEOUT)
         except ApiException as exc:
             if exc.status == 404 or (uid and exc.status == 409):
                 return
