@@ -1,4 +1,5 @@
-"""kopf handlers: parse, call :mod:`.reconcile`, write ``status``, post Events. Nothing else.
+"""kopf handlers: parse, call :mod:`.reconcile` or :mod:`.finalize`, write ``status``, post Events.
+Nothing else.
 
 Run with ``kopf run --all-namespaces --standalone -m datahoard.operator.handlers`` (the chart
 does). Datasets are reconciled by one timer per object: kopf starts it as soon as it sees the
@@ -22,8 +23,9 @@ from datahoard import names
 from . import metrics
 from .config import OperatorSettings
 from .kube import Kube, load_client
-from .reconcile import (DELETION_BLOCKED, PROBLEMS, RECONCILED, SPEC_VALID, Blocked, Conditions,
-                        finalize, reconcile)
+from .conditions import DELETION_BLOCKED, PROBLEMS, RECONCILED, SPEC_VALID, Conditions
+from .finalize import Blocked, finalize
+from .reconcile import reconcile
 
 #: Read once at import: the timer interval is fixed when the handler is registered.
 CONFIG = OperatorSettings()

@@ -12,7 +12,7 @@ object at exactly its legacy name, with that annotation and no uid, is *legacy-o
 operator may retire it (workers, Secret copy) or keep serving it (a PV a PVC of this Dataset is
 already bound to: a PVC's volumeName is immutable). A PV additionally needs its claimRef to name
 this Dataset's PVC, since the old names collided and the first Dataset to come took the PV.
-Pure functions over plain dicts; :mod:`.reconcile` does the reading.
+Pure functions over plain dicts; :mod:`.owned` does the reading.
 """
 
 from __future__ import annotations

@@ -43,8 +43,8 @@ from typing import Any
 from datahoard.api import Dataset
 from datahoard.stats import WorkerStats
 
-from . import builders
 from .config import OperatorSettings
+from .labels import COMPONENT_LABEL, DATASET_LABEL, dataset_key, metadata
 from .status import WorkerPod
 
 SNAPSHOT_SHARED = "SnapshotShared"
@@ -58,7 +58,7 @@ FORGET_AFTER = 300.0
 
 
 def config_map_name(ds: Dataset) -> str:
-    return builders.dataset_key(ds)
+    return dataset_key(ds)
 
 
 def worker_env(ds: Dataset) -> list[dict[str, Any]]:
@@ -72,21 +72,21 @@ def worker_env(ds: Dataset) -> list[dict[str, Any]]:
 def config_map(ds: Dataset, settings: OperatorSettings, snapshot: str | None, peers: list[str]) -> dict[str, Any]:
     data = {ID_KEY: snapshot, FROM_KEY: ",".join(peers)} if snapshot else {}
     return {"apiVersion": "v1", "kind": "ConfigMap",
-            "metadata": builders._metadata(ds, config_map_name(ds), "cache-worker", settings.namespace),
+            "metadata": metadata(ds, config_map_name(ds), "cache-worker", settings.namespace),
             "data": data}
 
 
 def peer_policy_name(ds: Dataset) -> str:
-    return f"{builders.dataset_key(ds)}-peers"
+    return f"{dataset_key(ds)}-peers"
 
 
 def peer_policy(ds: Dataset, settings: OperatorSettings) -> dict[str, Any]:
     """Ingress to this Dataset's workers' stats port from this Dataset's workers (added to what
     the chart's policy admits: NetworkPolicies are a union)."""
-    workers = {"matchLabels": {builders.DATASET_LABEL: builders.dataset_key(ds),
-                               builders.COMPONENT_LABEL: "cache-worker"}}
+    workers = {"matchLabels": {DATASET_LABEL: dataset_key(ds),
+                               COMPONENT_LABEL: "cache-worker"}}
     return {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
-            "metadata": builders._metadata(ds, peer_policy_name(ds), "cache-worker", settings.namespace),
+            "metadata": metadata(ds, peer_policy_name(ds), "cache-worker", settings.namespace),
             "spec": {"podSelector": workers, "policyTypes": ["Ingress"],
                      "ingress": [{"from": [{"podSelector": workers}],
                                   "ports": [{"protocol": "TCP", "port": settings.stats_port}]}]}}

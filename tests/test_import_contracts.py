@@ -85,7 +85,7 @@ def test_the_graph_holds_every_module_and_imports_inside_functions():
     # The data plane importing the CSI plugin (what cache_worker/tree.py once did, in a function).
     ("datahoard.cache_worker.tree", "datahoard.csi_node.mounter"),
     ("datahoard.csi_node.views", "datahoard.cache_worker.tree"),
-    ("datahoard.operator.builders", "datahoard.cache_worker.worker"),
+    ("datahoard.operator.workers", "datahoard.cache_worker.worker"),
     ("datahoard.cache_worker.worker", "datahoard.operator.kube"),
     # The model importing a component or the composition root.
     ("datahoard.mounts", "datahoard.csi_node.mounter"),

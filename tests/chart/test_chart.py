@@ -290,7 +290,7 @@ def test_the_plugin_and_the_workers_see_one_keeper_socket(render) -> None:
 
     from datahoard import names
     from datahoard.api import Dataset
-    from datahoard.operator import builders
+    from datahoard.operator import workers
     from datahoard.operator.config import OperatorSettings
 
     ds = render().find("DaemonSet")
@@ -300,7 +300,7 @@ def test_the_plugin_and_the_workers_see_one_keeper_socket(render) -> None:
     settings = OperatorSettings(namespace="datahoard-system", host_root=Path(host_root))
     dataset = Dataset.from_body({"metadata": {"namespace": "ml", "name": "x", "uid": "u", "generation": 1},
                                  "spec": {"source": {"uri": "s3://bucket/p/"}, "cache": {"capacity": "1Gi"}}})
-    pod = builders.worker_daemonset(dataset, ["n"], settings, None)["spec"]["template"]["spec"]
+    pod = workers.worker_daemonset(dataset, ["n"], settings, None)["spec"]["template"]["spec"]
     [worker] = pod["containers"]
     run_dir = str(names.run_dir(Path(host_root)))
     [run_mount] = [m for m in worker["volumeMounts"] if m["mountPath"] == run_dir]

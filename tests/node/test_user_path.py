@@ -539,7 +539,7 @@ def test_delete_waits_for_the_pod_using_it_then_uninstall_leaves_nothing(dataset
         left[:] = kube("get", "pods", "-n", SYSTEM_NS, "-o",
                        "custom-columns=NAME:.metadata.name,PHASE:.status.phase,OWNER:.metadata.ownerReferences[0].kind",
                        "--no-headers").splitlines()
-        # The operator's cleanup Job (builders.py, ttlSecondsAfterFinished 600) is not part of the
+        # The operator's cleanup Job (operator/cleanup_job.py, ttlSecondsAfterFinished 600) is not part of the
         # release: its finished pod stays until the TTL controller removes it. Nothing runs.
         return not [p for p in left if not p.split()[1:] == ["Succeeded", "Job"]]
 

@@ -19,9 +19,11 @@ import pytest
 
 from datahoard import names
 from datahoard.api import Dataset
-from datahoard.operator import builders, ownership
+from datahoard.operator import labels, ownership, volumes
 from datahoard.operator.config import OperatorSettings
-from datahoard.operator.reconcile import Blocked, converge, finalize, worker_selector
+from datahoard.operator.converge import converge
+from datahoard.operator.finalize import Blocked, finalize
+from datahoard.operator.labels import worker_selector
 from tests.support.fakes.kube import FakeKube
 
 GPU = "nvidia.com/gpu"
@@ -63,7 +65,7 @@ def ds() -> Dataset:
 
 def worker_pod(kube: FakeKube, ds: Dataset, on: str, ready: bool = True) -> None:
     kube.add({"kind": "Pod", "metadata": {
-        "name": f"{builders.dataset_key(ds)}-{on}", "namespace": SYSTEM,
+        "name": f"{labels.dataset_key(ds)}-{on}", "namespace": SYSTEM,
         "labels": dict(part.split("=") for part in worker_selector(ds).split(","))},
         "spec": {"nodeName": on, "containers": [{"name": "worker", "image": "x"}]},
         "status": {"phase": "Running", "podIP": "10.0.0.9",
@@ -88,7 +90,7 @@ def pass_once(ds: Dataset, kube: FakeKube, settings: OperatorSettings, nodes=("g
 def test_first_pass_starts_workers_and_waits_for_one_before_the_volume(ds, kube, settings):
     result = pass_once(ds, kube, settings)
     assert result.selected == ["gpu-a", "gpu-b"]
-    daemonset = kube.get("DaemonSet", builders.dataset_key(ds), SYSTEM)
+    daemonset = kube.get("DaemonSet", labels.dataset_key(ds), SYSTEM)
     assert daemonset is not None
     assert ownership.verdict(daemonset, ds) == "ours"
     assert kube.all("PersistentVolume") == [] and kube.all("PersistentVolumeClaim") == []
@@ -129,7 +131,7 @@ def test_a_node_no_longer_selected_loses_its_label_and_no_node_stops_the_workers
     assert kube.nodes_with_label(names.node_label("ml", "imagenet")) == []
     assert result.selected == ["gpu-b"]
     result = pass_once(ds, kube, settings, nodes=())
-    assert kube.get("DaemonSet", builders.dataset_key(ds), SYSTEM) is None
+    assert kube.get("DaemonSet", labels.dataset_key(ds), SYSTEM) is None
     assert conditions(result)["NodesSelected"] == ("False", "NoMatchingNodes")
     assert kube.get("PersistentVolume", names.pv_name("ml", "imagenet")) is not None  # caches stay
 
@@ -138,7 +140,7 @@ def test_credentials_are_copied_only_when_complete(kube, settings):
     ds = Dataset.from_body(body(secretRef={"name": "s3-creds"}))
     result = pass_once(ds, kube, settings)
     assert conditions(result)["CredentialsReady"] == ("False", "SecretNotFound")
-    assert kube.get("DaemonSet", builders.dataset_key(ds), SYSTEM) is None  # no worker without them
+    assert kube.get("DaemonSet", labels.dataset_key(ds), SYSTEM) is None  # no worker without them
 
     encode = lambda v: base64.b64encode(v.encode()).decode()  # noqa: E731
     kube.add({"kind": "Secret", "metadata": {"name": "s3-creds", "namespace": "ml"},
@@ -151,20 +153,20 @@ def test_credentials_are_copied_only_when_complete(kube, settings):
     assert conditions(result)["CredentialsReady"] == ("True", "SecretCopied")
     copy = kube.get("Secret", names.worker_name("ml", "imagenet"), SYSTEM)
     assert set(copy["data"]) == {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
-    assert kube.get("DaemonSet", builders.dataset_key(ds), SYSTEM) is not None
+    assert kube.get("DaemonSet", labels.dataset_key(ds), SYSTEM) is not None
 
 
 def test_someone_elses_daemonset_of_that_name_is_left_alone(ds, kube, settings):
     foreign = {"kind": "DaemonSet", "metadata": {
-        "name": builders.dataset_key(ds), "namespace": SYSTEM,
+        "name": labels.dataset_key(ds), "namespace": SYSTEM,
         "annotations": {ownership.UID_ANNOTATION: "another-dataset"}}, "spec": {"x": 1}}
     kube.add(foreign)
-    before = kube.get("DaemonSet", builders.dataset_key(ds), SYSTEM)
+    before = kube.get("DaemonSet", labels.dataset_key(ds), SYSTEM)
     result = pass_once(ds, kube, settings)
-    assert kube.get("DaemonSet", builders.dataset_key(ds), SYSTEM) == before
+    assert kube.get("DaemonSet", labels.dataset_key(ds), SYSTEM) == before
     assert conditions(result)["ObjectsOwned"] == ("False", "NameConflict")
     pass_once(ds, kube, settings, nodes=())  # and never deleted either
-    assert kube.get("DaemonSet", builders.dataset_key(ds), SYSTEM) == before
+    assert kube.get("DaemonSet", labels.dataset_key(ds), SYSTEM) == before
 
 
 def test_an_api_failure_is_a_retryable_error(ds, kube, settings):
@@ -200,7 +202,7 @@ def test_finalize_removes_everything_in_order_and_is_idempotent(ds, kube, settin
     assert info.value.reason == "WorkersStopping"
     assert kube.all("PersistentVolumeClaim") == [] and kube.all("PersistentVolume") == []
     assert kube.nodes_with_label(names.node_label("ml", "imagenet")) == []
-    assert kube.get("DaemonSet", builders.dataset_key(ds), SYSTEM) is None
+    assert kube.get("DaemonSet", labels.dataset_key(ds), SYSTEM) is None
     assert kube.all("Job") == []  # no cleanup while workers may still hold the cache
 
     for pod in kube.list_pods(SYSTEM, worker_selector(ds)):  # the DaemonSet's pods exit
@@ -213,7 +215,7 @@ def test_finalize_removes_everything_in_order_and_is_idempotent(ds, kube, settin
 
 
 def test_finalize_leaves_someone_elses_volume_alone(ds, kube, settings):
-    foreign = builders.persistent_volume(ds, settings)
+    foreign = volumes.persistent_volume(ds, settings)
     foreign["metadata"]["annotations"] = {ownership.UID_ANNOTATION: "someone-else"}
     kube.create(foreign)
     finalize({**body(), "status": {}}, kube, settings)

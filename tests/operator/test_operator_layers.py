@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 OPERATOR = Path(__file__).resolve().parents[2] / "operator"
-PURE = {"builders", "placement", "status", "config", "ownership", "gate", "consumers"}
+PURE = {"labels", "credentials", "workers", "volumes", "cleanup_job", "placement", "status", "config",
+        "ownership", "gate", "consumers", "conditions"}
 IO_LIBS = {"kubernetes", "kopf", "aiohttp", "urllib3", "requests", "asyncio"}
 
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 from typing import Any
 
 from datahoard.api import Dataset
-from datahoard.operator.reconcile import STATS_CURRENT, CACHED, Conditions, stats_conditions
+from datahoard.operator.conditions import CACHED, STATS_CURRENT, Conditions
+from datahoard.operator.reconcile import stats_conditions
 from datahoard.operator.status import WorkerPod, format_duration, summarize
 from datahoard.stats import RecentStats, WarmingStats, WorkerStats
 

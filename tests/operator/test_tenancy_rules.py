@@ -11,7 +11,7 @@ import pytest
 
 from datahoard import names
 from datahoard.api import Dataset
-from datahoard.operator import builders, ownership, placement, policy
+from datahoard.operator import cleanup_job, ownership, placement, policy, workers
 from datahoard.operator.config import OperatorSettings
 
 SETTINGS = OperatorSettings(namespace="datahoard-system", host_root=Path("/var/lib/datahoard"))
@@ -31,7 +31,7 @@ def dataset(namespace: str = "ml", name: str = "data", uid: str = "uid-1", **sou
 def test_names_are_injective(a: tuple[str, str], b: tuple[str, str]) -> None:
     for fn in (names.worker_name, names.pv_name, names.node_label):
         assert fn(*a) != fn(*b), fn.__name__
-    assert builders.cleanup_job_name(dataset(*a), "n") != builders.cleanup_job_name(dataset(*b), "n")
+    assert cleanup_job.cleanup_job_name(dataset(*a), "n") != cleanup_job.cleanup_job_name(dataset(*b), "n")
 
 
 def test_names_fit_their_limits() -> None:
@@ -39,7 +39,7 @@ def test_names_fit_their_limits() -> None:
     worker = names.worker_name(ns, name)
     assert len(worker) <= 63 and DNS_LABEL.fullmatch(worker)
     assert len(names.pv_name(ns, name)) <= 253
-    assert len(builders.cleanup_job_name(dataset(ns, name), "node")) <= 63
+    assert len(cleanup_job.cleanup_job_name(dataset(ns, name), "node")) <= 63
     assert names.worker_name("ml", "imagenet").startswith("dh-ml-imagenet-")
 
 
@@ -51,7 +51,7 @@ def obj(kind: str, name: str, annotations: dict | None = None, **extra) -> dict:
 
 def test_only_objects_with_this_uid_are_ours() -> None:
     ds = dataset()
-    mine = builders.worker_daemonset(ds, ["n"], SETTINGS, None)
+    mine = workers.worker_daemonset(ds, ["n"], SETTINGS, None)
     assert ownership.verdict(mine, ds) == "ours"
     other = dataset("team", "x-data", uid="uid-2")
     assert ownership.verdict(mine, other) == "foreign"
@@ -82,7 +82,7 @@ def test_legacy_objects_are_recognised_only_at_their_legacy_name() -> None:
 # -- credentials -----------------------------------------------------------------------------
 
 def env_of(ds: Dataset, creds: str | None = None) -> dict[str, str]:
-    container = builders.worker_daemonset(ds, ["n"], SETTINGS, creds)["spec"]["template"][
+    container = workers.worker_daemonset(ds, ["n"], SETTINGS, creds)["spec"]["template"][
         "spec"]["containers"][0]
     return {e["name"]: e.get("value", "<secret>") for e in container["env"]}
 
@@ -159,8 +159,8 @@ def test_control_plane_nodes_are_kept_out_whatever_the_spec_tolerates() -> None:
                       "tolerations": [{"operator": "Exists"}]}}})
     cp = node("cp", {"node-role.kubernetes.io/control-plane": ""},
               [{"key": "node-role.kubernetes.io/control-plane", "effect": "NoSchedule"}])
-    tols = builders.worker_tolerations(ds, SETTINGS)
-    from datahoard.operator.reconcile import node_policy_of
+    tols = workers.worker_tolerations(ds, SETTINGS)
+    from datahoard.operator.converge import node_policy_of
 
     pol = node_policy_of(SETTINGS)
     assert placement.pick_nodes([cp], ds, "nvidia.com/gpu", tols) == ["cp"]  # no policy

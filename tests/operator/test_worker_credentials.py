@@ -15,7 +15,7 @@ import pytest
 
 from datahoard.api import Dataset
 from datahoard.cache_worker.sources import open_source
-from datahoard.operator import builders
+from datahoard.operator import workers
 from datahoard.operator.config import OperatorSettings
 from tests.support.metadata import FakeMetadata
 
@@ -37,7 +37,7 @@ def worker_env(spec_source: dict, secret: dict[str, str] | None = None) -> dict[
     """The worker container's environment as kubelet would give it (Secret refs resolved)."""
     ds = Dataset.from_body({"metadata": {"namespace": "ml", "name": "d", "uid": "u"},
                             "spec": {"source": spec_source}})
-    manifest = builders.worker_daemonset(ds, ["n"], SETTINGS, "hash" if secret else None)
+    manifest = workers.worker_daemonset(ds, ["n"], SETTINGS, "hash" if secret else None)
     env = {}
     for var in manifest["spec"]["template"]["spec"]["containers"][0]["env"]:
         ref = (var.get("valueFrom") or {}).get("secretKeyRef")

@@ -1,31 +1,22 @@
-"""Pure builders: a Dataset (plus operator settings) in, Kubernetes manifests out.
+"""The cache workers' manifest: one privileged worker pod per selected node, as a DaemonSet.
 
-Nothing here talks to the API server, so every manifest is checked against golden YAML in
-``tests/operator/``. The manifests are complete desired states: the API layer server-side-applies
-the ones that may change (DaemonSet, Secret copy) and creates the ones that are immutable once
-bound (PV, PVC).
+The largest builder and the one that changes most (the `datahoard mount` command line, env,
+probes, host paths), so it has a module to itself. Pure, like every builder: a Dataset (plus
+operator settings) in, the complete desired DaemonSet out, checked against golden YAML in
+``tests/operator/``; the converge pass server-side-applies it.
 """
 
 from __future__ import annotations
 
-import hashlib
-from dataclasses import dataclass
-from typing import Any
-
 from datahoard import names
 from datahoard.api import Dataset, quantity_bytes
 
-from . import ownership
 from .config import OperatorSettings
+from .credentials import secret_keys
+from .labels import (COMPONENT_LABEL, DATASET_ANNOTATION, DATASET_LABEL, Manifest, dataset_key, labels,
+                     metadata)
+from .snapshots import worker_env
 
-Manifest = dict[str, Any]
-
-DATASET_LABEL = f"{names.GROUP}/dataset"
-#: Full "<namespace>/<name>" of the owning Dataset; labels cannot hold a slash or 253 chars.
-DATASET_ANNOTATION = ownership.DATASET_ANNOTATION
-UID_ANNOTATION = ownership.UID_ANNOTATION
-COMPONENT_LABEL = "app.kubernetes.io/component"
-MANAGED_BY = {"app.kubernetes.io/name": "datahoard", "app.kubernetes.io/managed-by": "datahoard-operator"}
 CREDENTIALS_ANNOTATION = f"{names.GROUP}/credentials-hash"
 WORKER_CONTAINER = "worker"
 #: The worker's credentials mode, set from spec.source.credentials (see cache_worker/sources.py).
@@ -34,69 +25,6 @@ CREDENTIALS_VALUES = {"Anonymous": "anonymous", "Secret": "secret", "NodeIdentit
 #: Where the worker writes its fatal error (datahoard/cli.py reads the path from
 #: DATAHOARD_TERMINATION_LOG); the kubelet copies it into the container's status.
 TERMINATION_LOG = "/dev/termination-log"
-
-
-@dataclass(frozen=True)
-class SecretKeys:
-    """Environment variables the cache worker reads for one source scheme, taken from the
-    Dataset's Secret: all of ``required``, and at least one of ``any_of`` when it is set."""
-
-    required: tuple[str, ...] = ()
-    any_of: tuple[str, ...] = ()
-    optional: tuple[str, ...] = ()
-
-    @property
-    def all(self) -> tuple[str, ...]:
-        return self.required + self.any_of + self.optional
-
-
-#: Per scheme: what the worker's S3 and WebHDFS clients read (cache_worker/s3.py, hdfs.py).
-SECRET_KEYS = {
-    "s3": SecretKeys(required=("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"),
-                     optional=("AWS_SESSION_TOKEN",)),
-    "hdfs": SecretKeys(any_of=("DATAHOARD_HDFS_USER", "DATAHOARD_HDFS_DELEGATION_TOKEN"),
-                       optional=("DATAHOARD_HDFS_NAMENODES",)),
-}
-SECRET_KEYS["webhdfs"] = SECRET_KEYS["swebhdfs"] = SECRET_KEYS["hdfs"]
-
-
-def secret_keys(ds: Dataset) -> SecretKeys:
-    return SECRET_KEYS.get(ds.spec.source.scheme, SecretKeys())
-
-
-def dataset_key(ds: Dataset) -> str:
-    """Label value naming a Dataset: the worker name is a unique, valid DNS label."""
-    return names.worker_name(ds.namespace, ds.name)
-
-
-def labels(ds: Dataset, component: str) -> dict[str, str]:
-    return {**MANAGED_BY, COMPONENT_LABEL: component, DATASET_LABEL: dataset_key(ds)}
-
-
-def _metadata(ds: Dataset, name: str, component: str, namespace: str | None) -> Manifest:
-    meta: Manifest = {
-        "name": name,
-        "labels": labels(ds, component),
-        "annotations": {DATASET_ANNOTATION: f"{ds.namespace}/{ds.name}"},
-    }
-    if ds.uid:
-        # The proof of ownership the operator checks before every write and delete.
-        meta["annotations"][UID_ANNOTATION] = ds.uid
-    if namespace is not None:
-        meta["namespace"] = namespace
-    return meta
-
-
-def secret_copy(ds: Dataset, data: dict[str, str], settings: OperatorSettings) -> Manifest:
-    """The Dataset's credentials, copied next to its workers (pods cannot read across namespaces)."""
-    return {
-        "apiVersion": "v1",
-        "kind": "Secret",
-        "metadata": _metadata(ds, names.worker_name(ds.namespace, ds.name), "credentials",
-                              settings.namespace),
-        "type": "Opaque",
-        "data": dict(sorted(data.items())),
-    }
 
 
 def worker_command(ds: Dataset, settings: OperatorSettings) -> list[str]:
@@ -143,12 +71,6 @@ def _add_quantity(a: str, b_bytes: int) -> str:
     return str(quantity_bytes(a) + b_bytes)
 
 
-def credentials_hash(data: dict[str, str]) -> str:
-    """Fingerprint of the copied credentials; in the pod template it rolls the workers when
-    the Secret changes (env vars are read once, at container start)."""
-    return hashlib.sha256(repr(sorted(data.items())).encode()).hexdigest()[:16]
-
-
 def _worker_container(ds: Dataset, settings: OperatorSettings, with_secret: bool) -> Manifest:
     secret = names.worker_name(ds.namespace, ds.name)
     env: list[Manifest] = [
@@ -164,8 +86,6 @@ def _worker_container(ds: Dataset, settings: OperatorSettings, with_secret: bool
     if mode != "NodeIdentity":
         env.append({"name": "AWS_EC2_METADATA_DISABLED", "value": "true"})
     # The Dataset's snapshot and peers that hold it, from a ConfigMap (operator/snapshots.py).
-    from .snapshots import worker_env
-
     env += worker_env(ds)
     if with_secret:
         keys = secret_keys(ds)
@@ -223,7 +143,7 @@ def worker_daemonset(ds: Dataset, nodes: list[str], settings: OperatorSettings,
     node list lives in a required nodeAffinity on ``metadata.name`` so that the operator, which
     owns placement, changes it with one patch. Caches live on hostPath keyed by Dataset, so a
     rollout or a node that leaves and returns keeps its cached data. ``credentials`` is the
-    :func:`credentials_hash` of the Secret copy, or None for anonymous access.
+    :func:`.credentials.credentials_hash` of the Secret copy, or None for anonymous access.
     """
     key = dataset_key(ds)
     cache_volume: Manifest
@@ -268,7 +188,7 @@ def worker_daemonset(ds: Dataset, nodes: list[str], settings: OperatorSettings,
     return {
         "apiVersion": "apps/v1",
         "kind": "DaemonSet",
-        "metadata": _metadata(ds, key, "cache-worker", settings.namespace),
+        "metadata": metadata(ds, key, "cache-worker", settings.namespace),
         "spec": {
             "selector": {"matchLabels": {DATASET_LABEL: key, COMPONENT_LABEL: "cache-worker"}},
             "updateStrategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 1}},
@@ -276,114 +196,6 @@ def worker_daemonset(ds: Dataset, nodes: list[str], settings: OperatorSettings,
                 "metadata": {"labels": labels(ds, "cache-worker"),
                              "annotations": template_annotations},
                 "spec": pod_spec,
-            },
-        },
-    }
-
-
-def persistent_volume(ds: Dataset, settings: OperatorSettings) -> Manifest:
-    """The one PV of a Dataset: read-only, served by the node plugin, only on labelled nodes."""
-    return {
-        "apiVersion": "v1",
-        "kind": "PersistentVolume",
-        "metadata": _metadata(ds, names.pv_name(ds.namespace, ds.name), "volume", None),
-        "spec": {
-            "capacity": {"storage": ds.spec.cache.capacity},
-            "accessModes": ["ReadOnlyMany"],
-            "volumeMode": "Filesystem",
-            # Retain: the data is the source's, and no provisioner exists to "delete" it.
-            "persistentVolumeReclaimPolicy": "Retain",
-            "storageClassName": "",
-            # Pre-bound to the claim, so no other PVC can take it.
-            "claimRef": {"apiVersion": "v1", "kind": "PersistentVolumeClaim",
-                         "namespace": ds.namespace, "name": ds.name},
-            "csi": {
-                "driver": names.CSI_DRIVER_NAME,
-                "volumeHandle": names.volume_handle(ds.namespace, ds.name),
-                "readOnly": True,
-                "volumeAttributes": {
-                    names.CTX_NAMESPACE: ds.namespace,
-                    names.CTX_NAME: ds.name,
-                    names.CTX_MOUNT_DIR: str(names.mount_dir(ds.namespace, ds.name,
-                                                             settings.host_root)),
-                },
-            },
-            "nodeAffinity": {"required": {"nodeSelectorTerms": [{"matchExpressions": [
-                {"key": names.node_label(ds.namespace, ds.name), "operator": "In",
-                 "values": ["true"]}]}]}},
-        },
-    }
-
-
-def persistent_volume_claim(ds: Dataset, volume: str | None = None) -> Manifest:
-    """The claim users mount: named after the Dataset, in its namespace, bound to its PV
-    (``volume``: the PV's name when it is not the current one, after an upgrade)."""
-    meta = _metadata(ds, ds.name, "volume", ds.namespace)
-    if ds.uid:
-        meta["ownerReferences"] = [{"apiVersion": names.API_VERSION, "kind": names.KIND,
-                                    "name": ds.name, "uid": ds.uid}]
-    return {
-        "apiVersion": "v1",
-        "kind": "PersistentVolumeClaim",
-        "metadata": meta,
-        "spec": {
-            "accessModes": ["ReadOnlyMany"],
-            "volumeMode": "Filesystem",
-            "storageClassName": "",
-            "volumeName": volume or names.pv_name(ds.namespace, ds.name),
-            "resources": {"requests": {"storage": ds.spec.cache.capacity}},
-        },
-    }
-
-
-def node_label_patch(ds: Dataset, ready: bool) -> Manifest:
-    """Merge patch that sets (or, with None, removes) the Dataset's label on a node."""
-    return {"metadata": {"labels": {names.node_label(ds.namespace, ds.name): "true" if ready else None}}}
-
-
-def cleanup_job_name(ds: Dataset, node: str) -> str:
-    digest = hashlib.sha256(f"{ds.namespace}/{ds.name}/{node}".encode()).hexdigest()[:10]
-    return f"{dataset_key(ds)[:45].rstrip('-')}-clean-{digest}"
-
-
-def cleanup_job(ds: Dataset, node: str, settings: OperatorSettings) -> Manifest:
-    """A one-shot pod on ``node`` that removes the Dataset's cache, mount and pod-record directories.
-
-    Runs after the workers are gone. A worker that crashed can leave a dead FUSE mount behind, so
-    the script lazily unmounts first; Bidirectional propagation makes that unmount reach the host.
-    """
-    mnt = names.mount_dir(ds.namespace, ds.name, settings.host_root)
-    cache = names.cache_dir(ds.namespace, ds.name, settings.host_root)
-    consumers = names.consumers_dir(ds.namespace, ds.name, settings.host_root)
-    script = (f'umount -l "{mnt}" 2>/dev/null; rm -rf -- "{cache}" "{consumers}"; rmdir -- "{mnt}" 2>/dev/null; '
-              "exit 0")
-    root = str(settings.host_root)
-    return {
-        "apiVersion": "batch/v1",
-        "kind": "Job",
-        "metadata": _metadata(ds, cleanup_job_name(ds, node), "cleanup", settings.namespace),
-        "spec": {
-            "backoffLimit": 3,
-            # Jobs delete themselves a while after finishing; nothing else owns them.
-            "ttlSecondsAfterFinished": 600,
-            "template": {
-                "metadata": {"labels": labels(ds, "cleanup")},
-                "spec": {
-                    "nodeName": node,
-                    "restartPolicy": "OnFailure",
-                    "automountServiceAccountToken": False,
-                    "tolerations": [{"operator": "Exists"}],
-                    "containers": [{
-                        "name": "cleanup",
-                        "image": settings.worker_image,
-                        "imagePullPolicy": settings.image_pull_policy,
-                        "command": ["sh", "-c", script],
-                        "securityContext": {"privileged": True},
-                        "volumeMounts": [{"name": "root", "mountPath": root,
-                                          "mountPropagation": "Bidirectional"}],
-                    }],
-                    "volumes": [{"name": "root", "hostPath": {"path": root, "type": "Directory"}}],
-                },
             },
         },
     }
