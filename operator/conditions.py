@@ -1,8 +1,9 @@
 """The status conditions a reconcile pass sets: their types, which reasons need a person, and
 the accumulator one pass writes them through.
 
-Shared by the converge, status and finalize steps and by the kopf handlers (which turn problem
-reasons into Warning Events), so it lives apart from all of them.
+Shared by :mod:`.converge`, the status assembly in :mod:`.reconcile` and the kopf handlers
+(which set Reconciled and DeletionBlocked, and turn problem reasons into Warning Events), so it
+lives apart from all of them.
 """
 
 from __future__ import annotations

@@ -52,7 +52,7 @@ def secret_copy(ds: Dataset, data: dict[str, str], settings: OperatorSettings) -
         "apiVersion": "v1",
         "kind": "Secret",
         "metadata": metadata(ds, names.worker_name(ds.namespace, ds.name), "credentials",
-                              settings.namespace),
+                             settings.namespace),
         "type": "Opaque",
         "data": dict(sorted(data.items())),
     }

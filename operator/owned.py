@@ -50,6 +50,7 @@ class Owned:
         self.kube.delete(kind, name, namespace, uid=obj["metadata"].get("uid"))
         return True
 
+
 def volume_name(ds: Dataset, kube: Kube) -> str:
     """The PV this Dataset's PVC uses: the new name, or the 0.1.x one a PVC of this Dataset is
     already bound to (a PVC's volumeName is immutable, so upgrades keep it until deletion)."""

@@ -54,6 +54,7 @@ def failed_status(body: Mapping[str, Any], message: str, reason: str = "InvalidS
     return {"phase": "Failed", "observedGeneration": meta.get("generation", 0),
             "conditions": conds.items}
 
+
 async def reconcile(body: Mapping[str, Any], nodes: list[Mapping[str, Any]], kube: Kube,
                     settings: OperatorSettings) -> dict[str, Any]:
     """One full pass for one Dataset; returns the ``status`` to merge-patch.
