@@ -147,8 +147,9 @@ class Worker:
         handover: requests in flight are answered and the mount stays for the next worker.
         Without one the view is unmounted, as a stop always did.
         """
+        from .fusell.handshake import Wants
         from .fusell.passthrough import BackingTable
-        from .fusell.session import Session, Wants
+        from .fusell.session import Session
 
         cfg = self.config
         identity = index_identity(self.index.summary)
