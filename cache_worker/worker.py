@@ -45,7 +45,8 @@ from .consumers import ConsumerTable, PodNames
 from .counters import Counters
 from .dataset import DatasetCache
 from .direct_mode import DirectServing
-from .fs import MAX_READ, METADATA_TIMEOUT, RESERVE_THREADS, DatasetFS
+from .fs import MAX_READ, RESERVE_THREADS, DatasetFS
+from .fs_meta import METADATA_TIMEOUT
 from .index import Index
 from .index_open import open_index, snapshot_file
 from .kernel_opens import KernelOpens
