@@ -45,7 +45,8 @@ from .consumers import ConsumerTable, PodNames
 from .counters import Counters
 from .dataset import DatasetCache
 from .direct_mode import DirectServing
-from .fs import MAX_READ, METADATA_TIMEOUT, RESERVE_THREADS, DatasetFS
+from .fs import MAX_READ, RESERVE_THREADS, DatasetFS
+from .fs_meta import METADATA_TIMEOUT
 from .index import Index
 from .index_open import open_index, snapshot_file
 from .kernel_opens import KernelOpens
@@ -147,8 +148,9 @@ class Worker:
         handover: requests in flight are answered and the mount stays for the next worker.
         Without one the view is unmounted, as a stop always did.
         """
+        from .fusell.handshake import Wants
         from .fusell.passthrough import BackingTable
-        from .fusell.session import Session, Wants
+        from .fusell.session import Session
 
         cfg = self.config
         identity = index_identity(self.index.summary)

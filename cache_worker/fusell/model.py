@@ -1,4 +1,4 @@
-"""The values a :class:`~datahoard.cache_worker.fusell.session.Filesystem` hands the session.
+"""The values a :class:`~datahoard.cache_worker.fusell.filesystem.Filesystem` hands the session.
 
 Plain dataclasses, packed into the kernel's structs by the session. Times are integer
 nanoseconds (the kernel keeps them split into seconds and nanoseconds; INIT asks for a 1 ns

@@ -46,52 +46,26 @@ The rules (read in Linux 6.9-6.18 ``fs/fuse/iomode.c``, ``passthrough.c``, ``bac
 What :class:`BackingTable` does with that: per nodeid the backing id in use and the open
 handles of each kind; :meth:`BackingTable.open` answers passthrough with the inode's current id
 (registering one only when the inode is neutral), caching when the inode has caching opens.
-It persists every change to an append-only log (a shared mapping of a tmpfs file) **before**
-the answer that depends on it, so a restarted worker reuses the same ids:
-
-* an open is logged before its reply: a crash after logging but before replying leaves a
-  record the kernel never saw (the inode keeps that mode and its id stays open: the safe
-  direction); a crash before logging means the reply was never sent;
-* handles are unique serials and RELEASE removes one by handle, so a RELEASE the kernel
-  resends after a crash is idempotent (a count could be decremented twice);
-* closing an id is logged before the ioctl: a crash between leaves the id open in the kernel,
-  unused (safe); the reverse order could hand out an id the kernel closed (EIO, or after the
-  id numbers wrap, another file's bytes).
-
-**Ids are kept after the last release** when the owner sets ``retain`` (the view keeps up to
-4096, least recently released closed first; with 0 an id is closed at its last release): a loader opens each file once per epoch, so closing the id at every last release
-made every open pay the registration again. A kept id holds the kernel's reference to the cache
-file, so whoever owns the file must say when it changes or goes: the next open of an inode with
-a kept id and no passthrough open asks ``still()`` (the view: is the cache file still the
-verified one that was registered?) and closes the id if not; :meth:`BackingTable.drop` closes
-it at once when the store evicts the file (its space comes back only when the kernel lets go).
-A restarted worker closes every kept id at start (``_close_unused``), as before: the log and its
-crash rules are unchanged, a kept id is just a ``b`` record without its ``c`` yet.
-
-Measured cost (``bench/fusell_bench.py --table-cost``, 2 loaded cores): an open+release pair
-costs 6-8 us of Python bookkeeping (two 32-byte records stored into the mapping, no system
-call; with two ``os.write`` calls per pair instead it was 13-22 us), 8-15 us measured on a
-live connection; an open that must register the backing file (os.open, BACKING_OPEN, and at
-its release BACKING_CLOSE) 40-49 us: the cost every small-file open paid before ids were kept.
+The table is put together from one part per job: the open decision here,
+:mod:`.passthrough_ids` (registering and closing ids, and keeping them after the last release)
+and :mod:`.passthrough_log` (the log that carries it all across restarts, and its crash rules).
 """
 
 from __future__ import annotations
 
-import errno
-import logging
 import mmap
 import os
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from .connection import Connection
-
-log = logging.getLogger(__name__)
-
-PASSTHROUGH, CACHING, DIRECT = "P", "C", "D"
+from .iomode import CACHING, DIRECT, PASSTHROUGH
+from .iomode import Inode as _Inode
+from .passthrough_ids import BackingIds
+from .passthrough_log import BackingLog
 
 
 @dataclass(slots=True)
@@ -103,50 +77,14 @@ class Choice:
     kind: str  # PASSTHROUGH, CACHING or DIRECT
 
 
-@dataclass(slots=True)
-class _Inode:
-    backing_id: int | None = None
-    fhs: dict[int, str] = field(default_factory=dict)  # fh -> kind
-    passthrough: int = 0
-    caching: int = 0
-
-    def add(self, fh: int, kind: str) -> None:
-        self.fhs[fh] = kind
-        if kind == PASSTHROUGH:
-            self.passthrough += 1
-        elif kind == CACHING:
-            self.caching += 1
-
-    def remove(self, fh: int) -> None:
-        kind = self.fhs.pop(fh, None)
-        if kind == PASSTHROUGH:
-            self.passthrough -= 1
-        elif kind == CACHING:
-            self.caching -= 1
-
-
-# The log: fixed 32-byte records in a MAP_SHARED mapping of a tmpfs file. A store into the
-# mapping is in the page cache the moment it is made, so a SIGKILLed process loses nothing it
-# stored, and an open costs no system call (two os.write calls per open+release cost 10-20 us,
-# as much as the FUSE round trip). A record's first byte (its op) is stored last: a process
-# killed in the middle of storing one leaves a zero op, read back as "not written".
-_REC = __import__("struct").Struct("=BBxxxxxxQQq")  # op kind pad nodeid fh backing_id
-_OPS = {"o": 1, "r": 2, "b": 3, "c": 4, "s": 5}
-_OPNAMES = {v: k for k, v in _OPS.items()}
-_KINDS = {PASSTHROUGH: 1, CACHING: 2, DIRECT: 3}
-_KINDNAMES = {v: k for k, v in _KINDS.items()}
-
-
-class BackingTable:
+class BackingTable(BackingIds, BackingLog):
     """Per-inode io mode and backing id, persisted to ``path`` (put it on tmpfs)."""
-
-    SIZE = 1 << 20  # records of 32 bytes: compacted when full
 
     def __init__(self, path: str | os.PathLike, conn: Connection, retain: int = 0,
                  on_close: Callable[[int], None] | None = None):
         self.path = Path(path)
         self.conn = conn
-        #: Inodes whose id is kept after their last passthrough release (module docstring); 0:
+        #: Inodes whose id is kept after their last passthrough release (passthrough_ids.py); 0:
         #: closed at the last release. Only for an owner that passes ``still`` to ``open``.
         self.retain = retain
         self._retained: OrderedDict[int, None] = OrderedDict()
@@ -220,26 +158,6 @@ class BackingTable:
             if not ino.fhs and ino.backing_id is None:
                 del self._inodes[node]
 
-    def drop(self, nodeid: int) -> None:
-        """The inode's cache file went (evicted, replaced): close a kept id now, so the kernel
-        lets go of the file. An id still in use by passthrough opens is closed at their last
-        release instead (they keep reading the file they opened)."""
-        with self._lock:
-            ino = self._inodes.get(nodeid)
-            if ino is not None and ino.backing_id is not None and ino.passthrough:
-                self._doomed.add(nodeid)
-            else:
-                self._drop_locked(nodeid)
-
-    def _drop_locked(self, nodeid: int) -> None:
-        self._retained.pop(nodeid, None)
-        ino = self._inodes.get(nodeid)
-        if ino is None or ino.backing_id is None or ino.passthrough:
-            return
-        self._close(nodeid, ino)
-        if not ino.fhs:
-            del self._inodes[nodeid]
-
     def mode(self, nodeid: int) -> tuple[int | None, int, int]:
         """(backing id, passthrough opens, caching opens) of an inode, e.g. for eviction."""
         with self._lock:
@@ -258,125 +176,3 @@ class BackingTable:
             if self._mm is not None:
                 self._mm.close()
                 self._mm = None
-
-    # -- internals ------------------------------------------------------------------------
-    def _register(self, nodeid: int, ino: _Inode, backing: Callable[[], int | None]) -> int | None:
-        fd = backing()
-        if fd is None:  # not whole and verified after all
-            return None
-        try:
-            bid = self.conn.backing_open(fd)
-        except OSError as e:
-            log.warning("passthrough refused for node %d (%s); serving it through the worker",
-                        nodeid, e)
-            return None
-        finally:
-            os.close(fd)
-        self._log("b", nodeid, 0, bid)
-        ino.backing_id = bid
-        return bid
-
-    def _close(self, nodeid: int, ino: _Inode) -> None:
-        bid = ino.backing_id
-        self._log("c", nodeid, 0, bid)  # before the ioctl: never reuse an id the kernel closed
-        ino.backing_id = None
-        self._doomed.discard(nodeid)
-        if self.on_close is not None:
-            self.on_close(nodeid)
-        try:
-            self.conn.backing_close(bid)
-        except OSError as e:
-            if e.errno != errno.ENOENT:
-                log.warning("closing backing id %d failed: %s", bid, e)
-
-    def _close_unused(self) -> None:
-        """Ids registered by a process that died before (or after) using them."""
-        with self._lock:
-            for nodeid, ino in list(self._inodes.items()):
-                if ino.backing_id is not None and not ino.passthrough:
-                    self._close(nodeid, ino)
-                if not ino.fhs and ino.backing_id is None:
-                    del self._inodes[nodeid]
-
-    def _log(self, op: str, nodeid: int, fh: int, bid: int, kind: str = "") -> None:
-        if self._pos + _REC.size > self.SIZE:
-            self._rewrite()
-        mm, pos = self._mm, self._pos
-        rec = _REC.pack(_OPS[op], _KINDS.get(kind, 0), nodeid, fh, bid)
-        mm[pos + 1:pos + _REC.size] = rec[1:]
-        mm[pos] = rec[0]  # last: the record exists from here on
-        self._pos = pos + _REC.size
-
-    def _load(self) -> None:
-        for rec in read_log(self.path):
-            self._apply(*rec)
-
-    def _apply(self, op: str, nodeid: int, fh: int, bid: int, kind: str) -> None:
-        if op == "s":
-            self._next_fh = max(self._next_fh, fh)
-        elif op == "o":
-            ino = self._inodes.setdefault(nodeid, _Inode())
-            ino.add(fh, kind)
-            self._fh_node[fh] = nodeid
-            self._next_fh = max(self._next_fh, fh + 1)
-            if kind == PASSTHROUGH:
-                ino.backing_id = bid
-        elif op == "r":
-            node = self._fh_node.pop(fh, None)
-            if node is not None:
-                self._inodes[node].remove(fh)
-        elif op == "b":
-            self._inodes.setdefault(nodeid, _Inode()).backing_id = bid
-        elif op == "c":
-            ino = self._inodes.get(nodeid)
-            if ino is not None and ino.backing_id == bid:
-                ino.backing_id = None
-
-    def _rewrite(self) -> None:
-        """Write the live state as a fresh log (beside, then renamed over) and map it."""
-        snap = [("s", 0, self._next_fh, 0, "")]
-        for nodeid, ino in self._inodes.items():
-            if ino.backing_id is not None:
-                snap.append(("b", nodeid, 0, ino.backing_id, ""))
-            for fh, kind in ino.fhs.items():
-                snap.append(("o", nodeid, fh, ino.backing_id or 0, kind))
-        size = max(self.SIZE, 2 * len(snap) * _REC.size)
-        self.SIZE = size
-        buf = bytearray(size)
-        for i, (op, nodeid, fh, bid, kind) in enumerate(snap):
-            _REC.pack_into(buf, i * _REC.size, _OPS[op], _KINDS.get(kind, 0), nodeid, fh, bid)
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        try:
-            os.write(fd, buf)
-            os.replace(tmp, self.path)  # the old log stays whole until this instant
-            old = self._mm
-            self._mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-            if old is not None:
-                old.close()
-        finally:
-            os.close(fd)
-        self._pos = len(snap) * _REC.size
-
-
-def read_log(path: str | os.PathLike) -> list[tuple[str, int, int, int, str]]:
-    """A table's log as (op, nodeid, fh, backing_id, kind) records, oldest first; op is one
-    of o(pen) r(elease) b(acking opened) c(losed) s(erial start)."""
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except FileNotFoundError:
-        return []
-    return list(_read_records(data, len(data)))
-
-
-def _read_records(data, end: int):
-    for off in range(0, end - _REC.size + 1, _REC.size):
-        op, kind, nodeid, fh, bid = _REC.unpack_from(data, off)
-        if op == 0:
-            return
-        name = _OPNAMES.get(op)
-        if name is None:
-            log.warning("ignoring a damaged backing table record at %d", off)
-            continue
-        yield name, nodeid, fh, bid, _KINDNAMES.get(kind, "")

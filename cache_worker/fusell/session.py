@@ -26,17 +26,10 @@ Using it (the handler API is :class:`Filesystem`)::
     state = conn.state.to_json()                         # hand over with conn.fd
     conn.notify_resend()                                 # after a resume that followed a crash
 
-Rules a Filesystem must keep (the kernel's, not ours): every Entry returned by LOOKUP or
-READDIRPLUS counts one lookup of its nodeid until FORGET/BATCH_FORGET gives it back; "." and
-".." in readdir carry no Entry; an OPEN answered with FuseError(ENOSYS) switches opens off for
-the whole connection (the kernel opens files itself, never sends OPEN/RELEASE again, and so
-passthrough is off too, see passthrough.py); ``keep_cache`` is dropped from a passthrough
-answer (the kernel refuses the combination with EIO). The session itself answers: EROFS to
-every write-type opcode (and to an OPEN for writing or O_TRUNC), ENOSYS to FLUSH (the kernel
-then stops sending it), to GETXATTR/LISTXATTR (the kernel stops asking; callers get
-EOPNOTSUPP), and to unknown opcodes; INTERRUPT is ignored (the request is answered when its
-handler returns); a request that arrives again after FUSE_NOTIFY_RESEND has bit 63 set in
-``unique`` and is answered like any other. ``statfs`` defaults to zeros so ``df`` works.
+The session is put together from one part per job: the loop here (threads, dispatch by opcode,
+writing replies), :mod:`.handshake` (INIT: what is asked and agreed) and :mod:`.opcodes` (each
+request decoded, answered by the Filesystem, the answer encoded, and the rules a Filesystem
+must keep).
 
 Measured (bench/fusell_bench.py, 3 runs with the code as committed, 2 vCPU shared with ~8
 busy agents at load 8-11, so wall clock swings 2-3x between runs: medians, ranges in
@@ -79,18 +72,18 @@ import os
 import select
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from . import abi
 from .connection import Connection, MountError, unmount
 from .filesystem import Filesystem
+from .handshake import Handshake, Wants
 from .model import Attr, ConnInfo, Context, DirItem, Entry, FuseError, Opened, StatFs
-from .wire import NO_ENTRY, pack_attr, pack_entry, secs
+from .opcodes import Opcodes
 from .state import InitState
 
 __all__ = [
     "Attr", "Connection", "Context", "ConnInfo", "DirItem", "Entry", "Filesystem", "FuseError",
-    "InitState", "MountError", "Opened", "Session", "StatFs", "Wants", "unmount",
+    "InitState", "MountError", "Opened", "Session", "StatFs", "unmount",
 ]
 
 log = logging.getLogger(__name__)
@@ -99,30 +92,9 @@ _HDR = abi.IN_HEADER
 _OUT = abi.OUT_HEADER
 _EMPTY = _OUT.size
 _OP_INIT = int(abi.Op.INIT)
-_NOFLUSH, _DIRECT_IO, _PASSTHROUGH = (
-    int(abi.Fopen.NOFLUSH), int(abi.Fopen.DIRECT_IO), int(abi.Fopen.PASSTHROUGH))
-_KEEP_CACHE, _CACHE_DIR = int(abi.Fopen.KEEP_CACHE), int(abi.Fopen.CACHE_DIR)
-_ACCMODE_OR_TRUNC = os.O_ACCMODE | os.O_TRUNC
 
 
-@dataclass
-class Wants:
-    """What the session asks for at INIT (the kernel may grant less; see :class:`InitState`)."""
-
-    max_read: int = 1 << 20
-    max_write: int = 128 * 1024
-    max_readahead: int = 1 << 20
-    max_background: int = 64
-    congestion_threshold: int = 48
-    passthrough: bool = True
-    readdirplus: bool = True
-    readdirplus_auto: bool = False  # True: the kernel chooses plain READDIR when it guesses so
-    parallel_dirops: bool = True
-    entry_timeout: float = 1.0  # defaults a Filesystem may use for its Entry/getattr answers
-    attr_timeout: float = 1.0
-
-
-class Session:
+class Session(Handshake, Opcodes):
     """Serves one :class:`Connection` with a :class:`Filesystem`.
 
     ``serve()`` blocks until the connection ends (unmounted or aborted: returns "ended") or
@@ -291,169 +263,3 @@ class Session:
         for p in parts:
             size += len(p)
         self._send([_OUT.pack(size, 0, unique), *parts])
-
-    # -- opcodes --------------------------------------------------------------------------
-    def _init(self, ctx: Context, arg: memoryview) -> None:
-        if len(arg) >= abi.INIT_IN.size:
-            major, minor, max_ra, flags, flags2 = abi.INIT_IN.unpack_from(arg)
-        else:
-            major, minor, max_ra, flags = abi.INIT_IN_OLD.unpack_from(arg)
-            flags2 = 0
-        if major < 7:
-            log.error("kernel FUSE protocol %d.%d is too old", major, minor)
-            raise FuseError(errno.EPROTO)
-        if major > 7:  # the kernel will send INIT again with major 7
-            self._reply(ctx.unique, abi.INIT_OUT.pack(7, abi.KERNEL_MINOR_VERSION, *[0] * 11))
-            return
-        offered = flags | ((flags2 << 32) if flags & abi.Init.INIT_EXT else 0)
-        w = self.want
-        want = (abi.Init.ASYNC_READ | abi.Init.MAX_PAGES | abi.Init.CACHE_SYMLINKS
-                | abi.Init.ASYNC_DIO | abi.Init.INIT_EXT | abi.Init.DIRECT_IO_ALLOW_MMAP)
-        if w.readdirplus:
-            want |= abi.Init.DO_READDIRPLUS
-            if w.readdirplus_auto:
-                want |= abi.Init.READDIRPLUS_AUTO
-        if w.parallel_dirops:
-            want |= abi.Init.PARALLEL_DIROPS
-        if w.passthrough:
-            want |= abi.Init.PASSTHROUGH
-        agreed = int(want) & offered
-        passthrough = bool(agreed & abi.Init.PASSTHROUGH)
-        state = InitState(
-            minor=min(minor, abi.KERNEL_MINOR_VERSION),
-            flags=agreed,
-            max_readahead=min(max_ra, w.max_readahead),
-            max_write=w.max_write,
-            max_pages=max(1, min(w.max_read // 4096, 0xFFFF)),
-            max_background=w.max_background,
-            congestion_threshold=w.congestion_threshold,
-            time_gran=1,
-            passthrough=passthrough,
-            max_stack_depth=1 if passthrough else 0,
-            kernel_minor=minor,
-            kernel_flags=offered,
-        )
-        out = abi.INIT_OUT.pack(
-            7, abi.KERNEL_MINOR_VERSION, state.max_readahead, agreed & 0xFFFFFFFF,
-            state.max_background, state.congestion_threshold, state.max_write, state.time_gran,
-            state.max_pages, 0, agreed >> 32, state.max_stack_depth, 0,
-        )
-        self.conn.state = state
-        self.fs.init(ConnInfo(kernel_minor=minor, kernel_flags=offered, state=state))
-        self._reply(ctx.unique, out)
-        self._inited = True
-        self.ready.set()
-
-    def _noreply(self, ctx: Context, arg: memoryview) -> None:
-        pass
-
-    def _erofs(self, ctx: Context, arg: memoryview) -> None:
-        raise FuseError(errno.EROFS)
-
-    def _destroy(self, ctx: Context, arg: memoryview) -> None:
-        self.fs.destroy()
-        self._reply(ctx.unique)
-
-    def _lookup(self, ctx: Context, arg: memoryview) -> None:
-        name = bytes(arg).split(b"\0", 1)[0]
-        e = self.fs.lookup(ctx, ctx.nodeid, name)
-        self._reply(ctx.unique, pack_entry(e))
-
-    def _forget(self, ctx: Context, arg: memoryview) -> None:
-        (nlookup,) = abi.FORGET_IN.unpack_from(arg)
-        try:
-            self.fs.forget(ctx.nodeid, nlookup)
-        except Exception:
-            log.debug("forget failed", exc_info=True)
-
-    def _batch_forget(self, ctx: Context, arg: memoryview) -> None:
-        count, _ = abi.BATCH_FORGET_IN.unpack_from(arg)
-        off = abi.BATCH_FORGET_IN.size
-        for _i in range(count):
-            nodeid, nlookup = abi.FORGET_ONE.unpack_from(arg, off)
-            off += abi.FORGET_ONE.size
-            try:
-                self.fs.forget(nodeid, nlookup)
-            except Exception:
-                log.debug("forget failed", exc_info=True)
-
-    def _getattr(self, ctx: Context, arg: memoryview) -> None:
-        gflags, _, fh = abi.GETATTR_IN.unpack_from(arg)
-        attr, timeout = self.fs.getattr(ctx, ctx.nodeid, fh if gflags & abi.GETATTR_FH else None)
-        s, ns = secs(timeout)
-        self._reply(ctx.unique, abi.ATTR_OUT_HEAD.pack(s, ns, 0) + pack_attr(attr))
-
-    def _readlink(self, ctx: Context, arg: memoryview) -> None:
-        self._reply(ctx.unique, self.fs.readlink(ctx, ctx.nodeid))
-
-    def _open_flags(self, o: Opened, isdir: bool) -> int:
-        # plain ints: IntFlag arithmetic costs a microsecond per open
-        f = _NOFLUSH if o.noflush else 0
-        if o.direct_io:
-            f |= _DIRECT_IO
-        if o.backing_id is not None:
-            # The kernel accepts only FOPEN_PASSTHROUGH_MASK together with PASSTHROUGH.
-            return f | _PASSTHROUGH
-        if o.keep_cache:
-            f |= _KEEP_CACHE
-        if isdir and o.cache_dir:
-            f |= _CACHE_DIR | _KEEP_CACHE
-        return f
-
-    def _open(self, ctx: Context, arg: memoryview) -> None:
-        flags, _ = abi.OPEN_IN.unpack_from(arg)
-        if flags & _ACCMODE_OR_TRUNC:  # O_RDONLY is 0
-            raise FuseError(errno.EROFS)
-        o = self.fs.open(ctx, ctx.nodeid, flags)
-        self._reply(ctx.unique, abi.OPEN_OUT.pack(
-            o.fh, self._open_flags(o, False), o.backing_id or 0))
-
-    def _read(self, ctx: Context, arg: memoryview) -> None:
-        fh, offset, size, *_ = abi.READ_IN.unpack_from(arg)
-        data = self.fs.read(ctx, ctx.nodeid, fh, offset, size)
-        if len(data) > size:
-            data = memoryview(data)[:size]
-        self._reply(ctx.unique, data)
-
-    def _release(self, ctx: Context, arg: memoryview) -> None:
-        fh, flags, _rflags, _owner = abi.RELEASE_IN.unpack_from(arg)
-        self.fs.release(ctx, ctx.nodeid, fh, flags)
-        self._reply(ctx.unique)
-
-    def _opendir(self, ctx: Context, arg: memoryview) -> None:
-        flags, _ = abi.OPEN_IN.unpack_from(arg)
-        o = self.fs.opendir(ctx, ctx.nodeid, flags)
-        self._reply(ctx.unique, abi.OPEN_OUT.pack(o.fh, self._open_flags(o, True), 0))
-
-    def _readdir(self, ctx: Context, arg: memoryview, plus: bool = False) -> None:
-        fh, offset, size, *_ = abi.READ_IN.unpack_from(arg)
-        out = bytearray()
-        for item in self.fs.readdir(ctx, ctx.nodeid, fh, offset):
-            n = len(item.name)
-            rec = abi.dirent_size(n, plus)
-            if len(out) + rec > size:
-                break
-            if plus:
-                out += pack_entry(item.entry) if item.entry is not None else NO_ENTRY
-            out += abi.DIRENT_HEAD.pack(item.nodeid, item.next_offset, n, (item.mode >> 12) & 0xF)
-            out += item.name
-            out += bytes(-len(out) % 8)
-        self._reply(ctx.unique, out)
-
-    def _readdirplus(self, ctx: Context, arg: memoryview) -> None:
-        self._readdir(ctx, arg, plus=True)
-
-    def _releasedir(self, ctx: Context, arg: memoryview) -> None:
-        fh, *_ = abi.RELEASE_IN.unpack_from(arg)
-        self.fs.releasedir(ctx, ctx.nodeid, fh)
-        self._reply(ctx.unique)
-
-    def _statfs(self, ctx: Context, arg: memoryview) -> None:
-        s = self.fs.statfs(ctx, ctx.nodeid)
-        self._reply(ctx.unique, abi.KSTATFS.pack(
-            s.blocks, s.bfree, s.bavail, s.files, s.ffree, s.bsize, s.namelen, s.frsize))
-
-    def _access(self, ctx: Context, arg: memoryview) -> None:
-        mask, _ = abi.ACCESS_IN.unpack_from(arg)
-        self.fs.access(ctx, ctx.nodeid, mask)
-        self._reply(ctx.unique)

@@ -19,9 +19,9 @@ import threading
 import time
 
 from datahoard.cache_worker.fusell.passthrough import BackingTable
+from datahoard.cache_worker.fusell.handshake import Wants
 from datahoard.cache_worker.fusell.session import (
     Attr, Connection, DirItem, Entry, Filesystem, FuseError, InitState, Opened, Session, StatFs,
-    Wants,
 )
 
 

@@ -111,7 +111,7 @@ def test_passed_through_open_counts_as_use_for_eviction(s3, bucket, mount_datase
 
 
 def _backing_records(m, nodeid: int) -> list[str]:
-    from datahoard.cache_worker.fusell.passthrough import read_log
+    from datahoard.cache_worker.fusell.passthrough_log import read_log
 
     return [op for op, node, _, _, _ in read_log(m.cache_dir / "fuse-backing.log") if node == nodeid and op in "bc"]
 

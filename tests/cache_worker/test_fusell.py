@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from datahoard.cache_worker.fusell.passthrough import read_log
+from datahoard.cache_worker.fusell.passthrough_log import read_log
 from tests.support.mounts import mounts_at
 from tests.support.polling import eventually
 

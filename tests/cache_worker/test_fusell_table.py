@@ -7,7 +7,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from datahoard.cache_worker.fusell.connection import Connection
-from datahoard.cache_worker.fusell.passthrough import _REC, CACHING, BackingTable, read_log
+from datahoard.cache_worker.fusell.iomode import CACHING
+from datahoard.cache_worker.fusell.passthrough import BackingTable
+from datahoard.cache_worker.fusell.passthrough_log import _REC, read_log
 from datahoard.cache_worker.fusell.state import InitState
 
 

@@ -21,7 +21,8 @@ import pytest
 
 from datahoard.cache_worker.counters import Counters
 from datahoard.cache_worker.dataset import DatasetCache, Tuning
-from datahoard.cache_worker.fs import FILE_BASE, PREPAID, DatasetFS
+from datahoard.cache_worker.fs import DatasetFS
+from datahoard.cache_worker.fs_ids import FILE_BASE, PREPAID
 from datahoard.cache_worker.fusell.session import Context, FuseError
 from datahoard.cache_worker.store import ChunkStore
 from tests.support.fakes.dataset import fake_dataset
