@@ -41,8 +41,9 @@ CLAIM_WAIT_SECONDS = 30.0
 
 
 def index_identity(summary: IndexSummary) -> str:
-    """What must be equal for node ids to mean the same files: the snapshot the view serves."""
-    return f"{summary.source}|{summary.built_at!r}|{summary.files}|{summary.total_bytes}"
+    """What must be equal for node ids to mean the same files: the snapshot the view serves, or
+    the line of refreshed snapshots it belongs to (index_refresh.py keeps ids across one)."""
+    return summary.identity()
 
 
 @dataclass

@@ -100,6 +100,18 @@ class Completeness:
         """Wait until the state found at start-up is known (tests, and status right after start)."""
         return self._decided.wait(timeout)
 
+    def replace_index(self, index: Index) -> None:
+        """Judge against ``index`` from now on (a refresh): the next look walks it afresh, and
+        listeners hear "no longer fully cached" if it brought files not cached yet."""
+        with self._cond:
+            self._index = index
+            self._total = index.total_bytes
+            self._stale = True
+            self._missing = None
+            self._added.clear()
+            self._woken = True
+            self._cond.notify()
+
     def attach(self) -> None:
         """Hear the store's changes (``start`` does this; tests that ``settle`` by hand too)."""
         self._store.on_change = self._on_change

@@ -43,6 +43,8 @@ class DatasetFS(ViewMetadata, ViewData, ViewBacking, ViewIds, Filesystem):
     def __init__(self, index: Index, cache: DatasetCache, counters: Counters, mountpoint: str,
                  backing: BackingTable | None = None) -> None:
         self.index = index
+        #: The index a refresh replaced (``take_index``), for ids only it knows.
+        self._previous: Index | None = None
         self.cache = cache
         self.counters = counters
         self.mountpoint = mountpoint

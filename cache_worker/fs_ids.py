@@ -2,8 +2,9 @@
 
 **Node ids and handles mean the same thing in the next process.** A directory's node id is
 its id in the index (the root is 1, as FUSE wants), a file's is :data:`FILE_BASE` plus its
-rowid in the index; the index is immutable for the life of a mount, so a worker that resumes
-the connection after a restart answers the kernel's old ids correctly. A file handle carries
+rowid in the index; an index never changes, and a refresh (``take_index``) swaps in one that
+keeps every unchanged entry's id and never reuses an id (index_refresh.py), so a worker that
+resumes the connection after a restart answers the kernel's old ids correctly. A file handle carries
 what a read needs to know up front (:data:`PREPAID` in its low bit); everything else a handle
 remembers (where a sequential reader is, for read-ahead) is rebuilt from the node id when a
 read arrives with a handle this process never gave out.
@@ -14,6 +15,7 @@ from __future__ import annotations
 import errno
 
 from .fusell.model import FuseError
+from .index import Index
 from .source import RemoteObject
 
 #: Files' node ids start here; directories' are their index ids (far below).
@@ -38,10 +40,28 @@ class ViewIds:
             if nodeid < FILE_BASE:
                 raise FuseError(errno.EISDIR if self.index.dir_path(nodeid) is not None else errno.ENOENT)
             obj = self.index.file(nodeid - FILE_BASE)
+            if obj is None and self._previous is not None:
+                obj = self._previous.file(nodeid - FILE_BASE)  # open before a refresh removed it
             if obj is None:
                 raise FuseError(errno.ENOENT)
             self._remember(nodeid, obj)
         return obj
+
+    def take_index(self, index: Index) -> None:
+        """Serve ``index`` from now on: a refresh (index_refresh.py, refresh.py).
+
+        Its ids are the old index's wherever nothing changed, so the kernel's dentries, open
+        descriptors and page cache of unchanged files stay right. A directory listing is built
+        from one index when it starts (``readdir`` at offset 0), so it shows either snapshot,
+        never a mix. The index replaced is kept as a fallback for ids it alone knows: a file
+        a refresh removed or replaced stays readable through descriptors opened before it
+        (their reads are pinned to the listed version, as every read is), until the next
+        refresh. Names that lead elsewhere now are the caller's to invalidate in the kernel.
+        """
+        with self._lock:
+            self._previous, self.index = self.index, index
+            self._known.clear()
+            self._dir_time_ns = int(index.summary.built_at * 1e9)
 
     def _remember(self, nodeid: int, obj: RemoteObject) -> None:
         if len(self._known) >= _KNOWN_MAX:

@@ -59,6 +59,13 @@ class IndexSummary:
     #: The id of the snapshot (snapshot.py) the index was built from; None: an index of an
     #: older worker, listed directly (it is listed again, into a snapshot).
     snapshot: str | None = None
+    #: The identity of the first index of a line of refreshes (index_refresh.py): node ids
+    #: mean the same files across the line. None: this index starts its own line.
+    lineage: str | None = None
+
+    def identity(self) -> str:
+        """What must be equal for node ids to mean the same files (``attach.py`` resumes on it)."""
+        return self.lineage or f"{self.source}|{self.built_at!r}|{self.files}|{self.total_bytes}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -224,6 +231,13 @@ class Index:
             names[dir_id] = "" if dir_id == 1 else path_
             self._dir_ids[names[dir_id]] = dir_id
         self._dir_paths = names
+
+    def retire(self, path: Path) -> None:
+        """Open further connections at ``path``, a hard link to this index's file, because a
+        refresh is about to rename a new index over the old name (index_refresh.py). SQLite
+        cannot open ``/proc/self/fd/N`` (it resolves the link and fails), so a second name it is;
+        connections already open keep their descriptor either way."""
+        self._uri = f"file:{path}?mode=ro&immutable=1"
 
     def _conn(self) -> sqlite3.Connection:
         """This thread's connection, with a small page cache (:data:`PAGE_CACHE_KIB`)."""

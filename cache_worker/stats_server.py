@@ -9,6 +9,7 @@ connections: what each one may hold is bounded (see :class:`StatsServer`).
 from __future__ import annotations
 
 import io
+import ipaddress
 import logging
 import os
 import selectors
@@ -19,6 +20,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
+from urllib.parse import parse_qs
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -96,6 +98,7 @@ class _Handler(BaseHTTPRequestHandler):
     """Answers one request whose head the server has already read in full (``head``)."""
 
     routes: Callable[[_Handler, str], None]
+    post_routes: Callable[[_Handler, str], None]
 
     def __init__(self, sock: socket.socket, client_address, server, head: bytes) -> None:
         self._head = head
@@ -107,6 +110,9 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:  # noqa: N802 - http.server's naming
         self.routes(self.path.split("?", 1)[0])
+
+    def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+        self.post_routes(self.path)
 
     def send_body(self, code: int, ctype: str, body: bytes) -> None:
         self.send_response(code)
@@ -129,6 +135,15 @@ class _Handler(BaseHTTPRequestHandler):
 
     def log_message(self, fmt: str, *args) -> None:
         log.debug("stats %s", fmt % args)
+
+
+def _loopback(address) -> bool:
+    try:
+        ip = ipaddress.ip_address(address[0])
+    except (ValueError, IndexError, TypeError):
+        return False
+    mapped = getattr(ip, "ipv4_mapped", None)
+    return (mapped or ip).is_loopback
 
 
 class _Pending:
@@ -167,6 +182,7 @@ class StatsServer:
     def __init__(
         self, address: tuple[str, int], snapshot: Callable[[], WorkerStats], healthy: Callable[[], bool],
         snapshot_file: Callable[[str], Path | None] | None = None,
+        refresh: Callable[[dict[str, list[str]]], tuple[int, str]] | None = None,
     ) -> None:
         registry = CollectorRegistry(auto_describe=False)
         registry.register(_StatsCollector(snapshot))
@@ -188,7 +204,19 @@ class StatsServer:
             else:
                 handler.send_body(404, "text/plain", b"not found\n")
 
-        self._handler = type("Handler", (_Handler,), {"routes": routes})
+        def post_routes(handler: _Handler, target: str) -> None:
+            path, _, query = target.partition("?")
+            if path != "/refresh" or refresh is None:
+                handler.send_body(404, "text/plain", b"not found\n")
+            elif not _loopback(handler.client_address):
+                # Only the node itself may ask (``datahoard refresh``): the stats port is open to
+                # scrapers and peers, and a refresh lists a tenant's bucket.
+                handler.send_body(403, "text/plain", b"a refresh is asked from this machine only\n")
+            else:
+                code, text = refresh(parse_qs(query))
+                handler.send_body(code, "text/plain", (text + "\n").encode())
+
+        self._handler = type("Handler", (_Handler,), {"routes": routes, "post_routes": post_routes})
         family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         self._sock = socket.create_server(address, family=family, backlog=128)
         self._sock.setblocking(False)

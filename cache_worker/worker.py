@@ -48,8 +48,11 @@ from .direct_mode import DirectServing
 from .fs import MAX_READ, RESERVE_THREADS, DatasetFS
 from .fs_meta import METADATA_TIMEOUT
 from .index import Index
-from .index_open import open_index, snapshot_file
+from .index_open import empty_view_problem, open_index, snapshot_file
 from .kernel_opens import KernelOpens
+from .keys import KeyFilter
+from .refresh import Parts, Refresher, RefreshRefused
+from .refresh import cleanup as cleanup_retired_indexes
 from .serving import ServingMode, stop_plan, use_passthrough
 from .source import Source, SourceError
 from .sources import open_source
@@ -93,6 +96,8 @@ class Worker:
         self._handing_over = False
         self._stop = threading.Event()
         self._record: runtime.MountRecord | None = None
+        #: In-place refreshes of the view (refresh.py), once it is mounted.
+        self.refresher: Refresher | None = None
 
     # -- steps -----------------------------------------------------------------------------
     def prepare(self) -> None:
@@ -104,6 +109,7 @@ class Worker:
             prepare_mountpoint(cfg.mountpoint)
         self._lock_fd = lock_cache_dir(cfg.cache_dir, cfg.allow_other)
         self.counters.persist(cfg.cache_dir)  # continue the counts of the last run (counters.py)
+        cleanup_retired_indexes(cfg.cache_dir)
         self.source = open_source(cfg.source, cfg.endpoint_url, cfg.region)
         self.index = open_index(cfg, self.source, self._progress)
         self.store = ChunkStore(cfg.cache_dir / "chunks", capacity=1 << 62, private=not cfg.allow_other)
@@ -116,7 +122,7 @@ class Worker:
                                         self.completeness, self.counters, self.mode, self._stop,
                                         warming=self._warming, publish=self._publish_tree)
         self.stats = StatsServer((cfg.stats_host, cfg.stats_port), self.snapshot, self.healthy,
-                                 snapshot_file=self.snapshot_file)
+                                 snapshot_file=self.snapshot_file, refresh=self.ask_refresh)
         self.stats.start()
 
     def _on_mounted(self) -> None:
@@ -138,6 +144,11 @@ class Worker:
         if self.direct is not None:
             self.direct.start()
         RoomWatch(self.cache, self._stop, self._warm_again).start()
+        self.refresher = Refresher(
+            cfg.cache_dir, cfg.source, KeyFilter(tuple(cfg.include), tuple(cfg.exclude)),
+            Parts(index=lambda: self.index, take_index=self._take_index,
+                  invalidate=self._invalidate, list_source=lambda: self.source.list(), direct=cfg.direct),
+            lambda summary: empty_view_problem(cfg, summary))
         self.ready.set()
         log.info("serving %s at %s (stats %s)", cfg.source, cfg.mountpoint, self.stats.url)
 
@@ -228,6 +239,38 @@ class Worker:
         if self._record is not None:
             self._record = runtime.MountRecord(**{**self._record.__dict__, "direct_tree": path})
             runtime.register(self._record)
+
+    def ask_refresh(self, query: dict[str, list[str]]) -> tuple[int, str]:
+        """``POST /refresh[?snapshot=ID&from=URL...]`` (``datahoard refresh``): start one."""
+        if self.refresher is None:
+            return 503, "not serving yet"
+        wanted = (query.get("snapshot") or [None])[0]
+        try:
+            self.refresher.start(wanted, tuple(query.get("from", [])))
+        except RefreshRefused as exc:
+            return 409, str(exc)
+        return 202, "refresh started; see refresh in /stats"
+
+    def _take_index(self, index: Index) -> None:
+        """Serve a refreshed index (refresh.py): the view, the "fully cached" event, warming."""
+        self.index = index
+        self.view.take_index(index)
+        self.completeness.replace_index(index)
+        if self.config.warm:
+            if self.warmer is not None:
+                self.warmer.stop()
+            self.warmer = Warmer(index, self.cache, self.counters, self.config.tuning.warm_parallelism)
+            self.warmer.start()
+
+    def _invalidate(self, parent: int, name: bytes) -> bool:
+        att = self.attachment
+        if att is None:
+            return False
+        try:
+            return att.conn.notify_inval_entry(parent, name)
+        except OSError as exc:  # the kernel refused it: the entry times out in METADATA_TIMEOUT
+            log.warning("could not drop %r from the kernel's cache: %s", name, exc)
+            return False
 
     def _warm_again(self) -> None:
         """The cache disk has room again (cache_room.py): warm what could not be stored."""

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from datahoard.stats import ConsumerStats, FuseStats, RecentStats, WarmingStats, WorkerStats
+from datahoard.stats import ConsumerStats, FuseStats, RecentStats, RefreshStats, WarmingStats, WorkerStats
 
 from .counters import Counters
 
@@ -63,6 +63,7 @@ def worker_stats(w: Worker) -> WorkerStats:
         serving=mode.serving,
         kernel_opens=mode.kernel_opens,
         direct=w.direct_stats(),
+        refresh=w.refresher.state if w.refresher is not None else RefreshStats(),
         recent=recent,
         fuse=_fuse_stats(w),
         consumers=_consumer_stats(c),

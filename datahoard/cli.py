@@ -15,6 +15,7 @@ from pathlib import Path
 
 from .cli_args import CliError, build_parser
 from .cli_mount import check_mount, lock_mountpoint, mount_background, mount_foreground
+from .cli_refresh import refresh
 from .cli_status import status
 from .cli_umount import umount
 from .mount_checks import MountRefused
@@ -61,6 +62,8 @@ def main(argv: list[str] | None = None) -> int:
                 return mount_foreground(args) if args.foreground else mount_background(args)
         if args.command == "status":
             return status(args)
+        if args.command == "refresh":
+            return refresh(args)
         if args.command == "umount":
             return umount(args)
     except (CliError, MountRefused) as exc:

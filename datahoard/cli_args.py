@@ -50,6 +50,10 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+#: Seconds ``datahoard refresh`` waits: listing a million objects takes minutes.
+REFRESH_TIMEOUT = 900.0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="datahoard", description=DESCRIPTION)
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging")
@@ -114,6 +118,11 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("status", help="show a mount's cache numbers")
     s.add_argument("mountpoint", type=Path)
     s.add_argument("--json", action="store_true", help="print the raw stats document")
+
+    r = sub.add_parser("refresh", help="list the source again and show its new files in the running mount")
+    r.add_argument("mountpoint", type=Path)
+    r.add_argument("--timeout", type=_seconds, default=REFRESH_TIMEOUT, metavar="SECONDS",
+                   help=f"how long to wait for the new listing to be applied (default {REFRESH_TIMEOUT:g})")
 
     u = sub.add_parser("umount", help="unmount a dataset")
     u.add_argument("mountpoint", type=Path)

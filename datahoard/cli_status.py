@@ -13,7 +13,7 @@ from .stats import WorkerStats
 from .units import format_size
 
 
-def _stats_for(mountpoint: Path) -> WorkerStats:
+def stats_for(mountpoint: Path) -> WorkerStats:
     record = runtime.lookup(mountpoint)
     if record is None:
         raise CliError(f"no datahoard mount is running at {mountpoint}")
@@ -24,7 +24,7 @@ def _stats_for(mountpoint: Path) -> WorkerStats:
 
 
 def status(args: argparse.Namespace) -> int:
-    stats = _stats_for(args.mountpoint)
+    stats = stats_for(args.mountpoint)
     if args.json:
         print(json.dumps(stats.model_dump() | {"hit_ratio": stats.hit_ratio}, indent=2))
         return 0

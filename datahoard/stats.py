@@ -85,6 +85,20 @@ class ConsumerStats(BaseModel):
         return self.served_from_cache_bytes / self.served_bytes if self.served_bytes else None
 
 
+class RefreshStats(BaseModel):
+    """The last in-place refresh of the view (cache_worker/refresh.py)."""
+
+    state: str = Field(default="none", description="none | running | done | failed")
+    snapshot: str | None = Field(default=None, description="the snapshot refreshed to (or asked for)")
+    started_at: float | None = None
+    finished_at: float | None = None
+    message: str | None = Field(default=None, description="what changed, or why the refresh failed")
+    added_files: int = 0
+    changed_files: int = 0
+    removed_files: int = 0
+    added_bytes: int = 0
+
+
 class WorkerStats(BaseModel):
     source: str
     mountpoint: str
@@ -126,6 +140,7 @@ class WorkerStats(BaseModel):
         "fanotify counts them, so the served bytes and hit ratio stay as exact as before",
     )
     direct: DirectStats = Field(default_factory=DirectStats)
+    refresh: RefreshStats = Field(default_factory=RefreshStats)
     recent: RecentStats = Field(default_factory=RecentStats)
     fuse: FuseStats = Field(default_factory=FuseStats)
     consumers: list[ConsumerStats] = Field(

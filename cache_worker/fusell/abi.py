@@ -200,6 +200,7 @@ KSTATFS = struct.Struct("=QQQQQIII28x")  # blocks bfree bavail files ffree bsize
 DIRENT_HEAD = struct.Struct("=QQII")  # ino off namelen type
 # notify_unique nodeid offset size padding
 NOTIFY_RETRIEVE_OUT = struct.Struct("=QQQII")
+NOTIFY_INVAL_ENTRY_OUT = struct.Struct("=QII")  # parent namelen flags, then the name and a NUL
 GETXATTR_IN = struct.Struct("=II")  # size padding
 GETXATTR_OUT = struct.Struct("=II")
 

@@ -118,6 +118,19 @@ class Connection:
                           "requests the previous server read stay unanswered")
         os.write(self.fd, abi.OUT_HEADER.pack(abi.OUT_HEADER.size, abi.Notify.RESEND, 0))
 
+    def notify_inval_entry(self, parent: int, name: bytes) -> bool:
+        """Make the kernel forget the dentry ``name`` in directory ``parent`` (FUSE_NOTIFY_INVAL_ENTRY),
+        so the next lookup of it asks this server again. False: the kernel holds no such
+        directory or name (nothing to forget). Must not be sent from a request handler of a
+        lookup in ``parent`` (the kernel takes the directory's lock)."""
+        body = abi.NOTIFY_INVAL_ENTRY_OUT.pack(parent, len(name), 0) + name + b"\0"
+        header = abi.OUT_HEADER.pack(abi.OUT_HEADER.size + len(body), abi.Notify.INVAL_ENTRY, 0)
+        try:
+            os.write(self.fd, header + body)
+        except FileNotFoundError:
+            return False
+        return True
+
     def clone_fd(self) -> int:
         """A second open file on the same connection (FUSE_DEV_IOC_CLONE). Not used by the
         session: closing a clone fails the requests read through it (see session.py)."""
