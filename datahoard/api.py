@@ -30,6 +30,10 @@ from .units import QUANTITY_RE  # one of the CRD's regexes below, kept beside it
 URI_RE = r"(s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/[^ ]*)?|(s?webhdfs|hdfs)://[A-Za-z0-9.-]+(:(6553[0-5]|655[0-2][0-9]|65[0-4][0-9]{2}|6[0-4][0-9]{3}|[1-5][0-9]{4}|[1-9][0-9]{0,3}))?(/[^ ?#]*)?)"
 ENDPOINT_RE = r"https?://[A-Za-z0-9.-]+(:(6553[0-5]|655[0-2][0-9]|65[0-4][0-9]{2}|6[0-4][0-9]{3}|[1-5][0-9]{4}|[1-9][0-9]{0,3}))?(/[^ ]*)?"
 REGION_RE = r"[a-z0-9-]+"
+DURATION_RE = r"([0-9]+h)?([0-9]+m)?([0-9]+s)?"
+#: The shortest refresh interval: a listing of a large bucket takes minutes, and each refresh
+#: restarts every worker onto the new snapshot (operator/refresh.py).
+MIN_REFRESH_SECONDS = 60
 SECRET_NAME_RE = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*"
 
 #: Smallest cache the schema allows: below this a worker cannot hold even a small index.
@@ -81,6 +85,39 @@ class SecretRef(_Model):
     )
 
 
+def duration_seconds(text: str) -> int:
+    """Seconds of a duration such as ``1h30m`` or ``90s`` (:data:`DURATION_RE`)."""
+    match = re.fullmatch(DURATION_RE, text)
+    if not text or match is None:
+        raise ValueError(f"{text!r} is not a duration such as 90s, 30m or 1h30m")
+    h, m, s = (int(g[:-1]) if g else 0 for g in match.groups())
+    return h * 3600 + m * 60 + s
+
+
+class Refresh(_Model):
+    """Opt in to growing datasets: list the source again and move every node to the new snapshot
+    (operator/refresh.py). Without ``interval`` only on demand: set or change the Dataset's
+    ``datahoard.io/refresh`` annotation."""
+
+    interval: Annotated[str, StringConstraints(max_length=32)] | None = None
+
+    @field_validator("interval")
+    @classmethod
+    def _interval(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        try:
+            seconds = duration_seconds(value)
+        except ValueError:
+            raise ValueError("must be a duration such as 90s, 30m or 1h30m") from None
+        if seconds < MIN_REFRESH_SECONDS:
+            raise ValueError(f"must be at least {MIN_REFRESH_SECONDS}s")
+        return value
+
+    def interval_seconds(self) -> int | None:
+        return duration_seconds(self.interval) if self.interval else None
+
+
 class Source(_Model):
     uri: Annotated[str, StringConstraints(max_length=2048)]
     endpoint: Annotated[str, StringConstraints(max_length=2048)] | None = None
@@ -90,6 +127,8 @@ class Source(_Model):
     credentials: Literal["Anonymous", "Secret", "NodeIdentity"] | None = None
     include: Annotated[list[Pattern], Field(max_length=64)] | None = None
     exclude: Annotated[list[Pattern], Field(max_length=64)] | None = None
+    #: None: one snapshot forever (the default).
+    refresh: Refresh | None = None
 
     _uri = field_validator("uri")(
         _check(

@@ -56,7 +56,7 @@ def _cel_patterns(node: object) -> set[str]:
 
 
 def test_model_regexes_are_the_crd_regexes() -> None:
-    model = {api.URI_RE, api.ENDPOINT_RE, api.REGION_RE, api.SECRET_NAME_RE, api.QUANTITY_RE}
+    model = {api.URI_RE, api.ENDPOINT_RE, api.REGION_RE, api.SECRET_NAME_RE, api.QUANTITY_RE, api.DURATION_RE}
     assert _cel_patterns(CRD) == model
 
 
