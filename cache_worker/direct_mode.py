@@ -23,9 +23,11 @@ from .completeness import Completeness
 from .counters import Counters
 from .serving import Event, ServingMode
 from .store import ChunkStore
-from .tree import DirectTrees, TreeError, TreeInfo
+from .tree import DirectTrees
 from .tree_bind import clear_tree_binds
 from .tree_bind import top_is_tree_bind as _top_is_tree_bind
+from .tree_errors import TreeError
+from .tree_manifest import TreeInfo
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """Background warming: prefetch every file of the view into the cache.
 
 Runs a bounded pool of fetchers over the index, directory by directory. Each fetch yields to
-application reads (see ``dataset.Priority``) and may be capped in bandwidth. Warming stops at
+application reads (see ``fetch_priority.Priority``) and may be capped in bandwidth. Warming stops at
 the cache's capacity instead of evicting what it just fetched, and stops with a clear message
 when the source refuses it (credentials, permissions) rather than failing file after file.
 """
