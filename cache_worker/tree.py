@@ -22,6 +22,7 @@ import hashlib
 import json
 import os
 import queue
+from collections.abc import Callable
 from pathlib import Path
 
 from datahoard import tree_layout
@@ -58,6 +59,8 @@ class DirectTrees(TreeBuild, TreeRepair, TreeEntries, TreeCleanup, TreeManifest)
         #: The tree of the current snapshot once it is complete and verified (then repairs run).
         self.current: TreeInfo | None = None
         self._repairs: queue.Queue[str] = queue.Queue()
+        #: Called (on the discarding thread) when an entry waits to be relinked (tree_repair.py).
+        self.on_repair: Callable[[], None] | None = None
         self.store.on_discard = self._on_discard
 
     # -- names -----------------------------------------------------------------------------

@@ -93,6 +93,10 @@ class TreeCleanup:
             removed.append(tree_id)
         return removed
 
+    def old_trees(self) -> set[str]:
+        """Trees of other snapshots still on disk (``remove_unused`` left them: referenced)."""
+        return self._trees_on_disk() - {self.id}
+
     def discard_current(self) -> bool:
         """Remove the current snapshot's tree (it failed verification) unless it is referenced."""
         if self._referenced(self.id):

@@ -81,8 +81,11 @@ class TreeRepair:
                 log.error("cannot unlink %s from the direct tree: %s", rel, exc)
             log.warning("unlinked %s from the direct tree: its chunk was corrupt; relinking after a refetch", rel)
             self._repairs.put(rel)
+            if self.on_repair is not None:
+                self.on_repair()
 
     def pending_repairs(self) -> Iterator[str]:
+        """Entries unlinked by ``_on_discard`` since the last call (``on_repair`` tells when)."""
         while True:
             try:
                 yield self._repairs.get_nowait()
