@@ -142,7 +142,8 @@ class Worker:
         self._plan_kernel_opens()
         self.completeness.start()
         if cfg.warm:
-            self.warmer = Warmer(self.index, self.cache, self.counters, cfg.tuning.warm_parallelism)
+            self.warmer = Warmer(self.index, self.cache, self.counters, cfg.tuning.warm_parallelism,
+                                 on_done=self.direct and self.direct.wake)  # a tree waits for warming
             self.warmer.start()
         if self.direct is not None:
             self.direct.start()
@@ -244,7 +245,6 @@ class Worker:
 
     def _warming(self) -> bool:
         return self.warmer is not None and self.counters.warm.state == "running"
-
     def _publish_tree(self, path: str) -> None:
         """Name the direct tree in the mount record (the CSI node plugin binds it into pods)."""
         if self._record is not None:
@@ -287,7 +287,8 @@ class Worker:
         """The cache disk has room again (cache_room.py): warm what could not be stored."""
         if self.config.warm and self.warmer is not None and self.counters.warm.state != "running":
             log.info("warming again: the cache disk has room for what it could not take before")
-            self.warmer = Warmer(self.index, self.cache, self.counters, self.config.tuning.warm_parallelism)
+            self.warmer = Warmer(self.index, self.cache, self.counters, self.config.tuning.warm_parallelism,
+                                 on_done=self.direct and self.direct.wake)
             self.warmer.start()
 
     def shutdown(self) -> None:
