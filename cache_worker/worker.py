@@ -51,7 +51,7 @@ from .index import Index
 from .index_open import OpenedIndex, open_index, snapshot_file
 from .kernel_opens import KernelOpens
 from .refresh import cleanup as cleanup_retired_indexes
-from .serving import ServingMode, stop_plan, use_passthrough
+from .serving import ServingMode, use_passthrough
 from .source import Source, SourceError
 from .sources import open_source
 from .stats_server import StatsServer
@@ -59,13 +59,14 @@ from .store import ChunkStore
 from .tree import DirectTrees
 from .warm import Warmer
 from .worker_config import Progress, WorkerConfig, WorkerError
+from .worker_connection import WorkerConnection
 from .worker_refresh import WorkerRefresh
 from .worker_stats import worker_stats
 
 log = logging.getLogger(__name__)
 
 
-class Worker(WorkerRefresh):
+class Worker(WorkerConnection, WorkerRefresh):
     def __init__(self, config: WorkerConfig, progress: Progress | None = None) -> None:
         self.config = config
         self._progress = progress or (lambda what, n: None)
@@ -207,22 +208,6 @@ class Worker(WorkerRefresh):
         self.large_files = self.index.max_file_size() > cfg.tuning.whole_file_max
         return use_passthrough(cfg.passthrough, self.index.max_file_size(), cfg.tuning.whole_file_max)
 
-    def _on_stop_signal(self, signum: int, frame) -> None:
-        att = self.attachment
-        if stop_plan(att is not None and att.handover, self._record is not None).handover:
-            self._handing_over = True
-            log.info("stopping: handing the FUSE connection over to the next worker (the mount stays)")
-        else:
-            log.info("stopping: unmounting %s", self.config.mountpoint)
-            try:
-                from .fusell.session import unmount
-
-                unmount(self.config.mountpoint, lazy=True)
-            except OSError as exc:
-                log.warning("unmounting %s failed: %s", self.config.mountpoint, exc)
-        if self.session is not None:
-            self.session.stop()
-
     # -- events --------------------------------------------------------------------------
     def _plan_kernel_opens(self) -> None:
         att, cfg = self.attachment, self.config
@@ -281,21 +266,6 @@ class Worker(WorkerRefresh):
             os.close(self._lock_fd)
             self._lock_fd = None
         log.info("stopped")
-
-    def _let_go_of_connection(self) -> None:
-        """End the lease; after an unmount (not a handover) the keeper lets go of it too."""
-        att, self.attachment = self.attachment, None
-        if self.view is not None and self.view.backing is not None:
-            self.view.backing.close()
-        if att is not None:
-            if att.keeper is not None and not self._handing_over:
-                try:
-                    att.keeper.release(self.config.mountpoint)
-                except Exception as exc:  # noqa: BLE001 - the keeper drops ended connections anyway
-                    log.debug("releasing the connection: %s", exc)
-            att.conn.close()
-        if self.attacher is not None:
-            self.attacher.close()  # the lease (the keeper connection) ends here
 
     # -- reporting -------------------------------------------------------------------------
     def healthy(self) -> bool:
