@@ -79,23 +79,24 @@ def open_index(cfg: WorkerConfig, source: Source, progress: Progress) -> OpenedI
     same_line = summary is not None and summary.source == cfg.source and summary.filter == wanted_filter
     usable = (same_line and summary.snapshot is not None
               and (cfg.cache_dir / snapshot.file_name(summary.snapshot)).exists())
-    build = _Builder(cfg, path, key_filter, Index(path) if same_line else None)
+    build = _Builder(cfg, path, key_filter, summary if same_line else None)
     token, refresh = _asked_to_list(cfg, env)
     if token:
         refresh = build.list_for_the_operator(source, token, progress)
     if refresh is None or refresh.state != "done" or refresh.snapshot != build.snapshot:
-        _usual(cfg, build, summary if usable else None, wanted, peers, source, progress)
+        _usual(cfg, build, summary, usable, wanted, peers, source, progress)
     index = Index(path)
     snapshot.remove_others(cfg.cache_dir, index.summary.snapshot or "")
     if problem := empty_view_problem(cfg, index.summary):
         path.unlink(missing_ok=True)  # list again next time: the objects may be there by then
         raise WorkerError(problem)
-    return OpenedIndex(index, build.stale_names, refresh, build.previous if build.stale_names else None)
+    return OpenedIndex(index, build.stale_names, refresh, build.replaced if build.stale_names else None)
 
 
-def _usual(cfg: WorkerConfig, build: "_Builder", usable: IndexSummary | None, wanted: str | None,
-           peers: tuple[str, ...], source: Source, progress: Progress) -> None:
+def _usual(cfg: WorkerConfig, build: "_Builder", summary: IndexSummary | None, usable: bool,
+           wanted: str | None, peers: tuple[str, ...], source: Source, progress: Progress) -> None:
     """Serve ``wanted``, else reuse a usable index, else list."""
+    usable = summary if usable else None
     if wanted:
         snapshot.check_id(wanted)
         if usable and usable.snapshot == wanted:
@@ -106,9 +107,8 @@ def _usual(cfg: WorkerConfig, build: "_Builder", usable: IndexSummary | None, wa
         log.info("reusing the index of snapshot %s (%d files, built at %s)", usable.snapshot,
                  usable.files, usable.built_at)
     else:
-        previous = build.previous.summary if build.previous else None
-        reason = ("asked to" if cfg.refresh else "no index yet" if previous is None
-                  else "the index predates snapshots" if previous.snapshot is None else "source changed")
+        reason = ("asked to" if cfg.refresh else "no index yet" if summary is None
+                  else "the index predates snapshots" if summary.snapshot is None else "source changed")
         log.info("listing %s (%s)", cfg.source, reason)
         build.listed(source, progress)
 
@@ -127,14 +127,25 @@ def _asked_to_list(cfg: WorkerConfig, env: SourceSettings) -> tuple[str | None, 
 
 
 class _Builder:
-    """Builds the index at ``path``, keeping ``previous``'s ids when there is one."""
+    """Builds the index at ``path``, keeping the ids of the one there (``continued``: its summary,
+    None if it is of another source or filter, or none is there)."""
 
-    def __init__(self, cfg: WorkerConfig, path: Path, key_filter: KeyFilter, previous: Index | None) -> None:
-        self.cfg, self.path, self.key_filter, self.previous = cfg, path, key_filter, previous
+    def __init__(self, cfg: WorkerConfig, path: Path, key_filter: KeyFilter, continued: IndexSummary | None) -> None:
+        self.cfg, self.path, self.key_filter = cfg, path, key_filter
+        self._continued = continued
+        self._previous: Index | None = None
         self.stale_names: list[tuple[int, str]] = []
         self.diff: IndexDiff | None = None
         #: The snapshot the index at ``path`` holds now.
-        self.snapshot = previous.summary.snapshot if previous else None
+        self.snapshot = continued.snapshot if continued else None
+
+    @property
+    def previous(self) -> Index | None:
+        """The index being replaced, opened only when a build needs it (a reused index costs
+        nothing more at mount time)."""
+        if self._previous is None and self._continued is not None:
+            self._previous = Index(self.path)
+        return self._previous
 
     def listed(self, source: Source, progress: Progress) -> str:
         snap_id, _, listed = snapshot.write(source.list(), self.cfg.source, self.cfg.cache_dir,
@@ -167,7 +178,7 @@ class _Builder:
                 raise WorkerError(f"the new listing is refused: {problem}")
         except (WorkerError, SourceError, snapshot.SnapshotError, OSError) as exc:
             log.error("the refresh the operator asked for failed, serving the previous snapshot: %s", exc)
-            if self.previous is not None:  # put the previous index back, if the build replaced it
+            if self._previous is not None:  # put the previous index back, if the build replaced it
                 self._restore_previous()
             result = RefreshStats(state="failed", token=token, started_at=started, finished_at=time.time(),
                                   message=str(exc))
@@ -210,6 +221,10 @@ class _Builder:
             summary.files, summary.total_bytes, summary.skipped_keys, summary.shadowed_files, snap_id,
             f" ({self.diff.describe()} since the last)" if self.diff else "",
         )
+
+    @property
+    def replaced(self) -> Index | None:
+        return self._previous
 
     @property
     def _next(self) -> Path:
