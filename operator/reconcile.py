@@ -12,7 +12,6 @@ does the I/O.
 from __future__ import annotations
 
 import asyncio
-import secrets
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -137,7 +136,7 @@ def snapshot_step(ds: Dataset, status: Mapping[str, Any], pods: list[WorkerPod],
     """status.snapshot and SnapshotShared (operator/snapshots.py), status.refresh and Refreshed
     (operator/refresh.py; decided first, so that a refreshed snapshot is the one the plan keeps)."""
     step = refresh.step(ds.spec.source.refresh, annotation, status.get("refresh"), status.get("snapshot"), pods,
-                        stats, conds.time, secrets.token_hex(8))
+                        stats, conds.time)
     plan, cond = snapshots.apply(ds, status, pods, stats, out["nodes"], conds.time, kube, Owned(ds, kube),
                                  settings, step)
     out["snapshot"] = plan.snapshot  # None removes it (merge patch)

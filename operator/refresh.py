@@ -35,6 +35,7 @@ not all moved within :data:`APPLY_TIMEOUT`, end the refresh as Failed with a mes
 from __future__ import annotations
 
 import datetime
+import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -204,11 +205,19 @@ def due(spec: Refresh, annotation: str | None, r: Mapping[str, Any], now: str) -
     return None
 
 
+def token_for(snapshot: str, annotation: str | None, r: Mapping[str, Any]) -> str:
+    """The request's token: new for every refresh (the base time moves when one ends), and the
+    same when a pass runs again on a status that does not show its own start yet (kopf's timer
+    can see the object before its last patch comes back): then the ConfigMap already holds it
+    and the lister is not restarted twice (:func:`.snapshots.apply`)."""
+    base = f"{snapshot}|{annotation}|{r.get('lastRefreshAt') or r.get('since')}"
+    return hashlib.sha256(base.encode()).hexdigest()[:16]
+
+
 def step(spec: Refresh | None, annotation: str | None, current: Mapping[str, Any] | None, snapshot: str | None,
-         pods: list[WorkerPod], stats: Mapping[str, WorkerStats | str], now: str, token: str) -> Step:
+         pods: list[WorkerPod], stats: Mapping[str, WorkerStats | str], now: str) -> Step:
     """One pass. ``current`` is status.refresh, ``snapshot`` status.snapshot (before this pass),
-    ``pods``/``stats`` the selected nodes' workers, ``now`` a :data:`TIME_FORMAT` timestamp and
-    ``token`` a fresh random string, used if a refresh starts."""
+    ``pods``/``stats`` the selected nodes' workers and ``now`` a :data:`TIME_FORMAT` timestamp."""
     if spec is None:  # off: forget any walk (the snapshot plan still moves nodes to status.snapshot)
         return Step(None, snapshot, condition=condition(None, annotation, None))
     if not snapshot:
@@ -227,6 +236,7 @@ def step(spec: Refresh | None, annotation: str | None, current: Mapping[str, Any
         why = due(spec, annotation, r, now)
         lister = _lister(snapshot, pods, stats) if why else None
         if why and lister is not None:
+            token = token_for(snapshot, annotation, r)
             r = {**{k: v for k, v in r.items() if k in ("since", "lastRefreshAt", "requested")},
                  "state": LISTING, "token": token, "lister": lister.node, "requestedAt": now, "from": snapshot,
                  "reason": why}

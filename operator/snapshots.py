@@ -27,6 +27,11 @@ worker's stats port, a NetworkPolicy per Dataset (``<worker DaemonSet>-peers``, 
 ``peer_network_policy``) adds its own workers: a worker can fetch its Dataset's snapshot from a
 peer, never another Dataset's (the endpoint names a tenant's bucket and objects).
 
+A refresh of a growing Dataset (operator/refresh.py) asks one worker to list again through the
+same ConfigMap (``DATAHOARD_REFRESH_LISTER``/``DATAHOARD_REFRESH_TOKEN``) and, if the listing
+differs, replaces the recorded id; the restarts above then move every other worker to it
+(SnapshotShared says ``Refreshing`` meanwhile).
+
 When several workers report ids in the same collection before one is recorded, the id most
 nodes serve wins, ties broken by the alphabetically first node (deterministic across operator
 restarts).
@@ -211,7 +216,9 @@ def apply(ds: Dataset, status: Mapping[str, Any], pods: list[WorkerPod], stats: 
         ours, existing = owned.mine("NetworkPolicy", peer_policy_name(ds), settings.namespace)
         if ours and (existing is None or (existing.get("spec") or {}).get("ingress") != policy["spec"]["ingress"]):
             kube.apply(policy)
-    restart = list(refresh.restart) if refresh is not None and p.snapshot else []
+    # The lister is restarted once per request: not again when the ConfigMap held it already.
+    new_request = refresh is not None and extra.get(TOKEN_KEY) and have.get(TOKEN_KEY) != extra.get(TOKEN_KEY)
+    restart = list(refresh.restart) if new_request and p.snapshot else []
     if p.snapshot and p.peers:  # a restarted worker can fetch it: restart the ones that differ
         restart += [pod for pod in p.restart if pod not in restart]
     for pod in restart:
