@@ -26,7 +26,8 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from datahoard.cache_worker.counters import Counters
-from datahoard.cache_worker.dataset import DatasetCache, Tuning
+from datahoard.cache_worker.dataset import DatasetCache
+from datahoard.cache_worker.dataset_tuning import Tuning
 from datahoard.cache_worker.source import RemoteObject
 from datahoard.cache_worker.store import ChunkId, ChunkStore, object_id
 

@@ -5,6 +5,13 @@ answer to "is everything cached?"), publish it (mount record, bind over the moun
 
 The tree's own progress is ``DirectStats.state``: waiting, verifying, building, ready, failed
 (off without ``direct``). Binding it or losing the bind moves the serving mode (serving.py).
+
+The thread sleeps until something changes (wakeup.py): the dataset became fully cached,
+warming ended, a chunk of the tree was found corrupt, shutdown; while its bind is over the
+mountpoint or an old tree waits to be removed, a mount table changed; while an old tree waits,
+one of its reference files (``direct/<id>.refs/*``) was removed. It used to wake every 0.2 s
+whatever happened, and look for old trees to remove every 30 s; that timer is left only where
+the kernel refuses an inotify instance (``_OLD_TREE_SECONDS``, while an old tree waits).
 """
 
 from __future__ import annotations
@@ -12,7 +19,6 @@ from __future__ import annotations
 import logging
 import subprocess
 import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -23,16 +29,18 @@ from .completeness import Completeness
 from .counters import Counters
 from .serving import Event, ServingMode
 from .store import ChunkStore
-from .tree import DirectTrees, TreeError, TreeInfo
+from .tree import DirectTrees
 from .tree_bind import clear_tree_binds
 from .tree_bind import top_is_tree_bind as _top_is_tree_bind
+from .tree_errors import TreeError
+from .tree_manifest import TreeInfo
+from .wakeup import Wakeup
 
 log = logging.getLogger(__name__)
 
-#: How often the loop looks at the tree's repairs and its bind.
-_TICK_SECONDS = 0.2
-#: How often trees no mount uses any more are removed.
-_CLEANUP_SECONDS = 30.0
+#: How often to look again for the references of old trees while one waits, where inotify
+#: is refused (module docstring): the old cleanup period.
+_OLD_TREE_SECONDS = 30.0
 
 
 class DirectServing:
@@ -46,23 +54,50 @@ class DirectServing:
         #: Bumped each time the dataset becomes fully cached: a build that failed is tried
         #: again only after the cache changed and became whole again.
         self._fully_cached = 0
+        #: What the thread sleeps on (wakeup.py); created first: no wake-up may be lost.
+        self._wakeup = Wakeup()
+        trees.on_repair = self._wakeup.wake
         completeness.subscribe(self._on_fully_cached)
         self._mode, self._stop = mode, stop
-        #: True while a warmer of this worker is running (no build until it is done).
+        #: True while a warmer of this worker is running (no build until it is done; the warmer's
+        #: end calls ``wake``).
         self._warming = warming
         #: Record the tree's path in the mount record (the CSI node plugin binds it into pods).
         self._publish = publish
         self.stats = DirectStats(state="waiting")
         self.bound = False
+        #: The last completeness bump a build was tried for (``_should_build``).
+        self._last_attempt: int | None = None
+        #: Ids of trees of earlier snapshots still on disk, kept while something references them.
+        self._old_trees: set[str] = set()
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._loop, name="direct", daemon=True)
         self._thread.start()
 
+    def wake(self) -> None:
+        """Something the thread waits for may have changed (warming ended, shutdown)."""
+        self._wakeup.wake()
+
+    @property
+    def wakeups(self) -> int:
+        """How many times the thread woke up since it started (tests: none while nothing changes)."""
+        return self._wakeup.count
+
+    @property
+    def wait_limit(self) -> float | None:
+        """The time limit of the thread's last sleep; None: it sleeps until an event."""
+        return self._wakeup.timeout
+
     def join(self, timeout: float) -> None:
+        """After ``stop`` is set: wake the thread so that it sees it, and wait for it to end."""
+        self._wakeup.wake()
         if self._thread is not None:
             self._thread.join(timeout=timeout)
+            if self._thread.is_alive():
+                return
+        self._wakeup.close()
 
     def _set(self, state: str, message: str | None = None, info: TreeInfo | None = None) -> None:
         if info is not None:
@@ -74,6 +109,7 @@ class DirectServing:
     def _on_fully_cached(self, full: bool) -> None:
         if full:
             self._fully_cached += 1
+            self._wakeup.wake()
 
     def _should_build(self, last_attempt: int | None) -> int | None:
         """The reason to try a build now (also the key that stops retrying the same state)."""
@@ -95,39 +131,45 @@ class DirectServing:
                     log.error("the direct tree %s cannot be reused: %s", info.path, exc)
                     self._set("failed", f"the tree of the last run cannot be reused: {exc}")
                     trees.discard_current()  # unless a mount still holds it; a later build replaces it
-            last_attempt: int | None = None
-            last_cleanup = last_bind_check = time.monotonic()
-            while not stop.wait(_TICK_SECONDS):
-                if self.bound and time.monotonic() - last_bind_check > 1:
-                    last_bind_check = time.monotonic()
-                    self._check_bind()
-                if trees.current is None:
-                    key = self._should_build(last_attempt)
-                    if key is not None:
-                        last_attempt = key
-                        self._set("building")
-                        try:
-                            self._ready(trees.build(stop))
-                        except TreeError as exc:
-                            if stop.is_set():
-                                return
-                            log.warning("no direct tree: %s", exc)
-                            self._set("failed", str(exc))
-                    elif self.stats.state == "waiting" and self.stats.message is None:
-                        self._set("waiting", "serving through FUSE until the whole dataset is cached")
-                for rel in trees.pending_repairs():
-                    try:
-                        trees.repair(rel)
-                    except (OSError, TreeError) as exc:
-                        message = f"direct tree: cannot relink {rel}: {exc}"
-                        log.error(message)
-                        self._counters.add_error(message)
-                if time.monotonic() - last_cleanup > _CLEANUP_SECONDS:
-                    last_cleanup = time.monotonic()
-                    trees.remove_unused()
+            self._old_trees = trees.old_trees()  # recover() removed what it could
+            while not stop.is_set():
+                self._step()
+                self._wakeup.watch_mounts(self.bound or bool(self._old_trees))
+                told = self._wakeup.watch_removals(trees.refs_dir(t) for t in self._old_trees)
+                self._wakeup.wait(None if told else _OLD_TREE_SECONDS)
         except Exception as exc:  # noqa: BLE001 - reported; the FUSE view keeps serving
             log.exception("direct tree management failed")
             self._set("failed", f"internal error: {exc}")
+
+    def _step(self) -> None:
+        """Whatever the events since the last step call for; each part is cheap when nothing is due."""
+        trees, stop = self.trees, self._stop
+        if self.bound:
+            self._check_bind()
+        if trees.current is None:
+            key = self._should_build(self._last_attempt)
+            if key is not None:
+                self._last_attempt = key
+                self._set("building")
+                try:
+                    self._ready(trees.build(stop))
+                except TreeError as exc:
+                    if stop.is_set():
+                        return
+                    log.warning("no direct tree: %s", exc)
+                    self._set("failed", str(exc))
+            elif self.stats.state == "waiting" and self.stats.message is None:
+                self._set("waiting", "serving through FUSE until the whole dataset is cached")
+        for rel in trees.pending_repairs():
+            try:
+                trees.repair(rel)
+            except (OSError, TreeError) as exc:
+                message = f"direct tree: cannot relink {rel}: {exc}"
+                log.error(message)
+                self._counters.add_error(message)
+        if self._old_trees:
+            trees.remove_unused()
+            self._old_trees = trees.old_trees()
 
     def _ready(self, info: TreeInfo) -> None:
         """Publish a complete, verified tree: record it, and bind it over the mountpoint."""

@@ -41,10 +41,11 @@ class DatasetFS(ViewMetadata, ViewData, ViewBacking, ViewIds, Filesystem):
     there, this class holds the state they share and the serving modes."""
 
     def __init__(self, index: Index, cache: DatasetCache, counters: Counters, mountpoint: str,
-                 backing: BackingTable | None = None) -> None:
+                 backing: BackingTable | None = None, previous: Index | None = None) -> None:
         self.index = index
-        #: The index a refresh replaced (``take_index``), for ids only it knows.
-        self._previous: Index | None = None
+        #: The index a refresh replaced (``take_index``, or a restart onto another snapshot), for
+        #: ids only it knows.
+        self._previous: Index | None = previous
         self.cache = cache
         self.counters = counters
         self.mountpoint = mountpoint

@@ -66,14 +66,15 @@ class Refresher:
     """One refresh at a time, in its own thread; its state is what ``/stats`` shows."""
 
     def __init__(self, cache_dir: Path, source_uri: str, key_filter: KeyFilter, parts: Parts,
-                 source_path_problem: Callable[[object], str | None]) -> None:
+                 source_path_problem: Callable[[object], str | None], last: RefreshStats | None = None) -> None:
         self._dir = cache_dir
         self._uri = source_uri
         self._filter = key_filter
         self._parts = parts
         self._problem = source_path_problem
         self._lock = threading.Lock()
-        self.state = RefreshStats()
+        #: The last refresh: one made at start-up for the operator (index_open.py), until the next.
+        self.state = last or RefreshStats()
 
     def start(self, snapshot_id: str | None = None, peers: tuple[str, ...] = ()) -> threading.Thread:
         """Begin a refresh in the background; raises RefreshRefused if one is running or the
@@ -167,7 +168,8 @@ def _remove_retired(directory: Path) -> None:
 def cleanup(directory: Path) -> None:
     """At start-up: indexes retired by an earlier process's refreshes are read by nobody now."""
     _remove_retired(directory)
-    (directory / "index.db.next").unlink(missing_ok=True)
+    for leftover in ("index.db.next", "index.db.previous"):
+        (directory / leftover).unlink(missing_ok=True)
 
 
 __all__ = ["Refresher", "RefreshRefused", "Parts", "cleanup"]

@@ -72,6 +72,12 @@ class SourceSettings(BaseSettings):
     snapshot_id: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")] | None = None
     #: Stats URLs of peers that hold it (``http://host:port``), comma-separated, tried in order.
     snapshot_from: Annotated[tuple[str, ...], NoDecode] = ()
+    #: A refresh the operator asks of one node (operator/refresh.py): the worker on node
+    #: ``refresh_lister`` (``NODE_NAME`` is its own) lists the source afresh once per
+    #: ``refresh_token`` instead of serving ``snapshot_id``.
+    refresh_lister: str | None = None
+    refresh_token: Annotated[str, Field(max_length=128)] | None = None
+    node_name: str | None = Field(None, validation_alias="NODE_NAME")
 
     @field_validator("snapshot_from", mode="before")
     @classmethod

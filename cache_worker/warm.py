@@ -1,7 +1,7 @@
 """Background warming: prefetch every file of the view into the cache.
 
 Runs a bounded pool of fetchers over the index, directory by directory. Each fetch yields to
-application reads (see ``dataset.Priority``) and may be capped in bandwidth. Warming stops at
+application reads (see ``fetch_priority.Priority``) and may be capped in bandwidth. Warming stops at
 the cache's capacity instead of evicting what it just fetched, and stops with a clear message
 when the source refuses it (credentials, permissions) rather than failing file after file.
 """
@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 
 from .counters import Counters
@@ -26,7 +27,8 @@ _FATAL = (SourceAuthError, SourcePermissionDenied, SourceUnreachable)
 
 
 class Warmer:
-    def __init__(self, index: Index, cache: DatasetCache, counters: Counters, parallelism: int) -> None:
+    def __init__(self, index: Index, cache: DatasetCache, counters: Counters, parallelism: int,
+                 on_done: Callable[[], None] | None = None) -> None:
         self.index = index
         self.cache = cache
         self.counters = counters
@@ -37,6 +39,8 @@ class Warmer:
         self._in_flight = 0
         self._in_flight_lock = threading.Lock()
         self._thread: threading.Thread | None = None
+        #: Called on the warming thread once warming ended (the direct tree waits for it).
+        self._on_done = on_done
 
     def start(self) -> None:
         progress = self.counters.warm
@@ -72,6 +76,8 @@ class Warmer:
             progress.state, progress.message = state, message
             progress.finished = time.monotonic()
         log.info("warming %s: %s", state, message or f"{progress.files_done} files")
+        if self._on_done is not None:
+            self._on_done()
 
     def _warm_all(self) -> tuple[str, str | None]:
         store = self.cache.store

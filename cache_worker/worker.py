@@ -48,7 +48,7 @@ from .direct_mode import DirectServing
 from .fs import MAX_READ, RESERVE_THREADS, DatasetFS
 from .fs_meta import METADATA_TIMEOUT
 from .index import Index
-from .index_open import empty_view_problem, open_index, snapshot_file
+from .index_open import OpenedIndex, empty_view_problem, open_index, snapshot_file
 from .kernel_opens import KernelOpens
 from .keys import KeyFilter
 from .refresh import Parts, Refresher, RefreshRefused
@@ -76,6 +76,8 @@ class Worker:
         self._lock_fd: int | None = None
         self.source: Source | None = None
         self.index: Index | None = None
+        #: What opening the index found (index_open.py).
+        self.opened: OpenedIndex | None = None
         self.store: ChunkStore | None = None
         self.cache: DatasetCache | None = None
         self.warmer: Warmer | None = None
@@ -111,7 +113,8 @@ class Worker:
         self.counters.persist(cfg.cache_dir)  # continue the counts of the last run (counters.py)
         cleanup_retired_indexes(cfg.cache_dir)
         self.source = open_source(cfg.source, cfg.endpoint_url, cfg.region)
-        self.index = open_index(cfg, self.source, self._progress)
+        self.opened = open_index(cfg, self.source, self._progress)
+        self.index = self.opened.index
         self.store = ChunkStore(cfg.cache_dir / "chunks", capacity=1 << 62, private=not cfg.allow_other)
         self.store.capacity = cfg.capacity or default_capacity(cfg.cache_dir, self.store.used_bytes)
         self.cache = DatasetCache(self.source, self.store, self.counters, cfg.tuning)
@@ -139,7 +142,8 @@ class Worker:
         self._plan_kernel_opens()
         self.completeness.start()
         if cfg.warm:
-            self.warmer = Warmer(self.index, self.cache, self.counters, cfg.tuning.warm_parallelism)
+            self.warmer = Warmer(self.index, self.cache, self.counters, cfg.tuning.warm_parallelism,
+                                 on_done=self.direct and self.direct.wake)  # a tree waits for warming
             self.warmer.start()
         if self.direct is not None:
             self.direct.start()
@@ -148,7 +152,7 @@ class Worker:
             cfg.cache_dir, cfg.source, KeyFilter(tuple(cfg.include), tuple(cfg.exclude)),
             Parts(index=lambda: self.index, take_index=self._take_index,
                   invalidate=self._invalidate, list_source=lambda: self.source.list(), direct=cfg.direct),
-            lambda summary: empty_view_problem(cfg, summary))
+            lambda summary: empty_view_problem(cfg, summary), last=self.opened.refresh)
         self.ready.set()
         log.info("serving %s at %s (stats %s)", cfg.source, cfg.mountpoint, self.stats.url)
 
@@ -172,7 +176,8 @@ class Worker:
             att = self.attacher.mount(f"datahoard:{cfg.source}", cfg.allow_other)
         self.attachment = att
         backing = BackingTable(backing_log, att.conn) if self._use_passthrough() else None
-        view = self.view = DatasetFS(self.index, self.cache, self.counters, str(cfg.mountpoint), backing=backing)
+        view = self.view = DatasetFS(self.index, self.cache, self.counters, str(cfg.mountpoint), backing=backing,
+                                     previous=self.opened.previous)
         background = cfg.tuning.max_waiting_reads + RESERVE_THREADS
         want = Wants(max_read=MAX_READ, max_background=background, congestion_threshold=background * 3 // 4,
                      passthrough=cfg.passthrough != "off", entry_timeout=METADATA_TIMEOUT, attr_timeout=METADATA_TIMEOUT)
@@ -183,7 +188,14 @@ class Worker:
                 return
             deposit(att, identity)
             if att.resumed:
-                att.conn.notify_resend()  # what the last worker read but did not answer
+                # Moved to another snapshot since the kernel's last look (index_open.py): the
+                # names that lead elsewhere now, then what the last worker read but did not answer.
+                dropped = sum(self._invalidate(p, n.encode("utf-8", "surrogateescape"))
+                              for p, n in self.opened.stale_names)
+                if self.opened.stale_names:
+                    log.info("dropped %d of %d changed names from the kernel's cache", dropped,
+                             len(self.opened.stale_names))
+                att.conn.notify_resend()
             if cfg.handover:
                 threading.Thread(target=keep_deposited, args=(att, identity, cfg.keeper_socket, self._stop),
                                  name="keeper", daemon=True).start()
@@ -233,7 +245,6 @@ class Worker:
 
     def _warming(self) -> bool:
         return self.warmer is not None and self.counters.warm.state == "running"
-
     def _publish_tree(self, path: str) -> None:
         """Name the direct tree in the mount record (the CSI node plugin binds it into pods)."""
         if self._record is not None:
@@ -276,7 +287,8 @@ class Worker:
         """The cache disk has room again (cache_room.py): warm what could not be stored."""
         if self.config.warm and self.warmer is not None and self.counters.warm.state != "running":
             log.info("warming again: the cache disk has room for what it could not take before")
-            self.warmer = Warmer(self.index, self.cache, self.counters, self.config.tuning.warm_parallelism)
+            self.warmer = Warmer(self.index, self.cache, self.counters, self.config.tuning.warm_parallelism,
+                                 on_done=self.direct and self.direct.wake)
             self.warmer.start()
 
     def shutdown(self) -> None:

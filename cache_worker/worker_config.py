@@ -9,7 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .dataset import Tuning
+from .dataset_tuning import Tuning
 
 
 class WorkerError(Exception):

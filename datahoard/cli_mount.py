@@ -50,7 +50,7 @@ def lock_mountpoint(args: argparse.Namespace) -> runtime.MountLock:
 
 
 def _worker_config(args: argparse.Namespace):
-    from datahoard.cache_worker.dataset import Tuning, read_limits_from_env
+    from datahoard.cache_worker.dataset_tuning import Tuning, read_limits_from_env
     from datahoard.cache_worker.worker import WorkerConfig
 
     return WorkerConfig(

@@ -90,6 +90,8 @@ class RefreshStats(BaseModel):
 
     state: str = Field(default="none", description="none | running | done | failed")
     snapshot: str | None = Field(default=None, description="the snapshot refreshed to (or asked for)")
+    token: str | None = Field(default=None, description="the operator's request this refresh answered "
+                              "(DATAHOARD_REFRESH_TOKEN), None for one asked on this machine")
     started_at: float | None = None
     finished_at: float | None = None
     message: str | None = Field(default=None, description="what changed, or why the refresh failed")

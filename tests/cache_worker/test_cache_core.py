@@ -19,7 +19,8 @@ from pathlib import Path
 import pytest
 
 from datahoard.cache_worker.counters import Counters
-from datahoard.cache_worker.dataset import DatasetCache, ReadState, Tuning
+from datahoard.cache_worker.dataset import DatasetCache, ReadState
+from datahoard.cache_worker.dataset_tuning import Tuning
 from datahoard.cache_worker.source import (ChecksumMismatch, RemoteObject, SourceChanged,
                                            SourceTransientError, SourceUnreachable)
 from datahoard.cache_worker.store import ChunkStore, object_id

@@ -307,3 +307,25 @@ def test_a_tree_built_with_copies_of_large_files_is_relinked_and_its_space_given
     assert json.loads(manifest.read_text())["assembled_bytes"] == 0
     assert read_all(mnt) == files
     datahoard("umount", str(mnt))
+
+
+def test_the_tree_thread_is_woken_by_a_mount_change_only_while_it_watches_the_mount_tables(tmp_path):
+    """What replaced the direct thread's 0.2 s tick for its bind (wakeup.py): the kernel marks
+    the mount table POLLPRI on a mount or unmount, and the waiting thread returns at once."""
+    from datahoard.cache_worker.wakeup import Wakeup
+
+    wakeup = Wakeup()
+    target = tmp_path / "m"
+    target.mkdir()
+    try:
+        subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(target)], check=True)
+        assert not wakeup.wait(0)  # not watching: no mount wakes it
+        wakeup.watch_mounts(True)
+        subprocess.run(["umount", str(target)], check=True)
+        assert wakeup.wait(60)  # the unmount, not the time limit
+        wakeup.watch_mounts(False)
+        wakeup.wake()
+        assert wakeup.wait(60) and wakeup.count == 3
+    finally:
+        unmount_all(target)
+        wakeup.close()

@@ -21,7 +21,8 @@ import botocore.config
 import pytest
 
 from datahoard.cache_worker.counters import Counters
-from datahoard.cache_worker.dataset import DatasetCache, ReadState, Tuning
+from datahoard.cache_worker.dataset import DatasetCache, ReadState
+from datahoard.cache_worker.dataset_tuning import Tuning
 from datahoard.cache_worker.s3 import S3Options, S3Source
 from datahoard.cache_worker.source import SourceError
 from datahoard.cache_worker.store import ChunkStore

@@ -19,7 +19,8 @@ from pathlib import Path
 import pytest
 
 from datahoard.cache_worker.completeness import Completeness
-from datahoard.cache_worker.dataset import DatasetCache, ReadState, Tuning
+from datahoard.cache_worker.dataset import DatasetCache, ReadState
+from datahoard.cache_worker.dataset_tuning import Tuning
 from datahoard.cache_worker.index import Index
 from datahoard.cache_worker.serving import (BadTransition, Event, Mode, ServingMode, kernel_opens_refusal,
                                             stop_plan, use_passthrough)

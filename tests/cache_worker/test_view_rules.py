@@ -20,7 +20,8 @@ from pathlib import Path
 import pytest
 
 from datahoard.cache_worker.counters import Counters
-from datahoard.cache_worker.dataset import DatasetCache, Tuning
+from datahoard.cache_worker.dataset import DatasetCache
+from datahoard.cache_worker.dataset_tuning import Tuning
 from datahoard.cache_worker.fs import DatasetFS
 from datahoard.cache_worker.fs_ids import FILE_BASE, PREPAID
 from datahoard.cache_worker.fusell.session import Context, FuseError

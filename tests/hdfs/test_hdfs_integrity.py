@@ -17,7 +17,8 @@ import pytest
 import urllib3
 
 from datahoard.cache_worker.counters import Counters
-from datahoard.cache_worker.dataset import DatasetCache, ReadState, Tuning
+from datahoard.cache_worker.dataset import DatasetCache, ReadState
+from datahoard.cache_worker.dataset_tuning import Tuning
 from datahoard.cache_worker.hdfs import HdfsOptions, HdfsSource
 from datahoard.cache_worker.integrity import verify
 from datahoard.cache_worker.source import SourceError

@@ -10,7 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from datahoard.cache_worker.counters import Counters
-from datahoard.cache_worker.dataset import DatasetCache, Tuning
+from datahoard.cache_worker.dataset import DatasetCache
+from datahoard.cache_worker.dataset_tuning import Tuning
 from datahoard.cache_worker.index import Index, build_index
 from datahoard.cache_worker.store import ChunkStore
 

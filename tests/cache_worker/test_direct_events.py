@@ -1,0 +1,141 @@
+"""The direct-tree thread without root, FUSE or network: a real DirectTrees (hard links in a
+temporary directory) over the fake dataset, the real "fully cached" event, no bind.
+
+What is pinned here: the thread is driven by events, not a tick (issue 16). It builds the tree
+when the dataset becomes fully cached, relinks an entry whose chunk was found corrupt when that
+is reported, removes an old tree when its last reference file goes, and in between it sleeps
+with no time limit: its wake-ups are counted in the code (``DirectServing.wakeups``), and none
+happen while nothing changes. The loop it replaced woke every 0.2 s, and looked for old trees to
+remove every 30 s.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from datahoard import tree_layout
+from datahoard.cache_worker.completeness import Completeness
+from datahoard.cache_worker.dataset import ReadState
+from datahoard.cache_worker.dataset_tuning import Tuning
+from datahoard.cache_worker.direct_mode import DirectServing
+from datahoard.cache_worker.serving import ServingMode
+from datahoard.cache_worker.tree import DirectTrees
+from tests.support.fakes.dataset import FakeDataset, fake_dataset
+from tests.support.polling import eventually
+
+CHUNK = 4096
+FILES = {"a.bin": os.urandom(1000), "dir/b.bin": os.urandom(3000), "dir/c.bin": os.urandom(2 * CHUNK + 5),
+         "empty": b""}
+#: Long enough for the old loop to wake several times (every 0.2 s); the new one must not at all.
+QUIET_SECONDS = 1.0
+
+
+@dataclass
+class Rig:
+    data: FakeDataset
+    trees: DirectTrees
+    direct: DirectServing
+    watch: Completeness
+
+    def start(self) -> None:
+        self.watch.start()
+        self.direct.start()
+
+    def read_all(self) -> None:
+        for obj in self.data.index.walk_files():
+            self.data.cache.read(ReadState(obj), 0, obj.size)
+
+    def ready_tree(self) -> Path:
+        stats = eventually(lambda: self.direct.stats.state in ("ready", "failed") and self.direct.stats,
+                           timeout=30, what="the direct tree to be built")
+        assert stats.state == "ready", stats
+        return Path(stats.path)
+
+
+@pytest.fixture
+def rig(tmp_path: Path) -> Iterator[Rig]:
+    with fake_dataset(tmp_path, FILES, Tuning(whole_file_max=CHUNK, chunk_size=CHUNK)) as data:
+        watch = Completeness(data.index, data.cache)
+        trees = DirectTrees(tmp_path / "cache-dir", data.index, data.cache)
+        stop = threading.Event()
+        direct = DirectServing("s3://data/", tmp_path / "mnt", False, trees, data.store, watch, data.counters,
+                               ServingMode(), stop, warming=lambda: False, publish=lambda path: None)
+        try:
+            yield Rig(data, trees, direct, watch)
+        finally:
+            stop.set()
+            direct.join(timeout=10)
+            watch.stop()
+
+
+def quiet() -> None:
+    """Let time pass with nothing happening (not a measurement: a window for wrong wake-ups)."""
+    threading.Event().wait(QUIET_SECONDS)
+
+
+def test_the_thread_sleeps_until_the_dataset_is_fully_cached_then_builds_and_sleeps_again(rig):
+    rig.start()
+    eventually(lambda: rig.direct.stats.message, timeout=30, what="the thread to say it waits")
+    before = rig.direct.wakeups
+    quiet()
+    assert rig.direct.wakeups == before, "the thread woke up although nothing changed"
+    assert rig.direct.wait_limit is None  # it sleeps until an event, with no timer
+
+    rig.read_all()  # the last chunk cached: the completeness event wakes it
+    tree = rig.ready_tree()
+    assert (tree / "dir" / "c.bin").read_bytes() == FILES["dir/c.bin"]
+    built = rig.direct.wakeups
+    assert built - before == 1, f"{built - before} wake-ups to build the tree; the event is one"
+    quiet()
+    assert rig.direct.wakeups == built, "the thread woke up after the tree was ready, with nothing changed"
+    assert rig.direct.wait_limit is None
+
+
+def test_an_entry_whose_chunk_was_found_corrupt_is_relinked_on_that_report(rig):
+    rig.start()
+    rig.read_all()
+    tree = rig.ready_tree()
+    obj = rig.data.index.lookup("dir/b.bin")
+    entry = tree / "dir" / "b.bin"
+    before = rig.direct.wakeups
+
+    rig.data.store.discard(rig.data.cache.chunks(obj)[0].name)  # what a failed CRC check does
+    # Unlinked at once, on the reporting thread: wrong bytes are never served from the tree.
+    assert not entry.exists()
+    eventually(lambda: entry.exists() and entry.read_bytes() == FILES["dir/b.bin"], timeout=30,
+               what="the entry to be relinked")
+    assert os.stat(entry).st_ino == os.stat(rig.data.store.path(rig.data.cache.chunks(obj)[0].object_id)).st_ino
+    # The report, and the dataset becoming fully cached again once the chunk was refetched.
+    woken = rig.direct.wakeups - before
+    assert 1 <= woken <= 2, f"{woken} wake-ups for one repair"
+    settled = rig.direct.wakeups
+    quiet()
+    assert rig.direct.wakeups == settled
+
+
+def test_an_old_tree_is_removed_when_its_last_reference_file_goes_not_on_a_timer(rig):
+    old = rig.trees.tree_path("0123456789abcdef")  # a tree of an earlier snapshot
+    (old / "dir").mkdir(parents=True)
+    targets = ["/var/lib/kubelet/pods/a/volumes/data", "/var/lib/kubelet/pods/b/volumes/data"]
+    for target in targets:
+        tree_layout.add_ref(old, target)  # two pods bind it (CSI node plugin)
+    rig.start()
+    eventually(lambda: rig.direct.stats.message, timeout=30, what="the thread to say it waits")
+    assert old.is_dir()  # kept: referenced
+    # While it waits it also watches the mount tables, which any mount on this machine changes:
+    # wake-ups are not counted here, only that it sleeps with no time limit.
+    before = rig.direct.wakeups
+    tree_layout.drop_ref(old, targets[0])
+    eventually(lambda: rig.direct.wakeups > before, timeout=30, what="the removal of a reference to wake it")
+    assert old.is_dir()  # one pod still binds it
+    assert rig.direct.wait_limit is None  # it slept until an event: no timer
+    tree_layout.drop_ref(old, targets[1])
+    eventually(lambda: not old.exists() and not tree_layout.refs_dir(old).exists(), timeout=10,
+               what="the old tree to be removed once nothing references it (the old loop took up to 30 s)")
+    assert rig.trees.old_trees() == set()
