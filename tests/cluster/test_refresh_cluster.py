@@ -83,11 +83,16 @@ def test_a_refresh_on_demand_moves_every_node_to_the_new_listing_and_a_refused_o
         tmp_path: Path) -> None:
     for key in ("a.bin", "b.bin"):
         s3.put_object(Bucket=bucket, Key=f"train/{key}", Body=key.encode() * 1000)
+    cluster.core.create_namespaced_secret(namespace, {
+        "metadata": {"name": "s3-creds"},
+        "stringData": {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}})
     cluster.apply_dataset(namespace, "imagenet", {
         "source": {"uri": f"s3://{bucket}/train/", "endpoint": s3_server.endpoint, "region": "us-east-1",
-                   "credentials": "Anonymous", "refresh": {}},
+                   "secretRef": {"name": "s3-creds"}, "refresh": {}},
         "cache": {"capacity": "1Gi"}, "warm": {"policy": "OnDemand"}})
     ds = eventually(lambda: cluster.daemonset(namespace, "imagenet"), what="the worker DaemonSet")
+    eventually(lambda: cluster.core.read_namespaced_secret(names.worker_name(namespace, "imagenet"), SYSTEM),
+               what="the credentials copied for the workers")
     port, host_root = operator_env["DATAHOARD_STATS_PORT"], operator_env["DATAHOARD_HOST_ROOT"]
     log = tmp_path / "workers.log"
     # gpu-a sorts first: it is the lister.
@@ -110,6 +115,15 @@ def test_a_refresh_on_demand_moves_every_node_to_the_new_listing_and_a_refused_o
     s3.put_object(Bucket=bucket, Key="train/new.bin", Body=b"landed later" * 100)
     annotate(cluster, namespace, "1")
     a.restart_when_deleted()  # the lister, restarted with the request in its env
+
+    def refreshing() -> bool:
+        status = cluster.status(namespace, "imagenet")
+        assert (status.get("refresh") or {}).get("state") == "Applying", status.get("refresh")
+        cond = cluster.condition(namespace, "imagenet", "SnapshotShared")
+        assert cond.get("reason") == "Refreshing" and f"restarting {b.name} onto it" in cond["message"], cond
+        return True
+
+    eventually(refreshing, timeout=60, what="the other node being moved (SnapshotShared Refreshing)")
     b.restart_when_deleted()  # then the other node, onto the new snapshot
 
     def applied() -> dict[str, Any]:
