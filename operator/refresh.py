@@ -52,14 +52,15 @@ TOKEN_KEY = "DATAHOARD_REFRESH_TOKEN"
 #: The condition type that says how the last refresh went (absent while refresh is off).
 REFRESHED = "Refreshed"
 IDLE, LISTING, APPLYING, FAILED = "Idle", "Listing", "Applying", "Failed"
-#: Seconds a lister has to restart, list the source and report. A listing of a million objects
-#: takes about a minute on S3; ten leaves room for a slow pod start and a large bucket, and is
-#: short enough that a worker image that ignores the request (older than the refresh contract)
-#: is noticed the same morning.
+#: Seconds a lister has to restart, list the source and report. A million objects take about
+#: 4 minutes to list through a 10 ms link (244 ms per 1000-key page) plus about 40 s to write
+#: the snapshot and build the index (bench/ANALYSIS.md, "snapshot"): ten minutes leave twice
+#: that, and a worker image that ignores the request (older than the refresh contract) is
+#: noticed the same hour.
 LIST_TIMEOUT = 600.0
-#: Seconds for every other worker to restart onto the new snapshot (one fetch from the lister
-#: each, seconds for a million objects); past it the refresh is Failed, naming who did not move
-#: (the snapshot plan keeps restarting them).
+#: Seconds for every other worker to restart onto the new snapshot: a fetch from the lister and
+#: an index build each, 26 s for a million objects on the loaded 2-core bench machine; past it
+#: the refresh is Failed, naming who did not move (the snapshot plan keeps restarting them).
 APPLY_TIMEOUT = 1800.0
 TIME_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
 
