@@ -24,7 +24,7 @@ from .worker_config import Progress, WorkerConfig, WorkerError
 
 log = logging.getLogger(__name__)
 
-#: In the cache directory: the last refresh token of the operator's this node answered.
+#: In the cache directory: this node's answer to the operator's last refresh (RefreshStats).
 TOKEN_FILE = "refresh-token"
 
 
@@ -80,10 +80,10 @@ def open_index(cfg: WorkerConfig, source: Source, progress: Progress) -> OpenedI
     usable = (same_line and summary.snapshot is not None
               and (cfg.cache_dir / snapshot.file_name(summary.snapshot)).exists())
     build = _Builder(cfg, path, key_filter, Index(path) if same_line else None)
-    refresh = None
-    if token := _asked_to_list(cfg, env):
+    token, refresh = _asked_to_list(cfg, env)
+    if token:
         refresh = build.list_for_the_operator(source, token, progress)
-    if refresh is None or refresh.state != "done":
+    if refresh is None or refresh.state != "done" or refresh.snapshot != build.snapshot:
         _usual(cfg, build, summary if usable else None, wanted, peers, source, progress)
     index = Index(path)
     snapshot.remove_others(cfg.cache_dir, index.summary.snapshot or "")
@@ -113,18 +113,17 @@ def _usual(cfg: WorkerConfig, build: "_Builder", usable: IndexSummary | None, wa
         build.listed(source, progress)
 
 
-def _asked_to_list(cfg: WorkerConfig, env: SourceSettings) -> str | None:
-    """The operator's refresh token if this node must list the source for it, once per token."""
+def _asked_to_list(cfg: WorkerConfig, env: SourceSettings) -> tuple[str | None, RefreshStats | None]:
+    """(the operator's refresh token if this node must list the source for it, the answer this
+    node gave to the current token before a restart). Each token is answered once."""
     token = env.refresh_token
     if not token or not env.refresh_lister or env.refresh_lister != env.node_name:
-        return None
-    done = cfg.cache_dir / TOKEN_FILE
+        return None, None
     try:
-        if done.read_text() == token:
-            return None  # answered before this restart
-    except OSError:
-        pass
-    return token
+        answered = RefreshStats.model_validate_json((cfg.cache_dir / TOKEN_FILE).read_text())
+    except (OSError, ValueError):
+        return token, None
+    return (None, answered) if answered.token == token else (token, None)
 
 
 class _Builder:
@@ -134,6 +133,8 @@ class _Builder:
         self.cfg, self.path, self.key_filter, self.previous = cfg, path, key_filter, previous
         self.stale_names: list[tuple[int, str]] = []
         self.diff: IndexDiff | None = None
+        #: The snapshot the index at ``path`` holds now.
+        self.snapshot = previous.summary.snapshot if previous else None
 
     def listed(self, source: Source, progress: Progress) -> str:
         snap_id, _, listed = snapshot.write(source.list(), self.cfg.source, self.cfg.cache_dir,
@@ -176,10 +177,10 @@ class _Builder:
                                   finished_at=time.time(), message=d.describe(), added_files=d.added_files,
                                   changed_files=d.changed_files, removed_files=d.removed_files,
                                   added_bytes=d.added_bytes)
-        try:
-            (self.cfg.cache_dir / TOKEN_FILE).write_text(token)
+        try:  # the answer stays in stats across restarts, until the operator asks again
+            (self.cfg.cache_dir / TOKEN_FILE).write_text(result.model_dump_json())
         except OSError as exc:
-            log.warning("cannot remember the refresh token: %s", exc)
+            log.warning("cannot remember the answer to refresh %s: %s", token, exc)
         return result
 
     def build(self, snap_id: str) -> None:
@@ -203,6 +204,7 @@ class _Builder:
         if self.previous is not None:
             self._keep_previous()
         os.replace(self._next, self.path)
+        self.snapshot = snap_id
         log.info(
             "indexed %d files, %d bytes (%d keys skipped, %d hidden by directories) from snapshot %s%s",
             summary.files, summary.total_bytes, summary.skipped_keys, summary.shadowed_files, snap_id,
@@ -228,6 +230,7 @@ class _Builder:
         if self._kept.exists():
             os.replace(self._kept, self.path)
             self.previous.retire(self.path)
+            self.snapshot = self.previous.summary.snapshot
             self.stale_names, self.diff = [], None
 
 

@@ -56,8 +56,8 @@ class Parts:
 
     index: Callable[[], Index]
     take_index: Callable[[Index], None]
-    #: Make the kernel forget a dentry: (parent node id, name) -> sent.
-    invalidate: Callable[[int, bytes], bool]
+    #: Make the kernel forget names that lead elsewhere now: [(parent node id, name)].
+    drop_names: Callable[[list[tuple[int, str]]], None]
     list_source: Callable[[], object]  # an iterable of RemoteObject
     direct: bool
 
@@ -152,11 +152,9 @@ class Refresher:
         os.replace(building, path)
         new = Index(path)
         self._parts.take_index(new)
-        sent = sum(self._parts.invalidate(parent, name.encode("utf-8", "surrogateescape"))
-                   for parent, name in diff.stale_names)
+        self._parts.drop_names(diff.stale_names)
         snapshot.remove_others(self._dir, snapshot_id)
-        log.info("refreshed to snapshot %s: %s (%d names dropped from the kernel's cache)",
-                 snapshot_id, diff.describe(), sent)
+        log.info("refreshed to snapshot %s: %s", snapshot_id, diff.describe())
         return diff, snapshot_id
 
 

@@ -48,12 +48,10 @@ from .direct_mode import DirectServing
 from .fs import MAX_READ, RESERVE_THREADS, DatasetFS
 from .fs_meta import METADATA_TIMEOUT
 from .index import Index
-from .index_open import OpenedIndex, empty_view_problem, open_index, snapshot_file
+from .index_open import OpenedIndex, open_index, snapshot_file
 from .kernel_opens import KernelOpens
-from .keys import KeyFilter
-from .refresh import Parts, Refresher, RefreshRefused
 from .refresh import cleanup as cleanup_retired_indexes
-from .serving import ServingMode, stop_plan, use_passthrough
+from .serving import ServingMode, use_passthrough
 from .source import Source, SourceError
 from .sources import open_source
 from .stats_server import StatsServer
@@ -61,12 +59,14 @@ from .store import ChunkStore
 from .tree import DirectTrees
 from .warm import Warmer
 from .worker_config import Progress, WorkerConfig, WorkerError
+from .worker_connection import WorkerConnection
+from .worker_refresh import WorkerRefresh
 from .worker_stats import worker_stats
 
 log = logging.getLogger(__name__)
 
 
-class Worker:
+class Worker(WorkerConnection, WorkerRefresh):
     def __init__(self, config: WorkerConfig, progress: Progress | None = None) -> None:
         self.config = config
         self._progress = progress or (lambda what, n: None)
@@ -99,7 +99,7 @@ class Worker:
         self._stop = threading.Event()
         self._record: runtime.MountRecord | None = None
         #: In-place refreshes of the view (refresh.py), once it is mounted.
-        self.refresher: Refresher | None = None
+        self.refresher = None  # a Refresher once serving (worker_refresh.py)
 
     # -- steps -----------------------------------------------------------------------------
     def prepare(self) -> None:
@@ -142,17 +142,11 @@ class Worker:
         self._plan_kernel_opens()
         self.completeness.start()
         if cfg.warm:
-            self.warmer = Warmer(self.index, self.cache, self.counters, cfg.tuning.warm_parallelism,
-                                 on_done=self.direct and self.direct.wake)  # a tree waits for warming
-            self.warmer.start()
+            self._start_warming()
         if self.direct is not None:
             self.direct.start()
         RoomWatch(self.cache, self._stop, self._warm_again).start()
-        self.refresher = Refresher(
-            cfg.cache_dir, cfg.source, KeyFilter(tuple(cfg.include), tuple(cfg.exclude)),
-            Parts(index=lambda: self.index, take_index=self._take_index,
-                  invalidate=self._invalidate, list_source=lambda: self.source.list(), direct=cfg.direct),
-            lambda summary: empty_view_problem(cfg, summary), last=self.opened.refresh)
+        self._start_refresher()
         self.ready.set()
         log.info("serving %s at %s (stats %s)", cfg.source, cfg.mountpoint, self.stats.url)
 
@@ -190,11 +184,7 @@ class Worker:
             if att.resumed:
                 # Moved to another snapshot since the kernel's last look (index_open.py): the
                 # names that lead elsewhere now, then what the last worker read but did not answer.
-                dropped = sum(self._invalidate(p, n.encode("utf-8", "surrogateescape"))
-                              for p, n in self.opened.stale_names)
-                if self.opened.stale_names:
-                    log.info("dropped %d of %d changed names from the kernel's cache", dropped,
-                             len(self.opened.stale_names))
+                self.drop_names(self.opened.stale_names)
                 att.conn.notify_resend()
             if cfg.handover:
                 threading.Thread(target=keep_deposited, args=(att, identity, cfg.keeper_socket, self._stop),
@@ -218,22 +208,6 @@ class Worker:
         self.large_files = self.index.max_file_size() > cfg.tuning.whole_file_max
         return use_passthrough(cfg.passthrough, self.index.max_file_size(), cfg.tuning.whole_file_max)
 
-    def _on_stop_signal(self, signum: int, frame) -> None:
-        att = self.attachment
-        if stop_plan(att is not None and att.handover, self._record is not None).handover:
-            self._handing_over = True
-            log.info("stopping: handing the FUSE connection over to the next worker (the mount stays)")
-        else:
-            log.info("stopping: unmounting %s", self.config.mountpoint)
-            try:
-                from .fusell.session import unmount
-
-                unmount(self.config.mountpoint, lazy=True)
-            except OSError as exc:
-                log.warning("unmounting %s failed: %s", self.config.mountpoint, exc)
-        if self.session is not None:
-            self.session.stop()
-
     # -- events --------------------------------------------------------------------------
     def _plan_kernel_opens(self) -> None:
         att, cfg = self.attachment, self.config
@@ -251,45 +225,19 @@ class Worker:
             self._record = runtime.MountRecord(**{**self._record.__dict__, "direct_tree": path})
             runtime.register(self._record)
 
-    def ask_refresh(self, query: dict[str, list[str]]) -> tuple[int, str]:
-        """``POST /refresh[?snapshot=ID&from=URL...]`` (``datahoard refresh``): start one."""
-        if self.refresher is None:
-            return 503, "not serving yet"
-        wanted = (query.get("snapshot") or [None])[0]
-        try:
-            self.refresher.start(wanted, tuple(query.get("from", [])))
-        except RefreshRefused as exc:
-            return 409, str(exc)
-        return 202, "refresh started; see refresh in /stats"
-
-    def _take_index(self, index: Index) -> None:
-        """Serve a refreshed index (refresh.py): the view, the "fully cached" event, warming."""
-        self.index = index
-        self.view.take_index(index)
-        self.completeness.replace_index(index)
-        if self.config.warm:
-            if self.warmer is not None:
-                self.warmer.stop()
-            self.warmer = Warmer(index, self.cache, self.counters, self.config.tuning.warm_parallelism)
-            self.warmer.start()
-
-    def _invalidate(self, parent: int, name: bytes) -> bool:
-        att = self.attachment
-        if att is None:
-            return False
-        try:
-            return att.conn.notify_inval_entry(parent, name)
-        except OSError as exc:  # the kernel refused it: the entry times out in METADATA_TIMEOUT
-            log.warning("could not drop %r from the kernel's cache: %s", name, exc)
-            return False
-
     def _warm_again(self) -> None:
         """The cache disk has room again (cache_room.py): warm what could not be stored."""
         if self.config.warm and self.warmer is not None and self.counters.warm.state != "running":
             log.info("warming again: the cache disk has room for what it could not take before")
-            self.warmer = Warmer(self.index, self.cache, self.counters, self.config.tuning.warm_parallelism,
-                                 on_done=self.direct and self.direct.wake)
-            self.warmer.start()
+            self._start_warming()
+
+    def _start_warming(self) -> None:
+        """Warm the index served now, replacing a warmer of an earlier one."""
+        if self.warmer is not None:
+            self.warmer.stop()
+        self.warmer = Warmer(self.index, self.cache, self.counters, self.config.tuning.warm_parallelism,
+                             on_done=self.direct and self.direct.wake)  # a tree waits for warming
+        self.warmer.start()
 
     def shutdown(self) -> None:
         log.info("shutting down")
@@ -318,21 +266,6 @@ class Worker:
             os.close(self._lock_fd)
             self._lock_fd = None
         log.info("stopped")
-
-    def _let_go_of_connection(self) -> None:
-        """End the lease; after an unmount (not a handover) the keeper lets go of it too."""
-        att, self.attachment = self.attachment, None
-        if self.view is not None and self.view.backing is not None:
-            self.view.backing.close()
-        if att is not None:
-            if att.keeper is not None and not self._handing_over:
-                try:
-                    att.keeper.release(self.config.mountpoint)
-                except Exception as exc:  # noqa: BLE001 - the keeper drops ended connections anyway
-                    log.debug("releasing the connection: %s", exc)
-            att.conn.close()
-        if self.attacher is not None:
-            self.attacher.close()  # the lease (the keeper connection) ends here
 
     # -- reporting -------------------------------------------------------------------------
     def healthy(self) -> bool:

@@ -78,7 +78,7 @@ async def reconcile(body: Mapping[str, Any], nodes: list[Mapping[str, Any]], kub
     metrics.STATS_SECONDS.observe(time.monotonic() - started)
     metrics.STATS_FAILURES.inc(sum(isinstance(s, str) for s in stats.values()))
     out = summarize(ds, state.selected, on_selected, stats, status, state.conditions.time)
-    out["consumers"] = consumers_status(stats, status)
+    out["consumers"] = consumers_status(stats, out["nodes"])
     stats_conditions(ds, state.conditions, out, stats, settings.namespace)
     annotation = ((body.get("metadata") or {}).get("annotations") or {}).get(refresh.ANNOTATION)
     await asyncio.to_thread(snapshot_step, ds, status, on_selected, stats, out, state.conditions, kube, settings,

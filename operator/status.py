@@ -13,6 +13,7 @@ from typing import Any
 from datahoard.api import Dataset, format_bytes
 from datahoard.stats import WorkerStats
 
+from .consumers import node_consumers
 from .failures import worker_failure
 
 
@@ -66,7 +67,7 @@ def set_condition(conditions: Iterable[Mapping[str, Any]], type_: str, ok: bool,
 #: Figures a node entry carries; a node whose worker does not answer keeps its last ones.
 FIGURES = ("files", "totalBytes", "cachedBytes", "capacityBytes", "hits", "misses", "servedBytes",
            "servedFromCacheBytes", "recentServedBytes", "recentFromCacheBytes", "serving", "warming",
-           "counterBase", "lastSeen", "snapshot")
+           "counterBase", "lastSeen", "snapshot", "consumers")
 #: Lifetime counters: they only grow. A worker that reports less than it did lost its counts
 #: (a new cache directory, an old worker without saved counters); the old counts become a base.
 COUNTERS = ("servedBytes", "servedFromCacheBytes", "hits", "misses")
@@ -127,6 +128,8 @@ def _fresh_figures(st: WorkerStats, old: Mapping[str, Any], now: str) -> dict[st
                warming=warming_entry(st), lastSeen=now)
     if st.snapshot:
         out["snapshot"] = st.snapshot
+    if st.consumers:
+        out["consumers"] = node_consumers(st)
     return out
 
 
