@@ -72,8 +72,14 @@ class ViewMetadata:
         if items is None or offset == 0:
             # Built once per open directory (a handle from a previous process is rebuilt the
             # same: the order is the index's), so a large directory is not re-queried per call.
+            # A listing that began in a previous process (an unknown handle past offset 0)
+            # continues in the index it began in, the one this process replaced (a restart onto
+            # a new snapshot, index_open.py): one listing never mixes two snapshots.
+            index = self.index
+            if items is None and offset > 0 and self._previous is not None:
+                index = self._previous
             items = [(b".", nodeid, stat.S_IFDIR), (b"..", 1, stat.S_IFDIR)]
-            for name, is_dir, ident, _obj in self.index.entries(nodeid):
+            for name, is_dir, ident, _obj in index.entries(nodeid):
                 if is_dir:
                     items.append((name.encode("utf-8", "surrogateescape"), ident, stat.S_IFDIR))
                 else:

@@ -19,6 +19,7 @@ from tests.support.csi import PodWorker
 
 pytestmark = pytest.mark.integration
 
+MANY = 400  # more entries than one READDIR answer holds
 CONTEXT = {names.CTX_NAMESPACE: "ml", names.CTX_NAME: "imagenet"}
 
 
@@ -33,6 +34,8 @@ def test_a_restart_for_the_operators_refresh_moves_readers_to_the_new_snapshot(
         keeper_plugin, node, s3, bucket, s3_server, tmp_path):
     for key, body in {"a/1.bin": b"one", "gone.bin": b"removed soon", "swapped.bin": b"old bytes"}.items():
         s3.put_object(Bucket=bucket, Key="ds/" + key, Body=body)
+    for i in range(MANY):
+        s3.put_object(Bucket=bucket, Key=f"ds/many/f{i:04}", Body=b"x")
     worker = PodWorker(node, f"s3://{bucket}/ds/", node.view_path(), node.root / "cache", s3_server.endpoint,
                        log_dir=tmp_path, keeper_socket=keeper_plugin.keeper_socket)
     worker.start()
@@ -44,10 +47,15 @@ def test_a_restart_for_the_operators_refresh_moves_readers_to_the_new_snapshot(
         assert open(f"{target}/swapped.bin", "rb").read() == b"old bytes"  # its dentry is cached now
         held = os.open(f"{target}/gone.bin", os.O_RDONLY)
         assert os.read(held, 100) == b"removed soon"
+        many_before = sorted(os.listdir(f"{target}/many"))
+        listing = os.scandir(f"{target}/many")  # a listing under way across the restart
+        started = [next(listing).name for _ in range(5)]
 
         s3.put_object(Bucket=bucket, Key="ds/a/2.bin", Body=b"two")
         s3.put_object(Bucket=bucket, Key="ds/swapped.bin", Body=b"new bytes, longer")
         s3.delete_object(Bucket=bucket, Key="ds/gone.bin")
+        s3.delete_object(Bucket=bucket, Key="ds/many/f0002")
+        s3.put_object(Bucket=bucket, Key="ds/many/late", Body=b"late")
         worker.env.update({"NODE_NAME": "gpu-a", "DATAHOARD_REFRESH_LISTER": "gpu-a",
                            "DATAHOARD_REFRESH_TOKEN": "request-1"})
         worker.stop()  # the operator deletes the lister's pod; the DaemonSet starts it again
@@ -58,7 +66,12 @@ def test_a_restart_for_the_operators_refresh_moves_readers_to_the_new_snapshot(
         refresh = st["refresh"]
         assert (refresh["state"], refresh["token"]) == ("done", "request-1")
         assert refresh["snapshot"] == st["snapshot"] != first
-        assert (refresh["added_files"], refresh["changed_files"], refresh["removed_files"]) == (1, 1, 1)
+        assert (refresh["added_files"], refresh["changed_files"], refresh["removed_files"]) == (2, 1, 2)
+        # The listing under way finishes with the snapshot it began with; a new one shows the new.
+        finished = started + [e.name for e in listing]
+        listing.close()
+        assert sorted(finished) == many_before
+        assert sorted(os.listdir(f"{target}/many")) == sorted(set(many_before) - {"f0002"} | {"late"})
         assert sorted(os.listdir(f"{target}/a")) == ["1.bin", "2.bin"]
         assert os.stat(f"{target}/a/1.bin").st_ino == one_ino
         # The kernel had swapped.bin's old dentry: it was dropped, so an open finds the new object.
