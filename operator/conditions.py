@@ -30,7 +30,7 @@ CACHED = "Cached"
 PROBLEMS = {"InvalidSpec", "NoMatchingNodes", "SecretNotFound", "SecretKeyMissing", "Degraded",
             "APIError", "NameConflict", "NodeIdentityForbidden", "EndpointForbidden",
             "NamespaceNotServed", "PlacementForbidden", "StaleStats", "AllStale", "CapacityBound",
-            "WorkerFailing"}
+            "WorkerFailing", "RefreshOff"}
 
 
 def now() -> str:

@@ -20,7 +20,7 @@ import kopf
 
 from datahoard import names
 
-from . import metrics
+from . import metrics, refresh
 from .config import OperatorSettings
 from .kube import Kube, load_client
 from .conditions import DELETION_BLOCKED, PROBLEMS, RECONCILED, SPEC_VALID, Conditions
@@ -130,6 +130,8 @@ async def reconcile_timer(body: kopf.Body, status: kopf.Status, patch: kopf.Patc
     metrics.DATASETS.set(ds_key, new.get("phase"))
     _post_transitions(body, old_conditions, new.get("conditions") or [], status.get("phase"),
                       new.get("phase"))
+    for type_, reason, message in refresh.events(status.get("refresh"), new.get("refresh")):
+        kopf.event(body, type=type_, reason=reason, message=message)
 
 
 @kopf.on.delete(*RESOURCE, id="cleanup")

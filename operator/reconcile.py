@@ -20,7 +20,7 @@ import pydantic
 
 from datahoard.api import Dataset, error_summary
 
-from . import metrics, policy, snapshots
+from . import metrics, policy, refresh, snapshots
 from .collect import collect
 from .conditions import CACHED, SPEC_VALID, STATS_CURRENT, WORKERS_READY, Conditions
 from .config import OperatorSettings
@@ -80,7 +80,9 @@ async def reconcile(body: Mapping[str, Any], nodes: list[Mapping[str, Any]], kub
     out = summarize(ds, state.selected, on_selected, stats, status, state.conditions.time)
     out["consumers"] = consumers_status(stats, out["nodes"])
     stats_conditions(ds, state.conditions, out, stats, settings.namespace)
-    await asyncio.to_thread(snapshot_step, ds, status, on_selected, stats, out, state.conditions, kube, settings)
+    annotation = ((body.get("metadata") or {}).get("annotations") or {}).get(refresh.ANNOTATION)
+    await asyncio.to_thread(snapshot_step, ds, status, on_selected, stats, out, state.conditions, kube, settings,
+                            annotation)
 
     not_ready = [n for n in state.selected if not any(p.node == n and p.ready for p in on_selected)]
     # A worker that exited says why (its termination message): that, not "not ready".
@@ -129,11 +131,23 @@ def stats_conditions(ds: Dataset, conds: Conditions, out: Mapping[str, Any],
 
 
 def snapshot_step(ds: Dataset, status: Mapping[str, Any], pods: list[WorkerPod], stats: Mapping[str, Any],
-                  out: dict[str, Any], conds: Conditions, kube: Kube, settings: OperatorSettings) -> None:
-    """status.snapshot and SnapshotShared (operator/snapshots.py)."""
+                  out: dict[str, Any], conds: Conditions, kube: Kube, settings: OperatorSettings,
+                  annotation: str | None = None) -> None:
+    """status.snapshot and SnapshotShared (operator/snapshots.py), status.refresh and Refreshed
+    (operator/refresh.py; decided first, so that a refreshed snapshot is the one the plan keeps)."""
+    step = refresh.step(ds.spec.source.refresh, annotation, status.get("refresh"), status.get("snapshot"), pods,
+                        stats, conds.time)
     plan, cond = snapshots.apply(ds, status, pods, stats, out["nodes"], conds.time, kube, Owned(ds, kube),
-                                 settings)
+                                 settings, step)
     out["snapshot"] = plan.snapshot  # None removes it (merge patch)
     out["snapshotUnheldSince"] = plan.unheld_since
+    # A merge patch keeps keys it does not name: name the ones this pass dropped (the token).
+    old = status.get("refresh") or {}
+    out["refresh"] = None if step.status is None else {**{k: None for k in old if k not in step.status},
+                                                       **step.status}
     if cond is not None:
         conds.set(snapshots.SNAPSHOT_SHARED, *cond)
+    if step.condition is not None:
+        conds.set(refresh.REFRESHED, *step.condition)
+    else:
+        conds.items = [c for c in conds.items if c.get("type") != refresh.REFRESHED]

@@ -27,6 +27,11 @@ worker's stats port, a NetworkPolicy per Dataset (``<worker DaemonSet>-peers``, 
 ``peer_network_policy``) adds its own workers: a worker can fetch its Dataset's snapshot from a
 peer, never another Dataset's (the endpoint names a tenant's bucket and objects).
 
+A refresh of a growing Dataset (operator/refresh.py) asks one worker to list again through the
+same ConfigMap (``DATAHOARD_REFRESH_LISTER``/``DATAHOARD_REFRESH_TOKEN``) and, if the listing
+differs, replaces the recorded id; the restarts above then move every other worker to it
+(SnapshotShared says ``Refreshing`` meanwhile).
+
 When several workers report ids in the same collection before one is recorded, the id most
 nodes serve wins, ties broken by the alphabetically first node (deterministic across operator
 restarts).
@@ -45,6 +50,7 @@ from datahoard.stats import WorkerStats
 
 from .config import OperatorSettings
 from .labels import COMPONENT_LABEL, DATASET_LABEL, dataset_key, metadata
+from .refresh import LISTER_KEY, TOKEN_KEY
 from .status import WorkerPod
 
 SNAPSHOT_SHARED = "SnapshotShared"
@@ -55,6 +61,8 @@ FROM_KEY = "DATAHOARD_SNAPSHOT_FROM"
 MAX_PEERS = 5
 #: Seconds without a ready worker after which the snapshot is forgotten (module doc).
 FORGET_AFTER = 300.0
+#: The worker's node (downward API): a refresh request names the node whose worker lists.
+NODE_NAME_ENV = "NODE_NAME"
 
 
 def config_map_name(ds: Dataset) -> str:
@@ -63,14 +71,18 @@ def config_map_name(ds: Dataset) -> str:
 
 def worker_env(ds: Dataset) -> list[dict[str, Any]]:
     """The worker container's env vars that carry the Dataset's snapshot (optional: before
-    there is one, or without the ConfigMap, the worker lists the source)."""
+    there is one, or without the ConfigMap, the worker lists the source), and a refresh request
+    (operator/refresh.py: the worker whose NODE_NAME is the lister lists afresh, once per token)."""
     name = config_map_name(ds)
-    return [{"name": key, "valueFrom": {"configMapKeyRef": {"name": name, "key": key, "optional": True}}}
-            for key in (ID_KEY, FROM_KEY)]
+    return [{"name": NODE_NAME_ENV, "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}}] + [
+        {"name": key, "valueFrom": {"configMapKeyRef": {"name": name, "key": key, "optional": True}}}
+        for key in (ID_KEY, FROM_KEY, LISTER_KEY, TOKEN_KEY)]
 
 
-def config_map(ds: Dataset, settings: OperatorSettings, snapshot: str | None, peers: list[str]) -> dict[str, Any]:
-    data = {ID_KEY: snapshot, FROM_KEY: ",".join(peers)} if snapshot else {}
+def config_map(ds: Dataset, settings: OperatorSettings, snapshot: str | None, peers: list[str],
+               extra: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """``extra``: a refresh request (the lister's node and token) while one is listing."""
+    data = {ID_KEY: snapshot, FROM_KEY: ",".join(peers), **(extra or {})} if snapshot else {}
     return {"apiVersion": "v1", "kind": "ConfigMap",
             "metadata": metadata(ds, config_map_name(ds), "cache-worker", settings.namespace),
             "data": data}
@@ -148,14 +160,23 @@ def plan(recorded: str | None, pods: list[WorkerPod], stats: Mapping[str, Worker
     return Plan(chosen, peers, mismatched, restart, since)
 
 
-def condition(p: Plan, nodes: list[Mapping[str, Any]]) -> tuple[bool, str, str] | None:
-    """(ok, reason, message) for SnapshotShared, or None before any worker reported one."""
+def condition(p: Plan, nodes: list[Mapping[str, Any]], refreshed_from: str | None = None
+              ) -> tuple[bool, str, str] | None:
+    """(ok, reason, message) for SnapshotShared, or None before any worker reported one.
+    ``refreshed_from``: the snapshot a refresh is moving the nodes from (operator/refresh.py)."""
     if not p.snapshot:
         return None
     if p.unheld_since:
         return (False, "NoHolder", f"no worker is ready to hand snapshot {p.snapshot[:12]} to new workers "
                 f"since {p.unheld_since}; it is forgotten {FORGET_AFTER:g} s after that and the source is "
                 "listed again")
+    if p.mismatched and refreshed_from and all(sid == refreshed_from for _, sid in p.mismatched):
+        shown = ", ".join(n for n, _ in p.mismatched[:10])
+        holders = sum(1 for n in nodes if n.get("snapshot") == p.snapshot and n.get("stale") is False)
+        return (False, "Refreshing",
+                f"moving every node to the refreshed snapshot {p.snapshot[:12]} (was {refreshed_from[:12]}): "
+                f"{holders} node(s) serve it; restarting {shown} onto it (readers on "
+                f"{'it' if len(p.mismatched) == 1 else 'them'} wait for the restart)")
     if p.mismatched:
         shown = ", ".join(f"{n} serves {sid[:12]}" for n, sid in p.mismatched[:10])
         return (False, "SnapshotMismatch",
@@ -168,30 +189,39 @@ def condition(p: Plan, nodes: list[Mapping[str, Any]]) -> tuple[bool, str, str] 
 
 
 def apply(ds: Dataset, status: Mapping[str, Any], pods: list[WorkerPod], stats: Mapping[str, WorkerStats | str],
-          nodes: list[Mapping[str, Any]], now: str, kube: Any, owned: Any, settings: OperatorSettings
-          ) -> tuple[Plan, tuple[bool, str, str] | None]:
+          nodes: list[Mapping[str, Any]], now: str, kube: Any, owned: Any, settings: OperatorSettings,
+          refresh: Any = None) -> tuple[Plan, tuple[bool, str, str] | None]:
     """Record the snapshot, keep the ConfigMap current, restart mismatched workers (blocking
-    API calls). Returns the plan and the SnapshotShared condition (None: not yet known)."""
-    p = plan(status.get("snapshot"), pods, stats, settings.stats_port, now, status.get("snapshotUnheldSince"))
+    API calls). Returns the plan and the SnapshotShared condition (None: not yet known).
+
+    ``refresh`` (a :class:`.refresh.Step`): the snapshot to serve from now on, the refresh
+    request to put in the ConfigMap, and the lister's pod to restart once it is there."""
+    recorded = refresh.snapshot if refresh is not None else status.get("snapshot")
+    extra = refresh.config if refresh is not None else {}
+    p = plan(recorded, pods, stats, settings.stats_port, now, status.get("snapshotUnheldSince"))
     name = config_map_name(ds)
     mine, current = owned.mine("ConfigMap", name, settings.namespace)
     if not mine:
         return p, (False, "NameConflict", f"the ConfigMap {settings.namespace}/{name} that hands the snapshot "
                    "to new workers belongs to someone else (see ObjectsOwned)")
-    wanted = config_map(ds, settings, p.snapshot, p.peers)
     have = (current or {}).get("data") or {}
     # Peers are only rewritten when none of the listed ones still serves it: fewer writes.
     listed = [u for u in (have.get(FROM_KEY) or "").split(",") if u]
     keep_peers = have.get(ID_KEY) == p.snapshot and any(u in p.peers for u in listed)
-    if current is None or have.get(ID_KEY) != wanted["data"].get(ID_KEY) or (
-            p.snapshot and not keep_peers and have.get(FROM_KEY) != wanted["data"].get(FROM_KEY)):
+    wanted = config_map(ds, settings, p.snapshot, listed if keep_peers else p.peers, extra)
+    if current is None or have != wanted["data"]:
         kube.apply(wanted)
     if settings.peer_network_policy:
         policy = peer_policy(ds, settings)
         ours, existing = owned.mine("NetworkPolicy", peer_policy_name(ds), settings.namespace)
         if ours and (existing is None or (existing.get("spec") or {}).get("ingress") != policy["spec"]["ingress"]):
             kube.apply(policy)
+    # The lister is restarted once per request: not again when the ConfigMap held it already.
+    new_request = refresh is not None and extra.get(TOKEN_KEY) and have.get(TOKEN_KEY) != extra.get(TOKEN_KEY)
+    restart = list(refresh.restart) if new_request and p.snapshot else []
     if p.snapshot and p.peers:  # a restarted worker can fetch it: restart the ones that differ
-        for pod in p.restart:
-            kube.delete("Pod", pod.name, settings.namespace)
-    return p, condition(p, nodes)
+        restart += [pod for pod in p.restart if pod not in restart]
+    for pod in restart:
+        kube.delete("Pod", pod.name, settings.namespace)
+    refreshing = refresh.status if refresh is not None and refresh.status else {}
+    return p, condition(p, nodes, refreshing.get("from") if refreshing.get("state") == "Applying" else None)

@@ -14,7 +14,7 @@ import pytest
 
 OPERATOR = Path(__file__).resolve().parents[2] / "operator"
 PURE = {"labels", "credentials", "workers", "volumes", "cleanup_job", "placement", "status", "config",
-        "ownership", "gate", "consumers", "conditions"}
+        "ownership", "gate", "consumers", "conditions", "refresh"}
 IO_LIBS = {"kubernetes", "kopf", "aiohttp", "urllib3", "requests", "asyncio"}
 
 

@@ -82,7 +82,14 @@ def test_the_config_map_carries_id_and_peers_and_the_worker_reads_it_optionally(
     assert cm["metadata"]["annotations"]["datahoard.io/dataset-uid"] == "u1"
     assert snapshots.config_map(ds, settings, None, [])["data"] == {}
     env = snapshots.worker_env(ds)
-    assert [e["valueFrom"]["configMapKeyRef"]["optional"] for e in env] == [True, True]
+    assert env[0] == {"name": "NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}}
+    assert [(e["name"], e["valueFrom"]["configMapKeyRef"]["optional"]) for e in env[1:]] == [
+        ("DATAHOARD_SNAPSHOT_ID", True), ("DATAHOARD_SNAPSHOT_FROM", True), ("DATAHOARD_REFRESH_LISTER", True),
+        ("DATAHOARD_REFRESH_TOKEN", True)]
+    # A refresh request rides along while a worker lists (operator/refresh.py).
+    listing = {"DATAHOARD_REFRESH_LISTER": "n1", "DATAHOARD_REFRESH_TOKEN": "t1"}
+    assert snapshots.config_map(ds, settings, A, [], listing)["data"] == {
+        "DATAHOARD_SNAPSHOT_ID": A, "DATAHOARD_SNAPSHOT_FROM": "", **listing}
 
 
 def test_the_peer_policy_admits_only_this_datasets_workers_to_their_stats_port():

@@ -82,11 +82,15 @@ class Kubelet:
             "conditions": [{"type": "Ready", "status": "True" if ready else "False",
                             "lastTransitionTime": _now()}]}})
 
-    def container_env(self, namespace: str, container: dict[str, Any]) -> dict[str, str]:
+    def container_env(self, namespace: str, container: dict[str, Any], node: str | None = None) -> dict[str, str]:
         """Resolve secretKeyRef and configMapKeyRef env vars the way kubelet does (at each
-        container start)."""
+        container start), and the downward API's spec.nodeName when ``node`` is given."""
         env = {}
         for var in container.get("env") or []:
+            field_ref = (var.get("valueFrom") or {}).get("fieldRef")
+            if field_ref is not None and field_ref.get("fieldPath") == "spec.nodeName" and node is not None:
+                env[var["name"]] = node
+                continue
             cm_ref = (var.get("valueFrom") or {}).get("configMapKeyRef")
             if cm_ref is not None:
                 try:
@@ -112,17 +116,18 @@ class Kubelet:
         return env
 
     def run_container(self, daemonset: dict[str, Any], stats_addr: str, log: Path,
-                      node_env: dict[str, str] | None = None) -> subprocess.Popen:
+                      node_env: dict[str, str] | None = None, node: str | None = None) -> subprocess.Popen:
         """Run the worker container's real command locally, its stats on ``stats_addr``.
         ``node_env``: what the node adds beneath the container's own env (e.g. where its
-        instance metadata service answers); the container spec's variables win over it."""
+        instance metadata service answers); the container spec's variables win over it.
+        ``node``: the node it runs on (the downward API's spec.nodeName)."""
         container = daemonset["spec"]["template"]["spec"]["containers"][0]
         cmd = list(container["command"])
         assert cmd[0] == "datahoard", cmd
         cmd[cmd.index("--stats-addr") + 1] = stats_addr
         env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
         env.update(node_env or {})
-        env.update(self.container_env(daemonset["metadata"]["namespace"], container))
+        env.update(self.container_env(daemonset["metadata"]["namespace"], container, node))
         proc = subprocess.Popen([sys.executable, "-m", "datahoard.cli", *cmd[1:]], env=env,
                                 stdout=log.open("ab"), stderr=subprocess.STDOUT,
                                 start_new_session=True)
@@ -139,6 +144,15 @@ class Kubelet:
 
         eventually(healthy, timeout=60, what=f"worker /healthz at {url}")
         return proc
+
+    def stop_at(self, stats_addr: str) -> None:
+        """Stop the worker whose stats are at ``stats_addr`` (its container ends: it unmounts)."""
+        for proc in self.processes:
+            if proc.poll() is None and stats_addr in " ".join(proc.args):
+                proc.send_signal(signal.SIGTERM)
+                proc.wait(30)
+                return
+        raise AssertionError(f"no worker at {stats_addr}")
 
     def stop_all(self) -> None:
         for proc in self.processes:
