@@ -186,10 +186,15 @@ serializeImagePulls: false
 EOF
 }
 
+own_namespace() { # the holder has unshared (read each time: the holder execs unshare after we fork it)
+    [[ "$(readlink "/proc/$(cat "$PIDS/holder.pid")/ns/mnt")" != "$(readlink "/proc/$$/ns/mnt")" ]]
+}
+
 namespace_up() {
     setsid nohup unshare -m --propagation private sleep infinity >/dev/null 2>&1 < /dev/null &
     echo $! > "$PIDS/holder.pid"
-    waitfor 10 "mount namespace held" test "$(readlink "/proc/$(cat "$PIDS/holder.pid")/ns/mnt")" != "$(readlink /proc/self/ns/mnt)"
+    waitfor 10 "mount namespace held" own_namespace
+    own_namespace || die "the holder is not in a mount namespace of its own"   # never bind over the first node's
     # shellcheck disable=SC2016 # expanded inside the namespace's shell
     in_ns sh -euc '
         # Drop the first node'"'"'s copies (pod volumes, rootfs, FUSE views): they are its, not ours.
