@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -64,6 +65,7 @@ def two_nodes(gpu_node: Kube, bridge_s3, dataset_bucket) -> Iterator[tuple[Kube,
     """The second node up and Ready with fake GPUs and the chart's CSI plugin registered on it;
     torn down after the module (the Dataset first, so its cleanup runs on that node)."""
     kube = gpu_node
+    started = time.monotonic()
     up = second_node("up")
     if up.returncode != 0:
         second_node("down")
@@ -76,13 +78,16 @@ def two_nodes(gpu_node: Kube, bridge_s3, dataset_bucket) -> Iterator[tuple[Kube,
         eventually(lambda: "csi.datahoard.io" in kube("get", "csinode", node2, "-o",
                                                       "jsonpath={.spec.drivers[*].name}", check=False),
                    240, f"the CSI plugin registered with {node2}'s kubelet")
+        print(f"second node up and its CSI plugin registered in {time.monotonic() - started:.0f} s")
         yield kube, node2
     finally:
+        started = time.monotonic()
         kube("delete", "namespace", NS, "--wait=true", check=False, timeout=300)
         down = second_node("down")
         # Pods of the deleted Node (the chart's DaemonSet's) go at once, not at the pod GC's pace.
         kube("delete", "pods", "-A", "--field-selector", f"spec.nodeName={node2}", "--force",
              "--grace-period=0", check=False, timeout=60)
+        print(f"namespace deleted and second node down in {time.monotonic() - started:.0f} s")
         assert down.returncode == 0, f"second-node.sh down left things behind:\n{down.stderr[-3000:]}"
 
 
