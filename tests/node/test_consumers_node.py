@@ -14,6 +14,7 @@ Runs before test_user_path.py (file order): that module's last test uninstalls t
 
 from __future__ import annotations
 
+import json
 import re
 import urllib.request
 from collections.abc import Iterator
@@ -96,13 +97,13 @@ def read_round(kube: Kube, pod: str, n: int) -> int:
     return int(line.group(2))
 
 
-def worker_metrics(kube: Kube) -> str:
-    """The Dataset's worker's /metrics, from its pod IP (the host is on the pod bridge)."""
+def worker_get(kube: Kube, path: str) -> str:
+    """GET ``path`` from the Dataset's worker, at its pod IP (the host is on the pod bridge)."""
     key = names.worker_name(NS, "imagenet")   # the worker pods' datahoard.io/dataset label
     pods = kube.json("pods", "-n", SYSTEM_NS, "-l", f"datahoard.io/dataset={key}")["items"]
     assert len(pods) == 1, [p["metadata"]["name"] for p in pods]
     port = pods[0]["spec"]["containers"][0]["ports"][0]["containerPort"]
-    with urllib.request.urlopen(f"http://{pods[0]['status']['podIP']}:{port}/metrics", timeout=10) as resp:
+    with urllib.request.urlopen(f"http://{pods[0]['status']['podIP']}:{port}{path}", timeout=10) as resp:
         return resp.read().decode()
 
 
@@ -130,6 +131,8 @@ def test_status_and_metrics_name_the_pods_that_read(readers: Kube) -> None:
     half, total = read["reader-a"], read["reader-b"]
     assert 0 < half < total
     # Every file is cached now: the worker leaves opens to the kernel and counts them by fanotify.
+    eventually(lambda: json.loads(worker_get(kube, "/stats"))["kernel_opens"], 60,
+               "the worker to switch to kernel opens once every file is cached")
     read["reader-a"] += read_round(kube, "reader-a", 2)
     assert read["reader-a"] == 2 * half
 
@@ -160,7 +163,7 @@ def test_status_and_metrics_name_the_pods_that_read(readers: Kube) -> None:
     assert by_pod[(NS, "reader-a")]["hitRatio"] == "0.500", listed
     assert by_pod[(NS, "reader-b")]["hitRatio"] == f"{half / total:.3f}", listed
 
-    metrics = worker_metrics(kube)
+    metrics = worker_get(kube, "/metrics")
     for pod, n in read.items():
         got = series(metrics, pod)
         assert set(got) == {"cache", "source"} and sum(got.values()) == by_pod[(NS, pod)]["bytes"], (pod, got)

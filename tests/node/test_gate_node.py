@@ -52,9 +52,10 @@ def gated_job(name: str, claim: str) -> str:
 
 
 def gates(kube: Kube, pod: str) -> list[str] | None:
-    """The pod's scheduling gates, None while the pod does not exist."""
+    """The pod's scheduling gates, None while the pod does not exist (its uid comes first, so a
+    pod with no gates left gives [])."""
     out = kube("get", "pod", "-n", NS, pod, "--ignore-not-found", "-o",
-               "jsonpath={.metadata.uid} {.spec.schedulingGates[*].name}")  # the uid: never empty
+               "jsonpath={.metadata.uid} {.spec.schedulingGates[*].name}")
     if not out.strip():
         return None
     return out.split()[1:]

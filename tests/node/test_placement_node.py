@@ -82,6 +82,8 @@ def two_nodes(gpu_node: Kube, bridge_s3, dataset_bucket) -> Iterator[tuple[Kube,
         yield kube, node2
     finally:
         started = time.monotonic()
+        # The readers' `sleep` (pid 1) ignores SIGTERM: without this, 30 s of grace period each.
+        kube("delete", "pods", "--all", "-n", NS, "--grace-period=1", "--wait=true", check=False, timeout=120)
         kube("delete", "namespace", NS, "--wait=true", check=False, timeout=300)
         down = second_node("down")
         # Pods of the deleted Node (the chart's DaemonSet's) go at once, not at the pod GC's pace.
