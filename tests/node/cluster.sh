@@ -147,14 +147,16 @@ state = "$RUN/containerd"
     conf_dir = "$NODE_DIR/etc/cni"
 EOF
     # A bridge with no gateway and no masquerade: pods reach each other and the host's dh0
-    # addresses, nothing else. The one route: the kubernetes Service IP, held by the host.
+    # addresses, nothing else. The one route: the kubernetes Service IP, held by the host. The
+    # lower half of the addresses: second-node.sh gives its pods the upper half.
     cat > "$NODE_DIR/etc/cni/10-datahoard-node.conflist" <<EOF
 {
   "cniVersion": "1.0.0",
   "name": "datahoard-node",
   "plugins": [
     {"type": "bridge", "bridge": "$BRIDGE", "isGateway": false, "ipMasq": false, "hairpinMode": true,
-     "ipam": {"type": "host-local", "ranges": [[{"subnet": "$POD_CIDR", "gateway": "$HOST_IP"}]],
+     "ipam": {"type": "host-local",
+              "ranges": [[{"subnet": "$POD_CIDR", "rangeEnd": "10.244.0.127", "gateway": "$HOST_IP"}]],
               "routes": [{"dst": "$API_SERVICE_IP/32", "gw": "$HOST_IP"}],
               "dataDir": "$VAR/cni"}},
     {"type": "loopback"}
@@ -294,6 +296,7 @@ up() {
 kubepods_cgroups() { find /sys/fs/cgroup -maxdepth 2 -type d -name kubepods 2>/dev/null; }
 
 down() {
+    [[ -d "$NODE_DIR/node2/pids" ]] && "$REPO/tests/node/second-node.sh" down
     stop kubelet                                  # first, so nothing restarts the pods
     local crictl="$TOOLS_DIR/node-1.34.4/crictl"
     if [[ -S "$SOCK" && -x "$crictl" ]]; then

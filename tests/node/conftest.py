@@ -19,7 +19,7 @@ import boto3
 import pytest
 
 from tests.support.nodekube import (CLUSTER_SH, HOST_IP, NODE_DIR, REPO, SYSTEM_NS, TOOLS_DIR, Kube,
-                                    missing_prerequisites)
+                                    eventually, missing_prerequisites)
 from tests.support.ports import free_port
 from tests.support.s3server import S3Server
 
@@ -120,3 +120,29 @@ def release(node_cluster: Kube, helm: str) -> Iterator[Kube]:
     yield kube
     subprocess.run([helm, "uninstall", RELEASE, "-n", SYSTEM_NS, "--wait", "--timeout", "3m"],
                    capture_output=True, env=kube.env, timeout=240)
+
+
+@pytest.fixture(scope="session")
+def gpu_node(release: Kube) -> Kube:
+    """Fake GPUs (an extended resource on the node's status), as the kind e2e does: the
+    examples' Dataset placement (every node with allocatable nvidia.com/gpu) and their GPU
+    limits then behave as on a GPU node."""
+    kube = release
+    kube("patch", "node", kube.node, "--subresource=status", "--type=json", "-p",
+         '[{"op":"add","path":"/status/capacity/nvidia.com~1gpu","value":"4"}]')
+    eventually(lambda: kube("get", "node", kube.node, "-o",
+                            r"jsonpath={.status.allocatable.nvidia\.com/gpu}") == "4", 60, "fake GPUs")
+    return kube
+
+
+@pytest.fixture(scope="session")
+def training_operator(release: Kube) -> Kube:
+    """The Kubeflow training-operator v1.8.1, built from its Go module, running in the cluster."""
+    kube = release
+    built = subprocess.run([str(REPO / "tests/tools/build-training-operator.sh"), str(TOOLS_DIR),
+                            kube.kubectl], check=True, capture_output=True, text=True, timeout=1800).stdout.strip()
+    subprocess.run([str(CLUSTER_SH), "import", f"{built}/training-operator.tar"],
+                   check=True, capture_output=True, timeout=300)
+    kube("apply", "--server-side", "-f", f"{built}/standalone.yaml", timeout=180)
+    kube("-n", "kubeflow", "rollout", "status", "deploy/training-operator", "--timeout=300s", timeout=320)
+    return kube

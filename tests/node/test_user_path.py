@@ -15,35 +15,21 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from tests.support.nodekube import NODE_DIR, REPO, SYSTEM_NS, TOOLS_DIR, Kube, eventually
+from tests.support.nodekube import (IMAGE, NODE_DIR, REPO, SYSTEM_NS, TOOLS_DIR, Kube, eventually, local_image,
+                                    master_only, run_pytorchjob)
 
 pytestmark = [pytest.mark.node, pytest.mark.timeout(1800)]
 
 NS = "ml"
 FILES = 60   # conftest.dataset_bucket
-IMAGE = "localhost/datahoard:dev"   # the readers run the product image: it has Python
 #: Seconds after the new worker is Ready within which new opens through the PVC must succeed
 #: again (the CSI plugin re-binds the new view into running containers).
 RECOVERY = 60
 
 
-def local_image(manifest: str) -> str:
-    """The examples pull python:3.12-slim-bookworm; here there is no registry."""
-    out, n = re.subn(r"^(\s*)image: python:3\.12-slim-bookworm$",
-                     rf"\1image: {IMAGE}\n\1imagePullPolicy: Never", manifest, flags=re.M)
-    assert n >= 1, "the example's reader image changed: update local_image()"
-    return out
-
-
 @pytest.fixture(scope="module")
-def dataset(release: Kube, bridge_s3, dataset_bucket) -> Iterator[Kube]:
-    kube = release
-    # Fake GPUs (an extended resource), as the kind e2e does: the Dataset's default placement and
-    # the examples' GPU limits then behave as on a GPU node.
-    kube("patch", "node", kube.node, "--subresource=status", "--type=json", "-p",
-         '[{"op":"add","path":"/status/capacity/nvidia.com~1gpu","value":"4"}]')
-    eventually(lambda: kube("get", "node", kube.node, "-o",
-                            r"jsonpath={.status.allocatable.nvidia\.com/gpu}") == "4", 60, "fake GPUs")
+def dataset(gpu_node: Kube, bridge_s3, dataset_bucket) -> Iterator[Kube]:
+    kube = gpu_node
     kube("create", "namespace", NS)
     text = (REPO / "examples" / "dataset.yaml").read_text()
     assert "endpoint: http://minio.minio:9000" in text
@@ -94,38 +80,10 @@ def test_job_reads_and_verifies_every_file_twice(dataset: Kube) -> None:
         assert pod["spec"]["nodeName"] == kube.node
 
 
-@pytest.fixture(scope="module")
-def training_operator(dataset: Kube) -> Kube:
-    """The Kubeflow training-operator v1.8.1, built from its Go module, running in the cluster."""
+def test_pytorchjob_reads_through_the_pvc(dataset: Kube, training_operator: Kube) -> None:
     kube = dataset
-    built = subprocess.run([str(REPO / "tests/tools/build-training-operator.sh"), str(TOOLS_DIR),
-                            kube.kubectl], check=True, capture_output=True, text=True, timeout=1800).stdout.strip()
-    subprocess.run([str(REPO / "tests/node/cluster.sh"), "import", f"{built}/training-operator.tar"],
-                   check=True, capture_output=True, timeout=300)
-    kube("apply", "--server-side", "-f", f"{built}/standalone.yaml", timeout=180)
-    kube("-n", "kubeflow", "rollout", "status", "deploy/training-operator", "--timeout=300s", timeout=320)
-    return kube
-
-
-def run_pytorchjob(kube: Kube, manifest: str, name: str) -> str:
-    # The validating webhook may refuse for a moment after the Deployment is available.
-    eventually(lambda: kube.apply(manifest, namespace=NS), 120, "the PyTorchJob to be accepted", interval=5)
-    try:
-        eventually(lambda: kube("get", "-n", NS, "pytorchjob", name, "-o",
-                                'jsonpath={.status.conditions[?(@.type=="Succeeded")].status}') == "True",
-                   600, f"the PyTorchJob {name} to succeed")
-    finally:
-        logs = kube.logs("-n", NS, f"{name}-master-0")
-        print(f"{name}-master-0:", logs[-2000:])
-    return logs
-
-
-def test_pytorchjob_reads_through_the_pvc(training_operator: Kube) -> None:
-    kube = training_operator
-    # Master only: there is no cluster DNS here, so a Worker could not resolve MASTER_ADDR.
-    manifest = local_image((REPO / "examples" / "pytorchjob.yaml").read_text())
-    manifest = manifest[:manifest.index("    Worker:")]
-    logs = run_pytorchjob(kube, manifest, "read-imagenet")
+    manifest = master_only(local_image((REPO / "examples" / "pytorchjob.yaml").read_text()))
+    logs = run_pytorchjob(kube, manifest, "read-imagenet", NS)
     assert f"rank 0 on {kube.node}: verified {FILES} files" in logs, logs
 
 
@@ -193,15 +151,15 @@ spec:
 """
 
 
-def test_pytorchjob_with_a_torch_dataloader(training_operator: Kube) -> None:
+def test_pytorchjob_with_a_torch_dataloader(dataset: Kube, training_operator: Kube) -> None:
     """A PyTorchJob whose pod runs torch.utils.data.DataLoader (2 worker processes, 2 epochs)
     over the PVC. torch (PyPI's wheel, installed once by tests/tools/build-torch.sh) is mounted
     from the host rather than baked into the image: see that script for why and what it costs."""
-    kube = training_operator
+    kube = dataset
     torch_dir = subprocess.run([str(REPO / "tests/tools/build-torch.sh"), str(TOOLS_DIR)], check=True,
                                capture_output=True, text=True, timeout=1800).stdout.strip()
     try:
-        logs = run_pytorchjob(kube, torch_pytorchjob(torch_dir), "torch-loader")
+        logs = run_pytorchjob(kube, torch_pytorchjob(torch_dir), "torch-loader", NS)
     finally:
         kube("delete", "pytorchjob", "torch-loader", "-n", NS, "--wait=true", check=False, timeout=180)
     for epoch in (1, 2):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 import shutil
 import subprocess
 from dataclasses import dataclass
@@ -78,3 +79,45 @@ class Kube:
 
     def logs(self, *args: str) -> str:
         return self("logs", *args, check=False)
+
+
+#: The image the node tier's reader pods run: the product image has Python, and there is no
+#: registry to pull the examples' python image from.
+IMAGE = "localhost/datahoard:dev"
+
+
+def local_image(manifest: str) -> str:
+    """An example manifest with its `python:3.12-slim-bookworm` replaced by :data:`IMAGE` (the
+    only adaptation the examples need besides endpoint, secret and names)."""
+    out, n = re.subn(r"^(\s*)image: python:3\.12-slim-bookworm$",
+                     rf"\1image: {IMAGE}\n\1imagePullPolicy: Never", manifest, flags=re.M)
+    assert n >= 1, "the example's reader image changed: update local_image()"
+    return out
+
+
+def master_only(manifest: str) -> str:
+    """A PyTorchJob example without its Worker replicas: there is no cluster DNS here, and the
+    training-operator gives Worker pods an init container that waits to resolve the Master."""
+    return manifest[:manifest.index("    Worker:")]
+
+
+def run_pytorchjob(kube: Kube, manifest: str, name: str, namespace: str, timeout: float = 600) -> str:
+    """Apply a PyTorchJob, wait for Succeeded, return its master's log."""
+    # The validating webhook may refuse for a moment after the Deployment is available.
+    eventually(lambda: kube.apply(manifest, namespace=namespace), 120, "the PyTorchJob to be accepted",
+               interval=5)
+    try:
+        eventually(lambda: kube("get", "-n", namespace, "pytorchjob", name, "-o",
+                                'jsonpath={.status.conditions[?(@.type=="Succeeded")].status}') == "True",
+                   timeout, f"the PyTorchJob {name} to succeed")
+    finally:
+        logs = kube.logs("-n", namespace, f"{name}-master-0")
+        print(f"{name}-master-0:", logs[-2000:])
+    return logs
+
+
+def pod_events(kube: Kube, namespace: str, pod: str) -> list[tuple[str, str, str]]:
+    """(type, reason, message) of the Events about ``pod``, oldest first."""
+    items = kube.json("events", "-n", namespace, "--field-selector", f"involvedObject.name={pod}")["items"]
+    items.sort(key=lambda e: e.get("lastTimestamp") or e.get("eventTime") or "")
+    return [(e.get("type", ""), e.get("reason", ""), e.get("message", "")) for e in items]
