@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+import sysconfig
 import tempfile
 from pathlib import Path
 
@@ -28,7 +29,7 @@ def python_for_nobody(home: Path) -> tuple[str, dict[str, str]]:
     system = shutil.which("python3.11", path="/usr/bin:/usr/local/bin")
     if system is None or os.path.realpath(system).startswith("/root/"):
         pytest.skip("needs a Python 3.11 outside /root that the user nobody may run")
-    site_dir = next(p for p in sys.path if p.endswith("site-packages") and p.startswith(sys.prefix))
+    site_dir = sysconfig.get_paths()["purelib"]
     custom = home / "pysite"
     custom.mkdir()
     (custom / "sitecustomize.py").write_text(f"import site\nsite.addsitedir({site_dir!r})\n")
