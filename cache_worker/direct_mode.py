@@ -183,12 +183,14 @@ class DirectServing:
                 message = f"the tree is ready but could not be bound over {self._mountpoint}: {exc}"
                 log.error(message)
         self._publish(info.path)
-        self._set("ready", message, info)
+        # The mode first, "ready" last: whoever sees the tree ready sees it serving (a stats
+        # copy taken between the two showed state ready with serving fuse, under load).
         if message is None and self._mode.allows(Event.TREE_BOUND):
             self._mode.apply(Event.TREE_BOUND)
         elif message is None:  # a second bind over our own: the mode is already direct
             log.warning("the direct tree was bound again over %s (serving mode %s)", self._mountpoint,
                         self._mode.mode.value)
+        self._set("ready", message, info)
         log.info("serving %s from the direct tree %s", self._source, info.path)
 
     def _check_bind(self) -> None:
