@@ -25,6 +25,8 @@
 set -euo pipefail
 
 REPO="$(cd "$(dirname "$0")/../.." && pwd)"
+# shellcheck source=tests/node/node-configs.sh
+. "$REPO/tests/node/node-configs.sh"
 TOOLS_DIR="${TOOLS_DIR:-$HOME/.cache/datahoard-tools}"
 NODE_DIR="${NODE_DIR:-/var/lib/datahoard-node}"
 RUN=/run/datahoard-node                       # containerd state and socket (short socket paths)
@@ -101,20 +103,7 @@ gen_pki() {
         openssl genrsa -out sa.key 2048 2>/dev/null
         openssl rsa -in sa.key -pubout -out sa.pub 2>/dev/null
         for n in admin controller-manager scheduler kubelet; do
-            cat > "$n.kubeconfig" <<KC
-apiVersion: v1
-kind: Config
-clusters:
-- name: datahoard-node
-  cluster: {server: "https://127.0.0.1:6443", certificate-authority: "$PKI/ca.crt"}
-users:
-- name: $n
-  user: {client-certificate: "$PKI/$n.crt", client-key: "$PKI/$n.key"}
-contexts:
-- name: datahoard-node
-  context: {cluster: datahoard-node, user: $n}
-current-context: datahoard-node
-KC
+            kubeconfig "$n" > "$n.kubeconfig"
         done
     )
     log "pki generated"
@@ -122,73 +111,12 @@ KC
 
 write_configs() {
     mkdir -p "$NODE_DIR/etc/cni" "$VAR"/{etcd,cni,log/pods} "$KUBELET_DIR" "$NODE_DIR/containerd-root"
-    cat > "$NODE_DIR/etc/containerd.toml" <<EOF
-version = 2
-root = "$NODE_DIR/containerd-root"
-state = "$RUN/containerd"
-[grpc]
-  address = "$SOCK"
-[plugins."io.containerd.grpc.v1.cri"]
-  sandbox_image = "registry.k8s.io/pause:3.10"
-  # No CAP_SYS_RESOURCE in this machine's bounding set: a negative oom_score_adj (pause -998,
-  # Guaranteed pods -997) makes runc init fail ("can't get final child's PID from pipe").
-  restrict_oom_score_adj = true
-  # Only 127.0.0.1: kubectl exec/logs/port-forward streams.
-  stream_server_address = "127.0.0.1"
-  [plugins."io.containerd.grpc.v1.cri".containerd]
-    snapshotter = "overlayfs"
-    default_runtime_name = "runc"
-    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
-      runtime_type = "io.containerd.runc.v2"
-      [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]
-        SystemdCgroup = false
-  [plugins."io.containerd.grpc.v1.cri".cni]
-    bin_dir = "/usr/lib/cni"
-    conf_dir = "$NODE_DIR/etc/cni"
-EOF
-    # A bridge with no gateway and no masquerade: pods reach each other and the host's dh0
-    # addresses, nothing else. The one route: the kubernetes Service IP, held by the host. The
-    # lower half of the addresses: second-node.sh gives its pods the upper half.
-    cat > "$NODE_DIR/etc/cni/10-datahoard-node.conflist" <<EOF
-{
-  "cniVersion": "1.0.0",
-  "name": "datahoard-node",
-  "plugins": [
-    {"type": "bridge", "bridge": "$BRIDGE", "isGateway": false, "ipMasq": false, "hairpinMode": true,
-     "ipam": {"type": "host-local",
-              "ranges": [[{"subnet": "$POD_CIDR", "rangeEnd": "10.244.0.127", "gateway": "$HOST_IP"}]],
-              "routes": [{"dst": "$API_SERVICE_IP/32", "gw": "$HOST_IP"}],
-              "dataDir": "$VAR/cni"}},
-    {"type": "loopback"}
-  ]
-}
-EOF
-    cat > "$NODE_DIR/etc/kubelet.yaml" <<EOF
-apiVersion: kubelet.config.k8s.io/v1beta1
-kind: KubeletConfiguration
-address: 127.0.0.1
-port: 10250
-healthzBindAddress: 127.0.0.1
-healthzPort: 10248
-readOnlyPort: 0
-containerRuntimeEndpoint: unix://$SOCK
-cgroupDriver: cgroupfs
-failCgroupV1: false
-failSwapOn: false
-podLogsDir: $VAR/log/pods
-tlsCertFile: $PKI/kubelet-serving.crt
-tlsPrivateKeyFile: $PKI/kubelet-serving.key
-authentication:
-  anonymous: {enabled: false}
-  webhook: {enabled: true}
-  x509: {clientCAFile: $PKI/ca.crt}
-authorization: {mode: Webhook}
-clusterDomain: cluster.local
-resolvConf: /etc/resolv.conf
-imageGCHighThresholdPercent: 100
-evictionHard: {"memory.available": "100Mi", "nodefs.available": "1%", "imagefs.available": "1%"}
-serializeImagePulls: false
-EOF
+    containerd_config "$NODE_DIR/containerd-root" "$RUN/containerd" "$SOCK" "$NODE_DIR/etc/cni" \
+        > "$NODE_DIR/etc/containerd.toml"
+    # The lower half of the addresses: second-node.sh gives its pods the upper half.
+    cni_conflist datahoard-node "{\"subnet\": \"$POD_CIDR\", \"rangeEnd\": \"10.244.0.127\", \"gateway\": \"$HOST_IP\"}" \
+        "$VAR/cni" > "$NODE_DIR/etc/cni/10-datahoard-node.conflist"
+    kubelet_config 10250 10248 "$SOCK" "$VAR/log/pods" kubelet-serving > "$NODE_DIR/etc/kubelet.yaml"
 }
 
 network_up() {

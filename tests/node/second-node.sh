@@ -21,6 +21,8 @@
 set -euo pipefail
 
 REPO="$(cd "$(dirname "$0")/../.." && pwd)"
+# shellcheck source=tests/node/node-configs.sh
+. "$REPO/tests/node/node-configs.sh"
 TOOLS_DIR="${TOOLS_DIR:-$HOME/.cache/datahoard-tools}"
 NODE_DIR="${NODE_DIR:-/var/lib/datahoard-node}"
 RUN1=/run/datahoard-node
@@ -99,91 +101,18 @@ certs() {
         }
         cert node2 "system:node:$NODE_NAME" system:nodes
         cert node2-serving "$NODE_NAME" "" "DNS:$NODE_NAME,IP:127.0.0.1"
-        cat > node2.kubeconfig <<KC
-apiVersion: v1
-kind: Config
-clusters:
-- name: datahoard-node
-  cluster: {server: "https://127.0.0.1:6443", certificate-authority: "$PKI/ca.crt"}
-users:
-- name: node2
-  user: {client-certificate: "$PKI/node2.crt", client-key: "$PKI/node2.key"}
-contexts:
-- name: datahoard-node
-  context: {cluster: datahoard-node, user: node2}
-current-context: datahoard-node
-KC
+        kubeconfig node2 > node2.kubeconfig
     )
 }
 
 write_configs() {
     mkdir -p "$N2"/{etc/cni,cni,kubelet,datahoard,log/pods,containerd-root} "$PIDS" "$LOGS" "$RUN"
-    cat > "$N2/etc/containerd.toml" <<EOF
-version = 2
-root = "$N2/containerd-root"
-state = "$RUN/containerd"
-[grpc]
-  address = "$SOCK"
-[plugins."io.containerd.grpc.v1.cri"]
-  sandbox_image = "registry.k8s.io/pause:3.10"
-  restrict_oom_score_adj = true
-  stream_server_address = "127.0.0.1"
-  stream_server_port = "0"
-  [plugins."io.containerd.grpc.v1.cri".containerd]
-    snapshotter = "overlayfs"
-    default_runtime_name = "runc"
-    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
-      runtime_type = "io.containerd.runc.v2"
-      [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]
-        SystemdCgroup = false
-  [plugins."io.containerd.grpc.v1.cri".cni]
-    bin_dir = "/usr/lib/cni"
-    conf_dir = "$N2/etc/cni"
-EOF
+    containerd_config "$N2/containerd-root" "$RUN/containerd" "$SOCK" "$N2/etc/cni" > "$N2/etc/containerd.toml"
     # The same bridge and subnet as the first node (pods of both reach each other and the host
     # directly, with no forwarding), the upper half of its addresses (cluster.sh keeps the lower).
-    cat > "$N2/etc/cni/10-datahoard-node2.conflist" <<EOF
-{
-  "cniVersion": "1.0.0",
-  "name": "datahoard-node2",
-  "plugins": [
-    {"type": "bridge", "bridge": "$BRIDGE", "isGateway": false, "ipMasq": false, "hairpinMode": true,
-     "ipam": {"type": "host-local",
-              "ranges": [[{"subnet": "10.244.0.0/24", "rangeStart": "10.244.0.128", "rangeEnd": "10.244.0.254",
-                           "gateway": "$HOST_IP"}]],
-              "routes": [{"dst": "$API_SERVICE_IP/32", "gw": "$HOST_IP"}],
-              "dataDir": "$N2/cni"}},
-    {"type": "loopback"}
-  ]
-}
-EOF
-    cat > "$N2/etc/kubelet.yaml" <<EOF
-apiVersion: kubelet.config.k8s.io/v1beta1
-kind: KubeletConfiguration
-address: 127.0.0.1
-port: $PORT
-healthzBindAddress: 127.0.0.1
-healthzPort: $HEALTHZ
-readOnlyPort: 0
-containerRuntimeEndpoint: unix://$SOCK
-cgroupDriver: cgroupfs
-cgroupRoot: /$CGROUP_ROOT
-failCgroupV1: false
-failSwapOn: false
-podLogsDir: $N2/log/pods
-tlsCertFile: $PKI/node2-serving.crt
-tlsPrivateKeyFile: $PKI/node2-serving.key
-authentication:
-  anonymous: {enabled: false}
-  webhook: {enabled: true}
-  x509: {clientCAFile: $PKI/ca.crt}
-authorization: {mode: Webhook}
-clusterDomain: cluster.local
-resolvConf: /etc/resolv.conf
-imageGCHighThresholdPercent: 100
-evictionHard: {"memory.available": "100Mi", "nodefs.available": "1%", "imagefs.available": "1%"}
-serializeImagePulls: false
-EOF
+    cni_conflist datahoard-node2 "{\"subnet\": \"10.244.0.0/24\", \"rangeStart\": \"10.244.0.128\", \"rangeEnd\": \"10.244.0.254\", \"gateway\": \"$HOST_IP\"}" \
+        "$N2/cni" > "$N2/etc/cni/10-datahoard-node2.conflist"
+    kubelet_config "$PORT" "$HEALTHZ" "$SOCK" "$N2/log/pods" node2-serving "/$CGROUP_ROOT" > "$N2/etc/kubelet.yaml"
 }
 
 own_namespace() { # the holder has unshared (read each time: the holder execs unshare after we fork it)

@@ -9,7 +9,7 @@ import pytest
 
 from tests.support.nodekube import REPO
 
-SCRIPTS = [REPO / "tests/node/cluster.sh", REPO / "tests/node/second-node.sh", *sorted((REPO / "tests/tools").glob("build-node*.sh")),
+SCRIPTS = [REPO / "tests/node/cluster.sh", REPO / "tests/node/second-node.sh", REPO / "tests/node/node-configs.sh", *sorted((REPO / "tests/tools").glob("build-node*.sh")),
            REPO / "tests/tools/build-training-operator.sh", REPO / "tests/tools/buildah-base.sh",
            REPO / "tests/tools/build-torch.sh"]
 

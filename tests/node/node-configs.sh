@@ -1,0 +1,102 @@
+#!/usr/bin/env bash
+# The files a node is made of, written the same way for the first node (cluster.sh) and the
+# second (second-node.sh): a kubeconfig, containerd's config, the CNI bridge and the kubelet's
+# config. Sourced, not run; each function prints the file on stdout.
+
+# kubeconfig USER: a client of the API server on loopback with $PKI/USER.{crt,key}.
+kubeconfig() {
+    cat <<KC
+apiVersion: v1
+kind: Config
+clusters:
+- name: datahoard-node
+  cluster: {server: "https://127.0.0.1:6443", certificate-authority: "$PKI/ca.crt"}
+users:
+- name: $1
+  user: {client-certificate: "$PKI/$1.crt", client-key: "$PKI/$1.key"}
+contexts:
+- name: datahoard-node
+  context: {cluster: datahoard-node, user: $1}
+current-context: datahoard-node
+KC
+}
+
+# containerd_config ROOT STATE SOCKET CNI_CONF_DIR
+containerd_config() {
+    cat <<EOF
+version = 2
+root = "$1"
+state = "$2"
+[grpc]
+  address = "$3"
+[plugins."io.containerd.grpc.v1.cri"]
+  sandbox_image = "registry.k8s.io/pause:3.10"
+  # No CAP_SYS_RESOURCE in this machine's bounding set: a negative oom_score_adj (pause -998,
+  # Guaranteed pods -997) makes runc init fail ("can't get final child's PID from pipe").
+  restrict_oom_score_adj = true
+  # Only 127.0.0.1: kubectl exec/logs/port-forward streams.
+  stream_server_address = "127.0.0.1"
+  stream_server_port = "0"
+  [plugins."io.containerd.grpc.v1.cri".containerd]
+    snapshotter = "overlayfs"
+    default_runtime_name = "runc"
+    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
+      runtime_type = "io.containerd.runc.v2"
+      [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]
+        SystemdCgroup = false
+  [plugins."io.containerd.grpc.v1.cri".cni]
+    bin_dir = "/usr/lib/cni"
+    conf_dir = "$4"
+EOF
+}
+
+# cni_conflist NAME RANGE_JSON DATA_DIR: a bridge with no gateway and no masquerade on $BRIDGE:
+# pods reach each other and the host's addresses, nothing else. The one route: the kubernetes
+# Service IP, held by the host.
+cni_conflist() {
+    cat <<EOF
+{
+  "cniVersion": "1.0.0",
+  "name": "$1",
+  "plugins": [
+    {"type": "bridge", "bridge": "$BRIDGE", "isGateway": false, "ipMasq": false, "hairpinMode": true,
+     "ipam": {"type": "host-local",
+              "ranges": [[$2]],
+              "routes": [{"dst": "$API_SERVICE_IP/32", "gw": "$HOST_IP"}],
+              "dataDir": "$3"}},
+    {"type": "loopback"}
+  ]
+}
+EOF
+}
+
+# kubelet_config PORT HEALTHZ_PORT SOCKET POD_LOGS SERVING_CERT_NAME [CGROUP_ROOT]
+kubelet_config() {
+    cat <<EOF
+apiVersion: kubelet.config.k8s.io/v1beta1
+kind: KubeletConfiguration
+address: 127.0.0.1
+port: $1
+healthzBindAddress: 127.0.0.1
+healthzPort: $2
+readOnlyPort: 0
+containerRuntimeEndpoint: unix://$3
+cgroupDriver: cgroupfs
+${6:+cgroupRoot: $6
+}failCgroupV1: false
+failSwapOn: false
+podLogsDir: $4
+tlsCertFile: $PKI/$5.crt
+tlsPrivateKeyFile: $PKI/$5.key
+authentication:
+  anonymous: {enabled: false}
+  webhook: {enabled: true}
+  x509: {clientCAFile: $PKI/ca.crt}
+authorization: {mode: Webhook}
+clusterDomain: cluster.local
+resolvConf: /etc/resolv.conf
+imageGCHighThresholdPercent: 100
+evictionHard: {"memory.available": "100Mi", "nodefs.available": "1%", "imagefs.available": "1%"}
+serializeImagePulls: false
+EOF
+}
