@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 from datahoard import names
-from tests.support.nodekube import IMAGE, NODE_DIR, REPO, SYSTEM_NS, TOOLS_DIR, Kube, eventually, pod_events
+from tests.support.nodekube import IMAGE, NODE_DIR, REPO, SYSTEM_NS, TOOLS_DIR, VERIFY, Kube, eventually, pod_events
 
 pytestmark = [pytest.mark.node, pytest.mark.timeout(900)]
 
@@ -29,19 +29,6 @@ SECOND_NODE_SH = REPO / "tests" / "node" / "second-node.sh"
 #: The scheduler's words for a node the PV's node affinity excludes (v1.34; before, "conflict").
 AFFINITY_REASONS = ("didn't match PersistentVolume's node affinity", "volume node affinity conflict")
 FILES = 60   # conftest.dataset_bucket
-
-VERIFY = """
-import hashlib, os
-files, bad = 0, []
-for dirpath, _, names in os.walk("/data"):
-    for name in names:
-        data = open(os.path.join(dirpath, name), "rb").read()
-        files += 1
-        head, _, body = data.partition(b"\\n")
-        if head[7:].decode() != hashlib.sha256(body).hexdigest():
-            bad.append(name)
-print(f"verified {files} files" if not bad else f"BAD {bad}")
-"""
 
 
 def second_node(*args: str) -> subprocess.CompletedProcess:

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from tests.support.nodekube import (IMAGE, NODE_DIR, REPO, SYSTEM_NS, TOOLS_DIR, Kube, eventually, local_image,
+from tests.support.nodekube import (IMAGE, NODE_DIR, REPO, SYSTEM_NS, TOOLS_DIR, VERIFY, Kube, eventually, local_image,
                                     master_only, run_pytorchjob)
 
 pytestmark = [pytest.mark.node, pytest.mark.timeout(1800)]
@@ -197,19 +197,6 @@ def test_get_datasets_shows_the_real_hit_ratio(dataset: Kube) -> None:
     print("kubectl get datasets:", values)
     assert values["CACHED"] == "100.0%" and values["NODES"] == "1/1" and values["PHASE"] == "Ready", values
 
-
-VERIFY = """
-import hashlib, os, sys
-files, bad = 0, []
-for dirpath, _, names in os.walk("/data"):
-    for name in names:
-        data = open(os.path.join(dirpath, name), "rb").read()
-        files += 1
-        head, _, body = data.partition(b"\\n")
-        if head[7:].decode() != hashlib.sha256(body).hexdigest():
-            bad.append(name)
-print(f"verified {files} files" if not bad else f"BAD {bad}")
-"""
 
 READER_POD = f"""
 apiVersion: v1

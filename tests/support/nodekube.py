@@ -121,3 +121,19 @@ def pod_events(kube: Kube, namespace: str, pod: str) -> list[tuple[str, str, str
     items = kube.json("events", "-n", namespace, "--field-selector", f"involvedObject.name={pod}")["items"]
     items.sort(key=lambda e: e.get("lastTimestamp") or e.get("eventTime") or "")
     return [(e.get("type", ""), e.get("reason", ""), e.get("message", "")) for e in items]
+
+
+#: What a reader pod runs over the volume at /data: every file of the test dataset (its first line
+#: is ``sha256:<hex of the rest>``) read whole and checked; prints ``verified N files`` or ``BAD [...]``.
+VERIFY = """
+import hashlib, os
+files, bad = 0, []
+for dirpath, _, names in os.walk("/data"):
+    for name in names:
+        data = open(os.path.join(dirpath, name), "rb").read()
+        files += 1
+        head, _, body = data.partition(b"\\n")
+        if head[7:].decode() != hashlib.sha256(body).hexdigest():
+            bad.append(name)
+print(f"verified {files} files" if not bad else f"BAD {bad}")
+"""
