@@ -70,28 +70,11 @@ start() { # name command...: a process of ours, its pid kept for down
     echo $! > "$PIDS/$name.pid"
 }
 
-stop() { # name: TERM, then KILL after 10 s
-    local f="$PIDS/$1.pid" pid
-    [[ -f "$f" ]] || return 0
-    pid="$(cat "$f")"
-    if kill "$pid" 2>/dev/null; then
-        for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
-        kill -9 "$pid" 2>/dev/null || true
-    fi
-    rm -f "$f"
-}
-
 gen_pki() {
     mkdir -p "$PKI"
     (
         cd "$PKI"
         openssl req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.crt -days 3650 -subj "/CN=datahoard-node-ca" 2>/dev/null
-        cert() { # name CN O [SAN]
-            openssl req -newkey rsa:2048 -nodes -keyout "$1.key" -out "$1.csr" -subj "/CN=$2${3:+/O=$3}" 2>/dev/null
-            if [[ -n "${4:-}" ]]; then printf 'subjectAltName=%s\n' "$4" > "$1.ext"; else : > "$1.ext"; fi
-            openssl x509 -req -in "$1.csr" -CA ca.crt -CAkey ca.key -CAcreateserial -out "$1.crt" -days 3650 -extfile "$1.ext" 2>/dev/null
-            rm -f "$1.csr" "$1.ext"
-        }
         cert apiserver kube-apiserver "" \
             "DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local,IP:127.0.0.1,IP:$API_SERVICE_IP,IP:$HOST_IP"
         cert apiserver-kubelet-client kube-apiserver-kubelet-client system:masters

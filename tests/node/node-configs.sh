@@ -1,7 +1,26 @@
 #!/usr/bin/env bash
 # The files a node is made of, written the same way for the first node (cluster.sh) and the
 # second (second-node.sh): a kubeconfig, containerd's config, the CNI bridge and the kubelet's
-# config. Sourced, not run; each function prints the file on stdout.
+# config, and the two helpers both need (stop a process of ours; sign a certificate). Sourced,
+# not run; each config function prints the file on stdout.
+
+stop() { # name: TERM, then KILL after 10 s ($PIDS/name.pid)
+    local f="$PIDS/$1.pid" pid
+    [[ -f "$f" ]] || return 0
+    pid="$(cat "$f")"
+    if kill "$pid" 2>/dev/null; then
+        for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
+        kill -9 "$pid" 2>/dev/null || true
+    fi
+    rm -f "$f"
+}
+
+cert() { # name CN O [SAN]: a key and a certificate signed by the cluster CA (in the current directory)
+    openssl req -newkey rsa:2048 -nodes -keyout "$1.key" -out "$1.csr" -subj "/CN=$2${3:+/O=$3}" 2>/dev/null
+    if [[ -n "${4:-}" ]]; then printf 'subjectAltName=%s\n' "$4" > "$1.ext"; else : > "$1.ext"; fi
+    openssl x509 -req -in "$1.csr" -CA ca.crt -CAkey ca.key -CAcreateserial -out "$1.crt" -days 3650 -extfile "$1.ext" 2>/dev/null
+    rm -f "$1.csr" "$1.ext"
+}
 
 # kubeconfig USER: a client of the API server on loopback with $PKI/USER.{crt,key}.
 kubeconfig() {

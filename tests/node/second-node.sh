@@ -66,17 +66,6 @@ start() { # name command...: a process of this node, in its mount namespace
     echo $! > "$PIDS/$name.pid"
 }
 
-stop() {
-    local f="$PIDS/$1.pid" pid
-    [[ -f "$f" ]] || return 0
-    pid="$(cat "$f")"
-    if kill "$pid" 2>/dev/null; then
-        for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
-        kill -9 "$pid" 2>/dev/null || true
-    fi
-    rm -f "$f"
-}
-
 cgroup_dirs() { find /sys/fs/cgroup -mindepth 2 -maxdepth 2 -type d -name "$CGROUP_ROOT" 2>/dev/null; }
 
 hosts_line() { # the node's name resolves to 127.0.0.1: the API server reaches kubelets by name
@@ -93,12 +82,6 @@ certs() {
     [[ -f "$PKI/node2-serving.crt" ]] && return 0
     (
         cd "$PKI"
-        cert() { # name CN O [SAN]
-            openssl req -newkey rsa:2048 -nodes -keyout "$1.key" -out "$1.csr" -subj "/CN=$2${3:+/O=$3}" 2>/dev/null
-            if [[ -n "${4:-}" ]]; then printf 'subjectAltName=%s\n' "$4" > "$1.ext"; else : > "$1.ext"; fi
-            openssl x509 -req -in "$1.csr" -CA ca.crt -CAkey ca.key -CAcreateserial -out "$1.crt" -days 3650 -extfile "$1.ext" 2>/dev/null
-            rm -f "$1.csr" "$1.ext"
-        }
         cert node2 "system:node:$NODE_NAME" system:nodes
         cert node2-serving "$NODE_NAME" "" "DNS:$NODE_NAME,IP:127.0.0.1"
         kubeconfig node2 > node2.kubeconfig
