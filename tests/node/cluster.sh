@@ -48,16 +48,6 @@ T0=$SECONDS
 log() { echo "[cluster $((SECONDS - T0))s] $*" >&2; }
 die() { echo "cluster: $*" >&2; exit 1; }
 
-waitfor() { # seconds description command...: bounded poll
-    local n=$1 d=$2; shift 2
-    local deadline=$((SECONDS + n))
-    until "$@" >/dev/null 2>&1; do
-        (( SECONDS < deadline )) || { echo "cluster: timed out after ${n}s: $d (logs in $LOGS)" >&2; return 1; }
-        sleep 0.3
-    done
-    log "$d"
-}
-
 binaries() {
     ENVTEST="$("$REPO/tests/tools/build-envtest.sh" "$TOOLS_DIR")"
     NODEBIN="$("$REPO/tests/tools/build-node.sh" "$TOOLS_DIR")"

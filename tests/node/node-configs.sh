@@ -4,6 +4,16 @@
 # config, and the two helpers both need (stop a process of ours; sign a certificate). Sourced,
 # not run; each config function prints the file on stdout.
 
+waitfor() { # seconds description command...: a bounded poll; the caller's log() reports success
+    local n=$1 d=$2; shift 2
+    local deadline=$((SECONDS + n))
+    until "$@" >/dev/null 2>&1; do
+        (( SECONDS < deadline )) || { echo "$(basename "$0" .sh): timed out after ${n}s: $d (logs in $LOGS)" >&2; return 1; }
+        sleep 0.3
+    done
+    log "$d"
+}
+
 stop() { # name: TERM, then KILL after 10 s ($PIDS/name.pid)
     local f="$PIDS/$1.pid" pid
     [[ -f "$f" ]] || return 0

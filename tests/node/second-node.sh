@@ -48,16 +48,6 @@ T0=$SECONDS
 log() { echo "[node2 $((SECONDS - T0))s] $*" >&2; }
 die() { echo "second-node: $*" >&2; exit 1; }
 
-waitfor() { # seconds description command...
-    local n=$1 d=$2; shift 2
-    local deadline=$((SECONDS + n))
-    until "$@" >/dev/null 2>&1; do
-        (( SECONDS < deadline )) || { echo "second-node: timed out after ${n}s: $d (logs in $LOGS)" >&2; return 1; }
-        sleep 0.3
-    done
-    log "$d"
-}
-
 in_ns() { nsenter -t "$(cat "$PIDS/holder.pid")" -m -- "$@"; }
 
 start() { # name command...: a process of this node, in its mount namespace
