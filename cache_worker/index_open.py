@@ -183,11 +183,7 @@ class _Builder:
             result = RefreshStats(state="failed", token=token, started_at=started, finished_at=time.time(),
                                   message=str(exc))
         else:
-            d = self.diff or IndexDiff()
-            result = RefreshStats(state="done", token=token, snapshot=snap_id, started_at=started,
-                                  finished_at=time.time(), message=d.describe(), added_files=d.added_files,
-                                  changed_files=d.changed_files, removed_files=d.removed_files,
-                                  added_bytes=d.added_bytes)
+            result = (self.diff or IndexDiff()).done(snap_id, started, token)
         try:  # the answer stays in stats across restarts, until the operator asks again
             (self.cfg.cache_dir / TOKEN_FILE).write_text(result.model_dump_json())
         except OSError as exc:

@@ -36,9 +36,12 @@ import dataclasses
 import json
 import os
 import sqlite3
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from datahoard.stats import RefreshStats
 
 from .index import _SCHEMA, FORMAT_VERSION, Index, IndexSummary, _asdict, build_index_from
 from .keys import KeyFilter
@@ -65,6 +68,13 @@ class IndexDiff:
     def empty(self) -> bool:
         return not (self.added_files or self.removed_files or self.changed_files
                     or self.added_dirs or self.removed_dirs)
+
+    def done(self, snapshot_id: str, started_at: float | None, token: str | None = None) -> RefreshStats:
+        """What ``/stats`` says of a finished refresh that made this diff."""
+        return RefreshStats(state="done", token=token, snapshot=snapshot_id, started_at=started_at,
+                            finished_at=time.time(), message=self.describe(), added_files=self.added_files,
+                            changed_files=self.changed_files, removed_files=self.removed_files,
+                            added_bytes=self.added_bytes)
 
     def describe(self) -> str:
         return (f"{self.added_files} files added ({self.added_bytes} bytes), {self.changed_files} changed, "

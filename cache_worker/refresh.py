@@ -52,7 +52,7 @@ class RefreshRefused(Exception):
 
 @dataclass
 class Parts:
-    """What a refresh touches in the running worker (``Worker.refresh_parts``)."""
+    """What a refresh touches in the running worker (``WorkerRefresh._start_refresher``)."""
 
     index: Callable[[], Index]
     take_index: Callable[[Index], None]
@@ -94,11 +94,6 @@ class Refresher:
         thread.start()
         return thread
 
-    def run(self, snapshot_id: str | None = None, peers: tuple[str, ...] = ()) -> RefreshStats:
-        """A refresh, waited for (tests)."""
-        self.start(snapshot_id, peers).join()
-        return self.state
-
     def _run(self, snapshot_id: str | None, peers: tuple[str, ...]) -> None:
         try:
             diff, snap = self._apply(snapshot_id, peers)
@@ -111,10 +106,7 @@ class Refresher:
             self.state = self.state.model_copy(update={"state": "failed", "message": repr(exc),
                                                        "finished_at": time.time()})
         else:
-            self.state = self.state.model_copy(update={
-                "state": "done", "snapshot": snap, "finished_at": time.time(), "message": diff.describe(),
-                "added_files": diff.added_files, "changed_files": diff.changed_files,
-                "removed_files": diff.removed_files, "added_bytes": diff.added_bytes})
+            self.state = diff.done(snap, self.state.started_at)
         finally:
             self._lock.release()
 
