@@ -4,9 +4,10 @@ Real HTTP on both sides: the worker talks to the proxy exactly as it would to S3
 consumed in order by matching requests: answer with an error status, send the headers of the
 real response and then cut the body short (a connection reset mid-transfer), or go silent for a
 while before answering or in the middle of the body (a request that times out), drip the body
-a few bytes per second (a request that never times out per read, only by a total deadline), or
+a few bytes per second (a request that never times out per read, only by a total deadline),
 flip bytes of the body and deliver it whole with success (a proxy or NIC that corrupts data in
-transit).
+transit), or hold a request until the test lets it go (a store that is slow for some objects:
+what keeps a warming cache below a threshold for as long as a test needs to look at it).
 """
 
 from __future__ import annotations
@@ -37,10 +38,14 @@ class Fault:
     flip_at: int = 0
     #: Forward the headers, then the body at this many bytes per second (until the client leaves).
     drip_rate: float | None = None
+    #: Hold the request until this is set (or ``hold_for`` seconds pass), then forward it.
+    hold: threading.Event | None = None
+    #: Kept under the worker's read timeout (30 s), so a held request is late, never failed.
+    hold_for: float = 20.0
 
 
 class FaultProxy:
-    def __init__(self, upstream: str) -> None:
+    def __init__(self, upstream: str, host: str = "127.0.0.1") -> None:
         self.upstream = urlsplit(upstream)
         self.faults: list[Fault] = []
         self.injected = 0
@@ -57,6 +62,9 @@ class FaultProxy:
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else None
                 fault = proxy._take(self.command, self.path)
+                if fault and fault.hold is not None:
+                    fault.hold.wait(fault.hold_for)
+                    fault = None
                 if fault and fault.delay and fault.stall_after is None:
                     time.sleep(fault.delay)
                     self.close_connection = True
@@ -126,9 +134,9 @@ class FaultProxy:
             def log_message(self, *args) -> None:
                 pass
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server = ThreadingHTTPServer((host, 0), Handler)
         self._server.daemon_threads = True
-        self.endpoint = f"http://127.0.0.1:{self._server.server_address[1]}"
+        self.endpoint = f"http://{host}:{self._server.server_address[1]}"
         threading.Thread(target=self._server.serve_forever, daemon=True).start()
 
     def add(self, fault: Fault) -> None:
