@@ -28,7 +28,15 @@ os.environ.setdefault("DATAHOARD_RUN_DIR", f"/tmp/datahoard-test-run-{os.getpid(
 os.environ.setdefault("DATAHOARD_S3_MAX_ATTEMPTS", "3")
 
 
+#: Tiers whose tests need a tool built from source (envtest, helm, the node cluster).
+BUILT_TOOL_TIERS = ("cluster", "chart", "node", "e2e")
+
+
+@pytest.hookimpl(tryfirst=True)   # before `-m` deselects: `make test` selects on "tools"
 def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if any(tier in item.keywords for tier in BUILT_TOOL_TIERS):
+            item.add_marker("tools")
     if FUSE_MISSING:
         skip = pytest.mark.skip(reason=f"integration test {FUSE_MISSING}")
         for item in items:

@@ -26,7 +26,7 @@ TARGETS = ("warm_vs_local_direct", "small_warm_vs_local", "shards_warm_vs_local"
 COMPARISONS = ("direct_vs_passthrough_small_warm", "direct_vs_passthrough_small_dropped",
                "kernel_opens_vs_passthrough_small_warm", "kernel_opens_vs_passthrough_small_dropped")
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.tools]   # MinIO, built from Go
 
 
 def _missing() -> str | None:

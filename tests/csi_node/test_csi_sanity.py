@@ -13,7 +13,6 @@ test_csi_rpc.py.
 
 from __future__ import annotations
 
-import fcntl
 import os
 import shutil
 import subprocess
@@ -21,32 +20,22 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.tools]   # csi-sanity, built from Go
 
-CSI_TEST_VERSION = "v5.6.0"
+REPO = Path(__file__).resolve().parents[2]
 SKIP = "Controller|should remove target path|should fail when volume does not exist on the specified path"
 
 
 def csi_sanity_binary() -> Path:
-    """$CSI_SANITY, else the cached build, else build it now with `go install` (about 90 s)."""
+    """$CSI_SANITY, else tests/tools/build-csi-sanity.sh's build (cached; about 90 s cold)."""
     if env := os.environ.get("CSI_SANITY"):
         return Path(env)
-    tools = Path(os.environ.get("DATAHOARD_TOOLS_DIR", Path.home() / ".cache" / "datahoard-tools"))
-    out = tools / f"csi-sanity-{CSI_TEST_VERSION}"
-    binary = out / "csi-sanity"
-    if binary.exists():
-        return binary
     if shutil.which("go") is None:
         pytest.skip("csi-sanity needs a Go toolchain to build it (or CSI_SANITY=/path/to/csi-sanity)")
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / ".lock", "w") as lock:  # concurrent test runs build it once
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not binary.exists():
-            subprocess.run(
-                ["go", "install", f"github.com/kubernetes-csi/csi-test/v5/cmd/csi-sanity@{CSI_TEST_VERSION}"],
-                env={**os.environ, "GOBIN": str(out)}, check=True, capture_output=True, timeout=280,
-            )
-    return binary
+    tools = os.environ.get("TOOLS_DIR", str(Path.home() / ".cache" / "datahoard-tools"))
+    out = subprocess.run([str(REPO / "tests/tools/build-csi-sanity.sh"), tools], check=True,
+                         stdout=subprocess.PIPE, text=True, timeout=280).stdout
+    return Path(out.strip().splitlines()[-1])
 
 
 def test_csi_sanity_node_and_identity(plugin, tmp_path: Path):

@@ -459,6 +459,7 @@ def kubelet_watcher(kubelet_watcher_binary: str) -> Iterator[Callable[..., Kubel
 
 
 @pytest.mark.integration
+@pytest.mark.tools   # the kubelet's plugin watcher, built from Go
 def test_the_kubelets_plugin_watcher_registers_and_deregisters_the_plugin(tmp_path, reg_dir, processes,
                                                                            kubelet_watcher):
     watcher = kubelet_watcher(reg_dir)
@@ -478,6 +479,7 @@ def test_the_kubelets_plugin_watcher_registers_and_deregisters_the_plugin(tmp_pa
 
 
 @pytest.mark.integration
+@pytest.mark.tools   # the kubelet's plugin watcher, built from Go
 def test_a_rejection_by_the_kubelets_plugin_watcher_stops_the_plugin(tmp_path, reg_dir, processes, kubelet_watcher):
     kubelet_watcher(reg_dir, "-reject", "CSINode update failed: field is immutable")
     plugin = PluginProcess(tmp_path, "--endpoint", f"unix://{tmp_path}/csi.sock", "--registration-dir", str(reg_dir))
@@ -490,6 +492,7 @@ def test_a_rejection_by_the_kubelets_plugin_watcher_stops_the_plugin(tmp_path, r
 
 
 @pytest.mark.integration
+@pytest.mark.tools   # the kubelet's plugin watcher, built from Go
 def test_the_kubelets_plugin_watcher_re_registers_a_killed_and_restarted_plugin(tmp_path, reg_dir, processes,
                                                                                 kubelet_watcher):
     watcher = kubelet_watcher(reg_dir)

@@ -9,9 +9,10 @@ import pytest
 
 from tests.support.nodekube import REPO
 
-SCRIPTS = [REPO / "tests/node/cluster.sh", REPO / "tests/node/second-node.sh", REPO / "tests/node/node-configs.sh", *sorted((REPO / "tests/tools").glob("build-node*.sh")),
-           REPO / "tests/tools/build-training-operator.sh", REPO / "tests/tools/buildah-base.sh",
-           REPO / "tests/tools/build-torch.sh"]
+#: Every script that builds a tool or runs the node cluster (the kind e2e's are linted by tests/e2e).
+SCRIPTS = [REPO / "tests/node/cluster.sh", REPO / "tests/node/second-node.sh", REPO / "tests/node/node-configs.sh",
+           *sorted((REPO / "tests/tools").glob("*.sh")), REPO / "tests/csi_node/kubeletwatcher/build.sh",
+           REPO / "bench/build-tools.sh"]
 
 
 @pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck is not installed")

@@ -31,6 +31,7 @@ go mod edit -require="k8s.io/kubernetes@$K8S_VERSION" -require="github.com/conta
 STAGING="v0.${K8S_VERSION#v1.}"
 go mod download -json "k8s.io/kubernetes@$K8S_VERSION" > kmod.json
 GOMOD="$(sed -n 's/.*"GoMod": "\(.*\)".*/\1/p' kmod.json)"
+# shellcheck disable=SC2013  # module paths have no spaces
 for m in $(sed -n 's#^[[:space:]]*\(k8s.io/[a-z0-9-]*\) => ./staging/.*#\1#p' "$GOMOD"); do
     go mod edit -replace="$m=$m@$STAGING"
 done
