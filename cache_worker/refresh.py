@@ -25,7 +25,6 @@ a prefix, a refresh already running.
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable
@@ -36,14 +35,13 @@ from datahoard.stats import RefreshStats
 
 from . import snapshot
 from .index import Index
-from .index_refresh import IndexDiff, build_continuing
+from .index_build import IndexBuilder
+from .index_refresh import IndexDiff
 from .keys import KeyFilter
 from .source import SourceError
 from .worker_config import WorkerError
 
 log = logging.getLogger(__name__)
-
-RETIRED_PREFIX = "index.db.retired-"
 
 
 class RefreshRefused(Exception):
@@ -113,53 +111,22 @@ class Refresher:
     def _apply(self, snapshot_id: str | None, peers: tuple[str, ...]) -> tuple[IndexDiff, str]:
         old = self._parts.index()
         current = old.summary.snapshot
+        build = IndexBuilder(self._dir, self._uri, self._filter, old)
         if snapshot_id is None:
             log.info("refresh: listing %s", self._uri)
-            snapshot_id, _, listed = snapshot.write(self._parts.list_source(), self._uri, self._dir)
-            log.info("refresh: listed %d objects: snapshot %s", listed, snapshot_id)
-        elif not (self._dir / snapshot.file_name(snapshot_id)).exists():
-            if not peers:
-                raise WorkerError(f"snapshot {snapshot_id} is not here and no peer was given to fetch it from")
-            snapshot.fetch(peers, snapshot_id, self._dir)
+            snapshot_id = build.list(self._parts.list_source())
+        else:
+            build.fetch(snapshot_id, peers)
         if snapshot_id == current:
             log.info("refresh: the source still lists snapshot %s; nothing to do", current)
             return IndexDiff(), snapshot_id
-        path = self._dir / "index.db"
-        building = self._dir / "index.db.next"
-        objects = snapshot.read(self._dir / snapshot.file_name(snapshot_id), snapshot_id, self._uri)
-        try:
-            summary, diff = build_continuing(old, path, objects, self._uri, building, self._filter,
-                                             snapshot=snapshot_id)
-            if problem := self._problem(summary):
-                raise WorkerError(f"the new listing is refused: {problem}")
-        except BaseException:
-            building.unlink(missing_ok=True)
-            raise
-        # The old index moves to a second name for the requests still reading it, then the new
-        # one takes the name a restarted worker opens.
-        _remove_retired(self._dir)  # the index before the last: nothing reads it any more
-        retired = self._dir / f"{RETIRED_PREFIX}{current or 'unknown'}"
-        os.link(path, retired)
-        old.retire(retired)
-        os.replace(building, path)
-        new = Index(path)
-        self._parts.take_index(new)
-        self._parts.drop_names(diff.stale_names)
+        build.build(snapshot_id, check=self._problem)
+        self._parts.take_index(Index(build.path))
+        self._parts.drop_names(build.stale_names)
         snapshot.remove_others(self._dir, snapshot_id)
+        diff = build.diff or IndexDiff()
         log.info("refreshed to snapshot %s: %s", snapshot_id, diff.describe())
         return diff, snapshot_id
 
 
-def _remove_retired(directory: Path) -> None:
-    for path in directory.glob(RETIRED_PREFIX + "*"):
-        path.unlink(missing_ok=True)
-
-
-def cleanup(directory: Path) -> None:
-    """At start-up: indexes retired by an earlier process's refreshes are read by nobody now."""
-    _remove_retired(directory)
-    for leftover in ("index.db.next", "index.db.previous"):
-        (directory / leftover).unlink(missing_ok=True)
-
-
-__all__ = ["Refresher", "RefreshRefused", "Parts", "cleanup"]
+__all__ = ["Refresher", "RefreshRefused", "Parts"]

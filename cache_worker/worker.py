@@ -50,7 +50,7 @@ from .fs_meta import METADATA_TIMEOUT
 from .index import Index
 from .index_open import OpenedIndex, open_index, snapshot_file
 from .kernel_opens import KernelOpens
-from .refresh import cleanup as cleanup_retired_indexes
+from .index_build import cleanup as cleanup_retired_indexes
 from .serving import ServingMode, use_passthrough
 from .source import Source, SourceError
 from .sources import open_source
