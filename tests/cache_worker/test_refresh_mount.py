@@ -6,6 +6,8 @@ from __future__ import annotations
 import errno
 import os
 import signal
+import socket
+import subprocess
 
 import pytest
 
@@ -114,13 +116,44 @@ def test_the_refreshed_view_survives_a_worker_restart(s3, bucket, mount_dataset)
     held.close()
 
 
-def test_refresh_is_asked_from_this_machine_only_and_not_of_a_direct_tree(s3, bucket, mount_dataset):
-    """The stats port is open to scrapers and peers: POST /refresh from another address is 403.
-    (Here loopback is the only address; the rule is tested on the endpoint itself.)"""
-    from datahoard.cache_worker.stats_server import _loopback
+def _post_refresh_from(source_ip: str, port: int) -> bytes:
+    """POST /refresh over a socket bound to ``source_ip``: what the endpoint sees as the client."""
+    with socket.create_connection((source_ip, port), timeout=10, source_address=(source_ip, 0)) as conn:
+        conn.sendall(b"POST /refresh HTTP/1.1\r\nHost: worker\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+        answer = b""
+        while chunk := conn.recv(4096):
+            answer += chunk
+    return answer
 
-    assert _loopback(("127.0.0.1", 1)) and _loopback(("::1", 1, 0, 0)) and _loopback(("::ffff:127.0.0.1", 1, 0, 0))
-    assert not _loopback(("10.0.0.7", 1)) and not _loopback(("fe80::1", 1, 0, 0))
+
+def test_post_refresh_from_another_address_is_refused_over_http(tmp_path):
+    """The stats port is open to scrapers and peers (bound to every address in a pod): a POST
+    /refresh from any address but loopback is answered 403 and starts nothing."""
+    from datahoard.cache_worker.stats_server import StatsServer, _loopback
+
+    assert _loopback(("::1", 1, 0, 0)) and _loopback(("::ffff:127.0.0.1", 1, 0, 0))
+    assert not _loopback(("fe80::1", 1, 0, 0))
+    other = subprocess.run(["ip", "-o", "-4", "addr", "show", "scope", "global"], capture_output=True,
+                           text=True).stdout.split()
+    addresses = [word.split("/")[0] for before, word in zip(other, other[1:]) if before == "inet"]
+    if not addresses:
+        pytest.skip("this machine has no IPv4 address but loopback to send the request from")
+    asked: list[dict] = []
+    server = StatsServer(("0.0.0.0", 0), lambda: None, lambda: True,
+                         refresh=lambda query: (asked.append(query), (202, "refresh started"))[1])
+    server.start()
+    try:
+        port = server.server_address[1]
+        refused = _post_refresh_from(addresses[0], port)
+        assert refused.split(b"\r\n")[0].endswith(b" 403 Forbidden") and b"a refresh is asked from this machine only" in refused
+        assert asked == []
+        accepted = _post_refresh_from("127.0.0.1", port)
+        assert accepted.split(b"\r\n")[0].endswith(b" 202 Accepted") and asked == [{}]
+    finally:
+        server.stop()
+
+
+def test_refresh_is_not_asked_of_a_direct_tree(s3, bucket, mount_dataset):
     s3.put_object(Bucket=bucket, Key="ds/a.bin", Body=b"a")
     m = mount_dataset(bucket, "ds", "--direct")
     result = datahoard("refresh", str(m.mountpoint), check=False)
