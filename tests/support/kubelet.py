@@ -23,6 +23,8 @@ from typing import Any
 
 import kubernetes
 
+from datahoard.mounts import unmount_all
+
 from tests.support.envtest import REPO
 from tests.support.polling import eventually
 
@@ -149,20 +151,30 @@ class Kubelet:
         """Stop the worker whose stats are at ``stats_addr`` (its container ends: it unmounts)."""
         for proc in self.processes:
             if proc.poll() is None and stats_addr in " ".join(proc.args):
-                proc.send_signal(signal.SIGTERM)
-                proc.wait(30)
+                _stop(proc, 30)
                 return
         raise AssertionError(f"no worker at {stats_addr}")
 
     def stop_all(self) -> None:
         for proc in self.processes:
             if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(20)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+                _stop(proc, 20)
+
+
+def _stop(worker: subprocess.Popen, grace: float) -> None:
+    """End a worker container as the kubelet does: SIGTERM, then SIGKILL after ``grace``. A
+    killed container's mounts go with its mount namespace; this one shares the test's, so its
+    FUSE mount is detached here (a worker that unmounts itself leaves nothing to detach)."""
+    worker.send_signal(signal.SIGTERM)
+    try:
+        worker.wait(grace)
+        return
+    except subprocess.TimeoutExpired:
+        worker.kill()
+        worker.wait()
+    args = list(worker.args)
+    mountpoint = args[args.index("mount") + 2]   # python -m datahoard.cli mount SOURCE DIR ...
+    unmount_all(mountpoint)
 
 
 @dataclass
