@@ -107,8 +107,8 @@ node-sysdeps:
 	@dpkg-query -W -f='$${Status}\n' $(NODE_PACKAGES) 2>/dev/null | grep -c '^install ok installed$$' | grep -qx $(words $(NODE_PACKAGES)) \
 	|| { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $(NODE_PACKAGES); }
 
-# Everything the cluster runs, built once into $(TOOLS_DIR) (cold on 2 cores, after envtest: node
-# binaries ~4 min, images ~5-9 min, training-operator ~2 min; later: instant).
+# Everything the cluster runs, built once into $(TOOLS_DIR) (cold on 2 cores, after envtest, beside
+# make test's first tests: node binaries ~3 min, images ~2, training-operator ~2; later: instant).
 node-tools: envtest node-sysdeps
 	@tests/tools/build-node.sh "$(TOOLS_DIR)" >/dev/null
 	@tests/tools/build-node-images.sh "$(TOOLS_DIR)" >/dev/null
