@@ -38,9 +38,11 @@ class Fault:
     flip_at: int = 0
     #: Forward the headers, then the body at this many bytes per second (until the client leaves).
     drip_rate: float | None = None
-    #: Hold the request until this is set (or ``hold_for`` seconds pass), then forward it.
+    #: Hold the request until this is set, then forward it. If ``hold_for`` seconds pass first:
+    #: answer ``status`` if one is given (503 SlowDown: the client retries, and is held again),
+    #: else forward it late.
     hold: threading.Event | None = None
-    #: Kept under the worker's read timeout (30 s), so a held request is late, never failed.
+    #: Kept under the worker's read timeout (30 s), so a held request is answered, never timed out.
     hold_for: float = 20.0
 
 
@@ -63,8 +65,8 @@ class FaultProxy:
                 body = self.rfile.read(length) if length else None
                 fault = proxy._take(self.command, self.path)
                 if fault and fault.hold is not None:
-                    fault.hold.wait(fault.hold_for)
-                    fault = None
+                    if fault.hold.wait(fault.hold_for) or not fault.status:
+                        fault = None
                 if fault and fault.delay and fault.stall_after is None:
                     time.sleep(fault.delay)
                     self.close_connection = True
