@@ -32,8 +32,6 @@ log = logging.getLogger(__name__)
 INDEX = "index.db"
 NEXT = "index.db.next"
 PREVIOUS = "index.db.previous"
-#: Names an earlier version gave retired indexes; removed at start-up like ``PREVIOUS``.
-_OLD_RETIRED = "index.db.retired-*"
 
 #: Why a new index must not replace the one served (None: it may), e.g. an empty listing.
 Check = Callable[[IndexSummary], "str | None"]
@@ -132,8 +130,6 @@ def cleanup(cache_dir: Path) -> None:
     """At start-up: a half-built or retired index is read by nobody now."""
     for name in (NEXT, PREVIOUS, PREVIOUS + ".tmp"):
         (cache_dir / name).unlink(missing_ok=True)
-    for path in cache_dir.glob(_OLD_RETIRED):
-        path.unlink(missing_ok=True)
 
 
 __all__ = ["IndexBuilder", "Check", "cleanup", "INDEX", "PREVIOUS"]

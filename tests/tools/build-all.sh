@@ -28,10 +28,10 @@ if [[ "${2:-}" == --background ]]; then
     exit 0
 fi
 
-step() {
+step() {   # says how long a build (or the wait for one) took; silent when it was already there
     local t0=$SECONDS
     "$@" >/dev/null
-    echo "build-all: $(basename "$1") ready after $((SECONDS - t0)) s" >&2
+    if ((SECONDS > t0)); then echo "build-all: $(basename "$1") ready after $((SECONDS - t0)) s" >&2; fi
 }
 T0=$SECONDS
 group="${2:-all}"
@@ -49,4 +49,4 @@ if [[ "$group" == node || "$group" == all ]]; then
     step "$REPO/tests/tools/build-training-operator.sh" "$TOOLS_DIR" "$KUBECTL"
     step "$REPO/tests/tools/build-torch.sh" "$TOOLS_DIR"
 fi
-echo "build-all: $group ready after $((SECONDS - T0)) s" >&2
+if ((SECONDS > T0)); then echo "build-all: $group ready after $((SECONDS - T0)) s" >&2; fi
