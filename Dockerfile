@@ -22,6 +22,12 @@ COPY datahoard /src/datahoard
 COPY operator /src/operator
 COPY cache_worker /src/cache_worker
 COPY csi_node /src/csi_node
+# The view's native OPEN/RELEASE responder (cache_worker/fusell/fastopen.c), installed as package
+# data; the compiler stays in this stage.
+RUN apt-get update \
+    && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends gcc libc6-dev \
+    && rm -rf /var/lib/apt/lists/* \
+    && /src/cache_worker/fusell/build-native.sh
 # --no-deps: everything it needs is already pinned above; `pip check` proves the set is whole.
 RUN pip install --no-deps /src && pip check
 
@@ -45,6 +51,7 @@ ENV PATH=/opt/datahoard/bin:$PATH \
 RUN datahoard --help >/dev/null \
     && kopf --help >/dev/null \
     && python -c "import datahoard.operator.handlers, datahoard.csi_node.server, datahoard.cache_worker.worker" \
+    && python -c "from datahoard.cache_worker.fusell import fastopen; assert fastopen.load(), fastopen.unavailable" \
     && datahoard-entrypoint csi-node --help >/dev/null
 LABEL org.opencontainers.image.title="datahoard" \
       org.opencontainers.image.description="Datahoard operator, cache worker and CSI node plugin" \

@@ -10,7 +10,7 @@ PY := $(VENV)/bin/python
 # Built tools (kube-apiserver, etcd, helm, ...) live outside the repo so clean checkouts reuse them.
 TOOLS_DIR ?= $(HOME)/.cache/datahoard-tools
 
-.PHONY: all venv sysdeps test unit demo envtest bench bench-tools reliability clean helm e2e \
+.PHONY: all native venv sysdeps test unit demo envtest bench bench-tools reliability clean helm e2e \
 	node-sysdeps node-tools cluster cluster-down
 
 all: test
@@ -25,7 +25,13 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e '.[test]'
 	touch $@
 
-venv: $(VENV)/.installed
+# The view's native OPEN/RELEASE responder (C, loaded with ctypes; needs only cc): every target
+# that runs the worker depends on venv, so on this too.
+native:
+	@command -v cc >/dev/null || { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q gcc libc6-dev; }
+	@cache_worker/fusell/build-native.sh
+
+venv: $(VENV)/.installed native
 
 # Three runs of pytest, so that tests never wait for a build they do not need:
 # tests/tools/build-all.sh builds the tools made from source in the background (about half an

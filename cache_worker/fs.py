@@ -25,6 +25,8 @@ from .fs_backing import KEPT_BACKING_IDS, ViewBacking
 from .fs_data import ViewData
 from .fs_ids import ViewIds
 from .fs_meta import ViewMetadata
+from .fusell import fastopen
+from .fusell.fastopen import NativeOpens
 from .fusell.filesystem import Filesystem
 from .fusell.passthrough import BackingTable
 from .index import Index
@@ -39,6 +41,9 @@ RESERVE_THREADS = 16
 class DatasetFS(ViewMetadata, ViewData, ViewBacking, ViewIds, Filesystem):
     """The dataset's FUSE view (module docstring); the request methods are in the parts named
     there, this class holds the state they share and the serving modes."""
+
+    #: Names change only with the index (``take_index``, which tells the native part).
+    names_immutable = True
 
     def __init__(self, index: Index, cache: DatasetCache, counters: Counters, mountpoint: str,
                  backing: BackingTable | None = None, previous: Index | None = None) -> None:
@@ -70,12 +75,22 @@ class DatasetFS(ViewMetadata, ViewData, ViewBacking, ViewIds, Filesystem):
         self._backed_oids: dict[str, int] = {}
         self._gone: queue.SimpleQueue[str | None] = queue.SimpleQueue()
         self._gone_thread: threading.Thread | None = None
+        #: The native OPEN/RELEASE responder (fastopen.py) the session runs, or None and why.
+        self.native: NativeOpens | None = None
+        self.native_note: str | None = "no passthrough"
+        self._native_stop = threading.Event()
         if backing is not None:
             backing.retain = KEPT_BACKING_IDS
             backing.on_close = self._backing_closed
             cache.store.on_object_gone = self._object_gone
             self._gone_thread = threading.Thread(target=self._close_gone, name="backing-gone", daemon=True)
             self._gone_thread.start()
+            lib = fastopen.load()
+            if lib is None:
+                self.native_note = fastopen.unavailable
+            else:
+                self.native, self.native_note = backing.start_native(lib, backing.conn.fd), None
+                threading.Thread(target=self._count_native, name="native-opens", daemon=True).start()
         #: Read state by (node id, handle): keyed by the node too, so a handle number a previous
         #: worker also gave out (still open in the kernel) can only ever mean the same file.
         self._handles: dict[tuple[int, int], ReadState] = {}
@@ -105,11 +120,14 @@ class DatasetFS(ViewMetadata, ViewData, ViewBacking, ViewIds, Filesystem):
         self.kernel_opens = True
 
     def drain_opens(self) -> None:
-        """Count the opens the kernel has queued (before a stats snapshot)."""
+        """Count the opens the kernel (fanotify) or the native responder has queued (before a
+        stats snapshot)."""
         if self._open_watch is not None:
             self._open_watch.drain()
+        self.count_native_opens()
 
     def destroy(self) -> None:
+        self._native_stop.set()
         if self._gone_thread is not None:
             self._gone.put(None)
         if self._open_watch is not None:

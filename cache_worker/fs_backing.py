@@ -1,17 +1,27 @@
 """Backing ids the dataset's FUSE view keeps across opens (fusell/passthrough_ids.py): which
 cache file each id was registered for, whether it is still the one to serve, and closing the
-ids of files the store evicted.
+ids of files the store evicted; and the node ids it arms for the native responder
+(fusell/passthrough_native.py), with the hits of the opens that answers counted here.
 """
 
 from __future__ import annotations
 
+import logging
+
+from .fusell.model import FuseError
 from .source import RemoteObject
 from .store import ChunkStore, object_id
+from .store_trust import signature_fields
 
 #: Backing ids kept registered after their file's last release (fusell/passthrough_ids.py): each
 #: holds the kernel's reference to one cache file (no descriptor of ours) until the file is
 #: evicted or changed, or more recently released ones push it out.
 KEPT_BACKING_IDS = 4096
+log = logging.getLogger("datahoard.cache_worker.fs")
+
+#: How often opens answered natively are counted and disarmed arms settled, in seconds (a stats
+#: snapshot counts them at once: ``drain_opens``).
+SETTLE_SECONDS = 0.2
 
 
 class ViewBacking:
@@ -49,3 +59,47 @@ class ViewBacking:
             nodeid = self._backed_oids.get(oid)
             if nodeid is not None:
                 self.backing.drop(nodeid)
+
+    # -- the native responder ------------------------------------------------------------
+    def _arm(self, nodeid: int) -> None:
+        """Let the native part answer the next opens of ``nodeid``, just passed through by
+        Python with the cache file registered in this process (``_backed``: its identity then,
+        which the native part checks with a stat at every open, as ``_still_backing`` does)."""
+        entry = self._backed.get(nodeid)
+        if entry is not None:
+            oid, signature = entry
+            self.backing.arm(nodeid, self.cache.store.backing_path(oid), signature_fields(signature))
+
+    def count_native_opens(self) -> int:
+        """Count the hits of the opens the native part answered since the last call: each is a
+        passthrough open, counted as ``open`` counts one (the whole file, at open, for the
+        reader's pod), and keeps the file recently used in the store."""
+        native = self.native
+        if native is None:
+            return 0
+        opens = native.drain()
+        if not opens:
+            return 0
+        seen: dict[int, RemoteObject | None] = {}
+        for nodeid, pid in opens:
+            if nodeid not in seen:
+                try:
+                    seen[nodeid] = obj = self._object(nodeid)
+                except FuseError:
+                    seen[nodeid] = None
+                    continue
+                self.cache.touch(obj)
+            obj = seen[nodeid]
+            if obj is not None:
+                self.counters.add_unobserved_hit(obj.size, pid)
+        self.passthrough_opens += len(opens)
+        self.backing.used(seen)
+        return len(opens)
+
+    def _count_native(self) -> None:
+        while not self._native_stop.wait(SETTLE_SECONDS):
+            try:
+                self.count_native_opens()
+                self.backing.settle()
+            except Exception:  # noqa: BLE001 - the thread must go on: opens are counted here
+                log.error("counting native opens failed", exc_info=True)

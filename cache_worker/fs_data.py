@@ -29,6 +29,7 @@ import os
 from .dataset import ReadState
 from .fs_ids import _SERIAL_SHIFT, PASSED, PREPAID
 from .fusell.model import Context, FuseError, Opened
+from .fusell.passthrough_native import native_slot
 
 log = logging.getLogger("datahoard.cache_worker.fs")  # one log for the view, as before the split
 
@@ -51,6 +52,10 @@ class ViewData:
         obj = self._object(nodeid)
         small = obj.size <= self.cache.tuning.whole_file_max
         if self.backing is not None:
+            if self.backing.is_armed(nodeid):
+                # The native part passed this open on (the file changed since it was armed, or
+                # its queue of opens to count was full): Python decides afresh.
+                self.backing.disarm(nodeid)
             # backing_fd checks the file itself (None unless whole and verified): no index query
             # first. It is called only when the inode has no backing id yet; a kept id is
             # reused while its file is unchanged (still_backing: one stat).
@@ -61,6 +66,8 @@ class ViewData:
                 self.cache.touch(obj)
                 self.counters.add_unobserved_hit(obj.size, ctx.pid)
                 self.passthrough_opens += 1
+                if self.native is not None:
+                    self._arm(nodeid)  # its next opens are answered without Python
                 return Opened(fh=fh | PREPAID | PASSED, backing_id=choice.backing_id)
         else:
             fh = next(self._serial) << _SERIAL_SHIFT
@@ -102,6 +109,11 @@ class ViewData:
             raise FuseError(errno.EIO) from exc
 
     def release(self, ctx: Context, nodeid: int, fh: int, flags: int) -> None:
+        slot = native_slot(fh)
+        if slot is not None:  # the native part's, released here: it is not running now
+            if self.backing is not None:
+                self.backing.native_released(slot)
+            return
         self._handles.pop((nodeid, fh), None)
         if self.cache.store.problem is not None:
             # The store cannot take files (a full disk): whatever this open read may not be

@@ -62,6 +62,8 @@ class ViewIds:
             self._previous, self.index = self.index, index
             self._known.clear()
             self._dir_time_ns = int(index.summary.built_at * 1e9)
+        if self.native is not None:
+            self.native.forget_names()  # after the swap: an answer from the old index is refused
 
     def _remember(self, nodeid: int, obj: RemoteObject) -> None:
         if len(self._known) >= _KNOWN_MAX:

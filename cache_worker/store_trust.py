@@ -29,6 +29,11 @@ Signature = int
 _U64 = (1 << 64) - 1
 
 
+def signature_fields(sig: Signature) -> tuple[int, int, int, int]:
+    """(inode, size, mtime_ns, ctime_ns) of a signature, for a check made outside Python."""
+    return (sig >> 192) & _U64, (sig >> 128) & _U64, (sig >> 64) & _U64, sig & _U64
+
+
 def signature(st: os.stat_result) -> Signature:
     return ((st.st_ino & _U64) << 192 | (st.st_size & _U64) << 128
             | (st.st_mtime_ns & _U64) << 64 | (st.st_ctime_ns & _U64))

@@ -175,7 +175,7 @@ class Worker(WorkerConnection, WorkerRefresh):
         background = cfg.tuning.max_waiting_reads + RESERVE_THREADS
         want = Wants(max_read=MAX_READ, max_background=background, congestion_threshold=background * 3 // 4,
                      passthrough=cfg.passthrough != "off", entry_timeout=METADATA_TIMEOUT, attr_timeout=METADATA_TIMEOUT)
-        session = self.session = Session(att.conn, view, threads=background, want=want)
+        session = self.session = Session(att.conn, view, threads=background, want=want, native=view.native)
 
         def mounted() -> None:
             if not wait_until_live(session, cfg.mountpoint):

@@ -101,6 +101,8 @@ def _fuse_stats(w: Worker) -> FuseStats:
         handover_note=None if att is None or att.handover else att.note,
         resumed=bool(att is not None and att.resumed),
         passthrough_opens=view.passthrough_opens if view is not None else 0,
+        native_opens=view.native.stats()["opens"] if view is not None and view.native is not None else 0,
+        native_note=None if view is None or view.native is not None else view.native_note,
     )
 
 

@@ -64,6 +64,10 @@ class FuseStats(BaseModel):
         default=None, description="why restarts are not hidden (then the CSI plugin repairs binds after one)")
     resumed: bool = Field(default=False, description="this worker took over a connection another worker served")
     passthrough_opens: int = Field(default=0, description="opens answered with passthrough since start")
+    native_opens: int = Field(
+        default=0, description="of those, opens answered by the worker's native responder, without Python")
+    native_note: str | None = Field(
+        default=None, description="why opens to pass through are answered in Python, if they are")
 
 
 class ConsumerStats(BaseModel):

@@ -16,6 +16,11 @@ class Filesystem:
     the kernel expects no answer); the session answers EROFS to every write-type opcode itself.
     Raise :class:`FuseError` to answer an errno; any other exception becomes EIO."""
 
+    #: A LOOKUP answer stays true until the filesystem says otherwise (the session's native
+    #: part may then answer the same LOOKUP again without asking: fastopen.py), and FORGET
+    #: frees nothing.
+    names_immutable = False
+
     def init(self, info: ConnInfo) -> None:
         pass
 

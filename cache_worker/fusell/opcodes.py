@@ -49,8 +49,13 @@ class Opcodes:
 
     def _lookup(self, ctx: Context, arg: memoryview) -> None:
         name = bytes(arg).split(b"\0", 1)[0]
+        native = self.native if self.fs.names_immutable else None
+        epoch = native.names_epoch() if native is not None else 0
         e = self.fs.lookup(ctx, ctx.nodeid, name)
-        self._reply(ctx.unique, pack_entry(e))
+        entry_out = pack_entry(e)
+        self._reply(ctx.unique, entry_out)
+        if native is not None and e.nodeid:
+            native.remember(epoch, ctx.nodeid, name, entry_out)
 
     def _forget(self, ctx: Context, arg: memoryview) -> None:
         (nlookup,) = abi.FORGET_IN.unpack_from(arg)

@@ -66,6 +66,7 @@ from .iomode import CACHING, DIRECT, PASSTHROUGH
 from .iomode import Inode as _Inode
 from .passthrough_ids import BackingIds
 from .passthrough_log import BackingLog
+from .passthrough_native import NativeArms
 
 
 @dataclass(slots=True)
@@ -77,7 +78,7 @@ class Choice:
     kind: str  # PASSTHROUGH, CACHING or DIRECT
 
 
-class BackingTable(BackingIds, BackingLog):
+class BackingTable(BackingIds, BackingLog, NativeArms):
     """Per-inode io mode and backing id, persisted to ``path`` (put it on tmpfs)."""
 
     def __init__(self, path: str | os.PathLike, conn: Connection, retain: int = 0,
@@ -97,10 +98,16 @@ class BackingTable(BackingIds, BackingLog):
         self._fh_node: dict[int, int] = {}
         self._next_fh = 1
         self._mm: mmap.mmap | None = None
+        self._counts: mmap.mmap | None = None
         self._pos = 0
         self._load()
         self._rewrite()  # a restart starts from a compact log
         self._close_unused()
+        # Ids still in use were registered by a process that is gone: their files cannot be
+        # vouched for here (nothing remembers what was registered), so they are closed at their
+        # last release instead of kept, and the next open registers the file again.
+        self._doomed.update(n for n, ino in self._inodes.items() if ino.backing_id is not None)
+        self._open_counts()
 
     # -- the API --------------------------------------------------------------------------
     @property
@@ -141,22 +148,25 @@ class BackingTable(BackingIds, BackingLog):
         """Forget one open; closes the inode's backing id after its last passthrough open.
         Idempotent (a RELEASE resent after a restart finds nothing)."""
         with self._lock:
-            node = self._fh_node.pop(fh, None)
-            if node is None:
-                return
-            ino = self._inodes[node]
-            self._log("r", node, fh, 0)
-            ino.remove(fh)
-            if ino.backing_id is not None and not ino.passthrough:
-                if self.retain > 0 and node not in self._doomed:
-                    self._retained[node] = None
-                    self._retained.move_to_end(node)
-                    while len(self._retained) > self.retain:
-                        self._drop_locked(next(iter(self._retained)))
-                else:
-                    self._close(node, ino)
-            if not ino.fhs and ino.backing_id is None:
-                del self._inodes[node]
+            self._release_locked(nodeid, fh)
+
+    def _release_locked(self, nodeid: int, fh: int) -> None:
+        node = self._fh_node.pop(fh, None)
+        if node is None:
+            return
+        ino = self._inodes[node]
+        self._log("r", node, fh, 0)
+        ino.remove(fh)
+        if ino.backing_id is not None and not ino.passthrough:
+            if self.retain > 0 and node not in self._doomed:
+                self._retained[node] = None
+                self._retained.move_to_end(node)
+                while len(self._retained) > self.retain:
+                    self._drop_locked(next(iter(self._retained)))
+            else:
+                self._close(node, ino)
+        if not ino.fhs and ino.backing_id is None:
+            del self._inodes[node]
 
     def mode(self, nodeid: int) -> tuple[int | None, int, int]:
         """(backing id, passthrough opens, caching opens) of an inode, e.g. for eviction."""
@@ -173,6 +183,7 @@ class BackingTable(BackingIds, BackingLog):
 
     def close(self) -> None:
         with self._lock:
+            self._close_counts()
             if self._mm is not None:
                 self._mm.close()
                 self._mm = None

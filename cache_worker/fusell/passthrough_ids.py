@@ -36,8 +36,10 @@ class BackingIds:
     def drop(self, nodeid: int) -> None:
         """The inode's cache file went (evicted, replaced): close a kept id now, so the kernel
         lets go of the file. An id still in use by passthrough opens is closed at their last
-        release instead (they keep reading the file they opened)."""
+        release instead (they keep reading the file they opened). An armed node id is disarmed
+        first (passthrough_native.py), and its arm released once no native open uses it."""
         with self._lock:
+            self._disarm_locked(nodeid)
             ino = self._inodes.get(nodeid)
             if ino is not None and ino.backing_id is not None and ino.passthrough:
                 self._doomed.add(nodeid)

@@ -28,6 +28,7 @@ import struct
 
 from .iomode import CACHING, DIRECT, PASSTHROUGH
 from .iomode import Inode as _Inode
+from .passthrough_native import ARM_FH
 
 log = logging.getLogger("datahoard.cache_worker.fusell.passthrough")  # one log for the table, as before the split
 
@@ -69,7 +70,8 @@ class BackingLog:
             ino = self._inodes.setdefault(nodeid, _Inode())
             ino.add(fh, kind)
             self._fh_node[fh] = nodeid
-            self._next_fh = max(self._next_fh, fh + 1)
+            if fh < ARM_FH:  # an arm's handle is its slot's (passthrough_native.py)
+                self._next_fh = max(self._next_fh, fh + 1)
             if kind == PASSTHROUGH:
                 ino.backing_id = bid
         elif op == "r":

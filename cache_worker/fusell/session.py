@@ -76,6 +76,7 @@ from collections.abc import Callable
 from . import abi
 from .connection import Connection, MountError, unmount
 from .filesystem import Filesystem
+from .fastopen import NativeOpens
 from .handshake import Handshake, Wants
 from .model import Attr, ConnInfo, Context, DirItem, Entry, FuseError, Opened, StatFs
 from .opcodes import Opcodes
@@ -101,8 +102,11 @@ class Session(Handshake, Opcodes):
     :meth:`stop` (returns "stopped", descriptor still open, ready to hand over)."""
 
     def __init__(self, conn: Connection, fs: Filesystem, threads: int = 4,
-                 want: Wants | None = None):
+                 want: Wants | None = None, native: NativeOpens | None = None):
         self.conn = conn
+        #: The native responder (fastopen.py): reads every request, answers the opens and
+        #: releases it can, hands the rest to this loop.
+        self.native = native
         self.fs = fs
         self.threads = max(1, threads)
         self.want = want or Wants()
@@ -195,26 +199,42 @@ class Session(Handshake, Opcodes):
         ep.register(fd, select.EPOLLIN | select.EPOLLEXCLUSIVE)
         ep.register(self._wake_r, select.EPOLLIN)
         wake = self._wake_r
+        native = self.native.reader(ep.fileno(), wake, buf) if self.native is not None else None
         try:
             while not self._stopping and not self._ended:
-                if any(f == wake for f, _ in ep.poll()):
-                    return
-                try:
-                    n = readv(fd, [buf])
-                except OSError as e:
-                    if e.errno in (errno.EINTR, errno.ENOENT, errno.EAGAIN):
+                if native is not None:
+                    n = native()
+                    if n == 0:
+                        return
+                    if n < 0:
+                        if self._read_failed(-n):
+                            return
                         continue
-                    if e.errno != errno.ENODEV:
-                        log.error("reading /dev/fuse failed: %s; ending the session", e)
-                    self._ended = True
-                    self._poke()
-                    return
+                else:
+                    if any(f == wake for f, _ in ep.poll()):
+                        return
+                    try:
+                        n = readv(fd, [buf])
+                    except OSError as e:
+                        if self._read_failed(e.errno):
+                            return
+                        continue
                 if n < _HDR.size:
                     log.error("short read of %d bytes from /dev/fuse; ignored", n)
                     continue
                 dispatch(view[:n])
         finally:
             ep.close()
+
+    def _read_failed(self, err: int) -> bool:
+        """Reading /dev/fuse failed with ``err``: True if the session ends."""
+        if err in (errno.EINTR, errno.ENOENT, errno.EAGAIN):
+            return False
+        if err != errno.ENODEV:
+            log.error("reading /dev/fuse failed: %s; ending the session", os.strerror(err))
+        self._ended = True
+        self._poke()
+        return True
 
     def _poke(self) -> None:
         if self._wake_w < 0:

@@ -65,7 +65,7 @@ fi
 
 # 2. The product image: the Dockerfile, as written.
 CONTEXT=(Dockerfile .dockerignore pyproject.toml README.md requirements.lock datahoard operator cache_worker csi_node)
-KEY="$(cd "$REPO" && find "${CONTEXT[@]}" -type f ! -name '*.pyc' ! -path '*__pycache__*' -print0 \
+KEY="$(cd "$REPO" && find "${CONTEXT[@]}" -type f ! -name '*.pyc' ! -name '_fastopen.so*' ! -path '*__pycache__*' -print0 \
     | sort -z | xargs -0 sha256sum | sha256sum | cut -c1-16)"
 if [[ ! -f "$OUT/datahoard-$KEY.tar" ]]; then
     T0=$SECONDS

@@ -1,0 +1,354 @@
+/* The native half of the FUSE view's request loop: OPEN and RELEASE of files passed through.
+ *
+ * Why native (bench/ANALYSIS.md, 2026-12-06): with the page cache dropped, 15,000 files of
+ * 60-160 KB read by 8 processes, libfuse's own C daemon answering every OPEN with
+ * FOPEN_PASSTHROUGH reached 0.79-0.81 of local disk, the worker's Python answer 0.26: about
+ * 300 us of Python per open and release. Every other request stays in Python (fastopen.py).
+ *
+ * What it does: each session thread calls dh_next() in place of epoll_wait + read. It reads
+ * requests from /dev/fuse and answers, without returning:
+ *   - OPEN (read-only) of an *armed* node id: FOPEN_PASSTHROUGH with the backing id Python
+ *     registered and armed for it, after one stat(2) showing the cache file is still the one
+ *     Python verified (the same check Python makes before reusing a kept id). The open is
+ *     counted in the shared counter of the arm's slot *before* the reply (a crash in between
+ *     leaves the count too high: the id is then never closed, the safe direction), and queued
+ *     for hit accounting (node id, pid), which Python drains;
+ *   - RELEASE of a handle it gave out (DH_NATIVE_FH set): the reply, then the count down;
+ *   - LOOKUP of a name Python answered before (dh_remember): the same answer again. The view's
+ *     names are immutable between refreshes (which clear them: dh_forget_names) and FORGET
+ *     frees nothing there (node ids come from the index), so a remembered answer stays true.
+ *     Measured: with the page cache dropped (dentries too), a LOOKUP answered in Python cost
+ *     about 100 us of worker CPU per file, more than the open this part was written for.
+ * Anything else (and an OPEN it cannot answer: not armed, file changed, event queue full) is
+ * returned to Python in the caller's buffer, which then dispatches it as before.
+ *
+ * The counters live in a MAP_SHARED tmpfs mapping owned by Python (the backing table's
+ * ".opens" file), so a restarted worker knows how many native handles of each slot the
+ * kernel still holds, and its RELEASEs of them (which come to the new process) count down.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <sys/stat.h>
+#include <sys/uio.h>
+#include <unistd.h>
+
+#define OP_LOOKUP 1
+#define OP_OPEN 14
+#define OP_RELEASE 18
+#define ENTRY_OUT_MAX 256
+#define FOPEN_NOFLUSH (1u << 5)
+#define FOPEN_PASSTHROUGH (1u << 7)
+#define DH_NATIVE_FH (1ull << 63)
+#define DH_PREPAID_PASSED 3ull
+#define DH_SLOT_SHIFT 2
+
+struct in_header { uint32_t len, opcode; uint64_t unique, nodeid; uint32_t uid, gid, pid;
+                   uint16_t total_extlen, padding; };
+struct out_header { uint32_t len; int32_t error; uint64_t unique; };
+struct open_in { uint32_t flags, open_flags; };
+struct open_out { uint64_t fh; uint32_t open_flags; int32_t backing_id; };
+struct release_in { uint64_t fh; uint32_t flags, release_flags; uint64_t lock_owner; };
+
+struct entry {            /* one armed node id; nodeid 0: empty, DH_TOMB: deleted */
+    uint64_t nodeid;
+    int32_t backing_id;
+    uint32_t slot;
+    uint64_t ino, size, mtime_ns, ctime_ns;
+    char *path;
+};
+#define DH_TOMB UINT64_MAX
+
+struct event { uint64_t nodeid; uint64_t pid; };
+
+/* One remembered LOOKUP answer: blob = the name's bytes, then the fuse_entry_out Python sent. */
+struct lentry { uint64_t parent, hash; char *blob; uint32_t namelen, replylen; };
+
+struct dh {
+    int fd;
+    uint64_t *counts;     /* per slot, in Python's shared mapping */
+    uint32_t nslots;
+    pthread_rwlock_t lock;
+    struct entry *table;  /* open addressing, capacity a power of two >= 2 * nslots */
+    size_t cap, used;
+    pthread_mutex_t qlock;
+    struct event *queue;
+    size_t qcap, qhead, qlen;
+    uint64_t stats[5];    /* opens, releases answered; opens forwarded; changed files; lookups */
+    pthread_rwlock_t llock;
+    struct lentry *names; /* open addressing, no deletions: cleared whole (dh_forget_names) */
+    size_t ncap, nused, nmax;
+    uint64_t epoch;       /* raised by every clear: an answer looked up before it is refused */
+};
+
+static size_t hash(uint64_t k, size_t cap) {
+    k ^= k >> 33; k *= 0xff51afd7ed558ccdull; k ^= k >> 33;
+    return (size_t)k & (cap - 1);
+}
+
+struct dh *dh_new(int fd, uint64_t *counts, uint32_t nslots, uint32_t queue_cap, uint32_t max_names) {
+    struct dh *d = calloc(1, sizeof *d);
+    if (!d) return NULL;
+    d->fd = fd; d->counts = counts; d->nslots = nslots;
+    d->cap = 16;
+    while (d->cap < 2 * (size_t)nslots + 16) d->cap <<= 1;
+    d->table = calloc(d->cap, sizeof *d->table);
+    d->qcap = queue_cap ? queue_cap : 1;
+    d->queue = calloc(d->qcap, sizeof *d->queue);
+    d->nmax = max_names;
+    d->ncap = 16;
+    while (d->ncap < 2 * (size_t)max_names + 16) d->ncap <<= 1;
+    d->names = calloc(d->ncap, sizeof *d->names);
+    if (!d->table || !d->queue || !d->names) {
+        free(d->table); free(d->queue); free(d->names); free(d); return NULL;
+    }
+    pthread_rwlock_init(&d->lock, NULL);
+    pthread_rwlock_init(&d->llock, NULL);
+    pthread_mutex_init(&d->qlock, NULL);
+    return d;
+}
+
+void dh_free(struct dh *d) {
+    if (!d) return;
+    for (size_t i = 0; i < d->cap; i++)
+        if (d->table[i].nodeid && d->table[i].nodeid != DH_TOMB) free(d->table[i].path);
+    for (size_t i = 0; i < d->ncap; i++) free(d->names[i].blob);
+    free(d->table); free(d->queue); free(d->names); free(d);
+}
+
+/* The slot of nodeid's entry, or of the first free one (for insertion) when absent. */
+static struct entry *find(struct dh *d, uint64_t nodeid, struct entry **free_slot) {
+    struct entry *tomb = NULL;
+    for (size_t i = hash(nodeid, d->cap), n = 0; n < d->cap; i = (i + 1) & (d->cap - 1), n++) {
+        struct entry *e = &d->table[i];
+        if (e->nodeid == nodeid) return e;
+        if (e->nodeid == DH_TOMB) { if (!tomb) tomb = e; continue; }
+        if (e->nodeid == 0) { if (free_slot) *free_slot = tomb ? tomb : e; return NULL; }
+    }
+    if (free_slot) *free_slot = tomb;
+    return NULL;
+}
+
+/* Arm nodeid: its read-only opens are answered with backing_id while path still has the
+ * given identity. Returns 0, or -ENOSPC (table full), -ENOMEM, -EINVAL. */
+int dh_arm(struct dh *d, uint64_t nodeid, int32_t backing_id, uint32_t slot, const char *path,
+           uint64_t ino, uint64_t size, uint64_t mtime_ns, uint64_t ctime_ns) {
+    if (nodeid == 0 || nodeid == DH_TOMB || slot >= d->nslots) return -EINVAL;
+    char *copy = strdup(path);
+    if (!copy) return -ENOMEM;
+    pthread_rwlock_wrlock(&d->lock);
+    struct entry *slot_free = NULL, *e = find(d, nodeid, &slot_free);
+    if (!e) {
+        if (!slot_free || d->used >= (size_t)d->nslots) {
+            pthread_rwlock_unlock(&d->lock); free(copy); return -ENOSPC;
+        }
+        e = slot_free; d->used++;
+    } else {
+        free(e->path);
+    }
+    *e = (struct entry){nodeid, backing_id, slot, ino, size, mtime_ns, ctime_ns, copy};
+    pthread_rwlock_unlock(&d->lock);
+    return 0;
+}
+
+/* No more native opens of nodeid. After it returns, every open that saw the entry has been
+ * counted in its slot (the count is raised under the read lock). Returns 1 if it was armed. */
+int dh_disarm(struct dh *d, uint64_t nodeid) {
+    pthread_rwlock_wrlock(&d->lock);
+    struct entry *e = find(d, nodeid, NULL);
+    int was = e != NULL;
+    if (e) { free(e->path); memset(e, 0, sizeof *e); e->nodeid = DH_TOMB; d->used--; }
+    pthread_rwlock_unlock(&d->lock);
+    return was;
+}
+
+/* Copies up to max queued (nodeid, pid) opens to out (2 * max uint64s); returns how many. */
+size_t dh_drain(struct dh *d, uint64_t *out, size_t max) {
+    pthread_mutex_lock(&d->qlock);
+    size_t n = d->qlen < max ? d->qlen : max;
+    for (size_t i = 0; i < n; i++) {
+        struct event *ev = &d->queue[(d->qhead + i) % d->qcap];
+        out[2 * i] = ev->nodeid; out[2 * i + 1] = ev->pid;
+    }
+    d->qhead = (d->qhead + n) % d->qcap; d->qlen -= n;
+    pthread_mutex_unlock(&d->qlock);
+    return n;
+}
+
+uint64_t dh_stat(struct dh *d, int which) {
+    return which >= 0 && which < 5 ? __atomic_load_n(&d->stats[which], __ATOMIC_RELAXED) : 0;
+}
+
+/* Count one release of a native handle of slot (also used by Python when no native loop runs). */
+void dh_released(struct dh *d, uint32_t slot) {
+    if (slot < d->nslots) __atomic_fetch_sub(&d->counts[slot], 1, __ATOMIC_SEQ_CST);
+}
+
+static int reply(int fd, uint64_t unique, int32_t error, const void *arg, size_t arglen);
+
+static uint64_t name_hash(uint64_t parent, const char *name, size_t len) {
+    uint64_t h = 1469598103934665603ull ^ parent;  /* FNV-1a over the parent, then the name */
+    for (size_t i = 0; i < len; i++) { h ^= (unsigned char)name[i]; h *= 1099511628211ull; }
+    return h ? h : 1;
+}
+
+static struct lentry *find_name(struct dh *d, uint64_t parent, const char *name, size_t len,
+                                uint64_t h) {
+    for (size_t i = h & (d->ncap - 1), n = 0; n < d->ncap; i = (i + 1) & (d->ncap - 1), n++) {
+        struct lentry *e = &d->names[i];
+        if (!e->hash) return e;
+        if (e->hash == h && e->parent == parent && e->namelen == len && !memcmp(e->blob, name, len))
+            return e;
+    }
+    return NULL;
+}
+
+/* The epoch to pass to dh_remember for a LOOKUP about to be answered. */
+uint64_t dh_names_epoch(struct dh *d) { return __atomic_load_n(&d->epoch, __ATOMIC_SEQ_CST); }
+
+/* Forget every remembered answer (the names changed: a refresh). */
+void dh_forget_names(struct dh *d) {
+    pthread_rwlock_wrlock(&d->llock);
+    __atomic_fetch_add(&d->epoch, 1, __ATOMIC_SEQ_CST);
+    for (size_t i = 0; i < d->ncap; i++) { free(d->names[i].blob); d->names[i] = (struct lentry){0}; }
+    d->nused = 0;
+    pthread_rwlock_unlock(&d->llock);
+}
+
+/* Remember Python's answer to LOOKUP(parent, name), given before epoch changed. A full table is
+ * cleared first (the answers are immutable: clearing costs only Python lookups again).
+ * Returns 1 if remembered. */
+int dh_remember(struct dh *d, uint64_t epoch, uint64_t parent, const char *name, uint32_t namelen,
+                const char *reply_arg, uint32_t replylen) {
+    if (!d->nmax || replylen > ENTRY_OUT_MAX || namelen == 0) return 0;
+    char *blob = malloc((size_t)namelen + replylen);
+    if (!blob) return 0;
+    memcpy(blob, name, namelen); memcpy(blob + namelen, reply_arg, replylen);
+    uint64_t h = name_hash(parent, name, namelen);
+    pthread_rwlock_wrlock(&d->llock);
+    if (epoch != d->epoch) { pthread_rwlock_unlock(&d->llock); free(blob); return 0; }
+    if (d->nused >= d->nmax) {
+        for (size_t i = 0; i < d->ncap; i++) { free(d->names[i].blob); d->names[i] = (struct lentry){0}; }
+        d->nused = 0;
+    }
+    struct lentry *e = find_name(d, parent, name, namelen, h);
+    if (!e) { pthread_rwlock_unlock(&d->llock); free(blob); return 0; }
+    if (e->hash) free(e->blob); else d->nused++;
+    *e = (struct lentry){parent, h, blob, namelen, replylen};
+    pthread_rwlock_unlock(&d->llock);
+    return 1;
+}
+
+static int try_lookup(struct dh *d, const struct in_header *h, const char *arg, size_t arglen) {
+    size_t len = strnlen(arg, arglen);
+    if (len == 0 || len == arglen) return 0;  /* not NUL-terminated within the request */
+    unsigned char out[ENTRY_OUT_MAX];
+    uint32_t outlen = 0;
+    uint64_t hv = name_hash(h->nodeid, arg, len);
+    pthread_rwlock_rdlock(&d->llock);
+    struct lentry *e = find_name(d, h->nodeid, arg, len, hv);
+    if (e && e->hash) { outlen = e->replylen; memcpy(out, e->blob + e->namelen, outlen); }
+    pthread_rwlock_unlock(&d->llock);
+    if (!outlen) return 0;
+    int r = reply(d->fd, h->unique, 0, out, outlen);
+    if (r == -ENODEV) return r;
+    __atomic_fetch_add(&d->stats[4], 1, __ATOMIC_RELAXED);
+    return 1;
+}
+
+static int reply(int fd, uint64_t unique, int32_t error, const void *arg, size_t arglen) {
+    struct out_header h = {(uint32_t)(sizeof h + arglen), error, unique};
+    struct iovec iov[2] = {{&h, sizeof h}, {(void *)arg, arglen}};
+    ssize_t n = writev(fd, iov, arglen ? 2 : 1);
+    return n < 0 ? -errno : 0;
+}
+
+static int queue_open(struct dh *d, uint64_t nodeid, uint32_t pid) {
+    int ok = 0;
+    pthread_mutex_lock(&d->qlock);
+    if (d->qlen < d->qcap) {
+        d->queue[(d->qhead + d->qlen) % d->qcap] = (struct event){nodeid, pid};
+        d->qlen++; ok = 1;
+    }
+    pthread_mutex_unlock(&d->qlock);
+    return ok;
+}
+
+/* 1: answered here; 0: for Python; <0: -errno writing the reply (ENODEV: the mount is gone). */
+static int try_open(struct dh *d, const struct in_header *h, const char *arg, size_t arglen) {
+    if (arglen < sizeof(struct open_in)) return 0;
+    const struct open_in *in = (const void *)arg;
+    if (in->flags & (O_ACCMODE | O_TRUNC | O_APPEND | O_CREAT)) return 0;  /* Python: EROFS */
+    pthread_rwlock_rdlock(&d->lock);
+    struct entry *e = find(d, h->nodeid, NULL);
+    if (!e) { pthread_rwlock_unlock(&d->lock); return 0; }
+    struct stat st;
+    if (stat(e->path, &st) != 0 || (uint64_t)st.st_ino != e->ino || (uint64_t)st.st_size != e->size
+        || (uint64_t)st.st_mtim.tv_sec * 1000000000ull + st.st_mtim.tv_nsec != e->mtime_ns
+        || (uint64_t)st.st_ctim.tv_sec * 1000000000ull + st.st_ctim.tv_nsec != e->ctime_ns) {
+        pthread_rwlock_unlock(&d->lock);
+        __atomic_fetch_add(&d->stats[3], 1, __ATOMIC_RELAXED);
+        return 0;  /* Python disarms it and decides (fastopen.py) */
+    }
+    if (!queue_open(d, h->nodeid, h->pid)) { pthread_rwlock_unlock(&d->lock); return 0; }
+    uint32_t slot = e->slot;
+    int32_t bid = e->backing_id;
+    __atomic_fetch_add(&d->counts[slot], 1, __ATOMIC_SEQ_CST);  /* before the reply, under the lock */
+    pthread_rwlock_unlock(&d->lock);
+    struct open_out out = {DH_NATIVE_FH | ((uint64_t)slot << DH_SLOT_SHIFT) | DH_PREPAID_PASSED,
+                           FOPEN_PASSTHROUGH | FOPEN_NOFLUSH, bid};
+    int r = reply(d->fd, h->unique, 0, &out, sizeof out);
+    if (r == -ENOENT) {  /* interrupted: the kernel dropped the answer and sends no RELEASE */
+        dh_released(d, slot);
+        return 1;
+    }
+    if (r < 0) { dh_released(d, slot); return r; }
+    __atomic_fetch_add(&d->stats[0], 1, __ATOMIC_RELAXED);
+    return 1;
+}
+
+static int try_release(struct dh *d, const struct in_header *h, const char *arg, size_t arglen) {
+    if (arglen < sizeof(struct release_in)) return 0;
+    const struct release_in *in = (const void *)arg;
+    if (!(in->fh & DH_NATIVE_FH)) return 0;
+    int r = reply(d->fd, h->unique, 0, NULL, 0);
+    dh_released(d, (uint32_t)((in->fh & ~DH_NATIVE_FH) >> DH_SLOT_SHIFT));  /* after the reply */
+    __atomic_fetch_add(&d->stats[1], 1, __ATOMIC_RELAXED);
+    return r == -ENODEV ? r : 1;
+}
+
+/* Wait for the next request Python must answer. Returns its length (in buf), 0 when wake_fd
+ * is readable (stop), or -errno: reading /dev/fuse failed (ENODEV: unmounted). epfd holds the
+ * FUSE descriptor (EPOLLEXCLUSIVE) and wake_fd, as the Python loop sets it up. */
+ssize_t dh_next(struct dh *d, int epfd, int wake_fd, char *buf, size_t len) {
+    for (;;) {
+        struct epoll_event ev[2];
+        int n = epoll_wait(epfd, ev, 2, -1);
+        if (n < 0) { if (errno == EINTR) continue; return -errno; }
+        for (int i = 0; i < n; i++) if (ev[i].data.fd == wake_fd) return 0;
+        for (;;) {
+            ssize_t got = read(d->fd, buf, len);
+            if (got < 0) {
+                if (errno == EAGAIN) break;
+                if (errno == EINTR || errno == ENOENT) continue;
+                return -errno;
+            }
+            if ((size_t)got < sizeof(struct in_header)) return got;
+            const struct in_header *h = (const void *)buf;
+            const char *arg = buf + sizeof *h;
+            size_t arglen = (size_t)got - sizeof *h;
+            int done = 0;
+            if (h->opcode == OP_LOOKUP) done = try_lookup(d, h, arg, arglen);
+            else if (h->opcode == OP_OPEN) done = try_open(d, h, arg, arglen);
+            else if (h->opcode == OP_RELEASE) done = try_release(d, h, arg, arglen);
+            if (done == -ENODEV) return -ENODEV;
+            if (done == 0) return got;
+            /* answered here: read on while requests wait, then back to epoll */
+        }
+    }
+}

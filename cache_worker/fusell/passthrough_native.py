@@ -1,0 +1,182 @@
+"""Node ids armed for the native responder (fastopen.c): the part of
+:class:`~.passthrough.BackingTable` that lets opens of a file be answered without Python.
+
+**An arm is a handle.** Arming a node id logs one passthrough open of it with a reserved handle,
+``ARM_FH + slot``, and keeps it open: for the table (and the kernel's rules 1-3 in
+passthrough.py) the inode is then in passthrough use with its id, so the id is never closed
+or replaced while native opens may name it. Native opens are not logged one by one: each is
+counted in its slot's counter (``<log>.opens``, 8 bytes a slot, in the same kind of shared
+tmpfs mapping as the log), raised before the reply and lowered after the RELEASE reply, so a
+crash leaves a count too high, never too low (an id kept open, never one closed under an open).
+
+**Disarming** (the file was evicted or changed, the slot is wanted for another file, the worker
+restarted, an open came to Python after all) first removes the node id from the C table, after
+which no native open can name it; the arm's handle is released once its count is 0
+(:meth:`NativeArms.settle`, called every ``SETTLE_SECONDS`` by the view): then the table's usual
+rules apply (the id is kept for reuse, checked at its next open, or closed if doomed).
+
+**Across restarts** the arms are in the log and the counts in their file, but the C table is
+not: a new process starts with every inherited arm disarmed (so its file is checked again by
+Python before it is armed again), and the native releases of the old handles, which come to the
+new process, count down the same slots. A process without the native part (``fastopen.load``
+refused) counts them down in Python.
+
+Bound: ``slots`` arms (the view: 65,536). An arm holds the kernel's reference to one cache file
+(a ``struct file``, and with it the dentry and inode, about 1 KB of kernel memory), which is why
+it is bounded at all; past the bound the least recently opened file is disarmed.
+"""
+
+from __future__ import annotations
+
+import logging
+import mmap
+import os
+import struct
+from collections import OrderedDict
+
+from .fastopen import SLOT_SHIFT, NATIVE_FH, NativeOpens
+from .iomode import PASSTHROUGH
+
+log = logging.getLogger("datahoard.cache_worker.fusell.passthrough")
+
+#: Handles of arms: ARM_FH + slot (the table's own handles are serials far below).
+ARM_FH = 1 << 40
+_COUNT = struct.Struct("=q")
+
+
+def is_arm(fh: int) -> bool:
+    return ARM_FH <= fh < ARM_FH * 2
+
+
+def native_slot(fh: int) -> int | None:
+    """The slot of a handle the native part gave out (as the view sees it), else None."""
+    return (fh & ~NATIVE_FH) >> SLOT_SHIFT if fh & NATIVE_FH else None
+
+
+class NativeArms:
+    """Arming, disarming and settling.
+    A part of :class:`.passthrough.BackingTable`, which sets up the state in ``__init__``
+    (``_open_counts`` after the log is loaded)."""
+
+    SLOTS = 1 << 16
+
+    def _open_counts(self) -> None:
+        """Map ``<log>.opens``; zero the count of every slot no inherited arm holds, and
+        disarm every inherited arm (see the module docstring)."""
+        path = self.path.with_name(self.path.name + ".opens")
+        size = self.SLOTS * _COUNT.size
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            if os.fstat(fd).st_size < size:
+                os.ftruncate(fd, size)
+            self._counts = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        finally:
+            os.close(fd)
+        held = {fh - ARM_FH: node for node, ino in self._inodes.items() for fh in ino.fhs if is_arm(fh)}
+        for slot in range(self.SLOTS):
+            if slot not in held and _COUNT.unpack_from(self._counts, slot * _COUNT.size)[0]:
+                _COUNT.pack_into(self._counts, slot * _COUNT.size, 0)
+        self._armed: OrderedDict[int, int] = OrderedDict()  # node id -> slot, oldest first
+        self._draining: dict[int, int] = {node: slot for slot, node in held.items()}
+        self._free = [s for s in range(self.SLOTS - 1, -1, -1) if s not in held]
+        self.native: NativeOpens | None = None
+
+    def start_native(self, lib, fd: int) -> NativeOpens:
+        self.native = NativeOpens(lib, fd, self._counts, self.SLOTS)
+        return self.native
+
+    def count(self, slot: int) -> int:
+        return _COUNT.unpack_from(self._counts, slot * _COUNT.size)[0]
+
+    def arm(self, nodeid: int, path: str, identity: tuple[int, int, int, int]) -> bool:
+        """Let the native part answer opens of ``nodeid``, which Python just answered with
+        passthrough of the verified file ``path`` (``identity``: its inode, size, mtime_ns and
+        ctime_ns then). False if not armed."""
+        native = self.native
+        if native is None:
+            return False
+        with self._lock:
+            ino = self._inodes.get(nodeid)
+            if ino is None or ino.backing_id is None or not ino.passthrough or nodeid in self._doomed:
+                return False
+            if nodeid in self._armed:
+                self._armed.move_to_end(nodeid)
+                return True
+            slot = self._draining.pop(nodeid, None)
+            if slot is None:
+                if not self._free:
+                    self._disarm_locked(next(iter(self._armed)))
+                    if not self._free:
+                        return False  # every slot still counts open handles
+                slot = self._free.pop()
+                fh = ARM_FH + slot
+                self._log("o", nodeid, fh, ino.backing_id, PASSTHROUGH)
+                ino.add(fh, PASSTHROUGH)
+                self._fh_node[fh] = nodeid
+            if not native.arm(nodeid, ino.backing_id, slot, path, identity):
+                self._draining[nodeid] = slot
+                self._settle_locked(nodeid)
+                return False
+            self._armed[nodeid] = slot
+            return True
+
+    def disarm(self, nodeid: int) -> None:
+        with self._lock:
+            self._disarm_locked(nodeid)
+
+    def is_armed(self, nodeid: int) -> bool:
+        return nodeid in self._armed
+
+    def used(self, nodeids) -> None:
+        """Opens of these node ids were answered natively: keep them longest."""
+        with self._lock:
+            armed = self._armed
+            for nodeid in nodeids:
+                if nodeid in armed:
+                    armed.move_to_end(nodeid)
+
+    def native_released(self, slot: int) -> None:
+        """A RELEASE of a native handle reached Python (no native part in this process)."""
+        if not 0 <= slot < self.SLOTS:
+            return
+        if self.native is not None:
+            self.native.released(slot)
+            return
+        with self._lock:
+            off = slot * _COUNT.size
+            _COUNT.pack_into(self._counts, off, _COUNT.unpack_from(self._counts, off)[0] - 1)
+
+    def settle(self) -> int:
+        """Release the arms of disarmed node ids whose native opens are all released; how
+        many are still waiting."""
+        with self._lock:
+            for nodeid in list(self._draining):
+                self._settle_locked(nodeid)
+            return len(self._draining)
+
+    def _disarm_locked(self, nodeid: int) -> None:
+        slot = self._armed.pop(nodeid, None)
+        if slot is None:
+            return
+        if self.native is not None:
+            self.native.disarm(nodeid)
+        self._draining[nodeid] = slot
+        self._settle_locked(nodeid)
+
+    def _settle_locked(self, nodeid: int) -> None:
+        slot = self._draining[nodeid]
+        if self.count(slot) > 0:
+            return
+        del self._draining[nodeid]
+        _COUNT.pack_into(self._counts, slot * _COUNT.size, 0)
+        self._release_locked(nodeid, ARM_FH + slot)
+        self._free.append(slot)
+
+    def _close_counts(self) -> None:
+        if self.native is not None:
+            self.native.close()
+            self.native = None
+        if self._counts is not None:
+            self._counts.close()
+            self._counts = None
+

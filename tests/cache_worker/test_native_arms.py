@@ -1,0 +1,112 @@
+"""Arms of the native responder in the backing table (fusell/passthrough_native.py), without the
+kernel: the table's bookkeeping across drops and restarts, with the real native library (whose
+state needs no FUSE descriptor until it serves) and a connection whose backing ids follow the
+kernel's rules (cyclic ids from 1; closing an unknown id is ENOENT). A native open is what
+fastopen.c does before its reply: one up on the arm's slot count. The same paths against the
+kernel, through real mounts: test_native_opens.py."""
+
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+
+import pytest
+
+from datahoard.cache_worker.fusell import fastopen
+from datahoard.cache_worker.fusell.connection import Connection
+from datahoard.cache_worker.fusell.passthrough import BackingTable
+from datahoard.cache_worker.fusell.passthrough_native import _COUNT, NativeArms
+from datahoard.cache_worker.fusell.state import InitState
+
+
+class _Kernel(Connection):
+    def __init__(self) -> None:
+        super().__init__(-1, InitState(passthrough=True))
+        self.ids: dict[int, int] = {}
+        self.closed: list[int] = []
+        self._next = 1
+
+    def backing_open(self, backing_fd: int) -> int:
+        bid, self._next = self._next, self._next + 1
+        self.ids[bid] = os.fstat(backing_fd).st_ino
+        return bid
+
+    def backing_close(self, backing_id: int) -> None:
+        if self.ids.pop(backing_id, None) is None:
+            raise OSError(errno.ENOENT, "no such backing id")
+        self.closed.append(backing_id)
+
+
+@pytest.fixture
+def lib():
+    lib = fastopen.load()
+    assert lib is not None, f"the native part must be built by make: {fastopen.unavailable}"
+    return lib
+
+
+def _passed(t: BackingTable, nodeid: int, file: Path):
+    choice = t.open(nodeid, lambda: os.open(file, os.O_RDONLY))
+    assert choice.backing_id is not None
+    st = os.stat(file)
+    assert t.arm(nodeid, str(file), (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
+    return choice
+
+
+def _native_open(t: BackingTable, nodeid: int) -> int:
+    slot = t._armed[nodeid]
+    _COUNT.pack_into(t._counts, slot * _COUNT.size, t.count(slot) + 1)
+    return slot
+
+
+def test_an_arm_keeps_the_id_until_its_last_native_open_is_released(tmp_path: Path, lib):
+    file = tmp_path / "f"
+    file.write_bytes(b"x" * 100)
+    kernel = _Kernel()
+    t = BackingTable(tmp_path / "log", kernel)
+    t.start_native(lib, -1)
+    choice = _passed(t, 7, file)
+    t.release(7, choice.fh)
+    slot = _native_open(t, 7)
+    assert t.mode(7) == (choice.backing_id, 1, 0), "the arm is a passthrough open of its own"
+    t.drop(7)  # evicted while the native handle is open
+    assert not t.is_armed(7) and kernel.closed == []
+    assert t.settle() == 1
+    t.native_released(slot)  # its RELEASE
+    assert t.settle() == 0
+    assert kernel.closed == [choice.backing_id] and t.mode(7) == (None, 0, 0)
+
+
+def test_a_restarted_table_keeps_inherited_arms_until_their_counts_drain(tmp_path: Path, lib):
+    file = tmp_path / "f"
+    file.write_bytes(b"x" * 100)
+    kernel = _Kernel()
+    t = BackingTable(tmp_path / "log", kernel)
+    t.start_native(lib, -1)
+    choice = _passed(t, 7, file)
+    t.release(7, choice.fh)
+    slot = _native_open(t, 7)
+    free = (slot + 1) % NativeArms.SLOTS
+    _COUNT.pack_into(t._counts, free * _COUNT.size, 5)  # a count no arm holds: stale
+    # SIGKILL: nothing closed. The next process has no native part (fastopen.load refused).
+    t2 = BackingTable(tmp_path / "log", kernel)
+    assert t2.count(free) == 0 and t2.count(slot) == 1
+    assert not t2.is_armed(7), "an inherited arm is checked again by Python before it is armed"
+    assert t2.settle() == 1 and t2.mode(7) == (choice.backing_id, 1, 0)
+    t2.native_released(slot)  # the dead worker's handle is released to this one
+    assert t2.settle() == 0 and kernel.closed == [choice.backing_id]
+
+
+def test_past_the_bound_the_least_recently_opened_arm_is_disarmed(tmp_path: Path, lib, monkeypatch):
+    monkeypatch.setattr(NativeArms, "SLOTS", 2)
+    files = {}
+    for n in (7, 8, 9):
+        files[n] = tmp_path / f"f{n}"
+        files[n].write_bytes(b"x" * n)
+    t = BackingTable(tmp_path / "log", _Kernel())
+    t.start_native(lib, -1)
+    for n in (7, 8):
+        t.release(n, _passed(t, n, files[n]).fh)
+    t.used([7])  # opened natively since: 8 is now the least recently used
+    t.release(9, _passed(t, 9, files[9]).fh)
+    assert [n for n in (7, 8, 9) if t.is_armed(n)] == [7, 9]

@@ -1,0 +1,131 @@
+"""The native OPEN/RELEASE responder (cache_worker/fusell/fastopen.c) on real mounts against the
+S3 server: which opens it answers, that their hits are counted, that eviction and a SIGKILL
+never pull a file from under a handle it gave out, and what happens without it."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+
+from datahoard.cache_worker.fusell.passthrough_log import read_log
+from datahoard.cache_worker.fusell.passthrough_native import ARM_FH
+from tests.support.mounts import datahoard
+from tests.support.polling import eventually
+
+
+def _put(s3, bucket: str, files: dict[str, bytes]) -> None:
+    for key, body in files.items():
+        s3.put_object(Bucket=bucket, Key=f"ds/{key}", Body=body)
+
+
+def _records(m, nodeid: int) -> list[tuple[str, int]]:
+    """(op, handle) of the backing table's log for one node id, oldest first."""
+    return [(op, fh) for op, node, fh, _, _ in read_log(m.cache_dir / "fuse-backing.log") if node == nodeid]
+
+
+def _id_ops(m, nodeid: int) -> list[str]:
+    return [op for op, _ in _records(m, nodeid) if op in "bc"]
+
+
+def _cold_read(f) -> bytes:
+    """Read a whole open file from its backing store, not the page cache."""
+    os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+    f.seek(0)
+    return f.read()
+
+
+@pytest.mark.integration
+def test_opens_after_the_first_passthrough_are_answered_natively_and_counted_as_hits(s3, bucket, mount_dataset):
+    a = os.urandom(100_000)
+    _put(s3, bucket, {"a": a})
+    m = mount_dataset(bucket, "ds", "--passthrough")
+    path = m.mountpoint / "a"
+    assert path.read_bytes() == a  # a miss: fetched and cached
+    for _ in range(5):
+        assert path.read_bytes() == a  # the first is passed through by Python, which arms it
+    st = m.stats()
+    assert st.fuse.native_opens == 4 and st.fuse.passthrough_opens == 5
+    assert st.fuse.native_note is None
+    # Every hit counted whole at open, as a Python-answered open counts it, and for its reader.
+    assert st.served_from_cache_bytes == 5 * len(a) and st.served_from_source_bytes == len(a)
+    assert {(c.namespace, c.pod): c.served_from_cache_bytes for c in st.consumers} == {("", "host"): 5 * len(a)}
+    # Python logged one passthrough open and the arm; the native opens are in the slot's count.
+    node = os.stat(path).st_ino
+    opens = [fh for op, fh in _records(m, node) if op == "o"]
+    assert len([fh for fh in opens if fh >= ARM_FH]) == 1 and len(opens) == 3  # miss, passed, arm
+    out = datahoard("status", str(m.mountpoint)).stdout
+    assert "4 of them answered natively" in out, out
+
+
+@pytest.mark.integration
+def test_a_native_handle_keeps_its_file_through_eviction_and_the_id_closes_after_it(s3, bucket, mount_dataset):
+    """Eviction disarms the file at once (the next open goes to Python), but the backing id -
+    the kernel's reference to the evicted file - is closed only when the last native handle is
+    released: until then that handle reads the file it opened."""
+    a, b = os.urandom(100_000), os.urandom(100_000)
+    _put(s3, bucket, {"a": a, "b": b})
+    m = mount_dataset(bucket, "ds", "--capacity", "150000", "--passthrough")
+    path_a = m.mountpoint / "a"
+    assert path_a.read_bytes() == a and path_a.read_bytes() == a  # cached, then armed
+    node = os.stat(path_a).st_ino
+    with open(path_a, "rb", buffering=0) as held:
+        assert m.stats().fuse.native_opens == 1
+        assert (m.mountpoint / "b").read_bytes() == b  # evicts a
+        eventually(lambda: m.stats().cached_bytes == len(b), 20, what="a to be evicted")
+        assert _cold_read(held) == a
+        assert _id_ops(m, node) == ["b"], "the id must stay while a native handle uses it"
+    eventually(lambda: _id_ops(m, node) == ["b", "c"], 20, what="the id to close after the last release")
+    assert path_a.read_bytes() == a  # fetched again
+    assert m.stats().errors == 0
+
+
+@pytest.mark.integration
+def test_native_handles_open_across_a_sigkill_are_released_to_the_next_worker(s3, bucket, mount_dataset, tmp_path):
+    """The open counts are in a shared file, so the next worker knows a handle the dead one gave
+    out is still open, keeps its id, and closes it once the handle's RELEASE comes to it."""
+    from datahoard import runtime
+
+    a, b = os.urandom(100_000), os.urandom(100_000)
+    _put(s3, bucket, {"a": a, "b": b})
+    mnt = tmp_path / "mnt"
+    m = mount_dataset(bucket, "ds", "--capacity", "150000", "--passthrough", mountpoint=mnt)
+    path_a = mnt / "a"
+    assert path_a.read_bytes() == a and path_a.read_bytes() == a
+    node = os.stat(path_a).st_ino
+    held = open(path_a, "rb", buffering=0)
+    try:
+        assert m.stats().fuse.native_opens == 1
+        pid = runtime.lookup(mnt).pid
+        os.kill(pid, signal.SIGKILL)
+        eventually(lambda: not runtime.alive(pid), what="the worker to die")
+        assert _cold_read(held) == a  # passthrough reads need no worker
+        eventually(lambda: (r := runtime.lookup(mnt)) is not None and r.pid != pid, timeout=60,
+                   what="the supervisor to restart the worker")
+        assert m.stats().fuse.resumed
+        assert path_a.read_bytes() == a  # the inherited arm is checked by Python, then armed again
+        assert (mnt / "b").read_bytes() == b  # evicts a: its id must wait for the held handle
+        eventually(lambda: m.stats().cached_bytes == len(b), 20, what="a to be evicted")
+        assert _cold_read(held) == a
+        assert _id_ops(m, node) == ["b"]
+    finally:
+        held.close()
+    eventually(lambda: _id_ops(m, node) == ["b", "c"], 20, what="the id to close after the held handle")
+    assert m.stats().errors == 0
+
+
+@pytest.mark.integration
+def test_without_the_native_part_every_open_is_answered_in_python_and_status_says_so(
+        s3, bucket, mount_dataset, monkeypatch):
+    monkeypatch.setenv("DATAHOARD_NATIVE_OPENS", "0")
+    a = os.urandom(100_000)
+    _put(s3, bucket, {"a": a})
+    m = mount_dataset(bucket, "ds", "--passthrough")
+    for _ in range(4):
+        assert (m.mountpoint / "a").read_bytes() == a
+    st = m.stats()
+    assert st.fuse.passthrough_opens == 3 and st.fuse.native_opens == 0
+    assert st.served_from_cache_bytes == 3 * len(a)
+    out = datahoard("status", str(m.mountpoint)).stdout
+    assert "opens answered in Python: switched off (DATAHOARD_NATIVE_OPENS=0)" in out, out
