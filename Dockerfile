@@ -23,9 +23,11 @@ COPY operator /src/operator
 COPY cache_worker /src/cache_worker
 COPY csi_node /src/csi_node
 # The view's native OPEN/RELEASE responder (cache_worker/fusell/fastopen.c), installed as package
-# data; the compiler stays in this stage.
-RUN apt-get update \
-    && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends gcc libc6-dev \
+# data; the compiler stays in this stage. libc6-dev is pinned to the base's own libc6.
+RUN libc="$(dpkg-query -W -f='${Version}' libc6)" \
+    && apt-get update \
+    && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
+        gcc=4:12.2.0-3 libc6-dev=$libc \
     && rm -rf /var/lib/apt/lists/* \
     && /src/cache_worker/fusell/build-native.sh
 # --no-deps: everything it needs is already pinned above; `pip check` proves the set is whole.

@@ -5,6 +5,8 @@ What the view promises, and how (each promise is kept by the part of the view na
 * **Node ids and handles mean the same thing in the next process** (:mod:`.fs_ids`).
 * **Passthrough** of files whole and verified in the cache, and **hit accounting that stays
   true** (:mod:`.fs_data`), with backing ids kept across opens (:mod:`.fs_backing`).
+* Opens of armed files, their releases, and LOOKUPs answered before, answered natively
+  (fusell/fastopen.c), with their hits counted here (:mod:`.fs_backing`).
 * Names, attributes and listings from the immutable index (:mod:`.fs_meta`).
 * Everything else as before: read-only (every write-type request is EROFS, in ``fusell``),
   hour-long entry and attribute timeouts for immutable data, bounded reads (``DatasetCache``:

@@ -51,7 +51,7 @@ from .index import Index
 from .index_open import OpenedIndex, open_index, snapshot_file
 from .kernel_opens import KernelOpens
 from .index_build import cleanup as cleanup_retired_indexes
-from .serving import ServingMode, use_passthrough
+from .serving import ServingMode, physical_memory, use_passthrough
 from .source import Source, SourceError
 from .sources import open_source
 from .stats_server import StatsServer
@@ -89,8 +89,10 @@ class Worker(WorkerConnection, WorkerRefresh):
         self.mode = ServingMode()
         #: The "fully cached" event (completeness.py).
         self.completeness: Completeness | None = None
-        #: A file larger than one chunk (decides passthrough "auto"; see ``_use_passthrough``).
+        #: A file larger than one chunk, a dataset of more than half the node's memory (each
+        #: decides passthrough "auto"; see ``_use_passthrough``).
         self.large_files = True
+        self.beyond_memory = False
         self.view: DatasetFS | None = None
         self.attacher: Attacher | None = None
         self.attachment: Attachment | None = None
@@ -206,7 +208,9 @@ class Worker(WorkerConnection, WorkerRefresh):
     def _use_passthrough(self) -> bool:
         cfg = self.config
         self.large_files = self.index.max_file_size() > cfg.tuning.whole_file_max
-        return use_passthrough(cfg.passthrough, self.index.max_file_size(), cfg.tuning.whole_file_max)
+        self.beyond_memory = self.index.summary.total_bytes > physical_memory() // 2
+        return use_passthrough(cfg.passthrough, self.index.max_file_size(), cfg.tuning.whole_file_max,
+                               self.index.summary.total_bytes, physical_memory())
 
     # -- events --------------------------------------------------------------------------
     def _plan_kernel_opens(self) -> None:

@@ -42,11 +42,12 @@ class WorkerConfig:
     #: ``DatasetFS.serve_opens_in_kernel``).
     kernel_opens: bool = True
     #: Answer opens of files whole in the cache with FUSE passthrough (kernel 6.9+): "on", "off",
-    #: or "auto": only for a dataset with a file larger than one chunk. Measured (bench/RESULTS.md):
-    #: for small files passthrough's open and release, answered in Python, cost 0.10-0.14 of local
-    #: disk on warm epochs, where keep_cache and then kernel opens give about 0.5 (and the two
-    #: cannot share a connection: answering an open ENOSYS gives passthrough up); for shards it
-    #: is 0.9-1.4 of local disk against 0.03 through the worker.
+    #: or "auto": for a dataset with a file larger than one chunk, or of more than half the
+    #: node's memory. Measured (bench/ANALYSIS.md, 15,000 cached 110 KB files, x local disk):
+    #: passthrough with the native responder 0.45 warm / 0.79 page cache dropped, the page cache
+    #: with kernel opens 0.71 / 0.22 (the two cannot share a connection: answering an open ENOSYS
+    #: gives passthrough up), so small files keep the page cache while it can hold them; for
+    #: shards passthrough is 0.9-1.4 of local disk against 0.03 through the worker.
     passthrough: str = "auto"
     #: Keep the FUSE connection with the FUSE keeper, so a restart is a pause, not an error.
     handover: bool = True

@@ -84,9 +84,10 @@ def _fuse_stats(w: Worker) -> FuseStats:
     passthrough = bool(view is not None and view.backing is not None and state is not None and state.passthrough)
     if cfg.passthrough == "off":
         why = "off (--no-passthrough)"
-    elif cfg.passthrough == "auto" and not w.large_files:
-        why = ("every file fits in one chunk: served from the page cache, and once all are cached the kernel "
-               "opens them itself (faster for small files; --passthrough forces it)")
+    elif cfg.passthrough == "auto" and not w.large_files and not w.beyond_memory:
+        why = ("every file fits in one chunk and the dataset in half the node's memory: served from the page "
+               "cache, and once all are cached the kernel opens them itself (faster while the page cache holds "
+               "them; --passthrough forces it)")
     elif state is not None and not state.passthrough:
         why = "the kernel does not offer FUSE passthrough (Linux 6.9+ with CONFIG_FUSE_PASSTHROUGH)"
     else:

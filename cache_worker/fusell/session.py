@@ -60,6 +60,14 @@ files involved) -> warm:
 (warm mfusepy = the FUSE inode's own page cache; "through Python" has no keep_cache, so
 every byte is an os.pread in the server and a writev of header + data.)
 
+**The native part** (``native=``, fastopen.py): each thread's wait and read is then a call
+into C that answers, without returning, the OPENs and RELEASEs of files armed for passthrough
+and the LOOKUPs answered before, and returns every other request to this loop. Measured with
+the dataset view (bench.hot, 15,000 cached 110 KB files, 8 readers, x local disk): page cache
+warm 0.07 -> 0.45, dropped 0.29 -> 0.79; worker CPU per file 200-260 -> 28-31 us warm,
+350-410 -> 43-46 us dropped (opens alone in C: 0.40 / 0.62, the rest being Python LOOKUPs
+after the dentries were dropped).
+
 Passthrough reads keep working while the server is SIGSTOPped (tests/cache_worker/
 test_fusell.py), which is also what makes them as fast as local disk.
 """

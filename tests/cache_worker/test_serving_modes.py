@@ -149,6 +149,10 @@ def test_a_tree_bound_before_the_event_keeps_direct_and_adds_kernel_opens():
 def test_the_choices():
     assert use_passthrough("auto", CHUNK + 1, CHUNK) and not use_passthrough("auto", CHUNK, CHUNK)
     assert use_passthrough("on", 1, CHUNK) and not use_passthrough("off", CHUNK + 1, CHUNK)
+    # Small files beyond what the page cache can hold: the cache disk is read every epoch.
+    assert use_passthrough("auto", CHUNK, CHUNK, total_bytes=5 << 30, memory_bytes=8 << 30)
+    assert not use_passthrough("auto", CHUNK, CHUNK, total_bytes=3 << 30, memory_bytes=8 << 30)
+    assert not use_passthrough("off", CHUNK, CHUNK, total_bytes=5 << 30, memory_bytes=8 << 30)
     assert kernel_opens_refusal(True, False, CHUNK, CHUNK) is None
     assert "turned off" in kernel_opens_refusal(False, False, CHUNK, CHUNK)
     assert "passthrough" in kernel_opens_refusal(True, True, CHUNK, CHUNK)

@@ -64,10 +64,15 @@ def test_dockerfile_shape() -> None:
     assert froms == ["${PYTHON_IMAGE}", "${PYTHON_IMAGE}"], froms  # multi-stage, one base
     assert "--no-deps" in DOCKERFILE and "-r /tmp/requirements.lock" in DOCKERFILE
     assert "pip check" in DOCKERFILE
-    # FUSE userspace with pinned Debian versions; nothing installed unpinned.
-    apt = re.search(r"apt-get install[^\n]*\n((?:\s+[^\n]*\\\n)*)", DOCKERFILE).group(0)
-    packages = [w for w in apt.split() if re.match(r"^[a-z0-9][\w.+-]*=", w)]
-    assert {p.split("=")[0] for p in packages} >= {"fuse3", "libfuse3-3"}, apt
+    # FUSE userspace (and the build stage's compiler) with pinned Debian versions; nothing
+    # installed unpinned.
+    pinned = set()
+    for apt in re.findall(r"apt-get install((?:\\\n|[^\n&])*)", DOCKERFILE):
+        words = [w for w in apt.split() if w != "\\" and not w.startswith("-")]
+        unpinned = [w for w in words if not re.match(r"^[a-z0-9][\w.+-]*=\S", w)]
+        assert not unpinned, f"unpinned: {unpinned}"
+        pinned |= {w.split("=")[0] for w in words}
+    assert pinned >= {"fuse3", "libfuse3-3", "gcc", "libc6-dev"}, pinned
     assert re.search(r'^ENTRYPOINT \["datahoard-entrypoint"\]$', DOCKERFILE, re.M)
     assert "useradd --uid 65532" in DOCKERFILE  # the uid the chart runs the operator as
     assert not re.search(r":latest\b", DOCKERFILE)
