@@ -81,6 +81,7 @@ class DatasetFS(ViewMetadata, ViewData, ViewBacking, ViewIds, Filesystem):
         self.native: NativeOpens | None = None
         self.native_note: str | None = "no passthrough"
         self._native_stop = threading.Event()
+        self._native_thread: threading.Thread | None = None
         if backing is not None:
             backing.retain = KEPT_BACKING_IDS
             backing.on_close = self._backing_closed
@@ -92,7 +93,9 @@ class DatasetFS(ViewMetadata, ViewData, ViewBacking, ViewIds, Filesystem):
                 self.native_note = fastopen.unavailable
             else:
                 self.native, self.native_note = backing.start_native(lib, backing.conn.fd), None
-                threading.Thread(target=self._count_native, name="native-opens", daemon=True).start()
+            # Also without the native part: arms a previous worker left are settled here.
+            self._native_thread = threading.Thread(target=self._count_native, name="native-opens", daemon=True)
+            self._native_thread.start()
         #: Read state by (node id, handle): keyed by the node too, so a handle number a previous
         #: worker also gave out (still open in the kernel) can only ever mean the same file.
         self._handles: dict[tuple[int, int], ReadState] = {}

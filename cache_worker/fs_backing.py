@@ -96,6 +96,15 @@ class ViewBacking:
         self.backing.used(seen)
         return len(opens)
 
+    def stop_counting(self) -> None:
+        """Count what is left and stop the counting thread: before the backing table (and with
+        it the native part's state) is closed."""
+        self._native_stop.set()
+        if self._native_thread is not None:
+            self._native_thread.join(timeout=10)
+            self._native_thread = None
+        self.count_native_opens()
+
     def _count_native(self) -> None:
         while not self._native_stop.wait(SETTLE_SECONDS):
             try:

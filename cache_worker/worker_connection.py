@@ -33,6 +33,7 @@ class WorkerConnection:
         """End the lease; after an unmount (not a handover) the keeper lets go of it too."""
         att, self.attachment = self.attachment, None
         if self.view is not None and self.view.backing is not None:
+            self.view.stop_counting()  # its thread uses the native part the table frees
             self.view.backing.close()
         if att is not None:
             if att.keeper is not None and not self._handing_over:

@@ -122,6 +122,8 @@ class NativeOpens:
     def drain(self) -> list[tuple[int, int]]:
         """The opens answered natively since the last drain, as (node id, pid)."""
         got: list[tuple[int, int]] = []
+        if not self._h:  # closed
+            return got
         out = self._out
         while n := self._lib.dh_drain(self._h, out, len(out) // 2):
             flat = out[:2 * n]
@@ -131,6 +133,8 @@ class NativeOpens:
         return got
 
     def stats(self) -> dict[str, int]:
+        if not self._h:
+            return dict.fromkeys(_STATS, 0)
         return {name: self._lib.dh_stat(self._h, i) for i, name in enumerate(_STATS)}
 
     def reader(self, epfd: int, wake_fd: int, buf: bytearray):
