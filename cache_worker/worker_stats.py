@@ -95,6 +95,7 @@ def _fuse_stats(w: Worker) -> FuseStats:
     if w.mode.mode.kernel_opens:
         why = "the kernel opens files itself (a fully cached dataset of small files): no opens to pass through"
         passthrough = False
+    native = view.native.stats() if view is not None and view.native is not None else {}
     return FuseStats(
         passthrough=passthrough,
         passthrough_note=None if passthrough else why,
@@ -102,7 +103,8 @@ def _fuse_stats(w: Worker) -> FuseStats:
         handover_note=None if att is None or att.handover else att.note,
         resumed=bool(att is not None and att.resumed),
         passthrough_opens=view.passthrough_opens if view is not None else 0,
-        native_opens=view.native.stats()["opens"] if view is not None and view.native is not None else 0,
+        native_opens=native.get("opens", 0),
+        native_lookups=native.get("lookups", 0),
         native_note=None if view is None or view.native is not None else view.native_note,
     )
 

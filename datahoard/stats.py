@@ -66,6 +66,8 @@ class FuseStats(BaseModel):
     passthrough_opens: int = Field(default=0, description="opens answered with passthrough since start")
     native_opens: int = Field(
         default=0, description="of those, opens answered by the worker's native responder, without Python")
+    native_lookups: int = Field(
+        default=0, description="LOOKUPs answered again by the native responder, without Python")
     native_note: str | None = Field(
         default=None, description="why opens to pass through are answered in Python, if they are")
 

@@ -60,6 +60,25 @@ def test_opens_after_the_first_passthrough_are_answered_natively_and_counted_as_
 
 
 @pytest.mark.integration
+def test_a_lookup_answered_once_is_answered_natively_after_the_kernel_forgot_the_name(s3, bucket, mount_dataset):
+    """Dropping the kernel's dentries (what memory pressure does to a dataset larger than RAM)
+    sends a LOOKUP per file again; the native part answers those the worker answered before."""
+    files = {f"d/f{i}": os.urandom(1000 + i) for i in range(20)}
+    _put(s3, bucket, files)
+    m = mount_dataset(bucket, "ds", "--passthrough")
+    before = {k: os.stat(m.mountpoint / k) for k in files}  # LOOKUPs answered by Python
+    assert m.stats().fuse.native_lookups == 0
+    os.sync()
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("2\n")  # dentries and inodes
+    after = {k: os.stat(m.mountpoint / k) for k in files}
+    assert m.stats().fuse.native_lookups >= len(files)
+    assert {k: (s.st_ino, s.st_size) for k, s in after.items()} == {k: (s.st_ino, s.st_size) for k, s in before.items()}
+    for k, body in files.items():
+        assert (m.mountpoint / k).read_bytes() == body
+
+
+@pytest.mark.integration
 def test_a_native_handle_keeps_its_file_through_eviction_and_the_id_closes_after_it(s3, bucket, mount_dataset):
     """Eviction disarms the file at once (the next open goes to Python), but the backing id -
     the kernel's reference to the evicted file - is closed only when the last native handle is
