@@ -75,7 +75,7 @@ struct dh {
     uint32_t nslots;
     pthread_rwlock_t lock;
     struct entry *table;  /* open addressing, capacity a power of two >= 2 * nslots */
-    size_t cap, used;
+    size_t cap, used, tombs;
     pthread_mutex_t qlock;
     struct event *queue;
     size_t qcap, qhead, qlen;
@@ -134,6 +134,23 @@ static struct entry *find(struct dh *d, uint64_t nodeid, struct entry **free_slo
     return NULL;
 }
 
+/* Rebuild the table without tombstones (under the write lock): arming and disarming past the
+ * bound leaves one per disarm, and a probe for an absent node id (every open of a file not
+ * armed) runs until an empty slot, so without this it would end up scanning the whole table. */
+static void compact(struct dh *d) {
+    struct entry *old = d->table, *fresh = calloc(d->cap, sizeof *fresh);
+    if (!fresh) return;  /* slower probes, still correct */
+    d->table = fresh;
+    for (size_t i = 0; i < d->cap; i++) {
+        if (!old[i].nodeid || old[i].nodeid == DH_TOMB) continue;
+        struct entry *slot = NULL;
+        find(d, old[i].nodeid, &slot);
+        *slot = old[i];
+    }
+    d->tombs = 0;
+    free(old);
+}
+
 /* Arm nodeid: its read-only opens are answered with backing_id while path still has the
  * given identity. Returns 0, or -ENOSPC (table full), -ENOMEM, -EINVAL. */
 int dh_arm(struct dh *d, uint64_t nodeid, int32_t backing_id, uint32_t slot, const char *path,
@@ -147,6 +164,7 @@ int dh_arm(struct dh *d, uint64_t nodeid, int32_t backing_id, uint32_t slot, con
         if (!slot_free || d->used >= (size_t)d->nslots) {
             pthread_rwlock_unlock(&d->lock); free(copy); return -ENOSPC;
         }
+        if (slot_free->nodeid == DH_TOMB) d->tombs--;
         e = slot_free; d->used++;
     } else {
         free(e->path);
@@ -162,7 +180,8 @@ int dh_disarm(struct dh *d, uint64_t nodeid) {
     pthread_rwlock_wrlock(&d->lock);
     struct entry *e = find(d, nodeid, NULL);
     int was = e != NULL;
-    if (e) { free(e->path); memset(e, 0, sizeof *e); e->nodeid = DH_TOMB; d->used--; }
+    if (e) { free(e->path); memset(e, 0, sizeof *e); e->nodeid = DH_TOMB; d->used--; d->tombs++; }
+    if (2 * (d->used + d->tombs) > d->cap) compact(d);
     pthread_rwlock_unlock(&d->lock);
     return was;
 }
@@ -181,6 +200,12 @@ size_t dh_drain(struct dh *d, uint64_t *out, size_t max) {
 }
 
 uint64_t dh_stat(struct dh *d, int which) {
+    if (which == 5) {  /* tombstones in the arm table (bounded by compact) */
+        pthread_rwlock_rdlock(&d->lock);
+        uint64_t t = d->tombs;
+        pthread_rwlock_unlock(&d->lock);
+        return t;
+    }
     return which >= 0 && which < 5 ? __atomic_load_n(&d->stats[which], __ATOMIC_RELAXED) : 0;
 }
 

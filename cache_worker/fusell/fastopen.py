@@ -24,7 +24,7 @@ from pathlib import Path
 NATIVE_FH = 1 << 63
 SLOT_SHIFT = 2
 _LIB_PATH = Path(__file__).with_name("_fastopen.so")
-_STATS = ("opens", "releases", "forwarded", "changed", "lookups")
+_STATS = ("opens", "releases", "forwarded", "changed", "lookups", "tombstones")
 
 #: Why the native part is not in use, or None.
 unavailable: str | None = None
@@ -83,9 +83,9 @@ class NativeOpens:
     per-slot open counts (8 bytes a slot); it must outlive this object."""
 
     QUEUE = 1 << 16  # opens waiting to be counted; when full, opens go to Python (never lost)
-    #: LOOKUP answers remembered (about 250 bytes each with the name); when full, all are
-    #: forgotten and Python answers again.
-    NAMES = 1 << 18
+    #: LOOKUP answers remembered (about 300 bytes each with the name and the table: about 40 MB
+    #: when full); when full, all are forgotten and Python answers again.
+    NAMES = 1 << 17
 
     def __init__(self, lib: ctypes.CDLL, fd: int, counts, slots: int) -> None:
         self._lib = lib
@@ -149,6 +149,9 @@ class NativeOpens:
         return next_request
 
     def close(self) -> None:
+        """Free the C state (no session thread may be in :meth:`reader`'s function any more) and
+        let go of the counts mapping, which its owner can then close."""
         if self._h:
             self._lib.dh_free(self._h)
             self._h = None
+        self._counts_ref = None

@@ -177,6 +177,9 @@ class NativeArms:
             self.native.close()
             self.native = None
         if self._counts is not None:
-            self._counts.close()
+            try:
+                self._counts.close()
+            except BufferError:  # still exported somewhere: the mapping goes with the process
+                log.warning("the native open counts are still in use; left mapped")
             self._counts = None
 

@@ -110,3 +110,25 @@ def test_past_the_bound_the_least_recently_opened_arm_is_disarmed(tmp_path: Path
     t.used([7])  # opened natively since: 8 is now the least recently used
     t.release(9, _passed(t, 9, files[9]).fh)
     assert [n for n in (7, 8, 9) if t.is_armed(n)] == [7, 9]
+
+
+def test_arming_and_disarming_past_the_bound_keeps_the_table_probes_short(tmp_path: Path, lib):
+    """Each disarm leaves a tombstone in the C table, and a probe for a node id not armed (the
+    first open of every file) runs until an empty slot: without compaction, churn past the
+    bound (a dataset with more files than arms) ends with every open scanning the whole table."""
+    import mmap
+
+    slots = 256
+    counts = mmap.mmap(-1, slots * 8)
+    native = fastopen.NativeOpens(lib, -1, counts, slots)
+    try:
+        identity = (1, 2, 3, 4)
+        for n in range(1, 20_000):
+            if n > slots:
+                assert native.disarm(n - slots)
+            assert native.arm(n, 1, n % slots, "/nonexistent", identity)
+        assert native.stats()["tombstones"] < 2 * slots  # compacted well before the table fills
+        assert [n for n in range(1, 20_000) if native.disarm(n)] == list(range(20_000 - slots, 20_000))
+        assert not native.disarm(10**9)
+    finally:
+        native.close()
