@@ -282,6 +282,7 @@ static int try_lookup(struct dh *d, const struct in_header *h, const char *arg, 
     if (!outlen) return 0;
     int r = reply(d->fd, h->unique, 0, out, outlen);
     if (r == -ENODEV) return r;
+    if (r < 0 && r != -ENOENT) return 0;  /* not sent: Python answers (and says why) */
     __atomic_fetch_add(&d->stats[4], 1, __ATOMIC_RELAXED);
     return 1;
 }
@@ -304,7 +305,8 @@ static int queue_open(struct dh *d, uint64_t nodeid, uint32_t pid) {
     return ok;
 }
 
-/* 1: answered here; 0: for Python; <0: -errno writing the reply (ENODEV: the mount is gone). */
+/* 1: answered here; 0: for Python (also when the answer could not be written: a request is
+ * never dropped unanswered); -ENODEV: the mount is gone. */
 static int try_open(struct dh *d, const struct in_header *h, const char *arg, size_t arglen) {
     if (arglen < sizeof(struct open_in)) return 0;
     const struct open_in *in = (const void *)arg;
@@ -332,7 +334,10 @@ static int try_open(struct dh *d, const struct in_header *h, const char *arg, si
         dh_released(d, slot);
         return 1;
     }
-    if (r < 0) { dh_released(d, slot); return r; }
+    if (r < 0) {  /* not sent: the count goes back down, and Python answers (and says why) */
+        dh_released(d, slot);
+        return r == -ENODEV ? r : 0;
+    }
     __atomic_fetch_add(&d->stats[0], 1, __ATOMIC_RELAXED);
     return 1;
 }
