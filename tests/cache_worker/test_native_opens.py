@@ -165,3 +165,24 @@ def test_without_the_native_part_every_open_is_answered_in_python_and_status_say
     assert st.served_from_cache_bytes == 3 * len(a)
     out = datahoard("status", str(m.mountpoint)).stdout
     assert "opens answered in Python: switched off (DATAHOARD_NATIVE_OPENS=0)" in out, out
+
+
+@pytest.mark.integration
+def test_a_cache_file_changed_after_it_was_armed_is_never_passed_through_natively(s3, bucket, mount_dataset):
+    """The native part answers an open only while the cache file is still the one Python
+    verified (a stat at every open); a stray writer's change sends the open back to Python,
+    which checks the file again: the reader gets the object's bytes, never the writer's."""
+    a = os.urandom(100_000)
+    _put(s3, bucket, {"a": a})
+    m = mount_dataset(bucket, "ds", "--passthrough")
+    path = m.mountpoint / "a"
+    assert path.read_bytes() == a
+    native = _arm(m, path, a)
+    (cached,) = [p for p in (m.cache_dir / "chunks" / "data").rglob("*") if p.is_file()]
+    with open(cached, "r+b") as f:  # a stray writer, same size
+        f.seek(4096)
+        f.write(os.urandom(4096))
+    with open(path, "rb", buffering=0) as f:
+        assert _cold_read(f) == a
+    assert m.stats().fuse.native_opens == native, "that open must not have been answered natively"
+    assert path.read_bytes() == a and m.stats().errors == 0
