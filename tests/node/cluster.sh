@@ -208,6 +208,9 @@ down() {
     for s in "$RUN"/containerd/io.containerd.runtime.v2.task/k8s.io/*/shim.pid; do
         [[ -f "$s" ]] && kill "$(cat "$s")" 2>/dev/null
     done
+    # And a shim started while this ran (a sandbox the kubelet was creating as it stopped) has
+    # no shim.pid yet: every shim of this containerd goes. Seen once in a full make test.
+    pkill -f "containerd-shim-runc-v2 .*-address $SOCK" 2>/dev/null || true
     for s in kcm scheduler apiserver etcd containerd socat-svc socat-host; do stop "$s"; done
     # Whatever is still mounted below our directories (pod volumes, rootfs, FUSE views): deepest first.
     findmnt -rn -o TARGET | grep -E "^($NODE_DIR|$RUN)(/|$)" | sort -r | xargs -r -n1 umount -l 2>/dev/null || true

@@ -171,6 +171,9 @@ down() {
     for s in "$RUN"/containerd/io.containerd.runtime.v2.task/k8s.io/*/shim.pid; do
         [[ -f "$s" ]] && kill "$(cat "$s")" 2>/dev/null
     done
+    # And a shim started while this ran (a sandbox the kubelet was creating as it stopped) has
+    # no shim.pid yet: every shim of this containerd goes. Seen once in a full make test.
+    pkill -f "containerd-shim-runc-v2 .*-address $SOCK" 2>/dev/null || true
     stop containerd
     stop holder   # the last process of the mount namespace: its mounts go with it
     local cg
