@@ -59,7 +59,9 @@ def _native_open(t: BackingTable, nodeid: int) -> int:
     return slot
 
 
-def test_an_arm_keeps_the_id_until_its_last_native_open_is_released(tmp_path: Path, lib):
+def _one_native_open(tmp_path: Path, lib):
+    """A table whose node 7 was passed through by Python, armed, released, then opened once
+    natively: (kernel, table, Python's choice, the arm's slot)."""
     file = tmp_path / "f"
     file.write_bytes(b"x" * 100)
     kernel = _Kernel()
@@ -67,7 +69,11 @@ def test_an_arm_keeps_the_id_until_its_last_native_open_is_released(tmp_path: Pa
     t.start_native(lib, -1)
     choice = _passed(t, 7, file)
     t.release(7, choice.fh)
-    slot = _native_open(t, 7)
+    return kernel, t, choice, _native_open(t, 7)
+
+
+def test_an_arm_keeps_the_id_until_its_last_native_open_is_released(tmp_path: Path, lib):
+    kernel, t, choice, slot = _one_native_open(tmp_path, lib)
     assert t.mode(7) == (choice.backing_id, 1, 0), "the arm is a passthrough open of its own"
     t.drop(7)  # evicted while the native handle is open
     assert not t.is_armed(7) and kernel.closed == []
@@ -78,14 +84,7 @@ def test_an_arm_keeps_the_id_until_its_last_native_open_is_released(tmp_path: Pa
 
 
 def test_a_restarted_table_keeps_inherited_arms_until_their_counts_drain(tmp_path: Path, lib):
-    file = tmp_path / "f"
-    file.write_bytes(b"x" * 100)
-    kernel = _Kernel()
-    t = BackingTable(tmp_path / "log", kernel)
-    t.start_native(lib, -1)
-    choice = _passed(t, 7, file)
-    t.release(7, choice.fh)
-    slot = _native_open(t, 7)
+    kernel, t, choice, slot = _one_native_open(tmp_path, lib)
     free = (slot + 1) % NativeArms.SLOTS
     _COUNT.pack_into(t._counts, free * _COUNT.size, 5)  # a count no arm holds: stale
     # SIGKILL: nothing closed. The next process has no native part (fastopen.load refused).
