@@ -1,7 +1,7 @@
 """The small-file hot path alone, in a few minutes: a fully cached ImageNet-like set read
 through the view with ``--passthrough`` against local disk, page cache warm and dropped.
 
-    python -m bench.hot [--files 4000] [--tries 3] [--extra=--no-passthrough]
+    python -m bench.hot [--files 4000] [--sizes 60000-160000] [--tries 3] [--extra=--no-passthrough]
 
 The same measurement ``make bench`` makes for ``small_warm_vs_local`` and
 ``small_dropped_vs_local`` (paired tries: each Datahoard try follows a local-disk try over the
@@ -33,6 +33,7 @@ BUCKET = "bench"
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.hot", description=__doc__.split("\n")[0])
     p.add_argument("--files", type=int, default=4000)
+    p.add_argument("--sizes", default="60000-160000", help="file sizes in bytes, MIN-MAX (uniform)")
     p.add_argument("--tries", type=int, default=3)
     p.add_argument("--readers", type=int, default=8)
     p.add_argument("--extra", default="--passthrough", help="mount options (space separated)")
@@ -45,10 +46,11 @@ def main(argv: list[str] | None = None) -> int:
     rng = random.Random(1)
     classes = max(1, args.files // 200)
     paths = imagenet_paths(replace(QUICK, classes=classes, files_per_class=200))
+    smallest, largest = (int(n) for n in args.sizes.split("-"))
     for rel in paths:
         path = work / "local" / rel
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(os.urandom(rng.randint(60_000, 160_000)))
+        path.write_bytes(os.urandom(rng.randint(smallest, largest)))
     remote = RemoteStore(Path(args.tools_dir), work, LinkSpec(rtt_ms=0, rate_bits=0))
     remote.start()
     view = None
@@ -68,9 +70,15 @@ def main(argv: list[str] | None = None) -> int:
         plan = readers.split([("file", rel[len("imagenet/"):]) for rel in paths], args.readers)
         local_plan = readers.split([("file", rel) for rel in paths], args.readers)
         # Same operation lists, two roots: the local copy keeps the "imagenet/" prefix.
-        out = {"load_before": open("/proc/loadavg").read().split()[:3], "extra": args.extra, "files": len(paths)}
+        out = {"load_before": open("/proc/loadavg").read().split()[:3], "extra": args.extra, "files": len(paths),
+               "sizes": args.sizes}
         for name, dropped in (("warm", False), ("dropped", True)):
+            before = view.stats().fuse
             out[name] = _paired_roots(str(work / "local"), local_plan, str(mnt), plan, args.tries, view.pid, dropped)
+            after = view.stats().fuse
+            # Opens the view answered in these epochs, and the share the native part answered.
+            opens = after.passthrough_opens - before.passthrough_opens
+            out[name]["native_share"] = round((after.native_opens - before.native_opens) / opens, 3) if opens else None
         out["load_after"] = open("/proc/loadavg").read().split()[:3]
         stats = view.stats()
         out["passthrough_opens"] = stats.fuse.passthrough_opens

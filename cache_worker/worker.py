@@ -161,6 +161,7 @@ class Worker(WorkerConnection, WorkerRefresh):
         """
         from .fusell.handshake import Wants
         from .fusell.passthrough import BackingTable
+        from .fusell.passthrough_native import arms_for
         from .fusell.session import Session
 
         cfg = self.config
@@ -171,7 +172,7 @@ class Worker(WorkerConnection, WorkerRefresh):
             backing_log.unlink(missing_ok=True)  # it belonged to a connection that is gone
             att = self.attacher.mount(f"datahoard:{cfg.source}", cfg.allow_other)
         self.attachment = att
-        backing = BackingTable(backing_log, att.conn) if self._use_passthrough() else None
+        backing = BackingTable(backing_log, att.conn, arms=arms_for(physical_memory())) if self._use_passthrough() else None
         view = self.view = DatasetFS(self.index, self.cache, self.counters, str(cfg.mountpoint), backing=backing,
                                      previous=self.opened.previous)
         background = cfg.tuning.max_waiting_reads + RESERVE_THREADS

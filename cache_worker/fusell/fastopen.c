@@ -63,6 +63,7 @@ struct entry {            /* one armed node id; nodeid 0: empty, DH_TOMB: delete
     char *path;
 };
 #define DH_TOMB UINT64_MAX
+#define TABLE_MIN 1024
 
 struct event { uint64_t nodeid; uint64_t pid; };
 
@@ -74,7 +75,7 @@ struct dh {
     uint64_t *counts;     /* per slot, in Python's shared mapping */
     uint32_t nslots;
     pthread_rwlock_t lock;
-    struct entry *table;  /* open addressing, capacity a power of two >= 2 * nslots */
+    struct entry *table;  /* open addressing, capacity a power of two, at most half used */
     size_t cap, used, tombs;
     pthread_mutex_t qlock;
     struct event *queue;
@@ -95,8 +96,7 @@ struct dh *dh_new(int fd, uint64_t *counts, uint32_t nslots, uint32_t queue_cap,
     struct dh *d = calloc(1, sizeof *d);
     if (!d) return NULL;
     d->fd = fd; d->counts = counts; d->nslots = nslots;
-    d->cap = 16;
-    while (d->cap < 2 * (size_t)nslots + 16) d->cap <<= 1;
+    d->cap = TABLE_MIN;  /* grows with the arms (rehash), not with the bound: see dh_arm */
     d->table = calloc(d->cap, sizeof *d->table);
     d->qcap = queue_cap ? queue_cap : 1;
     d->queue = calloc(d->qcap, sizeof *d->queue);
@@ -134,14 +134,20 @@ static struct entry *find(struct dh *d, uint64_t nodeid, struct entry **free_slo
     return NULL;
 }
 
-/* Rebuild the table without tombstones (under the write lock): arming and disarming past the
- * bound leaves one per disarm, and a probe for an absent node id (every open of a file not
- * armed) runs until an empty slot, so without this it would end up scanning the whole table. */
-static void compact(struct dh *d) {
-    struct entry *old = d->table, *fresh = calloc(d->cap, sizeof *fresh);
-    if (!fresh) return;  /* slower probes, still correct */
+/* Rebuild the table with newcap entries and without tombstones (under the write lock).
+ * Growing: the bound is sized from the node's memory (passthrough_native.py: hundreds of
+ * thousands of arms), and a table allocated for it up front would keep tens of MB resident
+ * for a dataset of a few thousand files, the hash spreading even a few arms over every page.
+ * Compacting (same size): arming and disarming past the bound leaves a tombstone per disarm,
+ * and a probe for an absent node id (every open of a file not armed) runs until an empty slot,
+ * so without this it would end up scanning the whole table. Returns -ENOMEM, else 0. */
+static int rehash(struct dh *d, size_t newcap) {
+    struct entry *old = d->table, *fresh = calloc(newcap, sizeof *fresh);
+    size_t oldcap = d->cap;
+    if (!fresh) return -ENOMEM;  /* compacting: slower probes, still correct */
     d->table = fresh;
-    for (size_t i = 0; i < d->cap; i++) {
+    d->cap = newcap;
+    for (size_t i = 0; i < oldcap; i++) {
         if (!old[i].nodeid || old[i].nodeid == DH_TOMB) continue;
         struct entry *slot = NULL;
         find(d, old[i].nodeid, &slot);
@@ -149,6 +155,7 @@ static void compact(struct dh *d) {
     }
     d->tombs = 0;
     free(old);
+    return 0;
 }
 
 /* Arm nodeid: its read-only opens are answered with backing_id while path still has the
@@ -161,9 +168,18 @@ int dh_arm(struct dh *d, uint64_t nodeid, int32_t backing_id, uint32_t slot, con
     pthread_rwlock_wrlock(&d->lock);
     struct entry *slot_free = NULL, *e = find(d, nodeid, &slot_free);
     if (!e) {
-        if (!slot_free || d->used >= (size_t)d->nslots) {
+        if (d->used >= (size_t)d->nslots) {
             pthread_rwlock_unlock(&d->lock); free(copy); return -ENOSPC;
         }
+        if (2 * (d->used + d->tombs + 1) > d->cap) {  /* keep it at most half full */
+            size_t cap = d->cap;
+            while (4 * (d->used + 1) > cap) cap <<= 1;
+            if (rehash(d, cap) < 0 && 2 * (d->used + 1) > d->cap) {
+                pthread_rwlock_unlock(&d->lock); free(copy); return -ENOMEM;
+            }
+            find(d, nodeid, &slot_free);
+        }
+        if (!slot_free) { pthread_rwlock_unlock(&d->lock); free(copy); return -ENOSPC; }
         if (slot_free->nodeid == DH_TOMB) d->tombs--;
         e = slot_free; d->used++;
     } else {
@@ -181,7 +197,7 @@ int dh_disarm(struct dh *d, uint64_t nodeid) {
     struct entry *e = find(d, nodeid, NULL);
     int was = e != NULL;
     if (e) { free(e->path); memset(e, 0, sizeof *e); e->nodeid = DH_TOMB; d->used--; d->tombs++; }
-    if (2 * (d->used + d->tombs) > d->cap) compact(d);
+    if (2 * (d->used + d->tombs) > d->cap) rehash(d, d->cap);
     pthread_rwlock_unlock(&d->lock);
     return was;
 }
@@ -200,9 +216,9 @@ size_t dh_drain(struct dh *d, uint64_t *out, size_t max) {
 }
 
 uint64_t dh_stat(struct dh *d, int which) {
-    if (which == 5) {  /* tombstones in the arm table (bounded by compact) */
+    if (which == 5 || which == 6) {  /* the arm table's tombstones (bounded by rehash), capacity */
         pthread_rwlock_rdlock(&d->lock);
-        uint64_t t = d->tombs;
+        uint64_t t = which == 5 ? d->tombs : d->cap;
         pthread_rwlock_unlock(&d->lock);
         return t;
     }

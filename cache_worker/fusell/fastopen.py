@@ -24,7 +24,7 @@ from pathlib import Path
 NATIVE_FH = 1 << 63
 SLOT_SHIFT = 2
 _LIB_PATH = Path(__file__).with_name("_fastopen.so")
-_STATS = ("opens", "releases", "forwarded", "changed", "lookups", "tombstones")
+_STATS = ("opens", "releases", "forwarded", "changed", "lookups", "tombstones", "capacity")
 
 #: Why the native part is not in use, or None.
 unavailable: str | None = None

@@ -66,7 +66,7 @@ from .iomode import CACHING, DIRECT, PASSTHROUGH
 from .iomode import Inode as _Inode
 from .passthrough_ids import BackingIds
 from .passthrough_log import BackingLog
-from .passthrough_native import NativeArms
+from .passthrough_native import DEFAULT_ARMS, NativeArms
 
 
 @dataclass(slots=True)
@@ -82,7 +82,7 @@ class BackingTable(BackingIds, BackingLog, NativeArms):
     """Per-inode io mode and backing id, persisted to ``path`` (put it on tmpfs)."""
 
     def __init__(self, path: str | os.PathLike, conn: Connection, retain: int = 0,
-                 on_close: Callable[[int], None] | None = None):
+                 on_close: Callable[[int], None] | None = None, arms: int = DEFAULT_ARMS):
         self.path = Path(path)
         self.conn = conn
         #: Inodes whose id is kept after their last passthrough release (passthrough_ids.py); 0:
@@ -107,7 +107,7 @@ class BackingTable(BackingIds, BackingLog, NativeArms):
         # vouched for here (nothing remembers what was registered), so they are closed at their
         # last release instead of kept, and the next open registers the file again.
         self._doomed.update(n for n, ino in self._inodes.items() if ino.backing_id is not None)
-        self._open_counts()
+        self._open_counts(arms)
 
     # -- the API --------------------------------------------------------------------------
     @property

@@ -21,9 +21,15 @@ Python before it is armed again), and the native releases of the old handles, wh
 new process, count down the same slots. A process without the native part (``fastopen.load``
 refused) counts them down in Python.
 
-Bound: ``slots`` arms (the view: 65,536). An arm holds the kernel's reference to one cache file
-(a ``struct file``, and with it the dentry and inode, about 1 KB of kernel memory), which is why
-it is bounded at all; past the bound the least recently opened file is disarmed.
+**Bound**: ``arms`` (:func:`arms_for`: a share of the node's memory). An arm holds the kernel's
+reference to one cache file, and with it that file's dentry and inode, which the kernel can then
+not reclaim; that is why arms are bounded at all. Past the bound the least recently opened file
+is disarmed, and its next open is answered in Python (about 300 us) and armed again. The bound
+was a fixed 65,536 at first: a dataset of more files than that, read in a new order every epoch
+(a shuffled ImageNet: 1.28 million), then found about 65,536/1.28M = 5% of its opens armed, and
+read the cache disk at the Python open's speed, in just the case (a dataset larger than memory)
+that passthrough is chosen for. ``bench.hot --files 100000 --sizes 4000-16000`` measures it
+(bench/ANALYSIS.md). Slots are taken as arms are made, so a small dataset costs a small table.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from __future__ import annotations
 import logging
 import mmap
 import os
+import re
 import struct
 from collections import OrderedDict
 
@@ -42,6 +49,24 @@ log = logging.getLogger("datahoard.cache_worker.fusell.passthrough")
 #: Handles of arms: ARM_FH + slot (the table's own handles are serials far below).
 ARM_FH = 1 << 40
 _COUNT = struct.Struct("=q")
+
+#: Memory one arm holds, measured (2026-12-06, 100,000 arms, Linux 6.18): in the kernel, 517 B of
+#: unreclaimable slab for the registered file, and about 1.4 KB for the cache file's dentry and
+#: inode (ext4), which it could otherwise reclaim; in the worker, 2.0 KB of RSS (712 B of Python
+#: objects in the table, the log's and the counts' pages, the C table with the path).
+ARM_BYTES = 4 * 1024
+#: Arms may hold at most 1/ARM_MEMORY_SHARE of the node's memory (about 2%): 131,000 arms on
+#: 24 GiB, 1.4 million on 256 GiB.
+ARM_MEMORY_SHARE = 48
+#: Arms without a known memory size, and the least on any node.
+DEFAULT_ARMS = 1 << 16
+
+
+def arms_for(memory_bytes: int) -> int:
+    """How many node ids may be armed on a node with ``memory_bytes`` of memory (0: unknown)."""
+    if memory_bytes <= 0:
+        return DEFAULT_ARMS
+    return max(DEFAULT_ARMS, memory_bytes // ARM_MEMORY_SHARE // ARM_BYTES)
 
 
 def is_arm(fh: int) -> bool:
@@ -58,31 +83,33 @@ class NativeArms:
     A part of :class:`.passthrough.BackingTable`, which sets up the state in ``__init__``
     (``_open_counts`` after the log is loaded)."""
 
-    SLOTS = 1 << 16
-
-    def _open_counts(self) -> None:
-        """Map ``<log>.opens``; zero the count of every slot no inherited arm holds, and
-        disarm every inherited arm (see the module docstring)."""
+    def _open_counts(self, arms: int) -> None:
+        """Map ``<log>.opens`` for ``arms`` slots (more if an inherited arm holds a higher one);
+        zero the count of every slot no inherited arm holds, and disarm every inherited arm
+        (see the module docstring)."""
+        held = {fh - ARM_FH: node for node, ino in self._inodes.items() for fh in ino.fhs if is_arm(fh)}
+        #: Slots there are; those below ``_next_slot`` were taken (in use, draining or in ``_free``).
+        self.slots = max(arms, max(held, default=-1) + 1)
         path = self.path.with_name(self.path.name + ".opens")
-        size = self.SLOTS * _COUNT.size
+        size = self.slots * _COUNT.size
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             if os.fstat(fd).st_size < size:
-                os.ftruncate(fd, size)
+                os.ftruncate(fd, size)  # sparse on tmpfs: pages are used as slots are
             self._counts = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         finally:
             os.close(fd)
-        held = {fh - ARM_FH: node for node, ino in self._inodes.items() for fh in ino.fhs if is_arm(fh)}
-        for slot in range(self.SLOTS):
-            if slot not in held and _COUNT.unpack_from(self._counts, slot * _COUNT.size)[0]:
-                _COUNT.pack_into(self._counts, slot * _COUNT.size, 0)
+        # Stale counts are rare and the mapping large: find the nonzero bytes at C speed.
+        for slot in {m.start() // _COUNT.size for m in re.finditer(rb"[^\x00]", self._counts)} - held.keys():
+            _COUNT.pack_into(self._counts, slot * _COUNT.size, 0)
         self._armed: OrderedDict[int, int] = OrderedDict()  # node id -> slot, oldest first
         self._draining: dict[int, int] = {node: slot for slot, node in held.items()}
-        self._free = [s for s in range(self.SLOTS - 1, -1, -1) if s not in held]
+        self._next_slot = max(held, default=-1) + 1
+        self._free = [s for s in range(self._next_slot - 1, -1, -1) if s not in held]
         self.native: NativeOpens | None = None
 
     def start_native(self, lib, fd: int) -> NativeOpens:
-        self.native = NativeOpens(lib, fd, self._counts, self.SLOTS)
+        self.native = NativeOpens(lib, fd, self._counts, self.slots)
         return self.native
 
     def count(self, slot: int) -> int:
@@ -104,11 +131,9 @@ class NativeArms:
                 return True
             slot = self._draining.pop(nodeid, None)
             if slot is None:
-                if not self._free:
-                    self._disarm_locked(next(iter(self._armed)))
-                    if not self._free:
-                        return False  # every slot still counts open handles
-                slot = self._free.pop()
+                slot = self._take_slot()
+                if slot is None:
+                    return False  # every slot still counts open handles
                 fh = ARM_FH + slot
                 self._log("o", nodeid, fh, ino.backing_id, PASSTHROUGH)
                 ino.add(fh, PASSTHROUGH)
@@ -119,6 +144,14 @@ class NativeArms:
                 return False
             self._armed[nodeid] = slot
             return True
+
+    def _take_slot(self) -> int | None:
+        if not self._free and self._next_slot < self.slots:
+            self._next_slot += 1
+            return self._next_slot - 1
+        if not self._free and self._armed:
+            self._disarm_locked(next(iter(self._armed)))  # the least recently opened
+        return self._free.pop() if self._free else None
 
     def disarm(self, nodeid: int) -> None:
         with self._lock:
@@ -137,7 +170,7 @@ class NativeArms:
 
     def native_released(self, slot: int) -> None:
         """A RELEASE of a native handle reached Python (no native part in this process)."""
-        if not 0 <= slot < self.SLOTS:
+        if not 0 <= slot < self.slots:
             return
         if self.native is not None:
             self.native.released(slot)

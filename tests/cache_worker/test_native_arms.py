@@ -16,7 +16,7 @@ import pytest
 from datahoard.cache_worker.fusell import fastopen
 from datahoard.cache_worker.fusell.connection import Connection
 from datahoard.cache_worker.fusell.passthrough import BackingTable
-from datahoard.cache_worker.fusell.passthrough_native import _COUNT, NativeArms
+from datahoard.cache_worker.fusell.passthrough_native import _COUNT, DEFAULT_ARMS, arms_for
 from datahoard.cache_worker.fusell.state import InitState
 
 
@@ -85,7 +85,7 @@ def test_an_arm_keeps_the_id_until_its_last_native_open_is_released(tmp_path: Pa
 
 def test_a_restarted_table_keeps_inherited_arms_until_their_counts_drain(tmp_path: Path, lib):
     kernel, t, choice, slot = _one_native_open(tmp_path, lib)
-    free = (slot + 1) % NativeArms.SLOTS
+    free = (slot + 1) % t.slots
     _COUNT.pack_into(t._counts, free * _COUNT.size, 5)  # a count no arm holds: stale
     # SIGKILL: nothing closed. The next process has no native part (fastopen.load refused).
     t2 = BackingTable(tmp_path / "log", kernel)
@@ -96,13 +96,12 @@ def test_a_restarted_table_keeps_inherited_arms_until_their_counts_drain(tmp_pat
     assert t2.settle() == 0 and kernel.closed == [choice.backing_id]
 
 
-def test_past_the_bound_the_least_recently_opened_arm_is_disarmed(tmp_path: Path, lib, monkeypatch):
-    monkeypatch.setattr(NativeArms, "SLOTS", 2)
+def test_past_the_bound_the_least_recently_opened_arm_is_disarmed(tmp_path: Path, lib):
     files = {}
     for n in (7, 8, 9):
         files[n] = tmp_path / f"f{n}"
         files[n].write_bytes(b"x" * n)
-    t = BackingTable(tmp_path / "log", _Kernel())
+    t = BackingTable(tmp_path / "log", _Kernel(), arms=2)
     t.start_native(lib, -1)
     for n in (7, 8):
         t.release(n, _passed(t, n, files[n]).fh)
@@ -131,3 +130,71 @@ def test_arming_and_disarming_past_the_bound_keeps_the_table_probes_short(tmp_pa
         assert not native.disarm(10**9)
     finally:
         native.close()
+
+
+GiB = 1 << 30
+
+
+def test_the_bound_scales_with_the_nodes_memory():
+    """A fixed 65,536 armed about 5% of a shuffled ImageNet's opens (passthrough_native.py)."""
+    assert arms_for(0) == DEFAULT_ARMS
+    assert arms_for(8 * GiB) == DEFAULT_ARMS
+    assert arms_for(24 * GiB) > 100_000
+    assert arms_for(256 * GiB) > 1_281_167, "ImageNet-1k's training files, on a 256 GiB node"
+    assert arms_for(256 * GiB) * 4 * 1024 <= 256 * GiB // 40, "under 1/40 of the node's memory (4 KB an arm)"
+
+
+def test_more_files_than_the_old_fixed_bound_stay_armed(tmp_path: Path, lib):
+    """Every file of a dataset of 70,000 whole files stays armed on a 24 GiB node, so a shuffled
+    epoch finds every open armed (with 65,536 arms, 4,464 of them were disarmed each epoch)."""
+    file = tmp_path / "f"
+    file.write_bytes(b"x" * 100)
+    st = os.stat(file)
+    identity = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    t = BackingTable(tmp_path / "log", _Kernel(), arms=arms_for(24 * GiB))
+    t.start_native(lib, -1)
+    try:
+        for nodeid in range(1, 70_001):
+            choice = t.open(nodeid, lambda: os.open(file, os.O_RDONLY))
+            assert t.arm(nodeid, str(file), identity)
+            t.release(nodeid, choice.fh)
+        assert all(t.is_armed(n) for n in range(1, 70_001))
+    finally:
+        t.close()
+
+
+def test_the_native_table_grows_with_its_arms_not_with_the_bound(lib):
+    """The bound is hundreds of thousands of arms on a big node; a table sized for it up front
+    would keep tens of MB resident for a small dataset (fastopen.c, ``rehash``)."""
+    import mmap
+
+    slots = 1 << 22
+    counts = mmap.mmap(-1, slots * 8)
+    native = fastopen.NativeOpens(lib, -1, counts, slots)
+    try:
+        assert native.stats()["capacity"] <= 1024
+        identity = (1, 2, 3, 4)
+        for n in range(1, 10_001):
+            assert native.arm(n, n, n, f"/nonexistent/{n}", identity)
+        assert 20_000 <= native.stats()["capacity"] <= 65_536
+        assert [n for n in range(1, 10_001) if native.disarm(n)] == list(range(1, 10_001))
+    finally:
+        native.close()
+
+
+def test_a_restart_with_a_smaller_bound_keeps_the_inherited_arms(tmp_path: Path, lib):
+    """The bound follows the node's memory, which an upgrade's new rule (or a resized node) can
+    change: an inherited arm above the new bound still counts its native opens down."""
+    kernel = _Kernel()
+    t = BackingTable(tmp_path / "log", kernel, arms=8)
+    t.start_native(lib, -1)
+    files = [tmp_path / f"f{n}" for n in range(5)]
+    for n, file in enumerate(files, start=1):
+        file.write_bytes(b"x" * n)
+        t.release(n, _passed(t, n, file).fh)
+    slot = _native_open(t, 5)
+    assert slot >= 2
+    t2 = BackingTable(tmp_path / "log", kernel, arms=2)  # SIGKILL, then a smaller bound
+    assert t2.slots > slot and t2.count(slot) == 1
+    t2.native_released(slot)
+    assert t2.settle() == 0 and t2.mode(5) == (None, 0, 0)
