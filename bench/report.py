@@ -69,15 +69,31 @@ def targets(results: dict) -> dict:
         ">= 0.9", lambda v: v >= 0.9,
         "Datahoard --direct warm epoch (fully cached, served from the tree of hard links with no "
         "FUSE hop) / local disk warm measured alongside (alternating tries), ImageNet-like files/s")
-    # Issue 17: fully cached, through FUSE (passthrough), each against local disk alongside.
+    # Issue 17: fully cached, through FUSE, each against local disk alongside. Small files are
+    # measured in the serving mode the default (serving.use_passthrough) picks for the regime
+    # the target describes: a warm epoch is the steady state of a dataset within half the node's
+    # memory, which gets kernel opens; a dropped one that of a larger dataset, read from the
+    # cache disk every epoch, which gets passthrough. The bench's set fits in memory, so the
+    # second is forced with --passthrough; the other mode's figure for each is listed after.
+    small_modes = {"warm": ("datahoard kernel opens", "kernel opens: the default for a small-file dataset within "
+                                                      "half the node's memory"),
+                   "dropped": ("datahoard", "passthrough: the default for a small-file dataset larger than half "
+                                            "the node's memory, forced here")}
     for name, workload, epoch, want, what in (
             ("small_warm_vs_local", "imagenet", "warm", 0.9, "ImageNet-like files/s, page cache warm"),
             ("shards_warm_vs_local", "shards", "warm", 0.9, "1.5 GiB shards read sequentially, page cache warm"),
             ("random_warm_vs_local", "random", "warm", 0.8, "random 4 KiB-1 MiB reads of a 1 GiB file, page cache warm"),
             ("small_dropped_vs_local", "imagenet", "dropped", 0.8, "ImageNet-like files/s, page cache dropped before each try"),
             ("shards_dropped_vs_local", "shards", "dropped", 0.9, "shards read sequentially, page cache dropped before each try")):
-        add(name, alongside("datahoard", epoch, workload), f">= {want}", lambda v, want=want: v >= want,
-            f"Datahoard (passthrough), fully cached, {what} / local disk measured alongside (alternating tries)")
+        system, mode = small_modes[epoch] if workload == "imagenet" else ("datahoard", "passthrough")
+        add(name, alongside(system, epoch, workload), f">= {want}", lambda v, want=want: v >= want,
+            f"Datahoard ({mode}), fully cached, {what} / local disk measured alongside (alternating tries)")
+    for name, system, epoch, mode in (
+            ("small_warm_passthrough_vs_local", "datahoard", "warm", "passthrough"),
+            ("small_dropped_kernel_opens_vs_local", "datahoard kernel opens", "dropped",
+             "kernel opens: a dataset within half the node's memory, its page cache lost (a reboot)")):
+        add(name, alongside(system, epoch), "(the other mode)", None,
+            f"Datahoard ({mode}), fully cached, ImageNet-like files/s, page cache {epoch} / local disk alongside")
     add("random_dropped_vs_local", alongside("datahoard", "dropped", "random"), "(no target)", None,
         "Datahoard (passthrough), fully cached, random reads, page cache dropped / local disk alongside")
     # The issue's comparisons: is --direct still worth keeping, and passthrough against kernel opens.
@@ -159,7 +175,11 @@ def render(results: dict, reliability: dict | None = None) -> str:
         "Datahoard mounts the ImageNet-like prefix on its own (one Dataset per data set) and the bucket "
         "for shards and random reads; opens of files whole in the cache are answered with FUSE passthrough "
         "(the kernel reads the cache file); \"datahoard kernel opens\" is `--no-passthrough` on a fully cached "
-        "small-file set, where the worker hands opens to the kernel (README: kernel opens). How each mount "
+        "small-file set, where the worker hands opens to the kernel (README: kernel opens). The default picks "
+        "per dataset: kernel opens for a small-file set within half the node's memory (its epochs are warm), "
+        "passthrough for a larger one (its epochs read the cache disk); so the small-file warm target is "
+        "judged on kernel opens and the dropped one on passthrough, and each mode's other figure is listed "
+        "with them. How each mount "
         f"served once cached: {results.get('serving_after') or results.get('kernel_opens_after_s')}.",
         "",
         "## Targets",

@@ -24,7 +24,8 @@ TARGETS = ("warm_vs_local_direct", "small_warm_vs_local", "shards_warm_vs_local"
            "warming_vs_store", "warm_vs_direct_s3", "rss_bytes_per_file", "mount_1m_seconds")
 #: Comparisons issue 17 asks for, with no target: their value must be measured all the same.
 COMPARISONS = ("direct_vs_passthrough_small_warm", "direct_vs_passthrough_small_dropped",
-               "kernel_opens_vs_passthrough_small_warm", "kernel_opens_vs_passthrough_small_dropped")
+               "kernel_opens_vs_passthrough_small_warm", "kernel_opens_vs_passthrough_small_dropped",
+               "small_warm_passthrough_vs_local", "small_dropped_kernel_opens_vs_local")
 
 pytestmark = [pytest.mark.integration, pytest.mark.tools]   # MinIO, built from Go
 
