@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import logging
 
+from .fs_ids import FILE_BASE
+from .fusell.abi import ROOT_ID
 from .fusell.model import FuseError
+from .fusell.wire import pack_entry
 from .source import RemoteObject
 from .store import ChunkStore, object_id
 from .store_trust import signature_fields
@@ -69,6 +72,45 @@ class ViewBacking:
         if entry is not None:
             oid, signature = entry
             self.backing.arm(nodeid, self.cache.store.backing_path(oid), signature_fields(signature))
+
+    def arm_ahead(self, stop) -> tuple[int, int]:
+        """Arm every file whole in the cache and remember every name, up to the bounds, until
+        ``stop`` is set (arm_ahead.py); returns (files armed, names remembered)."""
+        native, table = self.native, self.backing
+        if native is None or table is None:
+            return 0, 0
+        armed = names = 0
+        name_room = native.NAMES * 3 // 4
+        dirs = [ROOT_ID]
+        while dirs and not stop.is_set():
+            parent = dirs.pop()
+            for name, is_dir, ident, obj in self.index.entries(parent):
+                if stop.is_set():
+                    break
+                if is_dir:
+                    dirs.append(ident)
+                if names < name_room:
+                    raw = name.encode("utf-8", "surrogateescape")
+                    epoch = native.names_epoch()
+                    native.remember(epoch, parent, raw, pack_entry(self.lookup(None, parent, raw)))
+                    names += 1
+                if not is_dir and table.armed_count() < table.slots and self._arm_ahead(FILE_BASE + ident, obj):
+                    armed += 1
+        return armed, names
+
+    def _arm_ahead(self, nodeid: int, obj: RemoteObject) -> bool:
+        """What answering an open of ``nodeid`` with passthrough does to the table, with no
+        reader: an open registered and armed, then released (the arm keeps the id)."""
+        table = self.backing
+        if table.is_armed(nodeid) or not self.cache.is_cached(obj):
+            return False
+        choice = table.open(nodeid, lambda: self._backing_fd(nodeid, obj), still=lambda: self._still_backing(nodeid))
+        try:
+            if choice.backing_id is not None:
+                self._arm(nodeid)
+            return table.is_armed(nodeid)
+        finally:
+            table.release(nodeid, choice.fh)
 
     def count_native_opens(self) -> int:
         """Count the hits of the opens the native part answered since the last call: each is a

@@ -11,7 +11,8 @@ order matters:
 5. on the "fully cached" event (completeness.py: the store reports each chunk cached or
    dropped, no poller walks the index), a dataset whose files are all at most one chunk hands
    opens to the kernel (``DatasetFS.serve_opens_in_kernel``): a warm epoch then costs this
-   process nothing, and fanotify keeps the counts;
+   process nothing, and fanotify keeps the counts; with passthrough, every file is armed for
+   the native responder ahead of its first open (arm_ahead.py);
 6. with ``direct`` (direct_mode.py): once the dataset is fully cached (warming done, or found
    so at start-up), build the direct tree (``tree.py``), pin its chunks, and publish it: the
    mount record names it (the CSI node plugin binds it into new pods) and, with
@@ -37,6 +38,7 @@ from datahoard import runtime
 from datahoard.mounts import mounts_at
 from datahoard.stats import DirectStats, WorkerStats
 
+from .arm_ahead import ArmAhead
 from .attach import Attacher, Attachment, deposit, index_identity, keep_deposited, wait_until_live
 from .cache_room import RoomWatch
 from .claims import default_capacity, lock_cache_dir, prepare_mountpoint
@@ -142,6 +144,7 @@ class Worker(WorkerConnection, WorkerRefresh):
         )
         runtime.register(self._record)
         self._plan_kernel_opens()
+        ArmAhead(self.view, self._stop).plan(self.completeness)
         self.completeness.start()
         if cfg.warm:
             self._start_warming()

@@ -105,6 +105,7 @@ def _fuse_stats(w: Worker) -> FuseStats:
         passthrough_opens=view.passthrough_opens if view is not None else 0,
         native_opens=native.get("opens", 0),
         native_lookups=native.get("lookups", 0),
+        native_armed=view.backing.armed_count() if view is not None and view.native is not None else 0,
         native_note=None if view is None or view.native is not None else view.native_note,
     )
 

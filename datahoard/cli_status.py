@@ -66,7 +66,8 @@ def status(args: argparse.Namespace) -> int:
         rows.append(("degraded", stats.degraded))
     f = stats.fuse
     rows.append(("passthrough", f"yes: {f.passthrough_opens:,} opens read by the kernel from the cache file"
-                 + (f", {f.native_opens:,} of them answered natively" if f.native_note is None
+                 + (f", {f.native_opens:,} of them answered natively ({f.native_armed:,} files armed)"
+                    if f.native_note is None
                     else f"; opens answered in Python: {f.native_note}")
                  if f.passthrough else f"no: {f.passthrough_note or 'not in use'}"))
     rows.append(("restarts", "hidden: a keeper holds the FUSE connection, a worker restart is a pause"

@@ -68,6 +68,8 @@ class FuseStats(BaseModel):
         default=0, description="of those, opens answered by the worker's native responder, without Python")
     native_lookups: int = Field(
         default=0, description="LOOKUPs answered again by the native responder, without Python")
+    native_armed: int = Field(
+        default=0, description="files whose opens the native responder answers now (armed)")
     native_note: str | None = Field(
         default=None, description="why opens to pass through are answered in Python, if they are")
 

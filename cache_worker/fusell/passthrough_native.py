@@ -160,6 +160,9 @@ class NativeArms:
     def is_armed(self, nodeid: int) -> bool:
         return nodeid in self._armed
 
+    def armed_count(self) -> int:
+        return len(self._armed)
+
     def used(self, nodeids) -> None:
         """Opens of these node ids were answered natively: keep them longest."""
         with self._lock:

@@ -186,3 +186,25 @@ def test_a_cache_file_changed_after_it_was_armed_is_never_passed_through_nativel
         assert _cold_read(f) == a
     assert m.stats().fuse.native_opens == native, "that open must not have been answered natively"
     assert path.read_bytes() == a and m.stats().errors == 0
+
+
+@pytest.mark.integration
+def test_a_warmed_dataset_is_armed_ahead_so_its_first_epoch_never_asks_python(s3, bucket, mount_dataset):
+    """Once the dataset is fully cached, every file is armed and every name remembered before
+    any reader asks (cache_worker/arm_ahead.py): the first epoch's opens and LOOKUPs are all
+    answered natively, and counted as hits as any open is."""
+    files = {f"c{i % 3}/f{i}": os.urandom(2000 + i) for i in range(30)}
+    _put(s3, bucket, files)
+    m = mount_dataset(bucket, "ds", "--warm", "--wait", "--passthrough")
+    eventually(lambda: m.stats().fuse.native_armed == len(files), 20, what="every file to be armed ahead")
+    before = m.stats()
+    assert before.fuse.passthrough_opens == 0 and before.served_from_cache_bytes == 0
+    for key, body in files.items():
+        assert (m.mountpoint / key).read_bytes() == body
+    st = m.stats()
+    assert st.fuse.native_opens == st.fuse.passthrough_opens == len(files), "no open of the first epoch in Python"
+    assert st.fuse.native_lookups == len(files) + 3, "every name (three directories, the files) natively"
+    assert st.served_from_cache_bytes == sum(map(len, files.values()))
+    assert "armed 30 files and remembered 33 names" in (m.cache_dir / "worker.log").read_text()
+    out = datahoard("status", str(m.mountpoint)).stdout
+    assert f"{len(files)} of them answered natively ({len(files)} files armed)" in out, out
