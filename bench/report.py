@@ -167,7 +167,9 @@ def render(results: dict, reliability: dict | None = None) -> str:
         "",
         f"cold = page cache dropped and the system's own cache empty; warm = the next epoch, best of "
         f"{sc.get('warm_repeats', 1)} (every try is in results.json: `all_ops_per_s`); "
-        "pre-warmed = after `datahoard mount --warm` finished, page cache dropped; pre-warmed 2 = "
+        "pre-warmed = after `datahoard mount --warm` finished and the files were armed ahead for the native "
+        f"responder ({(results.get('warming') or {}).get('arming_s_after', '?')} s after warming ended), page "
+        "cache dropped; pre-warmed 2 = "
         "the epoch after that; dropped = fully cached, the page cache dropped before each try (best of "
         f"{sc.get('warm_repeats', 1)}). Warm and dropped Datahoard epochs alternate their tries with local-disk "
         "tries over the same files in the same page-cache state, and their \"x local\" is against those "

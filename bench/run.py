@@ -270,6 +270,17 @@ class Bench:
             log(f"warming: {w.files_done} files {w.bytes_done / 1e6:.0f} MB in {seconds:.1f} s "
                 f"= {w.bytes_done / 1e6 / seconds:.1f} MB/s ({w.state})")
             self._await_serving(view, "imagenet_after_warming")
+            # Arming ahead (cache_worker/arm_ahead.py) follows the "fully cached" event: wait for
+            # it, and record how long it took after warming ended.
+            armed_at = time.monotonic()
+            files = stats.warming.files_done
+            while (view.stats().fuse.native_armed < files and view.stats().fuse.native_note is None
+                   and time.monotonic() - armed_at < 120):
+                time.sleep(0.2)
+            self.extra["warming"]["armed"] = view.stats().fuse.native_armed
+            self.extra["warming"]["arming_s_after"] = round(time.monotonic() - armed_at, 1)
+            log(f"armed ahead: {self.extra['warming']['armed']} files, "
+                f"{self.extra['warming']['arming_s_after']} s after warming")
             plan = readers.split(self.imagenet, self.scale.readers)
             readers.drop_caches()
             first = self.epoch("imagenet", "datahoard", "pre-warmed", str(mnt), plan, view.pid, strip="imagenet/")

@@ -81,12 +81,13 @@ class ViewBacking:
             return 0, 0
         armed = names = 0
         name_room = native.NAMES * 3 // 4
+        index = self.index  # a refresh (take_index) ends the run: its own event starts the next
         dirs = [ROOT_ID]
         while dirs and not stop.is_set():
             parent = dirs.pop()
-            for name, is_dir, ident, obj in self.index.entries(parent):
-                if stop.is_set():
-                    break
+            for name, is_dir, ident, obj in index.entries(parent):
+                if stop.is_set() or self.index is not index:
+                    return armed, names
                 if is_dir:
                     dirs.append(ident)
                 if names < name_room:
