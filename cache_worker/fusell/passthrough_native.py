@@ -25,11 +25,13 @@ refused) counts them down in Python.
 reference to one cache file, and with it that file's dentry and inode, which the kernel can then
 not reclaim; that is why arms are bounded at all. Past the bound the least recently opened file
 is disarmed, and its next open is answered in Python (about 300 us) and armed again. The bound
-was a fixed 65,536 at first: a dataset of more files than that, read in a new order every epoch
-(a shuffled ImageNet: 1.28 million), then found about 65,536/1.28M = 5% of its opens armed, and
-read the cache disk at the Python open's speed, in just the case (a dataset larger than memory)
-that passthrough is chosen for. ``bench.hot --files 100000 --sizes 4000-16000`` measures it
-(bench/ANALYSIS.md). Slots are taken as arms are made, so a small dataset costs a small table.
+was a fixed 65,536 at first, and a dataset of more files than that lost the native part in just
+the case passthrough is chosen for (a dataset larger than memory): read in a new order every
+epoch (a shuffled ImageNet: 1.28 million files), about 65,536/1.28M = 5% of its opens found an
+arm; read in the same order, none did (an LRU over a longer cycle evicts each arm before its
+use). ``bench.hot --files 100000 --sizes 4000-16000`` measured the second: 0.09 of local disk
+with the page cache dropped, 0.46 with the bound on memory (bench/ANALYSIS.md). Slots are taken
+as arms are made, so a small dataset costs a small table.
 """
 
 from __future__ import annotations
