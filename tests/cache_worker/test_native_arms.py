@@ -198,3 +198,55 @@ def test_a_restart_with_a_smaller_bound_keeps_the_inherited_arms(tmp_path: Path,
     assert t2.slots > slot and t2.count(slot) == 1
     t2.native_released(slot)
     assert t2.settle() == 0 and t2.mode(5) == (None, 0, 0)
+
+
+class _SwappedDuringWalk:
+    """An index that a refresh replaces while arming ahead reads its first directory."""
+
+    def __init__(self, fs, index) -> None:
+        self._fs, self._index = fs, index
+
+    def entries(self, dir_id: int):
+        entries = self._index.entries(dir_id)
+        self._fs.index = self._index  # what take_index does: another index object from here on
+        return entries
+
+
+def test_arming_ahead_arms_every_cached_file_and_a_refresh_ends_the_run(tmp_path: Path, lib):
+    """Arming ahead (cache_worker/arm_ahead.py) over a real index and store: every cached file
+    armed, every name remembered; and a refresh during the run ends it, so no file of the old
+    snapshot is armed after the refresh disarmed it (the refresh's own event starts the next)."""
+    import threading
+
+    from datahoard.cache_worker.dataset_tuning import Tuning
+    from datahoard.cache_worker.fs import DatasetFS
+    from datahoard.cache_worker.fusell.session import Context
+    from tests.support.fakes.dataset import fake_dataset
+
+    files = {"a.bin": b"a" * 1000, "d/b.bin": b"b" * 2000, "d/c.bin": b"c" * 3000}
+    ctx = Context(unique=1, nodeid=1, uid=0, gid=0, pid=1)
+    with fake_dataset(tmp_path, files, Tuning(whole_file_max=4096, chunk_size=4096, read_wait=60)) as d:
+        for run in ("whole", "refreshed"):
+            table = BackingTable(tmp_path / f"log-{run}", _Kernel())
+            fs = DatasetFS(d.index, d.cache, d.counters, str(tmp_path / "mnt"), backing=table)
+            try:
+                for key in files if run == "whole" else ():  # cache every file through the view (misses: not armed)
+                    parent = 1
+                    *dirs, leaf = key.split("/")
+                    for name in dirs:
+                        parent = fs.lookup(ctx, parent, name.encode()).nodeid
+                    node = fs.lookup(ctx, parent, leaf.encode()).nodeid
+                    opened = fs.open(ctx, node, os.O_RDONLY)
+                    fs.release(ctx, node, opened.fh, 0)
+                    assert fs.read(ctx, node, 0, 0, 1 << 20) == files[key]
+                if run == "refreshed":
+                    fs.index = _SwappedDuringWalk(fs, d.index)
+                armed, names = fs.arm_ahead(threading.Event())
+                if run == "whole":
+                    assert (armed, names, table.armed_count()) == (3, 4, 3)
+                else:
+                    assert (armed, names, table.armed_count()) == (0, 0, 0)
+            finally:
+                fs.destroy()
+                fs.stop_counting()
+                table.close()
