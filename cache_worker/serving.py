@@ -119,6 +119,31 @@ def use_passthrough(setting: str, largest_file: int, whole_file_max: int, total_
     return setting == "on"
 
 
+#: Where a process's own memory limit is: cgroup v2 (in a pod, its cgroup namespace's root),
+#: then v1.
+MEMORY_LIMIT_FILES = ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes")
+
+
+def memory_limit(paths: tuple[str, ...] = MEMORY_LIMIT_FILES) -> int:
+    """This process's memory limit in bytes (its cgroup's: the worker pod's limit on Kubernetes,
+    4Gi by default), or 0 if it has none. Kernel memory the worker causes is charged to it too:
+    the backing files it registers for passthrough, and the dentries and inodes they pin."""
+    for path in paths:
+        try:
+            with open(path) as f:
+                text = f.read().strip()
+        except OSError:
+            continue
+        if text == "max":
+            return 0
+        try:
+            value = int(text)
+        except ValueError:
+            continue
+        return value if value < 1 << 60 else 0  # v1 writes "no limit" as a huge number
+    return 0
+
+
 def physical_memory() -> int:
     """The node's memory in bytes (0 if unknown): what its page cache can at most hold."""
     try:

@@ -53,7 +53,7 @@ from .index import Index
 from .index_open import OpenedIndex, open_index, snapshot_file
 from .kernel_opens import KernelOpens
 from .index_build import cleanup as cleanup_retired_indexes
-from .serving import ServingMode, physical_memory, use_passthrough
+from .serving import ServingMode, memory_limit, physical_memory, use_passthrough
 from .source import Source, SourceError
 from .sources import open_source
 from .stats_server import StatsServer
@@ -175,7 +175,7 @@ class Worker(WorkerConnection, WorkerRefresh):
             backing_log.unlink(missing_ok=True)  # it belonged to a connection that is gone
             att = self.attacher.mount(f"datahoard:{cfg.source}", cfg.allow_other)
         self.attachment = att
-        backing = BackingTable(backing_log, att.conn, arms=arms_for(physical_memory())) if self._use_passthrough() else None
+        backing = BackingTable(backing_log, att.conn, arms=arms_for(physical_memory(), memory_limit())) if self._use_passthrough() else None
         view = self.view = DatasetFS(self.index, self.cache, self.counters, str(cfg.mountpoint), backing=backing,
                                      previous=self.opened.previous)
         background = cfg.tuning.max_waiting_reads + RESERVE_THREADS

@@ -60,15 +60,23 @@ ARM_BYTES = 4 * 1024
 #: Arms may hold at most 1/ARM_MEMORY_SHARE of the node's memory (about 2%): 131,000 arms on
 #: 24 GiB, 1.4 million on 256 GiB.
 ARM_MEMORY_SHARE = 48
-#: Arms without a known memory size, and the least on any node.
+#: Arms without a known memory size, and the least on any node without a memory limit.
 DEFAULT_ARMS = 1 << 16
+#: Arms may hold at most 1/ARM_LIMIT_SHARE of the worker's own memory limit: the kernel charges
+#: what they hold to the worker's cgroup, so on a big node a pod limit (4Gi by default) would
+#: otherwise be outrun (1.4 million arms on 256 GiB hold 5.6 GB) and the worker OOM-killed.
+ARM_LIMIT_SHARE = 8
+#: The least any limit leaves.
+MIN_ARMS = 1024
 
 
-def arms_for(memory_bytes: int) -> int:
-    """How many node ids may be armed on a node with ``memory_bytes`` of memory (0: unknown)."""
-    if memory_bytes <= 0:
-        return DEFAULT_ARMS
-    return max(DEFAULT_ARMS, memory_bytes // ARM_MEMORY_SHARE // ARM_BYTES)
+def arms_for(memory_bytes: int, limit_bytes: int = 0) -> int:
+    """How many node ids may be armed by a worker on a node with ``memory_bytes`` of memory (0:
+    unknown) whose own memory limit is ``limit_bytes`` (0: none)."""
+    arms = DEFAULT_ARMS if memory_bytes <= 0 else max(DEFAULT_ARMS, memory_bytes // ARM_MEMORY_SHARE // ARM_BYTES)
+    if limit_bytes > 0:
+        arms = min(arms, max(MIN_ARMS, limit_bytes // ARM_LIMIT_SHARE // ARM_BYTES))
+    return arms
 
 
 def is_arm(fh: int) -> bool:

@@ -144,6 +144,26 @@ def test_the_bound_scales_with_the_nodes_memory():
     assert arms_for(256 * GiB) * 4 * 1024 <= 256 * GiB // 40, "under 1/40 of the node's memory (4 KB an arm)"
 
 
+def test_a_memory_limit_bounds_the_arms_too(tmp_path: Path):
+    """What arms hold is charged to the worker's cgroup: on a 256 GiB node a 4Gi pod (the
+    default limit) must not arm 1.4 million files (5.6 GB)."""
+    from datahoard.cache_worker.serving import memory_limit
+
+    assert arms_for(256 * GiB, 4 * GiB) == 131_072, "4 KB an arm in 1/8 of the limit"
+    assert arms_for(256 * GiB, 4 * GiB) * 4 * 1024 <= 4 * GiB // 8
+    assert arms_for(24 * GiB, 512 << 20) == 16_384
+    assert arms_for(24 * GiB, 1 << 20) == 1024, "a floor under any limit"
+    assert arms_for(24 * GiB, 64 * GiB) == arms_for(24 * GiB), "a limit above the node's share changes nothing"
+    v2, v1 = tmp_path / "memory.max", tmp_path / "memory.limit_in_bytes"
+    assert memory_limit((str(v2), str(v1))) == 0, "no cgroup files: no limit"
+    v1.write_text("9223372036854771712\n")  # v1's "no limit"
+    assert memory_limit((str(v2), str(v1))) == 0
+    v2.write_text("max\n")
+    assert memory_limit((str(v2), str(v1))) == 0
+    v2.write_text(f"{4 * GiB}\n")
+    assert memory_limit((str(v2), str(v1))) == 4 * GiB
+
+
 def test_more_files_than_the_old_fixed_bound_stay_armed(tmp_path: Path, lib):
     """Every file of a dataset of 70,000 whole files stays armed on a 24 GiB node, so a shuffled
     epoch finds every open armed (with 65,536 arms, 4,464 of them were disarmed each epoch)."""
