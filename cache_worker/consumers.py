@@ -218,11 +218,20 @@ class ConsumerTable:
         self._usage: dict[Consumer, Usage] = {}
         self._folded = Usage()
         self._lock = threading.Lock()
+        #: Pods whose names are known (``add`` asks for the others' until they are).
+        self._named: set[Consumer] = set()
 
     def add(self, pid: int, from_cache: int, from_source: int) -> None:
         """Bytes served to ``pid``; ``from_cache`` may be negative (a prepaid read that needed
         the source moves its bytes between the columns, see ``Counters.add_prepaid_read``)."""
         consumer = self.resolver.resolve(pid)
+        if consumer.uid and consumer not in self._named:
+            # Learn the pod's name while it reads: its record goes when it is unpublished, and a
+            # short job could finish before the first stats poll asked (seen in the node tier).
+            if self.names.get(consumer.uid) is not None:
+                if len(self._named) >= 4 * TRACKED:
+                    self._named.clear()
+                self._named.add(consumer)
         with self._lock:
             usage = self._usage.get(consumer)
             if usage is None:

@@ -219,3 +219,13 @@ def test_damaged_consumer_counts_start_afresh_and_the_rest_is_kept(tmp_path):
     CounterSaver(again, path, 5).load()
     assert (again.served_from_cache, again.served_from_source) == (5, 5)
     assert again.consumers.snapshot() == []
+
+
+def test_a_pods_name_is_learnt_while_it_reads_not_only_when_stats_are_asked(tmp_path):
+    """A short job can be unpublished (its record removed) before the first stats poll after
+    its reads: the name must have been read while the pod was reading."""
+    (tmp_path / "a.json").write_text(json.dumps({"uid": "uid-2", "namespace": "ml", "name": "loader-0"}))
+    table = ConsumerTable(Pids(), PodNames(tmp_path))
+    table.add(2, 100, 0)
+    (tmp_path / "a.json").unlink()  # the pod finished and was unpublished
+    assert [(c.namespace, c.pod) for c in table.snapshot()] == [("ml", "loader-0")]
