@@ -15,6 +15,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tests.support.polling import eventually
+
 #: Why FUSE mounts cannot be made here (None when they can): integration tests skip with it.
 FUSE_MISSING = (
     "needs root, /dev/fuse and fusermount3"
@@ -36,6 +38,23 @@ class Mount:
         record = runtime.lookup(self.mountpoint)
         assert record is not None, f"no mount record for {self.mountpoint}"
         return runtime.fetch_stats(record.stats_url)
+
+
+def read_until_passed_through(m: Mount, path: Path, body: bytes) -> int:
+    """Read ``path`` (checking its bytes) until an open of it is passed through; how many reads
+    that took. After a miss the next open may still get the page cache: the kernel sends the
+    miss's RELEASE asynchronously, and an inode with a caching open left cannot be passed
+    through (fs_data), so a test that counts passed-through opens starts counting here."""
+    reads = 0
+    before = m.stats().fuse.passthrough_opens
+
+    def passed() -> bool:
+        nonlocal reads
+        assert path.read_bytes() == body
+        reads += 1
+        return m.stats().fuse.passthrough_opens > before
+    eventually(passed, 20, what=f"an open of {path.name} passed through")
+    return reads
 
 
 def datahoard(*args: str, check: bool = True, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
