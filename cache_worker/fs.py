@@ -17,6 +17,7 @@ What the view promises, and how (each promise is kept by the part of the view na
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 import queue
 import threading
@@ -25,7 +26,7 @@ from .counters import Counters
 from .dataset import DatasetCache, ReadState
 from .fs_backing import KEPT_BACKING_IDS, ViewBacking
 from .fs_data import ViewData
-from .fs_ids import ViewIds
+from .fs_ids import FILE_BASE, ViewIds
 from .fs_meta import ViewMetadata
 from .fusell import fastopen
 from .fusell.fastopen import NativeOpens
@@ -35,9 +36,15 @@ from .index import Index
 from .open_watch import OpenWatch
 from .source import RemoteObject
 
+log = logging.getLogger(__name__)
+
 MAX_READ = 1 << 20
 #: Session threads beyond those that may wait on the source.
 RESERVE_THREADS = 16
+#: Kernel opens are counted by file id (one fanotify inode mark per directory, open_watch.py)
+#: up to this many directories; each mark pins its directory's inode and dentry, about 1.5 KB
+#: of kernel memory. Beyond it they are counted through descriptors (slower per open).
+MAX_DIR_MARKS = 1 << 16
 
 
 class DatasetFS(ViewMetadata, ViewData, ViewBacking, ViewIds, Filesystem):
@@ -119,10 +126,45 @@ class DatasetFS(ViewMetadata, ViewData, ViewBacking, ViewIds, Filesystem):
         allowed. The watch is started first, so an open that races the switch can be counted
         twice, never missed.
         """
-        watch = OpenWatch(self.mountpoint, self.counters.add_unobserved_hit)
+        if (os.environ.get("DATAHOARD_OPEN_WATCH") == "descriptors"
+                or len(self.index.dir_paths()) > MAX_DIR_MARKS):
+            watch = OpenWatch(self.mountpoint, self.counters.add_unobserved_hit)
+        else:
+            watch = OpenWatch(self.mountpoint, self.counters.add_unobserved_hit,
+                              dirs=lambda: self.index.dir_paths(), sizes=self._file_sizes)
         watch.start()
         self._open_watch = watch
         self.kernel_opens = True
+
+    def watch_new_dirs(self) -> None:
+        """After a refresh has swapped the index and dropped stale names: mark the directories
+        it added, so opens of files in them are counted too (kernel opens by file id)."""
+        watch = self._open_watch
+        if watch is None:
+            return
+        try:
+            added = watch.mark_new_dirs()
+        except OSError as exc:  # the counts of opens there would be missing: say so
+            log.warning("opens in directories the refresh added are not counted: %s", exc)
+            return
+        if added:
+            log.info("counting opens in %d directories the refresh added", added)
+
+    @property
+    def open_watch_mode(self) -> str:
+        """How kernel opens are counted: "file ids", "descriptors", or "" (not at all)."""
+        return self._open_watch.mode if self._open_watch is not None else ""
+
+    def _file_sizes(self, nodes: set[int]) -> dict[int, int]:
+        """Size by node id for the opens fanotify reported (kernel opens): the index's, or the
+        one a refresh replaced for a file only it has (opened just before the refresh)."""
+        index, previous = self.index, self._previous
+        found = index.file_sizes(n - FILE_BASE for n in nodes if n >= FILE_BASE)
+        sizes = {i + FILE_BASE: size for i, size in found.items()}
+        if previous is not None and len(sizes) < len(nodes):
+            rest = [n - FILE_BASE for n in nodes if n >= FILE_BASE and n not in sizes]
+            sizes.update((i + FILE_BASE, size) for i, size in previous.file_sizes(rest).items())
+        return sizes
 
     def drain_opens(self) -> None:
         """Count the opens the kernel (fanotify) or the native responder has queued (before a

@@ -290,6 +290,21 @@ class Index:
         """The path of directory ``dir_id`` ("" for the root, id 1), or None."""
         return self._dir_paths.get(dir_id)
 
+    def dir_paths(self) -> list[str]:
+        """Every directory's path ("" for the root), parents before children."""
+        return list(self._dir_paths.values())
+
+    def file_sizes(self, file_ids: Iterable[int]) -> dict[int, int]:
+        """Size by file id, of those of ``file_ids`` this snapshot has (one query per 500)."""
+        ids = list(file_ids)
+        out: dict[int, int] = {}
+        conn = self._conn()
+        for start in range(0, len(ids), 500):
+            part = ids[start:start + 500]
+            marks = ",".join("?" * len(part))
+            out.update(conn.execute(f"SELECT id, size FROM files WHERE id IN ({marks})", part).fetchall())
+        return out
+
     def child_dir(self, dir_id: int, name: str) -> int | None:
         parent = self._dir_paths.get(dir_id)
         if parent is None:

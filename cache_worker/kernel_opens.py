@@ -40,7 +40,8 @@ class KernelOpens:
             self._given_up = True
             return
         self._mode.apply(Event.FULLY_CACHED)
-        log.info("the dataset is cached: the kernel serves opens now (counted with fanotify)")
+        log.info("the dataset is cached: the kernel serves opens now (counted with fanotify, by %s)",
+                 self._view.open_watch_mode)
 
 
 __all__ = ["KernelOpens"]

@@ -47,6 +47,7 @@ class WorkerRefresh:
         dropped = sum(self._invalidate(parent, name.encode("utf-8", "surrogateescape")) for parent, name in names)
         if names:
             log.info("dropped %d of %d changed names from the kernel's cache", dropped, len(names))
+        self.view.watch_new_dirs()  # now that every new directory's name leads to it
 
     def _invalidate(self, parent: int, name: bytes) -> bool:
         att = self.attachment

@@ -103,6 +103,7 @@ def _fuse_stats(w: Worker) -> FuseStats:
         handover_note=None if att is None or att.handover else att.note,
         resumed=bool(att is not None and att.resumed),
         passthrough_opens=view.passthrough_opens if view is not None else 0,
+        opens_counted_by=view.open_watch_mode if view is not None else "",
         native_opens=native.get("opens", 0),
         native_lookups=native.get("lookups", 0),
         native_armed=view.backing.armed_count() if view is not None and view.native is not None else 0,

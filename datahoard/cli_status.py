@@ -49,7 +49,8 @@ def status(args: argparse.Namespace) -> int:
             + (f" (hit {c.hit_ratio:.3f})" if c.hit_ratio is not None else "") for c in stats.consumers[:3])
             + (f" and {len(stats.consumers) - 3} more" if len(stats.consumers) > 3 else "")))
     if stats.kernel_opens:
-        rows.append(("kernel opens", "yes: the dataset is cached and the kernel opens files itself (still counted)"))
+        by = f", by {stats.fuse.opens_counted_by}" if stats.fuse.opens_counted_by else ""
+        rows.append(("kernel opens", f"yes: the dataset is cached and the kernel opens files itself (still counted{by})"))
     d = stats.direct
     if d.state != "off" or stats.serving != "fuse":
         if stats.serving == "direct":

@@ -72,6 +72,10 @@ class FuseStats(BaseModel):
         default=0, description="files whose opens the native responder answers now (armed)")
     native_note: str | None = Field(
         default=None, description="why opens to pass through are answered in Python, if they are")
+    opens_counted_by: str = Field(
+        default="", description="with kernel opens, how fanotify reports them: 'file ids' (one mark per "
+        "directory, the cheaper) or 'descriptors' (past 65,536 directories, or a kernel before 6.8); "
+        "empty without kernel opens")
 
 
 class ConsumerStats(BaseModel):

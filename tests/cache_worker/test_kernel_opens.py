@@ -46,12 +46,19 @@ def _dataset(s3, bucket: str, sizes: list[int]) -> dict[str, bytes]:
     return files
 
 
-def test_a_cached_dataset_is_read_with_the_worker_stopped_and_every_open_counted(s3, bucket, mount_dataset, tmp_path):
+@pytest.mark.parametrize("counted_by", ["file ids", "descriptors"])
+def test_a_cached_dataset_is_read_with_the_worker_stopped_and_every_open_counted(
+        s3, bucket, mount_dataset, tmp_path, monkeypatch, counted_by):
+    """Both ways fanotify reports opens count the same: by file id (the default) and through
+    descriptors (past MAX_DIR_MARKS directories, or a kernel before 6.8)."""
+    if counted_by == "descriptors":
+        monkeypatch.setenv("DATAHOARD_OPEN_WATCH", "descriptors")
     files = _dataset(s3, bucket, [20_000 + 3_001 * i for i in range(30)])
     total = sum(map(len, files.values()))
     want = [hashlib.sha256(body).hexdigest() for body in files.values()]
     m = mount_dataset(bucket, "ds", "--warm", "--wait", "--no-passthrough")
     eventually(lambda: m.stats().kernel_opens, 20, "the view to hand opens to the kernel")
+    assert m.stats().fuse.opens_counted_by == counted_by
     paths = [m.mountpoint / key for key in files]
 
     assert _digests(paths) == want  # first epoch: the kernel asks the worker for the bytes
@@ -80,7 +87,31 @@ def test_a_cached_dataset_is_read_with_the_worker_stopped_and_every_open_counted
     assert (third.served_from_cache_bytes, third.served_from_source_bytes, third.hit_ratio) == (3 * total, 0, 1.0)
     status = subprocess.run([sys.executable, "-m", "datahoard.cli", "status", str(m.mountpoint)],
                             capture_output=True, text=True, check=True).stdout
-    assert "kernel opens  yes" in status
+    assert f"kernel opens  yes: the dataset is cached and the kernel opens files itself (still counted, by {counted_by})" in status
+
+
+def test_opens_in_a_directory_a_refresh_added_are_counted(s3, bucket, mount_dataset):
+    """Counting by file id marks each directory: one a refresh adds is marked when the refresh
+    is done, or opens there would not be counted (and their reads, prepaid, would take bytes
+    from the cache column)."""
+    files = _dataset(s3, bucket, [10_000, 20_000, 30_000])
+    m = mount_dataset(bucket, "ds", "--warm", "--wait", "--no-passthrough")
+    eventually(lambda: m.stats().kernel_opens, 20, "the view to hand opens to the kernel")
+    assert m.stats().fuse.opens_counted_by == "file ids"
+    new = {"later/deeper/img.jpg": os.urandom(15_000), "later/img.jpg": os.urandom(25_000)}
+    for key, body in new.items():
+        s3.put_object(Bucket=bucket, Key="ds/" + key, Body=body)
+    subprocess.run([sys.executable, "-m", "datahoard.cli", "refresh", str(m.mountpoint)], check=True,
+                   capture_output=True)
+    everything = {**files, **new}
+    total = sum(map(len, everything.values()))
+    eventually(lambda: m.stats().cached_bytes == total, 30, "warming to cache the new files")
+    before = m.stats()
+    for key, body in everything.items():
+        assert (m.mountpoint / key).read_bytes() == body
+    after = m.stats()
+    assert after.served_from_cache_bytes - before.served_from_cache_bytes == total
+    assert after.served_from_source_bytes == before.served_from_source_bytes
 
 
 def test_a_dataset_cached_by_reading_it_hands_opens_to_the_kernel_too(s3, bucket, mount_dataset):
