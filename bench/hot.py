@@ -75,9 +75,8 @@ def main(argv: list[str] | None = None) -> int:
         # "first": the first epoch after warming (page cache dropped), once arming ahead is done
         # (cache_worker/arm_ahead.py; nothing to wait for without the native part).
         deadline = time.monotonic() + 120
-        while view.stats().fuse.native_armed < len(paths) and view.stats().fuse.native_note is None \
-                and view.stats().fuse.passthrough and time.monotonic() < deadline:
-            time.sleep(0.5)
+        while view.stats().fuse.arming_ahead and time.monotonic() < deadline:
+            time.sleep(0.2)
         out["armed_before_first"] = view.stats().fuse.native_armed
         for name, dropped, tries in (("first", True, 1), ("warm", False, args.tries), ("dropped", True, args.tries)):
             before = view.stats().fuse

@@ -273,9 +273,7 @@ class Bench:
             # Arming ahead (cache_worker/arm_ahead.py) follows the "fully cached" event: wait for
             # it, and record how long it took after warming ended.
             armed_at = time.monotonic()
-            files = stats.warming.files_done
-            while (view.stats().fuse.native_armed < files and view.stats().fuse.native_note is None
-                   and time.monotonic() - armed_at < 120):
+            while view.stats().fuse.arming_ahead and time.monotonic() - armed_at < 120:
                 time.sleep(0.2)
             self.extra["warming"]["armed"] = view.stats().fuse.native_armed
             self.extra["warming"]["arming_s_after"] = round(time.monotonic() - armed_at, 1)

@@ -34,6 +34,9 @@ class ArmAhead:
     def __init__(self, view: DatasetFS, stop: threading.Event) -> None:
         self._view, self._stop = view, stop
         self._running = threading.Lock()
+        #: A "fully cached" event was heard and the run it started has not ended: ``--warm
+        #: --wait`` waits for this too, so the first epoch finds every file armed.
+        self.pending = False
 
     def plan(self, completeness: Completeness) -> None:
         """Listen for the event where the native part serves (passthrough with fastopen)."""
@@ -42,6 +45,7 @@ class ArmAhead:
 
     def _on_fully_cached(self, full: bool) -> None:
         if full and not self._stop.is_set():
+            self.pending = True  # before the thread, on the event's own thread (Completeness.busy)
             threading.Thread(target=self._run, name="arm-ahead", daemon=True).start()
 
     def _run(self) -> None:
@@ -55,6 +59,7 @@ class ArmAhead:
         except Exception:  # noqa: BLE001 - arming ahead only saves Python work; serving goes on
             log.warning("arming ahead failed: opens are armed as they come", exc_info=True)
         finally:
+            self.pending = False
             self._running.release()
 
 

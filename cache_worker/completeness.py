@@ -52,6 +52,8 @@ class Completeness:
         self._missing: set[str] | None = None
         #: The thread is walking the index: every chunk cached meanwhile must be crossed off.
         self._walking = False
+        #: ``settle`` is judging a change or telling listeners (``busy``).
+        self._settling = False
         self._listeners: list[Listener] = []
         self._full = False
         self._decided = threading.Event()
@@ -95,6 +97,13 @@ class Completeness:
     @property
     def full(self) -> bool:
         return self._full
+
+    @property
+    def busy(self) -> bool:
+        """A change is waiting to be judged, or is being judged and its listeners told: the
+        state ``full`` shows may be about to change (``--warm --wait`` waits on this)."""
+        with self._cond:
+            return self._woken or self._settling
 
     def wait_decided(self, timeout: float) -> bool:
         """Wait until the state found at start-up is known (tests, and status right after start)."""
@@ -147,23 +156,29 @@ class Completeness:
 
         The thread's body; tests call it directly (with the thread not started) to see each
         decision without waiting for a thread."""
-        while True:
+        try:
+            while True:
+                with self._cond:
+                    if not self._woken:
+                        self._settling = False
+                        return
+                    self._woken, self._settling = False, True
+                full = self._check()
+                if full is None:
+                    continue
+                self._decided.set()
+                if full != self._full:
+                    self._full = full
+                    log.info("the dataset is %s", "fully cached" if full else "no longer fully cached")
+                    for listener in list(self._listeners):
+                        try:
+                            listener(full)
+                        except Exception:  # noqa: BLE001 - one listener must not silence the others
+                            log.exception("a fully-cached listener failed")
+        except BaseException:
             with self._cond:
-                if not self._woken:
-                    return
-                self._woken = False
-            full = self._check()
-            if full is None:
-                continue
-            self._decided.set()
-            if full != self._full:
-                self._full = full
-                log.info("the dataset is %s", "fully cached" if full else "no longer fully cached")
-                for listener in list(self._listeners):
-                    try:
-                        listener(full)
-                    except Exception:  # noqa: BLE001 - one listener must not silence the others
-                        log.exception("a fully-cached listener failed")
+                self._settling = False
+            raise
 
     def _check(self) -> bool | None:
         """Is every chunk of the dataset cached? None: the answer went stale while looking."""

@@ -96,6 +96,7 @@ class Worker(WorkerConnection, WorkerRefresh):
         self.large_files = True
         self.beyond_memory = False
         self.view: DatasetFS | None = None
+        self.arm_ahead: ArmAhead | None = None
         self.attacher: Attacher | None = None
         self.attachment: Attachment | None = None
         self.session = None
@@ -144,7 +145,8 @@ class Worker(WorkerConnection, WorkerRefresh):
         )
         runtime.register(self._record)
         self._plan_kernel_opens()
-        ArmAhead(self.view, self._stop).plan(self.completeness)
+        self.arm_ahead = ArmAhead(self.view, self._stop)
+        self.arm_ahead.plan(self.completeness)
         self.completeness.start()
         if cfg.warm:
             self._start_warming()

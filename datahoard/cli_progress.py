@@ -67,3 +67,22 @@ def wait_for_warming(stats_url: str) -> None:
     if w.state == "failed":
         raise CliError(f"warming failed: {w.message or stats.last_error or w.state}")
     print(f"warmed {w.files_done} of {w.files_total} files ({format_size(stats.cached_bytes)} cached)")
+    wait_for_arming(stats_url)
+
+
+def wait_for_arming(stats_url: str, timeout: float = 600) -> None:
+    """After warming: wait while the worker arms every file for its native responder (about
+    120 us a file, arm_ahead.py), so the first epoch's opens are all answered without Python.
+    Bounded: past ``timeout`` the mount is used as it is (unarmed opens go to Python)."""
+    deadline = time.monotonic() + timeout
+    stats = runtime.fetch_stats(stats_url)
+    if not stats.fuse.arming_ahead:
+        return
+    while stats.fuse.arming_ahead and time.monotonic() < deadline:
+        time.sleep(0.2)
+        stats = runtime.fetch_stats(stats_url)
+    if stats.fuse.arming_ahead:
+        print(f"still arming files for native opens after {timeout:g} s ({stats.fuse.native_armed:,} so far); "
+              "opens not armed yet are answered in Python")
+    else:
+        print(f"armed {stats.fuse.native_armed:,} files for native opens")

@@ -70,6 +70,9 @@ class FuseStats(BaseModel):
         default=0, description="LOOKUPs answered again by the native responder, without Python")
     native_armed: int = Field(
         default=0, description="files whose opens the native responder answers now (armed)")
+    arming_ahead: bool = Field(
+        default=False, description="the dataset is (about to be) fully cached and the worker is arming every "
+        "file for the native responder; `--warm --wait` returns once it is done")
     native_note: str | None = Field(
         default=None, description="why opens to pass through are answered in Python, if they are")
     opens_counted_by: str = Field(

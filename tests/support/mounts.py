@@ -31,6 +31,8 @@ class Mount:
     cache_dir: Path
     source: str
     endpoint: str | None = None
+    #: What ``datahoard mount`` printed.
+    output: str = ""
 
     def stats(self):
         from datahoard import runtime
@@ -109,8 +111,8 @@ class Mounts:
         # Recorded before mounting, so a mount that half-succeeded is cleaned up too.
         self.made.append(m)
         endpoint_args = ("--endpoint-url", endpoint) if endpoint else ()
-        datahoard("mount", source, str(m.mountpoint), "--cache-dir", str(m.cache_dir),
-                  *endpoint_args, *extra, env=env)
+        m.output = datahoard("mount", source, str(m.mountpoint), "--cache-dir", str(m.cache_dir),
+                             *endpoint_args, *extra, env=env).stdout
         return m
 
     def cleanup(self) -> None:
