@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import mmap
 import os
 import queue
 import threading
@@ -55,7 +56,8 @@ class DatasetFS(ViewMetadata, ViewData, ViewBacking, ViewIds, Filesystem):
     names_immutable = True
 
     def __init__(self, index: Index, cache: DatasetCache, counters: Counters, mountpoint: str,
-                 backing: BackingTable | None = None, previous: Index | None = None) -> None:
+                 backing: BackingTable | None = None, previous: Index | None = None,
+                 conn_fd: int | None = None, arms: int = 0) -> None:
         self.index = index
         #: The index a refresh replaced (``take_index``, or a restart onto another snapshot), for
         #: ids only it knows.
@@ -103,6 +105,18 @@ class DatasetFS(ViewMetadata, ViewData, ViewBacking, ViewIds, Filesystem):
             # Also without the native part: arms a previous worker left are settled here.
             self._native_thread = threading.Thread(target=self._count_native, name="native-opens", daemon=True)
             self._native_thread.start()
+        #: Without passthrough: the native part answers reads of files the kernel opened itself
+        #: (kernel opens) from their cache files, up to ``arms`` files (fs_backing.arm_reads).
+        self._read_counts: mmap.mmap | None = None
+        self._read_armed: set[int] = set()
+        self._read_arms = arms
+        if backing is None and conn_fd is not None and arms > 0:
+            lib = fastopen.load()
+            if lib is None:
+                self.native_note = fastopen.unavailable
+            else:
+                self._read_counts = mmap.mmap(-1, 8 * arms)  # no opens are answered: unused counts
+                self.native, self.native_note = NativeOpens(lib, conn_fd, self._read_counts, arms), None
         #: Read state by (node id, handle): keyed by the node too, so a handle number a previous
         #: worker also gave out (still open in the kernel) can only ever mean the same file.
         self._handles: dict[tuple[int, int], ReadState] = {}

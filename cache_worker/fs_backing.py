@@ -7,6 +7,7 @@ ids of files the store evicted; and the node ids it arms for the native responde
 from __future__ import annotations
 
 import logging
+import os
 
 from .fs_ids import FILE_BASE
 from .fusell.abi import ROOT_ID
@@ -77,8 +78,8 @@ class ViewBacking:
         """Arm every file whole in the cache and remember every name, up to the bounds, until
         ``stop`` is set (arm_ahead.py); returns (files armed, names remembered)."""
         native, table = self.native, self.backing
-        if native is None or table is None:
-            return 0, 0
+        if native is None or (table is None and not self.kernel_opens):
+            return 0, 0  # without passthrough, only reads of files the kernel opened are native
         armed = names = 0
         name_room = native.NAMES * 3 // 4
         index = self.index  # a refresh (take_index) ends the run: its own event starts the next
@@ -95,9 +96,50 @@ class ViewBacking:
                     epoch = native.names_epoch()
                     native.remember(epoch, parent, raw, pack_entry(self.lookup(None, parent, raw)))
                     names += 1
-                if not is_dir and table.armed_count() < table.slots and self._arm_ahead(FILE_BASE + ident, obj):
+                if is_dir:
+                    continue
+                if table is None:
+                    armed += self._arm_reads(FILE_BASE + ident, obj)
+                elif table.armed_count() < table.slots and self._arm_ahead(FILE_BASE + ident, obj):
                     armed += 1
         return armed, names
+
+    def _arm_reads(self, nodeid: int, obj: RemoteObject) -> bool:
+        """Without passthrough, with kernel opens: let the native part answer the reads of
+        ``nodeid`` (handle 0: the kernel opened it) from its cache file, whole and verified now,
+        while that file keeps its identity (fastopen.c checks it on the descriptor it reads).
+        Why: a read that misses the page cache (after a reboot, or memory pressure) cost about
+        500 us of worker CPU per small file in Python. Bounded by the arms the node's memory
+        allows, like passthrough's; no hit to count, fanotify counted the open."""
+        if nodeid in self._read_armed or len(self._read_armed) >= self._read_arms:
+            return False
+        fd = self.cache.backing_fd(obj)  # None unless whole and verified
+        if fd is None:
+            return False
+        try:
+            identity = signature_fields(ChunkStore.signature_of(fd))
+        finally:
+            os.close(fd)
+        path = self.cache.store.backing_path(object_id(obj.key, obj.etag, obj.size))
+        if not self.native.arm(nodeid, -1, 0, path, identity):
+            return False
+        self._read_armed.add(nodeid)
+        return True
+
+    def armed_count(self) -> int:
+        """Files whose opens (passthrough) or reads (kernel opens) the native part answers."""
+        if self.backing is not None:
+            return self.backing.armed_count() if self.native is not None else 0
+        return len(self._read_armed)
+
+    def close_native_reads(self) -> None:
+        """Free the native part of a view without passthrough (no session thread may be in it)."""
+        native, self.native = self.native, None
+        if self.backing is None and native is not None:
+            native.close()
+            if self._read_counts is not None:
+                self._read_counts.close()
+                self._read_counts = None
 
     def _arm_ahead(self, nodeid: int, obj: RemoteObject) -> bool:
         """What answering an open of ``nodeid`` with passthrough does to the table, with no

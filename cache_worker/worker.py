@@ -177,9 +177,10 @@ class Worker(WorkerConnection, WorkerRefresh):
             backing_log.unlink(missing_ok=True)  # it belonged to a connection that is gone
             att = self.attacher.mount(f"datahoard:{cfg.source}", cfg.allow_other)
         self.attachment = att
-        backing = BackingTable(backing_log, att.conn, arms=arms_for(physical_memory(), memory_limit())) if self._use_passthrough() else None
+        arms = arms_for(physical_memory(), memory_limit())
+        backing = BackingTable(backing_log, att.conn, arms=arms) if self._use_passthrough() else None
         view = self.view = DatasetFS(self.index, self.cache, self.counters, str(cfg.mountpoint), backing=backing,
-                                     previous=self.opened.previous)
+                                     previous=self.opened.previous, conn_fd=att.conn.fd, arms=arms)
         background = cfg.tuning.max_waiting_reads + RESERVE_THREADS
         want = Wants(max_read=MAX_READ, max_background=background, congestion_threshold=background * 3 // 4,
                      passthrough=cfg.passthrough != "off", entry_timeout=METADATA_TIMEOUT, attr_timeout=METADATA_TIMEOUT)

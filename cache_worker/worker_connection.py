@@ -35,6 +35,8 @@ class WorkerConnection:
         if self.view is not None and self.view.backing is not None:
             self.view.stop_counting()  # its thread uses the native part the table frees
             self.view.backing.close()
+        elif self.view is not None:
+            self.view.close_native_reads()
         if att is not None:
             if att.keeper is not None and not self._handing_over:
                 try:

@@ -49,8 +49,12 @@ def status(args: argparse.Namespace) -> int:
             + (f" (hit {c.hit_ratio:.3f})" if c.hit_ratio is not None else "") for c in stats.consumers[:3])
             + (f" and {len(stats.consumers) - 3} more" if len(stats.consumers) > 3 else "")))
     if stats.kernel_opens:
-        by = f", by {stats.fuse.opens_counted_by}" if stats.fuse.opens_counted_by else ""
-        rows.append(("kernel opens", f"yes: the dataset is cached and the kernel opens files itself (still counted{by})"))
+        f = stats.fuse
+        by = f", by {f.opens_counted_by}" if f.opens_counted_by else ""
+        reads = (f"; reads past the page cache answered natively: {f.native_reads:,} ({f.native_armed:,} files armed)"
+                 if f.native_note is None and not f.passthrough else "")
+        rows.append(("kernel opens", "yes: the dataset is cached and the kernel opens files itself "
+                                     f"(still counted{by}){reads}"))
     d = stats.direct
     if d.state != "off" or stats.serving != "fuse":
         if stats.serving == "direct":

@@ -69,7 +69,11 @@ class FuseStats(BaseModel):
     native_lookups: int = Field(
         default=0, description="LOOKUPs answered again by the native responder, without Python")
     native_armed: int = Field(
-        default=0, description="files whose opens the native responder answers now (armed)")
+        default=0, description="files whose opens (passthrough) or reads (kernel opens) the native "
+        "responder answers now (armed)")
+    native_reads: int = Field(
+        default=0, description="with kernel opens, reads that missed the page cache answered by the native "
+        "responder from the cache file, without Python")
     arming_ahead: bool = Field(
         default=False, description="the dataset is (about to be) fully cached and the worker is arming every "
         "file for the native responder; `--warm --wait` returns once it is done")

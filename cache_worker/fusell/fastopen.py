@@ -4,7 +4,8 @@ Why: an open of a file passed through costs about 300 us answered in Python, and
 kept small files read from the cache disk at 0.26 of local speed; libfuse's C daemon reaches
 0.8 there (bench/ANALYSIS.md). The C part answers only OPEN of node ids Python armed (a whole,
 verified cache file with a registered backing id, :mod:`.passthrough_native`), RELEASE of
-the handles it gave out, and LOOKUPs Python answered before (for a Filesystem whose names do not
+the handles it gave out, READ of files the kernel opened itself (kernel opens) that Python
+armed for reads (``fs_backing.arm_reads``: backing id -1), and LOOKUPs Python answered before (for a Filesystem whose names do not
 change until it says so: ``Filesystem.names_immutable``); every other request comes back to the session's Python loop
 unchanged, so the view's rules stay in one place. Loaded with ctypes (no Python headers at
 build time, as ``open_watch`` does for fanotify): ctypes releases the GIL for the whole wait.
@@ -24,7 +25,7 @@ from pathlib import Path
 NATIVE_FH = 1 << 63
 SLOT_SHIFT = 2
 _LIB_PATH = Path(__file__).with_name("_fastopen.so")
-_STATS = ("opens", "releases", "forwarded", "changed", "lookups", "tombstones", "capacity")
+_STATS = ("opens", "releases", "forwarded", "changed", "lookups", "tombstones", "capacity", "reads")
 
 #: Why the native part is not in use, or None.
 unavailable: str | None = None
