@@ -76,13 +76,11 @@ def wait_for_arming(stats_url: str, timeout: float = 600) -> None:
     Bounded: past ``timeout`` the mount is used as it is (unarmed opens go to Python)."""
     deadline = time.monotonic() + timeout
     stats = runtime.fetch_stats(stats_url)
-    if not stats.fuse.arming_ahead:
-        return
     while stats.fuse.arming_ahead and time.monotonic() < deadline:
         time.sleep(0.2)
         stats = runtime.fetch_stats(stats_url)
     if stats.fuse.arming_ahead:
-        print(f"still arming files for native opens after {timeout:g} s ({stats.fuse.native_armed:,} so far); "
+        print(f"still arming files for the native responder after {timeout:g} s ({stats.fuse.native_armed:,} so far); "
               "opens not armed yet are answered in Python")
-    else:
-        print(f"armed {stats.fuse.native_armed:,} files for native opens")
+    elif stats.fuse.native_armed:  # also when arming ended before warming was seen to end
+        print(f"armed {stats.fuse.native_armed:,} files for the native responder")

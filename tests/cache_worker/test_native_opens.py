@@ -223,4 +223,4 @@ def test_warm_wait_returns_once_every_file_is_armed(s3, bucket, mount_dataset):
     m = mount_dataset(bucket, "ds", "--warm", "--wait", "--passthrough")
     st = m.stats()
     assert st.fuse.native_armed == len(files) and not st.fuse.arming_ahead
-    assert "armed 1,500 files for native opens" in m.output, m.output
+    assert "armed 1,500 files for the native responder" in m.output, m.output
