@@ -106,7 +106,7 @@ class OpenWatch:
 
     def __init__(self, path: str, on_open: Callable[[int, int], None], *,
                  dirs: Callable[[], Iterable[str]] | None = None,
-                 sizes: Callable[[list[int]], dict[int, int]] | None = None) -> None:
+                 sizes: Callable[[set[int]], dict[int, int]] | None = None) -> None:
         self._path = path
         self._on_open = on_open
         self._dirs, self._sizes = dirs, sizes
@@ -120,7 +120,7 @@ class OpenWatch:
 
     def start(self) -> None:
         """Mark and start reading events; OSError when fanotify is not allowed."""
-        if self._dirs is not None and self._sizes is not None and len(self._marked) == 0:
+        if self._dirs is not None and self._sizes is not None:
             try:
                 self._start_by_id()
             except OSError as exc:
