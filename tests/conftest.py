@@ -32,6 +32,23 @@ os.environ.setdefault("DATAHOARD_S3_MAX_ATTEMPTS", "3")
 BUILT_TOOL_TIERS = ("cluster", "chart", "node", "e2e")
 
 
+#: Node ids of the tests that failed in this run, printed once more as the very last lines.
+_FAILED: list[str] = []
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if report.failed and report.nodeid not in _FAILED:
+        _FAILED.append(f"{report.nodeid} ({report.when})" if report.when != "call" else report.nodeid)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """CI keeps only the tail of the output, and on CI pytest prints each failure's whole
+    message in the short summary (a bytes diff runs to hundreds of lines), so the names of
+    the failed tests can be cut off. They come last here, one short line each."""
+    for nodeid in _FAILED:
+        print(f"FAILED (again, in short): {nodeid}")
+
+
 @pytest.hookimpl(tryfirst=True)   # before `-m` deselects: `make test` selects on "tools"
 def pytest_collection_modifyitems(config, items):
     for item in items:
