@@ -55,16 +55,29 @@ class StoreEviction:
     """Eviction and discarding.
     A part of :class:`.store.ChunkStore`, which sets up the state in ``__init__``."""
 
-    def discard(self, name: str) -> None:
+    def discard(self, name: str, inode: int | None = None) -> bool:
         """Drop a chunk (it failed its check, or its object's check). A chunk of a complete
-        object drops the whole object: its file may be a backing file and is never punched."""
+        object drops the whole object: its file may be a backing file and is never punched.
+
+        ``inode``: the object file the check found wrong. If another thread has dropped that
+        file and a fill has replaced it since (a check that found the same corruption first),
+        the file now there is not the one found wrong, and nothing is dropped: without this,
+        a check that lost that race unlinked the good, just fetched file, and a direct tree
+        entry linked to it was unlinked and fetched a third time. Checked under the object's
+        lock, which a fill holds while it replaces the file. True if something was dropped."""
         oid, _ = _split(name)
         with self._object_lock(oid):
+            if inode is not None:
+                try:
+                    if os.stat(self._path(oid)).st_ino != inode:
+                        return False
+                except FileNotFoundError:
+                    return False
             with self._lock:
                 rows = [r for r in self._rows_of_locked(oid) if r[0] not in self._gone]
                 mine = [r for r in rows if r[0] == name]
                 if not mine:
-                    return
+                    return False
                 complete = self._complete_locked(oid, rows)
                 victims = rows if complete or len(rows) == 1 else mine
                 for vname, vsize, _ in victims:
@@ -73,6 +86,7 @@ class StoreEviction:
         if self.on_discard is not None:
             for vname, _, _ in victims:
                 self.on_discard(vname)
+        return True
 
     def _drop_files_locked(self, oid: str, victims: list[tuple[str, int, int]], unlink: bool) -> None:
         """Take chunks off disk once their records are gone; the caller holds the object's lock.

@@ -146,15 +146,11 @@ class StoreReads:
         if done != size or actual != crc:
             if self._epochs[stripe] != epoch or epoch & 1:
                 return None  # evicted while we read it: not corrupt, just gone
-            try:
-                current = os.stat(self._path(oid)).st_ino == _inode(signature)
-            except FileNotFoundError:
-                current = False
-            if current:  # not a file another reader already dropped (and a fill replaced)
-                changed = before is not None and before.has(index)
-                log.error("cached chunk %s %s does not match its CRC; dropping it and refetching", name,
+            changed = before is not None and before.has(index)  # before the drop forgets it
+            # Only the file read, not one a fill put there after another reader dropped it.
+            if self.discard(name, inode=_inode(signature)):
+                log.error("cached chunk %s %s does not match its CRC; dropped it, to be refetched", name,
                           "changed on disk since it was verified and" if changed else "failed verification:")
-                self.discard(name)
             return None
         trust = self._trust.get(oid)
         if trust is None or trust.signature != signature:

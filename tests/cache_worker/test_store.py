@@ -1,10 +1,13 @@
 """The chunk store on a real directory: atomic fills, verification, LRU eviction, restart."""
 
 import os
+import threading
 
 import pytest
 
 from datahoard.cache_worker.store import CacheFull, ChunkId, ChunkStore
+from datahoard.cache_worker.store_trust import signature
+from tests.support.polling import eventually
 
 
 def chunk(n: int) -> ChunkId:
@@ -81,3 +84,30 @@ def test_chunk_larger_than_capacity(tmp_path):
     with pytest.raises(CacheFull, match="exceeds the cache capacity"):
         store.put(chunk(1), bytes(101))
     assert store.used_bytes == 0
+
+
+def test_a_check_that_lost_the_race_to_drop_a_corrupt_file_leaves_its_refetched_copy(tmp_path):
+    """Two checks find the same corrupt file; the first drops it and a fill puts the right
+    bytes back. The second then drops nothing: what is on disk is not the file it read (before,
+    it compared inodes before taking the object's lock, and dropped the good copy)."""
+    good = b"A" * 1000
+    store = ChunkStore(tmp_path, capacity=1 << 20)
+    store.put(chunk(1), good)
+    store.close()
+    path = next((tmp_path / "data").rglob(chunk(1).object_id))
+    with open(path, "r+b") as f:
+        f.seek(500)
+        f.write(b"B")
+    store = ChunkStore(tmp_path, capacity=1 << 20)
+    oid = chunk(1).object_id
+    fd = os.open(path, os.O_RDONLY)
+    late = threading.Thread(target=store._check, args=(chunk(1).name, fd, signature(os.fstat(fd))))
+    with store._object_lock(oid):  # the first check's drop and refill, under the object's lock
+        late.start()
+        eventually(lambda: store._object_locks[oid][1] == 2, what="the late check waiting for the object")
+        store.discard(chunk(1).name)
+        store.put(chunk(1), good)
+    late.join()
+    os.close(fd)
+    assert store.read(chunk(1), 0, 1000) == good
+    assert path.exists() and store.used_bytes == 1000
