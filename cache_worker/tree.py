@@ -61,6 +61,9 @@ class DirectTrees(TreeBuild, TreeRepair, TreeEntries, TreeCleanup, TreeManifest)
         self._repairs: queue.Queue[str] = queue.Queue()
         #: Called (on the discarding thread) when an entry waits to be relinked (tree_repair.py).
         self.on_repair: Callable[[], None] | None = None
+        #: Objects a check dropped as corrupt while there was no tree (tree_repair.py): the next
+        #: build fetches them again rather than finding them missing.
+        self._found_corrupt: set[str] = set()
         self.store.on_discard = self._on_discard
 
     # -- names -----------------------------------------------------------------------------

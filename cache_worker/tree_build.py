@@ -88,7 +88,14 @@ class TreeBuild:
             total += obj.size
             if obj.size == 0:
                 continue
-            for chunk in self.cache.chunks(obj):
+            chunks = self.cache.chunks(obj)
+            if chunks[0].object_id in self._found_corrupt and not all(map(self.store.contains, chunks)):
+                # Dropped by a check since the dataset was fully cached: fetched again here,
+                # as a corrupt chunk found while building is (tree_entries._ensure_chunk).
+                for chunk in chunks:
+                    self._ensure_chunk(obj, chunk)
+            self._found_corrupt.discard(chunks[0].object_id)
+            for chunk in chunks:
                 if not self.store.contains(chunk):
                     missing += 1
                     example = example or obj.key

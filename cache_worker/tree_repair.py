@@ -16,6 +16,7 @@ from pathlib import Path
 
 from .keys import shown
 from .source import RemoteObject
+from .store_layout import split_name
 from .tree_build import _PIN_BATCH
 from .tree_entries import _dest
 from .tree_errors import TreeError, _os_error
@@ -68,9 +69,12 @@ class TreeRepair:
         return repaired
 
     def _on_discard(self, name: str) -> None:
-        """A chunk failed its check (in a FUSE read): its tree entries must not serve it."""
+        """A chunk failed its check (in a FUSE read, arming, any check): its tree entries must
+        not serve it. With no tree yet, the next build is told to fetch it again: the dataset
+        was fully cached, and without warming nothing else would."""
         current = self.current
         if current is None:
+            self._found_corrupt.add(split_name(name)[0])
             return
         for tree_id, rel in self.store.pinned_paths(name):
             if tree_id != current.id:

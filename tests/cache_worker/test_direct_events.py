@@ -148,3 +148,17 @@ def test_an_old_tree_is_removed_when_its_last_reference_file_goes_not_on_a_timer
     eventually(lambda: not old.exists() and not tree_layout.refs_dir(old).exists(), timeout=10,
                what="the old tree to be removed once nothing references it (the old loop took up to 30 s)")
     assert rig.trees.old_trees() == set()
+
+
+def test_a_chunk_found_corrupt_before_the_tree_is_built_is_fetched_again_by_the_build(rig):
+    """A check other than the tree's (arming ahead, a read) may find a chunk corrupt after the
+    dataset became fully cached and before the tree is built. The build fetches it again, as
+    it does a chunk it finds corrupt itself; it used to find the file missing and fail ("not
+    fully cached yet"), and with no warming nothing fetched it: no tree, for good."""
+    rig.read_all()
+    obj = rig.data.index.lookup("dir/c.bin")
+    rig.data.store.discard(rig.data.cache.chunks(obj)[1].name)  # what a failed CRC check does
+    assert not rig.data.cache.is_cached(obj)
+    info = rig.trees.build()
+    assert (Path(info.path) / "dir" / "c.bin").read_bytes() == FILES["dir/c.bin"]
+    assert rig.data.cache.is_cached(obj)
