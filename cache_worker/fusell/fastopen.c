@@ -333,6 +333,14 @@ static int queue_open(struct dh *d, uint64_t nodeid, uint32_t pid) {
     return ok;
 }
 
+/* Is this the cache file Python verified when it armed the id? Same inode, size, and
+ * modification and change times (ns): a file replaced, truncated or written since differs. */
+static int same_file(const struct stat *st, uint64_t ino, uint64_t size, uint64_t mtime_ns, uint64_t ctime_ns) {
+    return (uint64_t)st->st_ino == ino && (uint64_t)st->st_size == size
+        && (uint64_t)st->st_mtim.tv_sec * 1000000000ull + st->st_mtim.tv_nsec == mtime_ns
+        && (uint64_t)st->st_ctim.tv_sec * 1000000000ull + st->st_ctim.tv_nsec == ctime_ns;
+}
+
 /* 1: answered here; 0: for Python (also when the answer could not be written: a request is
  * never dropped unanswered); -ENODEV: the mount is gone. */
 static int try_open(struct dh *d, const struct in_header *h, const char *arg, size_t arglen) {
@@ -343,9 +351,7 @@ static int try_open(struct dh *d, const struct in_header *h, const char *arg, si
     struct entry *e = find(d, h->nodeid, NULL);
     if (!e || e->backing_id < 0) { pthread_rwlock_unlock(&d->lock); return 0; }  /* < 0: reads only */
     struct stat st;
-    if (stat(e->path, &st) != 0 || (uint64_t)st.st_ino != e->ino || (uint64_t)st.st_size != e->size
-        || (uint64_t)st.st_mtim.tv_sec * 1000000000ull + st.st_mtim.tv_nsec != e->mtime_ns
-        || (uint64_t)st.st_ctim.tv_sec * 1000000000ull + st.st_ctim.tv_nsec != e->ctime_ns) {
+    if (stat(e->path, &st) != 0 || !same_file(&st, e->ino, e->size, e->mtime_ns, e->ctime_ns)) {
         pthread_rwlock_unlock(&d->lock);
         __atomic_fetch_add(&d->stats[3], 1, __ATOMIC_RELAXED);
         return 0;  /* Python disarms it and decides (fastopen.py) */
@@ -403,9 +409,7 @@ static int try_read(struct dh *d, const struct in_header *h, const char *arg, si
     if (fd < 0) return 0;
     struct stat st;
     ssize_t n = -1;
-    if (fstat(fd, &st) == 0 && (uint64_t)st.st_ino == ino && (uint64_t)st.st_size == size
-        && (uint64_t)st.st_mtim.tv_sec * 1000000000ull + st.st_mtim.tv_nsec == mtime_ns
-        && (uint64_t)st.st_ctim.tv_sec * 1000000000ull + st.st_ctim.tv_nsec == ctime_ns) {
+    if (fstat(fd, &st) == 0 && same_file(&st, ino, size, mtime_ns, ctime_ns)) {
         size_t want = in->offset >= size ? 0 : (size_t)(size - in->offset < in->size ? size - in->offset : in->size);
         size_t got = 0;
         while (got < want) {
