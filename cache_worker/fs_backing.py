@@ -10,6 +10,7 @@ import logging
 import os
 
 from .fs_ids import FILE_BASE
+from .index import Index
 from .fusell.abi import ROOT_ID
 from .fusell.model import FuseError
 from .fusell.wire import pack_entry
@@ -83,6 +84,8 @@ class ViewBacking:
         armed = names = 0
         name_room = native.NAMES * 3 // 4
         index = self.index  # a refresh (take_index) ends the run: its own event starts the next
+        if table is None:
+            self._disarm_reads_gone_from(index)
         dirs = [ROOT_ID]
         while dirs and not stop.is_set():
             parent = dirs.pop()
@@ -125,6 +128,21 @@ class ViewBacking:
             return False
         self._read_armed.add(nodeid)
         return True
+
+    def _disarm_reads_gone_from(self, index: Index) -> int:
+        """Disarm the reads of files a refresh removed or replaced (their ids are not in
+        ``index``), so that they do not hold arms the bound keeps for files still listed. An
+        arm of such a file was never wrong (the native part reads only the verified cache file
+        of the version the id names, and a descriptor opened before the refresh reads that
+        version), but without this, after enough refreshes near the bound, new files were not
+        armed and their reads went to Python. Runs in the arming thread, the only one that
+        arms reads; a read of a disarmed id goes to Python, which reads the same version."""
+        armed = {nodeid - FILE_BASE for nodeid in self._read_armed}
+        gone = armed - set(index.file_sizes(armed))
+        for ident in gone:
+            self.native.disarm(FILE_BASE + ident)
+            self._read_armed.discard(FILE_BASE + ident)
+        return len(gone)
 
     def armed_count(self) -> int:
         """Files whose opens (passthrough) or reads (kernel opens) the native part answers."""

@@ -13,6 +13,8 @@ from datahoard.stats import ConsumerStats, FuseStats, RecentStats, RefreshStats,
 from .counters import Counters
 
 if TYPE_CHECKING:
+    from .index import Index
+    from .store import ChunkStore
     from .worker import Worker
 
 
@@ -55,7 +57,7 @@ def worker_stats(w: Worker) -> WorkerStats:
         ready=w.healthy(),
         files=index.files if index else 0,
         total_bytes=index.total_bytes if index else 0,
-        cached_bytes=store.used_bytes if store else 0,
+        cached_bytes=_cached_bytes(w, index, store),
         capacity_bytes=store.capacity if store else 0,
         skipped_keys=index.summary.skipped_keys if index else 0,
         snapshot=index.summary.snapshot if index else None,
@@ -69,6 +71,24 @@ def worker_stats(w: Worker) -> WorkerStats:
         consumers=_consumer_stats(c),
         **counts,
     )
+
+
+def _cached_bytes(w: Worker, index: Index | None, store: ChunkStore | None) -> int:
+    """Bytes of the current snapshot in the cache, as far as the store's count tells. The store
+    also holds objects of an earlier snapshot that a refresh replaced or removed (kept for
+    descriptors opened before it, until they are evicted), so its bytes can pass the
+    dataset's: after a refresh that replaced a third of a dataset, ``datahoard status`` said
+    "158.6%" cached. Past the dataset's size: the dataset's size once it is fully cached ("fully
+    cached" event, completeness.py), else one byte less. Up to it, the store's bytes, exact
+    unless such old objects are among them (telling them apart takes a walk of the index)."""
+    if store is None:
+        return 0
+    used = store.used_bytes
+    if index is None or used <= index.total_bytes:
+        return used
+    if w.completeness is not None and w.completeness.full:
+        return index.total_bytes
+    return max(index.total_bytes - 1, 0)
 
 
 def _consumer_stats(counters: Counters) -> list[ConsumerStats]:

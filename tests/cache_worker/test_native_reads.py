@@ -10,6 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from tests.support.mounts import datahoard
+from tests.support.polling import eventually
 
 pytestmark = pytest.mark.integration
 
@@ -77,3 +78,36 @@ def test_an_evicted_cache_file_is_fetched_again_by_python(s3, bucket, mount_data
     st = m.stats()
     assert st.fuse.native_reads == before.fuse.native_reads
     assert st.served_from_source_bytes - before.served_from_source_bytes == len(a)
+
+
+def test_a_refresh_disarms_the_reads_of_files_it_removed_or_replaced(s3, bucket, mount_dataset):
+    """Arms are bounded; the arms of ids a refresh removed or replaced are given back, so files
+    still listed keep them (without this the three old arms stayed: 5 armed, not 3). A
+    descriptor opened before the refresh still reads the version it opened, now through Python.
+    What status calls cached is the new snapshot's bytes, not the old versions' too (it said
+    158.6%)."""
+    old = {"kept": os.urandom(60_000), "swapped": os.urandom(61_000), "gone": os.urandom(62_000)}
+    m = _kernel_opens_mount(s3, bucket, mount_dataset, old)
+    opened_before = open(m.mountpoint / "swapped", "rb", buffering=0)
+    new = {"swapped": os.urandom(70_000), "added": os.urandom(80_000)}
+    _put(s3, bucket, new)
+    s3.delete_object(Bucket=bucket, Key="ds/gone")
+    out = datahoard("refresh", str(m.mountpoint)).stdout
+    assert "1 changed" in out and "1 removed" in out, out
+
+    new_total = len(old["kept"]) + sum(map(len, new.values()))
+
+    def settled() -> bool:  # the new snapshot warmed, "fully cached" decided again, arming done
+        st = m.stats()
+        return (st.warming.state == "done" and st.warming.bytes_done == st.warming.bytes_total == new_total
+                and st.kernel_opens and not st.fuse.arming_ahead)
+    eventually(settled, what="the refreshed dataset cached and armed")
+    st = m.stats()
+    assert st.fuse.native_armed == 3, st.fuse  # kept, the new swapped, added
+    # The old versions are still in the store (until evicted), but "cached" is this snapshot's.
+    assert st.cached_bytes == st.total_bytes == new_total, (st.cached_bytes, st.total_bytes)
+    for key, body in {"kept": old["kept"], **new}.items():
+        assert _cold(m.mountpoint / key) == body
+    os.posix_fadvise(opened_before.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+    assert opened_before.readall() == old["swapped"]
+    opened_before.close()
