@@ -166,7 +166,9 @@ def render(results: dict, reliability: dict | None = None) -> str:
         "warm epoch replays exactly what the cold one read.",
         "",
         f"cold = page cache dropped and the system's own cache empty; warm = the next epoch, best of "
-        f"{sc.get('warm_repeats', 1)} (every try is in results.json: `all_ops_per_s`); "
+        f"{sc.get('warm_repeats', 1)} (every try is in results.json: `all_ops_per_s`), each try repeating the epoch's operations until it "
+        "lasts about 1 s (`passes` in results.json: one pass of the random reads took 0.03 s, too short to "
+        "measure); "
         "pre-warmed = after `datahoard mount --warm` finished and the files were armed ahead for the native "
         f"responder ({(results.get('warming') or {}).get('arming_s_after', '?')} s after warming ended), page "
         "cache dropped; pre-warmed 2 = "

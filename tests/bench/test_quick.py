@@ -71,6 +71,13 @@ def test_quick_run_writes_every_figure(tmp_path: Path) -> None:
     for row in results["runs"]:
         assert not row["errors"], row
         assert row["ops"] > 0, row
+    # A warm try repeats its operations until it lasts about a second (one pass of the random
+    # reads lasts milliseconds), and every repeat is read.
+    warm = {(r["workload"], r["system"]): r for r in results["runs"] if r["epoch"] == "warm"}
+    assert warm[("random", "local disk")]["passes"] > 1, warm[("random", "local disk")]
+    assert warm[("random", "datahoard")]["passes"] > 1, warm[("random", "datahoard")]
+    for key in (("random", "local disk"), ("random", "datahoard"), ("shards", "datahoard")):
+        assert warm[key]["complete"] and warm[key]["ops"] == warm[key]["planned_ops"], warm[key]
     assert results["warming"]["state"] == "done"
     assert not (tmp_path / "work").exists(), "the harness must clean up its scratch space"
     text = (out / "RESULTS.md").read_text()
