@@ -37,8 +37,9 @@ _FAILED: list[str] = []
 
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
-    if report.failed and report.nodeid not in _FAILED:
-        _FAILED.append(f"{report.nodeid} ({report.when})" if report.when != "call" else report.nodeid)
+    label = report.nodeid if report.when == "call" else f"{report.nodeid} ({report.when})"
+    if report.failed and label not in _FAILED:
+        _FAILED.append(label)
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:

@@ -2,6 +2,7 @@
 
 import os
 import threading
+from pathlib import Path
 
 import pytest
 
@@ -27,15 +28,20 @@ def test_put_read_and_reuse_after_restart(tmp_path):
     assert again.read(chunk(2), 0, 5) is None
 
 
-def test_corrupt_chunk_is_dropped_not_served(tmp_path):
-    store = ChunkStore(tmp_path, capacity=1 << 20)
+def _cached_then_corrupted(root) -> Path:
+    """A store's file of 1,000 bytes of "A", one byte of it changed behind the store's back."""
+    store = ChunkStore(root, capacity=1 << 20)
     store.put(chunk(1), b"A" * 1000)
     store.close()
-    path = next((tmp_path / "data").rglob(chunk(1).object_id))
+    path = next((root / "data").rglob(chunk(1).object_id))
     with open(path, "r+b") as f:
         f.seek(500)
         f.write(b"B")
+    return path
 
+
+def test_corrupt_chunk_is_dropped_not_served(tmp_path):
+    path = _cached_then_corrupted(tmp_path)
     again = ChunkStore(tmp_path, capacity=1 << 20)
     assert again.read(chunk(1), 0, 1000) is None
     assert not path.exists()
@@ -91,13 +97,7 @@ def test_a_check_that_lost_the_race_to_drop_a_corrupt_file_leaves_its_refetched_
     bytes back. The second then drops nothing: what is on disk is not the file it read (before,
     it compared inodes before taking the object's lock, and dropped the good copy)."""
     good = b"A" * 1000
-    store = ChunkStore(tmp_path, capacity=1 << 20)
-    store.put(chunk(1), good)
-    store.close()
-    path = next((tmp_path / "data").rglob(chunk(1).object_id))
-    with open(path, "r+b") as f:
-        f.seek(500)
-        f.write(b"B")
+    path = _cached_then_corrupted(tmp_path)
     store = ChunkStore(tmp_path, capacity=1 << 20)
     oid = chunk(1).object_id
     fd = os.open(path, os.O_RDONLY)
