@@ -25,6 +25,7 @@ from pathlib import Path
 from . import readers
 from .data import QUICK, imagenet_paths
 from .remote import LinkSpec, RemoteStore
+from .run import warm_passes
 from .systems import Datahoard
 
 BUCKET = "bench"
@@ -102,9 +103,14 @@ def _paired_roots(local: str, local_plan, root: str, plan, tries: int, pid: int,
     files = sum(len(ops) for ops in plan)
     best = best_local = 0.0
     cpu_per_file = []
-    if not dropped:  # bring both sides' pages in first
+    passes = 1
+    if not dropped:  # bring both sides' pages in first, then size tries as make bench does
         readers.run_epoch(local, local_plan, 120)
         readers.run_epoch(root, plan, 120)
+        one_pass = readers.run_epoch(local, local_plan, 120).seconds
+        passes = warm_passes(one_pass)
+        plan, local_plan = ([ops * passes for ops in p] for p in (plan, local_plan))
+        files *= passes
     for _ in range(tries):
         if dropped:
             readers.drop_caches()
@@ -119,7 +125,7 @@ def _paired_roots(local: str, local_plan, root: str, plan, tries: int, pid: int,
             raise SystemExit(f"errors reading the view: {res.errors[:2]}")
         best = max(best, res.ops / res.seconds)
     return {"files_per_s": round(best), "local_files_per_s": round(best_local),
-            "ratio": round(best / best_local, 3), "worker_cpu_us_per_file": [round(c) for c in cpu_per_file]}
+            "ratio": round(best / best_local, 3), "passes": passes, "worker_cpu_us_per_file": [round(c) for c in cpu_per_file]}
 
 
 if __name__ == "__main__":

@@ -144,8 +144,10 @@ class DatasetFS(ViewMetadata, ViewData, ViewBacking, ViewIds, Filesystem):
                 or len(self.index.dir_paths()) > MAX_DIR_MARKS):
             watch = OpenWatch(self.mountpoint, self.counters.add_unobserved_hit)
         else:
+            native = self.native
             watch = OpenWatch(self.mountpoint, self.counters.add_unobserved_hit,
-                              dirs=lambda: self.index.dir_paths(), sizes=self._file_sizes)
+                              dirs=lambda: self.index.dir_paths(), sizes=self._file_sizes,
+                              native=native.count_fanotify if native is not None else None)
         watch.start()
         self._open_watch = watch
         self.kernel_opens = True

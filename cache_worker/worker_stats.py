@@ -128,6 +128,7 @@ def _fuse_stats(w: Worker) -> FuseStats:
         native_lookups=native.get("lookups", 0),
         native_armed=view.armed_count() if view is not None else 0,
         native_reads=native.get("reads", 0),
+        native_counted_opens=native.get("kernel_opens_counted", 0),
         arming_ahead=bool(view is not None and view.native is not None and w.arm_ahead is not None
                           and (w.arm_ahead.pending or w.completeness.busy)),
         native_note=None if view is None or view.native is not None else view.native_note,

@@ -51,6 +51,8 @@ def status(args: argparse.Namespace) -> int:
     if stats.kernel_opens:
         f = stats.fuse
         by = f", by {f.opens_counted_by}" if f.opens_counted_by else ""
+        if f.native_counted_opens:
+            by += f", {f.native_counted_opens:,} natively"
         reads = (f"; reads past the page cache answered natively: {f.native_reads:,} ({f.native_armed:,} files armed)"
                  if f.native_note is None and not f.passthrough else "")
         rows.append(("kernel opens", "yes: the dataset is cached and the kernel opens files itself "

@@ -74,6 +74,9 @@ class FuseStats(BaseModel):
     native_reads: int = Field(
         default=0, description="with kernel opens, reads that missed the page cache answered by the native "
         "responder from the cache file, without Python")
+    native_counted_opens: int = Field(
+        default=0, description="with kernel opens, opens fanotify reported that the native responder counted "
+        "(armed files), without Python per open")
     arming_ahead: bool = Field(
         default=False, description="the dataset is (about to be) fully cached and the worker is arming every "
         "file for the native responder; `--warm --wait` returns once it is done")

@@ -28,6 +28,13 @@
  * Anything else (and an OPEN it cannot answer: not armed, file changed, event queue full) is
  * returned to Python in the caller's buffer, which then dispatches it as before.
  *
+ * It also counts the opens fanotify reports with kernel opens (dh_count_fanotify, called by
+ * open_watch.py's thread, not by a session thread): each names the opened file's node id, and
+ * an armed id's entry holds its size. Measured (4,000 files of 60-160 KB on local disk, 8
+ * readers, page cache warm, 2 cores): a watch whose events were read and thrown away cost the
+ * readers nothing measurable (63.6k files/s best, against 63.7k with no watch), while counting
+ * them in Python (parsing 1.9 us an event, then the index's sizes) took the best epoch to 51.9k.
+ *
  * The counters live in a MAP_SHARED tmpfs mapping owned by Python (the backing table's
  * ".opens" file), so a restarted worker knows how many native handles of each slot the
  * kernel still holds, and its RELEASEs of them (which come to the new process) count down.
@@ -90,8 +97,9 @@ struct dh {
     pthread_mutex_t qlock;
     struct event *queue;
     size_t qcap, qhead, qlen;
-    uint64_t stats[6];    /* opens, releases answered; opens forwarded; changed files; lookups;
-                             reads answered (of files the kernel opened itself) */
+    uint64_t stats[7];    /* opens, releases answered; opens forwarded; changed files; lookups;
+                             reads answered (of files the kernel opened itself); kernel opens
+                             counted (dh_count_fanotify) */
     pthread_rwlock_t llock;
     struct lentry *names; /* open addressing, no deletions: cleared whole (dh_forget_names) */
     size_t ncap, nused, nmax;
@@ -234,6 +242,7 @@ uint64_t dh_stat(struct dh *d, int which) {
         return t;
     }
     if (which == 7) return __atomic_load_n(&d->stats[5], __ATOMIC_RELAXED);
+    if (which == 8) return __atomic_load_n(&d->stats[6], __ATOMIC_RELAXED);
     return which >= 0 && which < 5 ? __atomic_load_n(&d->stats[which], __ATOMIC_RELAXED) : 0;
 }
 
@@ -460,4 +469,78 @@ ssize_t dh_next(struct dh *d, int epfd, int wake_fd, char *buf, size_t len) {
             /* answered here: read on while requests wait, then back to epoll */
         }
     }
+}
+
+/* fanotify's records (FAN_REPORT_FID): struct fanotify_event_metadata, then one
+ * struct fanotify_event_info_fid and its file handle. FUSE's handle (fuse_encode_fh) is the node
+ * id's high and low 32 bits, then the generation: type 0x81, or 0x82 with the parent's after. */
+struct fan_meta { uint32_t event_len; uint8_t vers, reserved; uint16_t metadata_len; uint64_t mask;
+                  int32_t fd, pid; };
+struct fan_fid { uint8_t info_type, pad; uint16_t len; int32_t fsid[2]; uint32_t handle_bytes;
+                 int32_t handle_type; };
+#define FAN_Q_OVERFLOW 0x4000
+#define FAN_BATCH (64 * 1024)
+#define FAN_MIN_EVENT (sizeof(struct fan_meta) + sizeof(struct fan_fid) + 8)
+#define FAN_PIDS 64
+
+/* Count the opens queued on fan_fd (non-blocking, FAN_REPORT_FID, inode marks on the view's
+ * directories): for each event naming an armed node id, the size its entry holds goes to the
+ * opening pid's sum. Writes rows of three uint64s to out: (pid, 0, bytes) for those sums, and
+ * (pid, nodeid, 0) for an open of a node id not armed, whose size Python finds in the index.
+ * info[0] += events that named a FUSE node id, info[1] += queue overflows, info[2] = 1 when it
+ * stopped for room in out (call again) rather than on an empty queue, info[3] = errno when a
+ * read failed (0 otherwise). Returns the rows written, or -ENOMEM. */
+ssize_t dh_count_fanotify(struct dh *d, int fan_fd, uint64_t *out, size_t rows, uint64_t *info) {
+    static __thread char *buf;
+    uint64_t pids[FAN_PIDS], bytes[FAN_PIDS];
+    size_t npids = 0, used = 0, counted = 0, known = 0;
+    info[2] = info[3] = 0;
+    if (!buf && !(buf = malloc(FAN_BATCH))) return -ENOMEM;
+    for (;;) {
+        /* Room for every event of one more batch as an unknown id, and for the sums after. */
+        if (rows - used < FAN_BATCH / FAN_MIN_EVENT + FAN_PIDS) { info[2] = 1; break; }
+        ssize_t got = read(fan_fd, buf, FAN_BATCH);
+        if (got < 0) {
+            if (errno == EINTR) continue;
+            if (errno != EAGAIN) info[3] = (uint64_t)errno;
+            break;
+        }
+        if (got == 0) break;
+        pthread_rwlock_rdlock(&d->lock);
+        for (size_t pos = 0; pos + sizeof(struct fan_meta) <= (size_t)got;) {
+            const struct fan_meta *m = (const void *)(buf + pos);
+            if (m->event_len < sizeof *m || pos + m->event_len > (size_t)got) break;
+            if (m->mask & FAN_Q_OVERFLOW) info[1]++;
+            size_t at = pos + m->metadata_len;
+            pos += m->event_len;
+            if (at + sizeof(struct fan_fid) + 8 > pos) continue;
+            const struct fan_fid *f = (const void *)(buf + at);
+            if ((f->handle_type != 0x81 && f->handle_type != 0x82) || f->handle_bytes < 8) continue;
+            uint32_t half[2];
+            memcpy(half, buf + at + sizeof *f, sizeof half);
+            uint64_t nodeid = ((uint64_t)half[0] << 32) | half[1], pid = (uint32_t)m->pid;
+            counted++;
+            struct entry *e = nodeid && nodeid != DH_TOMB ? find(d, nodeid, NULL) : NULL;
+            if (!e) {
+                out[3 * used] = pid; out[3 * used + 1] = nodeid; out[3 * used + 2] = 0; used++;
+                continue;
+            }
+            known++;
+            size_t i = 0;
+            while (i < npids && pids[i] != pid) i++;
+            if (i == FAN_PIDS) {  /* more openers than sums: this one gets a row of its own */
+                out[3 * used] = pid; out[3 * used + 1] = 0; out[3 * used + 2] = e->size; used++;
+                continue;
+            }
+            if (i == npids) { pids[i] = pid; bytes[i] = 0; npids++; }
+            bytes[i] += e->size;
+        }
+        pthread_rwlock_unlock(&d->lock);
+    }
+    for (size_t i = 0; i < npids; i++) {
+        out[3 * used] = pids[i]; out[3 * used + 1] = 0; out[3 * used + 2] = bytes[i]; used++;
+    }
+    info[0] += counted;
+    __atomic_fetch_add(&d->stats[6], known, __ATOMIC_RELAXED);
+    return (ssize_t)used;
 }

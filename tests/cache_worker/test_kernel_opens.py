@@ -59,6 +59,7 @@ def test_a_cached_dataset_is_read_with_the_worker_stopped_and_every_open_counted
     m = mount_dataset(bucket, "ds", "--warm", "--wait", "--no-passthrough")
     eventually(lambda: m.stats().kernel_opens, 20, "the view to hand opens to the kernel")
     assert m.stats().fuse.opens_counted_by == counted_by
+    eventually(lambda: m.stats().fuse.native_armed == len(files), 30, "every file armed for the native part")
     paths = [m.mountpoint / key for key in files]
 
     assert _digests(paths) == want  # first epoch: the kernel asks the worker for the bytes
@@ -74,6 +75,9 @@ def test_a_cached_dataset_is_read_with_the_worker_stopped_and_every_open_counted
     second = m.stats()
     assert (second.served_from_cache_bytes, second.served_from_source_bytes) == (2 * total, 0)
     assert second.fetched_bytes == total  # warming fetched everything once, nothing since
+    # By file id, the native part counts the opens of armed files, with no Python per open.
+    natively = second.fuse.native_counted_opens - first.fuse.native_counted_opens
+    assert natively == (len(files) if counted_by == "file ids" else 0)
 
     # Opens through another mount of the same view (as the CSI plugin binds it into pods) count too.
     bind = tmp_path / "pod-volume"
@@ -87,7 +91,9 @@ def test_a_cached_dataset_is_read_with_the_worker_stopped_and_every_open_counted
     assert (third.served_from_cache_bytes, third.served_from_source_bytes, third.hit_ratio) == (3 * total, 0, 1.0)
     status = subprocess.run([sys.executable, "-m", "datahoard.cli", "status", str(m.mountpoint)],
                             capture_output=True, text=True, check=True).stdout
-    assert f"kernel opens  yes: the dataset is cached and the kernel opens files itself (still counted, by {counted_by})" in status
+    natively = f", {third.fuse.native_counted_opens:,} natively" if counted_by == "file ids" else ""
+    assert ("kernel opens  yes: the dataset is cached and the kernel opens files itself "
+            f"(still counted, by {counted_by}{natively})") in status
 
 
 def test_opens_in_a_directory_a_refresh_added_are_counted(s3, bucket, mount_dataset):
