@@ -226,14 +226,18 @@ class OpenWatch:
         if got.error:
             log.warning("reading fanotify events failed (%s): opens queued then may not be counted",
                         os.strerror(got.error))
-        by_pid = got.bytes_by_pid
-        if got.unknown:
-            sizes = self._sizes({node for node, _ in got.unknown}) if self._sizes else {}
-            for node, pid in got.unknown:
+        self._hand_on(got.unknown, got.bytes_by_pid)
+        return got.events
+
+    def _hand_on(self, opens: list[tuple[int, int]], by_pid: dict[int, int]) -> None:
+        """One ``on_open`` per opening process: ``by_pid``'s sums (already sized) plus the
+        index's sizes of ``opens`` (node id, pid)."""
+        if opens:
+            sizes = self._sizes({node for node, _ in opens}) if self._sizes else {}
+            for node, pid in opens:
                 by_pid[pid] = by_pid.get(pid, 0) + sizes.get(node, 0)
         for pid, nbytes in by_pid.items():
             self._on_open(nbytes, pid)
-        return got.events
 
     def _count_ids(self, buf: bytes) -> int:
         """``_count`` for events that carry the opened file's FUSE handle (node id) instead of a
@@ -251,14 +255,7 @@ class OpenWatch:
                     high, low = _NODE_ID.unpack_from(buf, info + _FID_INFO.size)
                     opens.append(((high << 32) | low, pid))
             pos += event_len
-        if not opens:
-            return 0
-        sizes = self._sizes({node for node, _ in opens}) if self._sizes else {}
-        by_pid: dict[int, int] = {}
-        for node, pid in opens:
-            by_pid[pid] = by_pid.get(pid, 0) + sizes.get(node, 0)
-        for pid, nbytes in by_pid.items():
-            self._on_open(nbytes, pid)
+        self._hand_on(opens, {})
         return len(opens)
 
     def _count(self, buf: bytes) -> int:
