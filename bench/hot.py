@@ -79,6 +79,10 @@ def main(argv: list[str] | None = None) -> int:
         while view.stats().fuse.arming_ahead and time.monotonic() < deadline:
             time.sleep(0.2)
         out["armed_before_first"] = view.stats().fuse.native_armed
+        if "--direct" in args.extra.split():  # measure the tree, not the FUSE view before it is bound
+            while view.stats().serving != "direct" and time.monotonic() < deadline:
+                time.sleep(0.2)
+            out["direct_opens_counted"] = view.stats().direct.opens_counted
         for name, dropped, tries in (("first", True, 1), ("warm", False, args.tries), ("dropped", True, args.tries)):
             before = view.stats().fuse
             out[name] = _paired_roots(str(work / "local"), local_plan, str(mnt), plan, tries, view.pid, dropped)
@@ -90,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         stats = view.stats()
         out["passthrough_opens"] = stats.fuse.passthrough_opens
         out["kernel_opens"] = stats.kernel_opens
+        out["serving"] = stats.serving
         print(out)
     finally:
         if view is not None:

@@ -31,8 +31,8 @@ modules only report events, through these methods; none keeps a count of its own
 - an open the kernel made itself (kernel opens, serving.py): fanotify reports it
   (open_watch.py) and it is counted as the FUSE view's open would have been
   (``add_unobserved_hit``); a stats snapshot drains the queue first, so the copy is current;
-- reads through a direct tree never reach the worker and are not counted (``serving`` shows
-  direct, README says so).
+- reads through a direct tree never reach the worker either: fanotify reports each open of one
+  of its files (direct_opens.py), counted the same way (``add_unobserved_hit``).
 """
 
 from __future__ import annotations

@@ -3,6 +3,9 @@ dataset is fully cached (the completeness event, the same one that turns on kern
 answer to "is everything cached?"), publish it (mount record, bind over the mountpoint), keep it whole
 (relink chunks found corrupt, drop unused trees), and notice when its bind is taken off.
 
+Opens of the tree are counted as kernel opens are (direct_opens.py): its watch starts before
+the tree is bound, so every open through the bind (or a pod's) counts.
+
 The tree's own progress is ``DirectStats.state``: waiting, verifying, building, ready, failed
 (off without ``direct``). Binding it or losing the bind moves the serving mode (serving.py).
 
@@ -27,6 +30,7 @@ from datahoard.stats import DirectStats
 
 from .completeness import Completeness
 from .counters import Counters
+from .direct_opens import DirectOpens
 from .serving import Event, ServingMode
 from .store import ChunkStore
 from .tree import DirectTrees
@@ -51,6 +55,8 @@ class DirectServing:
                  warming: Callable[[], bool], publish: Callable[[str], None]) -> None:
         self._source, self._mountpoint, self._bind = source, mountpoint, bind
         self.trees, self._store, self._counters = trees, store, counters
+        #: Counts the opens of the served tree (hits, as kernel opens count them).
+        self.opens = DirectOpens(counters.add_unobserved_hit)
         #: Bumped each time the dataset becomes fully cached: a build that failed is tried
         #: again only after the cache changed and became whole again.
         self._fully_cached = 0
@@ -102,7 +108,8 @@ class DirectServing:
     def _set(self, state: str, message: str | None = None, info: TreeInfo | None = None) -> None:
         if info is not None:
             self.stats = DirectStats(state=state, path=info.path, files=info.files, bytes=info.bytes,
-                                     assembled_bytes=info.assembled_bytes, message=message)
+                                     assembled_bytes=info.assembled_bytes, message=message,
+                                     opens_counted=self.opens.how)
         else:
             self.stats = DirectStats(state=state, message=message)
 
@@ -162,7 +169,9 @@ class DirectServing:
                 self._set("waiting", "serving through FUSE until the whole dataset is cached")
         for rel in trees.pending_repairs():
             try:
-                trees.repair(rel)
+                relinked = trees.repair(rel)
+                if relinked is not None:
+                    self.opens.learn(*relinked)
             except (OSError, TreeError) as exc:
                 message = f"direct tree: cannot relink {rel}: {exc}"
                 log.error(message)
@@ -175,6 +184,8 @@ class DirectServing:
         """Publish a complete, verified tree: record it, and bind it over the mountpoint."""
         self.trees.current = info
         message = None
+        # Watched before anything can open it through a bind: no open goes uncounted.
+        self.opens.start(info.path, self.trees.files_of(info), self.trees.dirs_of_tree())
         if self._bind:
             try:
                 bind_readonly(info.path, self._mountpoint, [])

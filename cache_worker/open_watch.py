@@ -80,6 +80,8 @@ _FID_INFO = struct.Struct("=BBHiiIi")
 #: without the parent, 0x82 with it.
 _FUSE_HANDLE_TYPES = (0x81, 0x82)
 _NODE_ID = struct.Struct("=II")
+#: MAX_HANDLE_SZ: the largest handle a filesystem encodes.
+_MAX_HANDLE = 128
 _FAN_Q_OVERFLOW = 0x4000
 _AT_FDCWD = -100
 #: struct fanotify_event_metadata: event_len u32, vers u8, reserved u8, metadata_len u16,
@@ -103,6 +105,14 @@ _libc.fanotify_mark.argtypes = [ctypes.c_int, ctypes.c_uint, ctypes.c_uint64, ct
 _libc.fanotify_mark.restype = ctypes.c_int
 
 
+def fuse_node_id(handle_type: int, handle: bytes) -> int | None:
+    """The node id in a FUSE file handle (fuse_encode_fh), or None for another kind of handle."""
+    if handle_type not in _FUSE_HANDLE_TYPES or len(handle) < _NODE_ID.size:
+        return None
+    high, low = _NODE_ID.unpack_from(handle)
+    return (high << 32) | low
+
+
 def _check(result: int, what: str) -> int:
     if result < 0:
         err = ctypes.get_errno()
@@ -119,15 +129,23 @@ class OpenWatch:
     per directory, events that name the opened file's node id, and ``sizes(node_ids)`` for what
     they count. Where that is refused (a kernel before 6.8) it marks the filesystem as above.
     ``native`` counts those events in C (module docstring), or returns None (closed): then
-    they are counted here."""
+    they are counted here.
+
+    ``key_of(handle_type, handle)`` names what an event's handle is about for ``sizes``: by default
+    FUSE's node id; a direct tree's files (direct_opens.py) are keyed by their whole handle.
+    ``by_descriptor=False`` never falls back to marking the filesystem: a direct tree shares its
+    filesystem with everything else on the disk, whose opens must not count."""
 
     def __init__(self, path: str, on_open: Callable[[int, int], None], *,
                  dirs: Callable[[], Iterable[str]] | None = None,
                  sizes: Callable[[set[int]], dict[int, int]] | None = None,
-                 native: Callable[[int], FanotifyCount | None] | None = None) -> None:
+                 native: Callable[[int], FanotifyCount | None] | None = None,
+                 key_of: Callable[[int, bytes], int | None] = fuse_node_id,
+                 by_descriptor: bool = True) -> None:
         self._path = path
         self._on_open = on_open
         self._dirs, self._sizes, self._native = dirs, sizes, native
+        self._key_of, self._by_descriptor = key_of, by_descriptor
         self._marked: set[str] = set()
         #: How this watch gets its events: "file ids" or "descriptors" (``start``).
         self.mode = ""
@@ -142,6 +160,8 @@ class OpenWatch:
             try:
                 self._start_by_id()
             except OSError as exc:
+                if not self._by_descriptor:
+                    raise
                 log.info("opens counted through descriptors: marking by file id failed (%s)", exc)
         if self._fd < 0:
             self._start_by_descriptor()
@@ -240,8 +260,8 @@ class OpenWatch:
             self._on_open(nbytes, pid)
 
     def _count_ids(self, buf: bytes) -> int:
-        """``_count`` for events that carry the opened file's FUSE handle (node id) instead of a
-        descriptor: no descriptor to open, size or close, in the kernel or here."""
+        """``_count`` for events that carry the opened file's handle (``key_of``: a FUSE node
+        id) instead of a descriptor: no descriptor to open, size or close, in the kernel or here."""
         pos = 0
         opens: list[tuple[int, int]] = []
         while pos + _EVENT.size <= len(buf):
@@ -251,9 +271,11 @@ class OpenWatch:
             info = pos + meta_len
             if info + _FID_INFO.size <= pos + event_len:
                 _type, _pad, _len, _fsid0, _fsid1, handle_bytes, handle_type = _FID_INFO.unpack_from(buf, info)
-                if handle_type in _FUSE_HANDLE_TYPES and handle_bytes >= 8:
-                    high, low = _NODE_ID.unpack_from(buf, info + _FID_INFO.size)
-                    opens.append(((high << 32) | low, pid))
+                start = info + _FID_INFO.size
+                if 8 <= handle_bytes <= _MAX_HANDLE and start + handle_bytes <= pos + event_len:
+                    key = self._key_of(handle_type, buf[start:start + handle_bytes])
+                    if key is not None:
+                        opens.append((key, pid))
             pos += event_len
         self._hand_on(opens, {})
         return len(opens)

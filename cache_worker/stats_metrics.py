@@ -58,7 +58,7 @@ class StatsCollector:
         yield gauge("warm_files_done", "files warmed", s.warming.files_done)
         yield gauge("warm_bytes_per_second", "warming rate", s.warming.bytes_per_second)
         yield gauge("serving_direct", "1 while new opens are served from the direct tree (no FUSE hop; "
-                    "such reads are not counted in served bytes or the hit ratio)", 1.0 if s.serving == "direct" else 0.0)
+                    "each open counts its whole file as served from the cache)", 1.0 if s.serving == "direct" else 0.0)
         consumers = CounterMetricFamily(
             "datahoard_consumer_served_bytes",
             "bytes served to each consumer (pod): the top 20 by bytes, the rest summed "

@@ -15,6 +15,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from datahoard import tree_layout
@@ -41,6 +42,17 @@ class TreeBuild:
     def _dir_paths(self) -> list[str]:
         # Index keeps every directory (empty ones included) in memory; parents sort first.
         return sorted(p for p in self.index._dir_paths.values() if p)  # noqa: SLF001
+
+    def files_of(self, info: TreeInfo) -> Iterator[tuple[str, int]]:
+        """Every file of the tree ``info`` with its size (what an open of it counts,
+        direct_opens.py)."""
+        tree = Path(info.path)
+        for obj in self.index.walk_files():
+            yield str(_dest(tree, obj.key)), obj.size
+
+    def dirs_of_tree(self) -> list[str]:
+        """The tree's directories relative to it, "" for itself."""
+        return ["", *self._dir_paths()]
 
     def build(self, stop: threading.Event | None = None) -> TreeInfo:
         """Build the tree of the current snapshot; raises TreeError (nothing left behind)."""

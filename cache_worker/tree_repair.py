@@ -96,13 +96,15 @@ class TreeRepair:
             except queue.Empty:
                 return
 
-    def repair(self, rel: str) -> None:
-        """Refetch and relink one entry of the current tree (after ``_on_discard``)."""
+    def repair(self, rel: str) -> tuple[str, int] | None:
+        """Refetch and relink one entry of the current tree (after ``_on_discard``); its path
+        and size (a new inode: direct_opens.py learns it), or None when there was nothing to do."""
         current = self.current
         if current is None:
-            return
+            return None
         obj = self.index.lookup(rel)
         if not isinstance(obj, RemoteObject):
-            return
+            return None
         self._place(obj, Path(current.path), fresh=False)
         log.info("relinked %s in the direct tree", rel)
+        return str(_dest(Path(current.path), rel)), obj.size

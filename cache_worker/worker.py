@@ -258,6 +258,7 @@ class Worker(WorkerConnection, WorkerRefresh):
             self.completeness.stop()
         if self.direct is not None:
             self.direct.join(timeout=30)
+            self.direct.opens.stop()  # counts what is queued, before the counters' last save
         if self.warmer:
             self.warmer.stop()
         if self.cache:

@@ -21,6 +21,8 @@ if TYPE_CHECKING:
 def worker_stats(w: Worker) -> WorkerStats:
     if w.view is not None:
         w.view.drain_opens()  # opens the kernel made (fanotify) are counted before the copy
+    if w.direct is not None:
+        w.direct.opens.drain()  # and those of the direct tree
     c = w.counters
     store, index = w.store, w.index
     with c.lock:

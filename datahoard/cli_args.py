@@ -89,8 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--direct", action="store_true",
                    help="once the whole dataset is cached, serve it as plain read-only files (a tree of hard "
                         "links into the cache, bind-mounted over MOUNTPOINT) with no FUSE hop: local-disk speed. "
-                        "Reads of the tree never reach the worker, so the served bytes and hit ratio then count "
-                        "only reads through the FUSE view")
+                        "Reads of the tree never reach the worker; each open of a file there counts the whole file "
+                        "as served from the cache (fanotify, as with kernel opens)")
     m.add_argument("--no-direct-bind", dest="direct_bind", action="store_false",
                    help="with --direct: build and publish the tree, but do not bind it over MOUNTPOINT "
                         "(Kubernetes workers: the CSI node plugin binds it into new pods)")

@@ -62,7 +62,8 @@ def status(args: argparse.Namespace) -> int:
         if stats.serving == "direct":
             rows.append(("serving", f"direct: {d.path} ({d.files:,} files, {format_size(d.bytes)}"
                                     + (f", {format_size(d.assembled_bytes)} assembled" if d.assembled_bytes else "")
-                                    + "); reads there bypass the worker and are not counted in the hit ratio"))
+                                    + "); reads there bypass the worker; opens counted: "
+                                    + (d.opens_counted or "no")))
         else:
             rows.append(("serving", "fuse"))
         if stats.serving != "direct" or d.message:

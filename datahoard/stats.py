@@ -47,6 +47,9 @@ class DirectStats(BaseModel):
     bytes: int = Field(default=0, description="bytes of the dataset in the tree")
     assembled_bytes: int = Field(default=0, description="bytes of large files assembled from chunks (their own space)")
     message: str | None = Field(default=None, description="why there is no tree (yet), or what went wrong")
+    opens_counted: str | None = Field(
+        default=None, description="how opens of the tree are counted in the hit ratio (fanotify by file id), "
+        "or why they are not")
 
 
 class FuseStats(BaseModel):
@@ -156,7 +159,8 @@ class WorkerStats(BaseModel):
     serving: str = Field(
         default="fuse",
         description="fuse | direct. With direct, new opens are served by the kernel from the direct tree and "
-        "never reach the worker: the served bytes and hit ratio then count only reads through the FUSE view",
+        "never reach the worker; fanotify reports each, counted as a hit of the whole file "
+        "(direct.opens_counted says how, or why not)",
     )
     kernel_opens: bool = Field(
         default=False,

@@ -483,14 +483,21 @@ struct fan_fid { uint8_t info_type, pad; uint16_t len; int32_t fsid[2]; uint32_t
 #define FAN_MIN_EVENT (sizeof(struct fan_meta) + sizeof(struct fan_fid) + 8)
 #define FAN_PIDS 64
 
-/* Count the opens queued on fan_fd (non-blocking, FAN_REPORT_FID, inode marks on the view's
- * directories): for each event naming an armed node id, the size its entry holds goes to the
- * opening pid's sum. Writes rows of three uint64s to out: (pid, 0, bytes) for those sums, and
- * (pid, nodeid, 0) for an open of a node id not armed, whose size Python finds in the index.
- * info[0] += events that named a FUSE node id, info[1] += queue overflows, info[2] = 1 when it
- * stopped for room in out (call again) rather than on an empty queue, info[3] = errno when a
- * read failed (0 otherwise). Returns the rows written, or -ENOMEM. */
-ssize_t dh_count_fanotify(struct dh *d, int fan_fd, uint64_t *out, size_t rows, uint64_t *info) {
+/* What one event's handle counts: its key (0: not a handle this counter knows, skipped) and,
+ * where found, the size that open counts. */
+typedef uint64_t (*size_of_fn)(void *ctx, const struct fan_fid *f, const unsigned char *handle,
+                               uint64_t *key, int *found);
+
+/* The loop both counters share: read the events queued on fan_fd (non-blocking,
+ * FAN_REPORT_FID, inode marks) and sum, per opening pid, the sizes size_of finds. Writes rows
+ * of three uint64s to out: (pid, 0, bytes) for those sums, and (pid, key, 0) for an open whose
+ * key size_of did not find (Python looks it up). info[0] += events with a known kind of handle,
+ * info[1] += queue overflows, info[2] = 1 when it stopped for room in out (call again) rather
+ * than on an empty queue, info[3] = errno when a read failed (0 otherwise). *known = opens
+ * sized here. Returns the rows written, or -ENOMEM. lock, if not NULL, is read-held while a
+ * batch is parsed. */
+static ssize_t count_events(int fan_fd, size_of_fn size_of, void *ctx, pthread_rwlock_t *lock,
+                            uint64_t *out, size_t rows, uint64_t *info, size_t *known_out) {
     static __thread char *buf;
     uint64_t pids[FAN_PIDS], bytes[FAN_PIDS];
     size_t npids = 0, used = 0, counted = 0, known = 0;
@@ -506,7 +513,7 @@ ssize_t dh_count_fanotify(struct dh *d, int fan_fd, uint64_t *out, size_t rows, 
             break;
         }
         if (got == 0) break;
-        pthread_rwlock_rdlock(&d->lock);
+        if (lock) pthread_rwlock_rdlock(lock);
         for (size_t pos = 0; pos + sizeof(struct fan_meta) <= (size_t)got;) {
             const struct fan_meta *m = (const void *)(buf + pos);
             if (m->event_len < sizeof *m || pos + m->event_len > (size_t)got) break;
@@ -515,32 +522,97 @@ ssize_t dh_count_fanotify(struct dh *d, int fan_fd, uint64_t *out, size_t rows, 
             pos += m->event_len;
             if (at + sizeof(struct fan_fid) + 8 > pos) continue;
             const struct fan_fid *f = (const void *)(buf + at);
-            if ((f->handle_type != 0x81 && f->handle_type != 0x82) || f->handle_bytes < 8) continue;
-            uint32_t half[2];
-            memcpy(half, buf + at + sizeof *f, sizeof half);
-            uint64_t nodeid = ((uint64_t)half[0] << 32) | half[1], pid = (uint32_t)m->pid;
+            if (at + sizeof *f + f->handle_bytes > pos) continue;
+            uint64_t key = 0, pid = (uint32_t)m->pid;
+            int found = 0;
+            uint64_t size = size_of(ctx, f, (const unsigned char *)(buf + at + sizeof *f), &key, &found);
+            if (!key) continue;
             counted++;
-            struct entry *e = nodeid && nodeid != DH_TOMB ? find(d, nodeid, NULL) : NULL;
-            if (!e) {
-                out[3 * used] = pid; out[3 * used + 1] = nodeid; out[3 * used + 2] = 0; used++;
+            if (!found) {
+                out[3 * used] = pid; out[3 * used + 1] = key; out[3 * used + 2] = 0; used++;
                 continue;
             }
             known++;
             size_t i = 0;
             while (i < npids && pids[i] != pid) i++;
             if (i == FAN_PIDS) {  /* more openers than sums: this one gets a row of its own */
-                out[3 * used] = pid; out[3 * used + 1] = 0; out[3 * used + 2] = e->size; used++;
+                out[3 * used] = pid; out[3 * used + 1] = 0; out[3 * used + 2] = size; used++;
                 continue;
             }
             if (i == npids) { pids[i] = pid; bytes[i] = 0; npids++; }
-            bytes[i] += e->size;
+            bytes[i] += size;
         }
-        pthread_rwlock_unlock(&d->lock);
+        if (lock) pthread_rwlock_unlock(lock);
     }
     for (size_t i = 0; i < npids; i++) {
         out[3 * used] = pids[i]; out[3 * used + 1] = 0; out[3 * used + 2] = bytes[i]; used++;
     }
     info[0] += counted;
-    __atomic_fetch_add(&d->stats[6], known, __ATOMIC_RELAXED);
+    *known_out = known;
     return (ssize_t)used;
+}
+
+/* FUSE's handle: the node id; sized by its arm entry, if armed. */
+static uint64_t armed_size(void *ctx, const struct fan_fid *f, const unsigned char *handle,
+                           uint64_t *key, int *found) {
+    struct dh *d = ctx;
+    if ((f->handle_type != 0x81 && f->handle_type != 0x82) || f->handle_bytes < 8) return 0;
+    uint32_t half[2];
+    memcpy(half, handle, sizeof half);
+    *key = ((uint64_t)half[0] << 32) | half[1];
+    struct entry *e = *key && *key != DH_TOMB ? find(d, *key, NULL) : NULL;
+    if (!e) return 0;
+    *found = 1;
+    return e->size;
+}
+
+/* Count the opens queued on fan_fd (inode marks on the view's directories): for each event
+ * naming an armed node id, the size its entry holds goes to the opening pid's sum; an open of a
+ * node id not armed is a row (pid, nodeid, 0), whose size Python finds in the index. The rest
+ * as count_events says. */
+ssize_t dh_count_fanotify(struct dh *d, int fan_fd, uint64_t *out, size_t rows, uint64_t *info) {
+    size_t known = 0;
+    ssize_t used = count_events(fan_fd, armed_size, d, &d->lock, out, rows, info, &known);
+    if (used >= 0) __atomic_fetch_add(&d->stats[6], known, __ATOMIC_RELAXED);
+    return used;
+}
+
+/* The key of a file handle for a table of them (direct_opens.py computes the same one for the
+ * files it links): FNV-1a over the handle type (4 bytes, little-endian) and the handle's bytes,
+ * never 0. A handle is whatever the filesystem encodes (ext4: inode and generation; tmpfs:
+ * generation and inode), so one hash serves every filesystem the cache can be on. */
+uint64_t dh_handle_key(int32_t handle_type, const unsigned char *handle, uint32_t len) {
+    uint64_t h = 0xcbf29ce484222325ull;
+    uint32_t t = (uint32_t)handle_type;
+    for (int i = 0; i < 4; i++) { h ^= (t >> (8 * i)) & 0xff; h *= 0x100000001b3ull; }
+    for (uint32_t i = 0; i < len; i++) { h ^= handle[i]; h *= 0x100000001b3ull; }
+    return h ? h : 1;
+}
+
+struct handle_table { const uint64_t *keys, *sizes; size_t n; };
+
+/* Any filesystem's handle: its key, sized by a binary search of the sorted table. */
+static uint64_t table_size(void *ctx, const struct fan_fid *f, const unsigned char *handle,
+                           uint64_t *key, int *found) {
+    const struct handle_table *t = ctx;
+    if (f->handle_bytes > 128) return 0;  /* MAX_HANDLE_SZ */
+    *key = dh_handle_key(f->handle_type, handle, f->handle_bytes);
+    size_t lo = 0, hi = t->n;
+    while (lo < hi) {
+        size_t mid = lo + (hi - lo) / 2;
+        if (t->keys[mid] < *key) lo = mid + 1; else hi = mid;
+    }
+    if (lo == t->n || t->keys[lo] != *key) return 0;
+    *found = 1;
+    return t->sizes[lo];
+}
+
+/* dh_count_fanotify for files on a local filesystem (a direct tree's hard links): sizes come
+ * from keys (sorted, dh_handle_key of each file's handle) and sizes, n of each; an open whose
+ * key is not there is a row (pid, key, 0). Needs no connection state. */
+ssize_t dh_count_fanotify_table(int fan_fd, const uint64_t *keys, const uint64_t *sizes, size_t n,
+                                uint64_t *out, size_t rows, uint64_t *info) {
+    struct handle_table t = { keys, sizes, n };
+    size_t known = 0;
+    return count_events(fan_fd, table_size, &t, NULL, out, rows, info, &known);
 }

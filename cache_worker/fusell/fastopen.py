@@ -61,6 +61,10 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.dh_next.restype = ctypes.c_ssize_t
     lib.dh_count_fanotify.argtypes = [p, ctypes.c_int, p, ctypes.c_size_t, p]
     lib.dh_count_fanotify.restype = ctypes.c_ssize_t
+    lib.dh_count_fanotify_table.argtypes = [ctypes.c_int, p, p, ctypes.c_size_t, p, ctypes.c_size_t, p]
+    lib.dh_count_fanotify_table.restype = ctypes.c_ssize_t
+    lib.dh_handle_key.argtypes = [ctypes.c_int32, ctypes.c_char_p, ctypes.c_uint32]
+    lib.dh_handle_key.restype = u64
     return lib
 
 
@@ -92,6 +96,55 @@ class FanotifyCount:
     events: int = 0
     overflows: int = 0
     error: int = 0  # errno of a failed read of the fanotify descriptor, else 0
+
+
+def _count_rows(call, out, info) -> FanotifyCount:
+    """Call a C counter (``call(out, rows, info)``) until the queue is empty, gathering its rows:
+    (pid, 0, bytes) sums, and (pid, key, 0) opens it could not size."""
+    got = FanotifyCount()
+    info[0] = info[1] = 0
+    while True:
+        rows = call(out, len(out) // 3, info)
+        if rows < 0:
+            raise MemoryError("counting fanotify events: no memory for a buffer")
+        flat = out[:3 * rows]
+        for pid, key, nbytes in zip(flat[0::3], flat[1::3], flat[2::3]):
+            if key:
+                got.unknown.append((key, pid))
+            else:
+                got.bytes_by_pid[pid] = got.bytes_by_pid.get(pid, 0) + nbytes
+        got.events, got.overflows = info[0], info[1]
+        if info[3]:
+            got.error = info[3]
+            break
+        if not info[2]:
+            break
+    return got
+
+
+class TableCounter:
+    """Counts fanotify's open events of files on a local filesystem in C, sized by a table of
+    their handles' keys (direct_opens.py): the C counter of :class:`NativeOpens`, without a
+    connection. ``keys`` (sorted) and ``sizes`` are ``array('Q')``s it must not outlive."""
+
+    def __init__(self, lib: ctypes.CDLL, keys, sizes) -> None:
+        self._lib, self._keys, self._sizes = lib, keys, sizes
+        self._n = len(keys)
+        self._keys_addr = keys.buffer_info()[0] if self._n else None
+        self._sizes_addr = sizes.buffer_info()[0] if self._n else None
+        self._out = (ctypes.c_uint64 * (3 * 4096))()
+        self._info = (ctypes.c_uint64 * 4)()
+
+    def __call__(self, fan_fd: int) -> FanotifyCount:
+        lib, keys, sizes, n = self._lib, self._keys_addr, self._sizes_addr, self._n
+        return _count_rows(
+            lambda out, rows, info: lib.dh_count_fanotify_table(fan_fd, keys, sizes, n, out, rows, info),
+            self._out, self._info)
+
+
+def handle_key(lib: ctypes.CDLL, handle_type: int, handle: bytes) -> int:
+    """fastopen.c's key of a file handle (direct_opens.py has the same in Python)."""
+    return lib.dh_handle_key(handle_type, handle, len(handle))
 
 
 class NativeOpens:
@@ -157,29 +210,12 @@ class NativeOpens:
     def count_fanotify(self, fan_fd: int) -> FanotifyCount | None:
         """Read and count every event queued on ``fan_fd`` (open_watch.py, by file id) in C:
         no Python per open of an armed file (fastopen.c says what that saves). None once closed."""
-        got = FanotifyCount()
         with self._fan_lock:
             if not self._h:
                 return None
-            out, info = self._fan_out, self._fan_info
-            info[0] = info[1] = 0
-            while True:
-                rows = self._lib.dh_count_fanotify(self._h, fan_fd, out, len(out) // 3, info)
-                if rows < 0:
-                    raise MemoryError("dh_count_fanotify: no memory for its buffer")
-                flat = out[:3 * rows]
-                for pid, nodeid, nbytes in zip(flat[0::3], flat[1::3], flat[2::3]):
-                    if nodeid:
-                        got.unknown.append((nodeid, pid))
-                    else:
-                        got.bytes_by_pid[pid] = got.bytes_by_pid.get(pid, 0) + nbytes
-                got.events, got.overflows = info[0], info[1]
-                if info[3]:
-                    got.error = info[3]
-                    break
-                if not info[2]:
-                    break
-        return got
+            lib, h = self._lib, self._h
+            return _count_rows(lambda out, rows, info: lib.dh_count_fanotify(h, fan_fd, out, rows, info),
+                               self._fan_out, self._fan_info)
 
     def stats(self) -> dict[str, int]:
         if not self._h:

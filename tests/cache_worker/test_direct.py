@@ -106,6 +106,36 @@ def test_warm_direct_serves_a_bind_of_the_tree_with_every_byte_right(s3, bucket,
     assert tree.is_dir()  # the tree stays for the next mount
 
 
+def test_opens_of_the_tree_count_in_the_hit_ratio_through_every_bind(s3, bucket, mount_dataset, tmp_path):
+    """Reads of the tree never reach the worker; fanotify counts each open of one of its files
+    as a hit of the file's size (as kernel opens count), through the mountpoint's bind and a
+    bind of the tree elsewhere (what the CSI plugin makes for a pod) alike."""
+    files = dataset()
+    upload(s3, bucket, files)
+    m = mount_dataset(bucket, "ds", "--warm", "--direct", "--parallelism", "4")
+    stats = wait_direct(m)
+    assert stats.serving == "direct", stats.direct
+    assert stats.direct.opens_counted == "fanotify by file id, in C"
+    before = stats.served_from_cache_bytes
+
+    assert read_all(m.mountpoint) == files
+    assert m.stats().served_from_cache_bytes - before == sum(map(len, files.values()))
+
+    pod_view = tmp_path / "pod-view"
+    pod_view.mkdir()
+    bind_readonly(stats.direct.path, pod_view, [])
+    try:
+        with open(pod_view / "labels.txt", "rb") as f:  # an open counts the whole file
+            assert f.read(3) == b"cat"
+        after = m.stats()
+    finally:
+        unmount_all(pod_view)
+    assert after.served_from_cache_bytes - before == sum(map(len, files.values())) + len(files["labels.txt"])
+    assert after.served_from_source_bytes == stats.served_from_source_bytes
+    assert "opens counted: fanotify by file id" in datahoard("status", str(m.mountpoint)).stdout
+    datahoard("umount", str(m.mountpoint))
+
+
 def test_open_descriptors_on_fuse_keep_working_after_the_switch(s3, bucket, mount_dataset):
     files = {f"f{i:02d}.bin": os.urandom(300_000) for i in range(16)}
     upload(s3, bucket, files)

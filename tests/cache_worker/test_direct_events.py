@@ -128,6 +128,38 @@ def test_an_entry_whose_chunk_was_found_corrupt_is_relinked_on_that_report(rig):
     assert rig.direct.wakeups == settled
 
 
+@pytest.mark.integration
+@pytest.mark.skipif(os.geteuid() != 0, reason="fanotify needs CAP_SYS_ADMIN (run as root)")
+def test_opens_of_the_tree_count_and_so_do_those_of_a_relinked_entry(rig):
+    """The tree's watch (direct_opens.py) counts each open as a hit of the file's size; a
+    relinked entry is a new inode, so a new handle, which the watch learns with the repair."""
+    rig.start()
+    rig.read_all()
+    tree = rig.ready_tree()
+    counters = rig.data.counters
+    base = counters.served_from_cache
+    (tree / "a.bin").read_bytes()
+    (tree / "dir" / "c.bin").read_bytes()
+    rig.direct.opens.drain()
+    assert counters.served_from_cache - base == len(FILES["a.bin"]) + len(FILES["dir/c.bin"])
+
+    entry = tree / "dir" / "b.bin"
+    obj = rig.data.index.lookup("dir/b.bin")
+    held = os.open(entry, os.O_RDONLY)  # keeps the old inode: its number cannot be reused
+    try:
+        old_inode = os.fstat(held).st_ino
+        rig.data.store.discard(rig.data.cache.chunks(obj)[0].name)  # what a failed CRC check does
+        eventually(lambda: entry.exists() and os.stat(entry).st_ino != old_inode, timeout=30,
+                   what="the entry to be relinked")
+    finally:
+        os.close(held)
+    rig.direct.opens.drain()
+    base = counters.served_from_cache
+    eventually(lambda: (entry.read_bytes(), rig.direct.opens.drain(),
+                        counters.served_from_cache - base >= len(FILES["dir/b.bin"]))[2],
+               timeout=10, what="an open of the relinked entry to count")
+
+
 def test_an_old_tree_is_removed_when_its_last_reference_file_goes_not_on_a_timer(rig):
     old = rig.trees.tree_path("0123456789abcdef")  # a tree of an earlier snapshot
     (old / "dir").mkdir(parents=True)

@@ -17,7 +17,7 @@ import threading
 
 import pytest
 
-from datahoard.cache_worker import open_watch
+from datahoard.cache_worker import direct_opens, open_watch
 from datahoard.cache_worker.fusell import fastopen
 from datahoard.cache_worker.open_watch import OpenWatch
 
@@ -151,3 +151,86 @@ def test_a_closed_state_counts_nothing_and_says_so(native):
     opens, _ = native
     opens.close()
     assert _through_socket([_event(next(iter(SIZES)), 5)], opens.count_fanotify) is None
+
+
+# -- a direct tree's files: any filesystem's handle, sized by a table of handle keys -----------
+
+def _handle_event(handle_type: int, handle: bytes, pid: int) -> bytes:
+    """One record for an open of a file on a local filesystem (ext4: inode and generation)."""
+    info = open_watch._FID_INFO.pack(1, 0, open_watch._FID_INFO.size + len(handle), 7, 9, len(handle),
+                                     handle_type) + handle
+    size = open_watch._EVENT.size + len(info)
+    return open_watch._EVENT.pack(size, 3, 0, open_watch._EVENT.size, 0x20, -1, pid) + info
+
+
+def _table_of(handles: dict[tuple[int, bytes], int]) -> direct_opens.HandleSizes:
+    table = direct_opens.HandleSizes()
+    pairs = sorted((direct_opens.handle_key(t, h), size) for (t, h), size in handles.items())
+    table.keys.extend(k for k, _ in pairs)
+    table.sizes.extend(s for _, s in pairs)
+    return table
+
+
+def test_the_c_and_python_keys_of_a_handle_are_the_same():
+    lib = fastopen.load()
+    assert lib is not None, f"the native part must be built by make: {fastopen.unavailable}"
+    for handle_type, handle in [(1, struct.pack("=II", 12, 3)), (1, struct.pack("=III", 5, 77, 1)),
+                                (0x81, bytes(range(20))), (-1, b"\xff" * 128), (2, b"")]:
+        assert fastopen.handle_key(lib, handle_type, handle) == direct_opens.handle_key(handle_type, handle)
+    assert direct_opens.handle_key(1, b"ab") != direct_opens.handle_key(2, b"ab")  # the type counts
+
+
+def test_opens_of_a_tree_count_the_same_in_c_and_in_python():
+    """ext4-like (8 bytes) and tmpfs-like (12 bytes) handles, one not in the table (a file
+    relinked since: ``extra``), one unknown: C sizes what the sorted table holds and hands the
+    rest back by key, as the Python parser does."""
+    lib = fastopen.load()
+    assert lib is not None, f"the native part must be built by make: {fastopen.unavailable}"
+    handles = {(1, struct.pack("=II", 1000 + i, 4)): 10_000 + i for i in range(30)}
+    handles.update({(1, struct.pack("=III", 9, 500 + i, 0)): 70_000 + i for i in range(5)})
+    table = _table_of(handles)
+    relinked = (1, struct.pack("=II", 4242, 1))
+    table.extra[direct_opens.handle_key(*relinked)] = 555
+    opened = [*handles, relinked, (1, struct.pack("=II", 1, 1))]
+    records = [_handle_event(*opened[i % len(opened)], pid=50 + i % 4) for i in range(1_000)]
+
+    expected: dict[int, int] = {}
+    for i in range(1_000):
+        handle = opened[i % len(opened)]
+        expected[50 + i % 4] = expected.get(50 + i % 4, 0) + handles.get(handle, 555 if handle == relinked else 0)
+
+    seen: dict[int, int] = {}
+    watch = OpenWatch("/", lambda nbytes, pid: seen.__setitem__(pid, seen.get(pid, 0) + nbytes),
+                      dirs=lambda: [], sizes=table.sizes_of, key_of=direct_opens.handle_key)
+    watch._count_ids(b"".join(records))
+    assert seen == expected
+
+    got = _through_socket(records, fastopen.TableCounter(lib, table.keys, table.sizes))
+    native = dict(got.bytes_by_pid)
+    sizes = table.sizes_of({key for key, _ in got.unknown})
+    for key, pid in got.unknown:
+        native[pid] = native.get(pid, 0) + sizes.get(key, 0)
+    assert native == expected
+    assert got.events == 1_000
+    assert {key for key, _ in got.unknown} == {direct_opens.handle_key(*relinked),
+                                               direct_opens.handle_key(1, struct.pack("=II", 1, 1))}
+
+
+def test_a_table_of_real_files_keys_links_of_one_file_alike(tmp_path):
+    """``name_to_handle_at`` of files on this machine's disk: two hard links (a tree entry and
+    its cache file) are one key, two files are two, and a file relinked later is learnt."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.write_bytes(b"x" * 10)
+    b.write_bytes(b"y" * 20)
+    os.link(a, tmp_path / "a-link")
+    table = direct_opens.HandleSizes.of_files([(str(a), 10), (str(tmp_path / "a-link"), 10), (str(b), 20)])
+    assert len(table.keys) == 2 and list(table.keys) == sorted(table.keys)
+    handles = direct_opens._Handles()
+    key_a = direct_opens.handle_key(*handles.of(str(a)))
+    assert key_a == direct_opens.handle_key(*handles.of(str(tmp_path / "a-link")))
+    c = tmp_path / "c"
+    c.write_bytes(b"z")
+    key_c = direct_opens.handle_key(*handles.of(str(c)))
+    assert table.sizes_of({key_a, key_c}) == {key_a: 10}
+    table.learn(str(c), 1)
+    assert table.sizes_of({key_a, key_c}) == {key_a: 10, key_c: 1}
