@@ -87,6 +87,10 @@ class ChunkStore(StoreReads, StoreWrites, StoreEviction, StoreBacking, StorePins
         self._full_retry_at = 0.0
         #: Chunks whose files are gone but whose records could not be deleted (disk full).
         self._gone: set[str] = set()
+        #: Chunks a check dropped (``discard``) and not stored since. Updated with the records,
+        #: under the same lock, so whoever finds such a chunk missing also finds it here: a
+        #: direct tree's build fetches it again (tree_build.py) rather than failing on it.
+        self._discarded: set[str] = set()
         #: Bytes held outside chunk files but inside the capacity: large files a direct tree
         #: assembled from their chunks.
         self.external_bytes = 0

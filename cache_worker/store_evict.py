@@ -82,11 +82,17 @@ class StoreEviction:
                 victims = rows if complete or len(rows) == 1 else mine
                 for vname, vsize, _ in victims:
                     self._delete_record_locked(vname, vsize)
+                    self._discarded.add(vname)
                 self._drop_files_locked(oid, victims, unlink=len(victims) == len(rows))
         if self.on_discard is not None:
             for vname, _, _ in victims:
                 self.on_discard(vname)
         return True
+
+    def was_discarded(self, name: str) -> bool:
+        """A check dropped chunk ``name`` (``discard``) and it has not been stored since."""
+        with self._lock:
+            return name in self._discarded
 
     def _drop_files_locked(self, oid: str, victims: list[tuple[str, int, int]], unlink: bool) -> None:
         """Take chunks off disk once their records are gone; the caller holds the object's lock.

@@ -149,6 +149,7 @@ class StoreWrites:
                 self._write_failed("recording a chunk", exc)
                 raise CacheFull(self._full or self._record_problem or str(exc)) from exc
             self._gone.discard(name)
+            self._discarded.discard(name)
             self.used_bytes += size - (previous[0] if previous else 0)
             if self.on_change is not None:
                 self.on_change((name,), True)
@@ -214,6 +215,7 @@ class StoreWrites:
             for name, _, _ in rows:
                 if name in self._touched:
                     self._touched[target + name[len(source):]] = self._touched.pop(name)
+                self._discarded.discard(target + name[len(source):])
             if self.on_change is not None:
                 self.on_change([n for n, _, _ in rows], False)
                 self.on_change([target + n[len(source):] for n, _, _ in rows], True)

@@ -22,6 +22,7 @@ import hashlib
 import json
 import os
 import queue
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -61,9 +62,12 @@ class DirectTrees(TreeBuild, TreeRepair, TreeEntries, TreeCleanup, TreeManifest)
         self._repairs: queue.Queue[str] = queue.Queue()
         #: Called (on the discarding thread) when an entry waits to be relinked (tree_repair.py).
         self.on_repair: Callable[[], None] | None = None
-        #: Objects a check dropped as corrupt while there was no tree (tree_repair.py): the next
-        #: build fetches them again rather than finding them missing.
-        self._found_corrupt: set[str] = set()
+        #: The tree being built or verified, (id, path), while it is (tree_repair.py); chunks
+        #: found corrupt meanwhile (names), whose entries it places again before it is current.
+        self._assembling: tuple[str, Path] | None = None
+        self._assembly_discards: list[str] = []
+        #: Orders a discard against a tree becoming current (``_on_discard``, ``_assembled``).
+        self._discard_lock = threading.Lock()
         self.store.on_discard = self._on_discard
 
     # -- names -----------------------------------------------------------------------------

@@ -55,10 +55,12 @@ class TreeBuild:
         return ["", *self._dir_paths()]
 
     def build(self, stop: threading.Event | None = None) -> TreeInfo:
-        """Build the tree of the current snapshot; raises TreeError (nothing left behind)."""
+        """Build the tree of the current snapshot and make it ``current``; raises TreeError
+        (nothing left behind)."""
         tree_id = self.id
         tmp = tree_layout.building_path(self.root, tree_id, os.getpid())
         _rmtree(tmp)
+        self._assembling_begins(tree_id, tmp)  # a chunk found corrupt from now on is placed again
         try:
             files, total = self._pin_and_check(tree_id, stop)
             tmp.mkdir()
@@ -69,12 +71,17 @@ class TreeBuild:
                 if stop is not None and stop.is_set():
                     raise TreeError("stopped")
                 self._place(obj, tmp, fresh=True)
-            self._seal_dirs(tmp, dirs)
             info = TreeInfo(id=tree_id, path=str(self.tree_path(tree_id)), files=files, dirs=len(dirs) + 1,
                             bytes=total, assembled_bytes=0, built_at=time.time())
-            self._write_manifest(info)
-            os.rename(tmp, self.tree_path(tree_id))
+
+            def publish() -> None:
+                self._seal_dirs(tmp, dirs)
+                self._write_manifest(info)
+                os.rename(tmp, self.tree_path(tree_id))
+
+            self._assembled(info, tmp, publish)
         except BaseException as exc:
+            self._assembling_failed()
             _rmtree(tmp)
             self._manifest(tree_id).unlink(missing_ok=True)
             self.store.unpin(tree_id)
@@ -101,12 +108,15 @@ class TreeBuild:
             if obj.size == 0:
                 continue
             chunks = self.cache.chunks(obj)
-            if chunks[0].object_id in self._found_corrupt and not all(map(self.store.contains, chunks)):
+            if not all(map(self.store.contains, chunks)) and any(self.store.was_discarded(c.name) for c in chunks):
                 # Dropped by a check since the dataset was fully cached: fetched again here,
-                # as a corrupt chunk found while building is (tree_entries._ensure_chunk).
+                # as a corrupt chunk found while building is (tree_entries._ensure_chunk). The
+                # store says so with the record's removal, under one lock: no check can drop
+                # a chunk in between (the tree's own note of it, in ``_on_discard``, came after
+                # the removal, and a build that looked between the two failed: "not fully
+                # cached yet", and no tree until something fetched the file again).
                 for chunk in chunks:
                     self._ensure_chunk(obj, chunk)
-            self._found_corrupt.discard(chunks[0].object_id)
             for chunk in chunks:
                 if not self.store.contains(chunk):
                     missing += 1

@@ -194,3 +194,75 @@ def test_a_chunk_found_corrupt_before_the_tree_is_built_is_fetched_again_by_the_
     info = rig.trees.build()
     assert (Path(info.path) / "dir" / "c.bin").read_bytes() == FILES["dir/c.bin"]
     assert rig.data.cache.is_cached(obj)
+
+
+def _corrupt_when_placing(rig, victim: str, when: str, wanted: bool):
+    """A ``_place`` that, right after placing ``when``, rots ``victim``'s cache file in place
+    (the tree's entry is a hard link to it) and reports it as a failed check of a read through
+    the FUSE view does (``store.discard``): the moment, in a real run, is any moment."""
+    place = rig.trees._place
+    obj = rig.data.index.lookup(victim)
+    chunk = rig.data.cache.chunks(obj)[0]
+
+    def place_then_corrupt(o, tree, fresh):
+        changed = place(o, tree, fresh=fresh)
+        if o.key == when and fresh == wanted:
+            with open(rig.data.store.path(chunk.object_id), "r+b") as f:
+                f.write(b"\0" * 16)
+            rig.data.store.discard(chunk.name)
+        return changed
+
+    return place_then_corrupt
+
+
+def test_a_chunk_found_corrupt_while_the_tree_is_built_is_not_in_the_tree_it_publishes(rig, monkeypatch):
+    """The build had already linked dir/b.bin when a read found its chunk corrupt: the link
+    kept the rotten inode after the cache file was unlinked, and the tree published it, served
+    until the next build (the direct tree is read with no check). The build now places such an
+    entry again before the tree becomes current."""
+    rig.read_all()
+    monkeypatch.setattr(rig.trees, "_place", _corrupt_when_placing(rig, "dir/b.bin", "dir/c.bin", wanted=True))
+    info = rig.trees.build()
+    assert rig.trees.current == info
+    tree = Path(info.path)
+    assert (tree / "dir" / "b.bin").read_bytes() == FILES["dir/b.bin"]
+    assert read_tree(tree) == FILES
+
+
+def test_a_chunk_found_corrupt_while_a_reused_tree_is_verified_is_not_left_in_it(rig, monkeypatch):
+    """The same at start-up, for the last run's tree (which a pod's bind may still show): an
+    entry verified before the report is unlinked at once, and placed again before the tree is
+    current."""
+    rig.read_all()
+    info = rig.trees.build()
+    rig.trees.current = None  # a new worker: the tree on disk is checked before it is used
+    monkeypatch.setattr(rig.trees, "_place", _corrupt_when_placing(rig, "dir/b.bin", "dir/c.bin", wanted=False))
+    rig.trees.verify(info)
+    assert rig.trees.current == info
+    assert read_tree(Path(info.path)) == FILES
+
+
+def read_tree(tree: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(tree)): p.read_bytes() for p in tree.rglob("*") if p.is_file()}
+
+
+def test_a_chunk_dropped_before_the_tree_heard_of_it_is_fetched_again_by_the_build(rig):
+    """The store removes a dropped chunk's record first and tells the tree after
+    (``on_discard``). A build that looked in between found the file missing and failed ("not
+    fully cached yet"), and with no warming nothing fetched it: no tree, for good. It was the
+    rare failure of test_direct.py's ``test_a_corrupt_chunk_is_refetched_before_it_is_linked``
+    (start-up checks drop the rotten chunks while the tree is built). The build now asks the
+    store, whose note of the drop comes with the record's removal."""
+    rig.read_all()
+    obj = rig.data.index.lookup("dir/c.bin")
+    name = rig.data.cache.chunks(obj)[1].name
+    told = rig.data.store.on_discard
+    rig.data.store.on_discard = None  # the report has not reached the tree yet
+    try:
+        assert rig.data.store.discard(name)
+    finally:
+        rig.data.store.on_discard = told
+    assert rig.data.store.was_discarded(name)
+    info = rig.trees.build()
+    assert read_tree(Path(info.path)) == FILES
+    assert not rig.data.store.was_discarded(name)  # stored again
