@@ -231,8 +231,9 @@ def test_a_chunk_found_corrupt_while_the_tree_is_built_is_not_in_the_tree_it_pub
 
 def test_a_chunk_found_corrupt_while_a_reused_tree_is_verified_is_not_left_in_it(rig, monkeypatch):
     """The same at start-up, for the last run's tree (which a pod's bind may still show): an
-    entry verified before the report is unlinked at once, and placed again before the tree is
-    current."""
+    entry checked before the report is placed again before the tree is current (and unlinked at
+    once where its chunk is already pinned for the tree: here the pins of these four files are
+    written at the end of the check, so only the second step is seen)."""
     rig.read_all()
     info = rig.trees.build()
     rig.trees.current = None  # a new worker: the tree on disk is checked before it is used
