@@ -92,6 +92,12 @@ class DirectServing:
         return self._wakeup.count
 
     @property
+    def sleeping(self) -> bool:
+        """The thread is waiting for an event, every watch in place (tests: a change made now
+        is one it is told of)."""
+        return self._wakeup.waiting
+
+    @property
     def wait_limit(self) -> float | None:
         """The time limit of the thread's last sleep; None: it sleeps until an event."""
         return self._wakeup.timeout
@@ -143,6 +149,8 @@ class DirectServing:
                 self._step()
                 self._wakeup.watch_mounts(self.bound or bool(self._old_trees))
                 told = self._wakeup.watch_removals(trees.refs_dir(t) for t in self._old_trees)
+                if self._wakeup.new_watch():
+                    continue  # a reference or the bind may have gone before the watch was in place
                 self._wakeup.wait(None if told else _OLD_TREE_SECONDS)
         except Exception as exc:  # noqa: BLE001 - reported; the FUSE view keeps serving
             log.exception("direct tree management failed")

@@ -21,6 +21,10 @@ pollers). Now it blocks in one poll(2) on:
   before the last reference is gone and only the file's removal can say so. Where inotify
   is refused (``fs.inotify.max_user_instances`` reached), the caller falls back to a timer.
 
+A watch set up anew tells only of changes after it is in place, so the caller looks once more
+before it waits (:meth:`Wakeup.new_watch`): a reference removed between its look and the watch
+used to leave an old tree until some other event.
+
 :attr:`Wakeup.count` is how many times :meth:`Wakeup.wait` returned, and
 :attr:`Wakeup.timeout` the time limit of the last one (None: events only): the tests read
 them to show that nothing wakes the thread while nothing changes.
@@ -63,6 +67,10 @@ class Wakeup:
         self.count = 0
         #: The time limit of the last wait (the one in progress, if any), in seconds; None: events only.
         self.timeout: float | None = None
+        #: True while ``wait`` blocks: every watch it waits on is in place (tests wait for it).
+        self.waiting = False
+        #: A watch was set up since ``new_watch`` was last asked (``watch_mounts``, ``watch_removals``).
+        self._new_watch = False
 
     def wake(self) -> None:
         """Make the waiting thread (or its next wait) return; safe from any thread, and after close."""
@@ -80,6 +88,7 @@ class Wakeup:
                     continue
                 self._poll.register(fd, select.POLLPRI)
                 self._tables.append(fd)
+                self._new_watch = True
         elif not on:
             self._close_tables()
 
@@ -103,13 +112,25 @@ class Wakeup:
             _libc.inotify_add_watch(fd, os.fsencode(path), _REMOVALS)  # -1 (ENOENT): skipped
         self._poll.register(fd, select.POLLIN)
         self._inotify = fd
+        self._new_watch = True
         return True
+
+    def new_watch(self) -> bool:
+        """Whether a watch was set up since the last call. What it watches may have changed
+        after the caller looked and before the watch was in place, which no event will tell:
+        the caller looks once more before it waits."""
+        new, self._new_watch = self._new_watch, False
+        return new
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until woken or a watched mount table changes (True), or ``timeout`` seconds
         pass (False; None waits for events only). Wake-ups that came meanwhile count as one."""
         self.timeout = timeout
-        events = self._poll.poll(None if timeout is None else max(0, int(timeout * 1000)))
+        self.waiting = True
+        try:
+            events = self._poll.poll(None if timeout is None else max(0, int(timeout * 1000)))
+        finally:
+            self.waiting = False
         self.count += 1
         for fd, _ in events:
             try:

@@ -167,7 +167,8 @@ def test_an_old_tree_is_removed_when_its_last_reference_file_goes_not_on_a_timer
     for target in targets:
         tree_layout.add_ref(old, target)  # two pods bind it (CSI node plugin)
     rig.start()
-    eventually(lambda: rig.direct.stats.message, timeout=30, what="the thread to say it waits")
+    eventually(lambda: rig.direct.stats.message and rig.direct.sleeping, timeout=30,
+               what="the thread to say it waits, and sleep with its watches in place")
     assert old.is_dir()  # kept: referenced
     # While it waits it also watches the mount tables, which any mount on this machine changes:
     # wake-ups are not counted here, only that it sleeps with no time limit.
@@ -267,3 +268,25 @@ def test_a_chunk_dropped_before_the_tree_heard_of_it_is_fetched_again_by_the_bui
     info = rig.trees.build()
     assert read_tree(Path(info.path)) == FILES
     assert not rig.data.store.was_discarded(name)  # stored again
+
+
+def test_a_reference_removed_while_the_thread_sets_up_its_watch_is_not_missed(rig, monkeypatch):
+    """The thread looks (``_step``), then sets up its watches, then sleeps. A reference file
+    removed between the look and the watch sent no event to anything: the thread slept with
+    no time limit, and the old tree stayed until some other event (under load, the rare
+    failure of the test above). Now a watch set up anew is followed by one more look."""
+    old = rig.trees.tree_path("0123456789abcdef")
+    (old / "dir").mkdir(parents=True)
+    target = "/var/lib/kubelet/pods/a/volumes/data"
+    tree_layout.add_ref(old, target)
+    watch_removals = rig.direct._wakeup.watch_removals
+
+    def removed_first(dirs):
+        dirs = list(dirs)
+        if dirs:
+            tree_layout.drop_ref(old, target)  # the CSI plugin, just before the watch is in place
+        return watch_removals(dirs)
+
+    monkeypatch.setattr(rig.direct._wakeup, "watch_removals", removed_first)
+    rig.start()
+    eventually(lambda: not old.exists(), timeout=10, what="the old tree to be removed")
