@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 
 from .fs import MAX_DIR_MARKS
 from .fusell import fastopen
-from .open_watch import OpenWatch
+from .open_watch import MAX_HANDLE, OpenWatch
 
 log = logging.getLogger(__name__)
 
@@ -42,12 +42,11 @@ _AT_FDCWD = -100
 #: Ask for a handle that identifies the file (the kind fanotify reports, Linux 6.5+), not one
 #: that can open it: filesystems without export operations have those too.
 _AT_HANDLE_FID = 0x200
-_MAX_HANDLE = 128
 
 
 class _FileHandle(ctypes.Structure):
     _fields_ = [("handle_bytes", ctypes.c_uint), ("handle_type", ctypes.c_int),
-                ("f_handle", ctypes.c_ubyte * _MAX_HANDLE)]
+                ("f_handle", ctypes.c_ubyte * MAX_HANDLE)]
 
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
@@ -80,7 +79,7 @@ class _Handles:
     def of(self, path: str) -> tuple[int, bytes]:
         fh = self._fh
         while True:
-            fh.handle_bytes = _MAX_HANDLE
+            fh.handle_bytes = MAX_HANDLE
             if _libc.name_to_handle_at(_AT_FDCWD, os.fsencode(path), ctypes.byref(fh),
                                        ctypes.byref(self._mount_id), self._flags) == 0:
                 return fh.handle_type, bytes(fh.f_handle[:fh.handle_bytes])
@@ -108,10 +107,14 @@ class HandleSizes:
         handles = _Handles()
         lib = fastopen.load()
         key = (lambda t, h: fastopen.handle_key(lib, t, h)) if lib is not None else handle_key
-        pairs = sorted({key(*handles.of(path)): size for path, size in files}.items())
+        return cls.of_keys({key(*handles.of(path)): size for path, size in files})
+
+    @classmethod
+    def of_keys(cls, sizes_by_key: dict[int, int]) -> HandleSizes:
         table = cls()
-        table.keys.extend(k for k, _ in pairs)
-        table.sizes.extend(s for _, s in pairs)
+        for key, size in sorted(sizes_by_key.items()):
+            table.keys.append(key)
+            table.sizes.append(size)
         return table
 
     def learn(self, path: str, size: int) -> None:
@@ -178,10 +181,6 @@ class DirectOpens:
             self._table.learn(path, size)
         except OSError as exc:
             log.warning("opens of %s will not be counted: %s", path, exc)
-
-    @property
-    def watching(self) -> bool:
-        return self._watch is not None
 
     def drain(self) -> None:
         """Count what is queued now (before a stats snapshot)."""

@@ -81,7 +81,7 @@ _FID_INFO = struct.Struct("=BBHiiIi")
 _FUSE_HANDLE_TYPES = (0x81, 0x82)
 _NODE_ID = struct.Struct("=II")
 #: MAX_HANDLE_SZ: the largest handle a filesystem encodes.
-_MAX_HANDLE = 128
+MAX_HANDLE = 128
 _FAN_Q_OVERFLOW = 0x4000
 _AT_FDCWD = -100
 #: struct fanotify_event_metadata: event_len u32, vers u8, reserved u8, metadata_len u16,
@@ -272,7 +272,7 @@ class OpenWatch:
             if info + _FID_INFO.size <= pos + event_len:
                 _type, _pad, _len, _fsid0, _fsid1, handle_bytes, handle_type = _FID_INFO.unpack_from(buf, info)
                 start = info + _FID_INFO.size
-                if 8 <= handle_bytes <= _MAX_HANDLE and start + handle_bytes <= pos + event_len:
+                if 8 <= handle_bytes <= MAX_HANDLE and start + handle_bytes <= pos + event_len:
                     key = self._key_of(handle_type, buf[start:start + handle_bytes])
                     if key is not None:
                         opens.append((key, pid))

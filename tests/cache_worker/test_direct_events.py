@@ -71,6 +71,7 @@ def rig(tmp_path: Path) -> Iterator[Rig]:
         finally:
             stop.set()
             direct.join(timeout=10)
+            direct.opens.stop()  # the tree's fanotify watch, as the worker's shutdown stops it
             watch.stop()
 
 

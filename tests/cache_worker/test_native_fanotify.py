@@ -164,11 +164,7 @@ def _handle_event(handle_type: int, handle: bytes, pid: int) -> bytes:
 
 
 def _table_of(handles: dict[tuple[int, bytes], int]) -> direct_opens.HandleSizes:
-    table = direct_opens.HandleSizes()
-    pairs = sorted((direct_opens.handle_key(t, h), size) for (t, h), size in handles.items())
-    table.keys.extend(k for k, _ in pairs)
-    table.sizes.extend(s for _, s in pairs)
-    return table
+    return direct_opens.HandleSizes.of_keys({direct_opens.handle_key(t, h): size for (t, h), size in handles.items()})
 
 
 def test_the_c_and_python_keys_of_a_handle_are_the_same():
@@ -234,3 +230,19 @@ def test_a_table_of_real_files_keys_links_of_one_file_alike(tmp_path):
     assert table.sizes_of({key_a, key_c}) == {key_a: 10}
     table.learn(str(c), 1)
     assert table.sizes_of({key_a, key_c}) == {key_a: 10, key_c: 1}
+
+
+def test_a_tree_that_cannot_be_watched_is_served_uncounted_and_says_why(tmp_path):
+    """Past ``MAX_DIR_MARKS`` directories (each mark pins a directory in the kernel) the tree
+    is not watched at all, and never through a filesystem mark (that would count every open of
+    the cache's disk): ``how`` is what ``datahoard status`` shows."""
+    from datahoard.cache_worker.fs import MAX_DIR_MARKS
+
+    opens = direct_opens.DirectOpens(lambda nbytes, pid: None)
+    opens.start(str(tmp_path), [], ["", *(f"d{i}" for i in range(MAX_DIR_MARKS))])
+    assert opens.how == f"not counted: more than {MAX_DIR_MARKS:,} directories to mark"
+    assert opens._watch is None
+    missing = tmp_path / "gone"
+    opens.start(str(tmp_path), [(str(missing), 1)], [""])  # a file that cannot be named
+    assert opens.how.startswith("not counted: ") and "name_to_handle_at" in opens.how
+    assert opens._watch is None
